@@ -1,0 +1,199 @@
+//! `flux-kernels info`: architecture, parameter counts, storage, and what each LoRA holds.
+
+use super::{open_loras, open_model, thousands, ModelSpec};
+use crate::io::checkpoint::Layout;
+use crate::io::lora_formats::{LoraFile, UnknownKeys};
+use crate::model::config::{FluxConfig, ModuleKind};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+pub fn run(
+    model: &str,
+    loras: &[String],
+    rope_axes: Option<&str>,
+    unknown: UnknownKeys,
+) -> Result<String> {
+    let spec = open_model(model, rope_axes)?;
+    let cfg = spec.cfg().clone();
+    let mut s = String::new();
+    match &spec {
+        ModelSpec::Named(n, _) => writeln!(s, "model: {n} (built-in configuration, no weights)")?,
+        ModelSpec::Checkpoint(c) => {
+            let layout = match c.layout {
+                Layout::Bfl { prefixed: false } => "BFL single file".to_string(),
+                Layout::Bfl { prefixed: true } => {
+                    "BFL single file (keys prefixed model.diffusion_model.)".to_string()
+                }
+                Layout::Diffusers => {
+                    format!("diffusers transformer folder, {} file(s)", c.files.len())
+                }
+            };
+            writeln!(s, "model: {} ({layout})", c.path.display())?;
+        }
+    }
+    describe_config(&mut s, &cfg)?;
+    if let ModelSpec::Checkpoint(c) = &spec {
+        let dt: Vec<String> = c
+            .dtype_params
+            .iter()
+            .map(|(d, n)| format!("{d} ({} params)", thousands(*n)))
+            .collect();
+        writeln!(s, "stored dtype: {}", dt.join(", "))?;
+        let b = c.bytes_on_disk();
+        writeln!(
+            s,
+            "size on disk: {} bytes ({:.2} GiB)",
+            thousands(b),
+            b as f64 / (1u64 << 30) as f64
+        )?;
+    }
+    for (f, strength) in open_loras(loras, &cfg, unknown)? {
+        describe_lora(&mut s, &f, strength)?;
+    }
+    Ok(s)
+}
+
+fn describe_config(s: &mut String, c: &FluxConfig) -> Result<()> {
+    writeln!(
+        s,
+        "architecture: hidden {} = {} heads × {}, MLP {}, {} double + {} single blocks",
+        c.hidden_size, c.num_heads, c.head_dim, c.mlp_hidden, c.depth, c.depth_single
+    )?;
+    writeln!(
+        s,
+        "  inputs: img {} channels, txt {} wide, pooled vector {}, time embedding {}; output {} channels",
+        c.in_channels, c.context_in_dim, c.vec_in_dim, c.time_dim, c.out_channels
+    )?;
+    writeln!(
+        s,
+        "  guidance embedding: {}, qkv bias: {}, rope axes: {:?} (theta {})",
+        if c.guidance_embed { "yes" } else { "no" },
+        if c.qkv_bias { "yes" } else { "no" },
+        c.rope_axes,
+        c.theta
+    )?;
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut modulation = 0;
+    for (name, shape) in c.tensors() {
+        let n: usize = shape.iter().product();
+        let kind = if name.starts_with("double_blocks.") {
+            "double"
+        } else if name.starts_with("single_blocks.") {
+            "single"
+        } else {
+            "other"
+        };
+        *per.entry(kind).or_default() += n;
+        if name.contains("_mod.lin")
+            || name.contains("modulation.lin")
+            || name.contains("adaLN_modulation")
+        {
+            modulation += n;
+        }
+    }
+    let total = c.param_count();
+    writeln!(s, "parameters: {}", thousands(total))?;
+    writeln!(
+        s,
+        "  embedders + final layer: {}",
+        thousands(per.get("other").copied().unwrap_or(0))
+    )?;
+    if c.depth > 0 {
+        let d = per["double"];
+        writeln!(
+            s,
+            "  double blocks: {} × {} = {}",
+            c.depth,
+            thousands(d / c.depth),
+            thousands(d)
+        )?;
+    }
+    if c.depth_single > 0 {
+        let d = per["single"];
+        writeln!(
+            s,
+            "  single blocks: {} × {} = {}",
+            c.depth_single,
+            thousands(d / c.depth_single),
+            thousands(d)
+        )?;
+    }
+    writeln!(
+        s,
+        "  of which modulation (acts once per sample): {}",
+        thousands(modulation)
+    )?;
+    let linears = c
+        .modules()
+        .iter()
+        .filter(|m| matches!(m.kind, ModuleKind::Linear { .. }))
+        .count();
+    writeln!(s, "  linear modules: {linears}")?;
+    Ok(())
+}
+
+/// Module names with block indices folded: `double_blocks.*.img_attn.qkv ×19`.
+fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for n in names {
+        let folded: Vec<&str> = n.split(['.', '_']).collect();
+        let mut out = String::new();
+        let mut rest = n.as_str();
+        for part in folded {
+            let sep_len = if rest.len() > part.len() { 1 } else { 0 };
+            out.push_str(
+                if !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
+                    "*"
+                } else {
+                    part
+                },
+            );
+            if sep_len == 1 {
+                out.push_str(&rest[part.len()..part.len() + 1]);
+            }
+            rest = &rest[(part.len() + sep_len).min(rest.len())..];
+        }
+        *counts.entry(out).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, n)| if n > 1 { format!("{k} ×{n}") } else { k })
+        .collect()
+}
+
+fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
+    let formats: Vec<&str> = f.formats.iter().map(|x| x.name()).collect();
+    let mut ranks: Vec<usize> = f.modules.values().map(|(r, _)| *r).collect();
+    ranks.sort();
+    ranks.dedup();
+    let mut alphas: Vec<String> = f.modules.values().map(|(_, a)| format!("{a}")).collect();
+    alphas.sort();
+    alphas.dedup();
+    writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
+    writeln!(s, "  format: {}", formats.join(" + "))?;
+    writeln!(
+        s,
+        "  rank: {}, alpha: {} (from {})",
+        join(&ranks),
+        alphas.join(", "),
+        f.alpha_source
+    )?;
+    writeln!(
+        s,
+        "  modules: {}, parameters: {}",
+        f.modules.len(),
+        thousands(f.param_count())
+    )?;
+    for t in fold_targets(f.modules.keys().cloned()) {
+        writeln!(s, "    {t}")?;
+    }
+    Ok(())
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,418 @@
+//! Opening a FLUX transformer checkpoint in either layout, inferring its architecture and
+//! validating every tensor before anything is computed.
+
+use super::layout::{diffusers_module, diffusers_param};
+use super::safetensors::{Dtype, SafeTensors};
+use crate::model::config::{infer_from_shapes, FluxConfig, ModuleKind};
+use crate::model::param::{Param, Piece};
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Some single-file bundles (ComfyUI "checkpoint" files) prefix every key with this.
+pub const BFL_BUNDLE_PREFIX: &str = "model.diffusion_model.";
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layout {
+    /// BFL's single file, optionally with the bundle prefix.
+    Bfl { prefixed: bool },
+    /// diffusers' transformer folder (config.json + one or more shards).
+    Diffusers,
+}
+
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub cfg: FluxConfig,
+    pub layout: Layout,
+    pub files: Vec<SafeTensors>,
+    /// Every parameter under its BFL name (`double_blocks.0.img_attn.qkv.weight`).
+    pub params: HashMap<String, Param>,
+    /// Parameter count per stored dtype.
+    pub dtype_params: BTreeMap<&'static str, usize>,
+}
+
+impl Checkpoint {
+    pub fn bytes_on_disk(&self) -> usize {
+        self.files.iter().map(|f| f.file_size()).sum()
+    }
+
+    pub fn param(&self, name: &str) -> Result<&Param> {
+        self.params
+            .get(name)
+            .with_context(|| format!("{}: no parameter `{name}`", self.path.display()))
+    }
+
+    /// Opens a BFL `.safetensors` file, a diffusers transformer folder, or a FLUX.1 repository
+    /// folder holding `transformer/`.
+    pub fn open(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
+        if path.is_dir() {
+            let sub = path.join("transformer");
+            let dir = if sub.join("config.json").exists() {
+                sub
+            } else {
+                path.to_path_buf()
+            };
+            open_diffusers(&dir, rope_axes)
+        } else if path.exists() {
+            open_bfl(path, rope_axes)
+        } else {
+            bail!("model path {} does not exist", path.display())
+        }
+    }
+}
+
+fn check_dtype(file: &SafeTensors, key: &str) -> Result<Dtype> {
+    let dt = file.info(key).unwrap().dtype;
+    match dt {
+        Dtype::BF16 | Dtype::F16 | Dtype::F32 => Ok(dt),
+        other => bail!(
+            "{}: tensor `{key}` has dtype {}; model weights must be BF16, F16 or F32",
+            file.path().display(),
+            other.name()
+        ),
+    }
+}
+
+fn list_some(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(5)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 5 {
+        s += &format!(" and {} more", names.len() - 5);
+    }
+    s
+}
+
+fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
+    let file = SafeTensors::open(path)?;
+    let keys: Vec<&String> = file.tensors().keys().collect();
+    let prefixed = keys.iter().any(|k| k.starts_with(BFL_BUNDLE_PREFIX));
+    if !prefixed
+        && keys
+            .iter()
+            .any(|k| k.starts_with("transformer_blocks.") || k.as_str() == "x_embedder.weight")
+    {
+        bail!(
+            "{}: this is a diffusers-layout transformer; pass the folder holding it with its config.json",
+            path.display()
+        );
+    }
+    let mut stored: HashMap<String, String> = HashMap::new();
+    let mut foreign = Vec::new();
+    for k in keys {
+        match (prefixed, k.strip_prefix(BFL_BUNDLE_PREFIX)) {
+            (true, Some(s)) => {
+                stored.insert(s.to_string(), k.clone());
+            }
+            (true, None) => foreign.push(k.clone()),
+            (false, _) => {
+                stored.insert(k.clone(), k.clone());
+            }
+        }
+    }
+    if !foreign.is_empty() {
+        bail!(
+            "{}: unexpected tensors outside `{BFL_BUNDLE_PREFIX}` (a bundle with a VAE or text encoders?): {}",
+            path.display(),
+            list_some(&foreign)
+        );
+    }
+    let names: Vec<String> = stored.keys().cloned().collect();
+    let shape_of = |n: &str| stored.get(n).map(|k| file.info(k).unwrap().shape.clone());
+    let cfg = infer_from_shapes(&shape_of, &names, rope_axes)
+        .with_context(|| format!("{}", path.display()))?;
+    let mut params = HashMap::new();
+    let mut dtype_params = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (name, shape) in cfg.tensors() {
+        let Some(key) = stored.remove(&name) else {
+            missing.push(name);
+            continue;
+        };
+        let info = file.info(&key).unwrap();
+        if info.shape != shape {
+            bail!(
+                "{}: tensor `{key}` has shape {:?}, expected {:?}",
+                path.display(),
+                info.shape,
+                shape
+            );
+        }
+        let dt = check_dtype(&file, &key)?;
+        *dtype_params.entry(dt.name()).or_insert(0) += info.numel();
+        let piece = Piece {
+            file: file.clone(),
+            key,
+            rows: 0..shape[0],
+        };
+        params.insert(
+            name,
+            Param::Mapped {
+                pieces: vec![piece],
+                numel: shape.iter().product(),
+            },
+        );
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{}: missing tensors {}",
+            path.display(),
+            list_some(&missing)
+        );
+    }
+    if !stored.is_empty() {
+        let mut extra: Vec<String> = stored.into_values().collect();
+        extra.sort();
+        bail!(
+            "{}: unexpected tensors {}",
+            path.display(),
+            list_some(&extra)
+        );
+    }
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        cfg,
+        layout: Layout::Bfl { prefixed },
+        files: vec![file],
+        params,
+        dtype_params,
+    })
+}
+
+fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
+    let cfg_path = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
+    let shard_names: Vec<String> = if index.exists() {
+        let idx: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?,
+        )
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = idx
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut v: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    } else {
+        vec!["diffusion_pytorch_model.safetensors".to_string()]
+    };
+    let mut files = Vec::new();
+    let mut key_file: HashMap<String, usize> = HashMap::new();
+    for s in &shard_names {
+        let p = dir.join(s);
+        if !p.exists() {
+            bail!("{}: shard {} is missing", dir.display(), p.display());
+        }
+        let f = SafeTensors::open(&p)?;
+        for k in f.tensors().keys() {
+            if let Some(prev) = key_file.insert(k.clone(), files.len()) {
+                bail!(
+                    "tensor `{k}` is stored twice, in {} and {}",
+                    shard_names[prev],
+                    s
+                );
+            }
+        }
+        files.push(f);
+    }
+    let shape_dif = |k: &str| {
+        key_file
+            .get(k)
+            .map(|&i| files[i].info(k).unwrap().shape.clone())
+    };
+    // Infer the architecture through the same BFL-named rules as a BFL file: a BFL tensor's shape
+    // is its diffusers parts' rows stacked.
+    let probe = FluxConfig::flux1_dev();
+    let shape_of = |bfl_key: &str| -> Option<Vec<usize>> {
+        let (module, param) = bfl_key.rsplit_once('.')?;
+        let kind = if param == "scale" {
+            ModuleKind::Norm { dim: 0 }
+        } else {
+            ModuleKind::Linear {
+                d_out: 0,
+                d_in: 0,
+                bias: true,
+            }
+        };
+        let d = diffusers_module(module, &probe)?;
+        let mut shape: Option<Vec<usize>> = None;
+        for p in &d.parts {
+            let s = shape_dif(&format!("{}.{}", p.name, diffusers_param(kind, param)))?;
+            shape = Some(match shape {
+                None => s,
+                Some(mut acc) => {
+                    acc[0] += s[0];
+                    acc
+                }
+            });
+        }
+        shape
+    };
+    let names: Vec<String> = key_file
+        .keys()
+        .filter_map(|k| {
+            if let Some(r) = k.strip_prefix("transformer_blocks.") {
+                Some(format!("double_blocks.{r}"))
+            } else {
+                k.strip_prefix("single_transformer_blocks.")
+                    .map(|r| format!("single_blocks.{r}"))
+            }
+        })
+        .collect();
+    let cfg_axes: Option<Vec<usize>> =
+        config
+            .get("axes_dims_rope")
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|v| v as usize))
+                    .collect()
+            });
+    let axes = match (rope_axes, cfg_axes) {
+        (Some(a), Some(c)) if a != c => {
+            bail!(
+                "--rope-axes {a:?} contradicts axes_dims_rope {c:?} in {}",
+                cfg_path.display()
+            )
+        }
+        (a, c) => a.or(c),
+    };
+    let cfg =
+        infer_from_shapes(&shape_of, &names, axes).with_context(|| format!("{}", dir.display()))?;
+    let cross = [
+        ("num_layers", cfg.depth),
+        ("num_single_layers", cfg.depth_single),
+        ("attention_head_dim", cfg.head_dim),
+        ("num_attention_heads", cfg.num_heads),
+        ("joint_attention_dim", cfg.context_in_dim),
+        ("pooled_projection_dim", cfg.vec_in_dim),
+        ("in_channels", cfg.in_channels),
+    ];
+    for (field, got) in cross {
+        if let Some(v) = config.get(field).and_then(|v| v.as_u64()) {
+            if v as usize != got {
+                bail!(
+                    "{}: {field} = {v} but the weights say {got}",
+                    cfg_path.display()
+                );
+            }
+        }
+    }
+    if let Some(g) = config.get("guidance_embeds").and_then(|v| v.as_bool()) {
+        if g != cfg.guidance_embed {
+            bail!(
+                "{}: guidance_embeds = {g} but the weights say {}",
+                cfg_path.display(),
+                cfg.guidance_embed
+            );
+        }
+    }
+
+    let mut used: HashMap<String, ()> = HashMap::new();
+    let mut params = HashMap::new();
+    let mut dtype_params = BTreeMap::new();
+    let mut missing = Vec::new();
+    for m in cfg.modules() {
+        let d = diffusers_module(&m.name, &cfg).expect("every module maps");
+        let bfl_params: Vec<(&str, usize)> = match m.kind {
+            ModuleKind::Linear { d_in, bias, .. } => {
+                let mut v = vec![("weight", d_in)];
+                if bias {
+                    v.push(("bias", 0));
+                }
+                v
+            }
+            ModuleKind::Norm { .. } => vec![("scale", 0)],
+        };
+        for (param, cols) in bfl_params {
+            let mut pieces = Vec::new();
+            let mut numel = 0;
+            for p in &d.parts {
+                let key = format!("{}.{}", p.name, diffusers_param(m.kind, param));
+                let Some(&fi) = key_file.get(&key) else {
+                    missing.push(key);
+                    continue;
+                };
+                let info = files[fi].info(&key).unwrap();
+                let want: Vec<usize> = if cols > 0 {
+                    vec![p.rows, cols]
+                } else {
+                    vec![p.rows]
+                };
+                if info.shape != want {
+                    bail!(
+                        "{}: tensor `{key}` has shape {:?}, expected {:?}",
+                        files[fi].path().display(),
+                        info.shape,
+                        want
+                    );
+                }
+                let dt = check_dtype(&files[fi], &key)?;
+                *dtype_params.entry(dt.name()).or_insert(0) += info.numel();
+                numel += info.numel();
+                used.insert(key.clone(), ());
+                if d.swap_halves {
+                    let half = p.rows / 2;
+                    pieces.push(Piece {
+                        file: files[fi].clone(),
+                        key: key.clone(),
+                        rows: half..p.rows,
+                    });
+                    pieces.push(Piece {
+                        file: files[fi].clone(),
+                        key,
+                        rows: 0..half,
+                    });
+                } else {
+                    pieces.push(Piece {
+                        file: files[fi].clone(),
+                        key,
+                        rows: 0..p.rows,
+                    });
+                }
+            }
+            params.insert(
+                format!("{}.{}", m.name, param),
+                Param::Mapped { pieces, numel },
+            );
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{}: missing tensors {}", dir.display(), list_some(&missing));
+    }
+    let mut extra: Vec<String> = key_file
+        .keys()
+        .filter(|k| !used.contains_key(*k))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        bail!(
+            "{}: unexpected tensors {}",
+            dir.display(),
+            list_some(&extra)
+        );
+    }
+    Ok(Checkpoint {
+        path: dir.to_path_buf(),
+        cfg,
+        layout: Layout::Diffusers,
+        files,
+        params,
+        dtype_params,
+    })
+}

@@ -1,0 +1,378 @@
+//! LoRA files in the dialects users have, translated to terms on BFL modules.
+//!
+//! - diffusers / PEFT: `transformer.<diffusers module>.lora_A.weight` / `lora_B.weight`, alpha
+//!   in the `lora_adapter_metadata` JSON when present, else alpha = rank;
+//! - kohya sd-scripts: `lora_unet_<BFL module, dots as underscores>.lora_down/up.weight`, `.alpha`;
+//! - ComfyUI: `diffusion_model.<BFL module>.lora_{A,B,down,up}.weight`, `.alpha`;
+//! - OneTrainer: `lora_transformer_<diffusers module, dots as underscores>…`, `.alpha`.
+//!
+//! A term on diffusers' separate q/k/v lands on rows of BFL's fused qkv (or linear1), so every
+//! dialect works on either base layout. A key that matches nothing is an error by default: the
+//! most reported failure of other tools is a LoRA that silently does nothing.
+
+use super::layout::{diffusers_to_bfl, BflTarget};
+use super::safetensors::SafeTensors;
+use crate::lora::LoraDelta;
+use crate::model::config::{FluxConfig, ModuleKind};
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LoraFormat {
+    Peft,
+    Kohya,
+    ComfyUi,
+    OneTrainer,
+}
+
+impl LoraFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraFormat::Peft => "diffusers/PEFT",
+            LoraFormat::Kohya => "kohya sd-scripts",
+            LoraFormat::ComfyUi => "ComfyUI",
+            LoraFormat::OneTrainer => "OneTrainer",
+        }
+    }
+}
+
+/// What to do with keys that match no module of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownKeys {
+    Error,
+    Warn,
+}
+
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub formats: BTreeSet<LoraFormat>,
+    /// (BFL module, term), in file order of the modules.
+    pub deltas: Vec<(String, LoraDelta)>,
+    /// Per stored module name: rank and alpha as resolved.
+    pub modules: BTreeMap<String, (usize, f32)>,
+    /// Keys skipped under `UnknownKeys::Warn`.
+    pub skipped: Vec<String>,
+    pub alpha_source: &'static str,
+}
+
+impl LoraFile {
+    pub fn param_count(&self) -> usize {
+        self.deltas.iter().map(|(_, d)| d.a.len() + d.b.len()).sum()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Down,
+    Up,
+    Alpha,
+}
+
+fn split_role(key: &str) -> Option<(&str, Role)> {
+    for (suf, role) in [
+        (".lora_A.weight", Role::Down),
+        (".lora_down.weight", Role::Down),
+        (".lora_B.weight", Role::Up),
+        (".lora_up.weight", Role::Up),
+        (".alpha", Role::Alpha),
+    ] {
+        if let Some(m) = key.strip_suffix(suf) {
+            return Some((m, role));
+        }
+    }
+    None
+}
+
+struct Names {
+    bfl: HashMap<String, (usize, usize)>,
+    bfl_us: HashMap<String, String>,
+    dif: HashMap<String, BflTarget>,
+    dif_us: HashMap<String, String>,
+}
+
+impl Names {
+    fn new(cfg: &FluxConfig) -> Names {
+        let mut bfl = HashMap::new();
+        let mut bfl_us = HashMap::new();
+        for m in cfg.modules() {
+            if let ModuleKind::Linear { d_out, d_in, .. } = m.kind {
+                bfl_us.insert(m.name.replace('.', "_"), m.name.clone());
+                bfl.insert(m.name, (d_out, d_in));
+            }
+        }
+        // Norm scales are not LoRA targets; keep only diffusers names of linears.
+        let dif: HashMap<String, BflTarget> = diffusers_to_bfl(cfg)
+            .into_iter()
+            .filter(|(_, t)| bfl.contains_key(&t.module))
+            .collect();
+        let dif_us = dif
+            .keys()
+            .map(|k| (k.replace('.', "_"), k.clone()))
+            .collect();
+        Names {
+            bfl,
+            bfl_us,
+            dif,
+            dif_us,
+        }
+    }
+
+    fn bfl_target(&self, name: &str) -> Option<BflTarget> {
+        self.bfl.get(name).map(|&(d_out, _)| BflTarget {
+            module: name.to_string(),
+            rows: 0..d_out,
+            swap_halves: false,
+        })
+    }
+
+    /// Resolves a stored module name to (format, diffusers name if any, target).
+    fn resolve(
+        &self,
+        module: &str,
+        role_is_ab: bool,
+    ) -> Option<(LoraFormat, Option<String>, BflTarget)> {
+        let dotted = |s: &str| -> Option<(Option<String>, BflTarget)> {
+            if let Some(t) = self.bfl_target(s) {
+                return Some((None, t));
+            }
+            self.dif.get(s).map(|t| (Some(s.to_string()), t.clone()))
+        };
+        let underscored = |s: &str, dif_first: bool| -> Option<(Option<String>, BflTarget)> {
+            let b = || {
+                self.bfl_us
+                    .get(s)
+                    .and_then(|n| self.bfl_target(n))
+                    .map(|t| (None, t))
+            };
+            let d = || {
+                self.dif_us
+                    .get(s)
+                    .map(|n| (Some(n.clone()), self.dif[n].clone()))
+            };
+            if dif_first {
+                d().or_else(b)
+            } else {
+                b().or_else(d)
+            }
+        };
+        let (fmt, hit) = if let Some(s) = module.strip_prefix("lora_unet_") {
+            (LoraFormat::Kohya, underscored(s, false))
+        } else if let Some(s) = module.strip_prefix("lora_transformer_") {
+            (LoraFormat::OneTrainer, underscored(s, true))
+        } else if let Some(s) = module
+            .strip_prefix("model.diffusion_model.")
+            .or(module.strip_prefix("diffusion_model."))
+        {
+            (LoraFormat::ComfyUi, dotted(s))
+        } else if let Some(s) = module.strip_prefix("transformer.") {
+            (LoraFormat::Peft, dotted(s))
+        } else {
+            (
+                if role_is_ab {
+                    LoraFormat::Peft
+                } else {
+                    LoraFormat::Kohya
+                },
+                dotted(module),
+            )
+        };
+        hit.map(|(d, t)| (fmt, d, t))
+    }
+}
+
+/// PEFT's LoraConfig as diffusers stores it in `lora_adapter_metadata` (keys prefixed with the
+/// component, `transformer.r`).
+struct PeftMeta {
+    alpha: Option<f32>,
+    rslora: bool,
+    alpha_pattern: Vec<(String, f32)>,
+}
+
+fn peft_meta(st: &SafeTensors) -> Result<Option<PeftMeta>> {
+    let Some(raw) = st.metadata().get("lora_adapter_metadata") else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(raw).with_context(|| {
+        format!(
+            "{}: lora_adapter_metadata is not valid JSON",
+            st.path().display()
+        )
+    })?;
+    let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
+    let alpha = get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32);
+    let rslora = get("use_rslora").and_then(|a| a.as_bool()).unwrap_or(false);
+    let alpha_pattern = get("alpha_pattern")
+        .and_then(|a| a.as_object())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x as f32)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Some(PeftMeta {
+        alpha,
+        rslora,
+        alpha_pattern,
+    }))
+}
+
+/// PEFT matches pattern keys as a suffix at a module boundary (`(.*\.)?key$`).
+fn pattern_matches(module: &str, key: &str) -> bool {
+    module == key || module.ends_with(&format!(".{key}"))
+}
+
+#[derive(Default)]
+struct Group {
+    down: Option<String>,
+    up: Option<String>,
+    alpha: Option<String>,
+}
+
+pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<LoraFile> {
+    let st = SafeTensors::open(path)?;
+    let p = path.display();
+    let names = Names::new(cfg);
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut reject = |key: &str, why: String| -> Result<()> {
+        match unknown {
+            UnknownKeys::Error => {
+                bail!("{p}: LoRA key `{key}` {why} (pass --lora-unknown warn to skip such keys)")
+            }
+            UnknownKeys::Warn => {
+                skipped.push(key.to_string());
+                Ok(())
+            }
+        }
+    };
+    for key in st.tensors().keys() {
+        let Some((module, role)) = split_role(key) else {
+            reject(key, "is not a LoRA factor or alpha this loader understands (DoRA, biases and LoKr are not supported)".into())?;
+            continue;
+        };
+        if names.resolve(module, role != Role::Alpha).is_none() {
+            reject(key, "matches no linear module of this FLUX model".into())?;
+            continue;
+        }
+        let g = groups.entry(module.to_string()).or_default();
+        match role {
+            Role::Down => g.down = Some(key.clone()),
+            Role::Up => g.up = Some(key.clone()),
+            Role::Alpha => g.alpha = Some(key.clone()),
+        }
+    }
+    let meta = peft_meta(&st)?;
+    let mut formats = BTreeSet::new();
+    let mut deltas = Vec::new();
+    let mut modules = BTreeMap::new();
+    let mut alpha_source = "alpha = rank (no alpha stored)";
+    for (module, g) in &groups {
+        let (Some(down), Some(up)) = (&g.down, &g.up) else {
+            let have = g
+                .down
+                .as_ref()
+                .or(g.up.as_ref())
+                .or(g.alpha.as_ref())
+                .unwrap();
+            bail!(
+                "{p}: LoRA key `{have}` has no matching {} factor",
+                if g.down.is_none() {
+                    "down (lora_A)"
+                } else {
+                    "up (lora_B)"
+                }
+            );
+        };
+        let (fmt, dif_name, target) = names
+            .resolve(module, down.ends_with(".lora_A.weight"))
+            .expect("resolved above");
+        formats.insert(fmt);
+        let (_, d_in) = names.bfl[&target.module];
+        let (sa, a) = st.read_f32(down)?;
+        let (sb, mut b) = st.read_f32(up)?;
+        if sa.len() != 2 || sa[1] != d_in {
+            bail!("{p}: LoRA key `{down}` has shape {sa:?}, but `{}` takes {d_in} inputs (expected [rank, {d_in}])", target.module);
+        }
+        let rank = sa[0];
+        if rank == 0 {
+            bail!("{p}: LoRA key `{down}` has rank 0");
+        }
+        if sb != [target.rows.len(), rank] {
+            bail!(
+                "{p}: LoRA key `{up}` has shape {sb:?}, expected [{}, {rank}] for {}",
+                target.rows.len(),
+                dif_name.as_deref().unwrap_or(&target.module)
+            );
+        }
+        let alpha = if let Some(ak) = &g.alpha {
+            let (s, v) = st.read_f32(ak)?;
+            if v.len() != 1 {
+                bail!("{p}: LoRA key `{ak}` has shape {s:?}, expected a scalar");
+            }
+            alpha_source = "alpha tensors";
+            v[0]
+        } else if let Some(m) = &meta {
+            alpha_source = "lora_adapter_metadata";
+            let name = dif_name.as_deref().unwrap_or(&target.module);
+            m.alpha_pattern
+                .iter()
+                .find(|(k, _)| pattern_matches(name, k))
+                .map(|(_, a)| *a)
+                .or(m.alpha)
+                .unwrap_or(rank as f32)
+        } else {
+            rank as f32
+        };
+        if !alpha.is_finite() || a.iter().chain(&b).any(|x| !x.is_finite()) {
+            bail!("{p}: LoRA module `{module}` has non-finite values");
+        }
+        let rslora = meta.as_ref().is_some_and(|m| m.rslora) && g.alpha.is_none();
+        let scale = if rslora {
+            alpha / (rank as f32).sqrt()
+        } else {
+            alpha / rank as f32
+        };
+        if target.swap_halves {
+            // diffusers' norm_out.linear rows are [scale; shift]; the model's are [shift; scale].
+            let half = target.rows.len() / 2 * rank;
+            b.rotate_left(half);
+        }
+        modules.insert(module.clone(), (rank, alpha));
+        deltas.push((
+            target.module.clone(),
+            LoraDelta {
+                a: Arc::new(a),
+                b: Arc::new(b),
+                rank,
+                scale,
+                rows: target.rows,
+            },
+        ));
+    }
+    if deltas.is_empty() {
+        bail!("{p}: no LoRA factors found for this model");
+    }
+    Ok(LoraFile {
+        path: path.to_path_buf(),
+        formats,
+        deltas,
+        modules,
+        skipped,
+        alpha_source,
+    })
+}
+
+/// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).
+pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f32)> {
+    if let Some((f, sc)) = s.rsplit_once(':') {
+        if let Ok(v) = sc.parse::<f32>() {
+            if !v.is_finite() {
+                bail!("--lora {s}: scale must be finite");
+            }
+            return Ok((PathBuf::from(f), v));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}

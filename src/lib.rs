@@ -1,0 +1,12 @@
+//! flux-kernels: LoRA fine-tuning and sampling of FLUX.1-dev in Rust and CUDA.
+//!
+//! `model` and `ops` are the CPU reference (f32, op by op); `kernels` holds the compiled CUDA
+//! code; `io` reads checkpoints and LoRA files in every layout users have.
+
+pub mod cli;
+pub mod io;
+pub mod kernels;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod util;

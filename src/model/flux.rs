@@ -1,0 +1,207 @@
+//! The whole transformer forward (BFL `Flux.forward`), and the inputs it takes.
+
+use super::attention::Rope;
+use super::config::FluxConfig;
+use super::double_block::{double_block_forward, ln_modulate, modulation_forward, Dims};
+use super::embed::conditioning_forward;
+use super::single_block::single_block_forward;
+use super::weights::FluxWeights;
+use crate::io::safetensors::SafeTensors;
+use crate::lora::LoraSet;
+use crate::ops::rope::rope_tables;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// One batch of inputs, f32, with position ids broadcast to [b, tokens, 3].
+#[derive(Clone, Debug)]
+pub struct FluxInputs {
+    pub b: usize,
+    pub n_img: usize,
+    pub n_txt: usize,
+    /// Packed latents [b, n_img, in_channels].
+    pub img: Vec<f32>,
+    pub img_ids: Vec<f32>,
+    /// T5 states [b, n_txt, context_in_dim].
+    pub txt: Vec<f32>,
+    pub txt_ids: Vec<f32>,
+    /// CLIP pooled [b, vec_in_dim].
+    pub y: Vec<f32>,
+    /// Sigma in [0, 1] [b].
+    pub timesteps: Vec<f32>,
+    /// The guidance scale itself (3.5), [b]; only for models with a guidance embedding.
+    pub guidance: Option<Vec<f32>>,
+}
+
+const INPUT_NAMES: [&str; 7] = [
+    "img",
+    "img_ids",
+    "txt",
+    "txt_ids",
+    "y",
+    "timesteps",
+    "guidance",
+];
+
+impl FluxInputs {
+    /// Reads and validates the `forward` inputs file against the model's shapes.
+    pub fn from_file(path: &Path, cfg: &FluxConfig) -> Result<FluxInputs> {
+        let st = SafeTensors::open(path)?;
+        let p = path.display();
+        for name in st.tensors().keys() {
+            if !INPUT_NAMES.contains(&name.as_str()) {
+                bail!(
+                    "{p}: unexpected tensor `{name}` (inputs are {})",
+                    INPUT_NAMES.join(", ")
+                );
+            }
+        }
+        let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            if st.info(name).is_none() {
+                bail!("{p}: missing tensor `{name}`");
+            }
+            let (shape, v) = st.read_f32(name)?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!("{p}: tensor `{name}` has a non-finite value at flat index {i}");
+            }
+            Ok((shape, v))
+        };
+        let want = |name: &str, got: &[usize], want: &[usize]| -> Result<()> {
+            if got != want {
+                bail!("{p}: tensor `{name}` has shape {got:?}, expected {want:?}");
+            }
+            Ok(())
+        };
+        let (s, img) = get("img")?;
+        if s.len() != 3 {
+            bail!(
+                "{p}: tensor `img` has shape {s:?}, expected [B, N, {}]",
+                cfg.in_channels
+            );
+        }
+        let (b, n_img) = (s[0], s[1]);
+        want("img", &s, &[b, n_img, cfg.in_channels])?;
+        let (s, txt) = get("txt")?;
+        if s.len() != 3 {
+            bail!(
+                "{p}: tensor `txt` has shape {s:?}, expected [{b}, L, {}]",
+                cfg.context_in_dim
+            );
+        }
+        let n_txt = s[1];
+        want("txt", &s, &[b, n_txt, cfg.context_in_dim])?;
+        let ids = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let (s, v) = get(name)?;
+            if s == [n, 3] {
+                Ok((0..b).flat_map(|_| v.iter().copied()).collect())
+            } else if s == [b, n, 3] {
+                Ok(v)
+            } else {
+                bail!("{p}: tensor `{name}` has shape {s:?}, expected [{n}, 3] or [{b}, {n}, 3]")
+            }
+        };
+        let img_ids = ids("img_ids", n_img)?;
+        let txt_ids = ids("txt_ids", n_txt)?;
+        let (s, y) = get("y")?;
+        want("y", &s, &[b, cfg.vec_in_dim])?;
+        let (s, timesteps) = get("timesteps")?;
+        want("timesteps", &s, &[b])?;
+        let guidance = match (cfg.guidance_embed, st.info("guidance").is_some()) {
+            (true, true) => {
+                let (s, g) = get("guidance")?;
+                want("guidance", &s, &[b])?;
+                Some(g)
+            }
+            (true, false) => bail!("{p}: missing tensor `guidance` [{b}]: this model has a guidance embedding (FLUX.1-dev; e.g. 3.5)"),
+            (false, true) => bail!("{p}: tensor `guidance` given but this model has no guidance embedding (schnell-like)"),
+            (false, false) => None,
+        };
+        if n_img == 0 {
+            bail!("{p}: `img` has no tokens");
+        }
+        Ok(FluxInputs {
+            b,
+            n_img,
+            n_txt,
+            img,
+            img_ids,
+            txt,
+            txt_ids,
+            y,
+            timesteps,
+            guidance,
+        })
+    }
+}
+
+/// RoPE tables for the joint sequence (text ids first, then image ids), [b, l, head_dim/2].
+pub fn joint_rope(cfg: &FluxConfig, inp: &FluxInputs) -> Rope {
+    let l = inp.n_txt + inp.n_img;
+    let mut ids = Vec::with_capacity(inp.b * l * 3);
+    for bi in 0..inp.b {
+        ids.extend_from_slice(&inp.txt_ids[bi * inp.n_txt * 3..(bi + 1) * inp.n_txt * 3]);
+        ids.extend_from_slice(&inp.img_ids[bi * inp.n_img * 3..(bi + 1) * inp.n_img * 3]);
+    }
+    let half = cfg.head_dim / 2;
+    let mut rope = Rope {
+        cos: vec![0.0; inp.b * l * half],
+        sin: vec![0.0; inp.b * l * half],
+    };
+    rope_tables(
+        &mut rope.cos,
+        &mut rope.sin,
+        &ids,
+        &cfg.rope_axes,
+        cfg.theta,
+    );
+    rope
+}
+
+/// One forward pass: velocity prediction [b, n_img, out_channels].
+pub fn flux_forward(
+    cfg: &FluxConfig,
+    w: &FluxWeights,
+    inp: &FluxInputs,
+    loras: &LoraSet,
+) -> Result<Vec<f32>> {
+    let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
+    let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+    let l = lt + li;
+    let mut img = w.img_in.apply(&inp.img, b * li, loras).context("img_in")?;
+    let vec = conditioning_forward(
+        w,
+        &inp.timesteps,
+        inp.guidance.as_deref(),
+        &inp.y,
+        cfg.time_dim,
+        loras,
+    )?;
+    let mut txt = w.txt_in.apply(&inp.txt, b * lt, loras).context("txt_in")?;
+    let rope = joint_rope(cfg, inp);
+
+    let dims = Dims { b, lt, li, h, d };
+    for (i, blk) in w.double_blocks.iter().enumerate() {
+        double_block_forward(blk, &mut img, &mut txt, &vec, &rope, dims, loras)
+            .with_context(|| format!("double_blocks.{i}"))?;
+    }
+    // x = cat(txt, img) along the sequence, per sample.
+    let mut x = vec![0f32; b * l * c];
+    for bi in 0..b {
+        x[bi * l * c..(bi * l + lt) * c].copy_from_slice(&txt[bi * lt * c..(bi + 1) * lt * c]);
+        x[(bi * l + lt) * c..(bi + 1) * l * c]
+            .copy_from_slice(&img[bi * li * c..(bi + 1) * li * c]);
+    }
+    for (i, blk) in w.single_blocks.iter().enumerate() {
+        single_block_forward(blk, &mut x, &vec, &rope, b, l, h, d, cfg.mlp_hidden, loras)
+            .with_context(|| format!("single_blocks.{i}"))?;
+    }
+    for bi in 0..b {
+        img[bi * li * c..(bi + 1) * li * c]
+            .copy_from_slice(&x[(bi * l + lt) * c..(bi + 1) * l * c]);
+    }
+    // Final layer: [shift, scale] (BFL order), LN, modulate, linear.
+    let fm = modulation_forward(&w.final_mod, &vec, b, 2, loras)?;
+    let xm = ln_modulate(&img, &fm[0], &fm[1], b, li, c);
+    w.final_linear
+        .apply(&xm, b * li, loras)
+        .context("final_layer.linear")
+}

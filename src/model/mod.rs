@@ -1,0 +1,10 @@
+//! The FLUX transformer as the CPU reference computes it, module names as BFL's.
+
+pub mod attention;
+pub mod config;
+pub mod double_block;
+pub mod embed;
+pub mod flux;
+pub mod param;
+pub mod single_block;
+pub mod weights;

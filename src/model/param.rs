@@ -1,0 +1,74 @@
+//! A frozen parameter: either owned f32 values or rows of memory-mapped tensors, converted to
+//! f32 only when an op needs them, so a 23.8 GB checkpoint is never read whole into RAM.
+
+use crate::io::safetensors::SafeTensors;
+use anyhow::{bail, Result};
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Rows `rows` (dim 0) of tensor `key` in `file`.
+#[derive(Clone)]
+pub struct Piece {
+    pub file: SafeTensors,
+    pub key: String,
+    pub rows: Range<usize>,
+}
+
+#[derive(Clone)]
+pub enum Param {
+    Owned(Arc<Vec<f32>>),
+    /// Output rows concatenated from one or more stored tensors (fused qkv from diffusers'
+    /// separate q/k/v, the final adaLN with its halves swapped, or simply one whole tensor).
+    Mapped {
+        pieces: Vec<Piece>,
+        numel: usize,
+    },
+}
+
+impl Param {
+    pub fn owned(v: Vec<f32>) -> Param {
+        Param::Owned(Arc::new(v))
+    }
+
+    pub fn numel(&self) -> usize {
+        match self {
+            Param::Owned(v) => v.len(),
+            Param::Mapped { numel, .. } => *numel,
+        }
+    }
+
+    /// The values as f32: borrowed when owned, decoded from the map otherwise.
+    pub fn load(&self) -> Result<Cow<'_, [f32]>> {
+        match self {
+            Param::Owned(v) => Ok(Cow::Borrowed(v.as_slice())),
+            Param::Mapped { pieces, numel } => {
+                let mut out = vec![0f32; *numel];
+                let mut at = 0;
+                for p in pieces {
+                    let info = p.file.info(&p.key).expect("validated at load");
+                    let row: usize = info.shape.iter().skip(1).product();
+                    let n = p.rows.len() * row;
+                    if at + n > out.len() {
+                        bail!(
+                            "{}: tensor `{}` does not fit its parameter",
+                            p.file.path().display(),
+                            p.key
+                        );
+                    }
+                    p.file
+                        .read_rows_f32(&p.key, p.rows.clone(), &mut out[at..at + n])?;
+                    at += n;
+                }
+                if at != out.len() {
+                    bail!(
+                        "parameter assembled from {} values, expected {}",
+                        at,
+                        out.len()
+                    );
+                }
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The transformer's frozen parameters, as a tree that mirrors BFL's module tree name for name.
+
+use super::config::FluxConfig;
+use super::param::Param;
+use crate::lora::LoraSet;
+use crate::ops::lora::lora_linear_forward;
+use crate::util::Rng;
+use anyhow::Result;
+use std::collections::HashMap;
+
+pub struct Linear {
+    /// BFL module name: the key LoRA terms are looked up by.
+    pub name: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub d_out: usize,
+    pub d_in: usize,
+}
+
+impl Linear {
+    /// out[m, d_out] = inp[m, d_in]·Wᵀ + b + the LoRA terms on this module.
+    pub fn forward(&self, out: &mut [f32], inp: &[f32], m: usize, loras: &LoraSet) -> Result<()> {
+        let w = self.weight.load()?;
+        let b = match &self.bias {
+            Some(b) => Some(b.load()?),
+            None => None,
+        };
+        lora_linear_forward(
+            out,
+            inp,
+            &w,
+            b.as_deref(),
+            &loras.terms(&self.name),
+            m,
+            self.d_in,
+            self.d_out,
+        );
+        Ok(())
+    }
+
+    pub fn apply(&self, inp: &[f32], m: usize, loras: &LoraSet) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; m * self.d_out];
+        self.forward(&mut out, inp, m, loras)?;
+        Ok(out)
+    }
+}
+
+/// in_layer → SiLU → out_layer (BFL `MLPEmbedder`).
+pub struct MlpEmbedder {
+    pub in_layer: Linear,
+    pub out_layer: Linear,
+}
+
+pub struct DoubleBlock {
+    pub img_mod: Linear,
+    pub txt_mod: Linear,
+    pub img_qkv: Linear,
+    pub txt_qkv: Linear,
+    pub img_q_norm: Param,
+    pub img_k_norm: Param,
+    pub txt_q_norm: Param,
+    pub txt_k_norm: Param,
+    pub img_proj: Linear,
+    pub txt_proj: Linear,
+    pub img_mlp0: Linear,
+    pub img_mlp2: Linear,
+    pub txt_mlp0: Linear,
+    pub txt_mlp2: Linear,
+}
+
+pub struct SingleBlock {
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub q_norm: Param,
+    pub k_norm: Param,
+    pub modulation: Linear,
+}
+
+pub struct FluxWeights {
+    pub img_in: Linear,
+    pub txt_in: Linear,
+    pub time_in: MlpEmbedder,
+    pub guidance_in: Option<MlpEmbedder>,
+    pub vector_in: MlpEmbedder,
+    pub double_blocks: Vec<DoubleBlock>,
+    pub single_blocks: Vec<SingleBlock>,
+    /// Final adaLN, rows [shift; scale] (BFL order).
+    pub final_mod: Linear,
+    pub final_linear: Linear,
+}
+
+impl FluxWeights {
+    /// Builds the tree from BFL-named parameters (`get("img_in.weight")`).
+    pub fn new(cfg: &FluxConfig, get: &dyn Fn(&str) -> Result<Param>) -> Result<FluxWeights> {
+        let lin = |name: String| -> Result<Linear> {
+            let (d_out, d_in) = cfg
+                .linear(&name)
+                .unwrap_or_else(|| panic!("{name} is not a linear of this config"));
+            let bias_name = format!("{name}.bias");
+            let has_bias = cfg.tensors().iter().any(|(n, _)| *n == bias_name);
+            Ok(Linear {
+                weight: get(&format!("{name}.weight"))?,
+                bias: if has_bias {
+                    Some(get(&bias_name)?)
+                } else {
+                    None
+                },
+                name,
+                d_out,
+                d_in,
+            })
+        };
+        let mlp = |p: &str| -> Result<MlpEmbedder> {
+            Ok(MlpEmbedder {
+                in_layer: lin(format!("{p}.in_layer"))?,
+                out_layer: lin(format!("{p}.out_layer"))?,
+            })
+        };
+        let mut double_blocks = Vec::new();
+        for i in 0..cfg.depth {
+            let p = format!("double_blocks.{i}");
+            double_blocks.push(DoubleBlock {
+                img_mod: lin(format!("{p}.img_mod.lin"))?,
+                txt_mod: lin(format!("{p}.txt_mod.lin"))?,
+                img_qkv: lin(format!("{p}.img_attn.qkv"))?,
+                txt_qkv: lin(format!("{p}.txt_attn.qkv"))?,
+                img_q_norm: get(&format!("{p}.img_attn.norm.query_norm.scale"))?,
+                img_k_norm: get(&format!("{p}.img_attn.norm.key_norm.scale"))?,
+                txt_q_norm: get(&format!("{p}.txt_attn.norm.query_norm.scale"))?,
+                txt_k_norm: get(&format!("{p}.txt_attn.norm.key_norm.scale"))?,
+                img_proj: lin(format!("{p}.img_attn.proj"))?,
+                txt_proj: lin(format!("{p}.txt_attn.proj"))?,
+                img_mlp0: lin(format!("{p}.img_mlp.0"))?,
+                img_mlp2: lin(format!("{p}.img_mlp.2"))?,
+                txt_mlp0: lin(format!("{p}.txt_mlp.0"))?,
+                txt_mlp2: lin(format!("{p}.txt_mlp.2"))?,
+            });
+        }
+        let mut single_blocks = Vec::new();
+        for i in 0..cfg.depth_single {
+            let p = format!("single_blocks.{i}");
+            single_blocks.push(SingleBlock {
+                linear1: lin(format!("{p}.linear1"))?,
+                linear2: lin(format!("{p}.linear2"))?,
+                q_norm: get(&format!("{p}.norm.query_norm.scale"))?,
+                k_norm: get(&format!("{p}.norm.key_norm.scale"))?,
+                modulation: lin(format!("{p}.modulation.lin"))?,
+            });
+        }
+        Ok(FluxWeights {
+            img_in: lin("img_in".into())?,
+            txt_in: lin("txt_in".into())?,
+            time_in: mlp("time_in")?,
+            guidance_in: if cfg.guidance_embed {
+                Some(mlp("guidance_in")?)
+            } else {
+                None
+            },
+            vector_in: mlp("vector_in")?,
+            double_blocks,
+            single_blocks,
+            final_mod: lin("final_layer.adaLN_modulation.1".into())?,
+            final_linear: lin("final_layer.linear".into())?,
+        })
+    }
+
+    /// Random weights for tests and shape-only runs: linears N(0, 1/fan_in), biases N(0, 0.02²),
+    /// QK-norm scales 1 + N(0, 0.1²). Returned as BFL-named tensors.
+    pub fn random_tensors(cfg: &FluxConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut rng = Rng::new(seed);
+        cfg.tensors()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data = if name.ends_with(".scale") {
+                    rng.normal_vec(n, 0.1)
+                        .into_iter()
+                        .map(|v| 1.0 + v)
+                        .collect()
+                } else if name.ends_with(".bias") {
+                    rng.normal_vec(n, 0.02)
+                } else {
+                    rng.normal_vec(n, 1.0 / (shape[1] as f32).sqrt())
+                };
+                (name, shape, data)
+            })
+            .collect()
+    }
+
+    pub fn from_tensors(
+        cfg: &FluxConfig,
+        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    ) -> Result<FluxWeights> {
+        let map: HashMap<String, Param> = tensors
+            .into_iter()
+            .map(|(n, _, d)| (n, Param::owned(d)))
+            .collect();
+        FluxWeights::new(cfg, &|n| {
+            map.get(n)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no parameter `{n}`"))
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! Scaled dot-product attention with a materialised softmax, and the head split/merge that
+//! moves between token-major projections and head-major attention inputs.
+
+use super::matmul::gemm;
+use rayon::prelude::*;
+
+/// out[b, h, l, d] = softmax(q kᵀ / √d) v per (b, h), no mask. Saves the log-sum-exp of each
+/// score row [b, h, l] for the backward pass.
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+) {
+    let n = l * d;
+    assert_eq!(q.len(), b * h * n);
+    assert_eq!(out.len(), b * h * n);
+    assert_eq!(lse.len(), b * h * l);
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(n)
+        .zip(lse.par_chunks_mut(l))
+        .enumerate()
+        .for_each(|(bh, (o, lse))| {
+            let (qh, kh, vh) = (
+                &q[bh * n..(bh + 1) * n],
+                &k[bh * n..(bh + 1) * n],
+                &v[bh * n..(bh + 1) * n],
+            );
+            let mut s = vec![0f32; l * l];
+            gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
+            for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
+                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                row.iter_mut().for_each(|x| *x *= inv);
+                *lse = mx + (sum as f32).ln();
+            }
+            gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
+        });
+}
+
+/// Copies heads out of a token-major projection: src [b, ls, stride], head hi of width d at
+/// column col + hi·d, into dst [b, h, l_total, d] rows l_off..l_off + ls.
+#[allow(clippy::too_many_arguments)]
+pub fn split_heads(
+    dst: &mut [f32],
+    src: &[f32],
+    b: usize,
+    ls: usize,
+    stride: usize,
+    col: usize,
+    h: usize,
+    d: usize,
+    l_total: usize,
+    l_off: usize,
+) {
+    assert_eq!(dst.len(), b * h * l_total * d);
+    assert_eq!(src.len(), b * ls * stride);
+    for bi in 0..b {
+        for t in 0..ls {
+            let s = (bi * ls + t) * stride + col;
+            for hi in 0..h {
+                let o = ((bi * h + hi) * l_total + l_off + t) * d;
+                dst[o..o + d].copy_from_slice(&src[s + hi * d..s + (hi + 1) * d]);
+            }
+        }
+    }
+}
+
+/// The inverse: dst [b, ls, stride] columns col..col + h·d ← src [b, h, l_total, d] rows
+/// l_off..l_off + ls (feature index hi·d + di, as BFL's "B H L D -> B L (H D)").
+#[allow(clippy::too_many_arguments)]
+pub fn merge_heads(
+    dst: &mut [f32],
+    src: &[f32],
+    b: usize,
+    ls: usize,
+    stride: usize,
+    col: usize,
+    h: usize,
+    d: usize,
+    l_total: usize,
+    l_off: usize,
+) {
+    assert_eq!(src.len(), b * h * l_total * d);
+    assert_eq!(dst.len(), b * ls * stride);
+    for bi in 0..b {
+        for t in 0..ls {
+            let o = (bi * ls + t) * stride + col;
+            for hi in 0..h {
+                let s = ((bi * h + hi) * l_total + l_off + t) * d;
+                dst[o + hi * d..o + (hi + 1) * d].copy_from_slice(&src[s..s + d]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::{rel_l2, Rng};
+
+    #[test]
+    fn matches_naive_softmax_attention() {
+        let (b, h, l, d) = (2, 3, 7, 8);
+        let mut rng = Rng::new(7);
+        let q = rng.normal_vec(b * h * l * d, 1.0);
+        let k = rng.normal_vec(b * h * l * d, 1.0);
+        let v = rng.normal_vec(b * h * l * d, 1.0);
+        let mut out = vec![f32::NAN; b * h * l * d];
+        let mut lse = vec![f32::NAN; b * h * l];
+        attention_forward(&mut out, &mut lse, &q, &k, &v, b, h, l, d);
+        let mut want = vec![0f32; out.len()];
+        for bh in 0..b * h {
+            for i in 0..l {
+                let s: Vec<f64> = (0..l)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| {
+                                q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64
+                            })
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                assert!((lse[bh * l + i] as f64 - (m + z.ln())).abs() < 1e-4);
+                for x in 0..d {
+                    want[(bh * l + i) * d + x] = (0..l)
+                        .map(|j| (s[j] - m).exp() / z * v[(bh * l + j) * d + x] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        assert!(rel_l2(&out, &want) < 1e-6);
+    }
+
+    #[test]
+    fn split_then_merge_round_trips() {
+        let (b, ls, h, d) = (2, 3, 2, 4);
+        let stride = 3 * h * d + 5;
+        let src: Vec<f32> = (0..b * ls * stride).map(|i| i as f32).collect();
+        let mut heads = vec![0f32; b * h * (ls + 1) * d];
+        split_heads(&mut heads, &src, b, ls, stride, h * d, h, d, ls + 1, 1);
+        let mut back = vec![0f32; b * ls * stride];
+        merge_heads(&mut back, &heads, b, ls, stride, h * d, h, d, ls + 1, 1);
+        for bt in 0..b * ls {
+            let c = h * d..2 * h * d;
+            assert_eq!(&back[bt * stride..][c.clone()], &src[bt * stride..][c]);
+        }
+    }
+}

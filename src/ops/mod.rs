@@ -1,0 +1,11 @@
+//! The CPU reference ops, one file per family, each a plain function over explicit buffers
+//! with its shapes in the signature. The backward of each op goes beside its forward.
+
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod modulation;
+pub mod norm;
+pub mod rope;

@@ -1,0 +1,77 @@
+//! Three-axis rotary position embedding with interleaved pairs (BFL `EmbedND`, `apply_rope`).
+
+/// cos/sin tables [rows, d/2] for position ids [rows, 3]: pair j of axis a (with width d_a)
+/// turns by p_a · theta^(−2j/d_a). Pairs are laid out axis by axis (8 + 28 + 28 for FLUX.1).
+pub fn rope_tables(cos: &mut [f32], sin: &mut [f32], ids: &[f32], axes: &[usize], theta: f64) {
+    let half: usize = axes.iter().sum::<usize>() / 2;
+    let rows = ids.len() / axes.len();
+    assert_eq!(cos.len(), rows * half);
+    assert_eq!(sin.len(), rows * half);
+    for r in 0..rows {
+        let mut j0 = 0;
+        for (a, &d) in axes.iter().enumerate() {
+            let p = ids[r * axes.len() + a] as f64;
+            for j in 0..d / 2 {
+                // f64 frequencies, as diffusers computes them.
+                let omega = theta.powf(-((2 * j) as f64) / d as f64);
+                let ang = p * omega;
+                cos[r * half + j0 + j] = ang.cos() as f32;
+                sin[r * half + j0 + j] = ang.sin() as f32;
+            }
+            j0 += d / 2;
+        }
+    }
+}
+
+/// Rotates x [b, h, l, d] in place with tables [b, l, d/2]:
+/// (x₂ᵢ, x₂ᵢ₊₁) ← (c·x₂ᵢ − s·x₂ᵢ₊₁, s·x₂ᵢ + c·x₂ᵢ₊₁).
+pub fn rope_forward(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+) {
+    assert_eq!(x.len(), b * h * l * d);
+    assert_eq!(cos.len(), b * l * d / 2);
+    for bi in 0..b {
+        for hi in 0..h {
+            for t in 0..l {
+                let row = &mut x[((bi * h + hi) * l + t) * d..][..d];
+                let tab = (bi * l + t) * (d / 2);
+                for i in 0..d / 2 {
+                    let (c, s) = (cos[tab + i], sin[tab + i]);
+                    let (x0, x1) = (row[2 * i], row[2 * i + 1]);
+                    row[2 * i] = c * x0 - s * x1;
+                    row[2 * i + 1] = s * x0 + c * x1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_position_is_identity_and_rotation_preserves_norm() {
+        let axes = [2, 2, 2];
+        let ids = [0.0, 0.0, 0.0, 1.0, 2.0, 3.0];
+        let (mut c, mut s) = (vec![0.0; 6], vec![0.0; 6]);
+        rope_tables(&mut c, &mut s, &ids, &axes, 10_000.0);
+        assert_eq!(&c[..3], &[1.0, 1.0, 1.0]);
+        assert_eq!(&s[..3], &[0.0, 0.0, 0.0]);
+        // Axis 1 at position 2, j = 0: angle 2.
+        assert!((c[4] - 2f32.cos()).abs() < 1e-7);
+        let mut x: Vec<f32> = (0..12).map(|i| i as f32 - 5.0).collect();
+        let before = x.clone();
+        rope_forward(&mut x, &c, &s, 1, 2, 2, 6);
+        assert_eq!(&x[..6], &before[..6]);
+        let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((n(&x[6..12]) - n(&before[6..12])).abs() < 1e-4);
+        assert!((x[6] - (1.0 * before[6] - 0.0 * before[7])).abs() < 1e-6);
+    }
+}
