@@ -66,12 +66,16 @@ mod tests {
         assert_eq!(&s[..3], &[0.0, 0.0, 0.0]);
         // Axis 1 at position 2, j = 0: angle 2.
         assert!((c[4] - 2f32.cos()).abs() < 1e-7);
-        let mut x: Vec<f32> = (0..12).map(|i| i as f32 - 5.0).collect();
+        let mut x: Vec<f32> = (0..24).map(|i| i as f32 - 5.0).collect();
         let before = x.clone();
         rope_forward(&mut x, &c, &s, 1, 2, 2, 6);
         assert_eq!(&x[..6], &before[..6]);
         let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((n(&x[6..12]) - n(&before[6..12])).abs() < 1e-4);
-        assert!((x[6] - (1.0 * before[6] - 0.0 * before[7])).abs() < 1e-6);
+        // Token 1, axis 0 (p = 1, j = 0): angle 1.
+        let (c1, s1) = (1f32.cos(), 1f32.sin());
+        assert!((x[6] - (c1 * before[6] - s1 * before[7])).abs() < 1e-5);
+        assert!((x[7] - (s1 * before[6] + c1 * before[7])).abs() < 1e-5);
+        assert_eq!(&x[12..18], &before[12..18], "head 1, token 0 is identity too");
     }
 }

@@ -1,0 +1,75 @@
+//! Shared helpers of the integration tests: fixture paths, running the reference forward, and
+//! rewriting fixture files into broken or re-encoded variants.
+#![allow(dead_code)]
+
+use flux_kernels::io::checkpoint::Checkpoint;
+use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
+use flux_kernels::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
+use flux_kernels::lora::LoraSet;
+use flux_kernels::model::flux::{flux_forward, FluxInputs};
+use flux_kernels::model::weights::FluxWeights;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const TINY_AXES: &[usize] = &[4, 6, 6];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A fresh temp folder per test.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fk-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn expected(name: &str) -> Vec<f32> {
+    SafeTensors::open(&fixture("tiny-expected.safetensors")).unwrap().read_f32(name).unwrap().1
+}
+
+/// Forward of the CPU reference on the tiny inputs with the given LoRAs and strengths.
+pub fn run_forward(model: &Path, axes: Option<&[usize]>, loras: &[(PathBuf, f32)]) -> anyhow::Result<Vec<f32>> {
+    let ckpt = Checkpoint::open(model, axes.map(|a| a.to_vec()))?;
+    let w = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned())?;
+    let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), &ckpt.cfg)?;
+    let mut set = LoraSet::new();
+    for (p, s) in loras {
+        set.add(&load_lora(p, &ckpt.cfg, UnknownKeys::Error)?.deltas, *s);
+    }
+    flux_forward(&ckpt.cfg, &w, &inp, &set)
+}
+
+/// All tensors of a file as (name, shape, dtype, f32 values), plus its metadata.
+pub type Tensors = Vec<(String, Vec<usize>, Dtype, Vec<f32>)>;
+
+pub fn read_all(path: &Path) -> (Tensors, BTreeMap<String, String>) {
+    let st = SafeTensors::open(path).unwrap();
+    let t = st
+        .tensors()
+        .iter()
+        .map(|(n, info)| (n.clone(), info.shape.clone(), info.dtype, st.read_f32(n).unwrap().1))
+        .collect();
+    (t, st.metadata().clone())
+}
+
+pub fn write_all(path: &Path, tensors: &Tensors, meta: &BTreeMap<String, String>) {
+    let out: Vec<OutTensor> =
+        tensors.iter().map(|(n, s, d, v)| OutTensor { name: n, shape: s.clone(), data: v, dtype: *d }).collect();
+    write_tensors(path, &out, meta).unwrap();
+}
+
+/// Copies a file with its tensors transformed by `f`.
+pub fn rewrite(src: &Path, dst: &Path, f: impl FnOnce(&mut Tensors)) {
+    let (mut t, meta) = read_all(src);
+    f(&mut t);
+    write_all(dst, &t, &meta);
+}
+
+pub fn err_string<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
