@@ -66,7 +66,7 @@ fn truncated_and_lying_headers() {
     let end = entry["data_offsets"][1].as_u64().unwrap();
     entry["data_offsets"] = serde_json::json!([end + 1_000_000, end + 1_000_000 + 512 * 2]);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -381,7 +381,7 @@ pub fn write_tensors(
     }
     let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header))?;
     // Pad so the data section starts 8-byte aligned, as the reference writer does.
-    while (hjson.len() + 8) % 8 != 0 {
+    while !(hjson.len() + 8).is_multiple_of(8) {
         hjson.push(b' ');
     }
     let bufs = tensors

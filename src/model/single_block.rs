@@ -11,7 +11,6 @@ use crate::ops::modulation::gated_residual_forward;
 use anyhow::Result;
 
 /// Updates x [b, l, c] (the joint [txt ; img] sequence) in place. `mlp` is the MLP width.
-#[allow(clippy::too_many_arguments)]
 pub fn single_block_forward(
     w: &SingleBlock,
     x: &mut [f32],

@@ -50,7 +50,6 @@ pub fn attention_forward(
 
 /// Copies heads out of a token-major projection: src [b, ls, stride], head hi of width d at
 /// column col + hi·d, into dst [b, h, l_total, d] rows l_off..l_off + ls.
-#[allow(clippy::too_many_arguments)]
 pub fn split_heads(
     dst: &mut [f32],
     src: &[f32],
@@ -78,7 +77,6 @@ pub fn split_heads(
 
 /// The inverse: dst [b, ls, stride] columns col..col + h·d ← src [b, h, l_total, d] rows
 /// l_off..l_off + ls (feature index hi·d + di, as BFL's "B H L D -> B L (H D)").
-#[allow(clippy::too_many_arguments)]
 pub fn merge_heads(
     dst: &mut [f32],
     src: &[f32],

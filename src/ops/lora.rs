@@ -18,7 +18,6 @@ pub struct LoraTerm<'a> {
 }
 
 /// out[m, n] = inp[m, k]·W[n, k]ᵀ + bias + Σ scale·(inp·Aᵀ)·Bᵀ on each term's rows.
-#[allow(clippy::too_many_arguments)]
 pub fn lora_linear_forward(
     out: &mut [f32],
     inp: &[f32],

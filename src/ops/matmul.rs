@@ -10,7 +10,6 @@ const ROW_BLOCK: usize = 64;
 /// C[m,n] = alpha · A[m,k] · B[k,n] + beta · C, with explicit (row, column) strides.
 /// # Safety-relevant contract
 /// Slices must cover every index the strides reach; checked by the callers' shape asserts.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
     k: usize,
