@@ -18,7 +18,9 @@ fn gpu_or_skip(test: &str) -> Option<Gpu> {
 
 #[test]
 fn gpu_gelu_tanh_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("gpu_gelu_tanh_matches_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_gelu_tanh_matches_cpu") else {
+        return;
+    };
     let mut rng = Rng::new(11);
     // Ragged length: not a multiple of the block size.
     let x = rng.normal_vec(100_003, 3.0);

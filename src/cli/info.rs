@@ -133,26 +133,22 @@ fn describe_config(s: &mut String, c: &FluxConfig) -> Result<()> {
     Ok(())
 }
 
-/// Module names with block indices folded: `double_blocks.*.img_attn.qkv ×19`.
+/// Module names with block indices folded: `double_blocks.*.img_attn.qkv ×19`. Only a number
+/// right after a `blocks` segment is a block index (`mlp.0` and `linear_1` stay as they are).
 fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for n in names {
-        let folded: Vec<&str> = n.split(['.', '_']).collect();
         let mut out = String::new();
-        let mut rest = n.as_str();
-        for part in folded {
-            let sep_len = if rest.len() > part.len() { 1 } else { 0 };
-            out.push_str(
-                if !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()) {
-                    "*"
-                } else {
-                    part
-                },
-            );
-            if sep_len == 1 {
-                out.push_str(&rest[part.len()..part.len() + 1]);
-            }
-            rest = &rest[(part.len() + sep_len).min(rest.len())..];
+        let mut prev_blocks = false;
+        for (i, part) in n.split_inclusive(['.', '_']).enumerate() {
+            let body = part.trim_end_matches(['.', '_']);
+            let is_index = prev_blocks
+                && i > 0
+                && !body.is_empty()
+                && body.chars().all(|c| c.is_ascii_digit());
+            out.push_str(if is_index { "*" } else { body });
+            out.push_str(&part[body.len()..]);
+            prev_blocks = body.ends_with("blocks");
         }
         *counts.entry(out).or_default() += 1;
     }
@@ -160,6 +156,26 @@ fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
         .into_iter()
         .map(|(k, n)| if n > 1 { format!("{k} ×{n}") } else { k })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn folds_only_block_indices() {
+        let names = [
+            "lora_unet_double_blocks_0_img_mlp_0",
+            "lora_unet_double_blocks_1_img_mlp_0",
+            "transformer.single_transformer_blocks.3.proj_out",
+        ];
+        let f = super::fold_targets(names.iter().map(|s| s.to_string()));
+        assert_eq!(
+            f,
+            vec![
+                "lora_unet_double_blocks_*_img_mlp_0 ×2",
+                "transformer.single_transformer_blocks.*.proj_out"
+            ]
+        );
+    }
 }
 
 fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {

@@ -182,17 +182,6 @@ impl FluxConfig {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()
     }
-
-    /// Linear module by BFL name.
-    pub fn linear(&self, name: &str) -> Option<(usize, usize)> {
-        self.modules()
-            .into_iter()
-            .find(|m| m.name == name)
-            .and_then(|m| match m.kind {
-                ModuleKind::Linear { d_out, d_in, .. } => Some((d_out, d_in)),
-                _ => None,
-            })
-    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

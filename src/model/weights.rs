@@ -1,6 +1,6 @@
 //! The transformer's frozen parameters, as a tree that mirrors BFL's module tree name for name.
 
-use super::config::FluxConfig;
+use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
 use crate::lora::LoraSet;
 use crate::ops::lora::lora_linear_forward;
@@ -92,19 +92,24 @@ pub struct FluxWeights {
 impl FluxWeights {
     /// Builds the tree from BFL-named parameters (`get("img_in.weight")`).
     pub fn new(cfg: &FluxConfig, get: &dyn Fn(&str) -> Result<Param>) -> Result<FluxWeights> {
+        let shapes: HashMap<String, (usize, usize, bool)> = cfg
+            .modules()
+            .into_iter()
+            .filter_map(|m| match m.kind {
+                ModuleKind::Linear { d_out, d_in, bias } => Some((m.name, (d_out, d_in, bias))),
+                ModuleKind::Norm { .. } => None,
+            })
+            .collect();
         let lin = |name: String| -> Result<Linear> {
-            let (d_out, d_in) = cfg
-                .linear(&name)
-                .unwrap_or_else(|| panic!("{name} is not a linear of this config"));
-            let bias_name = format!("{name}.bias");
-            let has_bias = cfg.tensors().iter().any(|(n, _)| *n == bias_name);
+            let (d_out, d_in, has_bias) = shapes[&name];
+            let bias = if has_bias {
+                Some(get(&format!("{name}.bias"))?)
+            } else {
+                None
+            };
             Ok(Linear {
                 weight: get(&format!("{name}.weight"))?,
-                bias: if has_bias {
-                    Some(get(&bias_name)?)
-                } else {
-                    None
-                },
+                bias,
                 name,
                 d_out,
                 d_in,

@@ -76,6 +76,10 @@ mod tests {
         let (c1, s1) = (1f32.cos(), 1f32.sin());
         assert!((x[6] - (c1 * before[6] - s1 * before[7])).abs() < 1e-5);
         assert!((x[7] - (s1 * before[6] + c1 * before[7])).abs() < 1e-5);
-        assert_eq!(&x[12..18], &before[12..18], "head 1, token 0 is identity too");
+        assert_eq!(
+            &x[12..18],
+            &before[12..18],
+            "head 1, token 0 is identity too"
+        );
     }
 }
