@@ -158,26 +158,6 @@ fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn folds_only_block_indices() {
-        let names = [
-            "lora_unet_double_blocks_0_img_mlp_0",
-            "lora_unet_double_blocks_1_img_mlp_0",
-            "transformer.single_transformer_blocks.3.proj_out",
-        ];
-        let f = super::fold_targets(names.iter().map(|s| s.to_string()));
-        assert_eq!(
-            f,
-            vec![
-                "lora_unet_double_blocks_*_img_mlp_0 ×2",
-                "transformer.single_transformer_blocks.*.proj_out"
-            ]
-        );
-    }
-}
-
 fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     let formats: Vec<&str> = f.formats.iter().map(|x| x.name()).collect();
     let mut ranks: Vec<usize> = f.modules.values().map(|(r, _)| *r).collect();
@@ -212,4 +192,24 @@ fn join(v: &[usize]) -> String {
         .map(|x| x.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn folds_only_block_indices() {
+        let names = [
+            "lora_unet_double_blocks_0_img_mlp_0",
+            "lora_unet_double_blocks_1_img_mlp_0",
+            "transformer.single_transformer_blocks.3.proj_out",
+        ];
+        let f = super::fold_targets(names.iter().map(|s| s.to_string()));
+        assert_eq!(
+            f,
+            vec![
+                "lora_unet_double_blocks_*_img_mlp_0 ×2",
+                "transformer.single_transformer_blocks.*.proj_out"
+            ]
+        );
+    }
 }
