@@ -109,3 +109,47 @@ fn comfy_lora_with_up_down_names_and_kohya_on_diffusers_base() {
     let got = run_forward(&fixture("tiny-diffusers"), None, &[(p, 1.0)]).unwrap();
     assert!(rel_l2(&got, &expected("comfy")) < TOL);
 }
+
+#[test]
+fn peft_metadata_alpha_pattern_and_rslora() {
+    use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
+    let cfg = flux_kernels::io::checkpoint::Checkpoint::open(&fixture("tiny-diffusers"), None)
+        .unwrap()
+        .cfg;
+    let dir = tmpdir("golden-peftmeta");
+    let (t, meta) = read_all(&fixture("lora-peft.safetensors"));
+    let raw: serde_json::Value = serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value), name: &str| {
+        let mut m = raw.clone();
+        edit(&mut m);
+        let mut md = meta.clone();
+        md.insert("lora_adapter_metadata".into(), m.to_string());
+        let p = dir.join(name);
+        write_all(&p, &t, &md);
+        load_lora(&p, &cfg, UnknownKeys::Error).unwrap()
+    };
+    // r = 4, alpha 8 → scale 2 everywhere.
+    let plain = load_lora(&fixture("lora-peft.safetensors"), &cfg, UnknownKeys::Error).unwrap();
+    assert!(plain.deltas.iter().all(|(_, d)| d.scale == 2.0));
+    // rsLoRA: alpha / √r, so alpha 4 gives the same scale 2.
+    let rs = with(
+        &|m| {
+            m["transformer.use_rslora"] = true.into();
+            m["transformer.lora_alpha"] = 4.into();
+        },
+        "rs.safetensors",
+    );
+    assert!(rs.deltas.iter().all(|(_, d)| d.scale == 2.0));
+    // alpha_pattern overrides one module by PEFT's suffix rule; the rest keep lora_alpha.
+    let pat = with(
+        &|m| m["transformer.alpha_pattern"] = serde_json::json!({"x_embedder": 16}),
+        "pat.safetensors",
+    );
+    for (module, d) in &pat.deltas {
+        assert_eq!(
+            d.scale,
+            if module == "img_in" { 4.0 } else { 2.0 },
+            "{module}"
+        );
+    }
+}
