@@ -2,7 +2,7 @@
 //! joined only in attention. Order of operations as shared/reference/flux-architecture.md §2.7.
 
 use super::attention::{head_rmsnorm, rope_attention, Qkv, Rope};
-use super::weights::{DoubleBlock, Linear};
+use super::weights::{DoubleBlock, Linear, StreamWeights};
 use crate::lora::LoraSet;
 use crate::ops::activation::{gelu_tanh_forward, silu_forward};
 use crate::ops::attention::{merge_heads, split_heads};
@@ -67,6 +67,43 @@ pub fn modulation_forward(
     Ok(split_chunks(&mods, b, n, lin.d_in))
 }
 
+/// First half of a stream: its six modulation vectors [shift1, scale1, gate1, shift2, scale2,
+/// gate2] and the qkv projection of the modulated, normalised tokens x [b, l, c].
+fn stream_qkv(
+    w: &StreamWeights,
+    x: &[f32],
+    vec: &[f32],
+    b: usize,
+    l: usize,
+    loras: &LoraSet,
+) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+    let c = w.qkv.d_in;
+    let mods = modulation_forward(&w.modulation, vec, b, 6, loras)?;
+    let xm = ln_modulate(x, &mods[0], &mods[1], b, l, c);
+    let qkv = w.qkv.apply(&xm, b * l, loras)?;
+    Ok((mods, qkv))
+}
+
+/// Second half of a stream: gated attention-projection residual, then the gated MLP residual
+/// (its LN sees the stream after the attention residual).
+fn stream_update(
+    w: &StreamWeights,
+    x: &mut [f32],
+    attn: &[f32],
+    mods: &[Vec<f32>],
+    b: usize,
+    l: usize,
+    loras: &LoraSet,
+) -> Result<()> {
+    let c = w.proj.d_out;
+    let p = w.proj.apply(attn, b * l, loras)?;
+    gated_residual_forward(x, &p, &mods[2], b, l, c);
+    let xm = ln_modulate(x, &mods[3], &mods[4], b, l, c);
+    let m = mlp_forward(&w.mlp0, &w.mlp2, &xm, b * l, loras)?;
+    gated_residual_forward(x, &m, &mods[5], b, l, c);
+    Ok(())
+}
+
 /// Updates img [b, li, c] and txt [b, lt, c] in place.
 pub fn double_block_forward(
     w: &DoubleBlock,
@@ -80,14 +117,8 @@ pub fn double_block_forward(
     let Dims { b, lt, li, h, d } = dm;
     let c = h * d;
     let l = lt + li;
-    // [shift1, scale1, gate1, shift2, scale2, gate2]
-    let im = modulation_forward(&w.img_mod, vec, b, 6, loras)?;
-    let tm = modulation_forward(&w.txt_mod, vec, b, 6, loras)?;
-
-    let img_m = ln_modulate(img, &im[0], &im[1], b, li, c);
-    let img_qkv = w.img_qkv.apply(&img_m, b * li, loras)?;
-    let txt_m = ln_modulate(txt, &tm[0], &tm[1], b, lt, c);
-    let txt_qkv = w.txt_qkv.apply(&txt_m, b * lt, loras)?;
+    let (im, img_qkv) = stream_qkv(&w.img, img, vec, b, li, loras)?;
+    let (tm, txt_qkv) = stream_qkv(&w.txt, txt, vec, b, lt, loras)?;
 
     // Joint sequence, text first.
     let mut qkv = Qkv::zeros(b * h * l * d);
@@ -95,10 +126,10 @@ pub fn double_block_forward(
         split_heads(dst, &txt_qkv, b, lt, 3 * c, j * c, h, d, l, 0);
         split_heads(dst, &img_qkv, b, li, 3 * c, j * c, h, d, l, lt);
     }
-    head_rmsnorm(&mut qkv.q, &w.txt_q_norm.load()?, b, h, l, d, 0..lt);
-    head_rmsnorm(&mut qkv.k, &w.txt_k_norm.load()?, b, h, l, d, 0..lt);
-    head_rmsnorm(&mut qkv.q, &w.img_q_norm.load()?, b, h, l, d, lt..l);
-    head_rmsnorm(&mut qkv.k, &w.img_k_norm.load()?, b, h, l, d, lt..l);
+    for (sw, rows) in [(&w.txt, 0..lt), (&w.img, lt..l)] {
+        head_rmsnorm(&mut qkv.q, &sw.q_norm.load()?, b, h, l, d, rows.clone());
+        head_rmsnorm(&mut qkv.k, &sw.k_norm.load()?, b, h, l, d, rows);
+    }
     let o = rope_attention(&mut qkv, rope, b, h, l, d);
 
     let mut txt_a = vec![0f32; b * lt * c];
@@ -106,26 +137,7 @@ pub fn double_block_forward(
     let mut img_a = vec![0f32; b * li * c];
     merge_heads(&mut img_a, &o, b, li, c, 0, h, d, l, lt);
 
-    let p = w.img_proj.apply(&img_a, b * li, loras)?;
-    gated_residual_forward(img, &p, &im[2], b, li, c);
-    let m = mlp_forward(
-        &w.img_mlp0,
-        &w.img_mlp2,
-        &ln_modulate(img, &im[3], &im[4], b, li, c),
-        b * li,
-        loras,
-    )?;
-    gated_residual_forward(img, &m, &im[5], b, li, c);
-
-    let p = w.txt_proj.apply(&txt_a, b * lt, loras)?;
-    gated_residual_forward(txt, &p, &tm[2], b, lt, c);
-    let m = mlp_forward(
-        &w.txt_mlp0,
-        &w.txt_mlp2,
-        &ln_modulate(txt, &tm[3], &tm[4], b, lt, c),
-        b * lt,
-        loras,
-    )?;
-    gated_residual_forward(txt, &m, &tm[5], b, lt, c);
+    stream_update(&w.img, img, &img_a, &im, b, li, loras)?;
+    stream_update(&w.txt, txt, &txt_a, &tm, b, lt, loras)?;
     Ok(())
 }

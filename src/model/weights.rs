@@ -51,21 +51,20 @@ pub struct MlpEmbedder {
     pub out_layer: Linear,
 }
 
+/// One stream (image or text) of a double block: BFL's `{img,txt}_mod`, `_attn`, `_mlp`.
+pub struct StreamWeights {
+    pub modulation: Linear,
+    pub qkv: Linear,
+    pub q_norm: Param,
+    pub k_norm: Param,
+    pub proj: Linear,
+    pub mlp0: Linear,
+    pub mlp2: Linear,
+}
+
 pub struct DoubleBlock {
-    pub img_mod: Linear,
-    pub txt_mod: Linear,
-    pub img_qkv: Linear,
-    pub txt_qkv: Linear,
-    pub img_q_norm: Param,
-    pub img_k_norm: Param,
-    pub txt_q_norm: Param,
-    pub txt_k_norm: Param,
-    pub img_proj: Linear,
-    pub txt_proj: Linear,
-    pub img_mlp0: Linear,
-    pub img_mlp2: Linear,
-    pub txt_mlp0: Linear,
-    pub txt_mlp2: Linear,
+    pub img: StreamWeights,
+    pub txt: StreamWeights,
 }
 
 pub struct SingleBlock {
@@ -124,21 +123,20 @@ impl FluxWeights {
         let mut double_blocks = Vec::new();
         for i in 0..cfg.depth {
             let p = format!("double_blocks.{i}");
+            let stream = |s: &str| -> Result<StreamWeights> {
+                Ok(StreamWeights {
+                    modulation: lin(format!("{p}.{s}_mod.lin"))?,
+                    qkv: lin(format!("{p}.{s}_attn.qkv"))?,
+                    q_norm: get(&format!("{p}.{s}_attn.norm.query_norm.scale"))?,
+                    k_norm: get(&format!("{p}.{s}_attn.norm.key_norm.scale"))?,
+                    proj: lin(format!("{p}.{s}_attn.proj"))?,
+                    mlp0: lin(format!("{p}.{s}_mlp.0"))?,
+                    mlp2: lin(format!("{p}.{s}_mlp.2"))?,
+                })
+            };
             double_blocks.push(DoubleBlock {
-                img_mod: lin(format!("{p}.img_mod.lin"))?,
-                txt_mod: lin(format!("{p}.txt_mod.lin"))?,
-                img_qkv: lin(format!("{p}.img_attn.qkv"))?,
-                txt_qkv: lin(format!("{p}.txt_attn.qkv"))?,
-                img_q_norm: get(&format!("{p}.img_attn.norm.query_norm.scale"))?,
-                img_k_norm: get(&format!("{p}.img_attn.norm.key_norm.scale"))?,
-                txt_q_norm: get(&format!("{p}.txt_attn.norm.query_norm.scale"))?,
-                txt_k_norm: get(&format!("{p}.txt_attn.norm.key_norm.scale"))?,
-                img_proj: lin(format!("{p}.img_attn.proj"))?,
-                txt_proj: lin(format!("{p}.txt_attn.proj"))?,
-                img_mlp0: lin(format!("{p}.img_mlp.0"))?,
-                img_mlp2: lin(format!("{p}.img_mlp.2"))?,
-                txt_mlp0: lin(format!("{p}.txt_mlp.0"))?,
-                txt_mlp2: lin(format!("{p}.txt_mlp.2"))?,
+                img: stream("img")?,
+                txt: stream("txt")?,
             });
         }
         let mut single_blocks = Vec::new();
