@@ -24,11 +24,7 @@ fn find_nvcc() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    env::var_os("PATH").and_then(|paths| {
-        env::split_paths(&paths)
-            .map(|d| d.join("nvcc"))
-            .find(|p| p.is_file())
-    })
+    env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|d| d.join("nvcc")).find(|p| p.is_file()))
 }
 
 fn main() {
@@ -58,34 +54,22 @@ fn main() {
         Some(nvcc) => {
             // The pip-wheel nvcc finds ptxas and fatbinary through PATH.
             let bin = nvcc.parent().map(Path::to_path_buf).unwrap_or_default();
-            let path = env::join_paths(
-                std::iter::once(bin)
-                    .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-            )
-            .unwrap();
+            let path =
+                env::join_paths(std::iter::once(bin).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())))
+                    .unwrap();
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 let out = out_dir.join(format!("{stem}.fatbin"));
                 let mut cmd = Command::new(&nvcc);
-                cmd.env("PATH", &path)
-                    .args(["-fatbin", "-O3", "-std=c++17", "-Ikernels", "-o"])
-                    .arg(&out)
-                    .arg(src);
+                cmd.env("PATH", &path).args(["-fatbin", "-O3", "-std=c++17", "-Ikernels", "-o"]).arg(&out).arg(src);
                 for a in ARCHS {
                     cmd.args(["-gencode", a]);
                 }
-                let status = cmd
-                    .status()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+                let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
                 if !status.success() {
                     panic!("nvcc failed on {} ({status})", src.display());
                 }
-                writeln!(
-                    table,
-                    "    ({stem:?}, include_bytes!({:?})),",
-                    out.display().to_string()
-                )
-                .unwrap();
+                writeln!(table, "    ({stem:?}, include_bytes!({:?})),", out.display().to_string()).unwrap();
             }
             println!("cargo:rustc-cfg=flux_cuda_kernels");
         }

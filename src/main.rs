@@ -62,21 +62,11 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Info { m } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
-            print!(
-                "{}",
-                cli::info::run(&m.model, &m.lora, m.rope_axes.as_deref(), unknown)?
-            );
+            print!("{}", cli::info::run(&m.model, &m.lora, m.rope_axes.as_deref(), unknown)?);
         }
         Cmd::Forward { m, inputs, out } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
-            cli::forward::run(
-                &m.model,
-                &inputs,
-                &out,
-                &m.lora,
-                m.rope_axes.as_deref(),
-                unknown,
-            )?;
+            cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown)?;
             println!("wrote {}", out.display());
         }
     }

@@ -48,3 +48,23 @@ impl Rng {
         (0..n).map(|_| self.normal() * std).collect()
     }
 }
+
+/// Checks an analytic input gradient against central finite differences of the scalar
+/// L(x) = Σ f(x)⊙dy, with the sum in f64. The ops are f32, so the step is large (1e-2 relative)
+/// and the tolerance is on the relative L2 error over all elements.
+pub fn fd_check(x: &[f32], grad: &[f32], dy: &[f32], f: impl Fn(&[f32]) -> Vec<f32>, tol: f64) {
+    let loss = |x: &[f32]| f(x).iter().zip(dy).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+    let mut num = vec![0f32; x.len()];
+    let mut xp = x.to_vec();
+    for i in 0..x.len() {
+        let h = 1e-2f32 * x[i].abs().max(0.1);
+        xp[i] = x[i] + h;
+        let lp = loss(&xp);
+        xp[i] = x[i] - h;
+        let lm = loss(&xp);
+        xp[i] = x[i];
+        num[i] = ((lp - lm) / (2.0 * h as f64)) as f32;
+    }
+    let err = rel_l2(grad, &num);
+    assert!(err < tol, "finite differences: rel L2 {err:.3e} ≥ {tol:e}\nanalytic {grad:?}\nnumeric  {num:?}");
+}

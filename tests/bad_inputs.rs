@@ -15,9 +15,7 @@ fn open_err(p: &Path) -> String {
 }
 
 fn tiny_cfg() -> FluxConfig {
-    Checkpoint::open(&fixture("tiny-bfl.safetensors"), Some(TINY_AXES.to_vec()))
-        .unwrap()
-        .cfg
+    Checkpoint::open(&fixture("tiny-bfl.safetensors"), Some(TINY_AXES.to_vec())).unwrap().cfg
 }
 
 #[test]
@@ -26,45 +24,25 @@ fn checkpoint_missing_unexpected_wrong_shape_wrong_dtype() {
     let src = fixture("tiny-bfl.safetensors");
 
     let p = dir.join("missing.safetensors");
-    rewrite(&src, &p, |t| {
-        t.retain(|e| e.0 != "double_blocks.1.txt_mlp.2.bias")
-    });
+    rewrite(&src, &p, |t| t.retain(|e| e.0 != "double_blocks.1.txt_mlp.2.bias"));
     let e = open_err(&p);
     assert!(
-        e.contains("missing")
-            && e.contains("double_blocks.1.txt_mlp.2.bias")
-            && e.contains("missing.safetensors"),
+        e.contains("missing") && e.contains("double_blocks.1.txt_mlp.2.bias") && e.contains("missing.safetensors"),
         "{e}"
     );
 
     let p = dir.join("extra.safetensors");
-    rewrite(&src, &p, |t| {
-        t.push((
-            "double_blocks.0.img_attn.lora_extra".into(),
-            vec![2],
-            Dtype::BF16,
-            vec![0.0; 2],
-        ))
-    });
+    rewrite(&src, &p, |t| t.push(("double_blocks.0.img_attn.lora_extra".into(), vec![2], Dtype::BF16, vec![0.0; 2])));
     let e = open_err(&p);
-    assert!(
-        e.contains("unexpected") && e.contains("double_blocks.0.img_attn.lora_extra"),
-        "{e}"
-    );
+    assert!(e.contains("unexpected") && e.contains("double_blocks.0.img_attn.lora_extra"), "{e}");
 
     let p = dir.join("shape.safetensors");
     rewrite(&src, &p, |t| {
-        let e = t
-            .iter_mut()
-            .find(|e| e.0 == "single_blocks.0.linear2.weight")
-            .unwrap();
+        let e = t.iter_mut().find(|e| e.0 == "single_blocks.0.linear2.weight").unwrap();
         e.1 = vec![e.1[1], e.1[0]];
     });
     let e = open_err(&p);
-    assert!(
-        e.contains("single_blocks.0.linear2.weight") && e.contains("shape"),
-        "{e}"
-    );
+    assert!(e.contains("single_blocks.0.linear2.weight") && e.contains("shape"), "{e}");
 
     let p = dir.join("dtype.safetensors");
     rewrite(&src, &p, |t| {
@@ -82,10 +60,7 @@ fn truncated_and_lying_headers() {
     let p = dir.join("trunc.safetensors");
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let e = open_err(&p);
-    assert!(
-        e.contains("trunc.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("trunc.safetensors") && e.contains("truncated"), "{e}");
 
     // Rewrite one tensor's data_offsets to point past the end of the data.
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -103,10 +78,7 @@ fn truncated_and_lying_headers() {
     let p = dir.join("lies.safetensors");
     std::fs::write(&p, out).unwrap();
     let e = open_err(&p);
-    assert!(
-        e.contains("img_in.weight") && e.contains("data_offsets"),
-        "{e}"
-    );
+    assert!(e.contains("img_in.weight") && e.contains("data_offsets"), "{e}");
 
     let p = dir.join("empty.safetensors");
     std::fs::write(&p, b"").unwrap();
@@ -136,31 +108,19 @@ fn diffusers_folder_problems() {
     let cfg = std::fs::read_to_string(d.join("config.json"))
         .unwrap()
         .replace("\"num_single_layers\": 2", "\"num_single_layers\": 3");
-    assert!(
-        cfg.contains("\"num_single_layers\": 3"),
-        "fixture config.json format changed"
-    );
+    assert!(cfg.contains("\"num_single_layers\": 3"), "fixture config.json format changed");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = err_string(Checkpoint::open(&d, None));
-    assert!(
-        e.contains("num_single_layers") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("num_single_layers") && e.contains("config.json"), "{e}");
 
     let e = err_string(Checkpoint::open(&src, Some(vec![8, 4, 4])));
-    assert!(
-        e.contains("--rope-axes") && e.contains("axes_dims_rope"),
-        "{e}"
-    );
+    assert!(e.contains("--rope-axes") && e.contains("axes_dims_rope"), "{e}");
 }
 
 #[test]
 fn head_dim_not_128_without_rope_axes_says_what_to_pass() {
     let e = err_string(Checkpoint::open(&fixture("tiny-bfl.safetensors"), None));
-    assert!(
-        e.contains("--rope-axes") && e.contains("tiny-bfl.safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("--rope-axes") && e.contains("tiny-bfl.safetensors"), "{e}");
 }
 
 #[test]
@@ -179,24 +139,11 @@ fn lora_unknown_key_misfit_and_missing_factor() {
         ))
     });
     let e = err_string(load_lora(&p, &cfg, UnknownKeys::Error));
-    assert!(
-        e.contains("lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight")
-            && e.contains("matches no"),
-        "{e}"
-    );
+    assert!(e.contains("lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight") && e.contains("matches no"), "{e}");
     // As a warning the key is skipped and named; the rest still loads.
     let f = load_lora(&p, &cfg, UnknownKeys::Warn).unwrap();
-    assert_eq!(
-        f.skipped,
-        vec!["lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight".to_string()]
-    );
-    assert_eq!(
-        f.deltas.len(),
-        load_lora(&src, &cfg, UnknownKeys::Error)
-            .unwrap()
-            .deltas
-            .len()
-    );
+    assert_eq!(f.skipped, vec!["lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight".to_string()]);
+    assert_eq!(f.deltas.len(), load_lora(&src, &cfg, UnknownKeys::Error).unwrap().deltas.len());
 
     let p = dir.join("te.safetensors");
     rewrite(&src, &p, |t| {
@@ -211,59 +158,31 @@ fn lora_unknown_key_misfit_and_missing_factor() {
 
     let p = dir.join("misfit.safetensors");
     rewrite(&src, &p, |t| {
-        let e = t
-            .iter_mut()
-            .find(|e| e.0 == "lora_unet_single_blocks_1_linear2.lora_up.weight")
-            .unwrap();
+        let e = t.iter_mut().find(|e| e.0 == "lora_unet_single_blocks_1_linear2.lora_up.weight").unwrap();
         e.1 = vec![e.1[0] / 2, e.1[1] * 2];
     });
     let e = err_string(load_lora(&p, &cfg, UnknownKeys::Error));
-    assert!(
-        e.contains("lora_unet_single_blocks_1_linear2.lora_up.weight") && e.contains("shape"),
-        "{e}"
-    );
+    assert!(e.contains("lora_unet_single_blocks_1_linear2.lora_up.weight") && e.contains("shape"), "{e}");
 
     let p = dir.join("wrong-in.safetensors");
     rewrite(&src, &p, |t| {
-        let e = t
-            .iter_mut()
-            .find(|e| e.0 == "lora_unet_img_in.lora_down.weight")
-            .unwrap();
+        let e = t.iter_mut().find(|e| e.0 == "lora_unet_img_in.lora_down.weight").unwrap();
         e.1 = vec![e.1[0] * 2, e.1[1] / 2];
     });
     let e = err_string(load_lora(&p, &cfg, UnknownKeys::Error));
-    assert!(
-        e.contains("lora_unet_img_in.lora_down.weight") && e.contains("inputs"),
-        "{e}"
-    );
+    assert!(e.contains("lora_unet_img_in.lora_down.weight") && e.contains("inputs"), "{e}");
 
     let p = dir.join("half.safetensors");
-    rewrite(&src, &p, |t| {
-        t.retain(|e| e.0 != "lora_unet_txt_in.lora_up.weight")
-    });
+    rewrite(&src, &p, |t| t.retain(|e| e.0 != "lora_unet_txt_in.lora_up.weight"));
     let e = err_string(load_lora(&p, &cfg, UnknownKeys::Error));
     assert!(e.contains("lora_unet_txt_in") && e.contains("up"), "{e}");
 
     let p = dir.join("dora.safetensors");
-    rewrite(&src, &p, |t| {
-        t.push((
-            "lora_unet_txt_in.dora_scale".into(),
-            vec![32],
-            Dtype::F32,
-            vec![1.0; 32],
-        ))
-    });
-    assert!(
-        err_string(load_lora(&p, &cfg, UnknownKeys::Error)).contains("lora_unet_txt_in.dora_scale")
-    );
+    rewrite(&src, &p, |t| t.push(("lora_unet_txt_in.dora_scale".into(), vec![32], Dtype::F32, vec![1.0; 32])));
+    assert!(err_string(load_lora(&p, &cfg, UnknownKeys::Error)).contains("lora_unet_txt_in.dora_scale"));
 
     let p = dir.join("nan.safetensors");
-    rewrite(&src, &p, |t| {
-        t.iter_mut()
-            .find(|e| e.0 == "lora_unet_txt_in.lora_up.weight")
-            .unwrap()
-            .3[0] = f32::NAN
-    });
+    rewrite(&src, &p, |t| t.iter_mut().find(|e| e.0 == "lora_unet_txt_in.lora_up.weight").unwrap().3[0] = f32::NAN);
     assert!(err_string(load_lora(&p, &cfg, UnknownKeys::Error)).contains("non-finite"));
 }
 
@@ -286,16 +205,12 @@ fn inputs_wrong_shape_missing_guidance_nan() {
     assert!(e.contains("`guidance`"), "{e}");
 
     let p = dir.join("nan.safetensors");
-    rewrite(&src, &p, |t| {
-        t.iter_mut().find(|e| e.0 == "y").unwrap().3[3] = f32::NAN
-    });
+    rewrite(&src, &p, |t| t.iter_mut().find(|e| e.0 == "y").unwrap().3[3] = f32::NAN);
     let e = err_string(FluxInputs::from_file(&p, &cfg));
     assert!(e.contains("`y`") && e.contains("non-finite"), "{e}");
 
     let p = dir.join("ids.safetensors");
-    rewrite(&src, &p, |t| {
-        t.iter_mut().find(|e| e.0 == "img_ids").unwrap().1 = vec![8, 6]
-    });
+    rewrite(&src, &p, |t| t.iter_mut().find(|e| e.0 == "img_ids").unwrap().1 = vec![8, 6]);
     let e = err_string(FluxInputs::from_file(&p, &cfg));
     assert!(e.contains("`img_ids`"), "{e}");
 

@@ -12,19 +12,13 @@ fn bin() -> Command {
 
 #[test]
 fn info_on_flux1_dev_prints_exact_counts() {
-    let out = bin()
-        .args(["info", "--model", "flux1-dev"])
-        .output()
-        .unwrap();
+    let out = bin().args(["info", "--model", "flux1-dev"]).output().unwrap();
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
     assert!(s.contains("parameters: 11,901,408,320"), "{s}");
     assert!(s.contains("double blocks: 19 × 339,831,296"), "{s}");
     assert!(s.contains("single blocks: 38 × 141,591,808"), "{s}");
-    assert!(
-        s.contains("modulation (acts once per sample): 3,247,448,064"),
-        "{s}"
-    );
+    assert!(s.contains("modulation (acts once per sample): 3,247,448,064"), "{s}");
 }
 
 #[test]
@@ -35,26 +29,13 @@ fn info_describes_each_lora() {
         .arg("--lora")
         .arg(fixture("lora-peft.safetensors"))
         .arg("--lora")
-        .arg(format!(
-            "{}:0.5",
-            fixture("lora-kohya.safetensors").display()
-        ))
+        .arg(format!("{}:0.5", fixture("lora-kohya.safetensors").display()))
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        s.contains("diffusers/PEFT") && s.contains("rank: 4, alpha: 8"),
-        "{s}"
-    );
-    assert!(
-        s.contains("kohya sd-scripts") && s.contains("strength 0.5"),
-        "{s}"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.contains("diffusers/PEFT") && s.contains("rank: 4, alpha: 8"), "{s}");
+    assert!(s.contains("kohya sd-scripts") && s.contains("strength 0.5"), "{s}");
 }
 
 #[test]
@@ -69,27 +50,14 @@ fn forward_writes_out_matching_the_fixture() {
         .arg("--out")
         .arg(&out)
         .arg("--lora")
-        .arg(format!(
-            "{}:0.8",
-            fixture("lora-peft.safetensors").display()
-        ))
+        .arg(format!("{}:0.8", fixture("lora-peft.safetensors").display()))
         .arg("--lora")
-        .arg(format!(
-            "{}:-0.5",
-            fixture("lora-kohya.safetensors").display()
-        ))
+        .arg(format!("{}:-0.5", fixture("lora-kohya.safetensors").display()))
         .arg("--lora")
-        .arg(format!(
-            "{}:1.3",
-            fixture("lora-onetrainer.safetensors").display()
-        ))
+        .arg(format!("{}:1.3", fixture("lora-onetrainer.safetensors").display()))
         .output()
         .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let f = SafeTensors::open(&out).unwrap();
     assert_eq!(f.info("out").unwrap().shape, vec![2, 16, 8]);
     assert!(rel_l2(&f.read_f32("out").unwrap().1, &expected("stack")) < 1e-4);
@@ -113,31 +81,10 @@ fn failures_exit_nonzero_name_the_problem_and_write_nothing() {
     assert!(e.contains("--rope-axes"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     assert!(!out.exists());
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        0,
-        "no temp file left behind"
-    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no temp file left behind");
 
-    let r = bin()
-        .args([
-            "forward",
-            "--model",
-            "flux1-dev",
-            "--inputs",
-            "x",
-            "--out",
-            "y",
-        ])
-        .output()
-        .unwrap();
+    let r = bin().args(["forward", "--model", "flux1-dev", "--inputs", "x", "--out", "y"]).output().unwrap();
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("without weights"));
-    let r = bin()
-        .args(["info", "--model", "flux2-pro"])
-        .output()
-        .unwrap();
-    assert!(
-        !r.status.success()
-            && String::from_utf8_lossy(&r.stderr).contains("not a built-in configuration")
-    );
+    let r = bin().args(["info", "--model", "flux2-pro"]).output().unwrap();
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("not a built-in configuration"));
 }

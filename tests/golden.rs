@@ -32,8 +32,7 @@ fn cases() -> Vec<(&'static str, Vec<(PathBuf, f32)>)> {
 
 fn check_all(model: &std::path::Path, axes: Option<&[usize]>, layout: &str) {
     for (name, loras) in cases() {
-        let got =
-            run_forward(model, axes, &loras).unwrap_or_else(|e| panic!("{layout}/{name}: {e:#}"));
+        let got = run_forward(model, axes, &loras).unwrap_or_else(|e| panic!("{layout}/{name}: {e:#}"));
         let err = rel_l2(&got, &expected(name));
         println!("{layout:>10} {name:<12} rel L2 {err:.2e}");
         assert!(err < TOL, "{layout}/{name}: rel L2 {err:.3e} ≥ {TOL:e}");
@@ -56,10 +55,7 @@ fn lora_output_differs_from_base() {
     // Guards the golden test itself: a loader that silently dropped every LoRA would fail here.
     let base = expected("base");
     for (name, _) in cases().into_iter().skip(1) {
-        assert!(
-            rel_l2(&expected(name), &base) > 0.05,
-            "{name} is too close to base to test anything"
-        );
+        assert!(rel_l2(&expected(name), &base) > 0.05, "{name} is too close to base to test anything");
     }
 }
 
@@ -70,21 +66,13 @@ fn bundle_prefix_repo_folder_and_other_dtypes_load_the_same_model() {
     // model.diffusion_model. prefix, as single-file bundles store it.
     let prefixed = dir.join("prefixed.safetensors");
     rewrite(&fixture("tiny-bfl.safetensors"), &prefixed, |t| {
-        t.iter_mut()
-            .for_each(|e| e.0 = format!("model.diffusion_model.{}", e.0))
+        t.iter_mut().for_each(|e| e.0 = format!("model.diffusion_model.{}", e.0))
     });
-    assert!(
-        rel_l2(
-            &run_forward(&prefixed, Some(TINY_AXES), &[]).unwrap(),
-            &base
-        ) < TOL
-    );
+    assert!(rel_l2(&run_forward(&prefixed, Some(TINY_AXES), &[]).unwrap(), &base) < TOL);
     // f32 and f16 storage of the same (bf16-exact) values.
     for (dt, tol) in [(Dtype::F32, TOL), (Dtype::F16, 1e-3)] {
         let p = dir.join(format!("{}.safetensors", dt.name()));
-        rewrite(&fixture("tiny-bfl.safetensors"), &p, |t| {
-            t.iter_mut().for_each(|e| e.2 = dt)
-        });
+        rewrite(&fixture("tiny-bfl.safetensors"), &p, |t| t.iter_mut().for_each(|e| e.2 = dt));
         let err = rel_l2(&run_forward(&p, Some(TINY_AXES), &[]).unwrap(), &base);
         assert!(err < tol, "{}: {err:e}", dt.name());
     }
@@ -100,11 +88,7 @@ fn comfy_lora_with_up_down_names_and_kohya_on_diffusers_base() {
     let dir = tmpdir("golden-comfy");
     let p = dir.join("comfy-updown.safetensors");
     rewrite(&fixture("lora-comfy.safetensors"), &p, |t| {
-        t.iter_mut().for_each(|e| {
-            e.0 =
-                e.0.replace(".lora_A.", ".lora_down.")
-                    .replace(".lora_B.", ".lora_up.")
-        })
+        t.iter_mut().for_each(|e| e.0 = e.0.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."))
     });
     let got = run_forward(&fixture("tiny-diffusers"), None, &[(p, 1.0)]).unwrap();
     assert!(rel_l2(&got, &expected("comfy")) < TOL);
@@ -113,9 +97,7 @@ fn comfy_lora_with_up_down_names_and_kohya_on_diffusers_base() {
 #[test]
 fn peft_metadata_alpha_pattern_and_rslora() {
     use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
-    let cfg = flux_kernels::io::checkpoint::Checkpoint::open(&fixture("tiny-diffusers"), None)
-        .unwrap()
-        .cfg;
+    let cfg = flux_kernels::io::checkpoint::Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap().cfg;
     let dir = tmpdir("golden-peftmeta");
     let (t, meta) = read_all(&fixture("lora-peft.safetensors"));
     let raw: serde_json::Value = serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
@@ -141,15 +123,8 @@ fn peft_metadata_alpha_pattern_and_rslora() {
     );
     assert!(rs.deltas.iter().all(|(_, d)| d.scale == 2.0));
     // alpha_pattern overrides one module by PEFT's suffix rule; the rest keep lora_alpha.
-    let pat = with(
-        &|m| m["transformer.alpha_pattern"] = serde_json::json!({"x_embedder": 16}),
-        "pat.safetensors",
-    );
+    let pat = with(&|m| m["transformer.alpha_pattern"] = serde_json::json!({"x_embedder": 16}), "pat.safetensors");
     for (module, d) in &pat.deltas {
-        assert_eq!(
-            d.scale,
-            if module == "img_in" { 4.0 } else { 2.0 },
-            "{module}"
-        );
+        assert_eq!(d.scale, if module == "img_in" { 4.0 } else { 2.0 }, "{module}");
     }
 }

@@ -45,10 +45,7 @@ fn kernels_are_embedded_when_built_with_nvcc() {
         // A fatbin starts with the magic 0xBA55ED50.
         assert_eq!(&fb[..4], &0xBA55_ED50u32.to_le_bytes());
     } else {
-        skip(
-            "kernels_are_embedded_when_built_with_nvcc",
-            "built without nvcc",
-        );
+        skip("kernels_are_embedded_when_built_with_nvcc", "built without nvcc");
         assert!(flux_kernels::kernels::MODULES.is_empty());
     }
 }

@@ -37,15 +37,8 @@ fn schnell_like_model_without_guidance_from_a_written_file() {
     let dir = tmpdir("model-schnell");
     let tensors = FluxWeights::random_tensors(&cfg, 42);
     let path = dir.join("schnell.safetensors");
-    let out: Vec<OutTensor> = tensors
-        .iter()
-        .map(|(n, s, d)| OutTensor {
-            name: n,
-            shape: s.clone(),
-            data: d,
-            dtype: Dtype::F32,
-        })
-        .collect();
+    let out: Vec<OutTensor> =
+        tensors.iter().map(|(n, s, d)| OutTensor { name: n, shape: s.clone(), data: d, dtype: Dtype::F32 }).collect();
     write_tensors(&path, &out, &BTreeMap::new()).unwrap();
 
     let ckpt = Checkpoint::open(&path, Some(TINY_AXES.to_vec())).unwrap();
@@ -53,10 +46,7 @@ fn schnell_like_model_without_guidance_from_a_written_file() {
 
     let with_g = fixture("tiny-inputs.safetensors");
     let e = err_string(FluxInputs::from_file(&with_g, &cfg));
-    assert!(
-        e.contains("`guidance`") && e.contains("no guidance embedding"),
-        "{e}"
-    );
+    assert!(e.contains("`guidance`") && e.contains("no guidance embedding"), "{e}");
     let no_g = dir.join("inputs.safetensors");
     rewrite(&with_g, &no_g, |t| t.retain(|e| e.0 != "guidance"));
     let inp = FluxInputs::from_file(&no_g, &cfg).unwrap();
@@ -67,17 +57,13 @@ fn schnell_like_model_without_guidance_from_a_written_file() {
     let b = flux_forward(&cfg, &owned, &inp, &LoraSet::new()).unwrap();
     assert_eq!(a.len(), 2 * 16 * 8);
     assert!(a.iter().all(|v| v.is_finite()));
-    assert_eq!(
-        a, b,
-        "memory-mapped and owned parameters must agree bit for bit"
-    );
+    assert_eq!(a, b, "memory-mapped and owned parameters must agree bit for bit");
 }
 
 #[test]
 fn batch_elements_are_independent() {
     // Sample 1 of a batch of 2 equals that sample run alone: no mixing across the batch axis.
-    let ckpt =
-        Checkpoint::open(&fixture("tiny-bfl.safetensors"), Some(TINY_AXES.to_vec())).unwrap();
+    let ckpt = Checkpoint::open(&fixture("tiny-bfl.safetensors"), Some(TINY_AXES.to_vec())).unwrap();
     let cfg = &ckpt.cfg;
     let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let full = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), cfg).unwrap();

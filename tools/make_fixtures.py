@@ -227,7 +227,7 @@ def bfl_to_diffusers(sd, num_layers, num_single):
 # (fused q/k/v order, linear1 split, shift/scale order of the final layer) — not just that our two converters
 # invert each other.
 # ----------------------------------------------------------------------------------------------------------
-def bfl_forward(w, inp, num_heads, axes_dim, theta=10000.0, f32_time_embedding=True):
+def bfl_forward(w, inp, num_heads, axes_dim, theta=10000.0, f32_time_embedding=True, out_f64=False):
     F = torch.nn.functional
     w = {k: v.double() for k, v in w.items()}
     x = {k: v.double() for k, v in inp.items()}
@@ -317,7 +317,8 @@ def bfl_forward(w, inp, num_heads, axes_dim, theta=10000.0, f32_time_embedding=T
         h = h + g * lin(p + "linear2", torch.cat([a, gelu(y1[..., 3 * hidden:])], dim=-1))
     img = h[:, lt:]
     shift, scale = lin("final_layer.adaLN_modulation.1", F.silu(vec)).chunk(2, dim=-1)
-    return lin("final_layer.linear", (1 + scale[:, None]) * ln(img) + shift[:, None]).float()
+    out = lin("final_layer.linear", (1 + scale[:, None]) * ln(img) + shift[:, None])
+    return out if out_f64 else out.float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,6 +357,29 @@ def run_model(model, inputs, **kw):
             return_dict=False,
             **kw,
         )[0].detach().clone()
+
+
+def model_forward(model, inputs, params=None):
+    """The model call of `run_model`, with autograd; `params` (name -> tensor, may be non-leaf) replaces the
+    module's parameters functionally (torch.func.functional_call), so gradients flow into whatever built them."""
+    kw = dict(
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"],
+        txt_ids=inputs["txt_ids"],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )
+    if params is None:
+        return model(**kw)[0]
+    return torch.func.functional_call(model, params, args=(), kwargs=kw, strict=True)[0]
+
+
+def mse_loss(out, target):
+    """L = mean((out - target)^2) over all elements (the loss of the golden gradients)."""
+    return ((out - target) ** 2).mean()
 
 
 def model_with_weights(base_model, sd):

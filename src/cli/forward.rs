@@ -34,14 +34,5 @@ pub fn run(
         bail!("the forward pass produced a non-finite value at flat index {i}; nothing written");
     }
     let shape = vec![inp.b, inp.n_img, cfg.out_channels];
-    write_tensors(
-        out,
-        &[OutTensor {
-            name: "out",
-            shape,
-            data: &y,
-            dtype: Dtype::F32,
-        }],
-        &BTreeMap::new(),
-    )
+    write_tensors(out, &[OutTensor { name: "out", shape, data: &y, dtype: Dtype::F32 }], &BTreeMap::new())
 }

@@ -8,12 +8,7 @@ use anyhow::Result;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-pub fn run(
-    model: &str,
-    loras: &[String],
-    rope_axes: Option<&str>,
-    unknown: UnknownKeys,
-) -> Result<String> {
+pub fn run(model: &str, loras: &[String], rope_axes: Option<&str>, unknown: UnknownKeys) -> Result<String> {
     let spec = open_model(model, rope_axes)?;
     let cfg = spec.cfg().clone();
     let mut s = String::new();
@@ -22,9 +17,7 @@ pub fn run(
         ModelSpec::Checkpoint(c) => {
             let layout = match c.layout {
                 Layout::Bfl { prefixed: false } => "BFL single file".to_string(),
-                Layout::Bfl { prefixed: true } => {
-                    "BFL single file (keys prefixed model.diffusion_model.)".to_string()
-                }
+                Layout::Bfl { prefixed: true } => "BFL single file (keys prefixed model.diffusion_model.)".to_string(),
                 Layout::Diffusers => {
                     format!("diffusers transformer folder, {} file(s)", c.files.len())
                 }
@@ -34,19 +27,10 @@ pub fn run(
     }
     describe_config(&mut s, &cfg)?;
     if let ModelSpec::Checkpoint(c) = &spec {
-        let dt: Vec<String> = c
-            .dtype_params
-            .iter()
-            .map(|(d, n)| format!("{d} ({} params)", thousands(*n)))
-            .collect();
+        let dt: Vec<String> = c.dtype_params.iter().map(|(d, n)| format!("{d} ({} params)", thousands(*n))).collect();
         writeln!(s, "stored dtype: {}", dt.join(", "))?;
         let b = c.bytes_on_disk();
-        writeln!(
-            s,
-            "size on disk: {} bytes ({:.2} GiB)",
-            thousands(b),
-            b as f64 / (1u64 << 30) as f64
-        )?;
+        writeln!(s, "size on disk: {} bytes ({:.2} GiB)", thousands(b), b as f64 / (1u64 << 30) as f64)?;
     }
     for (f, strength) in open_loras(loras, &cfg, unknown)? {
         describe_lora(&mut s, &f, strength)?;
@@ -85,50 +69,23 @@ fn describe_config(s: &mut String, c: &FluxConfig) -> Result<()> {
             "other"
         };
         *per.entry(kind).or_default() += n;
-        if name.contains("_mod.lin")
-            || name.contains("modulation.lin")
-            || name.contains("adaLN_modulation")
-        {
+        if name.contains("_mod.lin") || name.contains("modulation.lin") || name.contains("adaLN_modulation") {
             modulation += n;
         }
     }
     let total = c.param_count();
     writeln!(s, "parameters: {}", thousands(total))?;
-    writeln!(
-        s,
-        "  embedders + final layer: {}",
-        thousands(per.get("other").copied().unwrap_or(0))
-    )?;
+    writeln!(s, "  embedders + final layer: {}", thousands(per.get("other").copied().unwrap_or(0)))?;
     if c.depth > 0 {
         let d = per["double"];
-        writeln!(
-            s,
-            "  double blocks: {} × {} = {}",
-            c.depth,
-            thousands(d / c.depth),
-            thousands(d)
-        )?;
+        writeln!(s, "  double blocks: {} × {} = {}", c.depth, thousands(d / c.depth), thousands(d))?;
     }
     if c.depth_single > 0 {
         let d = per["single"];
-        writeln!(
-            s,
-            "  single blocks: {} × {} = {}",
-            c.depth_single,
-            thousands(d / c.depth_single),
-            thousands(d)
-        )?;
+        writeln!(s, "  single blocks: {} × {} = {}", c.depth_single, thousands(d / c.depth_single), thousands(d))?;
     }
-    writeln!(
-        s,
-        "  of which modulation (acts once per sample): {}",
-        thousands(modulation)
-    )?;
-    let linears = c
-        .modules()
-        .iter()
-        .filter(|m| matches!(m.kind, ModuleKind::Linear { .. }))
-        .count();
+    writeln!(s, "  of which modulation (acts once per sample): {}", thousands(modulation))?;
+    let linears = c.modules().iter().filter(|m| matches!(m.kind, ModuleKind::Linear { .. })).count();
     writeln!(s, "  linear modules: {linears}")?;
     Ok(())
 }
@@ -142,20 +99,14 @@ fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
         let mut prev_blocks = false;
         for (i, part) in n.split_inclusive(['.', '_']).enumerate() {
             let body = part.trim_end_matches(['.', '_']);
-            let is_index = prev_blocks
-                && i > 0
-                && !body.is_empty()
-                && body.chars().all(|c| c.is_ascii_digit());
+            let is_index = prev_blocks && i > 0 && !body.is_empty() && body.chars().all(|c| c.is_ascii_digit());
             out.push_str(if is_index { "*" } else { body });
             out.push_str(&part[body.len()..]);
             prev_blocks = body.ends_with("blocks");
         }
         *counts.entry(out).or_default() += 1;
     }
-    counts
-        .into_iter()
-        .map(|(k, n)| if n > 1 { format!("{k} ×{n}") } else { k })
-        .collect()
+    counts.into_iter().map(|(k, n)| if n > 1 { format!("{k} ×{n}") } else { k }).collect()
 }
 
 fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
@@ -168,19 +119,8 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     alphas.dedup();
     writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
     writeln!(s, "  format: {}", formats.join(" + "))?;
-    writeln!(
-        s,
-        "  rank: {}, alpha: {} (from {})",
-        join(&ranks),
-        alphas.join(", "),
-        f.alpha_source
-    )?;
-    writeln!(
-        s,
-        "  modules: {}, parameters: {}",
-        f.modules.len(),
-        thousands(f.param_count())
-    )?;
+    writeln!(s, "  rank: {}, alpha: {} (from {})", join(&ranks), alphas.join(", "), f.alpha_source)?;
+    writeln!(s, "  modules: {}, parameters: {}", f.modules.len(), thousands(f.param_count()))?;
     for t in fold_targets(f.modules.keys().cloned()) {
         writeln!(s, "    {t}")?;
     }
@@ -188,10 +128,7 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
 }
 
 fn join(v: &[usize]) -> String {
-    v.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -206,10 +143,7 @@ mod tests {
         let f = super::fold_targets(names.iter().map(|s| s.to_string()));
         assert_eq!(
             f,
-            vec![
-                "lora_unet_double_blocks_*_img_mlp_0 ×2",
-                "transformer.single_transformer_blocks.*.proj_out"
-            ]
+            vec!["lora_unet_double_blocks_*_img_mlp_0 ×2", "transformer.single_transformer_blocks.*.proj_out"]
         );
     }
 }

@@ -28,9 +28,7 @@ pub fn open_model(spec: &str, rope_axes: Option<&str>) -> Result<ModelSpec> {
     let axes = rope_axes.map(parse_rope_axes).transpose()?;
     let path = Path::new(spec);
     if path.exists() {
-        return Ok(ModelSpec::Checkpoint(Box::new(Checkpoint::open(
-            path, axes,
-        )?)));
+        return Ok(ModelSpec::Checkpoint(Box::new(Checkpoint::open(path, axes)?)));
     }
     if let Some(mut cfg) = FluxConfig::named(spec) {
         if let Some(a) = axes {
@@ -43,20 +41,13 @@ pub fn open_model(spec: &str, rope_axes: Option<&str>) -> Result<ModelSpec> {
 }
 
 /// Loads every `--lora FILE[:SCALE]`, returning each file with its strength.
-pub fn open_loras(
-    args: &[String],
-    cfg: &FluxConfig,
-    unknown: UnknownKeys,
-) -> Result<Vec<(LoraFile, f32)>> {
+pub fn open_loras(args: &[String], cfg: &FluxConfig, unknown: UnknownKeys) -> Result<Vec<(LoraFile, f32)>> {
     args.iter()
         .map(|a| {
             let (p, s) = parse_lora_arg(a)?;
             let f = load_lora(&p, cfg, unknown)?;
             for k in &f.skipped {
-                eprintln!(
-                    "warning: {}: skipped LoRA key `{k}` (matches no module of this model)",
-                    p.display()
-                );
+                eprintln!("warning: {}: skipped LoRA key `{k}` (matches no module of this model)", p.display());
             }
             Ok((f, s))
         })

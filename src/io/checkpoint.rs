@@ -37,9 +37,7 @@ impl Checkpoint {
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
-        self.params
-            .get(name)
-            .with_context(|| format!("{}: no parameter `{name}`", self.path.display()))
+        self.params.get(name).with_context(|| format!("{}: no parameter `{name}`", self.path.display()))
     }
 
     /// Opens a BFL `.safetensors` file, a diffusers transformer folder, or a FLUX.1 repository
@@ -47,11 +45,7 @@ impl Checkpoint {
     pub fn open(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
         if path.is_dir() {
             let sub = path.join("transformer");
-            let dir = if sub.join("config.json").exists() {
-                sub
-            } else {
-                path.to_path_buf()
-            };
+            let dir = if sub.join("config.json").exists() { sub } else { path.to_path_buf() };
             open_diffusers(&dir, rope_axes)
         } else if path.exists() {
             open_bfl(path, rope_axes)
@@ -74,12 +68,7 @@ fn check_dtype(file: &SafeTensors, key: &str) -> Result<Dtype> {
 }
 
 fn list_some(names: &[String]) -> String {
-    let mut s = names
-        .iter()
-        .take(5)
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = names.iter().take(5).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
     if names.len() > 5 {
         s += &format!(" and {} more", names.len() - 5);
     }
@@ -90,11 +79,7 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     let file = SafeTensors::open(path)?;
     let keys: Vec<&String> = file.tensors().keys().collect();
     let prefixed = keys.iter().any(|k| k.starts_with(BFL_BUNDLE_PREFIX));
-    if !prefixed
-        && keys
-            .iter()
-            .any(|k| k.starts_with("transformer_blocks.") || k.as_str() == "x_embedder.weight")
-    {
+    if !prefixed && keys.iter().any(|k| k.starts_with("transformer_blocks.") || k.as_str() == "x_embedder.weight") {
         bail!(
             "{}: this is a diffusers-layout transformer; pass the folder holding it with its config.json",
             path.display()
@@ -122,8 +107,7 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     }
     let names: Vec<String> = stored.keys().cloned().collect();
     let shape_of = |n: &str| stored.get(n).map(|k| file.info(k).unwrap().shape.clone());
-    let cfg = infer_from_shapes(&shape_of, &names, rope_axes)
-        .with_context(|| format!("{}", path.display()))?;
+    let cfg = infer_from_shapes(&shape_of, &names, rope_axes).with_context(|| format!("{}", path.display()))?;
     let mut params = HashMap::new();
     let mut dtype_params = BTreeMap::new();
     let mut missing = Vec::new();
@@ -134,43 +118,20 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
         };
         let info = file.info(&key).unwrap();
         if info.shape != shape {
-            bail!(
-                "{}: tensor `{key}` has shape {:?}, expected {:?}",
-                path.display(),
-                info.shape,
-                shape
-            );
+            bail!("{}: tensor `{key}` has shape {:?}, expected {:?}", path.display(), info.shape, shape);
         }
         let dt = check_dtype(&file, &key)?;
         *dtype_params.entry(dt.name()).or_insert(0) += info.numel();
-        let piece = Piece {
-            file: file.clone(),
-            key,
-            rows: 0..shape[0],
-        };
-        params.insert(
-            name,
-            Param::Mapped {
-                pieces: vec![piece],
-                numel: shape.iter().product(),
-            },
-        );
+        let piece = Piece { file: file.clone(), key, rows: 0..shape[0] };
+        params.insert(name, Param::Mapped { pieces: vec![piece], numel: shape.iter().product() });
     }
     if !missing.is_empty() {
-        bail!(
-            "{}: missing tensors {}",
-            path.display(),
-            list_some(&missing)
-        );
+        bail!("{}: missing tensors {}", path.display(), list_some(&missing));
     }
     if !stored.is_empty() {
         let mut extra: Vec<String> = stored.into_values().collect();
         extra.sort();
-        bail!(
-            "{}: unexpected tensors {}",
-            path.display(),
-            list_some(&extra)
-        );
+        bail!("{}: unexpected tensors {}", path.display(), list_some(&extra));
     }
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -185,25 +146,20 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
 fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
     let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("cannot read {}", cfg_path.display()))?,
+        &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
     )
     .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     let shard_names: Vec<String> = if index.exists() {
         let idx: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&index)
-                .with_context(|| format!("cannot read {}", index.display()))?,
+            &std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?,
         )
         .with_context(|| format!("{}: invalid JSON", index.display()))?;
         let map = idx
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{}: no weight_map", index.display()))?;
-        let mut v: Vec<String> = map
-            .values()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect();
+        let mut v: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
         v.sort();
         v.dedup();
         v
@@ -220,20 +176,12 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
         let f = SafeTensors::open(&p)?;
         for k in f.tensors().keys() {
             if let Some(prev) = key_file.insert(k.clone(), files.len()) {
-                bail!(
-                    "tensor `{k}` is stored twice, in {} and {}",
-                    shard_names[prev],
-                    s
-                );
+                bail!("tensor `{k}` is stored twice, in {} and {}", shard_names[prev], s);
             }
         }
         files.push(f);
     }
-    let shape_dif = |k: &str| {
-        key_file
-            .get(k)
-            .map(|&i| files[i].info(k).unwrap().shape.clone())
-    };
+    let shape_dif = |k: &str| key_file.get(k).map(|&i| files[i].info(k).unwrap().shape.clone());
     // Infer the architecture through the same BFL-named rules as a BFL file: a BFL tensor's shape
     // is its diffusers parts' rows stacked.
     let probe = FluxConfig::flux1_dev();
@@ -242,11 +190,7 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
         let kind = if param == "scale" {
             ModuleKind::Norm { dim: 0 }
         } else {
-            ModuleKind::Linear {
-                d_out: 0,
-                d_in: 0,
-                bias: true,
-            }
+            ModuleKind::Linear { d_out: 0, d_in: 0, bias: true }
         };
         let d = diffusers_module(module, &probe)?;
         let mut shape: Option<Vec<usize>> = None;
@@ -268,31 +212,21 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
             if let Some(r) = k.strip_prefix("transformer_blocks.") {
                 Some(format!("double_blocks.{r}"))
             } else {
-                k.strip_prefix("single_transformer_blocks.")
-                    .map(|r| format!("single_blocks.{r}"))
+                k.strip_prefix("single_transformer_blocks.").map(|r| format!("single_blocks.{r}"))
             }
         })
         .collect();
-    let cfg_axes: Option<Vec<usize>> =
-        config
-            .get("axes_dims_rope")
-            .and_then(|a| a.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|v| v as usize))
-                    .collect()
-            });
+    let cfg_axes: Option<Vec<usize>> = config
+        .get("axes_dims_rope")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_u64().map(|v| v as usize)).collect());
     let axes = match (rope_axes, cfg_axes) {
         (Some(a), Some(c)) if a != c => {
-            bail!(
-                "--rope-axes {a:?} contradicts axes_dims_rope {c:?} in {}",
-                cfg_path.display()
-            )
+            bail!("--rope-axes {a:?} contradicts axes_dims_rope {c:?} in {}", cfg_path.display())
         }
         (a, c) => a.or(c),
     };
-    let cfg =
-        infer_from_shapes(&shape_of, &names, axes).with_context(|| format!("{}", dir.display()))?;
+    let cfg = infer_from_shapes(&shape_of, &names, axes).with_context(|| format!("{}", dir.display()))?;
     let cross = [
         ("num_layers", cfg.depth),
         ("num_single_layers", cfg.depth_single),
@@ -305,20 +239,13 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
     for (field, got) in cross {
         if let Some(v) = config.get(field).and_then(|v| v.as_u64()) {
             if v as usize != got {
-                bail!(
-                    "{}: {field} = {v} but the weights say {got}",
-                    cfg_path.display()
-                );
+                bail!("{}: {field} = {v} but the weights say {got}", cfg_path.display());
             }
         }
     }
     if let Some(g) = config.get("guidance_embeds").and_then(|v| v.as_bool()) {
         if g != cfg.guidance_embed {
-            bail!(
-                "{}: guidance_embeds = {g} but the weights say {}",
-                cfg_path.display(),
-                cfg.guidance_embed
-            );
+            bail!("{}: guidance_embeds = {g} but the weights say {}", cfg_path.display(), cfg.guidance_embed);
         }
     }
 
@@ -348,11 +275,7 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
                     continue;
                 };
                 let info = files[fi].info(&key).unwrap();
-                let want: Vec<usize> = if cols > 0 {
-                    vec![p.rows, cols]
-                } else {
-                    vec![p.rows]
-                };
+                let want: Vec<usize> = if cols > 0 { vec![p.rows, cols] } else { vec![p.rows] };
                 if info.shape != want {
                     bail!(
                         "{}: tensor `{key}` has shape {:?}, expected {:?}",
@@ -367,52 +290,22 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
                 used.insert(key.clone(), ());
                 if d.swap_halves {
                     let half = p.rows / 2;
-                    pieces.push(Piece {
-                        file: files[fi].clone(),
-                        key: key.clone(),
-                        rows: half..p.rows,
-                    });
-                    pieces.push(Piece {
-                        file: files[fi].clone(),
-                        key,
-                        rows: 0..half,
-                    });
+                    pieces.push(Piece { file: files[fi].clone(), key: key.clone(), rows: half..p.rows });
+                    pieces.push(Piece { file: files[fi].clone(), key, rows: 0..half });
                 } else {
-                    pieces.push(Piece {
-                        file: files[fi].clone(),
-                        key,
-                        rows: 0..p.rows,
-                    });
+                    pieces.push(Piece { file: files[fi].clone(), key, rows: 0..p.rows });
                 }
             }
-            params.insert(
-                format!("{}.{}", m.name, param),
-                Param::Mapped { pieces, numel },
-            );
+            params.insert(format!("{}.{}", m.name, param), Param::Mapped { pieces, numel });
         }
     }
     if !missing.is_empty() {
         bail!("{}: missing tensors {}", dir.display(), list_some(&missing));
     }
-    let mut extra: Vec<String> = key_file
-        .keys()
-        .filter(|k| !used.contains_key(*k))
-        .cloned()
-        .collect();
+    let mut extra: Vec<String> = key_file.keys().filter(|k| !used.contains_key(*k)).cloned().collect();
     if !extra.is_empty() {
         extra.sort();
-        bail!(
-            "{}: unexpected tensors {}",
-            dir.display(),
-            list_some(&extra)
-        );
+        bail!("{}: unexpected tensors {}", dir.display(), list_some(&extra));
     }
-    Ok(Checkpoint {
-        path: dir.to_path_buf(),
-        cfg,
-        layout: Layout::Diffusers,
-        files,
-        params,
-        dtype_params,
-    })
+    Ok(Checkpoint { path: dir.to_path_buf(), cfg, layout: Layout::Diffusers, files, params, dtype_params })
 }

@@ -24,13 +24,8 @@ pub struct DiffusersModule {
 /// The diffusers module(s) behind a BFL module, or None for a name that is not a module.
 pub fn diffusers_module(bfl: &str, cfg: &FluxConfig) -> Option<DiffusersModule> {
     let h = cfg.hidden_size;
-    let one = |n: &str, rows: usize| DiffusersModule {
-        parts: vec![Part {
-            name: n.to_string(),
-            rows,
-        }],
-        swap_halves: false,
-    };
+    let one =
+        |n: &str, rows: usize| DiffusersModule { parts: vec![Part { name: n.to_string(), rows }], swap_halves: false };
     let fixed = match bfl {
         "img_in" => Some(one("x_embedder", h)),
         "txt_in" => Some(one("context_embedder", h)),
@@ -41,23 +36,16 @@ pub fn diffusers_module(bfl: &str, cfg: &FluxConfig) -> Option<DiffusersModule> 
         "vector_in.in_layer" => Some(one("time_text_embed.text_embedder.linear_1", h)),
         "vector_in.out_layer" => Some(one("time_text_embed.text_embedder.linear_2", h)),
         "final_layer.linear" => Some(one("proj_out", cfg.out_channels)),
-        "final_layer.adaLN_modulation.1" => Some(DiffusersModule {
-            swap_halves: true,
-            ..one("norm_out.linear", 2 * h)
-        }),
+        "final_layer.adaLN_modulation.1" => {
+            Some(DiffusersModule { swap_halves: true, ..one("norm_out.linear", 2 * h) })
+        }
         _ => None,
     };
     if fixed.is_some() {
         return fixed;
     }
     let parts = |names: &[(&str, usize)], pre: &str| DiffusersModule {
-        parts: names
-            .iter()
-            .map(|(n, r)| Part {
-                name: format!("{pre}{n}"),
-                rows: *r,
-            })
-            .collect(),
+        parts: names.iter().map(|(n, r)| Part { name: format!("{pre}{n}"), rows: *r }).collect(),
         swap_halves: false,
     };
     if let Some(rest) = bfl.strip_prefix("double_blocks.") {
@@ -68,18 +56,8 @@ pub fn diffusers_module(bfl: &str, cfg: &FluxConfig) -> Option<DiffusersModule> 
         let r = match sub {
             "img_mod.lin" => parts(&[("norm1.linear", 6 * h)], &pre),
             "txt_mod.lin" => parts(&[("norm1_context.linear", 6 * h)], &pre),
-            "img_attn.qkv" => parts(
-                &[("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h)],
-                &pre,
-            ),
-            "txt_attn.qkv" => parts(
-                &[
-                    ("attn.add_q_proj", h),
-                    ("attn.add_k_proj", h),
-                    ("attn.add_v_proj", h),
-                ],
-                &pre,
-            ),
+            "img_attn.qkv" => parts(&[("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h)], &pre),
+            "txt_attn.qkv" => parts(&[("attn.add_q_proj", h), ("attn.add_k_proj", h), ("attn.add_v_proj", h)], &pre),
             "img_attn.proj" => parts(&[("attn.to_out.0", h)], &pre),
             "txt_attn.proj" => parts(&[("attn.to_add_out", h)], &pre),
             "img_mlp.0" => parts(&[("ff.net.0.proj", m)], &pre),
@@ -99,15 +77,9 @@ pub fn diffusers_module(bfl: &str, cfg: &FluxConfig) -> Option<DiffusersModule> 
         let i: usize = i.parse().ok()?;
         let pre = format!("single_transformer_blocks.{i}.");
         let r = match sub {
-            "linear1" => parts(
-                &[
-                    ("attn.to_q", h),
-                    ("attn.to_k", h),
-                    ("attn.to_v", h),
-                    ("proj_mlp", cfg.mlp_hidden),
-                ],
-                &pre,
-            ),
+            "linear1" => {
+                parts(&[("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h), ("proj_mlp", cfg.mlp_hidden)], &pre)
+            }
             "linear2" => parts(&[("proj_out", h)], &pre),
             "modulation.lin" => parts(&[("norm.linear", 3 * h)], &pre),
             "norm.query_norm" => parts(&[("attn.norm_q", cfg.head_dim)], &pre),
@@ -137,11 +109,7 @@ pub fn diffusers_to_bfl(cfg: &FluxConfig) -> std::collections::HashMap<String, B
             for p in &d.parts {
                 map.insert(
                     p.name.clone(),
-                    BflTarget {
-                        module: m.name.clone(),
-                        rows: start..start + p.rows,
-                        swap_halves: d.swap_halves,
-                    },
+                    BflTarget { module: m.name.clone(), rows: start..start + p.rows, swap_halves: d.swap_halves },
                 );
                 start += p.rows;
             }
@@ -168,8 +136,7 @@ mod tests {
         let cfg = FluxConfig::flux1_dev();
         let mut n_dif = 0;
         for m in cfg.modules() {
-            let d =
-                diffusers_module(&m.name, &cfg).unwrap_or_else(|| panic!("{} unmapped", m.name));
+            let d = diffusers_module(&m.name, &cfg).unwrap_or_else(|| panic!("{} unmapped", m.name));
             let rows: usize = d.parts.iter().map(|p| p.rows).sum();
             let want = match m.kind {
                 ModuleKind::Linear { d_out, .. } => d_out,
@@ -187,10 +154,7 @@ mod tests {
         assert_eq!(n_dif, 1160);
         let rev = diffusers_to_bfl(&cfg);
         let t = &rev["single_transformer_blocks.3.proj_mlp"];
-        assert_eq!(
-            (t.module.as_str(), t.rows.clone()),
-            ("single_blocks.3.linear1", 9216..21504)
-        );
+        assert_eq!((t.module.as_str(), t.rows.clone()), ("single_blocks.3.linear1", 9216..21504));
         assert_eq!(rev["transformer_blocks.0.attn.add_k_proj"].rows, 3072..6144);
         assert!(rev["norm_out.linear"].swap_halves);
     }

@@ -103,36 +103,18 @@ impl Names {
             }
         }
         // Norm scales are not LoRA targets; keep only diffusers names of linears.
-        let dif: HashMap<String, BflTarget> = diffusers_to_bfl(cfg)
-            .into_iter()
-            .filter(|(_, t)| bfl.contains_key(&t.module))
-            .collect();
-        let dif_us = dif
-            .keys()
-            .map(|k| (k.replace('.', "_"), k.clone()))
-            .collect();
-        Names {
-            bfl,
-            bfl_us,
-            dif,
-            dif_us,
-        }
+        let dif: HashMap<String, BflTarget> =
+            diffusers_to_bfl(cfg).into_iter().filter(|(_, t)| bfl.contains_key(&t.module)).collect();
+        let dif_us = dif.keys().map(|k| (k.replace('.', "_"), k.clone())).collect();
+        Names { bfl, bfl_us, dif, dif_us }
     }
 
     fn bfl_target(&self, name: &str) -> Option<BflTarget> {
-        self.bfl.get(name).map(|&(d_out, _)| BflTarget {
-            module: name.to_string(),
-            rows: 0..d_out,
-            swap_halves: false,
-        })
+        self.bfl.get(name).map(|&(d_out, _)| BflTarget { module: name.to_string(), rows: 0..d_out, swap_halves: false })
     }
 
     /// Resolves a stored module name to (format, diffusers name if any, target).
-    fn resolve(
-        &self,
-        module: &str,
-        role_is_ab: bool,
-    ) -> Option<(LoraFormat, Option<String>, BflTarget)> {
+    fn resolve(&self, module: &str, role_is_ab: bool) -> Option<(LoraFormat, Option<String>, BflTarget)> {
         let dotted = |s: &str| -> Option<(Option<String>, BflTarget)> {
             if let Some(t) = self.bfl_target(s) {
                 return Some((None, t));
@@ -140,17 +122,8 @@ impl Names {
             self.dif.get(s).map(|t| (Some(s.to_string()), t.clone()))
         };
         let underscored = |s: &str, dif_first: bool| -> Option<(Option<String>, BflTarget)> {
-            let b = || {
-                self.bfl_us
-                    .get(s)
-                    .and_then(|n| self.bfl_target(n))
-                    .map(|t| (None, t))
-            };
-            let d = || {
-                self.dif_us
-                    .get(s)
-                    .map(|n| (Some(n.clone()), self.dif[n].clone()))
-            };
+            let b = || self.bfl_us.get(s).and_then(|n| self.bfl_target(n)).map(|t| (None, t));
+            let d = || self.dif_us.get(s).map(|n| (Some(n.clone()), self.dif[n].clone()));
             if dif_first {
                 d().or_else(b)
             } else {
@@ -161,22 +134,14 @@ impl Names {
             (LoraFormat::Kohya, underscored(s, false))
         } else if let Some(s) = module.strip_prefix("lora_transformer_") {
             (LoraFormat::OneTrainer, underscored(s, true))
-        } else if let Some(s) = module
-            .strip_prefix("model.diffusion_model.")
-            .or(module.strip_prefix("diffusion_model."))
+        } else if let Some(s) =
+            module.strip_prefix("model.diffusion_model.").or(module.strip_prefix("diffusion_model."))
         {
             (LoraFormat::ComfyUi, dotted(s))
         } else if let Some(s) = module.strip_prefix("transformer.") {
             (LoraFormat::Peft, dotted(s))
         } else {
-            (
-                if role_is_ab {
-                    LoraFormat::Peft
-                } else {
-                    LoraFormat::Kohya
-                },
-                dotted(module),
-            )
+            (if role_is_ab { LoraFormat::Peft } else { LoraFormat::Kohya }, dotted(module))
         };
         hit.map(|(d, t)| (fmt, d, t))
     }
@@ -194,28 +159,16 @@ fn peft_meta(st: &SafeTensors) -> Result<Option<PeftMeta>> {
     let Some(raw) = st.metadata().get("lora_adapter_metadata") else {
         return Ok(None);
     };
-    let v: serde_json::Value = serde_json::from_str(raw).with_context(|| {
-        format!(
-            "{}: lora_adapter_metadata is not valid JSON",
-            st.path().display()
-        )
-    })?;
+    let v: serde_json::Value = serde_json::from_str(raw)
+        .with_context(|| format!("{}: lora_adapter_metadata is not valid JSON", st.path().display()))?;
     let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
     let alpha = get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32);
     let rslora = get("use_rslora").and_then(|a| a.as_bool()).unwrap_or(false);
     let alpha_pattern = get("alpha_pattern")
         .and_then(|a| a.as_object())
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x as f32)))
-                .collect()
-        })
+        .map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x as f32))).collect())
         .unwrap_or_default();
-    Ok(Some(PeftMeta {
-        alpha,
-        rslora,
-        alpha_pattern,
-    }))
+    Ok(Some(PeftMeta { alpha, rslora, alpha_pattern }))
 }
 
 /// PEFT matches pattern keys as a suffix at a module boundary (`(.*\.)?key$`).
@@ -249,7 +202,11 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     };
     for key in st.tensors().keys() {
         let Some((module, role)) = split_role(key) else {
-            reject(key, "is not a LoRA factor or alpha this loader understands (DoRA, biases and LoKr are not supported)".into())?;
+            reject(
+                key,
+                "is not a LoRA factor or alpha this loader understands (DoRA, biases and LoKr are not supported)"
+                    .into(),
+            )?;
             continue;
         };
         if names.resolve(module, role != Role::Alpha).is_none() {
@@ -270,30 +227,22 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     let mut alpha_source = "alpha = rank (no alpha stored)";
     for (module, g) in &groups {
         let (Some(down), Some(up)) = (&g.down, &g.up) else {
-            let have = g
-                .down
-                .as_ref()
-                .or(g.up.as_ref())
-                .or(g.alpha.as_ref())
-                .unwrap();
+            let have = g.down.as_ref().or(g.up.as_ref()).or(g.alpha.as_ref()).unwrap();
             bail!(
                 "{p}: LoRA key `{have}` has no matching {} factor",
-                if g.down.is_none() {
-                    "down (lora_A)"
-                } else {
-                    "up (lora_B)"
-                }
+                if g.down.is_none() { "down (lora_A)" } else { "up (lora_B)" }
             );
         };
-        let (fmt, dif_name, target) = names
-            .resolve(module, down.ends_with(".lora_A.weight"))
-            .expect("resolved above");
+        let (fmt, dif_name, target) = names.resolve(module, down.ends_with(".lora_A.weight")).expect("resolved above");
         formats.insert(fmt);
         let (_, d_in) = names.bfl[&target.module];
         let (sa, a) = st.read_f32(down)?;
         let (sb, mut b) = st.read_f32(up)?;
         if sa.len() != 2 || sa[1] != d_in {
-            bail!("{p}: LoRA key `{down}` has shape {sa:?}, but `{}` takes {d_in} inputs (expected [rank, {d_in}])", target.module);
+            bail!(
+                "{p}: LoRA key `{down}` has shape {sa:?}, but `{}` takes {d_in} inputs (expected [rank, {d_in}])",
+                target.module
+            );
         }
         let rank = sa[0];
         if rank == 0 {
@@ -329,11 +278,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             bail!("{p}: LoRA module `{module}` has non-finite values");
         }
         let rslora = meta.as_ref().is_some_and(|m| m.rslora) && g.alpha.is_none();
-        let scale = if rslora {
-            alpha / (rank as f32).sqrt()
-        } else {
-            alpha / rank as f32
-        };
+        let scale = if rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
         if target.swap_halves {
             // diffusers' norm_out.linear rows are [scale; shift]; the model's are [shift; scale].
             let half = target.rows.len() / 2 * rank;
@@ -342,26 +287,13 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         modules.insert(module.clone(), (rank, alpha));
         deltas.push((
             target.module.clone(),
-            LoraDelta {
-                a: Arc::new(a),
-                b: Arc::new(b),
-                rank,
-                scale,
-                rows: target.rows,
-            },
+            LoraDelta { a: Arc::new(a), b: Arc::new(b), rank, scale, rows: target.rows },
         ));
     }
     if deltas.is_empty() {
         bail!("{p}: no LoRA factors found for this model");
     }
-    Ok(LoraFile {
-        path: path.to_path_buf(),
-        formats,
-        deltas,
-        modules,
-        skipped,
-        alpha_source,
-    })
+    Ok(LoraFile { path: path.to_path_buf(), formats, deltas, modules, skipped, alpha_source })
 }
 
 /// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).

@@ -107,19 +107,10 @@ impl SafeTensors {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only; a file truncated under us by another process can still
         // fault, which is the accepted contract of every mmap-based checkpoint loader.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        let (data_start, tensors, metadata) = parse_header(&mmap)
-            .with_context(|| format!("{}: invalid safetensors file", path.display()))?;
-        Ok(SafeTensors {
-            inner: Arc::new(Inner {
-                path: path.to_path_buf(),
-                mmap,
-                data_start,
-                tensors,
-                metadata,
-            }),
-        })
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let (data_start, tensors, metadata) =
+            parse_header(&mmap).with_context(|| format!("{}: invalid safetensors file", path.display()))?;
+        Ok(SafeTensors { inner: Arc::new(Inner { path: path.to_path_buf(), mmap, data_start, tensors, metadata }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -144,18 +135,14 @@ impl SafeTensors {
 
     /// Raw bytes of a tensor (little-endian, as stored).
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let info = self
-            .info(name)
-            .with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
+        let info = self.info(name).with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
         let s = self.inner.data_start;
         Ok(&self.inner.mmap[s + info.begin..s + info.end])
     }
 
     /// A tensor converted to f32, with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let info = self
-            .info(name)
-            .with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
+        let info = self.info(name).with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
         let mut out = vec![0f32; info.numel()];
         convert_to_f32(info.dtype, self.bytes(name)?, &mut out)
             .with_context(|| format!("{}: tensor `{name}`", self.path().display()))?;
@@ -163,21 +150,13 @@ impl SafeTensors {
     }
 
     /// Rows `rows` (along dim 0) of a tensor converted to f32 and written into `out`.
-    pub fn read_rows_f32(
-        &self,
-        name: &str,
-        rows: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let info = self
-            .info(name)
-            .with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        let info = self.info(name).with_context(|| format!("{}: no tensor `{name}`", self.path().display()))?;
         let row_elems: usize = info.shape.iter().skip(1).product();
         let bytes = self.bytes(name)?;
         let sz = info.dtype.size();
         let span = &bytes[rows.start * row_elems * sz..rows.end * row_elems * sz];
-        convert_to_f32(info.dtype, span, out)
-            .with_context(|| format!("{}: tensor `{name}`", self.path().display()))
+        convert_to_f32(info.dtype, span, out).with_context(|| format!("{}: tensor `{name}`", self.path().display()))
     }
 }
 
@@ -207,18 +186,11 @@ pub fn convert_to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()>
     Ok(())
 }
 
-type Header = (
-    usize,
-    BTreeMap<String, TensorInfo>,
-    BTreeMap<String, String>,
-);
+type Header = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
 
 fn parse_header(buf: &[u8]) -> Result<Header> {
     if buf.len() < 8 {
-        bail!(
-            "file is {} bytes, too short for the 8-byte header length (truncated?)",
-            buf.len()
-        );
+        bail!("file is {} bytes, too short for the 8-byte header length (truncated?)", buf.len());
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     if n > MAX_HEADER {
@@ -226,13 +198,9 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     }
     let n = n as usize;
     if 8 + n > buf.len() {
-        bail!(
-            "header says {n} bytes but the file has only {} after the length (truncated)",
-            buf.len() - 8
-        );
+        bail!("header says {n} bytes but the file has only {} after the length (truncated)", buf.len() - 8);
     }
-    let json: serde_json::Value =
-        serde_json::from_slice(&buf[8..8 + n]).context("header is not valid JSON")?;
+    let json: serde_json::Value = serde_json::from_slice(&buf[8..8 + n]).context("header is not valid JSON")?;
     let obj = json.as_object().context("header is not a JSON object")?;
     let data_len = buf.len() - 8 - n;
     let mut tensors = BTreeMap::new();
@@ -254,42 +222,27 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         tensors.insert(name.clone(), info);
     }
     // Tensors must not overlap: overlapping ranges mean the offsets lie.
-    let mut ranges: Vec<(&String, &TensorInfo)> =
-        tensors.iter().filter(|(_, t)| t.end > t.begin).collect();
+    let mut ranges: Vec<(&String, &TensorInfo)> = tensors.iter().filter(|(_, t)| t.end > t.begin).collect();
     ranges.sort_by_key(|(_, t)| t.begin);
     for w in ranges.windows(2) {
         if w[1].1.begin < w[0].1.end {
-            bail!(
-                "tensor `{}` overlaps tensor `{}` (header offsets are corrupt)",
-                w[1].0,
-                w[0].0
-            );
+            bail!("tensor `{}` overlaps tensor `{}` (header offsets are corrupt)", w[1].0, w[0].0);
         }
     }
     Ok((8 + n, tensors, metadata))
 }
 
 fn parse_entry(v: &serde_json::Value, data_len: usize) -> Result<TensorInfo> {
-    let dt = v
-        .get("dtype")
-        .and_then(|d| d.as_str())
-        .context("missing dtype")?;
+    let dt = v.get("dtype").and_then(|d| d.as_str()).context("missing dtype")?;
     let dtype = Dtype::parse(dt).with_context(|| format!("unknown dtype `{dt}`"))?;
     let shape: Vec<usize> = v
         .get("shape")
         .and_then(|s| s.as_array())
         .context("missing shape")?
         .iter()
-        .map(|d| {
-            d.as_u64()
-                .map(|x| x as usize)
-                .context("shape entries must be non-negative integers")
-        })
+        .map(|d| d.as_u64().map(|x| x as usize).context("shape entries must be non-negative integers"))
         .collect::<Result<_>>()?;
-    let offs = v
-        .get("data_offsets")
-        .and_then(|s| s.as_array())
-        .context("missing data_offsets")?;
+    let offs = v.get("data_offsets").and_then(|s| s.as_array()).context("missing data_offsets")?;
     if offs.len() != 2 {
         bail!("data_offsets must have two entries");
     }
@@ -301,25 +254,12 @@ fn parse_entry(v: &serde_json::Value, data_len: usize) -> Result<TensorInfo> {
     if end > data_len {
         bail!("data_offsets end {end} is past the end of the data ({data_len} bytes; file truncated?)");
     }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .context("shape overflows")?;
+    let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("shape overflows")?;
     let want = numel.checked_mul(dtype.size()).context("shape overflows")?;
     if end - begin != want {
-        bail!(
-            "{} bytes stored but dtype {} × shape {:?} needs {want}",
-            end - begin,
-            dtype.name(),
-            shape
-        );
+        bail!("{} bytes stored but dtype {} × shape {:?} needs {want}", end - begin, dtype.name(), shape);
     }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        begin,
-        end,
-    })
+    Ok(TensorInfo { dtype, shape, begin, end })
 }
 
 /// A tensor to write: name, shape, f32 data, and the dtype to store it as.
@@ -333,18 +273,10 @@ pub struct OutTensor<'a> {
 fn encode(dtype: Dtype, data: &[f32]) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(data.len() * dtype.size());
     match dtype {
-        Dtype::F32 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-        Dtype::F64 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
-        Dtype::BF16 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-        Dtype::F16 => data
-            .iter()
-            .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        Dtype::F32 => data.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F64 => data.iter().for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
+        Dtype::BF16 => data.iter().for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F16 => data.iter().for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
         Dtype::Other(n, _) => bail!("cannot write dtype {n}"),
     }
     Ok(buf)
@@ -352,11 +284,7 @@ fn encode(dtype: Dtype, data: &[f32]) -> Result<Vec<u8>> {
 
 /// Writes tensors to `path` atomically: a temp file in the same folder, then a rename, so a
 /// crash never leaves a half-written output behind.
-pub fn write_tensors(
-    path: &Path,
-    tensors: &[OutTensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write_tensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
@@ -365,12 +293,7 @@ pub fn write_tensors(
     for t in tensors {
         let numel: usize = t.shape.iter().product();
         if numel != t.data.len() {
-            bail!(
-                "tensor `{}`: shape {:?} does not match {} values",
-                t.name,
-                t.shape,
-                t.data.len()
-            );
+            bail!("tensor `{}`: shape {:?} does not match {} values", t.name, t.shape, t.data.len());
         }
         let len = numel * t.dtype.size();
         header.insert(
@@ -384,10 +307,7 @@ pub fn write_tensors(
     while !(hjson.len() + 8).is_multiple_of(8) {
         hjson.push(b' ');
     }
-    let bufs = tensors
-        .iter()
-        .map(|t| encode(t.dtype, t.data))
-        .collect::<Result<Vec<_>>>()?;
+    let bufs = tensors.iter().map(|t| encode(t.dtype, t.data)).collect::<Result<Vec<_>>>()?;
     atomic_write(path, |w| {
         w.write_all(&(hjson.len() as u64).to_le_bytes())?;
         w.write_all(&hjson)?;
@@ -399,35 +319,18 @@ pub fn write_tensors(
 }
 
 /// Runs `f` against a temp file beside `path`, syncs it and renames it over `path`.
-pub fn atomic_write(
-    path: &Path,
-    f: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+pub fn atomic_write(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| -> Result<()> {
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         f(&mut w).with_context(|| format!("cannot write {}", tmp.display()))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot sync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        let file =
+            w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -451,10 +354,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(format!("t{}.safetensors", header.len() + data.len()));
         write_raw(&p, header, data);
-        let e = SafeTensors::open(&p)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
+        let e = SafeTensors::open(&p).err().map(|e| format!("{e:#}")).unwrap_or_default();
         let _ = std::fs::remove_file(&p);
         e
     }
@@ -467,12 +367,7 @@ mod tests {
         let data = [1.0f32, -2.5, 3.25, 0.0, 7.0, 8.0];
         write_tensors(
             &p,
-            &[OutTensor {
-                name: "x",
-                shape: vec![2, 3],
-                data: &data,
-                dtype: Dtype::F32,
-            }],
+            &[OutTensor { name: "x", shape: vec![2, 3], data: &data, dtype: Dtype::F32 }],
             &BTreeMap::new(),
         )
         .unwrap();
@@ -489,21 +384,9 @@ mod tests {
 
     #[test]
     fn bad_headers_name_the_problem() {
-        assert!(err_of(
-            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            &[0; 4]
-        )
-        .contains("truncated"));
-        assert!(err_of(
-            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-            &[0; 8]
-        )
-        .contains("`a`"));
-        assert!(err_of(
-            r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
-            &[0; 8]
-        )
-        .contains("unknown dtype"));
+        assert!(err_of(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 4]).contains("truncated"));
+        assert!(err_of(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]).contains("`a`"));
+        assert!(err_of(r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]).contains("unknown dtype"));
         let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
         assert!(err_of(overlap, &[0; 12]).contains("overlaps"));
         assert!(err_of("{not json", &[]).contains("JSON"));
@@ -520,11 +403,7 @@ mod tests {
     fn unsupported_dtype_is_an_error_on_read() {
         let dir = std::env::temp_dir();
         let p = dir.join(format!("fk-i32-{}.safetensors", std::process::id()));
-        write_raw(
-            &p,
-            r#"{"a":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#,
-            &[0; 8],
-        );
+        write_raw(&p, r#"{"a":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]);
         let st = SafeTensors::open(&p).unwrap();
         let e = format!("{:#}", st.read_f32("a").err().unwrap());
         assert!(e.contains("`a`") && e.contains("I32"), "{e}");

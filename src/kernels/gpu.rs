@@ -27,19 +27,12 @@ impl Gpu {
         }
         let ctx = CudaContext::new(0).context("cannot create a CUDA context on device 0")?;
         let stream = ctx.default_stream();
-        let fatbin =
-            super::module("elementwise").context("elementwise kernels missing from the build")?;
+        let fatbin = super::module("elementwise").context("elementwise kernels missing from the build")?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
             .context("cannot load elementwise.fatbin")?;
-        let gelu_f32 = module
-            .load_function("gelu_tanh_forward_f32")
-            .context("gelu_tanh_forward_f32")?;
-        Ok(Gpu {
-            ctx,
-            stream,
-            gelu_f32,
-        })
+        let gelu_f32 = module.load_function("gelu_tanh_forward_f32").context("gelu_tanh_forward_f32")?;
+        Ok(Gpu { ctx, stream, gelu_f32 })
     }
 
     /// GELU-tanh of `inp` on the device (twin of `ops::activation::gelu_tanh_forward`).

@@ -55,6 +55,7 @@ impl LoraSet {
                         rank: d.rank,
                         scale: d.scale,
                         rows: d.rows.clone(),
+                        dropout: None,
                     })
                     .collect()
             })

@@ -24,24 +24,12 @@ pub struct Qkv {
 
 impl Qkv {
     pub fn zeros(n: usize) -> Qkv {
-        Qkv {
-            q: vec![0.0; n],
-            k: vec![0.0; n],
-            v: vec![0.0; n],
-        }
+        Qkv { q: vec![0.0; n], k: vec![0.0; n], v: vec![0.0; n] }
     }
 }
 
 /// RMSNorm over head_dim, applied to the token rows `rows` of every (batch, head).
-pub fn head_rmsnorm(
-    x: &mut [f32],
-    weight: &[f32],
-    b: usize,
-    h: usize,
-    l: usize,
-    d: usize,
-    rows: Range<usize>,
-) {
+pub fn head_rmsnorm(x: &mut [f32], weight: &[f32], b: usize, h: usize, l: usize, d: usize, rows: Range<usize>) {
     let mut rstd = vec![0f32; rows.len()];
     for bh in 0..b * h {
         let s = &mut x[(bh * l + rows.start) * d..(bh * l + rows.end) * d];
@@ -50,14 +38,7 @@ pub fn head_rmsnorm(
 }
 
 /// RoPE on q and k (never v), then attention. Returns o [b, h, l, d].
-pub fn rope_attention(
-    qkv: &mut Qkv,
-    rope: &Rope,
-    b: usize,
-    h: usize,
-    l: usize,
-    d: usize,
-) -> Vec<f32> {
+pub fn rope_attention(qkv: &mut Qkv, rope: &Rope, b: usize, h: usize, l: usize, d: usize) -> Vec<f32> {
     rope_forward(&mut qkv.q, &rope.cos, &rope.sin, b, h, l, d);
     rope_forward(&mut qkv.k, &rope.cos, &rope.sin, b, h, l, d);
     let mut o = vec![0f32; b * h * l * d];

@@ -55,26 +55,16 @@ impl FluxConfig {
     pub fn named(name: &str) -> Option<FluxConfig> {
         match name {
             "flux1-dev" => Some(Self::flux1_dev()),
-            "flux1-schnell" => Some(FluxConfig {
-                guidance_embed: false,
-                ..Self::flux1_dev()
-            }),
+            "flux1-schnell" => Some(FluxConfig { guidance_embed: false, ..Self::flux1_dev() }),
             _ => None,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.num_heads * self.head_dim != self.hidden_size {
-            bail!(
-                "heads {} × head dim {} != hidden size {}",
-                self.num_heads,
-                self.head_dim,
-                self.hidden_size
-            );
+            bail!("heads {} × head dim {} != hidden size {}", self.num_heads, self.head_dim, self.hidden_size);
         }
-        if self.rope_axes.iter().sum::<usize>() != self.head_dim
-            || self.rope_axes.iter().any(|a| a % 2 != 0)
-        {
+        if self.rope_axes.iter().sum::<usize>() != self.head_dim || self.rope_axes.iter().any(|a| a % 2 != 0) {
             bail!(
                 "rope axes {:?} must be even and sum to the head dim {} (set them with --rope-axes a,b,c)",
                 self.rope_axes,
@@ -89,38 +79,18 @@ impl FluxConfig {
         let (h, m) = (self.hidden_size, self.mlp_hidden);
         let mut v = Vec::new();
         let lin = |v: &mut Vec<Module>, name: String, d_out, d_in, bias| {
-            v.push(Module {
-                name,
-                kind: ModuleKind::Linear { d_out, d_in, bias },
-            })
+            v.push(Module { name, kind: ModuleKind::Linear { d_out, d_in, bias } })
         };
-        let norm = |v: &mut Vec<Module>, name: String, dim| {
-            v.push(Module {
-                name,
-                kind: ModuleKind::Norm { dim },
-            })
-        };
+        let norm = |v: &mut Vec<Module>, name: String, dim| v.push(Module { name, kind: ModuleKind::Norm { dim } });
         lin(&mut v, "img_in".into(), h, self.in_channels, true);
         lin(&mut v, "txt_in".into(), h, self.context_in_dim, true);
         lin(&mut v, "time_in.in_layer".into(), h, self.time_dim, true);
         lin(&mut v, "time_in.out_layer".into(), h, h, true);
         if self.guidance_embed {
-            lin(
-                &mut v,
-                "guidance_in.in_layer".into(),
-                h,
-                self.time_dim,
-                true,
-            );
+            lin(&mut v, "guidance_in.in_layer".into(), h, self.time_dim, true);
             lin(&mut v, "guidance_in.out_layer".into(), h, h, true);
         }
-        lin(
-            &mut v,
-            "vector_in.in_layer".into(),
-            h,
-            self.vec_in_dim,
-            true,
-        );
+        lin(&mut v, "vector_in.in_layer".into(), h, self.vec_in_dim, true);
         lin(&mut v, "vector_in.out_layer".into(), h, h, true);
         for i in 0..self.depth {
             for s in ["img", "txt"] {
@@ -142,20 +112,8 @@ impl FluxConfig {
             norm(&mut v, format!("{p}.norm.key_norm"), self.head_dim);
             lin(&mut v, format!("{p}.modulation.lin"), 3 * h, h, true);
         }
-        lin(
-            &mut v,
-            "final_layer.adaLN_modulation.1".into(),
-            2 * h,
-            h,
-            true,
-        );
-        lin(
-            &mut v,
-            "final_layer.linear".into(),
-            self.out_channels,
-            h,
-            true,
-        );
+        lin(&mut v, "final_layer.adaLN_modulation.1".into(), 2 * h, h, true);
+        lin(&mut v, "final_layer.linear".into(), self.out_channels, h, true);
         v
     }
 
@@ -177,10 +135,7 @@ impl FluxConfig {
     }
 
     pub fn param_count(&self) -> usize {
-        self.tensors()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 }
 
@@ -192,25 +147,15 @@ pub struct Module {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ModuleKind {
-    Linear {
-        d_out: usize,
-        d_in: usize,
-        bias: bool,
-    },
-    Norm {
-        dim: usize,
-    },
+    Linear { d_out: usize, d_in: usize, bias: bool },
+    Norm { dim: usize },
 }
 
 /// Parses `--rope-axes 16,56,56`.
 pub fn parse_rope_axes(s: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
         .split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<usize>()
-                .with_context(|| format!("--rope-axes: `{x}` is not a number"))
-        })
+        .map(|x| x.trim().parse::<usize>().with_context(|| format!("--rope-axes: `{x}` is not a number")))
         .collect::<Result<_>>()?;
     if v.len() != 3 {
         bail!("--rope-axes takes three comma-separated sizes (FLUX.1: 16,56,56), got {s}");
@@ -226,8 +171,7 @@ pub fn infer_from_shapes(
     rope_axes: Option<Vec<usize>>,
 ) -> Result<FluxConfig> {
     let need = |n: &str, rank: usize| -> Result<Vec<usize>> {
-        let s = shape_of(n)
-            .with_context(|| format!("missing tensor `{n}` (needed to infer the architecture)"))?;
+        let s = shape_of(n).with_context(|| format!("missing tensor `{n}` (needed to infer the architecture)"))?;
         if s.len() != rank {
             bail!("tensor `{n}` has shape {s:?}, expected {rank} dimensions");
         }
@@ -242,13 +186,7 @@ pub fn infer_from_shapes(
     let count = |prefix: &str| {
         names
             .iter()
-            .filter_map(|n| {
-                n.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
+            .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
             .max()
             .map_or(0, |m| m + 1)
     };
@@ -268,14 +206,9 @@ pub fn infer_from_shapes(
         need("double_blocks.0.img_mlp.0.weight", 2)?[0]
     } else {
         let l1 = need("single_blocks.0.linear1.weight", 2)?[0];
-        l1.checked_sub(3 * hidden_size)
-            .context("single_blocks.0.linear1.weight is narrower than 3 × hidden")?
+        l1.checked_sub(3 * hidden_size).context("single_blocks.0.linear1.weight is narrower than 3 × hidden")?
     };
-    let qkv_bias = if depth > 0 {
-        shape_of("double_blocks.0.img_attn.qkv.bias").is_some()
-    } else {
-        true
-    };
+    let qkv_bias = if depth > 0 { shape_of("double_blocks.0.img_attn.qkv.bias").is_some() } else { true };
     let rope_axes = match rope_axes {
         Some(a) => a,
         None if head_dim == 128 => vec![16, 56, 56],
@@ -329,11 +262,7 @@ mod tests {
         let t = schnell.tensors();
         let names: Vec<String> = t.iter().map(|(n, _)| n.clone()).collect();
         let shape_of = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
-        assert!(
-            !infer_from_shapes(&shape_of, &names, None)
-                .unwrap()
-                .guidance_embed
-        );
+        assert!(!infer_from_shapes(&shape_of, &names, None).unwrap().guidance_embed);
     }
 
     #[test]
@@ -349,14 +278,9 @@ mod tests {
         let t = c.tensors();
         let names: Vec<String> = t.iter().map(|(n, _)| n.clone()).collect();
         let shape_of = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
-        let e = infer_from_shapes(&shape_of, &names, None)
-            .unwrap_err()
-            .to_string();
+        let e = infer_from_shapes(&shape_of, &names, None).unwrap_err().to_string();
         assert!(e.contains("--rope-axes"), "{e}");
-        assert_eq!(
-            infer_from_shapes(&shape_of, &names, Some(vec![4, 6, 6])).unwrap(),
-            c
-        );
+        assert_eq!(infer_from_shapes(&shape_of, &names, Some(vec![4, 6, 6])).unwrap(), c);
         assert!(infer_from_shapes(&shape_of, &names, Some(vec![4, 4, 4])).is_err());
         assert_eq!(parse_rope_axes("16,56,56").unwrap(), vec![16, 56, 56]);
         assert!(parse_rope_axes("16,56").is_err());

@@ -23,14 +23,7 @@ pub struct Dims {
 }
 
 /// (1 + scale) ⊙ LN(x) + shift over [b, l, c].
-pub fn ln_modulate(
-    x: &[f32],
-    shift: &[f32],
-    scale: &[f32],
-    b: usize,
-    l: usize,
-    c: usize,
-) -> Vec<f32> {
+pub fn ln_modulate(x: &[f32], shift: &[f32], scale: &[f32], b: usize, l: usize, c: usize) -> Vec<f32> {
     let mut n = vec![0f32; x.len()];
     let (mut mean, mut rstd) = (vec![0f32; b * l], vec![0f32; b * l]);
     layernorm_forward(&mut n, &mut mean, &mut rstd, x, b * l, c, LN_EPS);
@@ -40,13 +33,7 @@ pub fn ln_modulate(
 }
 
 /// Linear → GELU-tanh → Linear.
-pub fn mlp_forward(
-    l0: &Linear,
-    l2: &Linear,
-    x: &[f32],
-    rows: usize,
-    loras: &LoraSet,
-) -> Result<Vec<f32>> {
+pub fn mlp_forward(l0: &Linear, l2: &Linear, x: &[f32], rows: usize, loras: &LoraSet) -> Result<Vec<f32>> {
     let hdn = l0.apply(x, rows, loras)?;
     let mut act = vec![0f32; hdn.len()];
     gelu_tanh_forward(&mut act, &hdn);
@@ -54,13 +41,7 @@ pub fn mlp_forward(
 }
 
 /// Modulation vectors of one stream: Linear(SiLU(vec)) split into `n` chunks [b, c].
-pub fn modulation_forward(
-    lin: &Linear,
-    vec: &[f32],
-    b: usize,
-    n: usize,
-    loras: &LoraSet,
-) -> Result<Vec<Vec<f32>>> {
+pub fn modulation_forward(lin: &Linear, vec: &[f32], b: usize, n: usize, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
     let mut act = vec![0f32; vec.len()];
     silu_forward(&mut act, vec);
     let mods = lin.apply(&act, b, loras)?;

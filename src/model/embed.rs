@@ -11,12 +11,7 @@ use anyhow::Result;
 pub const TIME_FACTOR: f32 = 1000.0;
 pub const MAX_PERIOD: f32 = 10_000.0;
 
-pub fn mlp_embedder_forward(
-    e: &MlpEmbedder,
-    inp: &[f32],
-    b: usize,
-    loras: &LoraSet,
-) -> Result<Vec<f32>> {
+pub fn mlp_embedder_forward(e: &MlpEmbedder, inp: &[f32], b: usize, loras: &LoraSet) -> Result<Vec<f32>> {
     let hdn = e.in_layer.apply(inp, b, loras)?;
     let mut act = vec![0f32; hdn.len()];
     silu_forward(&mut act, &hdn);

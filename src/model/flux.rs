@@ -32,15 +32,7 @@ pub struct FluxInputs {
     pub guidance: Option<Vec<f32>>,
 }
 
-const INPUT_NAMES: [&str; 7] = [
-    "img",
-    "img_ids",
-    "txt",
-    "txt_ids",
-    "y",
-    "timesteps",
-    "guidance",
-];
+const INPUT_NAMES: [&str; 7] = ["img", "img_ids", "txt", "txt_ids", "y", "timesteps", "guidance"];
 
 impl FluxInputs {
     /// Reads and validates the `forward` inputs file against the model's shapes.
@@ -49,10 +41,7 @@ impl FluxInputs {
         let p = path.display();
         for name in st.tensors().keys() {
             if !INPUT_NAMES.contains(&name.as_str()) {
-                bail!(
-                    "{p}: unexpected tensor `{name}` (inputs are {})",
-                    INPUT_NAMES.join(", ")
-                );
+                bail!("{p}: unexpected tensor `{name}` (inputs are {})", INPUT_NAMES.join(", "));
             }
         }
         let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
@@ -73,19 +62,13 @@ impl FluxInputs {
         };
         let (s, img) = get("img")?;
         if s.len() != 3 {
-            bail!(
-                "{p}: tensor `img` has shape {s:?}, expected [B, N, {}]",
-                cfg.in_channels
-            );
+            bail!("{p}: tensor `img` has shape {s:?}, expected [B, N, {}]", cfg.in_channels);
         }
         let (b, n_img) = (s[0], s[1]);
         want("img", &s, &[b, n_img, cfg.in_channels])?;
         let (s, txt) = get("txt")?;
         if s.len() != 3 {
-            bail!(
-                "{p}: tensor `txt` has shape {s:?}, expected [{b}, L, {}]",
-                cfg.context_in_dim
-            );
+            bail!("{p}: tensor `txt` has shape {s:?}, expected [{b}, L, {}]", cfg.context_in_dim);
         }
         let n_txt = s[1];
         want("txt", &s, &[b, n_txt, cfg.context_in_dim])?;
@@ -111,25 +94,18 @@ impl FluxInputs {
                 want("guidance", &s, &[b])?;
                 Some(g)
             }
-            (true, false) => bail!("{p}: missing tensor `guidance` [{b}]: this model has a guidance embedding (FLUX.1-dev; e.g. 3.5)"),
-            (false, true) => bail!("{p}: tensor `guidance` given but this model has no guidance embedding (schnell-like)"),
+            (true, false) => bail!(
+                "{p}: missing tensor `guidance` [{b}]: this model has a guidance embedding (FLUX.1-dev; e.g. 3.5)"
+            ),
+            (false, true) => {
+                bail!("{p}: tensor `guidance` given but this model has no guidance embedding (schnell-like)")
+            }
             (false, false) => None,
         };
         if n_img == 0 {
             bail!("{p}: `img` has no tokens");
         }
-        Ok(FluxInputs {
-            b,
-            n_img,
-            n_txt,
-            img,
-            img_ids,
-            txt,
-            txt_ids,
-            y,
-            timesteps,
-            guidance,
-        })
+        Ok(FluxInputs { b, n_img, n_txt, img, img_ids, txt, txt_ids, y, timesteps, guidance })
     }
 }
 
@@ -142,39 +118,18 @@ pub fn joint_rope(cfg: &FluxConfig, inp: &FluxInputs) -> Rope {
         ids.extend_from_slice(&inp.img_ids[bi * inp.n_img * 3..(bi + 1) * inp.n_img * 3]);
     }
     let half = cfg.head_dim / 2;
-    let mut rope = Rope {
-        cos: vec![0.0; inp.b * l * half],
-        sin: vec![0.0; inp.b * l * half],
-    };
-    rope_tables(
-        &mut rope.cos,
-        &mut rope.sin,
-        &ids,
-        &cfg.rope_axes,
-        cfg.theta,
-    );
+    let mut rope = Rope { cos: vec![0.0; inp.b * l * half], sin: vec![0.0; inp.b * l * half] };
+    rope_tables(&mut rope.cos, &mut rope.sin, &ids, &cfg.rope_axes, cfg.theta);
     rope
 }
 
 /// One forward pass: velocity prediction [b, n_img, out_channels].
-pub fn flux_forward(
-    cfg: &FluxConfig,
-    w: &FluxWeights,
-    inp: &FluxInputs,
-    loras: &LoraSet,
-) -> Result<Vec<f32>> {
+pub fn flux_forward(cfg: &FluxConfig, w: &FluxWeights, inp: &FluxInputs, loras: &LoraSet) -> Result<Vec<f32>> {
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
     let l = lt + li;
     let mut img = w.img_in.apply(&inp.img, b * li, loras).context("img_in")?;
-    let vec = conditioning_forward(
-        w,
-        &inp.timesteps,
-        inp.guidance.as_deref(),
-        &inp.y,
-        cfg.time_dim,
-        loras,
-    )?;
+    let vec = conditioning_forward(w, &inp.timesteps, inp.guidance.as_deref(), &inp.y, cfg.time_dim, loras)?;
     let mut txt = w.txt_in.apply(&inp.txt, b * lt, loras).context("txt_in")?;
     let rope = joint_rope(cfg, inp);
 
@@ -187,21 +142,17 @@ pub fn flux_forward(
     let mut x = vec![0f32; b * l * c];
     for bi in 0..b {
         x[bi * l * c..(bi * l + lt) * c].copy_from_slice(&txt[bi * lt * c..(bi + 1) * lt * c]);
-        x[(bi * l + lt) * c..(bi + 1) * l * c]
-            .copy_from_slice(&img[bi * li * c..(bi + 1) * li * c]);
+        x[(bi * l + lt) * c..(bi + 1) * l * c].copy_from_slice(&img[bi * li * c..(bi + 1) * li * c]);
     }
     for (i, blk) in w.single_blocks.iter().enumerate() {
         single_block_forward(blk, &mut x, &vec, &rope, b, l, h, d, cfg.mlp_hidden, loras)
             .with_context(|| format!("single_blocks.{i}"))?;
     }
     for bi in 0..b {
-        img[bi * li * c..(bi + 1) * li * c]
-            .copy_from_slice(&x[(bi * l + lt) * c..(bi + 1) * l * c]);
+        img[bi * li * c..(bi + 1) * li * c].copy_from_slice(&x[(bi * l + lt) * c..(bi + 1) * l * c]);
     }
     // Final layer: [shift, scale] (BFL order), LN, modulate, linear.
     let fm = modulation_forward(&w.final_mod, &vec, b, 2, loras)?;
     let xm = ln_modulate(&img, &fm[0], &fm[1], b, li, c);
-    w.final_linear
-        .apply(&xm, b * li, loras)
-        .context("final_layer.linear")
+    w.final_linear.apply(&xm, b * li, loras).context("final_layer.linear")
 }

@@ -50,22 +50,13 @@ impl Param {
                     let row: usize = info.shape.iter().skip(1).product();
                     let n = p.rows.len() * row;
                     if at + n > out.len() {
-                        bail!(
-                            "{}: tensor `{}` does not fit its parameter",
-                            p.file.path().display(),
-                            p.key
-                        );
+                        bail!("{}: tensor `{}` does not fit its parameter", p.file.path().display(), p.key);
                     }
-                    p.file
-                        .read_rows_f32(&p.key, p.rows.clone(), &mut out[at..at + n])?;
+                    p.file.read_rows_f32(&p.key, p.rows.clone(), &mut out[at..at + n])?;
                     at += n;
                 }
                 if at != out.len() {
-                    bail!(
-                        "parameter assembled from {} values, expected {}",
-                        at,
-                        out.len()
-                    );
+                    bail!("parameter assembled from {} values, expected {}", at, out.len());
                 }
                 Ok(Cow::Owned(out))
             }

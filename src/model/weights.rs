@@ -25,16 +25,7 @@ impl Linear {
             Some(b) => Some(b.load()?),
             None => None,
         };
-        lora_linear_forward(
-            out,
-            inp,
-            &w,
-            b.as_deref(),
-            &loras.terms(&self.name),
-            m,
-            self.d_in,
-            self.d_out,
-        );
+        lora_linear_forward(out, inp, &w, b.as_deref(), &loras.terms(&self.name), m, self.d_in, self.d_out);
         Ok(())
     }
 
@@ -101,24 +92,11 @@ impl FluxWeights {
             .collect();
         let lin = |name: String| -> Result<Linear> {
             let (d_out, d_in, has_bias) = shapes[&name];
-            let bias = if has_bias {
-                Some(get(&format!("{name}.bias"))?)
-            } else {
-                None
-            };
-            Ok(Linear {
-                weight: get(&format!("{name}.weight"))?,
-                bias,
-                name,
-                d_out,
-                d_in,
-            })
+            let bias = if has_bias { Some(get(&format!("{name}.bias"))?) } else { None };
+            Ok(Linear { weight: get(&format!("{name}.weight"))?, bias, name, d_out, d_in })
         };
         let mlp = |p: &str| -> Result<MlpEmbedder> {
-            Ok(MlpEmbedder {
-                in_layer: lin(format!("{p}.in_layer"))?,
-                out_layer: lin(format!("{p}.out_layer"))?,
-            })
+            Ok(MlpEmbedder { in_layer: lin(format!("{p}.in_layer"))?, out_layer: lin(format!("{p}.out_layer"))? })
         };
         let mut double_blocks = Vec::new();
         for i in 0..cfg.depth {
@@ -134,10 +112,7 @@ impl FluxWeights {
                     mlp2: lin(format!("{p}.{s}_mlp.2"))?,
                 })
             };
-            double_blocks.push(DoubleBlock {
-                img: stream("img")?,
-                txt: stream("txt")?,
-            });
+            double_blocks.push(DoubleBlock { img: stream("img")?, txt: stream("txt")? });
         }
         let mut single_blocks = Vec::new();
         for i in 0..cfg.depth_single {
@@ -154,11 +129,7 @@ impl FluxWeights {
             img_in: lin("img_in".into())?,
             txt_in: lin("txt_in".into())?,
             time_in: mlp("time_in")?,
-            guidance_in: if cfg.guidance_embed {
-                Some(mlp("guidance_in")?)
-            } else {
-                None
-            },
+            guidance_in: if cfg.guidance_embed { Some(mlp("guidance_in")?) } else { None },
             vector_in: mlp("vector_in")?,
             double_blocks,
             single_blocks,
@@ -176,10 +147,7 @@ impl FluxWeights {
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
                 let data = if name.ends_with(".scale") {
-                    rng.normal_vec(n, 0.1)
-                        .into_iter()
-                        .map(|v| 1.0 + v)
-                        .collect()
+                    rng.normal_vec(n, 0.1).into_iter().map(|v| 1.0 + v).collect()
                 } else if name.ends_with(".bias") {
                     rng.normal_vec(n, 0.02)
                 } else {
@@ -190,18 +158,8 @@ impl FluxWeights {
             .collect()
     }
 
-    pub fn from_tensors(
-        cfg: &FluxConfig,
-        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-    ) -> Result<FluxWeights> {
-        let map: HashMap<String, Param> = tensors
-            .into_iter()
-            .map(|(n, _, d)| (n, Param::owned(d)))
-            .collect();
-        FluxWeights::new(cfg, &|n| {
-            map.get(n)
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("no parameter `{n}`"))
-        })
+    pub fn from_tensors(cfg: &FluxConfig, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<FluxWeights> {
+        let map: HashMap<String, Param> = tensors.into_iter().map(|(n, _, d)| (n, Param::owned(d))).collect();
+        FluxWeights::new(cfg, &|n| map.get(n).cloned().ok_or_else(|| anyhow::anyhow!("no parameter `{n}`")))
     }
 }

@@ -22,30 +22,71 @@ pub fn attention_forward(
     assert_eq!(out.len(), b * h * n);
     assert_eq!(lse.len(), b * h * l);
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(n)
-        .zip(lse.par_chunks_mut(l))
-        .enumerate()
-        .for_each(|(bh, (o, lse))| {
-            let (qh, kh, vh) = (
-                &q[bh * n..(bh + 1) * n],
-                &k[bh * n..(bh + 1) * n],
-                &v[bh * n..(bh + 1) * n],
-            );
-            let mut s = vec![0f32; l * l];
-            gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
-            for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
-                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                row.iter_mut().for_each(|x| *x *= inv);
-                *lse = mx + (sum as f32).ln();
+    out.par_chunks_mut(n).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (o, lse))| {
+        let (qh, kh, vh) = (&q[bh * n..(bh + 1) * n], &k[bh * n..(bh + 1) * n], &v[bh * n..(bh + 1) * n]);
+        let mut s = vec![0f32; l * l];
+        gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
+        for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for x in row.iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x as f64;
             }
-            gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
-        });
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+            *lse = mx + (sum as f32).ln();
+        }
+        gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
+    });
+}
+
+/// Backward of `attention_forward` as FlashAttention-2 does it per (b, h), with P recomputed
+/// from the saved log-sum-exp: D = rowsum(dO⊙O), dP = dO·Vᵀ, dS = P⊙(dP − D),
+/// dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO. Overwrites dq, dk, dv.
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+) {
+    let n = l * d;
+    assert_eq!(dout.len(), b * h * n);
+    let scale = 1.0 / (d as f32).sqrt();
+    dq.par_chunks_mut(n).zip(dk.par_chunks_mut(n)).zip(dv.par_chunks_mut(n)).enumerate().for_each(
+        |(bh, ((dq, dk), dv))| {
+            let r = bh * n..(bh + 1) * n;
+            let (qh, kh, vh, oh, doh) = (&q[r.clone()], &k[r.clone()], &v[r.clone()], &out[r.clone()], &dout[r]);
+            let lse = &lse[bh * l..(bh + 1) * l];
+            let mut p = vec![0f32; l * l];
+            gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut p, (l, 1));
+            for (row, &m) in p.chunks_mut(l).zip(lse) {
+                row.iter_mut().for_each(|x| *x = (*x - m).exp());
+            }
+            // dV = Pᵀ·dO
+            gemm(l, l, d, 1.0, &p, (1, l), doh, (d, 1), 0.0, dv, (d, 1));
+            // dP = dO·Vᵀ, then dS in place
+            let mut ds = vec![0f32; l * l];
+            gemm(l, d, l, 1.0, doh, (d, 1), vh, (1, d), 0.0, &mut ds, (l, 1));
+            for i in 0..l {
+                let di: f32 = (0..d).map(|x| doh[i * d + x] * oh[i * d + x]).sum();
+                for j in 0..l {
+                    ds[i * l + j] = p[i * l + j] * (ds[i * l + j] - di);
+                }
+            }
+            gemm(l, l, d, scale, &ds, (l, 1), kh, (d, 1), 0.0, dq, (d, 1));
+            gemm(l, l, d, scale, &ds, (1, l), qh, (d, 1), 0.0, dk, (d, 1));
+        },
+    );
 }
 
 /// Copies heads out of a token-major projection: src [b, ls, stride], head hi of width d at
@@ -105,7 +146,7 @@ pub fn merge_heads(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::{rel_l2, Rng};
+    use crate::util::{fd_check, rel_l2, Rng};
 
     #[test]
     fn matches_naive_softmax_attention() {
@@ -122,11 +163,7 @@ mod tests {
             for i in 0..l {
                 let s: Vec<f64> = (0..l)
                     .map(|j| {
-                        (0..d)
-                            .map(|x| {
-                                q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64
-                            })
-                            .sum::<f64>()
+                        (0..d).map(|x| q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64).sum::<f64>()
                             / (d as f64).sqrt()
                     })
                     .collect();
@@ -134,13 +171,36 @@ mod tests {
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 assert!((lse[bh * l + i] as f64 - (m + z.ln())).abs() < 1e-4);
                 for x in 0..d {
-                    want[(bh * l + i) * d + x] = (0..l)
-                        .map(|j| (s[j] - m).exp() / z * v[(bh * l + j) * d + x] as f64)
-                        .sum::<f64>() as f32;
+                    want[(bh * l + i) * d + x] =
+                        (0..l).map(|j| (s[j] - m).exp() / z * v[(bh * l + j) * d + x] as f64).sum::<f64>() as f32;
                 }
             }
         }
         assert!(rel_l2(&out, &want) < 1e-6);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (b, h, l, d) = (1, 2, 5, 4);
+        let mut rng = Rng::new(61);
+        let q = rng.normal_vec(b * h * l * d, 1.0);
+        let k = rng.normal_vec(b * h * l * d, 1.0);
+        let v = rng.normal_vec(b * h * l * d, 1.0);
+        let dy = rng.normal_vec(b * h * l * d, 1.0);
+        let run = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; b * h * l * d];
+            attention_forward(&mut o, &mut vec![0.0; b * h * l], q, k, v, b, h, l, d);
+            o
+        };
+        let mut o = vec![0.0; b * h * l * d];
+        let mut lse = vec![0.0; b * h * l];
+        attention_forward(&mut o, &mut lse, &q, &k, &v, b, h, l, d);
+        let n = b * h * l * d;
+        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dy, &q, &k, &v, &o, &lse, b, h, l, d);
+        fd_check(&q, &dq, &dy, |x| run(x, &k, &v), 1e-3);
+        fd_check(&k, &dk, &dy, |x| run(&q, x, &v), 1e-3);
+        fd_check(&v, &dv, &dy, |x| run(&q, &k, x), 1e-3);
     }
 
     #[test]

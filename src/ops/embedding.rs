@@ -2,13 +2,7 @@
 
 /// out[b, :] = [cos(t'·f_0..f_{h−1}), sin(t'·f_0..f_{h−1})] with t' = time_factor·t[b],
 /// f_j = exp(−ln(max_period)·j/h), h = dim/2. Cos first, as BFL (diffusers flips to match).
-pub fn timestep_embedding(
-    out: &mut [f32],
-    t: &[f32],
-    dim: usize,
-    time_factor: f32,
-    max_period: f32,
-) {
+pub fn timestep_embedding(out: &mut [f32], t: &[f32], dim: usize, time_factor: f32, max_period: f32) {
     assert_eq!(out.len(), t.len() * dim);
     let half = dim / 2;
     for (bi, &tv) in t.iter().enumerate() {

@@ -1,8 +1,36 @@
 //! The LoRA linear: the frozen base projection plus any number of unmerged low-rank terms,
 //! each on a slice of the output (q, k or v of a fused qkv; the MLP part of linear1).
 
-use super::matmul::{gemm, linear_forward};
+use super::matmul::{gemm, linear_backward_input, linear_forward};
 use std::ops::Range;
+
+/// LoRA dropout on the adapter's input (PEFT's `lora_dropout`): element i of the input is kept
+/// with probability 1 − p and scaled by 1/(1 − p). The mask is a hash of (seed, i), so the
+/// backward pass recomputes exactly the forward's mask without storing it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub fn factor(&self, i: usize) -> f32 {
+        let mut z = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        x.iter().enumerate().map(|(i, &v)| v * self.factor(i)).collect()
+    }
+}
 
 /// One adapter on one linear: ΔY[:, rows] = scale · (X·Aᵀ)·Bᵀ.
 #[derive(Clone, Debug)]
@@ -15,6 +43,15 @@ pub struct LoraTerm<'a> {
     /// alpha/rank (or alpha/√rank for rsLoRA) times the user's strength.
     pub scale: f32,
     pub rows: Range<usize>,
+    pub dropout: Option<Dropout>,
+}
+
+/// The adapter's view of the input: dropped out when training with dropout.
+fn lora_input<'a>(t: &LoraTerm, inp: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+    match t.dropout {
+        Some(d) if d.p > 0.0 => std::borrow::Cow::Owned(d.apply(inp)),
+        _ => std::borrow::Cow::Borrowed(inp),
+    }
 }
 
 /// out[m, n] = inp[m, k]·W[n, k]ᵀ + bias + Σ scale·(inp·Aᵀ)·Bᵀ on each term's rows.
@@ -30,15 +67,11 @@ pub fn lora_linear_forward(
 ) {
     linear_forward(out, inp, weight, bias, m, k, n);
     for t in terms {
-        assert!(
-            t.rows.end <= n,
-            "lora: rows {:?} past the output width {n}",
-            t.rows
-        );
+        assert!(t.rows.end <= n, "lora: rows {:?} past the output width {n}", t.rows);
         assert_eq!(t.a.len(), t.rank * k, "lora: A");
         assert_eq!(t.b.len(), t.rows.len() * t.rank, "lora: B");
         let mut s = vec![0f32; m * t.rank];
-        linear_forward(&mut s, inp, t.a, None, m, k, t.rank);
+        linear_forward(&mut s, &lora_input(t, inp), t.a, None, m, k, t.rank);
         gemm(
             m,
             t.rank,
@@ -55,10 +88,100 @@ pub fn lora_linear_forward(
     }
 }
 
+/// Gradient accumulators of one term: dA [rank, d_in], dB [rows, rank].
+#[derive(Clone, Debug, Default)]
+pub struct TermGrad {
+    pub da: Vec<f32>,
+    pub db: Vec<f32>,
+}
+
+/// Backward of `lora_linear_forward` through the frozen base: with x̃ the (dropped-out) input,
+/// S = x̃·Aᵀ and G = dY[:, rows]·B,
+///   dB += s·dY[:, rows]ᵀ·S,  dA += s·Gᵀ·x̃,  dX = dY·W + Σ s·(G·A)⊙mask.
+/// dA and dB accumulate (gradient accumulation across micro-batches); dX is overwritten and
+/// skipped when None (the input needs no gradient). No base-weight gradient exists.
+pub fn lora_linear_backward(
+    dinp: Option<&mut [f32]>,
+    grads: &mut [TermGrad],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    terms: &[LoraTerm],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(grads.len(), terms.len());
+    let mut dinp = dinp;
+    if let Some(dx) = dinp.as_deref_mut() {
+        linear_backward_input(dx, dout, weight, m, k, n, 0.0);
+    }
+    for (t, g) in terms.iter().zip(grads.iter_mut()) {
+        let (r, nr) = (t.rank, t.rows.len());
+        g.da.resize(r * k, 0.0);
+        g.db.resize(nr * r, 0.0);
+        let x = lora_input(t, inp);
+        let mut s = vec![0f32; m * r];
+        linear_forward(&mut s, &x, t.a, None, m, k, r);
+        let dy = &dout[t.rows.start..];
+        let mut gm = vec![0f32; m * r];
+        gemm(m, nr, r, 1.0, dy, (n, 1), t.b, (r, 1), 0.0, &mut gm, (r, 1));
+        gemm(nr, m, r, t.scale, dy, (1, n), &s, (r, 1), 1.0, &mut g.db, (r, 1));
+        gemm(r, m, k, t.scale, &gm, (1, r), &x, (k, 1), 1.0, &mut g.da, (k, 1));
+        if let Some(dx) = dinp.as_deref_mut() {
+            let mut dxl = vec![0f32; m * k];
+            gemm(m, r, k, t.scale, &gm, (r, 1), t.a, (k, 1), 0.0, &mut dxl, (k, 1));
+            match t.dropout {
+                Some(d) if d.p > 0.0 => {
+                    dx.iter_mut().zip(&dxl).enumerate().for_each(|(i, (o, &v))| *o += v * d.factor(i))
+                }
+                _ => dx.iter_mut().zip(&dxl).for_each(|(o, &v)| *o += v),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::{rel_l2, Rng};
+    use crate::util::{fd_check, rel_l2, Rng};
+
+    #[test]
+    fn backward_matches_finite_differences_with_dropout_and_slices() {
+        let (m, k, n) = (5, 6, 9);
+        let mut rng = Rng::new(71);
+        let x = rng.normal_vec(m * k, 1.0);
+        let w = rng.normal_vec(n * k, 0.5);
+        let a = [rng.normal_vec(2 * k, 0.5), rng.normal_vec(3 * k, 0.5)];
+        let bm = [rng.normal_vec(4 * 2, 0.5), rng.normal_vec(5 * 3, 0.5)];
+        let drop = Some(Dropout { p: 0.3, seed: 99 });
+        let mk = |a0: &[f32], b0: &[f32]| -> Vec<f32> {
+            let terms = [
+                LoraTerm { a: a0, b: b0, rank: 2, scale: 0.7, rows: 0..4, dropout: drop },
+                LoraTerm { a: &a[1], b: &bm[1], rank: 3, scale: -1.3, rows: 4..9, dropout: None },
+            ];
+            let mut out = vec![0.0; m * n];
+            lora_linear_forward(&mut out, &x, &w, None, &terms, m, k, n);
+            out
+        };
+        let terms = [
+            LoraTerm { a: &a[0], b: &bm[0], rank: 2, scale: 0.7, rows: 0..4, dropout: drop },
+            LoraTerm { a: &a[1], b: &bm[1], rank: 3, scale: -1.3, rows: 4..9, dropout: None },
+        ];
+        let dy = rng.normal_vec(m * n, 1.0);
+        let mut grads = vec![TermGrad::default(), TermGrad::default()];
+        let mut dx = vec![f32::NAN; m * k];
+        lora_linear_backward(Some(&mut dx), &mut grads, &dy, &x, &w, &terms, m, k, n);
+        fd_check(&a[0], &grads[0].da, &dy, |v| mk(v, &bm[0]), 1e-3);
+        fd_check(&bm[0], &grads[0].db, &dy, |v| mk(&a[0], v), 1e-3);
+        let fx = |xv: &[f32]| {
+            let mut out = vec![0.0; m * n];
+            lora_linear_forward(&mut out, xv, &w, None, &terms, m, k, n);
+            out
+        };
+        fd_check(&x, &dx, &dy, fx, 1e-3);
+        assert!(grads[1].da.iter().any(|&v| v != 0.0));
+    }
 
     /// The unmerged terms equal the merged weight W + Σ s·B·A on each slice.
     #[test]
@@ -68,30 +191,15 @@ mod tests {
         let x = rng.normal_vec(m * k, 1.0);
         let w = rng.normal_vec(n * k, 0.3);
         let bias = rng.normal_vec(n, 0.1);
-        let specs = [
-            (4usize, 0..8usize, 0.5f32),
-            (2, 8..24, -1.25),
-            (3, 0..24, 2.0),
-        ];
+        let specs = [(4usize, 0..8usize, 0.5f32), (2, 8..24, -1.25), (3, 0..24, 2.0)];
         let ab: Vec<(Vec<f32>, Vec<f32>)> = specs
             .iter()
-            .map(|(r, rows, _)| {
-                (
-                    rng.normal_vec(r * k, 0.5),
-                    rng.normal_vec(rows.len() * r, 0.5),
-                )
-            })
+            .map(|(r, rows, _)| (rng.normal_vec(r * k, 0.5), rng.normal_vec(rows.len() * r, 0.5)))
             .collect();
         let terms: Vec<LoraTerm> = specs
             .iter()
             .zip(&ab)
-            .map(|((r, rows, s), (a, b))| LoraTerm {
-                a,
-                b,
-                rank: *r,
-                scale: *s,
-                rows: rows.clone(),
-            })
+            .map(|((r, rows, s), (a, b))| LoraTerm { a, b, rank: *r, scale: *s, rows: rows.clone(), dropout: None })
             .collect();
         let mut out = vec![f32::NAN; m * n];
         lora_linear_forward(&mut out, &x, &w, Some(&bias), &terms, m, k, n);
@@ -99,10 +207,8 @@ mod tests {
         for t in &terms {
             for (i, row) in t.rows.clone().enumerate() {
                 for c in 0..k {
-                    merged[row * k + c] += t.scale
-                        * (0..t.rank)
-                            .map(|j| t.b[i * t.rank + j] * t.a[j * k + c])
-                            .sum::<f32>();
+                    merged[row * k + c] +=
+                        t.scale * (0..t.rank).map(|j| t.b[i * t.rank + j] * t.a[j * k + c]).sum::<f32>();
                 }
             }
         }

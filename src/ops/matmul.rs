@@ -27,14 +27,8 @@ pub fn gemm(
         return;
     }
     let last = |r: usize, rs: usize, cc: usize, cs: usize| (r - 1) * rs + (cc - 1) * cs;
-    assert!(
-        k == 0 || a.len() > last(m, rsa, k, csa),
-        "gemm: A too short"
-    );
-    assert!(
-        k == 0 || b.len() > last(k, rsb, n, csb),
-        "gemm: B too short"
-    );
+    assert!(k == 0 || a.len() > last(m, rsa, k, csa), "gemm: A too short");
+    assert!(k == 0 || b.len() > last(k, rsb, n, csb), "gemm: B too short");
     assert!(c.len() > last(m, rsc, n, csc), "gemm: C too short");
     // SAFETY: the asserts above bound every element sgemm reads or writes.
     unsafe {
@@ -70,20 +64,31 @@ pub fn linear_forward(
     assert_eq!(out.len(), m * n, "linear: out");
     assert_eq!(inp.len(), m * k, "linear: inp");
     assert_eq!(weight.len(), n * k, "linear: weight");
-    out.par_chunks_mut(ROW_BLOCK * n)
-        .enumerate()
-        .for_each(|(blk, o)| {
-            let rows = o.len() / n;
-            let x = &inp[blk * ROW_BLOCK * k..(blk * ROW_BLOCK + rows) * k];
-            match bias {
-                Some(b) => {
-                    assert_eq!(b.len(), n, "linear: bias");
-                    o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
-                }
-                None => o.fill(0.0),
+    out.par_chunks_mut(ROW_BLOCK * n).enumerate().for_each(|(blk, o)| {
+        let rows = o.len() / n;
+        let x = &inp[blk * ROW_BLOCK * k..(blk * ROW_BLOCK + rows) * k];
+        match bias {
+            Some(b) => {
+                assert_eq!(b.len(), n, "linear: bias");
+                o.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
             }
-            gemm(rows, k, n, 1.0, x, (k, 1), weight, (1, k), 1.0, o, (n, 1));
-        });
+            None => o.fill(0.0),
+        }
+        gemm(rows, k, n, 1.0, x, (k, 1), weight, (1, k), 1.0, o, (n, 1));
+    });
+}
+
+/// Input gradient of `linear_forward` through a frozen weight: dinp[m, k] (+)= dout[m, n]·W[n, k].
+/// `beta` 0 overwrites, 1 accumulates. No weight or bias gradient: the base stays frozen.
+pub fn linear_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], m: usize, k: usize, n: usize, beta: f32) {
+    assert_eq!(dinp.len(), m * k, "linear backward: dinp");
+    assert_eq!(dout.len(), m * n, "linear backward: dout");
+    assert_eq!(weight.len(), n * k, "linear backward: weight");
+    dinp.par_chunks_mut(ROW_BLOCK * k).enumerate().for_each(|(blk, dx)| {
+        let rows = dx.len() / k;
+        let dy = &dout[blk * ROW_BLOCK * n..(blk * ROW_BLOCK + rows) * n];
+        gemm(rows, n, k, 1.0, dy, (n, 1), weight, (k, 1), beta, dx, (k, 1));
+    });
 }
 
 #[cfg(test)]

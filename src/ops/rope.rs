@@ -25,15 +25,7 @@ pub fn rope_tables(cos: &mut [f32], sin: &mut [f32], ids: &[f32], axes: &[usize]
 
 /// Rotates x [b, h, l, d] in place with tables [b, l, d/2]:
 /// (x₂ᵢ, x₂ᵢ₊₁) ← (c·x₂ᵢ − s·x₂ᵢ₊₁, s·x₂ᵢ + c·x₂ᵢ₊₁).
-pub fn rope_forward(
-    x: &mut [f32],
-    cos: &[f32],
-    sin: &[f32],
-    b: usize,
-    h: usize,
-    l: usize,
-    d: usize,
-) {
+pub fn rope_forward(x: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize, l: usize, d: usize) {
     assert_eq!(x.len(), b * h * l * d);
     assert_eq!(cos.len(), b * l * d / 2);
     for bi in 0..b {
@@ -52,9 +44,54 @@ pub fn rope_forward(
     }
 }
 
+/// Backward of `rope_forward`: the transpose of a rotation is the rotation by −θ,
+/// (da, db) = (c·dA + s·dB, −s·dA + c·dB). In place on the gradient.
+pub fn rope_backward(dx: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize, l: usize, d: usize) {
+    assert_eq!(dx.len(), b * h * l * d);
+    for bi in 0..b {
+        for hi in 0..h {
+            for t in 0..l {
+                let row = &mut dx[((bi * h + hi) * l + t) * d..][..d];
+                let tab = (bi * l + t) * (d / 2);
+                for i in 0..d / 2 {
+                    let (c, s) = (cos[tab + i], sin[tab + i]);
+                    let (g0, g1) = (row[2 * i], row[2 * i + 1]);
+                    row[2 * i] = c * g0 + s * g1;
+                    row[2 * i + 1] = -s * g0 + c * g1;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::{fd_check, Rng};
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (b, h, l, d) = (1, 2, 3, 6);
+        let mut rng = Rng::new(51);
+        let ids: Vec<f32> = (0..l * 3).map(|i| (i % 5) as f32).collect();
+        let (mut c, mut s) = (vec![0.0; l * d / 2], vec![0.0; l * d / 2]);
+        rope_tables(&mut c, &mut s, &ids, &[2, 2, 2], 10_000.0);
+        let x = rng.normal_vec(b * h * l * d, 1.0);
+        let dy = rng.normal_vec(b * h * l * d, 1.0);
+        let mut dx = dy.clone();
+        rope_backward(&mut dx, &c, &s, b, h, l, d);
+        fd_check(
+            &x,
+            &dx,
+            &dy,
+            |v| {
+                let mut y = v.to_vec();
+                rope_forward(&mut y, &c, &s, b, h, l, d);
+                y
+            },
+            1e-3,
+        );
+    }
 
     #[test]
     fn zero_position_is_identity_and_rotation_preserves_norm() {
@@ -76,10 +113,6 @@ mod tests {
         let (c1, s1) = (1f32.cos(), 1f32.sin());
         assert!((x[6] - (c1 * before[6] - s1 * before[7])).abs() < 1e-5);
         assert!((x[7] - (s1 * before[6] + c1 * before[7])).abs() < 1e-5);
-        assert_eq!(
-            &x[12..18],
-            &before[12..18],
-            "head 1, token 0 is identity too"
-        );
+        assert_eq!(&x[12..18], &before[12..18], "head 1, token 0 is identity too");
     }
 }

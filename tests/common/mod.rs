@@ -14,9 +14,7 @@ use std::path::{Path, PathBuf};
 pub const TINY_AXES: &[usize] = &[4, 6, 6];
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// A fresh temp folder per test.
@@ -28,19 +26,11 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 }
 
 pub fn expected(name: &str) -> Vec<f32> {
-    SafeTensors::open(&fixture("tiny-expected.safetensors"))
-        .unwrap()
-        .read_f32(name)
-        .unwrap()
-        .1
+    SafeTensors::open(&fixture("tiny-expected.safetensors")).unwrap().read_f32(name).unwrap().1
 }
 
 /// Forward of the CPU reference on the tiny inputs with the given LoRAs and strengths.
-pub fn run_forward(
-    model: &Path,
-    axes: Option<&[usize]>,
-    loras: &[(PathBuf, f32)],
-) -> anyhow::Result<Vec<f32>> {
+pub fn run_forward(model: &Path, axes: Option<&[usize]>, loras: &[(PathBuf, f32)]) -> anyhow::Result<Vec<f32>> {
     let ckpt = Checkpoint::open(model, axes.map(|a| a.to_vec()))?;
     let w = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned())?;
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), &ckpt.cfg)?;
@@ -59,28 +49,14 @@ pub fn read_all(path: &Path) -> (Tensors, BTreeMap<String, String>) {
     let t = st
         .tensors()
         .iter()
-        .map(|(n, info)| {
-            (
-                n.clone(),
-                info.shape.clone(),
-                info.dtype,
-                st.read_f32(n).unwrap().1,
-            )
-        })
+        .map(|(n, info)| (n.clone(), info.shape.clone(), info.dtype, st.read_f32(n).unwrap().1))
         .collect();
     (t, st.metadata().clone())
 }
 
 pub fn write_all(path: &Path, tensors: &Tensors, meta: &BTreeMap<String, String>) {
-    let out: Vec<OutTensor> = tensors
-        .iter()
-        .map(|(n, s, d, v)| OutTensor {
-            name: n,
-            shape: s.clone(),
-            data: v,
-            dtype: *d,
-        })
-        .collect();
+    let out: Vec<OutTensor> =
+        tensors.iter().map(|(n, s, d, v)| OutTensor { name: n, shape: s.clone(), data: v, dtype: *d }).collect();
     write_tensors(path, &out, meta).unwrap();
 }
 
