@@ -4,8 +4,10 @@
 Builds a tiny random FLUX.1-dev-shaped transformer with diffusers' own `FluxTransformer2DModel`, writes its
 weights in the diffusers (sharded) and the original BFL layouts, writes fixed inputs, five LoRA files in five
 on-disk conventions (diffusers/PEFT with and without metadata, kohya sd-scripts, ComfyUI-native, OneTrainer),
-and the reference outputs of the model with and without each LoRA (and a stack of three), all computed in
-float32 on the CPU.
+the reference outputs of the model with and without each LoRA (and a stack of three), all computed in
+float32 on the CPU, and golden LoRA gradients: dL/d(every LoRA factor) of L = mean((out - target)^2) for the
+PEFT, kohya and OneTrainer files (written last, from their own seeded generator, so the files above do not
+depend on them).
 
 Regenerate (from the repository root, on any machine with Python >= 3.10; no GPU needed):
 
@@ -24,6 +26,7 @@ Conventions (see shared/reference/flux-architecture.md §2-4 and shared/referenc
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -36,6 +39,8 @@ import numpy as np
 import torch
 
 SEED = 20241128
+GRAD_SEED = SEED + 1  # tiny-grad-target.safetensors (own generator, drawn after everything else)
+FD_SEED = SEED + 2  # which elements the finite-difference check of the gradients perturbs (not stored)
 
 # ----------------------------------------------------------------------------------------------------------
 # Model configuration (hidden = 2*16 = 32, MLP = 128, 2 double + 2 single blocks)
@@ -377,6 +382,39 @@ def model_forward(model, inputs, params=None):
     return torch.func.functional_call(model, params, args=(), kwargs=kw, strict=True)[0]
 
 
+@contextlib.contextmanager
+def flux_rope_f64():
+    """Run diffusers' Flux attention RoPE in float64 for a float64 model.
+
+    diffusers' `apply_rotary_emb` computes `(x.float() * cos + x_rotated.float() * sin).to(x.dtype)`, so a model
+    cast to float64 still rounds q and k to float32 there. That makes L a step function at the ~1e-7 level, which
+    ruins float64 finite differences (and blurs float64 references). Inside this context a float64 `x` is rotated
+    in float64 by the same formula; every other dtype goes to the original function (float32 runs are unchanged).
+    Only the golden-gradient checks use it. (The RoPE cos/sin tables and the time sinusoid stay float32: they are
+    constants w.r.t. the LoRA factors.)"""
+    import diffusers.models.transformers.transformer_flux as tf
+
+    orig = tf.apply_rotary_emb
+    calls = [0]
+
+    def rope(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if x.dtype != torch.float64:
+            return orig(x, freqs_cis, use_real=use_real, use_real_unbind_dim=use_real_unbind_dim,
+                        sequence_dim=sequence_dim)
+        assert use_real and use_real_unbind_dim == -1 and sequence_dim == 1, (use_real, use_real_unbind_dim, sequence_dim)
+        calls[0] += 1
+        cos, sin = (t[None, :, None, :].to(x.device) for t in freqs_cis)
+        x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+        return x * cos + x_rotated * sin
+
+    tf.apply_rotary_emb = rope
+    try:
+        yield calls
+    finally:
+        tf.apply_rotary_emb = orig
+
+
 def mse_loss(out, target):
     """L = mean((out - target)^2) over all elements (the loss of the golden gradients)."""
     return ((out - target) ** 2).mean()
@@ -482,6 +520,10 @@ outputs were computed with (in float32, eval mode).
 | `lora-kohya.safetensors` | bf16 | kohya sd-scripts LoRA, r=4, alpha=2.0 |
 | `lora-comfy.safetensors` | f16 | ComfyUI-native LoRA, r=3, alpha=1.5 |
 | `lora-onetrainer.safetensors` | f32 | OneTrainer LoRA, r=2, alpha=1.0 |
+| `tiny-grad-target.safetensors` | f32 | `target` [2,16,8] ~ N(0,1), regression target of the golden gradients |
+| `tiny-grad-peft.safetensors` | f32 | dL/d(LoRA factors) of `lora-peft.safetensors` (100 tensors, the file's key names) + `loss` [1] |
+| `tiny-grad-kohya.safetensors` | f32 | same for `lora-kohya.safetensors` (62 tensors) + `loss` [1] |
+| `tiny-grad-onetrainer.safetensors` | f32 | same for `lora-onetrainer.safetensors` (12 tensors) + `loss` [1] |
 
 ### Inputs
 
@@ -551,6 +593,42 @@ independent float64 re-implementation of the BFL forward (`bfl_forward` in the s
 sinusoid. Both BFL and diffusers compute it in float32 (`args = (1000*t)_f32 * exp(-ln(10000)*j/128)_f32`); at
 guidance 4.0 the argument is ~4000 rad, so computing it in f64 instead moves the output by ~1.2e-5 relative L2.
 Compute it in f32 in that order to stay at the ~1e-6 level.
+
+### Golden LoRA gradients (`tiny-grad-*.safetensors`)
+
+- Loss: `L = mean((out - target)^2)` averaged over **all** 2*16*8 = 256 elements (so dL/dout = 2*(out - target)/256),
+  `target` from `tiny-grad-target.safetensors` (own generator, seed 20241129, drawn after everything else, so
+  the files above are unchanged by it), `out` = the model on `tiny-inputs.safetensors` with **one** LoRA file at
+  multiplier 1.0, its own alpha/r applying (peft 8/4 = 2, kohya 2/4 = 0.5, OneTrainer 1/2 = 0.5). `out` is
+  bit-identical to `tiny-expected.safetensors` `peft` / `kohya` / `onetrainer` (checked).
+- Each file holds dL/d(every LoRA factor tensor of that LoRA file) by torch autograd in float32 (base weights
+  frozen), under **exactly the LoRA file's key names**, same shapes, all float32; no entry for `.alpha`. Plus
+  `loss` [1] f32 (the f32 forward's loss). Metadata (strings): `lora`, `multiplier` = 1.0, `inputs`, `target`,
+  `loss`.
+- `tiny-grad-peft.safetensors` (100 tensors, `transformer.<module>.lora_{A,B}.weight`): through diffusers + PEFT
+  itself (the adapter model of the `peft` reference, unmerged LoRA layers, requires_grad only on
+  `lora_A/lora_B["default"]`; PEFT's adapter name stripped from the parameter names). Cross-checks: the same
+  through `load_lora_adapter(lora-peft.safetensors)` (identical); through merged weights W + 2*B@A
+  (`torch.func.functional_call`, ~2e-6); central finite differences in float64 (h = 1e-5) on 6 elements of
+  6 different tensors (3 lora_A, 3 lora_B, random among entries with |grad| >= 1% of that tensor's max): f64
+  autograd within ~1e-7 relative, the stored f32 values within a few 1e-6.
+- `tiny-grad-kohya.safetensors` (62 tensors, `lora_unet_<BFL module>.lora_{down,up}.weight`): through merged
+  BFL-layout weights W_bfl + 0.5*up@down with up/down as float32 leaves (the bf16 factors upcast exactly), the
+  differentiable BFL -> diffusers converter and `functional_call` of the diffusers model. So the gradient of a
+  fused module (`img/txt_attn.qkv`, `linear1`, `final_layer.adaLN_modulation.1`) collects all of its q/k/v(/mlp)
+  row blocks (the latter with its halves swapped back to BFL shift,scale order). Cross-checked against the
+  independent float64 BFL-layout forward (`bfl_forward`, ~1e-6).
+- `tiny-grad-onetrainer.safetensors` (12 tensors, `lora_transformer_<diffusers module>.lora_{down,up}.weight`,
+  incl. `norm_out.linear` in diffusers scale,shift row order): through merged diffusers weights W + 0.5*up@down;
+  cross-checked against a PEFT adapter holding the same factors (unmerged, ~1e-6).
+- Tolerances: per tensor, the stored f32 gradients differ from the same autograd in float64 by <= ~1.6e-6
+  relative L2 (summary below); an f32 implementation with another reduction order should land within ~1e-5
+  (1e-4 is a safe test bound), the loss within ~1e-6 relative.
+- float64 references: diffusers' `apply_rotary_emb` computes `(x.float() * cos + ...).to(x.dtype)`, i.e. it
+  rounds q and k to float32 even in a model cast to float64. The gradient checks therefore run their float64
+  passes with a float64 RoPE (`flux_rope_f64` in the script: same formula, no downcast; float32 runs untouched).
+  Without it the float64 finite differences disagree with autograd by ~1e-3. (The output floor figures above
+  do not use it.)
 
 ## Generator summary (stdout of the run that wrote these files)
 
@@ -869,6 +947,197 @@ def main():
         assert expected[k].shape == (B, L_IMG, MODEL_CONFIG["in_channels"]) and torch.isfinite(expected[k]).all(), k
     save_st({k: expected[k].contiguous() for k in order}, os.path.join(out_dir, "tiny-expected.safetensors"))
 
+    # ---------------- 6. golden LoRA gradients ----------------
+    # Added after every file above is final: the target and the finite-difference picks come from their own
+    # generators (GRAD_SEED, FD_SEED), so the RNG stream behind the files above is untouched.
+    # L = mean((out - target)^2) over all B*L_IMG*C elements, `out` = model on tiny-inputs with ONE LoRA file at
+    # multiplier 1.0 (the file's own alpha/r applies); dL/d(every LoRA factor) by autograd, base weights frozen.
+    grad_gen = torch.Generator().manual_seed(GRAD_SEED)
+    target = torch.randn((B, L_IMG, MODEL_CONFIG["in_channels"]), generator=grad_gen)
+    save_st({"target": target}, os.path.join(out_dir, "tiny-grad-target.safetensors"))
+    inputs64 = {k: v.double() for k, v in inputs.items()}
+    targets = {torch.float32: target, torch.float64: target.double()}
+    inps = {torch.float32: inputs, torch.float64: inputs64}
+    base_model64 = copy.deepcopy(base_model).double()
+    grad_stats = {}
+
+    def lora_file(fname):
+        return load_file(os.path.join(out_dir, fname))
+
+    def peft_grads(model, adapter, dtype, prefix="transformer."):
+        """Gradients through PEFT's own LoRA layers: requires_grad only on lora_A/lora_B of `adapter`; keys are
+        the file's (`<prefix><module>.lora_A.weight`, adapter name stripped). Returns loss, out, grads, model,
+        leaves (model is a copy of `model`, already cast to dtype by the caller)."""
+        m = copy.deepcopy(model)
+        m.requires_grad_(False)
+        leaves = {}
+        for name, p in m.named_parameters():
+            for ab in ("lora_A", "lora_B"):
+                suffix = f".{ab}.{adapter}.weight"
+                if name.endswith(suffix):
+                    assert p.dtype == dtype, (name, p.dtype)
+                    p.requires_grad_(True)
+                    leaves[f"{prefix}{name[: -len(suffix)]}.{ab}.weight"] = p
+        assert leaves and sum(p.requires_grad for p in m.parameters()) == len(leaves)
+        out = model_forward(m, inps[dtype])
+        loss = mse_loss(out, targets[dtype])
+        loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in leaves.items()}
+        return loss.detach(), out.detach(), grads, m, leaves
+
+    def merged_grads(factors, plan, layout, dtype, route="diffusers"):
+        """Gradients through merged weights W + scale * up @ down, with up/down leaves (the file's factors cast
+        to `dtype`). plan: [(module, down_key, up_key, scale)], module in `layout` ("bfl" or "diffusers") names.
+        route "diffusers": functional_call of the diffusers model on the (converted) merged weights;
+        route "bfl_forward": the independent BFL-layout forward (float64 only)."""
+        leaves = {}
+        for _, dk, uk, _ in plan:
+            for k in (dk, uk):
+                leaves[k] = factors[k].to(dtype).requires_grad_(True)
+        w = {k: v.to(dtype) for k, v in (bfl_sd if layout == "bfl" else base_sd).items()}
+        for mod, dk, uk, scale in plan:
+            add_delta(w, mod, scale * (leaves[uk] @ leaves[dk]))
+        if route == "bfl_forward":
+            assert layout == "bfl" and dtype == torch.float64
+            out = bfl_forward(w, inputs64, MODEL_CONFIG["num_attention_heads"], MODEL_CONFIG["axes_dims_rope"],
+                              out_f64=True)
+        else:
+            if layout == "bfl":
+                w = bfl_to_diffusers(w, NL, NS)
+            out = model_forward(base_model if dtype == torch.float32 else base_model64, inps[dtype], w)
+        loss = mse_loss(out, targets[dtype])
+        gs = torch.autograd.grad(loss, list(leaves.values()))
+        return loss.detach(), out.detach(), {k: g.detach() for k, g in zip(leaves, gs)}
+
+    def compare(ga, gb, what, tol):
+        """per-tensor rel-L2 of ga vs gb (reference); asserts < tol; returns {key: err}."""
+        assert set(ga) == set(gb), sorted(set(ga) ^ set(gb))
+        errs = {k: rel_l2(ga[k].double(), gb[k].double()) for k in sorted(ga)}
+        worst = max(errs, key=errs.get)
+        log(f"check: {what}: per-tensor rel-L2 max {errs[worst]:.3e} ({worst}), min {min(errs.values()):.3e}")
+        assert errs[worst] < tol, (what, worst, errs[worst])
+        return errs
+
+    def save_grads(fname, lora_name, grads, loss, errs64):
+        f = lora_file(lora_name)
+        want = {k: tuple(v.shape) for k, v in f.items() if not k.endswith(".alpha")}
+        assert want == {k: tuple(v.shape) for k, v in grads.items()}, sorted(set(want) ^ set(grads))
+        for k, g in grads.items():
+            assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().max() > 0, k
+        assert "loss" not in grads
+        tensors = {k: grads[k].contiguous() for k in sorted(grads)}
+        tensors["loss"] = loss.reshape(1).to(torch.float32)
+        save_st(tensors, os.path.join(out_dir, fname),
+                metadata={"lora": lora_name, "multiplier": "1.0", "inputs": "tiny-inputs.safetensors",
+                          "target": "tiny-grad-target.safetensors",
+                          "loss": "mean((out - target)^2) over all elements"})
+        back = load_file(os.path.join(out_dir, fname))
+        assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+        grad_stats[fname] = (len(grads), float(loss), errs64)
+
+    # ---- a. lora-peft.safetensors, through diffusers + PEFT itself (the model of the `peft` reference) ----
+    loss32, out32, g32, _, _ = peft_grads(peft_model, "default", torch.float32)
+    assert torch.equal(out32, expected["peft"]), rel_l2(out32, expected["peft"])
+    with flux_rope_f64() as rope_calls:
+        loss64, out64, g64, m64, leaves64 = peft_grads(copy.deepcopy(peft_model).double(), "default", torch.float64)
+    assert rope_calls[0] == 2 * (NL + NS), rope_calls  # q and k of every block went through the f64 RoPE
+    errs64 = compare(g32, g64, "grad peft f32 vs f64 autograd", 1e-4)
+    # the same from the file, loaded by diffusers' own loader (adapter "x")
+    m = FluxTransformer2DModel.from_pretrained(ddir, torch_dtype=torch.float32).eval()
+    m.load_lora_adapter(out_dir, weight_name="lora-peft.safetensors", prefix="transformer", adapter_name="x")
+    _, _, gx, _, _ = peft_grads(m, "x", torch.float32)
+    compare(gx, g32, "grad peft via load_lora_adapter(file) vs via the reference PEFT model", 1e-6)
+    del m
+    # merged-weights route (W + (alpha/r) B@A, functional_call) from the file's tensors
+    pf = lora_file("lora-peft.safetensors")
+    md = json.loads(st_header(os.path.join(out_dir, "lora-peft.safetensors"))["__metadata__"]["lora_adapter_metadata"])
+    p_scale = md["transformer.lora_alpha"] / md["transformer.r"]
+    plan = [(k[len("transformer."): -len(".lora_A.weight")], k, k.replace(".lora_A.", ".lora_B."), p_scale)
+            for k in sorted(pf) if k.endswith(".lora_A.weight")]
+    _, _, gm = merged_grads(pf, plan, "diffusers", torch.float32)
+    compare(gm, g32, "grad peft merged-weights route vs PEFT unmerged", 1e-5)
+    # central finite differences in float64 on elements of different tensors (3 lora_A, 3 lora_B)
+    fd_gen = torch.Generator().manual_seed(FD_SEED)
+    names = sorted(leaves64)
+    picks = []
+    for ab in ("lora_A", "lora_B"):
+        cand = [k for k in names if f".{ab}." in k]
+        picks += [cand[j] for j in torch.randperm(len(cand), generator=fd_gen)[:3].tolist()]
+    H = 1e-5
+    with torch.no_grad(), flux_rope_f64():
+        for k in picks:
+            p, g = leaves64[k], g64[k]
+            # a random element among those with |grad| >= 1% of the tensor's max (rel. error of ~0 is noise)
+            ok = (g.abs() >= 0.01 * g.abs().max()).flatten().nonzero().flatten()
+            idx = int(ok[torch.randint(len(ok), (1,), generator=fd_gen)])
+            flat = p.view(-1)
+            orig = flat[idx].item()
+            flat[idx] = orig + H
+            lp = mse_loss(model_forward(m64, inputs64), targets[torch.float64]).item()
+            flat[idx] = orig - H
+            lm = mse_loss(model_forward(m64, inputs64), targets[torch.float64]).item()
+            flat[idx] = orig
+            fd = (lp - lm) / (2 * H)
+            ag64, ag32 = g.view(-1)[idx].item(), g32[k].view(-1)[idx].item()
+            e64, e32 = abs(fd - ag64) / abs(ag64), abs(fd - ag32) / abs(ag32)
+            log(f"check: finite difference (f64, h={H:g}) {k}[{idx}]: fd {fd:+.6e}, autograd f64 {ag64:+.6e} "
+                f"(rel err {e64:.1e}), f32 {ag32:+.6e} (rel err {e32:.1e})")
+            assert e64 < 1e-4, (k, idx, fd, ag64)
+            assert e32 < 1e-3, (k, idx, fd, ag32)
+    del m64, leaves64
+    save_grads("tiny-grad-peft.safetensors", "lora-peft.safetensors", g32, loss32, errs64)
+
+    # ---- b. lora-kohya.safetensors (BFL names, bf16 factors upcast to f32 leaves), merged BFL weights ----
+    kf = lora_file("lora-kohya.safetensors")
+    k_name_to_mod = {"lora_unet_" + mod.replace(".", "_"): mod for mod in bfl_mods}
+    plan = []
+    for k in sorted(kf):
+        if k.endswith(".lora_down.weight"):
+            pre = k[: -len(".lora_down.weight")]
+            scale = float(kf[f"{pre}.alpha"].float()) / kf[k].shape[0]
+            plan.append((k_name_to_mod[pre], k, f"{pre}.lora_up.weight", scale))
+    assert len(plan) == len(kohya_mods) and {p[3] for p in plan} == {0.5}
+    loss32, out32, g32 = merged_grads(kf, plan, "bfl", torch.float32)
+    assert torch.equal(out32, expected["kohya"]), rel_l2(out32, expected["kohya"])
+    with flux_rope_f64():
+        _, _, g64 = merged_grads(kf, plan, "bfl", torch.float64)
+    errs64 = compare(g32, g64, "grad kohya f32 vs f64 (same merged route)", 1e-5)
+    _, _, gb = merged_grads(kf, plan, "bfl", torch.float64, route="bfl_forward")
+    compare(g32, gb, "grad kohya f32 vs independent BFL-layout forward (f64)", 1e-5)
+    save_grads("tiny-grad-kohya.safetensors", "lora-kohya.safetensors", g32, loss32, errs64)
+
+    # ---- c. lora-onetrainer.safetensors (diffusers names with underscores), merged diffusers weights ----
+    of = lora_file("lora-onetrainer.safetensors")
+    o_name_to_mod = {"lora_transformer_" + mod.replace(".", "_"): mod for mod in diff_mods}
+    plan = []
+    for k in sorted(of):
+        if k.endswith(".lora_down.weight"):
+            pre = k[: -len(".lora_down.weight")]
+            scale = float(of[f"{pre}.alpha"]) / of[k].shape[0]
+            plan.append((o_name_to_mod[pre], k, f"{pre}.lora_up.weight", scale))
+    assert len(plan) == len(ot_mods) and {p[3] for p in plan} == {0.5}
+    loss32, out32, g32 = merged_grads(of, plan, "diffusers", torch.float32)
+    assert torch.equal(out32, expected["onetrainer"]), rel_l2(out32, expected["onetrainer"])
+    with flux_rope_f64():
+        _, _, g64 = merged_grads(of, plan, "diffusers", torch.float64)
+    errs64 = compare(g32, g64, "grad onetrainer f32 vs f64 (same merged route)", 1e-5)
+    # cross-check: the same factors as a PEFT adapter (unmerged LoRA layers) on the exact modules
+    m = copy.deepcopy(base_model)
+    m.add_adapter(LoraConfig(r=O_R, lora_alpha=O_ALPHA, target_modules=[p[0] for p in plan]))
+    assert {n for n, mod in m.named_modules() if isinstance(mod, LoraLayer)} == set(ot_mods)
+    res = set_peft_model_state_dict(m, {f"{mod}.lora_{ab}.weight": of[f"{k[: -len('.lora_down.weight')]}.lora_{fk}.weight"]
+                                        for mod, k, _, _ in plan for ab, fk in (("A", "down"), ("B", "up"))},
+                                    adapter_name="default")
+    assert not res.unexpected_keys, res.unexpected_keys
+    m.eval()
+    _, _, gp, _, _ = peft_grads(m, "default", torch.float32, prefix="")
+    pre_of = {mod: k[: -len(".lora_down.weight")] for mod, k, _, _ in plan}
+    gp = {f"{pre_of[k.rsplit('.lora_', 1)[0]]}.lora_{'down' if '.lora_A.' in k else 'up'}.weight": v
+          for k, v in gp.items()}
+    compare(gp, g32, "grad onetrainer via PEFT (unmerged) vs merged route", 1e-5)
+    del m
+    save_grads("tiny-grad-onetrainer.safetensors", "lora-onetrainer.safetensors", g32, loss32, errs64)
+
     # ---------------- sanity + summary ----------------
     log()
     log(f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -888,6 +1157,12 @@ def main():
     for k in order:
         out64 = run_model(copy.deepcopy(ref_models[k]).double(), inputs64)
         log(f"  {k:12s} {rel_l2(expected[k].double(), out64):.3e}")
+    log("golden LoRA gradients (L = mean((out - target)^2) over all 256 elements, LoRA at multiplier 1.0);")
+    log("rel-L2 of the stored f32 gradients vs the same autograd in f64, per tensor:")
+    for fname, (n, loss, errs) in grad_stats.items():
+        worst = max(errs, key=errs.get)
+        log(f"  {fname:34s} {n:3d} tensors  loss {loss:.6f}  rel-L2 max {errs[worst]:.3e} min {min(errs.values()):.3e}")
+        log(f"  {'':34s} worst: {worst}")
     # every file must still load (headers were rewritten) and be < 1 MB in total
     for root, _, files in os.walk(out_dir):
         for fn in files:

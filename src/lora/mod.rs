@@ -1,8 +1,8 @@
-//! Adapters at inference, unmerged: the base weights are never touched, so adapters switch
-//! and rescale instantly. A `LoraSet` holds the terms of every loaded file, keyed by the BFL
-//! module they act on.
+//! Adapters, unmerged: the base weights are never touched, so adapters switch and rescale
+//! instantly. A `LoraSet` holds the terms of every loaded (or trained) adapter keyed by the BFL
+//! module they act on; `LoraGrads` holds their gradients in the same order.
 
-use crate::ops::lora::LoraTerm;
+use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub struct LoraDelta {
 #[derive(Clone, Default)]
 pub struct LoraSet {
     terms: HashMap<String, Vec<LoraDelta>>,
+    /// Training only: dropout probability on every adapter input and this step's mask seed.
+    dropout: Option<(f32, u64)>,
 }
 
 impl LoraSet {
@@ -39,26 +41,59 @@ impl LoraSet {
         }
     }
 
+    /// LoRA dropout with probability `p`, masks drawn from `seed` (one seed per step; every
+    /// module and term gets its own stream from it).
+    pub fn set_dropout(&mut self, p: f32, seed: u64) {
+        self.dropout = if p > 0.0 { Some((p, seed)) } else { None };
+    }
+
     pub fn is_empty(&self) -> bool {
         self.terms.is_empty()
     }
 
     /// The terms on module `name`, ready for `lora_linear_forward`.
     pub fn terms(&self, name: &str) -> Vec<LoraTerm<'_>> {
-        self.terms
-            .get(name)
-            .map(|v| {
-                v.iter()
-                    .map(|d| LoraTerm {
-                        a: &d.a,
-                        b: &d.b,
-                        rank: d.rank,
-                        scale: d.scale,
-                        rows: d.rows.clone(),
-                        dropout: None,
-                    })
-                    .collect()
+        let Some(v) = self.terms.get(name) else { return Vec::new() };
+        v.iter()
+            .enumerate()
+            .map(|(i, d)| LoraTerm {
+                a: &d.a,
+                b: &d.b,
+                rank: d.rank,
+                scale: d.scale,
+                rows: d.rows.clone(),
+                dropout: self.dropout.map(|(p, seed)| Dropout { p, seed: mix(seed, name, i) }),
             })
-            .unwrap_or_default()
+            .collect()
+    }
+}
+
+/// A seed per (step seed, module, term): FNV-1a over the name, folded with the others.
+fn mix(seed: u64, name: &str, i: usize) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in name.bytes().chain((i as u64).to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Gradients of every term of a `LoraSet`, keyed and ordered like its terms.
+#[derive(Clone, Default)]
+pub struct LoraGrads {
+    pub by_module: HashMap<String, Vec<TermGrad>>,
+}
+
+impl LoraGrads {
+    /// The accumulators of module `name`'s `n` terms (created zeroed on first use).
+    pub fn slot(&mut self, name: &str, n: usize) -> &mut [TermGrad] {
+        let v = self.by_module.entry(name.to_string()).or_default();
+        if v.len() < n {
+            v.resize(n, TermGrad::default());
+        }
+        &mut v[..n]
+    }
+
+    pub fn get(&self, name: &str, i: usize) -> Option<&TermGrad> {
+        self.by_module.get(name).and_then(|v| v.get(i))
     }
 }

@@ -1,9 +1,9 @@
 //! The conditioning vector: timestep, guidance and pooled-text embeddings summed (BFL
-//! `Flux.forward`, first lines).
+//! `Flux.forward`, first lines), and its backward into any LoRA on the embedders.
 
 use super::weights::{FluxWeights, MlpEmbedder};
-use crate::lora::LoraSet;
-use crate::ops::activation::silu_forward;
+use crate::lora::{LoraGrads, LoraSet};
+use crate::ops::activation::{silu_backward, silu_forward};
 use crate::ops::embedding::timestep_embedding;
 use anyhow::Result;
 
@@ -18,25 +18,64 @@ pub fn mlp_embedder_forward(e: &MlpEmbedder, inp: &[f32], b: usize, loras: &Lora
     e.out_layer.apply(&act, b, loras)
 }
 
-/// vec[b, hidden] = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(y)
-pub fn conditioning_forward(
-    w: &FluxWeights,
-    timesteps: &[f32],
-    guidance: Option<&[f32]>,
-    y: &[f32],
-    time_dim: usize,
+/// LoRA gradients of an embedder (its input is data, so no input gradient). Recomputes the
+/// hidden layer: it is b rows.
+pub fn mlp_embedder_backward(
+    e: &MlpEmbedder,
+    inp: &[f32],
+    dout: &[f32],
+    b: usize,
     loras: &LoraSet,
-) -> Result<Vec<f32>> {
-    let b = timesteps.len();
-    let mut temb = vec![0f32; b * time_dim];
-    timestep_embedding(&mut temb, timesteps, time_dim, TIME_FACTOR, MAX_PERIOD);
-    let mut vec = mlp_embedder_forward(&w.time_in, &temb, b, loras)?;
-    if let (Some(gi), Some(g)) = (&w.guidance_in, guidance) {
-        timestep_embedding(&mut temb, g, time_dim, TIME_FACTOR, MAX_PERIOD);
-        let ge = mlp_embedder_forward(gi, &temb, b, loras)?;
-        vec.iter_mut().zip(&ge).for_each(|(v, g)| *v += g);
+    g: &mut LoraGrads,
+) -> Result<()> {
+    let hdn = e.in_layer.apply(inp, b, loras)?;
+    let mut act = vec![0f32; hdn.len()];
+    silu_forward(&mut act, &hdn);
+    let dact = e.out_layer.backward_new(dout, &act, b, loras, g)?;
+    let mut dh = vec![0f32; hdn.len()];
+    silu_backward(&mut dh, &hdn, &dact);
+    e.in_layer.backward(None, &dh, inp, b, loras, g)
+}
+
+/// The sinusoidal embeddings of the timesteps and (when the model has one) the guidance.
+pub struct CondInputs {
+    pub temb: Vec<f32>,
+    pub gemb: Option<Vec<f32>>,
+}
+
+pub fn cond_inputs(timesteps: &[f32], guidance: Option<&[f32]>, time_dim: usize) -> CondInputs {
+    let emb = |t: &[f32]| {
+        let mut e = vec![0f32; t.len() * time_dim];
+        timestep_embedding(&mut e, t, time_dim, TIME_FACTOR, MAX_PERIOD);
+        e
+    };
+    CondInputs { temb: emb(timesteps), gemb: guidance.map(emb) }
+}
+
+/// vec[b, hidden] = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(y)
+pub fn conditioning_forward(w: &FluxWeights, ci: &CondInputs, y: &[f32], b: usize, loras: &LoraSet) -> Result<Vec<f32>> {
+    let mut vec = mlp_embedder_forward(&w.time_in, &ci.temb, b, loras)?;
+    if let (Some(gi), Some(ge)) = (&w.guidance_in, &ci.gemb) {
+        let g = mlp_embedder_forward(gi, ge, b, loras)?;
+        vec.iter_mut().zip(&g).for_each(|(v, g)| *v += g);
     }
     let ye = mlp_embedder_forward(&w.vector_in, y, b, loras)?;
     vec.iter_mut().zip(&ye).for_each(|(v, y)| *v += y);
     Ok(vec)
+}
+
+pub fn conditioning_backward(
+    w: &FluxWeights,
+    ci: &CondInputs,
+    y: &[f32],
+    dvec: &[f32],
+    b: usize,
+    loras: &LoraSet,
+    g: &mut LoraGrads,
+) -> Result<()> {
+    mlp_embedder_backward(&w.time_in, &ci.temb, dvec, b, loras, g)?;
+    if let (Some(gi), Some(ge)) = (&w.guidance_in, &ci.gemb) {
+        mlp_embedder_backward(gi, ge, dvec, b, loras, g)?;
+    }
+    mlp_embedder_backward(&w.vector_in, y, dvec, b, loras, g)
 }

@@ -2,12 +2,15 @@
 
 use super::attention::Rope;
 use super::config::FluxConfig;
-use super::double_block::{double_block_forward, ln_modulate, modulation_forward, Dims};
-use super::embed::conditioning_forward;
-use super::single_block::single_block_forward;
+use super::double_block::{
+    double_block_backward, double_block_forward, ln_modulate, ln_modulate_backward, modulation_backward,
+    modulation_forward, Dims, DoubleCache, LnMod,
+};
+use super::embed::{cond_inputs, conditioning_backward, conditioning_forward, CondInputs};
+use super::single_block::{single_block_backward, single_block_forward, SingleCache, SingleDims};
 use super::weights::FluxWeights;
 use crate::io::safetensors::SafeTensors;
-use crate::lora::LoraSet;
+use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::rope::rope_tables;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -123,36 +126,135 @@ pub fn joint_rope(cfg: &FluxConfig, inp: &FluxInputs) -> Rope {
     rope
 }
 
+/// Everything the backward pass needs from one forward pass.
+pub struct FluxCache {
+    cond: CondInputs,
+    vec: Vec<f32>,
+    rope: Rope,
+    double: Vec<DoubleCache>,
+    single: Vec<SingleCache>,
+    final_mods: Vec<Vec<f32>>,
+    final_ln: LnMod,
+}
+
 /// One forward pass: velocity prediction [b, n_img, out_channels].
 pub fn flux_forward(cfg: &FluxConfig, w: &FluxWeights, inp: &FluxInputs, loras: &LoraSet) -> Result<Vec<f32>> {
+    Ok(forward_impl(cfg, w, inp, loras, false)?.0)
+}
+
+/// The forward pass keeping every block's intermediates for `flux_backward`.
+pub fn flux_forward_train(
+    cfg: &FluxConfig,
+    w: &FluxWeights,
+    inp: &FluxInputs,
+    loras: &LoraSet,
+) -> Result<(Vec<f32>, FluxCache)> {
+    let (y, c) = forward_impl(cfg, w, inp, loras, true)?;
+    Ok((y, c.expect("kept")))
+}
+
+fn forward_impl(
+    cfg: &FluxConfig,
+    w: &FluxWeights,
+    inp: &FluxInputs,
+    loras: &LoraSet,
+    keep: bool,
+) -> Result<(Vec<f32>, Option<FluxCache>)> {
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
     let l = lt + li;
     let mut img = w.img_in.apply(&inp.img, b * li, loras).context("img_in")?;
-    let vec = conditioning_forward(w, &inp.timesteps, inp.guidance.as_deref(), &inp.y, cfg.time_dim, loras)?;
+    let cond = cond_inputs(&inp.timesteps, inp.guidance.as_deref(), cfg.time_dim);
+    let vec = conditioning_forward(w, &cond, &inp.y, b, loras)?;
     let mut txt = w.txt_in.apply(&inp.txt, b * lt, loras).context("txt_in")?;
     let rope = joint_rope(cfg, inp);
 
     let dims = Dims { b, lt, li, h, d };
+    let mut double = Vec::new();
     for (i, blk) in w.double_blocks.iter().enumerate() {
-        double_block_forward(blk, &mut img, &mut txt, &vec, &rope, dims, loras)
+        let cache = double_block_forward(blk, &mut img, &mut txt, &vec, &rope, dims, loras)
             .with_context(|| format!("double_blocks.{i}"))?;
+        if keep {
+            double.push(cache);
+        }
     }
-    // x = cat(txt, img) along the sequence, per sample.
+    let mut x = join_sequence(&txt, &img, b, lt, li, c);
+    let sd = SingleDims { b, l, h, d, mlp: cfg.mlp_hidden };
+    let mut single = Vec::new();
+    for (i, blk) in w.single_blocks.iter().enumerate() {
+        let cache =
+            single_block_forward(blk, &mut x, &vec, &rope, sd, loras).with_context(|| format!("single_blocks.{i}"))?;
+        if keep {
+            single.push(cache);
+        }
+    }
+    let (_, img) = split_sequence(&x, b, lt, li, c);
+    // Final layer: [shift, scale] (BFL order), LN, modulate, linear.
+    let final_mods = modulation_forward(&w.final_mod, &vec, b, 2, loras)?;
+    let final_ln = ln_modulate(&img, &final_mods[0], &final_mods[1], b, li, c);
+    let out = w.final_linear.apply(&final_ln.out, b * li, loras).context("final_layer.linear")?;
+    let cache = keep.then_some(FluxCache { cond, vec, rope, double, single, final_mods, final_ln });
+    Ok((out, cache))
+}
+
+/// x = cat(txt, img) along the sequence, per sample.
+fn join_sequence(txt: &[f32], img: &[f32], b: usize, lt: usize, li: usize, c: usize) -> Vec<f32> {
+    let l = lt + li;
     let mut x = vec![0f32; b * l * c];
     for bi in 0..b {
         x[bi * l * c..(bi * l + lt) * c].copy_from_slice(&txt[bi * lt * c..(bi + 1) * lt * c]);
         x[(bi * l + lt) * c..(bi + 1) * l * c].copy_from_slice(&img[bi * li * c..(bi + 1) * li * c]);
     }
-    for (i, blk) in w.single_blocks.iter().enumerate() {
-        single_block_forward(blk, &mut x, &vec, &rope, b, l, h, d, cfg.mlp_hidden, loras)
-            .with_context(|| format!("single_blocks.{i}"))?;
-    }
+    x
+}
+
+/// The inverse of `join_sequence`: (txt, img).
+fn split_sequence(x: &[f32], b: usize, lt: usize, li: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+    let l = lt + li;
+    let (mut txt, mut img) = (vec![0f32; b * lt * c], vec![0f32; b * li * c]);
     for bi in 0..b {
+        txt[bi * lt * c..(bi + 1) * lt * c].copy_from_slice(&x[bi * l * c..(bi * l + lt) * c]);
         img[bi * li * c..(bi + 1) * li * c].copy_from_slice(&x[(bi * l + lt) * c..(bi + 1) * l * c]);
     }
-    // Final layer: [shift, scale] (BFL order), LN, modulate, linear.
-    let fm = modulation_forward(&w.final_mod, &vec, b, 2, loras)?;
-    let xm = ln_modulate(&img, &fm[0], &fm[1], b, li, c);
-    w.final_linear.apply(&xm, b * li, loras).context("final_layer.linear")
+    (txt, img)
+}
+
+/// Backward from d(out) [b, n_img, out_channels] to the gradients of every LoRA term in
+/// `loras`. Frozen base weights get no gradient.
+pub fn flux_backward(
+    cfg: &FluxConfig,
+    w: &FluxWeights,
+    inp: &FluxInputs,
+    cache: &FluxCache,
+    dout: &[f32],
+    loras: &LoraSet,
+) -> Result<LoraGrads> {
+    let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
+    let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+    let l = lt + li;
+    let mut g = LoraGrads::default();
+    let vec = &cache.vec;
+    let mut dvec = vec![0f32; vec.len()];
+
+    let dxm = w.final_linear.backward_new(dout, &cache.final_ln.out, b * li, loras, &mut g)?;
+    let (dimg, dsh, dsc) = ln_modulate_backward(&cache.final_ln, &dxm, &cache.final_mods[1], b, li, c);
+    modulation_backward(&w.final_mod, vec, &[dsh, dsc], b, &mut dvec, loras, &mut g)?;
+
+    // Text tokens after the last single block get no gradient from the loss.
+    let mut dx = join_sequence(&vec![0f32; b * lt * c], &dimg, b, lt, li, c);
+    let sd = SingleDims { b, l, h, d, mlp: cfg.mlp_hidden };
+    for (i, (blk, bc)) in w.single_blocks.iter().zip(&cache.single).enumerate().rev() {
+        single_block_backward(blk, bc, &mut dx, vec, &mut dvec, &cache.rope, sd, loras, &mut g)
+            .with_context(|| format!("single_blocks.{i} backward"))?;
+    }
+    let (mut dtxt, mut dimg) = split_sequence(&dx, b, lt, li, c);
+    let dims = Dims { b, lt, li, h, d };
+    for (i, (blk, bc)) in w.double_blocks.iter().zip(&cache.double).enumerate().rev() {
+        double_block_backward(blk, bc, &mut dimg, &mut dtxt, vec, &mut dvec, &cache.rope, dims, loras, &mut g)
+            .with_context(|| format!("double_blocks.{i} backward"))?;
+    }
+    w.txt_in.backward(None, &dtxt, &inp.txt, b * lt, loras, &mut g)?;
+    w.img_in.backward(None, &dimg, &inp.img, b * li, loras, &mut g)?;
+    conditioning_backward(w, &cache.cond, &inp.y, &dvec, b, loras, &mut g)?;
+    Ok(g)
 }

@@ -1,54 +1,108 @@
 //! SingleStreamBlock (BFL `layers.py`): attention and MLP in parallel from one fused input
 //! projection (linear1) and one fused output projection (linear2). §2.8 of the reference.
 
-use super::attention::{head_rmsnorm, rope_attention, Qkv, Rope};
-use super::double_block::{ln_modulate, modulation_forward};
+use super::attention::{attention_block, attention_block_backward, AttnCache, AttnShape, Qkv, Rope};
+use super::double_block::{ln_modulate, ln_modulate_backward, modulation_backward, modulation_forward, LnMod};
 use super::weights::SingleBlock;
-use crate::lora::LoraSet;
-use crate::ops::activation::gelu_tanh;
+use crate::lora::{LoraGrads, LoraSet};
+use crate::ops::activation::{gelu_tanh, gelu_tanh_grad};
 use crate::ops::attention::{merge_heads, split_heads};
-use crate::ops::modulation::gated_residual_forward;
+use crate::ops::modulation::{gated_residual_backward, gated_residual_forward};
 use anyhow::Result;
 
-/// Updates x [b, l, c] (the joint [txt ; img] sequence) in place. `mlp` is the MLP width.
+/// Shapes: batch, joint tokens, heads, head dim, MLP width.
+#[derive(Clone, Copy)]
+pub struct SingleDims {
+    pub b: usize,
+    pub l: usize,
+    pub h: usize,
+    pub d: usize,
+    pub mlp: usize,
+}
+
+pub struct SingleCache {
+    /// [shift, scale, gate]
+    mods: Vec<Vec<f32>>,
+    ln: LnMod,
+    /// linear1 output [b·l, 3c + mlp], linear2 input [b·l, c + mlp] and output [b·l, c].
+    h1: Vec<f32>,
+    cat: Vec<f32>,
+    out: Vec<f32>,
+    attn: AttnCache,
+}
+
+/// Updates x [b, l, c] (the joint [txt ; img] sequence) in place.
 pub fn single_block_forward(
     w: &SingleBlock,
     x: &mut [f32],
     vec: &[f32],
     rope: &Rope,
-    b: usize,
-    l: usize,
-    h: usize,
-    d: usize,
-    mlp: usize,
+    sd: SingleDims,
     loras: &LoraSet,
-) -> Result<()> {
+) -> Result<SingleCache> {
+    let SingleDims { b, l, h, d, mlp } = sd;
     let c = h * d;
-    // [shift, scale, gate]
-    let md = modulation_forward(&w.modulation, vec, b, 3, loras)?;
-    let xm = ln_modulate(x, &md[0], &md[1], b, l, c);
+    let mods = modulation_forward(&w.modulation, vec, b, 3, loras)?;
+    let ln = ln_modulate(x, &mods[0], &mods[1], b, l, c);
     let w1 = 3 * c + mlp;
-    let h1 = w.linear1.apply(&xm, b * l, loras)?;
+    let h1 = w.linear1.apply(&ln.out, b * l, loras)?;
 
     let mut qkv = Qkv::zeros(b * h * l * d);
     for (j, dst) in [&mut qkv.q, &mut qkv.k, &mut qkv.v].into_iter().enumerate() {
         split_heads(dst, &h1, b, l, w1, j * c, h, d, l, 0);
     }
-    head_rmsnorm(&mut qkv.q, &w.q_norm.load()?, b, h, l, d, 0..l);
-    head_rmsnorm(&mut qkv.k, &w.k_norm.load()?, b, h, l, d, 0..l);
-    let o = rope_attention(&mut qkv, rope, b, h, l, d);
+    let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
+    let attn = attention_block(qkv, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d });
 
     // linear2 input: [attention output | GELU(mlp part of linear1)]
     let w2 = c + mlp;
     let mut cat = vec![0f32; b * l * w2];
-    merge_heads(&mut cat, &o, b, l, w2, 0, h, d, l, 0);
+    merge_heads(&mut cat, &attn.o, b, l, w2, 0, h, d, l, 0);
     for t in 0..b * l {
         let src = &h1[t * w1 + 3 * c..(t + 1) * w1];
-        for (dst, &v) in cat[t * w2 + c..(t + 1) * w2].iter_mut().zip(src) {
-            *dst = gelu_tanh(v);
-        }
+        cat[t * w2 + c..(t + 1) * w2].iter_mut().zip(src).for_each(|(o, &v)| *o = gelu_tanh(v));
     }
     let out = w.linear2.apply(&cat, b * l, loras)?;
-    gated_residual_forward(x, &out, &md[2], b, l, c);
-    Ok(())
+    gated_residual_forward(x, &out, &mods[2], b, l, c);
+    Ok(SingleCache { mods, ln, h1, cat, out, attn })
+}
+
+/// Backward: `dx` holds d(output) on entry and d(input) on exit; d vec is added into `dvec`.
+#[allow(clippy::too_many_arguments)]
+pub fn single_block_backward(
+    w: &SingleBlock,
+    cache: &SingleCache,
+    dx: &mut [f32],
+    vec: &[f32],
+    dvec: &mut [f32],
+    rope: &Rope,
+    sd: SingleDims,
+    loras: &LoraSet,
+    g: &mut LoraGrads,
+) -> Result<()> {
+    let SingleDims { b, l, h, d, mlp } = sd;
+    let c = h * d;
+    let (w1, w2) = (3 * c + mlp, c + mlp);
+    let mut dmods = vec![vec![0f32; b * c]; 3];
+    let mut dout = vec![0f32; dx.len()];
+    gated_residual_backward(&mut dout, &mut dmods[2], dx, &cache.out, &cache.mods[2], b, l, c);
+    let dcat = w.linear2.backward_new(&dout, &cache.cat, b * l, loras, g)?;
+
+    let mut dh1 = vec![0f32; b * l * w1];
+    for t in 0..b * l {
+        let (src, dsrc) = (&cache.h1[t * w1 + 3 * c..(t + 1) * w1], &dcat[t * w2 + c..(t + 1) * w2]);
+        dh1[t * w1 + 3 * c..(t + 1) * w1].iter_mut().zip(src).zip(dsrc).for_each(|((o, &v), &gd)| *o = gd * gelu_tanh_grad(v));
+    }
+    let mut d_o = vec![0f32; b * h * l * d];
+    split_heads(&mut d_o, &dcat, b, l, w2, 0, h, d, l, 0);
+    let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
+    let dq = attention_block_backward(&cache.attn, &d_o, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d });
+    for (j, src) in [&dq.q, &dq.k, &dq.v].into_iter().enumerate() {
+        merge_heads(&mut dh1, src, b, l, w1, j * c, h, d, l, 0);
+    }
+    let dxm = w.linear1.backward_new(&dh1, &cache.ln.out, b * l, loras, g)?;
+    let (dx0, dsh, dsc) = ln_modulate_backward(&cache.ln, &dxm, &cache.mods[1], b, l, c);
+    (dmods[0], dmods[1]) = (dsh, dsc);
+    dx.iter_mut().zip(&dx0).for_each(|(a, v)| *a += v);
+    modulation_backward(&w.modulation, vec, &dmods, b, dvec, loras, g)
 }

@@ -2,8 +2,8 @@
 
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
-use crate::lora::LoraSet;
-use crate::ops::lora::lora_linear_forward;
+use crate::lora::{LoraGrads, LoraSet};
+use crate::ops::lora::{lora_linear_backward, lora_linear_forward};
 use crate::util::Rng;
 use anyhow::Result;
 use std::collections::HashMap;
@@ -27,6 +27,34 @@ impl Linear {
         };
         lora_linear_forward(out, inp, &w, b.as_deref(), &loras.terms(&self.name), m, self.d_in, self.d_out);
         Ok(())
+    }
+
+    /// Backward through the frozen weight: accumulates the gradients of this module's LoRA
+    /// terms into `grads` and, when `dinp` is given, overwrites it with the input gradient.
+    pub fn backward(
+        &self,
+        dinp: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        loras: &LoraSet,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let terms = loras.terms(&self.name);
+        if terms.is_empty() && dinp.is_none() {
+            return Ok(());
+        }
+        let w = self.weight.load()?;
+        let slot = grads.slot(&self.name, terms.len());
+        lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out);
+        Ok(())
+    }
+
+    /// The input gradient as a new buffer.
+    pub fn backward_new(&self, dout: &[f32], inp: &[f32], m: usize, loras: &LoraSet, grads: &mut LoraGrads) -> Result<Vec<f32>> {
+        let mut dx = vec![0f32; m * self.d_in];
+        self.backward(Some(&mut dx), dout, inp, m, loras, grads)?;
+        Ok(dx)
     }
 
     pub fn apply(&self, inp: &[f32], m: usize, loras: &LoraSet) -> Result<Vec<f32>> {
