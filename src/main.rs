@@ -55,6 +55,21 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Gradient of mean((out − target)²), averaged over all elements, with respect to every
+    /// factor of one LoRA file at strength 1, written under the file's own tensor names (f32).
+    Grad {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Inputs, as for `forward`.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// A safetensors with `target` [B,N,C_in].
+        #[arg(long)]
+        target: PathBuf,
+        /// Output safetensors; the loss is in its metadata.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +83,18 @@ fn main() -> Result<()> {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
             cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown)?;
             println!("wrote {}", out.display());
+        }
+        Cmd::Grad { m, inputs, target, out } => {
+            let unknown = cli::parse_unknown(&m.lora_unknown)?;
+            let [lora] = m.lora.as_slice() else {
+                anyhow::bail!("grad takes exactly one --lora FILE (the adapter to differentiate)");
+            };
+            let (path, scale) = flux_kernels::io::lora_formats::parse_lora_arg(lora)?;
+            if scale != 1.0 {
+                anyhow::bail!("grad differentiates at strength 1; drop the :{scale} from --lora");
+            }
+            let loss = cli::grad::run(&m.model, &inputs, &target, &path, &out, m.rope_axes.as_deref(), unknown)?;
+            println!("loss {loss:.6e}; wrote {}", out.display());
         }
     }
     Ok(())

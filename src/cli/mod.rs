@@ -1,6 +1,7 @@
 //! Subcommands, one file each; main.rs only parses and dispatches.
 
 pub mod forward;
+pub mod grad;
 pub mod info;
 
 use crate::io::checkpoint::Checkpoint;

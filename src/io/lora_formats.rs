@@ -50,6 +50,8 @@ pub struct LoraFile {
     pub formats: BTreeSet<LoraFormat>,
     /// (BFL module, term), in file order of the modules.
     pub deltas: Vec<(String, LoraDelta)>,
+    /// The stored names behind each delta, in the same order.
+    pub keys: Vec<FactorKeys>,
     /// Per stored module name: rank and alpha as resolved.
     pub modules: BTreeMap<String, (usize, f32)>,
     /// Keys skipped under `UnknownKeys::Warn`.
@@ -61,6 +63,16 @@ impl LoraFile {
     pub fn param_count(&self) -> usize {
         self.deltas.iter().map(|(_, d)| d.a.len() + d.b.len()).sum()
     }
+}
+
+/// The file's own tensor names for one delta.
+#[derive(Clone, Debug)]
+pub struct FactorKeys {
+    pub down: String,
+    pub up: String,
+    pub alpha: Option<String>,
+    /// B's rows are stored in diffusers' [scale; shift] order (norm_out.linear).
+    pub swap_halves: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -223,6 +235,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     let meta = peft_meta(&st)?;
     let mut formats = BTreeSet::new();
     let mut deltas = Vec::new();
+    let mut keys = Vec::new();
     let mut modules = BTreeMap::new();
     let mut alpha_source = "alpha = rank (no alpha stored)";
     for (module, g) in &groups {
@@ -285,6 +298,12 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             b.rotate_left(half);
         }
         modules.insert(module.clone(), (rank, alpha));
+        keys.push(FactorKeys {
+            down: down.clone(),
+            up: up.clone(),
+            alpha: g.alpha.clone(),
+            swap_halves: target.swap_halves,
+        });
         deltas.push((
             target.module.clone(),
             LoraDelta { a: Arc::new(a), b: Arc::new(b), rank, scale, rows: target.rows },
@@ -293,7 +312,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     if deltas.is_empty() {
         bail!("{p}: no LoRA factors found for this model");
     }
-    Ok(LoraFile { path: path.to_path_buf(), formats, deltas, modules, skipped, alpha_source })
+    Ok(LoraFile { path: path.to_path_buf(), formats, deltas, keys, modules, skipped, alpha_source })
 }
 
 /// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).

@@ -62,7 +62,14 @@ fn head_rmsnorm(x: &mut [f32], rstd: &mut [f32], weight: &[f32], s: &AttnShape, 
     }
 }
 
-fn head_rmsnorm_backward(dx: &mut [f32], raw: &[f32], rstd: &[f32], weight: &[f32], s: &AttnShape, rows: &Range<usize>) {
+fn head_rmsnorm_backward(
+    dx: &mut [f32],
+    raw: &[f32],
+    rstd: &[f32],
+    weight: &[f32],
+    s: &AttnShape,
+    rows: &Range<usize>,
+) {
     let AttnShape { b, h, l, d } = *s;
     for bh in 0..b * h {
         let r = (bh * l + rows.start) * d..(bh * l + rows.end) * d;

@@ -43,7 +43,14 @@ pub fn ln_modulate(x: &[f32], shift: &[f32], scale: &[f32], b: usize, l: usize, 
 }
 
 /// Backward of `ln_modulate`: returns (dx, dshift, dscale).
-pub fn ln_modulate_backward(m: &LnMod, dout: &[f32], scale: &[f32], b: usize, l: usize, c: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn ln_modulate_backward(
+    m: &LnMod,
+    dout: &[f32],
+    scale: &[f32],
+    b: usize,
+    l: usize,
+    c: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dn = vec![0f32; dout.len()];
     let (mut dsh, mut dsc) = (vec![0f32; b * c], vec![0f32; b * c]);
     modulate_backward(&mut dn, &mut dsh, &mut dsc, dout, &m.n, scale, b, l, c);
@@ -130,7 +137,14 @@ pub struct DoubleCache {
 }
 
 /// First half of a stream: modulation vectors, LN + modulate, qkv projection.
-fn stream_qkv(w: &StreamWeights, x: &[f32], vec: &[f32], b: usize, l: usize, loras: &LoraSet) -> Result<(Vec<Vec<f32>>, LnMod, Vec<f32>)> {
+fn stream_qkv(
+    w: &StreamWeights,
+    x: &[f32],
+    vec: &[f32],
+    b: usize,
+    l: usize,
+    loras: &LoraSet,
+) -> Result<(Vec<Vec<f32>>, LnMod, Vec<f32>)> {
     let c = w.qkv.d_in;
     let mods = modulation_forward(&w.modulation, vec, b, 6, loras)?;
     let ln1 = ln_modulate(x, &mods[0], &mods[1], b, l, c);

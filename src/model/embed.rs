@@ -53,7 +53,13 @@ pub fn cond_inputs(timesteps: &[f32], guidance: Option<&[f32]>, time_dim: usize)
 }
 
 /// vec[b, hidden] = time_in(emb(t)) + guidance_in(emb(g)) + vector_in(y)
-pub fn conditioning_forward(w: &FluxWeights, ci: &CondInputs, y: &[f32], b: usize, loras: &LoraSet) -> Result<Vec<f32>> {
+pub fn conditioning_forward(
+    w: &FluxWeights,
+    ci: &CondInputs,
+    y: &[f32],
+    b: usize,
+    loras: &LoraSet,
+) -> Result<Vec<f32>> {
     let mut vec = mlp_embedder_forward(&w.time_in, &ci.temb, b, loras)?;
     if let (Some(gi), Some(ge)) = (&w.guidance_in, &ci.gemb) {
         let g = mlp_embedder_forward(gi, ge, b, loras)?;

@@ -91,7 +91,11 @@ pub fn single_block_backward(
     let mut dh1 = vec![0f32; b * l * w1];
     for t in 0..b * l {
         let (src, dsrc) = (&cache.h1[t * w1 + 3 * c..(t + 1) * w1], &dcat[t * w2 + c..(t + 1) * w2]);
-        dh1[t * w1 + 3 * c..(t + 1) * w1].iter_mut().zip(src).zip(dsrc).for_each(|((o, &v), &gd)| *o = gd * gelu_tanh_grad(v));
+        dh1[t * w1 + 3 * c..(t + 1) * w1]
+            .iter_mut()
+            .zip(src)
+            .zip(dsrc)
+            .for_each(|((o, &v), &gd)| *o = gd * gelu_tanh_grad(v));
     }
     let mut d_o = vec![0f32; b * h * l * d];
     split_heads(&mut d_o, &dcat, b, l, w2, 0, h, d, l, 0);

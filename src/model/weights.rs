@@ -51,7 +51,14 @@ impl Linear {
     }
 
     /// The input gradient as a new buffer.
-    pub fn backward_new(&self, dout: &[f32], inp: &[f32], m: usize, loras: &LoraSet, grads: &mut LoraGrads) -> Result<Vec<f32>> {
+    pub fn backward_new(
+        &self,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        loras: &LoraSet,
+        grads: &mut LoraGrads,
+    ) -> Result<Vec<f32>> {
         let mut dx = vec![0f32; m * self.d_in];
         self.backward(Some(&mut dx), dout, inp, m, loras, grads)?;
         Ok(dx)

@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 pub mod embedding;
 pub mod lora;
+pub mod loss;
 pub mod matmul;
 pub mod modulation;
 pub mod norm;
