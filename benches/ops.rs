@@ -25,7 +25,7 @@ fn lora_linear(c: &mut Criterion) {
     for r in [16usize, 64] {
         let a = rng.normal_vec(r * k, 0.03);
         let b = rng.normal_vec(n * r, 0.03);
-        let terms = [LoraTerm { a: &a, b: &b, rank: r, scale: 1.0, rows: 0..n }];
+        let terms = [LoraTerm { a: &a, b: &b, rank: r, scale: 1.0, rows: 0..n, dropout: None }];
         g.bench_function(BenchmarkId::new(format!("unmerged_r{r}"), format!("{m}x{k}x{n}")), |bch| {
             bch.iter(|| lora_linear_forward(&mut out, &x, &w, Some(&bias), &terms, m, k, n))
         });

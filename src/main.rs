@@ -34,12 +34,112 @@ struct ModelArgs {
     lora_unknown: String,
 }
 
+/// Adapter settings (PEFT's LoraConfig).
+#[derive(clap::Args, Clone)]
+struct AdapterArgs {
+    /// LoRA rank r.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha; the adapter's scale is alpha/r (alpha/√r with --rslora). Default: the rank.
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Comma-separated targets: presets attn, attn-mlp (diffusers' default), all (every linear in
+    /// the blocks, kohya's set); diffusers names matched as PEFT does, by suffix (to_q hits double
+    /// and single blocks); BFL names (img_attn.qkv, linear1) for one adapter on a fused
+    /// projection; or globs over full names (single_transformer_blocks.1?.proj_mlp).
+    #[arg(long)]
+    targets: Option<String>,
+    /// With the `all` preset, also adapt the modulation linears (norm1.linear, norm.linear …).
+    #[arg(long)]
+    include_modulation: bool,
+    /// Per-module rank overrides, PEFT rank_pattern style: to_q=8,proj_mlp=32
+    #[arg(long, value_name = "NAME=R,…")]
+    rank_pattern: Option<String>,
+    /// Per-module alpha overrides: to_q=8,proj_mlp=32
+    #[arg(long, value_name = "NAME=ALPHA,…")]
+    alpha_pattern: Option<String>,
+    /// rsLoRA scaling alpha/√r.
+    #[arg(long)]
+    rslora: bool,
+}
+
+impl AdapterArgs {
+    fn config(&self) -> Result<flux_kernels::lora::config::LoraConfig> {
+        use flux_kernels::lora::config::{parse_patterns, LoraConfig};
+        let mut c = LoraConfig::default();
+        if let Some(r) = self.rank {
+            c.rank = r;
+        }
+        c.alpha = self.alpha.unwrap_or(c.rank as f32);
+        if let Some(t) = &self.targets {
+            c.targets = t.split(',').map(String::from).collect();
+        }
+        c.include_modulation = self.include_modulation;
+        c.rslora = self.rslora;
+        if let Some(p) = &self.rank_pattern {
+            c.rank_pattern = parse_patterns(p, "--rank-pattern")?;
+        }
+        if let Some(p) = &self.alpha_pattern {
+            c.alpha_pattern = parse_patterns(p, "--alpha-pattern")?;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Subcommand)]
+enum LoraCmd {
+    /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya.
+    Convert {
+        /// Model or built-in configuration the LoRA belongs to (for module shapes).
+        #[arg(long)]
+        model: String,
+        /// Input LoRA file, any supported dialect; FILE:SCALE folds a strength in.
+        #[arg(long = "in", value_name = "FILE[:SCALE]")]
+        input: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// peft (diffusers, default) or kohya.
+        #[arg(long, default_value = "peft")]
+        format: String,
+        /// Storage dtype of the factors: f32, bf16, f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "error")]
+        lora_unknown: String,
+    },
+    /// Sum several LoRAs with strengths into one file, exactly (ranks concatenate per module).
+    Merge {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "peft")]
+        format: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "error")]
+        lora_unknown: String,
+        /// LoRA files with optional strengths: a.safetensors:0.8 b.safetensors:-0.5
+        #[arg(required = true, value_name = "FILE[:SCALE]")]
+        inputs: Vec<String>,
+    },
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Print the architecture, parameter counts, dtype and size of a model, and what each LoRA holds.
     Info {
         #[command(flatten)]
         m: ModelArgs,
+        /// With --rank/--targets: print the trainable-parameter line PEFT prints for the same
+        /// adapters on diffusers' FluxTransformer2DModel.
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Convert or merge LoRA files.
+    Lora {
+        #[command(subcommand)]
+        cmd: LoraCmd,
     },
     /// Run one forward pass of the CPU reference and write `out` [B, N, C] (f32).
     Forward {
@@ -75,9 +175,36 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Info { m } => {
+        Cmd::Info { m, adapter } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
             print!("{}", cli::info::run(&m.model, &m.lora, m.rope_axes.as_deref(), unknown)?);
+            if adapter.rank.is_some() || adapter.targets.is_some() {
+                let spec = cli::open_model(&m.model, m.rope_axes.as_deref())?;
+                let lc = adapter.config()?;
+                let specs = flux_kernels::lora::config::resolve_targets(spec.cfg(), &lc)?;
+                println!("{}", flux_kernels::lora::config::trainable_summary(spec.cfg(), &specs));
+            }
+        }
+        Cmd::Lora { cmd } => {
+            let msg = match cmd {
+                LoraCmd::Convert { model, input, out, format, dtype, lora_unknown } => cli::lora_cmd::convert(
+                    &model,
+                    &input,
+                    &out,
+                    format.parse()?,
+                    cli::lora_cmd::parse_dtype(&dtype)?,
+                    cli::parse_unknown(&lora_unknown)?,
+                )?,
+                LoraCmd::Merge { model, out, format, dtype, lora_unknown, inputs } => cli::lora_cmd::merge(
+                    &model,
+                    &inputs,
+                    &out,
+                    format.parse()?,
+                    cli::lora_cmd::parse_dtype(&dtype)?,
+                    cli::parse_unknown(&lora_unknown)?,
+                )?,
+            };
+            println!("{msg}");
         }
         Cmd::Forward { m, inputs, out } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;

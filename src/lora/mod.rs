@@ -2,6 +2,9 @@
 //! instantly. A `LoraSet` holds the terms of every loaded (or trained) adapter keyed by the BFL
 //! module they act on; `LoraGrads` holds their gradients in the same order.
 
+pub mod config;
+pub mod export;
+
 use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
 use std::collections::HashMap;
 use std::ops::Range;

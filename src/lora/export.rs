@@ -1,0 +1,244 @@
+//! Writing adapters: diffusers/PEFT (the default, what `load_lora_adapter` and
+//! `FluxPipeline.load_lora_weights` read) or kohya (BFL names with `.alpha`, what ComfyUI and
+//! stable-diffusion.cpp read). Every conversion here is exact: fused ↔ split projections
+//! duplicate A and split B (or concatenate ranks with a block-diagonal B), and a scale that the
+//! target format cannot express is folded into B.
+
+use crate::io::layout::diffusers_module;
+use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
+use crate::model::config::FluxConfig;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+
+/// One low-rank term in a format-neutral form: ΔY[:, rows] = scale·X·Aᵀ·Bᵀ on BFL module
+/// `module`, B's rows in BFL order.
+#[derive(Clone, Debug)]
+pub struct ExportTerm {
+    pub module: String,
+    pub rows: Range<usize>,
+    pub rank: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub scale: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormatOut {
+    Peft,
+    Kohya,
+}
+
+impl std::str::FromStr for LoraFormatOut {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "peft" | "diffusers" => Ok(LoraFormatOut::Peft),
+            "kohya" => Ok(LoraFormatOut::Kohya),
+            _ => bail!("--format takes peft (diffusers) or kohya, got `{s}`"),
+        }
+    }
+}
+
+/// A named tensor ready to write.
+pub type Named = (String, Vec<usize>, Vec<f32>);
+
+/// (A, B, rank, scale) of one term.
+type Factors = (Vec<f32>, Vec<f32>, usize, f32);
+
+/// Several terms on the same output rows become one: ranks concatenate, each term's scale
+/// folded into its block of B; the result has scale 1 (alpha = total rank).
+fn concat_terms(parts: &[Factors], rows: usize, d_in: usize) -> (Vec<f32>, Vec<f32>, usize) {
+    let r_total: usize = parts.iter().map(|p| p.2).sum();
+    let mut a = Vec::with_capacity(r_total * d_in);
+    let mut b = vec![0f32; rows * r_total];
+    let mut off = 0;
+    for (pa, pb, r, s) in parts {
+        a.extend_from_slice(pa);
+        for i in 0..rows {
+            for j in 0..*r {
+                b[i * r_total + off + j] = pb[i * r + j] * s;
+            }
+        }
+        off += r;
+    }
+    (a, b, r_total)
+}
+
+/// diffusers/PEFT tensors and the PEFT config (`lora_adapter_metadata`) describing them.
+pub fn peft_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<(Vec<Named>, serde_json::Value)> {
+    // diffusers module → [(A, B rows of that module in diffusers order, rank, scale)]
+    let mut by_part: BTreeMap<String, (usize, Vec<Factors>)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for t in terms {
+        let dm = diffusers_module(&t.module, cfg).ok_or_else(|| anyhow::anyhow!("`{}` is not a module", t.module))?;
+        let mut start = 0;
+        for p in &dm.parts {
+            let pr = start..start + p.rows;
+            start += p.rows;
+            if pr.end <= t.rows.start || pr.start >= t.rows.end {
+                continue;
+            }
+            if pr.start < t.rows.start || pr.end > t.rows.end {
+                bail!("a LoRA term on rows {:?} of `{}` cuts diffusers' `{}` in part", t.rows, t.module, p.name);
+            }
+            let lo = pr.start - t.rows.start;
+            let mut b = t.b[lo * t.rank..(lo + p.rows) * t.rank].to_vec();
+            if dm.swap_halves {
+                b.rotate_left(p.rows / 2 * t.rank);
+            }
+            let e = by_part.entry(p.name.clone()).or_insert_with(|| {
+                order.push(p.name.clone());
+                (p.rows, Vec::new())
+            });
+            e.1.push((t.a.clone(), b, t.rank, t.scale));
+        }
+    }
+    let mut tensors = Vec::new();
+    let mut ranks: BTreeMap<String, usize> = BTreeMap::new();
+    let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
+    for name in &order {
+        let (rows, parts) = &by_part[name];
+        let d_in = parts[0].0.len() / parts[0].2;
+        let (a, b, r, alpha) = if parts.len() == 1 {
+            let (a, b, r, s) = parts[0].clone();
+            (a, b, r, s * r as f32)
+        } else {
+            let (a, b, r) = concat_terms(parts, *rows, d_in);
+            (a, b, r, r as f32)
+        };
+        tensors.push((format!("transformer.{name}.lora_A.weight"), vec![r, d_in], a));
+        tensors.push((format!("transformer.{name}.lora_B.weight"), vec![*rows, r], b));
+        ranks.insert(name.clone(), r);
+        alphas.insert(name.clone(), alpha);
+    }
+    let mode = |v: Vec<String>| -> String {
+        let mut c: BTreeMap<String, usize> = BTreeMap::new();
+        v.into_iter().for_each(|x| *c.entry(x).or_default() += 1);
+        c.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or_default()
+    };
+    let r0: usize = mode(ranks.values().map(|r| r.to_string()).collect()).parse().unwrap_or(1);
+    let a0: f32 = mode(alphas.values().map(|a| a.to_string()).collect()).parse().unwrap_or(1.0);
+    let rank_pattern: serde_json::Map<String, serde_json::Value> =
+        ranks.iter().filter(|(_, &r)| r != r0).map(|(k, &r)| (k.clone(), r.into())).collect();
+    let alpha_pattern: serde_json::Map<String, serde_json::Value> =
+        alphas.iter().filter(|(_, &a)| a != a0).map(|(k, &a)| (k.clone(), (a as f64).into())).collect();
+    let meta = serde_json::json!({
+        "transformer.r": r0,
+        "transformer.lora_alpha": a0 as f64,
+        "transformer.target_modules": order,
+        "transformer.rank_pattern": rank_pattern,
+        "transformer.alpha_pattern": alpha_pattern,
+        "transformer.lora_dropout": 0.0,
+        "transformer.use_rslora": false,
+        "transformer.use_dora": false,
+        "transformer.init_lora_weights": true,
+        "transformer.bias": "none",
+        "transformer.fan_in_fan_out": false,
+        "transformer.peft_type": "LORA",
+    });
+    Ok((tensors, meta))
+}
+
+/// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`.
+pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named>> {
+    let mut by_module: BTreeMap<&str, Vec<&ExportTerm>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for t in terms {
+        if cfg.modules().iter().all(|m| m.name != t.module) {
+            bail!("`{}` is not a module", t.module);
+        }
+        by_module.entry(&t.module).or_insert_with(|| {
+            order.push(t.module.as_str());
+            Vec::new()
+        });
+        by_module.get_mut(t.module.as_str()).unwrap().push(t);
+    }
+    let mut out = Vec::new();
+    for m in order {
+        let ts = &by_module[m];
+        let d_out = cfg.modules().into_iter().find_map(|x| match x.kind {
+            crate::model::config::ModuleKind::Linear { d_out, .. } if x.name == m => Some(d_out),
+            _ => None,
+        });
+        let d_out = d_out.unwrap();
+        let d_in = ts[0].a.len() / ts[0].rank;
+        let key = format!("lora_unet_{}", m.replace('.', "_"));
+        let (down, up, r, alpha) = if ts.len() == 1 && ts[0].rows == (0..d_out) {
+            let t = ts[0];
+            (t.a.clone(), t.b.clone(), t.rank, t.scale * t.rank as f32)
+        } else {
+            // Block layout over the full output: each term's B sits at its rows and rank columns.
+            let r_total: usize = ts.iter().map(|t| t.rank).sum();
+            let mut down = Vec::with_capacity(r_total * d_in);
+            let mut up = vec![0f32; d_out * r_total];
+            let mut off = 0;
+            for t in ts {
+                down.extend_from_slice(&t.a);
+                for (i, row) in t.rows.clone().enumerate() {
+                    for j in 0..t.rank {
+                        up[row * r_total + off + j] = t.b[i * t.rank + j] * t.scale;
+                    }
+                }
+                off += t.rank;
+            }
+            (down, up, r_total, r_total as f32)
+        };
+        out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
+        out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
+        out.push((format!("{key}.alpha"), vec![], vec![alpha]));
+    }
+    Ok(out)
+}
+
+/// Writes `terms` in `format` atomically; returns the file size in bytes.
+pub fn write_lora(
+    path: &Path,
+    cfg: &FluxConfig,
+    terms: &[ExportTerm],
+    format: LoraFormatOut,
+    dtype: Dtype,
+    mut metadata: BTreeMap<String, String>,
+) -> Result<u64> {
+    let tensors = match format {
+        LoraFormatOut::Peft => {
+            let (t, meta) = peft_tensors(cfg, terms)?;
+            metadata.insert("format".into(), "pt".into());
+            metadata.insert("lora_adapter_metadata".into(), meta.to_string());
+            t
+        }
+        LoraFormatOut::Kohya => {
+            metadata.insert("ss_network_module".into(), "networks.lora_flux".into());
+            metadata.insert("modelspec.architecture".into(), "flux-1-dev/lora".into());
+            kohya_tensors(cfg, terms)?
+        }
+    };
+    let outs: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, s, v)| OutTensor {
+            name: n,
+            shape: s.clone(),
+            data: v,
+            // kohya's alpha is stored in the file dtype too; every float dtype holds small ranks exactly.
+            dtype,
+        })
+        .collect();
+    write_tensors(path, &outs, &metadata)?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// The terms of a loaded LoRA file (at strength `strength`) in export form.
+pub fn terms_of(file: &crate::io::lora_formats::LoraFile, strength: f32) -> Vec<ExportTerm> {
+    file.deltas
+        .iter()
+        .map(|(m, d)| ExportTerm {
+            module: m.clone(),
+            rows: d.rows.clone(),
+            rank: d.rank,
+            a: d.a.to_vec(),
+            b: d.b.to_vec(),
+            scale: d.scale * strength,
+        })
+        .collect()
+}
