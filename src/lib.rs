@@ -13,4 +13,6 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod sample;
+pub mod train;
 pub mod util;

@@ -136,6 +136,9 @@ enum Cmd {
         #[command(flatten)]
         adapter: AdapterArgs,
     },
+    /// Train a LoRA (flow matching, AdamW) on cached samples; with no --model and no --data, the
+    /// built-in demo: a tiny FLUX and a synthetic set, about a minute on a CPU.
+    Train(Box<cli::train::TrainArgs>),
     /// Convert or merge LoRA files.
     Lora {
         #[command(subcommand)]
@@ -183,6 +186,12 @@ fn main() -> Result<()> {
                 let lc = adapter.config()?;
                 let specs = flux_kernels::lora::config::resolve_targets(spec.cfg(), &lc)?;
                 println!("{}", flux_kernels::lora::config::trainable_summary(spec.cfg(), &specs));
+            }
+        }
+        Cmd::Train(args) => {
+            let o = cli::train::run(&args)?;
+            if o.interrupted {
+                println!("interrupted after step {}", o.steps_done);
             }
         }
         Cmd::Lora { cmd } => {

@@ -1,0 +1,223 @@
+//! `flux-kernels train`: settings from `--config FILE` (TOML, the same key names), each
+//! overridden by its flag; with no model and no data, the built-in demo.
+
+use crate::train::config::TrainConfig;
+use crate::train::trainer::{train, Outcome};
+use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Every key of the TOML config is also a flag; the flag wins.
+#[derive(clap::Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with any of the keys below (snake_case, e.g. `batch_size = 4`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Resume from a checkpoint folder (its config is the base; flags and --config still apply).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Base model (BFL file, diffusers folder, FLUX.1 repository). Omit with --data for the demo.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Folder of cached samples: .safetensors with latent [16,h,w], txt [L,4096], y [768].
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Prior preservation: folder of class samples (same format).
+    #[arg(long)]
+    pub class_data: Option<String>,
+    /// Weight λ of the class (prior) loss. Default 1.
+    #[arg(long)]
+    pub prior_weight: Option<f32>,
+    /// Output LoRA file. Default lora.safetensors (demo: demo/lora.safetensors).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// peft (diffusers, default) or kohya.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Storage of the written LoRA: bf16 (default), f16, f32.
+    #[arg(long)]
+    pub save_dtype: Option<String>,
+    /// LoRA rank. Default 16.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (scale alpha/rank). Default: the rank.
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Targets: attn, attn-mlp (default; demo: all with modulation), all; diffusers or BFL names; globs.
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// With `all`: also the modulation linears.
+    #[arg(long)]
+    pub include_modulation: Option<bool>,
+    /// Per-module ranks: to_q=8,proj_mlp=32
+    #[arg(long)]
+    pub rank_pattern: Option<String>,
+    /// Per-module alphas: to_q=8
+    #[arg(long)]
+    pub alpha_pattern: Option<String>,
+    /// rsLoRA scaling alpha/√rank.
+    #[arg(long)]
+    pub rslora: Option<bool>,
+    /// LoRA dropout on the adapter input. Default 0.
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// A initialisation: kaiming (PEFT default) or gaussian.
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Optimizer steps. Default 1000 (demo 600).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Learning rate. Default 1e-4 (demo 5e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Samples per micro-batch (one size per batch). Default 1 (demo 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step. Default 1.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Seed of initialisation, data order, noise, σ and dropout. Default 42.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// constant (default; demo cosine) or cosine, after the warm-up.
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// Linear warm-up steps. Default 0.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// AdamW decoupled weight decay. Default 0.01.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0: off). Default 1.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// σ sampling: uniform, logit_normal, sigmoid (default), flux_shift, shift.
+    #[arg(long)]
+    pub timestep_sampling: Option<String>,
+    #[arg(long)]
+    pub logit_mean: Option<f64>,
+    #[arg(long)]
+    pub logit_std: Option<f64>,
+    #[arg(long)]
+    pub sigmoid_scale: Option<f64>,
+    /// Fixed shift for `shift` sampling. Default 3.
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// none (default), sigma_sqrt, cosmap.
+    #[arg(long)]
+    pub loss_weighting: Option<String>,
+    /// Guidance fed to the guidance embedding while training. Default 1.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Probability of zeroing a sample's text states. Default 0.
+    #[arg(long)]
+    pub caption_dropout: Option<f32>,
+    /// Checkpoint every N steps (0: only on Ctrl-C).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Checkpoint folder. Default <out>.ckpt
+    #[arg(long)]
+    pub checkpoint_dir: Option<String>,
+    /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// RoPE axes when the model's head dim is not 128.
+    #[arg(long)]
+    pub rope_axes: Option<String>,
+    /// A log line every N steps (0: about 20 per run).
+    #[arg(long)]
+    pub log_every: Option<usize>,
+}
+
+macro_rules! apply {
+    ($cfg:ident, $args:ident, $($f:ident),*) => {
+        $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )*
+    };
+}
+
+impl TrainArgs {
+    /// The config: checkpoint's (when resuming) or defaults, then --config, then the flags.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = match &self.resume {
+            Some(dir) => crate::train::checkpoint::load(dir)?.config,
+            None => TrainConfig::default(),
+        };
+        if let Some(p) = &self.config {
+            let file = TrainConfig::from_toml(p)?;
+            // Keys present in the file override; parse it again as a table to know which.
+            let table: toml::Table = toml::from_str(&std::fs::read_to_string(p)?)?;
+            let mut merged = serde_json::to_value(&c)?;
+            let fv = serde_json::to_value(&file)?;
+            for k in table.keys() {
+                merged[k] = fv[k].clone();
+            }
+            c = serde_json::from_value(merged)?;
+        }
+        let a = self;
+        apply!(
+            c,
+            a,
+            model,
+            data,
+            class_data,
+            prior_weight,
+            out,
+            format,
+            save_dtype,
+            rank,
+            alpha,
+            targets,
+            include_modulation,
+            rank_pattern,
+            alpha_pattern,
+            rslora,
+            dropout,
+            init,
+            steps,
+            lr,
+            batch_size,
+            grad_accum,
+            seed,
+            lr_schedule,
+            warmup_steps,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            weight_decay,
+            max_grad_norm,
+            timestep_sampling,
+            logit_mean,
+            logit_std,
+            sigmoid_scale,
+            shift,
+            loss_weighting,
+            guidance,
+            caption_dropout,
+            checkpoint_every,
+            checkpoint_dir,
+            metrics,
+            rope_axes,
+            log_every
+        );
+        if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
+            c = c.builtin_demo();
+        }
+        Ok(c)
+    }
+}
+
+pub fn run(args: &TrainArgs) -> Result<Outcome> {
+    let tc = args.resolve()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    // Ctrl-C: finish the current step, save a checkpoint, write the LoRA, exit cleanly.
+    let _ = ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst));
+    train(tc, args.resume.as_deref(), stop, false)
+}

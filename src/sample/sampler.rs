@@ -1,0 +1,117 @@
+//! FLUX.1-dev sampling: Euler steps of the flow ODE from noise (t = 1) to data (t = 0) on the
+//! resolution-dependent shifted schedule (BFL `get_schedule`, `denoise`).
+
+use super::{img_ids, unpack_latent};
+use crate::lora::LoraSet;
+use crate::model::config::FluxConfig;
+use crate::model::flux::{flux_forward, FluxInputs};
+use crate::model::weights::FluxWeights;
+use crate::util::Rng;
+use anyhow::{bail, Result};
+
+/// mu(L) = m·L + b through (256 tokens, 0.5) and (4096 tokens, 1.15), not clamped.
+pub fn flux_mu(n_img_tokens: usize) -> f64 {
+    let m = (1.15 - 0.5) / (4096.0 - 256.0);
+    let b = 0.5 - 256.0 * m;
+    m * n_img_tokens as f64 + b
+}
+
+/// time_shift(mu, 1, t) = e^mu / (e^mu + (1/t − 1)).
+pub fn time_shift(mu: f64, t: f64) -> f64 {
+    if t <= 0.0 {
+        return 0.0;
+    }
+    if t >= 1.0 {
+        return 1.0;
+    }
+    mu.exp() / (mu.exp() + (1.0 / t - 1.0))
+}
+
+/// steps + 1 times from 1 to 0; shifted for dev (schnell samples the plain linspace).
+pub fn flux_schedule(steps: usize, n_img_tokens: usize, shift: bool) -> Vec<f32> {
+    let mu = flux_mu(n_img_tokens);
+    (0..=steps)
+        .map(|i| {
+            let t = 1.0 - i as f64 / steps as f64;
+            (if shift { time_shift(mu, t) } else { t }) as f32
+        })
+        .collect()
+}
+
+/// What to sample: text conditioning per image, size, steps, guidance, seed.
+pub struct SampleSpec {
+    /// T5 states [n_txt, context_in_dim] and CLIP pooled [vec_in_dim], one pair per image.
+    pub txt: Vec<Vec<f32>>,
+    pub y: Vec<Vec<f32>>,
+    pub n_txt: usize,
+    /// Latent height and width (pixels / 8; even).
+    pub h: usize,
+    pub w: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+}
+
+/// Gaussian noise latents [c, h, w] per image, from `seed` (image i draws after image i − 1).
+pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.normal_vec(c * h * w, 1.0)).collect()
+}
+
+/// Runs the Euler loop; returns one latent [c, h, w] per image (c = in_channels / 4).
+pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
+    if spec.h % 2 != 0 || spec.w % 2 != 0 || spec.h == 0 || spec.w == 0 {
+        bail!("latent size {}×{} must be even and non-zero (image size a multiple of 16)", spec.h, spec.w);
+    }
+    if spec.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let b = spec.txt.len();
+    let c = cfg.in_channels / 4;
+    let n_img = (spec.h / 2) * (spec.w / 2);
+    let mut x: Vec<f32> =
+        noise(b, c, spec.h, spec.w, spec.seed).iter().flat_map(|z| super::pack_latent(z, c, spec.h, spec.w)).collect();
+    let ids = img_ids(spec.h, spec.w);
+    let ts = flux_schedule(spec.steps, n_img, cfg.guidance_embed);
+    let mut inp = FluxInputs {
+        b,
+        n_img,
+        n_txt: spec.n_txt,
+        img: Vec::new(),
+        img_ids: (0..b).flat_map(|_| ids.iter().copied()).collect(),
+        txt: spec.txt.concat(),
+        txt_ids: vec![0.0; b * spec.n_txt * 3],
+        y: spec.y.concat(),
+        timesteps: vec![0.0; b],
+        guidance: cfg.guidance_embed.then(|| vec![spec.guidance; b]),
+    };
+    for win in ts.windows(2) {
+        inp.img = x.clone();
+        inp.timesteps = vec![win[0]; b];
+        let v = flux_forward(cfg, w, &inp, loras)?;
+        let dt = win[1] - win[0];
+        x.iter_mut().zip(&v).for_each(|(xi, vi)| *xi += dt * vi);
+    }
+    if x.iter().any(|v| !v.is_finite()) {
+        bail!("sampling diverged (non-finite latents)");
+    }
+    let per = n_img * cfg.in_channels;
+    Ok((0..b).map(|i| unpack_latent(&x[i * per..(i + 1) * per], c, spec.h, spec.w)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_the_reference_grid() {
+        // shared/reference/flux-architecture.md §5.2: 1024² (4096 tokens), 4 steps.
+        let ts = flux_schedule(4, 4096, true);
+        let want = [1.0, 0.9045, 0.7595, 0.5128, 0.0];
+        for (a, b) in ts.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "{ts:?}");
+        }
+        assert!((flux_mu(1024) - 0.63).abs() < 1e-3);
+        assert_eq!(flux_schedule(2, 4096, false), vec![1.0, 0.5, 0.0]);
+    }
+}

@@ -1,0 +1,188 @@
+//! Every training setting, from a TOML file and/or flags (a flag wins over the file).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model path; empty: the built-in tiny FLUX.
+    pub model: String,
+    /// Folder of cached samples (`latent`, `txt`, `y` per .safetensors); empty: built-in synthetic set.
+    pub data: String,
+    /// Prior preservation: folder of class samples, and the weight λ of their loss.
+    pub class_data: String,
+    pub prior_weight: f32,
+    pub out: String,
+    /// peft (diffusers) or kohya.
+    pub format: String,
+    /// f32, bf16 or f16 storage of the written LoRA.
+    pub save_dtype: String,
+    pub rank: usize,
+    /// 0: alpha = rank.
+    pub alpha: f32,
+    pub targets: String,
+    pub include_modulation: bool,
+    pub rank_pattern: String,
+    pub alpha_pattern: String,
+    pub rslora: bool,
+    pub dropout: f32,
+    /// kaiming (PEFT's default) or gaussian.
+    pub init: String,
+    pub steps: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// constant or cosine, after `warmup_steps` of linear warm-up.
+    pub lr_schedule: String,
+    pub warmup_steps: usize,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 disables.
+    pub max_grad_norm: f64,
+    /// uniform, logit_normal, sigmoid, flux_shift or shift.
+    pub timestep_sampling: String,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    pub sigmoid_scale: f64,
+    /// The fixed shift of `shift` sampling (kohya's discrete_flow_shift).
+    pub shift: f64,
+    /// none, sigma_sqrt or cosmap.
+    pub loss_weighting: String,
+    /// Guidance value fed to the guidance embedding while training.
+    pub guidance: f32,
+    /// Probability of zeroing a sample's text states (txt and y).
+    pub caption_dropout: f32,
+    /// Save a resumable checkpoint every N steps (0: only on Ctrl-C).
+    pub checkpoint_every: usize,
+    /// Checkpoint folder; empty: `<out>.ckpt`.
+    pub checkpoint_dir: String,
+    /// JSON-lines metrics file; empty: none.
+    pub metrics: String,
+    pub rope_axes: String,
+    /// Print a log line every N steps (0: about 20 lines per run).
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: String::new(),
+            data: String::new(),
+            class_data: String::new(),
+            prior_weight: 1.0,
+            out: "lora.safetensors".into(),
+            format: "peft".into(),
+            save_dtype: "bf16".into(),
+            rank: 16,
+            alpha: 0.0,
+            targets: "attn-mlp".into(),
+            include_modulation: false,
+            rank_pattern: String::new(),
+            alpha_pattern: String::new(),
+            rslora: false,
+            dropout: 0.0,
+            init: "kaiming".into(),
+            steps: 1000,
+            lr: 1e-4,
+            batch_size: 1,
+            grad_accum: 1,
+            seed: 42,
+            lr_schedule: "constant".into(),
+            warmup_steps: 0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: 1.0,
+            timestep_sampling: "sigmoid".into(),
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            sigmoid_scale: 1.0,
+            shift: 3.0,
+            loss_weighting: "none".into(),
+            guidance: 1.0,
+            caption_dropout: 0.0,
+            checkpoint_every: 0,
+            checkpoint_dir: String::new(),
+            metrics: String::new(),
+            rope_axes: String::new(),
+            log_every: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml(path: &Path) -> Result<TrainConfig> {
+        let s = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&s).with_context(|| format!("{}: invalid training config", path.display()))
+    }
+
+    /// The defaults of the built-in demo: the tiny model and synthetic set, sized to train on a
+    /// CPU in about a minute.
+    pub fn builtin_demo(mut self) -> TrainConfig {
+        let d = TrainConfig::default();
+        let keep = |v: &mut usize, dv: usize, demo: usize| {
+            if *v == dv {
+                *v = demo
+            }
+        };
+        keep(&mut self.steps, d.steps, 600);
+        keep(&mut self.batch_size, d.batch_size, 4);
+        if self.lr == d.lr {
+            self.lr = 5e-3;
+        }
+        if self.lr_schedule == d.lr_schedule {
+            self.lr_schedule = "cosine".into();
+        }
+        if self.targets == d.targets {
+            self.targets = "all".into();
+            self.include_modulation = true;
+        }
+        if self.out == d.out {
+            self.out = "demo/lora.safetensors".into();
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let one_of = |name: &str, v: &str, ok: &[&str]| -> Result<()> {
+            if !ok.contains(&v) {
+                bail!("{name} = `{v}`: expected one of {}", ok.join(", "));
+            }
+            Ok(())
+        };
+        one_of("format", &self.format, &["peft", "diffusers", "kohya"])?;
+        one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
+        one_of("init", &self.init, &["kaiming", "gaussian"])?;
+        one_of("lr_schedule", &self.lr_schedule, &["constant", "cosine"])?;
+        one_of(
+            "timestep_sampling",
+            &self.timestep_sampling,
+            &["uniform", "logit_normal", "sigmoid", "flux_shift", "shift"],
+        )?;
+        one_of("loss_weighting", &self.loss_weighting, &["none", "sigma_sqrt", "cosmap"])?;
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("steps, batch_size and grad_accum must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("lr must be positive, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.caption_dropout) || !(0.0..1.0).contains(&self.dropout) {
+            bail!("caption_dropout and dropout must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint_path(&self) -> String {
+        if self.checkpoint_dir.is_empty() {
+            format!("{}.ckpt", self.out)
+        } else {
+            self.checkpoint_dir.clone()
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The training loop: flow-matching loss on batches of cached samples, backward to the LoRA
+//! factors, AdamW, checkpoints, metrics, and the LoRA file at the end.
+
+use super::builtin;
+use super::checkpoint::{self, State};
+use super::config::TrainConfig;
+use super::data::{Dataset, Sample};
+use super::objective::{loss_weight, noisy_pair, sample_sigma};
+use super::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::safetensors::Dtype;
+use crate::lora::config::{parse_patterns, resolve_targets, AdapterSpec, Init, LoraConfig};
+use crate::lora::export::{write_lora, ExportTerm, LoraFormatOut};
+use crate::lora::{LoraDelta, LoraSet};
+use crate::model::config::{parse_rope_axes, FluxConfig};
+use crate::model::flux::{flux_backward, flux_forward_train, FluxInputs};
+use crate::model::weights::FluxWeights;
+use crate::ops::loss::{mse_backward, mse_forward};
+use crate::sample::sampler::{sample, SampleSpec};
+use crate::sample::{img_ids, pack_latent};
+use crate::util::Rng;
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A per-(seed, index, stream) generator: each micro-batch draws from its own stream, so the
+/// run's randomness needs no state beyond the step.
+fn stream(seed: u64, k: u64, salt: u64) -> Rng {
+    Rng::new(seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+}
+
+pub struct Outcome {
+    pub steps_done: usize,
+    pub interrupted: bool,
+    pub lora_path: Option<PathBuf>,
+    pub final_loss: f64,
+    /// (before, after) style distances of the built-in demo's samples.
+    pub demo: Option<(f32, f32)>,
+    pub log: Vec<String>,
+}
+
+struct Model {
+    cfg: FluxConfig,
+    weights: FluxWeights,
+    name: String,
+}
+
+fn open_model(tc: &TrainConfig) -> Result<Model> {
+    if tc.model.is_empty() {
+        let cfg = builtin::tiny_config();
+        let weights = builtin::tiny_weights(&cfg)?;
+        return Ok(Model { cfg, weights, name: "built-in tiny FLUX (random weights, seed 7)".into() });
+    }
+    let axes = if tc.rope_axes.is_empty() { None } else { Some(parse_rope_axes(&tc.rope_axes)?) };
+    let ckpt = Checkpoint::open(Path::new(&tc.model), axes)?;
+    let weights = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned())?;
+    Ok(Model { cfg: ckpt.cfg.clone(), weights, name: tc.model.clone() })
+}
+
+pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
+    Ok(LoraConfig {
+        rank: tc.rank,
+        alpha: if tc.alpha > 0.0 { tc.alpha } else { tc.rank as f32 },
+        rslora: tc.rslora,
+        dropout: tc.dropout,
+        targets: tc.targets.split(',').map(String::from).collect(),
+        include_modulation: tc.include_modulation,
+        rank_pattern: parse_patterns(&tc.rank_pattern, "rank_pattern")?,
+        alpha_pattern: parse_patterns(&tc.alpha_pattern, "alpha_pattern")?,
+        init: if tc.init == "gaussian" { Init::Gaussian } else { Init::KaimingUniform },
+    })
+}
+
+/// The adapters being trained: specs and their factors (B rows in BFL order).
+struct Adapters {
+    specs: Vec<AdapterSpec>,
+    scales: Vec<f32>,
+    /// A0, B0, A1, B1, …
+    params: Vec<Vec<f32>>,
+}
+
+impl Adapters {
+    fn set(&self, dropout: f32, seed: u64) -> LoraSet {
+        let deltas: Vec<(String, LoraDelta)> = self
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let d = LoraDelta {
+                    a: Arc::new(self.params[2 * i].clone()),
+                    b: Arc::new(self.params[2 * i + 1].clone()),
+                    rank: s.rank,
+                    scale: self.scales[i],
+                    rows: s.target.rows.clone(),
+                };
+                (s.target.module.clone(), d)
+            })
+            .collect();
+        let mut set = LoraSet::new();
+        set.add(&deltas, 1.0);
+        set.set_dropout(dropout, seed);
+        set
+    }
+
+    fn terms(&self) -> Vec<ExportTerm> {
+        self.specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ExportTerm {
+                module: s.target.module.clone(),
+                rows: s.target.rows.clone(),
+                rank: s.rank,
+                a: self.params[2 * i].clone(),
+                b: self.params[2 * i + 1].clone(),
+                scale: self.scales[i],
+            })
+            .collect()
+    }
+
+    fn layout(&self) -> Vec<String> {
+        self.specs.iter().map(|s| format!("{} r{}", s.name, s.rank)).collect()
+    }
+}
+
+/// Builds the inputs of one micro-batch: x_t, target ε − x0 and per-sample loss weights.
+fn make_batch(
+    cfg: &FluxConfig,
+    tc: &TrainConfig,
+    ds: &Dataset,
+    idx: &[usize],
+    rng: &mut Rng,
+) -> (FluxInputs, Vec<f32>, Vec<f32>) {
+    let s0: &Sample = &ds.samples[idx[0]];
+    let (h, w, n_txt) = (s0.h, s0.w, s0.n_txt);
+    let c = cfg.in_channels / 4;
+    let n_img = (h / 2) * (w / 2);
+    let b = idx.len();
+    let ids = img_ids(h, w);
+    let mut inp = FluxInputs {
+        b,
+        n_img,
+        n_txt,
+        img: Vec::with_capacity(b * n_img * cfg.in_channels),
+        img_ids: (0..b).flat_map(|_| ids.iter().copied()).collect(),
+        txt: Vec::with_capacity(b * n_txt * cfg.context_in_dim),
+        txt_ids: vec![0.0; b * n_txt * 3],
+        y: Vec::with_capacity(b * cfg.vec_in_dim),
+        timesteps: Vec::with_capacity(b),
+        guidance: cfg.guidance_embed.then(|| vec![tc.guidance; b]),
+    };
+    let mut target = Vec::with_capacity(b * n_img * cfg.in_channels);
+    let mut weights = Vec::with_capacity(b);
+    for &i in idx {
+        let s = &ds.samples[i];
+        let x0 = pack_latent(&s.latent, c, h, w);
+        let noise = rng.normal_vec(x0.len(), 1.0);
+        let sigma = sample_sigma(tc, n_img, rng);
+        let (xt, tgt) = noisy_pair(&x0, &noise, sigma);
+        inp.img.extend(xt);
+        target.extend(tgt);
+        inp.timesteps.push(sigma);
+        weights.push(loss_weight(&tc.loss_weighting, sigma));
+        // Caption dropout: the sample trains unconditioned, its text states zeroed.
+        let drop = tc.caption_dropout > 0.0 && (rng.uniform() as f32) < tc.caption_dropout;
+        inp.txt.extend(s.txt.iter().map(|&v| if drop { 0.0 } else { v }));
+        inp.y.extend(s.y.iter().map(|&v| if drop { 0.0 } else { v }));
+    }
+    (inp, target, weights)
+}
+
+/// Loss of one micro-batch; adds its gradients (times `gscale`) into `grads`.
+#[allow(clippy::too_many_arguments)]
+fn micro_step(
+    model: &Model,
+    tc: &TrainConfig,
+    ad: &Adapters,
+    ds: &Dataset,
+    k: u64,
+    salt: u64,
+    gscale: f32,
+    grads: &mut [Vec<f32>],
+) -> Result<f64> {
+    let idx = ds.batch(k, tc.batch_size, tc.seed ^ salt);
+    let mut rng = stream(tc.seed, k, salt);
+    let (inp, target, wts) = make_batch(&model.cfg, tc, ds, &idx, &mut rng);
+    let set = ad.set(tc.dropout, stream(tc.seed, k, salt ^ 0xD80).next_u64());
+    let (pred, cache) = flux_forward_train(&model.cfg, &model.weights, &inp, &set)?;
+    let loss = mse_forward(&pred, &target, Some(&wts));
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+    let mut dpred = vec![0f32; pred.len()];
+    mse_backward(&mut dpred, &pred, &target, Some(&wts));
+    dpred.iter_mut().for_each(|d| *d *= gscale);
+    let g = flux_backward(&model.cfg, &model.weights, &inp, &cache, &dpred, &set)?;
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in ad.specs.iter().enumerate() {
+        let ti = *seen.entry(&s.target.module).and_modify(|x| *x += 1).or_insert(0);
+        if let Some(tg) = g.get(&s.target.module, ti) {
+            grads[2 * i].iter_mut().zip(&tg.da).for_each(|(a, b)| *a += b);
+            grads[2 * i + 1].iter_mut().zip(&tg.db).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(loss)
+}
+
+fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet) -> Result<Vec<Vec<f32>>> {
+    let pick: Vec<&Sample> = ds.samples.iter().take(4).collect();
+    let spec = SampleSpec {
+        txt: pick.iter().map(|s| s.txt.clone()).collect(),
+        y: pick.iter().map(|s| s.y.clone()).collect(),
+        n_txt: pick[0].n_txt,
+        h: pick[0].h,
+        w: pick[0].w,
+        steps: 20,
+        guidance: 1.0,
+        seed: 1,
+    };
+    sample(&model.cfg, &model.weights, &spec, set)
+}
+
+fn mean_distance(lats: &[Vec<f32>]) -> f32 {
+    let (h, w) = (builtin::LATENT, builtin::LATENT);
+    lats.iter().map(|l| builtin::style_distance(l, h, w)).sum::<f32>() / lats.len() as f32
+}
+
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "lora".into());
+    out.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
+pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
+    tc.validate()?;
+    let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
+    let model = open_model(&tc)?;
+    let ds = if tc.data.is_empty() {
+        builtin::synthetic_dataset(&model.cfg)?
+    } else {
+        Dataset::load(Path::new(&tc.data), &model.cfg)?
+    };
+    let class = if tc.class_data.is_empty() {
+        None
+    } else {
+        Some(Dataset::load(Path::new(&tc.class_data), &model.cfg).context("class_data")?)
+    };
+    let lc = lora_config(&tc)?;
+    let specs = resolve_targets(&model.cfg, &lc)?;
+    let scales: Vec<f32> = specs.iter().map(|s| lc.scale(s)).collect();
+    let mut init_rng = stream(tc.seed, u64::MAX, 0x1417);
+    let params: Vec<Vec<f32>> = specs
+        .iter()
+        .flat_map(|s| {
+            let (a, b) = lc.init_factors(s, &mut init_rng);
+            [a, b]
+        })
+        .collect();
+    let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    let mut ad = Adapters { specs, scales, params };
+    let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
+    let mut start = 0;
+    let ckpt_dir = PathBuf::from(tc.checkpoint_path());
+    if let Some(dir) = resume {
+        let st = checkpoint::load(dir)?;
+        if st.layout != ad.layout() {
+            bail!("{}: the checkpoint's adapters differ from this config's (targets or ranks changed)", dir.display());
+        }
+        if st.params.iter().map(|p| p.len()).collect::<Vec<_>>() != sizes {
+            bail!("{}: checkpoint tensor sizes differ from this config's adapters", dir.display());
+        }
+        ad.params = st.params;
+        opt = st.opt;
+        start = st.step;
+        if start >= tc.steps {
+            bail!(
+                "{}: the checkpoint is at step {start}, and steps = {}; raise --steps to go on",
+                dir.display(),
+                tc.steps
+            );
+        }
+    }
+
+    let mut log = Vec::new();
+    let mut say = |s: String, pb: Option<&indicatif::ProgressBar>| {
+        if !quiet {
+            match pb {
+                Some(p) if !p.is_hidden() => p.println(&s),
+                _ => eprintln!("{s}"),
+            }
+        }
+        log.push(s);
+    };
+    let n_train: usize = ad.specs.iter().map(|s| s.param_count()).sum();
+    say(
+        format!(
+            "model: {}; data: {} samples{}; {} adapters, {} trainable parameters; {} steps from step {start}",
+            model.name,
+            ds.len(),
+            class.as_ref().map_or(String::new(), |c| format!(" + {} class samples (λ = {})", c.len(), tc.prior_weight)),
+            ad.specs.len(),
+            crate::cli::thousands(n_train),
+            tc.steps
+        ),
+        None,
+    );
+
+    let out = PathBuf::from(&tc.out);
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut demo_before = None;
+    if builtin_demo && start == 0 {
+        let data: Vec<Vec<f32>> = ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
+        crate::sample::preview::write_preview(&sibling(&out, "-data.png"), &data, builtin::LATENT, builtin::LATENT, 8)?;
+        let lats = demo_samples(&model, &ds, &LoraSet::new())?;
+        crate::sample::preview::write_preview(
+            &sibling(&out, "-before.png"),
+            &lats,
+            builtin::LATENT,
+            builtin::LATENT,
+            8,
+        )?;
+        let d = mean_distance(&lats);
+        demo_before = Some(d);
+        say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
+    }
+
+    let mut metrics = if tc.metrics.is_empty() {
+        None
+    } else {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&tc.metrics)
+                .with_context(|| format!("cannot open metrics file {}", tc.metrics))?,
+        )
+    };
+    let pb = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(tc.steps as u64) };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{per_sec}, ETA {eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(start as u64);
+    let log_every = if tc.log_every > 0 { tc.log_every } else { (tc.steps / 20).max(1) };
+    let save_state = |step: usize, ad: &Adapters, opt: &AdamW| -> Result<()> {
+        checkpoint::save(
+            &ckpt_dir,
+            &State { step, params: ad.params.clone(), opt: opt.clone(), config: tc.clone(), layout: ad.layout() },
+        )
+    };
+    let t0 = Instant::now();
+    let mut ema: Option<f64> = None;
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    let mut step = start;
+    while step < tc.steps {
+        let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let gscale = 1.0 / tc.grad_accum as f32;
+        let (mut loss, mut prior) = (0.0, 0.0);
+        for j in 0..tc.grad_accum {
+            let k = (step * tc.grad_accum + j) as u64;
+            loss += micro_step(&model, &tc, &ad, &ds, k, 0, gscale, &mut grads)? / tc.grad_accum as f64;
+            if let Some(cds) = &class {
+                let l = micro_step(&model, &tc, &ad, cds, k, 0xC1A55, gscale * tc.prior_weight, &mut grads)?;
+                prior += l / tc.grad_accum as f64;
+            }
+        }
+        let total = loss + tc.prior_weight as f64 * prior;
+        if !total.is_finite() {
+            pb.abandon();
+            let kept = if ckpt_dir.join("state.safetensors").exists() {
+                format!("the last good checkpoint is {}", ckpt_dir.display())
+            } else {
+                "no checkpoint was written".into()
+            };
+            bail!("step {}: the loss is not finite ({total}); stopping without writing the LoRA ({kept})", step + 1);
+        }
+        let mut gref: Vec<&mut Vec<f32>> = grads.iter_mut().collect();
+        let gnorm = clip_grad_norm(&mut gref, tc.max_grad_norm);
+        let lr = lr_at(&tc.lr_schedule, tc.lr, step, tc.warmup_steps, tc.steps);
+        let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
+        let mut p: Vec<&mut Vec<f32>> = ad.params.iter_mut().collect();
+        opt.step(&mut p, &g, lr);
+        step += 1;
+        last_loss = total;
+        let e = ema.map_or(total, |e| 0.9 * e + 0.1 * total);
+        ema = Some(e);
+        pb.set_position(step as u64);
+        pb.set_message(format!("loss {e:.4} lr {lr:.2e}"));
+        if let Some(f) = metrics.as_mut() {
+            let mut j = serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm});
+            if class.is_some() {
+                j["prior_loss"] = prior.into();
+            }
+            writeln!(f, "{j}").with_context(|| format!("cannot write {}", tc.metrics))?;
+        }
+        if step % log_every == 0 || step == tc.steps {
+            let pl = if class.is_some() { format!(" prior {prior:.4}") } else { String::new() };
+            say(
+                format!("step {step}/{} loss {loss:.4}{pl} (ema {e:.4}) lr {lr:.2e} |g| {gnorm:.3}", tc.steps),
+                Some(&pb),
+            );
+        }
+        if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
+            save_state(step, &ad, &opt)?;
+        }
+        if interrupt.load(Ordering::SeqCst) {
+            save_state(step, &ad, &opt)?;
+            say(
+                format!("interrupted: checkpoint at step {step} in {} (resume with --resume)", ckpt_dir.display()),
+                Some(&pb),
+            );
+            interrupted = true;
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let done = step - start;
+    say(format!("{done} steps in {secs:.1} s ({:.2} it/s)", done as f64 / secs.max(1e-9)), None);
+
+    let mut meta = BTreeMap::from([
+        ("flux_kernels.config".to_string(), serde_json::to_string(&tc)?),
+        ("flux_kernels.base_model".to_string(), model.name.clone()),
+        ("flux_kernels.steps".to_string(), step.to_string()),
+        ("flux_kernels.dataset_size".to_string(), ds.len().to_string()),
+        ("flux_kernels.rank".to_string(), tc.rank.to_string()),
+        ("flux_kernels.alpha".to_string(), lc.alpha.to_string()),
+        ("flux_kernels.targets".to_string(), tc.targets.clone()),
+    ]);
+    if interrupted {
+        meta.insert("flux_kernels.interrupted".into(), "true".into());
+    }
+    let format: LoraFormatOut = tc.format.parse()?;
+    let dtype = match tc.save_dtype.as_str() {
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        _ => Dtype::BF16,
+    };
+    let size = write_lora(&out, &model.cfg, &ad.terms(), format, dtype, meta)?;
+    say(format!("wrote {} ({} bytes, {:?} format)", out.display(), crate::cli::thousands(size as usize), format), None);
+
+    let mut demo = None;
+    if let (Some(before), false) = (demo_before, interrupted) {
+        let lats = demo_samples(&model, &ds, &ad.set(0.0, 0))?;
+        crate::sample::preview::write_preview(
+            &sibling(&out, "-after.png"),
+            &lats,
+            builtin::LATENT,
+            builtin::LATENT,
+            8,
+        )?;
+        let after = mean_distance(&lats);
+        say(
+            format!(
+                "after training: samples' colour is {after:.3} from the style colour (before: {before:.3}); previews: {} and {}",
+                sibling(&out, "-before.png").display(),
+                sibling(&out, "-after.png").display()
+            ),
+            None,
+        );
+        demo = Some((before, after));
+    }
+    Ok(Outcome { steps_done: step, interrupted, lora_path: Some(out), final_loss: last_loss, demo, log })
+}
