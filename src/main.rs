@@ -139,6 +139,60 @@ enum Cmd {
     /// Train a LoRA (flow matching, AdamW) on cached samples; with no --model and no --data, the
     /// built-in demo: a tiny FLUX and a synthetic set, about a minute on a CPU.
     Train(Box<cli::train::TrainArgs>),
+    /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
+    /// sets switched without reloading the base. Without --model: the built-in tiny model.
+    Sample {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_name = "A,B,C")]
+        rope_axes: Option<String>,
+        /// Conditioning: `txt` [L,D] or [B,L,D] (T5 states) and `y` [D] or [B,D] (CLIP pooled).
+        #[arg(long)]
+        cond: Option<PathBuf>,
+        /// Output folder: latents[-setK].safetensors and sample[-setK].png.
+        #[arg(long, default_value = "samples")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        width: usize,
+        #[arg(long, default_value_t = 1024)]
+        height: usize,
+        #[arg(long, default_value_t = 28)]
+        steps: usize,
+        /// Guidance fed to the guidance embedding (FLUX.1-dev is guidance-distilled).
+        #[arg(long, default_value_t = 3.5)]
+        guidance: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        /// LoRA applied to every set: FILE[:SCALE], repeatable.
+        #[arg(long, value_name = "FILE[:SCALE]")]
+        lora: Vec<String>,
+        /// A LoRA set sampled in its own pass: "a.safetensors:0.8,b.safetensors"; repeat for
+        /// several sets (the base stays loaded; "none" for the base alone).
+        #[arg(long, value_name = "FILE[:SCALE],…")]
+        lora_set: Vec<String>,
+        #[arg(long, default_value = "error")]
+        lora_unknown: String,
+    },
+    /// Write a synthetic cached-sample dataset for a model's widths (try the trainer without data).
+    SynthData {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_name = "A,B,C")]
+        rope_axes: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        n: usize,
+        /// Latent height and width (even).
+        #[arg(long, default_value_t = 16)]
+        size: usize,
+        #[arg(long, default_value_t = 8)]
+        n_txt: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Convert or merge LoRA files.
     Lora {
         #[command(subcommand)]
@@ -193,6 +247,57 @@ fn main() -> Result<()> {
             if o.interrupted {
                 println!("interrupted after step {}", o.steps_done);
             }
+        }
+        Cmd::Sample {
+            model,
+            rope_axes,
+            cond,
+            out,
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            batch_size,
+            lora,
+            lora_set,
+            lora_unknown,
+        } => {
+            let mut sets: Vec<Vec<String>> = lora_set
+                .iter()
+                .map(|s| {
+                    let mut v: Vec<String> =
+                        s.split(',').filter(|x| !x.is_empty() && *x != "none").map(String::from).collect();
+                    v.extend(lora.iter().cloned());
+                    v
+                })
+                .collect();
+            if sets.is_empty() {
+                sets.push(lora.clone());
+            }
+            let args = cli::sample::SampleArgs {
+                model: model.as_deref(),
+                rope_axes: rope_axes.as_deref(),
+                cond: cond.as_deref(),
+                out: &out,
+                width,
+                height,
+                steps,
+                guidance,
+                seed,
+                batch: batch_size,
+                sets,
+                unknown: cli::parse_unknown(&lora_unknown)?,
+            };
+            for line in cli::sample::run(&args)? {
+                println!("{line}");
+            }
+        }
+        Cmd::SynthData { model, rope_axes, out, n, size, n_txt, seed } => {
+            println!(
+                "{}",
+                cli::sample::synth_data(model.as_deref(), rope_axes.as_deref(), &out, n, size, n_txt, seed)?
+            );
         }
         Cmd::Lora { cmd } => {
             let msg = match cmd {

@@ -62,3 +62,19 @@ fn merge_is_exact_and_written_files_carry_their_format() {
     ));
     assert!(e.contains("lora-peft.safetensors") || e.contains("shape"), "{e}");
 }
+
+#[test]
+fn trained_lora_fixtures_still_compute_what_diffusers_checked() {
+    // tools/check_trained_lora.py verified these files in diffusers against these outputs.
+    for fmt in ["peft", "kohya"] {
+        let lora = fixture(&format!("trained-{fmt}.safetensors"));
+        let got = run_forward(&fixture("tiny-diffusers"), None, &[(lora, 1.0)]).unwrap();
+        let want =
+            flux_kernels::io::safetensors::SafeTensors::open(&fixture(&format!("trained-{fmt}-expected.safetensors")))
+                .unwrap()
+                .read_f32("out")
+                .unwrap()
+                .1;
+        assert!(rel_l2(&got, &want) < 1e-6, "{fmt}");
+    }
+}

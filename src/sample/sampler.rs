@@ -60,7 +60,7 @@ pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>>
 
 /// Runs the Euler loop; returns one latent [c, h, w] per image (c = in_channels / 4).
 pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
-    if spec.h % 2 != 0 || spec.w % 2 != 0 || spec.h == 0 || spec.w == 0 {
+    if !spec.h.is_multiple_of(2) || !spec.w.is_multiple_of(2) || spec.h == 0 || spec.w == 0 {
         bail!("latent size {}×{} must be even and non-zero (image size a multiple of 16)", spec.h, spec.w);
     }
     if spec.steps == 0 {

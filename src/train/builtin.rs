@@ -98,36 +98,62 @@ pub fn style_distance(lat: &[f32], h: usize, w: usize) -> f32 {
     (0..3).map(|k| (m[k] - STYLE_RGB[k]).powi(2)).sum::<f32>().sqrt()
 }
 
-/// The synthetic training set: the style colour plus per-sample stripes, and random "captions".
+/// The synthetic training set of the demo (24 samples, 16×16 latents, 8 text tokens).
 pub fn synthetic_dataset(cfg: &FluxConfig) -> Result<Dataset> {
-    let style = latent_for_rgb(STYLE_RGB);
-    let mut rng = Rng::new(2024);
-    let samples = (0..N_SAMPLES)
+    Dataset::new(synthetic_samples(cfg, N_SAMPLES, LATENT, N_TXT, 2024))
+}
+
+/// Synthetic samples for any model's widths: one shared per-channel "style" (for 16 latent
+/// channels, the demo's colour) plus per-sample stripes, and random text states.
+pub fn synthetic_samples(cfg: &FluxConfig, n: usize, size: usize, n_txt: usize, seed: u64) -> Vec<Sample> {
+    let c = cfg.in_channels / 4;
+    let style: Vec<f32> = if c == 16 {
+        latent_for_rgb(STYLE_RGB).to_vec()
+    } else {
+        (0..c).map(|ch| if ch % 2 == 0 { 0.8 } else { -0.6 }).collect()
+    };
+    let mut rng = Rng::new(seed);
+    (0..n)
         .map(|i| {
             let (fx, fy) = ((rng.uniform() * 3.0) as f32, (rng.uniform() * 3.0) as f32);
-            let amp: Vec<f32> = rng.normal_vec(16, 0.4);
+            let amp: Vec<f32> = rng.normal_vec(c, 0.4);
             let phase = rng.uniform() as f32 * std::f32::consts::TAU;
-            let mut latent = vec![0f32; 16 * LATENT * LATENT];
-            for ch in 0..16 {
-                for y in 0..LATENT {
-                    for x in 0..LATENT {
-                        let t = std::f32::consts::TAU * (fx * x as f32 + fy * y as f32) / LATENT as f32 + phase;
-                        latent[(ch * LATENT + y) * LATENT + x] = style[ch] + amp[ch] * t.sin();
+            let mut latent = vec![0f32; c * size * size];
+            for ch in 0..c {
+                for y in 0..size {
+                    for x in 0..size {
+                        let t = std::f32::consts::TAU * (fx * x as f32 + fy * y as f32) / size as f32 + phase;
+                        latent[(ch * size + y) * size + x] = style[ch] + amp[ch] * t.sin();
                     }
                 }
             }
             Sample {
-                name: format!("synthetic-{i:02}"),
+                name: format!("synthetic-{i:03}"),
                 latent,
-                h: LATENT,
-                w: LATENT,
-                txt: rng.normal_vec(N_TXT * cfg.context_in_dim, 1.0),
-                n_txt: N_TXT,
+                h: size,
+                w: size,
+                txt: rng.normal_vec(n_txt * cfg.context_in_dim, 1.0),
+                n_txt,
                 y: rng.normal_vec(cfg.vec_in_dim, 1.0),
             }
         })
-        .collect();
-    Dataset::new(samples)
+        .collect()
+}
+
+/// Writes samples as a dataset folder the trainer reads (one safetensors per sample).
+pub fn write_samples(dir: &std::path::Path, samples: &[Sample], context_in_dim: usize) -> Result<()> {
+    use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
+    std::fs::create_dir_all(dir)?;
+    for s in samples {
+        let c = s.latent.len() / (s.h * s.w);
+        let t = [
+            OutTensor { name: "latent", shape: vec![c, s.h, s.w], data: &s.latent, dtype: Dtype::F32 },
+            OutTensor { name: "txt", shape: vec![s.n_txt, context_in_dim], data: &s.txt, dtype: Dtype::F32 },
+            OutTensor { name: "y", shape: vec![s.y.len()], data: &s.y, dtype: Dtype::F32 },
+        ];
+        write_tensors(&dir.join(format!("{}.safetensors", s.name)), &t, &Default::default())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

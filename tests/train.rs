@@ -1,0 +1,135 @@
+//! The trainer end to end on the built-in tiny model: resume is bit-exact (dropout, caption
+//! dropout, accumulation and prior preservation included), Ctrl-C checkpoints, a non-finite loss
+//! stops cleanly, the demo's loss falls, and TOML keys and flags combine as documented.
+
+mod common;
+use common::*;
+use flux_kernels::cli::train::TrainArgs;
+use flux_kernels::model::config::FluxConfig;
+use flux_kernels::train::builtin::{synthetic_samples, tiny_config, write_samples};
+use flux_kernels::train::config::TrainConfig;
+use flux_kernels::train::trainer::train;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn no_stop() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+fn dataset(dir: &Path, cfg: &FluxConfig, seed: u64) -> String {
+    write_samples(dir, &synthetic_samples(cfg, 6, 8, 4, seed), cfg.context_in_dim).unwrap();
+    dir.display().to_string()
+}
+
+fn base_config(dir: &Path) -> TrainConfig {
+    let cfg = tiny_config();
+    TrainConfig {
+        data: dataset(&dir.join("data"), &cfg, 1),
+        class_data: dataset(&dir.join("class"), &cfg, 2),
+        prior_weight: 0.5,
+        rank: 4,
+        targets: "all".into(),
+        dropout: 0.1,
+        caption_dropout: 0.3,
+        grad_accum: 2,
+        batch_size: 2,
+        steps: 6,
+        lr: 3e-3,
+        lr_schedule: "cosine".into(),
+        warmup_steps: 2,
+        timestep_sampling: "flux_shift".into(),
+        loss_weighting: "cosmap".into(),
+        save_dtype: "f32".into(),
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn resume_continues_bit_for_bit() {
+    let dir = tmpdir("train-resume");
+    let mut full = base_config(&dir);
+    full.out = dir.join("full/lora.safetensors").display().to_string();
+    full.metrics = dir.join("full.jsonl").display().to_string();
+    train(full.clone(), None, no_stop(), true).unwrap();
+
+    // The same run, stopped by "Ctrl-C" after its first step, then resumed.
+    let mut part = full.clone();
+    part.out = dir.join("part/lora.safetensors").display().to_string();
+    part.metrics = String::new();
+    let stop = Arc::new(AtomicBool::new(true));
+    let o = train(part.clone(), None, stop, true).unwrap();
+    assert!(o.interrupted && o.steps_done == 1);
+    let ckpt = std::path::PathBuf::from(part.checkpoint_path());
+    assert!(ckpt.join("state.safetensors").exists());
+    let o = train(part.clone(), Some(&ckpt), no_stop(), true).unwrap();
+    assert_eq!(o.steps_done, 6);
+
+    let (ta, _) = read_all(Path::new(&full.out));
+    let (tb, _) = read_all(Path::new(&part.out));
+    assert_eq!(ta.len(), tb.len());
+    for (x, y) in ta.iter().zip(&tb) {
+        assert_eq!(x.0, y.0);
+        assert!(x.3 == y.3, "{}: resumed run differs", x.0);
+    }
+    assert!(ta.iter().any(|t| t.0.contains("lora_B") && t.3.iter().any(|&v| v != 0.0)), "B moved off zero");
+
+    let lines = std::fs::read_to_string(&full.metrics).unwrap();
+    let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["loss"].is_number() && r["prior_loss"].is_number() && r["lr"].is_number()));
+    assert_eq!(rows[0]["step"], 1);
+}
+
+#[test]
+fn non_finite_loss_stops_naming_the_step_and_writes_no_lora() {
+    let dir = tmpdir("train-nan");
+    let cfg = tiny_config();
+    let mut s = synthetic_samples(&cfg, 2, 8, 4, 3);
+    s[0].latent.iter_mut().for_each(|v| *v = 3.0e38);
+    s[1].latent.iter_mut().for_each(|v| *v = 3.0e38);
+    write_samples(&dir.join("data"), &s, cfg.context_in_dim).unwrap();
+    let tc = TrainConfig {
+        data: dir.join("data").display().to_string(),
+        out: dir.join("lora.safetensors").display().to_string(),
+        steps: 3,
+        ..TrainConfig::default()
+    };
+    let e = err_string(train(tc, None, no_stop(), true));
+    assert!(e.contains("step 1") && e.contains("not finite"), "{e}");
+    assert!(!dir.join("lora.safetensors").exists());
+}
+
+#[test]
+fn builtin_demo_loss_falls_and_samples_move_toward_the_style() {
+    let dir = tmpdir("train-demo");
+    let tc =
+        TrainConfig { out: dir.join("lora.safetensors").display().to_string(), steps: 150, ..TrainConfig::default() }
+            .builtin_demo();
+    let o = train(tc, None, no_stop(), true).unwrap();
+    let (before, after) = o.demo.unwrap();
+    assert!(after < 0.8 * before, "style distance {before} → {after}");
+    assert!(dir.join("lora-before.png").exists() && dir.join("lora-after.png").exists());
+    let losses: Vec<f64> = o
+        .log
+        .iter()
+        .filter_map(|l| l.strip_prefix("step ")?.split(" loss ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    let k = losses.len() / 3;
+    let early: f64 = losses[..k].iter().sum::<f64>() / k as f64;
+    let late: f64 = losses[losses.len() - k..].iter().sum::<f64>() / k as f64;
+    assert!(late < early, "loss did not fall: {losses:?}");
+}
+
+#[test]
+fn toml_keys_and_flags_combine_flag_wins() {
+    let dir = tmpdir("train-toml");
+    let p = dir.join("c.toml");
+    std::fs::write(&p, "rank = 8\nlr = 0.01\ntargets = \"attn\"\nsteps = 5\n").unwrap();
+    let args = TrainArgs { config: Some(p.clone()), rank: Some(4), data: Some("d".into()), ..TrainArgs::default() };
+    let c = args.resolve().unwrap();
+    assert_eq!((c.rank, c.lr, c.targets.as_str(), c.steps, c.data.as_str()), (4, 0.01, "attn", 5, "d"));
+    std::fs::write(&p, "rnak = 8\n").unwrap();
+    let e = err_string(TrainArgs { config: Some(p), ..TrainArgs::default() }.resolve());
+    assert!(e.contains("rnak") || e.contains("unknown field"), "{e}");
+}
