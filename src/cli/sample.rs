@@ -46,8 +46,15 @@ pub struct SampleArgs<'a> {
     pub unknown: UnknownKeys,
 }
 
-/// (txt [L, D] per image, y per image, L) from a conditioning file: txt [L,D] or [B,L,D], y [D] or [B,D].
-fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, usize)> {
+/// Conditioning per image: T5 states [L, D] and CLIP pooled, and L.
+struct Cond {
+    txt: Vec<Vec<f32>>,
+    y: Vec<Vec<f32>>,
+    n_txt: usize,
+}
+
+/// From a conditioning file: txt [L,D] or [B,L,D], y [D] or [B,D]; repeated to `batch` images.
+fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<Cond> {
     let st = SafeTensors::open(path)?;
     let p = path.display();
     let get = |n: &str| st.read_f32(n).with_context(|| format!("{p}: needs tensor `{n}`"));
@@ -66,21 +73,21 @@ fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<(Vec<Vec<f32
     let yb = y.len() / cfg.vec_in_dim;
     let yy: Vec<Vec<f32>> =
         (0..batch).map(|i| y[(i % yb) * cfg.vec_in_dim..(i % yb + 1) * cfg.vec_in_dim].to_vec()).collect();
-    Ok((tx, yy, l))
+    Ok(Cond { txt: tx, y: yy, n_txt: l })
 }
 
 pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     let (cfg, w) = model_or_builtin(a.model, a.rope_axes)?;
-    let (txt, y, n_txt) = match a.cond {
+    let Cond { txt, y, n_txt } = match a.cond {
         Some(p) => load_cond(p, &cfg, a.batch)?,
         None if a.model.is_none() => {
             let ds = builtin::synthetic_dataset(&cfg)?;
             let s = &ds.samples[0];
-            (vec![s.txt.clone(); a.batch], vec![s.y.clone(); a.batch], s.n_txt)
+            Cond { txt: vec![s.txt.clone(); a.batch], y: vec![s.y.clone(); a.batch], n_txt: s.n_txt }
         }
         None => bail!("--cond FILE (txt, y) is needed until native text encoders exist"),
     };
-    if a.width % 16 != 0 || a.height % 16 != 0 || a.width == 0 || a.height == 0 {
+    if !a.width.is_multiple_of(16) || !a.height.is_multiple_of(16) || a.width == 0 || a.height == 0 {
         bail!("--width and --height must be positive multiples of 16, got {}×{}", a.width, a.height);
     }
     std::fs::create_dir_all(a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -151,7 +158,7 @@ pub fn synth_data(
         None => builtin::tiny_config(),
         Some(m) => open_model(m, rope_axes)?.cfg().clone(),
     };
-    if size == 0 || size % 2 != 0 {
+    if size == 0 || !size.is_multiple_of(2) {
         bail!("--size must be even");
     }
     let s = builtin::synthetic_samples(&cfg, n, size, n_txt, seed);
