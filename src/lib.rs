@@ -14,5 +14,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod sample;
+pub mod text;
 pub mod train;
 pub mod util;
+pub mod vae;

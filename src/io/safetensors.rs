@@ -20,6 +20,8 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// FP8 e4m3 "fn" (no infinities), as `t5xxl_fp8_e4m3fn.safetensors` and `flux1-dev-fp8` store it.
+    F8E4M3,
     Other(&'static str, usize),
 }
 
@@ -30,7 +32,7 @@ impl Dtype {
             "F32" => Dtype::F32,
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
-            "F8_E4M3" => Dtype::Other("F8_E4M3", 1),
+            "F8_E4M3" => Dtype::F8E4M3,
             "F8_E5M2" => Dtype::Other("F8_E5M2", 1),
             "I8" => Dtype::Other("I8", 1),
             "U8" => Dtype::Other("U8", 1),
@@ -50,6 +52,7 @@ impl Dtype {
             Dtype::F64 => 8,
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F8E4M3 => 1,
             Dtype::Other(_, n) => n,
         }
     }
@@ -60,6 +63,7 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::F8E4M3 => "F8_E4M3",
             Dtype::Other(n, _) => n,
         }
     }
@@ -181,9 +185,26 @@ pub fn convert_to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()>
             .chunks_exact(8)
             .zip(out.iter_mut())
             .for_each(|(b, o)| *o = f64::from_le_bytes(b.try_into().unwrap()) as f32),
+        Dtype::F8E4M3 => bytes.iter().zip(out.iter_mut()).for_each(|(&b, o)| *o = f8e4m3_to_f32(b)),
         Dtype::Other(name, _) => bail!("unsupported dtype {name} (expected BF16, F16 or F32)"),
     }
     Ok(())
+}
+
+/// e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal; S.1111.111 is
+/// NaN; there are no infinities (max ±448).
+pub fn f8e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = ((b >> 3) & 0xF) as i32;
+    let m = (b & 0x7) as f32;
+    if e == 0xF && b & 0x7 == 0x7 {
+        return f32::NAN;
+    }
+    if e == 0 {
+        sign * m / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
 }
 
 type Header = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
@@ -277,7 +298,7 @@ fn encode(dtype: Dtype, data: &[f32]) -> Result<Vec<u8>> {
         Dtype::F64 => data.iter().for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
         Dtype::BF16 => data.iter().for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         Dtype::F16 => data.iter().for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-        Dtype::Other(n, _) => bail!("cannot write dtype {n}"),
+        Dtype::F8E4M3 | Dtype::Other(..) => bail!("cannot write dtype {}", dtype.name()),
     }
     Ok(buf)
 }
@@ -397,6 +418,15 @@ mod tests {
         std::fs::write(&p, u64::MAX.to_le_bytes()).unwrap();
         assert!(format!("{:#}", SafeTensors::open(&p).err().unwrap()).contains("implausible"));
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn fp8_e4m3_decodes_known_values() {
+        assert_eq!(f8e4m3_to_f32(0x38), 1.0);
+        assert_eq!(f8e4m3_to_f32(0xC0), -2.0);
+        assert_eq!(f8e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(f8e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert!(f8e4m3_to_f32(0x7F).is_nan());
     }
 
     #[test]

@@ -1,0 +1,1 @@
+//! CLIP-L text model and tokenizer (being written).

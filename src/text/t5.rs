@@ -1,0 +1,1 @@
+//! T5-XXL v1.1 encoder and tokenizer (being written).
