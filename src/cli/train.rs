@@ -134,6 +134,53 @@ pub struct TrainArgs {
     /// A log line every N steps (0: about 20 per run).
     #[arg(long)]
     pub log_every: Option<usize>,
+    /// VAE (diffusers folder or ae.safetensors); default: the model folder's vae/ or ae.safetensors.
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// T5 encoder (HF folder or t5xxl_*.safetensors); default: the model folder's text_encoder_2/.
+    #[arg(long)]
+    pub t5: Option<String>,
+    /// T5 tokenizer (tokenizer.json, spiece.model or a folder); default: tokenizer_2/.
+    #[arg(long)]
+    pub t5_tokenizer: Option<String>,
+    /// CLIP text model (HF folder or clip_l.safetensors); default: text_encoder/.
+    #[arg(long)]
+    pub clip: Option<String>,
+    /// CLIP tokenizer (tokenizer.json, vocab.json + merges.txt, or a folder); default: tokenizer/.
+    #[arg(long)]
+    pub clip_tokenizer: Option<String>,
+    /// Image datasets: bucket target sides, comma-separated. Default 512.
+    #[arg(long)]
+    pub resolution: Option<String>,
+    /// Bucket sides are multiples of this. Default 64.
+    #[arg(long)]
+    pub bucket_step: Option<usize>,
+    /// Also train on horizontal flips of the images.
+    #[arg(long)]
+    pub flip: Option<bool>,
+    /// T5 length: 512 (default) or 256.
+    #[arg(long)]
+    pub t5_max_len: Option<usize>,
+    /// Encode a VAE sample instead of the mean.
+    #[arg(long)]
+    pub vae_sample: Option<bool>,
+    /// Where image datasets are cached. Default <data>/.flux-cache
+    #[arg(long)]
+    pub cache_dir: Option<String>,
+    /// A prompt sampled every --sample-every steps; repeat for several.
+    #[arg(long = "sample-prompt")]
+    pub sample_prompts: Option<Vec<String>>,
+    #[arg(long)]
+    pub sample_every: Option<usize>,
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    #[arg(long)]
+    pub sample_guidance: Option<f32>,
+    #[arg(long)]
+    pub sample_seed: Option<u64>,
+    /// Sample side in pixels (default: the first resolution side).
+    #[arg(long)]
+    pub sample_size: Option<usize>,
 }
 
 macro_rules! apply {

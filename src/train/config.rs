@@ -66,6 +66,33 @@ pub struct TrainConfig {
     pub rope_axes: String,
     /// Print a log line every N steps (0: about 20 lines per run).
     pub log_every: usize,
+    /// Pipeline components when the data are images or samples are previewed; empty: from the
+    /// model folder (vae/ or ae.safetensors, text_encoder_2/, tokenizer_2/, text_encoder/, tokenizer/).
+    pub vae: String,
+    pub t5: String,
+    pub t5_tokenizer: String,
+    pub clip: String,
+    pub clip_tokenizer: String,
+    /// Image datasets: target areas as square sides, comma-separated ("512" or "512,1024").
+    pub resolution: String,
+    /// Bucket sides are multiples of this (16 × k for FLUX).
+    pub bucket_step: usize,
+    /// Also train on horizontally flipped images.
+    pub flip: bool,
+    /// T5 sequence length (512 for FLUX.1-dev, 256 as an option).
+    pub t5_max_len: usize,
+    /// Encode a VAE sample instead of the mean.
+    pub vae_sample: bool,
+    /// Where image datasets are cached; empty: `<data>/.flux-cache`.
+    pub cache_dir: String,
+    /// Prompts sampled every `sample_every` steps (PNGs in `<out>-samples/`).
+    pub sample_prompts: Vec<String>,
+    pub sample_every: usize,
+    pub sample_steps: usize,
+    pub sample_guidance: f32,
+    pub sample_seed: u64,
+    /// Sample side in pixels; 0: the first resolution side.
+    pub sample_size: usize,
 }
 
 impl Default for TrainConfig {
@@ -112,6 +139,23 @@ impl Default for TrainConfig {
             metrics: String::new(),
             rope_axes: String::new(),
             log_every: 0,
+            vae: String::new(),
+            t5: String::new(),
+            t5_tokenizer: String::new(),
+            clip: String::new(),
+            clip_tokenizer: String::new(),
+            resolution: "512".into(),
+            bucket_step: 64,
+            flip: false,
+            t5_max_len: 512,
+            vae_sample: false,
+            cache_dir: String::new(),
+            sample_prompts: Vec::new(),
+            sample_every: 0,
+            sample_steps: 20,
+            sample_guidance: 3.5,
+            sample_seed: 0,
+            sample_size: 0,
         }
     }
 }
