@@ -28,7 +28,10 @@ pub fn scan(dir: &Path) -> Result<Vec<ImageEntry>> {
         }
         let txt = p.with_extension("txt");
         let caption = if txt.exists() {
-            std::fs::read_to_string(&txt).with_context(|| format!("cannot read caption {}", txt.display()))?.trim().to_string()
+            std::fs::read_to_string(&txt)
+                .with_context(|| format!("cannot read caption {}", txt.display()))?
+                .trim()
+                .to_string()
         } else {
             String::new()
         };
@@ -80,7 +83,8 @@ pub fn load_bucketed(path: &Path, bw: usize, bh: usize, flip: bool) -> Result<Ve
         bail!("{}: empty image", path.display());
     }
     let scale = (bw as f64 / w as f64).max(bh as f64 / h as f64);
-    let (rw, rh) = (((w as f64 * scale).round() as u32).max(bw as u32), ((h as f64 * scale).round() as u32).max(bh as u32));
+    let (rw, rh) =
+        (((w as f64 * scale).round() as u32).max(bw as u32), ((h as f64 * scale).round() as u32).max(bh as u32));
     let resized = image::imageops::resize(&img, rw, rh, FilterType::Lanczos3);
     let (x0, y0) = ((rw as usize - bw) / 2, (rh as usize - bh) / 2);
     let mut out = vec![0f32; 3 * bw * bh];
