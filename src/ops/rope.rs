@@ -23,9 +23,8 @@ pub fn rope_tables(cos: &mut [f32], sin: &mut [f32], ids: &[f32], axes: &[usize]
     }
 }
 
-/// Rotates x [b, h, l, d] in place with tables [b, l, d/2]:
-/// (x₂ᵢ, x₂ᵢ₊₁) ← (c·x₂ᵢ − s·x₂ᵢ₊₁, s·x₂ᵢ + c·x₂ᵢ₊₁).
-pub fn rope_forward(x: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize, l: usize, d: usize) {
+/// Turns every pair (x₂ᵢ, x₂ᵢ₊₁) of x [b, h, l, d] by `sign`·θ in place, tables [b, l, d/2].
+fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32, b: usize, h: usize, l: usize, d: usize) {
     assert_eq!(x.len(), b * h * l * d);
     assert_eq!(cos.len(), b * l * d / 2);
     for bi in 0..b {
@@ -34,7 +33,7 @@ pub fn rope_forward(x: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize,
                 let row = &mut x[((bi * h + hi) * l + t) * d..][..d];
                 let tab = (bi * l + t) * (d / 2);
                 for i in 0..d / 2 {
-                    let (c, s) = (cos[tab + i], sin[tab + i]);
+                    let (c, s) = (cos[tab + i], sign * sin[tab + i]);
                     let (x0, x1) = (row[2 * i], row[2 * i + 1]);
                     row[2 * i] = c * x0 - s * x1;
                     row[2 * i + 1] = s * x0 + c * x1;
@@ -44,24 +43,15 @@ pub fn rope_forward(x: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize,
     }
 }
 
-/// Backward of `rope_forward`: the transpose of a rotation is the rotation by −θ,
-/// (da, db) = (c·dA + s·dB, −s·dA + c·dB). In place on the gradient.
+/// (x₂ᵢ, x₂ᵢ₊₁) ← (c·x₂ᵢ − s·x₂ᵢ₊₁, s·x₂ᵢ + c·x₂ᵢ₊₁), in place.
+pub fn rope_forward(x: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize, l: usize, d: usize) {
+    rotate_pairs(x, cos, sin, 1.0, b, h, l, d);
+}
+
+/// Backward of `rope_forward`: the transpose of a rotation is the rotation by −θ. In place on
+/// the gradient.
 pub fn rope_backward(dx: &mut [f32], cos: &[f32], sin: &[f32], b: usize, h: usize, l: usize, d: usize) {
-    assert_eq!(dx.len(), b * h * l * d);
-    for bi in 0..b {
-        for hi in 0..h {
-            for t in 0..l {
-                let row = &mut dx[((bi * h + hi) * l + t) * d..][..d];
-                let tab = (bi * l + t) * (d / 2);
-                for i in 0..d / 2 {
-                    let (c, s) = (cos[tab + i], sin[tab + i]);
-                    let (g0, g1) = (row[2 * i], row[2 * i + 1]);
-                    row[2 * i] = c * g0 + s * g1;
-                    row[2 * i + 1] = -s * g0 + c * g1;
-                }
-            }
-        }
-    }
+    rotate_pairs(dx, cos, sin, -1.0, b, h, l, d);
 }
 
 #[cfg(test)]

@@ -3,43 +3,36 @@
 pub mod preview;
 pub mod sampler;
 
-/// Packs a latent [c, h, w] into tokens [(h/2)·(w/2), 4c]: token r·(w/2) + col, channel
+/// Calls `f(token-major index, latent index)` for every element: token r·(w/2) + col, channel
 /// ch·4 + ph·2 + pw (BFL `"c (h ph) (w pw) -> (h w) (c ph pw)"`).
-pub fn pack_latent(lat: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
-    assert_eq!(lat.len(), c * h * w);
-    let (hh, ww) = (h / 2, w / 2);
-    let mut out = vec![0f32; lat.len()];
-    for r in 0..hh {
+fn for_each_packed(c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    let ww = w / 2;
+    for r in 0..h / 2 {
         for col in 0..ww {
-            let tok = r * ww + col;
             for ch in 0..c {
                 for ph in 0..2 {
                     for pw in 0..2 {
-                        out[tok * 4 * c + ch * 4 + ph * 2 + pw] = lat[(ch * h + 2 * r + ph) * w + 2 * col + pw];
+                        f((r * ww + col) * 4 * c + ch * 4 + ph * 2 + pw, (ch * h + 2 * r + ph) * w + 2 * col + pw);
                     }
                 }
             }
         }
     }
+}
+
+/// Packs a latent [c, h, w] into tokens [(h/2)·(w/2), 4c].
+pub fn pack_latent(lat: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
+    assert_eq!(lat.len(), c * h * w);
+    let mut out = vec![0f32; lat.len()];
+    for_each_packed(c, h, w, |p, l| out[p] = lat[l]);
     out
 }
 
 /// The inverse of `pack_latent`.
 pub fn unpack_latent(tokens: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
-    let (hh, ww) = (h / 2, w / 2);
+    assert_eq!(tokens.len(), c * h * w);
     let mut out = vec![0f32; tokens.len()];
-    for r in 0..hh {
-        for col in 0..ww {
-            let tok = r * ww + col;
-            for ch in 0..c {
-                for ph in 0..2 {
-                    for pw in 0..2 {
-                        out[(ch * h + 2 * r + ph) * w + 2 * col + pw] = tokens[tok * 4 * c + ch * 4 + ph * 2 + pw];
-                    }
-                }
-            }
-        }
-    }
+    for_each_packed(c, h, w, |p, l| out[l] = tokens[p]);
     out
 }
 
