@@ -1,0 +1,2 @@
+//! Fused vs unfused LoRA linear (being written).
+fn main() {}
