@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod embedding;
 pub mod lora;
 pub mod loss;
