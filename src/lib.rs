@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod sample;
 pub mod text;
 pub mod train;

@@ -86,6 +86,39 @@ impl AdapterArgs {
     }
 }
 
+/// Pipeline components, each overriding the --model folder's.
+#[derive(clap::Args, Clone, Default)]
+struct ComponentArgs {
+    /// VAE: diffusers folder or ae.safetensors.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// T5 encoder: HF folder or t5xxl_*.safetensors.
+    #[arg(long)]
+    t5: Option<PathBuf>,
+    /// T5 tokenizer: tokenizer.json, spiece.model or a folder.
+    #[arg(long)]
+    t5_tokenizer: Option<PathBuf>,
+    /// CLIP text model: HF folder or clip_l.safetensors.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// CLIP tokenizer: tokenizer.json, vocab.json + merges.txt, or a folder.
+    #[arg(long)]
+    clip_tokenizer: Option<PathBuf>,
+}
+
+impl ComponentArgs {
+    fn components(&self) -> flux_kernels::pipeline::Components {
+        flux_kernels::pipeline::Components {
+            transformer: None,
+            vae: self.vae.clone(),
+            t5: self.t5.clone(),
+            t5_tokenizer: self.t5_tokenizer.clone(),
+            clip: self.clip.clone(),
+            clip_tokenizer: self.clip_tokenizer.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum LoraCmd {
     /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya.
@@ -174,6 +207,48 @@ enum Cmd {
         lora_set: Vec<String>,
         #[arg(long, default_value = "error")]
         lora_unknown: String,
+        /// A prompt, encoded by the model folder's T5 and CLIP; repeat for several images.
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A file of prompts, one per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        #[command(flatten)]
+        comps: ComponentArgs,
+        /// T5 length (512 for FLUX.1-dev, 256 as an option).
+        #[arg(long, default_value_t = 512)]
+        t5_max_len: usize,
+    },
+    /// Encode a folder of images + same-name .txt captions into the trainer's cached samples
+    /// (VAE latents, T5 states, CLIP pooled), skipping those already cached and unchanged.
+    Cache {
+        /// A FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/) or a transformer
+        /// with the components given by flag.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// Cache folder. Default <data>/.flux-cache
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        comps: ComponentArgs,
+        /// Bucket target sides, comma-separated (512, or 512,1024).
+        #[arg(long, default_value = "512")]
+        resolution: String,
+        /// Bucket sides are multiples of this.
+        #[arg(long, default_value_t = 64)]
+        bucket_step: usize,
+        /// Also cache horizontal flips.
+        #[arg(long)]
+        flip: bool,
+        #[arg(long, default_value_t = 512)]
+        t5_max_len: usize,
+        /// Encode a VAE sample instead of the mean.
+        #[arg(long)]
+        vae_sample: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Write a synthetic cached-sample dataset for a model's widths (try the trainer without data).
     SynthData {
@@ -262,7 +337,17 @@ fn main() -> Result<()> {
             lora,
             lora_set,
             lora_unknown,
+            prompt,
+            prompts,
+            comps,
+            t5_max_len,
         } => {
+            let mut all_prompts = prompt.clone();
+            if let Some(p) = &prompts {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+                all_prompts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+            }
             let mut sets: Vec<Vec<String>> = lora_set
                 .iter()
                 .map(|s| {
@@ -288,10 +373,24 @@ fn main() -> Result<()> {
                 batch: batch_size,
                 sets,
                 unknown: cli::parse_unknown(&lora_unknown)?,
+                prompts: all_prompts,
+                components: comps.components(),
+                t5_len: t5_max_len,
             };
             for line in cli::sample::run(&args)? {
                 println!("{line}");
             }
+        }
+        Cmd::Cache { model, data, out, comps, resolution, bucket_step, flip, t5_max_len, vae_sample, seed } => {
+            let settings = flux_kernels::train::cache::CacheSettings {
+                sides: flux_kernels::train::sources::parse_sides(&resolution)?,
+                step: bucket_step,
+                flip,
+                t5_len: t5_max_len,
+                vae_sample,
+                seed,
+            };
+            println!("{}", cli::sample::cache(&model, &data, out.as_deref(), &comps.components(), &settings)?);
         }
         Cmd::SynthData { model, rope_axes, out, n, size, n_txt, seed } => {
             println!(

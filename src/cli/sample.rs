@@ -44,6 +44,11 @@ pub struct SampleArgs<'a> {
     /// LoRA sets: each a list of FILE[:SCALE]; one run samples every set.
     pub sets: Vec<Vec<String>>,
     pub unknown: UnknownKeys,
+    /// Prompts to encode with the pipeline's T5 and CLIP (instead of --cond); one image each.
+    pub prompts: Vec<String>,
+    /// Component overrides (VAE, encoders, tokenizers) over the --model folder's.
+    pub components: crate::pipeline::Components,
+    pub t5_len: usize,
 }
 
 /// Conditioning per image: T5 states [L, D] and CLIP pooled, and L.
@@ -78,7 +83,23 @@ fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<Cond> {
 
 pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     let (cfg, w) = model_or_builtin(a.model, a.rope_axes)?;
+    let comps = match a.model {
+        Some(m) if Path::new(m).is_dir() => crate::pipeline::Components::from_root(Path::new(m)),
+        _ => crate::pipeline::Components::default(),
+    }
+    .with_overrides(&a.components);
     let Cond { txt, y, n_txt } = match a.cond {
+        _ if !a.prompts.is_empty() => {
+            let te = crate::pipeline::TextEncoders::open(&comps, &cfg, a.t5_len)?;
+            let prompts: Vec<String> = (0..a.batch).flat_map(|_| a.prompts.iter().cloned()).collect();
+            let (txt, y) = te.encode(&prompts)?;
+            let (lt, dt, dv) = (a.t5_len, cfg.context_in_dim, cfg.vec_in_dim);
+            Cond {
+                txt: (0..prompts.len()).map(|i| txt[i * lt * dt..(i + 1) * lt * dt].to_vec()).collect(),
+                y: (0..prompts.len()).map(|i| y[i * dv..(i + 1) * dv].to_vec()).collect(),
+                n_txt: lt,
+            }
+        }
         Some(p) => load_cond(p, &cfg, a.batch)?,
         None if a.model.is_none() => {
             let ds = builtin::synthetic_dataset(&cfg)?;
@@ -87,16 +108,19 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         }
         None => bail!("--cond FILE (txt, y) is needed until native text encoders exist"),
     };
-    if !a.width.is_multiple_of(16) || !a.height.is_multiple_of(16) || a.width == 0 || a.height == 0 {
-        bail!("--width and --height must be positive multiples of 16, got {}×{}", a.width, a.height);
+    // Decode through the VAE when there is one; otherwise latents and a linear preview.
+    let vae = if comps.vae.is_some() { Some(crate::pipeline::open_vae(&comps, &cfg)?) } else { None };
+    let f = vae.as_ref().map_or(8, |v| v.factor());
+    if !a.width.is_multiple_of(2 * f) || !a.height.is_multiple_of(2 * f) || a.width == 0 || a.height == 0 {
+        bail!("--width and --height must be positive multiples of {}, got {}×{}", 2 * f, a.width, a.height);
     }
     std::fs::create_dir_all(a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let spec = SampleSpec {
         txt,
         y,
         n_txt,
-        h: a.height / 8,
-        w: a.width / 8,
+        h: a.height / f,
+        w: a.width / f,
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
@@ -126,8 +150,17 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
             &Default::default(),
         )?;
         let pp = a.out.join(format!("sample{tag}.png"));
-        if c == 16 {
+        let mut pngs = Vec::new();
+        if let Some(v) = &vae {
+            for (i, z) in lats.iter().enumerate() {
+                let img = v.decode(z, 1, spec.h, spec.w)?;
+                let p = a.out.join(format!("sample{tag}-{i}.png"));
+                crate::io::images::write_png(&p, &img, spec.h * f, spec.w * f)?;
+                pngs.push(p.display().to_string());
+            }
+        } else if c == 16 {
             write_preview(&pp, &lats, spec.h, spec.w, 8usize.max(256 / spec.w.max(1)).min(16))?;
+            pngs.push(pp.display().to_string());
         }
         let names: Vec<String> = sets[k].clone();
         log.push(format!(
@@ -138,7 +171,7 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
             spec.steps,
             lats.len(),
             lp.display(),
-            if c == 16 { format!(", {}", pp.display()) } else { String::new() }
+            if pngs.is_empty() { String::new() } else { format!(", {}", pngs.join(", ")) }
         ));
     }
     Ok(log)
@@ -164,4 +197,23 @@ pub fn synth_data(
     let s = builtin::synthetic_samples(&cfg, n, size, n_txt, seed);
     builtin::write_samples(out, &s, cfg.context_in_dim)?;
     Ok(format!("wrote {n} samples to {}", out.display()))
+}
+
+/// `cache`: encode an image + caption folder into the trainer's cached-sample format.
+pub fn cache(
+    model: &str,
+    data: &Path,
+    out: Option<&Path>,
+    overrides: &crate::pipeline::Components,
+    settings: &crate::train::cache::CacheSettings,
+) -> Result<String> {
+    let spec = open_model(model, None)?;
+    let cfg = spec.cfg().clone();
+    let root = Path::new(model);
+    let comps = if root.is_dir() { crate::pipeline::Components::from_root(root) } else { Default::default() }
+        .with_overrides(overrides);
+    let text = crate::pipeline::TextEncoders::open(&comps, &cfg, settings.t5_len)?;
+    let vae = crate::pipeline::open_vae(&comps, &cfg)?;
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| data.join(".flux-cache"));
+    Ok(crate::train::cache::cache_images(data, &out, &text, &vae, settings, false)?.to_string())
 }

@@ -251,7 +251,24 @@ impl TrainArgs {
             checkpoint_dir,
             metrics,
             rope_axes,
-            log_every
+            log_every,
+            vae,
+            t5,
+            t5_tokenizer,
+            clip,
+            clip_tokenizer,
+            resolution,
+            bucket_step,
+            flip,
+            t5_max_len,
+            vae_sample,
+            cache_dir,
+            sample_prompts,
+            sample_every,
+            sample_steps,
+            sample_guidance,
+            sample_seed,
+            sample_size
         );
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
             c = c.builtin_demo();
@@ -267,4 +284,45 @@ pub fn run(args: &TrainArgs) -> Result<Outcome> {
     // Ctrl-C: finish the current step, save a checkpoint, write the LoRA, exit cleanly.
     let _ = ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst));
     train(tc, args.resume.as_deref(), stop, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    /// Every config key has a flag that reaches the config: set each through its flag and
+    /// compare with the defaults, key by key.
+    #[test]
+    fn every_flag_reaches_its_key() {
+        let d = serde_json::to_value(TrainConfig::default()).unwrap();
+        let keys: Vec<String> = d.as_object().unwrap().keys().cloned().collect();
+        for k in keys {
+            let flag = if k == "sample_prompts" {
+                "--sample-prompt".to_string()
+            } else {
+                format!("--{}", k.replace('_', "-"))
+            };
+            let v = match &d[&k] {
+                serde_json::Value::Bool(_) => "true".to_string(),
+                serde_json::Value::Number(n) if n.is_u64() => "7".to_string(),
+                serde_json::Value::Number(_) => "0.25".to_string(),
+                _ => "x".to_string(),
+            };
+            // A model keeps resolve() from switching to the demo's defaults.
+            let mut argv = vec!["t".to_string(), flag.clone(), v];
+            if k != "model" {
+                argv.extend(["--model".to_string(), "m".to_string()]);
+            }
+            let w = Wrap::try_parse_from(argv).unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let c = serde_json::to_value(w.a.resolve().unwrap()).unwrap();
+            assert_ne!(c[&k], d[&k], "flag {flag} did not reach `{k}`");
+        }
+    }
 }

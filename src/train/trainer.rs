@@ -7,6 +7,7 @@ use super::config::TrainConfig;
 use super::data::{Dataset, Sample};
 use super::objective::{loss_weight, noisy_pair, sample_sigma};
 use super::optim::{clip_grad_norm, lr_at, AdamW};
+use super::sources::{parse_sides, Pipeline};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::Dtype;
 use crate::lora::config::{parse_patterns, resolve_targets, AdapterSpec, Init, LoraConfig};
@@ -233,20 +234,68 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
     out.with_file_name(format!("{stem}{suffix}"))
 }
 
+/// Fixed prompts sampled during training, decoded through the VAE to PNGs.
+struct Previews {
+    spec: SampleSpec,
+    vae: crate::vae::AutoEncoder,
+}
+
+impl Previews {
+    fn new(pipe: &mut Pipeline, tc: &TrainConfig, cfg: &FluxConfig) -> Result<Previews> {
+        let (txt, y) = pipe.text()?.encode(&tc.sample_prompts)?;
+        let vae = crate::pipeline::open_vae(&super::sources::components(tc), cfg)?;
+        let side = if tc.sample_size > 0 {
+            tc.sample_size
+        } else {
+            parse_sides(&tc.resolution)?.first().copied().unwrap_or(512)
+        };
+        let f = vae.factor();
+        if !side.is_multiple_of(2 * f) {
+            bail!("sample_size {side} must be a multiple of {}", 2 * f);
+        }
+        let n = tc.sample_prompts.len();
+        let (lt, dt, dv) = (tc.t5_max_len, cfg.context_in_dim, cfg.vec_in_dim);
+        let spec = SampleSpec {
+            txt: (0..n).map(|i| txt[i * lt * dt..(i + 1) * lt * dt].to_vec()).collect(),
+            y: (0..n).map(|i| y[i * dv..(i + 1) * dv].to_vec()).collect(),
+            n_txt: lt,
+            h: side / f,
+            w: side / f,
+            steps: tc.sample_steps,
+            guidance: tc.sample_guidance,
+            seed: tc.sample_seed,
+        };
+        Ok(Previews { spec, vae })
+    }
+
+    fn write(&self, model: &Model, set: &LoraSet, dir: &Path, step: usize) -> Result<Vec<String>> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let lats = sample(&model.cfg, &model.weights, &self.spec, set)?;
+        let f = self.vae.factor();
+        let mut files = Vec::new();
+        for (i, z) in lats.iter().enumerate() {
+            let img = self.vae.decode(z, 1, self.spec.h, self.spec.w)?;
+            let p = dir.join(format!("step{step:06}-{i}.png"));
+            crate::io::images::write_png(&p, &img, self.spec.h * f, self.spec.w * f)?;
+            files.push(p.display().to_string());
+        }
+        Ok(files)
+    }
+}
+
 /// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
 pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
     tc.validate()?;
     let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
     let model = open_model(&tc)?;
-    let ds = if tc.data.is_empty() {
-        builtin::synthetic_dataset(&model.cfg)?
+    let mut pipe = Pipeline::new(&tc, &model.cfg);
+    let ds = if tc.data.is_empty() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
+    let class =
+        if tc.class_data.is_empty() { None } else { Some(pipe.dataset(&tc.class_data, quiet).context("class_data")?) };
+    let previews = if tc.sample_every > 0 && !tc.sample_prompts.is_empty() {
+        Some(Previews::new(&mut pipe, &tc, &model.cfg)?)
     } else {
-        Dataset::load(Path::new(&tc.data), &model.cfg)?
-    };
-    let class = if tc.class_data.is_empty() {
         None
-    } else {
-        Some(Dataset::load(Path::new(&tc.class_data), &model.cfg).context("class_data")?)
     };
     let lc = lora_config(&tc)?;
     let specs = resolve_targets(&model.cfg, &lc)?;
@@ -405,6 +454,10 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
                 format!("step {step}/{} loss {loss:.4}{pl} (ema {e:.4}) lr {lr:.2e} |g| {gnorm:.3}", tc.steps),
                 Some(&pb),
             );
+        }
+        if let Some(p) = previews.as_ref().filter(|_| step % tc.sample_every == 0 || step == tc.steps) {
+            let files = p.write(&model, &ad.set(0.0, 0), &sibling(&out, "-samples"), step)?;
+            say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
         }
         if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
             save_state(step, &ad, &opt)?;
