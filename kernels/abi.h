@@ -3,10 +3,137 @@
 // Entry points are extern "C" so the host finds them by name in the embedded fatbins. Element
 // counts are int64 so a 4608-token × 21504-wide activation (99 M elements) and larger never
 // overflow an index.
+//
+// build.rs reads this file and generates the Rust side (src/kernels/abi.rs includes it): every
+// integer #define becomes a constant, every typedef struct a #[repr(C)] struct, every FK_KERNEL
+// declaration a kernel-name constant. It parses a restricted subset of C, so keep to it:
+//   - `#define NAME <integer>` (other #defines are skipped),
+//   - `typedef struct { <type> <name>; ... } Name;` with types int32_t, int64_t, uint32_t,
+//     uint64_t, float, `const void*`, `void*`, `const float*` or an earlier struct, and arrays
+//     `<type> <name>[<integer or #define>];`,
+//   - `FK_KERNEL void name(FK_GRID_PARAMS StructName p);`.
+// Pointers are device addresses (u64 on the Rust side). Structs carry explicit padding fields so
+// the layout has no implicit holes; each struct's size is stated as FK_SIZEOF_<Name>, checked by
+// static_assert in lora_gemm.cu and by const asserts in the generated Rust.
 #pragma once
 #include <stdint.h>
 
 #define FK_KERNEL extern "C" __global__
+// Large parameter structs are read in place from the constant bank (indexing one with a run-time
+// index would otherwise copy the whole struct to local memory in every thread).
+#define FK_GRID_PARAMS const __grid_constant__
 
 // Threads per block of the pointwise kernels; the host launches ceil(n / FK_POINTWISE_THREADS).
 #define FK_POINTWISE_THREADS 256
+
+// ---------------------------------------------------------------------------------------------
+// LoRA GEMM (kernels/lora_gemm.cu). One launch runs up to FK_MAX_PROBLEMS independent GEMMs
+// (blockIdx.z picks one); each is a sum of segments that share the output:
+//   out[i, n] = alpha · Σ_seg A_seg[i, :]·B_seg[:, n]  (+ bias[n])  (+ beta · out[i, n])
+// The segments are the K-concatenation: the forward is [X | s·S]·[W | B]ᵀ, the input gradient
+// [dY | s·G]·[W ; A]. Operands are bf16, accumulation f32.
+// ---------------------------------------------------------------------------------------------
+#define FK_MAX_SEGMENTS 16
+#define FK_MAX_PROBLEMS 16
+
+// LoRA dropout masks (the hash of src/ops/lora.rs Dropout::factor, so CPU and GPU drop the same
+// elements). The masked matrix is always the layer input X [tokens, d_in], element (t, c) at flat
+// index t·mask_ld + c; the mode says where X appears in the segment.
+#define FK_MASK_NONE 0
+// A is X (row = token, column = feature): the forward's S = X̃·Aᵀ.
+#define FK_MASK_A 1
+// B is X stored [token][feature] (k = token, n = feature): dA = Gᵀ·X̃.
+#define FK_MASK_B 2
+// The segment's contribution to the output (row = token, column = feature) is masked: the
+// dropout term's part of dX.
+#define FK_MASK_OUT 3
+
+// One K-segment. A is [m, k] of the problem, B is [k, n] restricted to columns [n_begin, n_end):
+// outside that range B reads as zero (a LoRA term on a slice of the output), never from memory.
+// Storage order is fixed per kernel (see lora_gemm.cu): A row-major [m][k] ("N") or [k][m] ("T");
+// B [n][k] ("T", nn.Linear weights) or [k][n] ("N").
+typedef struct {
+    const void* a;          // bf16
+    const void* b;          // bf16, element for output column n at index n - n_begin
+    int64_t lda;            // elements between consecutive stored rows of A
+    int64_t ldb;            // elements between consecutive stored rows of B
+    int64_t k;              // reduction length of this segment
+    int64_t n_begin;        // output columns this segment's B covers
+    int64_t n_end;
+    uint64_t mask_seed;     // Dropout::seed
+    int64_t mask_ld;        // row stride of X for the mask index (d_in)
+    float mask_p;           // Dropout::p
+    float mask_keep_scale;  // 1/(1 - p), computed by the host in f32 exactly as the CPU does
+    int32_t mask_mode;      // FK_MASK_*
+    int32_t pad0;
+} FkSegment;
+#define FK_SIZEOF_FkSegment 88
+
+typedef struct {
+    int64_t m;              // output rows
+    int64_t n;              // output columns
+    void* out;              // bf16 or f32, [m][ldc]
+    int64_t ldc;
+    const float* bias;      // [n] or null
+    float alpha;            // scales the accumulated sum (not the bias)
+    float beta;             // f32 output only: adds beta·out (gradient accumulation)
+    int32_t out_f32;        // 1: f32 output, 0: bf16
+    int32_t seg_begin;      // segments [seg_begin, seg_end) of FkGemmParams.segment
+    int32_t seg_end;
+    int32_t pad0;
+} FkGemmProblem;
+#define FK_SIZEOF_FkGemmProblem 64
+
+typedef struct {
+    int32_t num_problems;
+    int32_t pad0;
+    int64_t pad1;
+    FkGemmProblem problem[FK_MAX_PROBLEMS];
+    FkSegment segment[FK_MAX_SEGMENTS];
+} FkGemmParams;
+#define FK_SIZEOF_FkGemmParams 2448
+
+// Tile shapes of the two configurations (the host sizes grids from these) and the dynamic shared
+// memory each entry point needs (lora_gemm.cu static_asserts them against its tile layout; the
+// kernel traps if launched with less).
+#define FK_GEMM_LARGE_BM 128
+#define FK_GEMM_LARGE_BN 128
+#define FK_GEMM_LARGE_THREADS 256
+#define FK_GEMM_SMALL_BM 64
+#define FK_GEMM_SMALL_BN 64
+#define FK_GEMM_SMALL_THREADS 128
+#define FK_SMEM_GEMM_NT_LARGE 81920
+#define FK_SMEM_GEMM_NN_LARGE 75776
+#define FK_SMEM_GEMM_NT_SMALL 40960
+#define FK_SMEM_GEMM_NN_SMALL 38912
+#define FK_SMEM_GEMM_TN_SMALL 36864
+
+// Entry points. Letters name the storage of A then B as in BLAS: N = A [m][k] / B [k][n],
+// T = A [k][m] / B [n][k]. "large" is the 128×128 tile for the compute-bound base GEMMs,
+// "small" the 64×64 tile for the thin LoRA GEMMs; grid = (n tiles, m tiles, problems).
+FK_KERNEL void fk_gemm_nt_large(FK_GRID_PARAMS FkGemmParams p);      // forward Y
+FK_KERNEL void fk_gemm_nt_small(FK_GRID_PARAMS FkGemmParams p);      // S = X̃·Aᵀ
+FK_KERNEL void fk_gemm_nn_large(FK_GRID_PARAMS FkGemmParams p);      // dX, no dropout
+FK_KERNEL void fk_gemm_nn_large_mask(FK_GRID_PARAMS FkGemmParams p); // dX, FK_MASK_OUT segments
+FK_KERNEL void fk_gemm_nn_small(FK_GRID_PARAMS FkGemmParams p);      // G = dY[:, rows]·B
+FK_KERNEL void fk_gemm_tn_small(FK_GRID_PARAMS FkGemmParams p);      // dA = Gᵀ·X̃, dB = dYᵀ·S
+
+// ---------------------------------------------------------------------------------------------
+// out = alpha·x + beta·y on a [rows, cols] bf16 window of three row-major matrices (out may
+// alias y). Only the PEFT-style unfused baseline uses it: its scale and add are separate kernels.
+// ---------------------------------------------------------------------------------------------
+typedef struct {
+    void* out;
+    const void* x;
+    const void* y;
+    int64_t rows;
+    int64_t cols;
+    int64_t ld_out;
+    int64_t ld_x;
+    int64_t ld_y;
+    float alpha;
+    float beta;
+} FkAxpbyParams;
+#define FK_SIZEOF_FkAxpbyParams 72
+
+FK_KERNEL void fk_axpby_bf16(FK_GRID_PARAMS FkAxpbyParams p);

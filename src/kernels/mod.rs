@@ -10,4 +10,6 @@ pub fn module(name: &str) -> Option<&'static [u8]> {
     MODULES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
 }
 
+pub mod abi;
 pub mod gpu;
+pub mod lora;

@@ -1,0 +1,950 @@
+//! The LoRA linear on the GPU: the fused kernels of kernels/lora_gemm.cu and, kept beside them
+//! for benchmarks and as a fallback, the unfused cuBLAS paths (PEFT-style and the best unfused
+//! one that accumulates into Y). CPU twin: `ops::lora` (the tests compare the two).
+//!
+//! Data lives in a small arena of device buffers, one per role (X, W, A, B, S, …), each grown to
+//! the largest size asked for and then reused: steady-state calls never allocate. Operands are
+//! bf16 on the device (converted from f32 on upload, round to nearest even), the bias and the
+//! LoRA gradients f32. The host-slice entry points (`forward`, `backward`, `*_unfused`) mirror
+//! `ops::lora::lora_linear_forward` / `lora_linear_backward` for tests; benchmarks upload once
+//! and call the `run_*` functions, which only launch.
+//!
+//! Launch plan (see lora_gemm.cu for the kernel):
+//!   forward:  S' = s·X̃·Aᵀ per term (small NT), Y = [X | S'₁ …]·[W | B₁ …]ᵀ + b (large NT).
+//!   backward: G' = s·dY[:, rows]·B per term (small NN), dX = [dY | G'₁ …]·[W ; A₁ …] (large NN,
+//!             the masked variant when a term has dropout), dA += G'ᵀ·X̃, dB += dY[:, rows]ᵀ·S'
+//!             (small TN, 2 problems per term). S' is recomputed unless the caller says the
+//!             forward's is still in the arena.
+
+use super::abi::*;
+use super::gpu::Gpu;
+use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Adapters per linear in one fused call (the backward needs two problems per adapter).
+pub const MAX_TERMS: usize = (FK_MAX_PROBLEMS / 2) as usize;
+
+/// One LoRA term without its data: what the launches need to know.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TermShape {
+    pub rank: usize,
+    pub rows: Range<usize>,
+    pub scale: f32,
+    pub dropout: Option<Dropout>,
+}
+
+/// The shapes of one LoRA linear: X [m, k], W [n, k], terms on rows of the n outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearShape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub bias: bool,
+    pub terms: Vec<TermShape>,
+}
+
+impl LinearShape {
+    pub fn new(m: usize, k: usize, n: usize, bias: bool, terms: &[LoraTerm]) -> Result<LinearShape> {
+        let terms: Vec<TermShape> = terms
+            .iter()
+            .map(|t| TermShape { rank: t.rank, rows: t.rows.clone(), scale: t.scale, dropout: t.dropout })
+            .collect();
+        let s = LinearShape { m, k, n, bias, terms };
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(self.terms.len() <= MAX_TERMS, "at most {MAX_TERMS} LoRA terms per linear on the GPU");
+        for t in &self.terms {
+            ensure!(t.rows.start < t.rows.end && t.rows.end <= self.n, "LoRA rows {:?} outside 0..{}", t.rows, self.n);
+            ensure!(t.rank > 0, "LoRA rank 0");
+        }
+        // Grid dimensions y (m tiles) are limited to 65535.
+        ensure!(self.m.div_ceil(FK_GEMM_SMALL_BM as usize) < 65536, "too many tokens for one launch: {}", self.m);
+        Ok(())
+    }
+
+    fn has_dropout(&self) -> bool {
+        self.terms.iter().any(|t| t.dropout.is_some_and(|d| d.p > 0.0))
+    }
+
+    /// FLOPs of the bare base GEMM X·Wᵀ.
+    pub fn base_flops(&self) -> f64 {
+        2.0 * (self.m * self.k * self.n) as f64
+    }
+
+    /// FLOPs of the LoRA linear's forward: base plus S = X·Aᵀ and S·Bᵀ per term.
+    pub fn forward_flops(&self) -> f64 {
+        self.base_flops()
+            + self.terms.iter().map(|t| 2.0 * (self.m * t.rank * (self.k + t.rows.len())) as f64).sum::<f64>()
+    }
+
+    /// FLOPs of the backward with dX: dY·W plus G, G·A, dA, dB per term (S recomputation not
+    /// counted).
+    pub fn backward_flops(&self) -> f64 {
+        self.base_flops()
+            + self.terms.iter().map(|t| 2.0 * (self.m * t.rank * (2 * self.k + 2 * t.rows.len())) as f64).sum::<f64>()
+    }
+}
+
+/// Where each term's data sits in the concatenated buffers. Every offset is a multiple of 8
+/// elements so a term's rows start 16-byte aligned (the kernels' cp.async path).
+#[derive(Clone, Debug)]
+struct Layout {
+    a_off: Vec<usize>,
+    b_off: Vec<usize>,
+    a_len: usize,
+    b_len: usize,
+    /// Column of each term in S' and G' [m, s_ld].
+    s_col: Vec<usize>,
+    s_ld: usize,
+}
+
+fn round8(v: usize) -> usize {
+    v.div_ceil(8) * 8
+}
+
+impl Layout {
+    fn of(s: &LinearShape) -> Layout {
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        let (mut a_off, mut b_off, mut s_col) = (Vec::new(), Vec::new(), Vec::new());
+        for t in &s.terms {
+            a_off.push(a);
+            b_off.push(b);
+            s_col.push(c);
+            a += round8(t.rank * s.k);
+            b += round8(t.rows.len() * t.rank);
+            c += round8(t.rank);
+        }
+        Layout { a_off, b_off, a_len: a.max(1), b_len: b.max(1), s_col, s_ld: c.max(8) }
+    }
+}
+
+/// The arena's buffers, one per role.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Buf {
+    X,
+    W,
+    A,
+    B,
+    S,
+    G,
+    Dy,
+    Dx,
+    Y,
+    /// PEFT-style temporaries: the low-rank output before scaling, the scaled copy, dX's LoRA part.
+    T2,
+    T3,
+    DxLora,
+    Bias,
+    Da,
+    Db,
+}
+
+/// Device buffers by role, grown to the largest request and then reused.
+struct Arena {
+    stream: Arc<CudaStream>,
+    bf16: HashMap<Buf, CudaSlice<bf16>>,
+    f32: HashMap<Buf, CudaSlice<f32>>,
+    allocations: usize,
+}
+
+impl Arena {
+    fn bf16(&mut self, b: Buf, len: usize) -> Result<&mut CudaSlice<bf16>> {
+        if self.bf16.get(&b).is_none_or(|s| s.len() < len) {
+            self.bf16.remove(&b);
+            // SAFETY: every element is written (upload, poison or a kernel) before it is read.
+            let s = unsafe { self.stream.alloc::<bf16>(len.max(1)) }?;
+            self.allocations += 1;
+            self.bf16.insert(b, s);
+        }
+        Ok(self.bf16.get_mut(&b).unwrap())
+    }
+
+    fn f32(&mut self, b: Buf, len: usize) -> Result<&mut CudaSlice<f32>> {
+        if self.f32.get(&b).is_none_or(|s| s.len() < len) {
+            self.f32.remove(&b);
+            // SAFETY: as above.
+            let s = unsafe { self.stream.alloc::<f32>(len.max(1)) }?;
+            self.allocations += 1;
+            self.f32.insert(b, s);
+        }
+        Ok(self.f32.get_mut(&b).unwrap())
+    }
+
+    /// The device address of a bf16 buffer of at least `len` elements.
+    fn ptr16(&mut self, b: Buf, len: usize) -> Result<u64> {
+        let stream = self.stream.clone();
+        let (p, _sync) = self.bf16(b, len)?.device_ptr(&stream);
+        Ok(p)
+    }
+
+    fn ptr32(&mut self, b: Buf, len: usize) -> Result<u64> {
+        let stream = self.stream.clone();
+        let (p, _sync) = self.f32(b, len)?.device_ptr(&stream);
+        Ok(p)
+    }
+
+    fn upload16(&mut self, b: Buf, at: usize, host: &[f32]) -> Result<()> {
+        let v: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+        let stream = self.stream.clone();
+        let buf = self.bf16(b, at + v.len())?;
+        stream.memcpy_htod(&v, &mut buf.slice_mut(at..at + v.len()))?;
+        Ok(())
+    }
+
+    fn upload32(&mut self, b: Buf, at: usize, host: &[f32]) -> Result<()> {
+        let stream = self.stream.clone();
+        let buf = self.f32(b, at + host.len())?;
+        stream.memcpy_htod(host, &mut buf.slice_mut(at..at + host.len()))?;
+        Ok(())
+    }
+
+    fn download16(&mut self, b: Buf, at: usize, len: usize) -> Result<Vec<f32>> {
+        let stream = self.stream.clone();
+        let buf = self.bf16(b, at + len)?;
+        let mut v = vec![bf16::ZERO; len];
+        stream.memcpy_dtoh(&buf.slice(at..at + len), &mut v)?;
+        stream.synchronize()?;
+        Ok(v.iter().map(|x| x.to_f32()).collect())
+    }
+
+    fn download32(&mut self, b: Buf, at: usize, len: usize) -> Result<Vec<f32>> {
+        let stream = self.stream.clone();
+        let buf = self.f32(b, at + len)?;
+        let mut v = vec![0f32; len];
+        stream.memcpy_dtoh(&buf.slice(at..at + len), &mut v)?;
+        stream.synchronize()?;
+        Ok(v)
+    }
+
+    /// Fills a buffer with NaN: whatever a kernel fails to write shows up in the comparison.
+    fn poison16(&mut self, b: Buf, len: usize) -> Result<()> {
+        self.upload16(b, 0, &vec![f32::NAN; len])
+    }
+}
+
+/// The unfused baselines (cuBLAS GEMMs plus, for PEFT, separate scale and add kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfused {
+    /// PEFT's module chain: Y = X·Wᵀ; T = X·Aᵀ; T₂ = T·Bᵀ; T₃ = s·T₂; Y += T₃ (and its autograd).
+    Peft,
+    /// The best unfused chain (Unsloth's addmm): Y = X·Wᵀ; S = X·Aᵀ; Y += s·S·Bᵀ with beta = 1.
+    Accumulate,
+}
+
+struct Kernels {
+    nt_large: CudaFunction,
+    nt_small: CudaFunction,
+    nn_large: CudaFunction,
+    nn_large_mask: CudaFunction,
+    nn_small: CudaFunction,
+    tn_small: CudaFunction,
+    axpby: CudaFunction,
+}
+
+/// The GPU LoRA linear: kernels loaded once, an arena of device buffers, a cuBLAS handle for
+/// the baselines (None when libcublas is missing; the fused path does not need it).
+pub struct GpuLora {
+    stream: Arc<CudaStream>,
+    k: Kernels,
+    blas: Option<CudaBlas>,
+    arena: Arena,
+    poison: bool,
+}
+
+fn segment(a: u64, lda: usize, b: u64, ldb: usize, k: usize, cols: Range<usize>) -> FkSegment {
+    FkSegment {
+        a,
+        b,
+        lda: lda as i64,
+        ldb: ldb as i64,
+        k: k as i64,
+        n_begin: cols.start as i64,
+        n_end: cols.end as i64,
+        ..Default::default()
+    }
+}
+
+fn with_mask(mut s: FkSegment, d: Option<Dropout>, mode: i64, x_ld: usize) -> FkSegment {
+    if let Some(d) = d.filter(|d| d.p > 0.0) {
+        s.mask_mode = mode as i32;
+        s.mask_seed = d.seed;
+        s.mask_p = d.p;
+        // The same f32 expression as Dropout::factor, so the kept scale matches bit for bit.
+        s.mask_keep_scale = 1.0 / (1.0 - d.p);
+        s.mask_ld = x_ld as i64;
+    }
+    s
+}
+
+fn problem(m: usize, n: usize, out: u64, ldc: usize) -> FkGemmProblem {
+    FkGemmProblem { m: m as i64, n: n as i64, out, ldc: ldc as i64, alpha: 1.0, ..Default::default() }
+}
+
+/// Builds an FkGemmParams from (problem, its segments) pairs.
+fn params(list: Vec<(FkGemmProblem, Vec<FkSegment>)>) -> Result<FkGemmParams> {
+    let mut p = FkGemmParams::default();
+    let mut ns = 0usize;
+    ensure!(list.len() <= FK_MAX_PROBLEMS as usize, "too many GEMM problems in one launch");
+    for (i, (mut pr, segs)) in list.into_iter().enumerate() {
+        ensure!(ns + segs.len() <= FK_MAX_SEGMENTS as usize, "too many GEMM segments in one launch");
+        pr.seg_begin = ns as i32;
+        for s in segs {
+            p.segment[ns] = s;
+            ns += 1;
+        }
+        pr.seg_end = ns as i32;
+        p.problem[i] = pr;
+        p.num_problems = i as i32 + 1;
+    }
+    Ok(p)
+}
+
+impl GpuLora {
+    pub fn new(gpu: &Gpu) -> Result<GpuLora> {
+        let load = |name: &str| -> Result<_> {
+            let fatbin = super::module(name).with_context(|| format!("{name} kernels missing from the build"))?;
+            gpu.ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+                .with_context(|| format!("loading {name}"))
+        };
+        let gemm = load("lora_gemm")?;
+        let elementwise = load("elementwise")?;
+        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str, smem: i64| -> Result<CudaFunction> {
+            let func = m.load_function(name).with_context(|| format!("kernel {name}"))?;
+            if smem > 48 * 1024 {
+                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .with_context(|| format!("{name}: {smem} bytes of shared memory (sm_80 or newer needed)"))?;
+            }
+            Ok(func)
+        };
+        let k = Kernels {
+            nt_large: f(&gemm, FK_GEMM_NT_LARGE, FK_SMEM_GEMM_NT_LARGE)?,
+            nt_small: f(&gemm, FK_GEMM_NT_SMALL, FK_SMEM_GEMM_NT_SMALL)?,
+            nn_large: f(&gemm, FK_GEMM_NN_LARGE, FK_SMEM_GEMM_NN_LARGE)?,
+            nn_large_mask: f(&gemm, FK_GEMM_NN_LARGE_MASK, FK_SMEM_GEMM_NN_LARGE)?,
+            nn_small: f(&gemm, FK_GEMM_NN_SMALL, FK_SMEM_GEMM_NN_SMALL)?,
+            tn_small: f(&gemm, FK_GEMM_TN_SMALL, FK_SMEM_GEMM_TN_SMALL)?,
+            axpby: f(&elementwise, FK_AXPBY_BF16, 0)?,
+        };
+        // SAFETY: only probes whether libcublas can be dlopen'ed.
+        let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            Some(CudaBlas::new(gpu.stream.clone()).context("cuBLAS handle")?)
+        } else {
+            None
+        };
+        let stream = gpu.stream.clone();
+        let arena = Arena { stream: stream.clone(), bf16: HashMap::new(), f32: HashMap::new(), allocations: 0 };
+        Ok(GpuLora { stream, k, blas, arena, poison: false })
+    }
+
+    /// Whether the cuBLAS baselines can run (libcublas was found).
+    pub fn has_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// Fill outputs and intermediates with NaN before each host-slice call (tests).
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    /// Device allocations made so far; constant once the largest shape has run.
+    pub fn arena_allocations(&self) -> usize {
+        self.arena.allocations
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    // ---- data in and out ---------------------------------------------------------------------
+
+    /// Uploads X, W, the bias and every term's A and B.
+    pub fn upload(
+        &mut self,
+        s: &LinearShape,
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        terms: &[LoraTerm],
+    ) -> Result<()> {
+        self.upload_base(s, inp, weight, bias)?;
+        self.upload_terms(s, terms)
+    }
+
+    /// Uploads X, W and the bias.
+    pub fn upload_base(&mut self, s: &LinearShape, inp: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Result<()> {
+        ensure!(inp.len() == s.m * s.k && weight.len() == s.n * s.k, "lora gpu: X or W has the wrong length");
+        self.arena.upload16(Buf::X, 0, inp)?;
+        self.arena.upload16(Buf::W, 0, weight)?;
+        if let Some(b) = bias {
+            ensure!(b.len() == s.n && s.bias, "lora gpu: bias");
+            self.arena.upload32(Buf::Bias, 0, b)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads every term's A and B.
+    pub fn upload_terms(&mut self, s: &LinearShape, terms: &[LoraTerm]) -> Result<()> {
+        ensure!(terms.len() == s.terms.len(), "lora gpu: terms do not match the shape");
+        let l = Layout::of(s);
+        self.arena.bf16(Buf::A, l.a_len)?;
+        self.arena.bf16(Buf::B, l.b_len)?;
+        for (i, t) in terms.iter().enumerate() {
+            ensure!(t.a.len() == t.rank * s.k && t.b.len() == t.rows.len() * t.rank, "lora gpu: A or B of term {i}");
+            self.arena.upload16(Buf::A, l.a_off[i], t.a)?;
+            self.arena.upload16(Buf::B, l.b_off[i], t.b)?;
+        }
+        Ok(())
+    }
+
+    pub fn upload_dout(&mut self, s: &LinearShape, dout: &[f32]) -> Result<()> {
+        ensure!(dout.len() == s.m * s.n, "lora gpu: dY has the wrong length");
+        self.arena.upload16(Buf::Dy, 0, dout)
+    }
+
+    /// Sets the f32 gradient accumulators dA, dB (zero when `grads` is None).
+    pub fn upload_grads(&mut self, s: &LinearShape, grads: Option<&[TermGrad]>) -> Result<()> {
+        let l = Layout::of(s);
+        self.arena.f32(Buf::Da, l.a_len)?;
+        self.arena.f32(Buf::Db, l.b_len)?;
+        for (i, t) in s.terms.iter().enumerate() {
+            let (na, nb) = (t.rank * s.k, t.rows.len() * t.rank);
+            let g = grads.map(|g| &g[i]);
+            let da = g.filter(|g| g.da.len() == na).map_or_else(|| vec![0.0; na], |g| g.da.clone());
+            let db = g.filter(|g| g.db.len() == nb).map_or_else(|| vec![0.0; nb], |g| g.db.clone());
+            self.arena.upload32(Buf::Da, l.a_off[i], &da)?;
+            self.arena.upload32(Buf::Db, l.b_off[i], &db)?;
+        }
+        Ok(())
+    }
+
+    pub fn download_y(&mut self, s: &LinearShape) -> Result<Vec<f32>> {
+        self.arena.download16(Buf::Y, 0, s.m * s.n)
+    }
+
+    pub fn download_dx(&mut self, s: &LinearShape) -> Result<Vec<f32>> {
+        self.arena.download16(Buf::Dx, 0, s.m * s.k)
+    }
+
+    pub fn download_grads(&mut self, s: &LinearShape) -> Result<Vec<TermGrad>> {
+        let l = Layout::of(s);
+        let mut out = Vec::new();
+        for (i, t) in s.terms.iter().enumerate() {
+            let da = self.arena.download32(Buf::Da, l.a_off[i], t.rank * s.k)?;
+            let db = self.arena.download32(Buf::Db, l.b_off[i], t.rows.len() * t.rank)?;
+            out.push(TermGrad { da, db });
+        }
+        Ok(out)
+    }
+
+    // ---- fused kernels -----------------------------------------------------------------------
+
+    fn launch(&self, f: &CudaFunction, p: &FkGemmParams, grid: (usize, usize), threads: i64, smem: i64) -> Result<()> {
+        if p.num_problems == 0 || grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, p.num_problems as u32),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(p);
+        // SAFETY: every pointer in `p` is an arena buffer sized for the shape; the struct is the
+        // FK_GRID_PARAMS argument of the kernel (layout asserted in abi.rs).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn launch_large(&self, f: &CudaFunction, p: &FkGemmParams, m: usize, n: usize, smem: i64) -> Result<()> {
+        let grid = (n.div_ceil(FK_GEMM_LARGE_BN as usize), m.div_ceil(FK_GEMM_LARGE_BM as usize));
+        self.launch(f, p, grid, FK_GEMM_LARGE_THREADS, smem)
+    }
+
+    fn launch_small(&self, f: &CudaFunction, p: &FkGemmParams, m: usize, n: usize, smem: i64) -> Result<()> {
+        let grid = (n.div_ceil(FK_GEMM_SMALL_BN as usize), m.div_ceil(FK_GEMM_SMALL_BM as usize));
+        self.launch(f, p, grid, FK_GEMM_SMALL_THREADS, smem)
+    }
+
+    /// S' = s·X̃·Aᵀ for every term into the S buffer (one launch).
+    fn run_shrink(&mut self, s: &LinearShape, l: &Layout) -> Result<()> {
+        if s.terms.is_empty() {
+            return Ok(());
+        }
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        let list = s
+            .terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut pr = problem(s.m, t.rank, sp + 2 * l.s_col[i] as u64, l.s_ld);
+                pr.alpha = t.scale;
+                let seg = segment(x, s.k, a + 2 * l.a_off[i] as u64, s.k, s.k, 0..t.rank);
+                (pr, vec![with_mask(seg, t.dropout, FK_MASK_A, s.k)])
+            })
+            .collect();
+        let max_r = s.terms.iter().map(|t| t.rank).max().unwrap_or(0);
+        self.launch_small(&self.k.nt_small, &params(list)?, s.m, max_r, FK_SMEM_GEMM_NT_SMALL)
+    }
+
+    /// Fused forward on the uploaded data: Y = X·Wᵀ + b + Σ s·(X̃·Aᵀ)·Bᵀ on each term's rows.
+    pub fn run_forward(&mut self, s: &LinearShape) -> Result<()> {
+        let l = Layout::of(s);
+        self.run_shrink(s, &l)?;
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        let mut pr = problem(s.m, s.n, y, s.n);
+        if s.bias {
+            pr.bias = self.arena.ptr32(Buf::Bias, s.n)?;
+        }
+        let mut segs = vec![segment(x, s.k, w, s.k, s.k, 0..s.n)];
+        for (i, t) in s.terms.iter().enumerate() {
+            // B [rows, r] is the K-major operand for output columns `rows` only.
+            segs.push(segment(
+                sp + 2 * l.s_col[i] as u64,
+                l.s_ld,
+                b + 2 * l.b_off[i] as u64,
+                t.rank,
+                t.rank,
+                t.rows.clone(),
+            ));
+        }
+        self.launch_large(&self.k.nt_large, &params(vec![(pr, segs)])?, s.m, s.n, FK_SMEM_GEMM_NT_LARGE)
+    }
+
+    /// The fused kernel on the base GEMM alone (Y = X·Wᵀ), to compare with cuBLAS.
+    pub fn run_base_fused_kernel(&mut self, s: &LinearShape) -> Result<()> {
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        let p = params(vec![(problem(s.m, s.n, y, s.n), vec![segment(x, s.k, w, s.k, s.k, 0..s.n)])])?;
+        self.launch_large(&self.k.nt_large, &p, s.m, s.n, FK_SMEM_GEMM_NT_LARGE)
+    }
+
+    /// Fused backward on the uploaded data (X, W, A, B, dY, gradient accumulators): dA and dB
+    /// accumulate (+=), dX is overwritten when `want_dx`. `s_saved`: the S buffer still holds
+    /// this shape's forward S' (else it is recomputed).
+    pub fn run_backward(&mut self, s: &LinearShape, want_dx: bool, s_saved: bool) -> Result<()> {
+        let l = Layout::of(s);
+        if !s_saved {
+            self.run_shrink(s, &l)?;
+        }
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        let g = self.arena.ptr16(Buf::G, s.m * l.s_ld)?;
+        let dy = self.arena.ptr16(Buf::Dy, s.m * s.n)?;
+        let da = self.arena.ptr32(Buf::Da, l.a_len)?;
+        let db = self.arena.ptr32(Buf::Db, l.b_len)?;
+
+        // G' = s·dY[:, rows]·B: dY's columns `rows` as A [m, rows] (row stride n), B [rows, r].
+        if !s.terms.is_empty() {
+            let list = s
+                .terms
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let mut pr = problem(s.m, t.rank, g + 2 * l.s_col[i] as u64, l.s_ld);
+                    pr.alpha = t.scale;
+                    let a_op = dy + 2 * t.rows.start as u64;
+                    (pr, vec![segment(a_op, s.n, b + 2 * l.b_off[i] as u64, t.rank, t.rows.len(), 0..t.rank)])
+                })
+                .collect();
+            let max_r = s.terms.iter().map(|t| t.rank).max().unwrap();
+            self.launch_small(&self.k.nn_small, &params(list)?, s.m, max_r, FK_SMEM_GEMM_NN_SMALL)?;
+        }
+
+        // dX = [dY | G'₁ …]·[W ; A₁ …], dropout terms as masked segments.
+        if want_dx {
+            let dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
+            let mut segs = vec![segment(dy, s.n, w, s.k, s.n, 0..s.k)];
+            for (i, t) in s.terms.iter().enumerate() {
+                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, a + 2 * l.a_off[i] as u64, s.k, t.rank, 0..s.k);
+                segs.push(with_mask(seg, t.dropout, FK_MASK_OUT, s.k));
+            }
+            let f = if s.has_dropout() { &self.k.nn_large_mask } else { &self.k.nn_large };
+            self.launch_large(f, &params(vec![(problem(s.m, s.k, dx, s.k), segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
+        }
+
+        // dA += G'ᵀ·X̃ [r, k] and dB += dY[:, rows]ᵀ·S' [rows, r]: reductions over the m tokens,
+        // A stored [token][·] (the T layout), B stored [token][·].
+        if !s.terms.is_empty() {
+            let mut list = Vec::new();
+            for (i, t) in s.terms.iter().enumerate() {
+                let mut pa = problem(t.rank, s.k, da + 4 * l.a_off[i] as u64, s.k);
+                pa.out_f32 = 1;
+                pa.beta = 1.0;
+                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, x, s.k, s.m, 0..s.k);
+                list.push((pa, vec![with_mask(seg, t.dropout, FK_MASK_B, s.k)]));
+                let mut pb = problem(t.rows.len(), t.rank, db + 4 * l.b_off[i] as u64, t.rank);
+                pb.out_f32 = 1;
+                pb.beta = 1.0;
+                let a_op = dy + 2 * t.rows.start as u64;
+                list.push((pb, vec![segment(a_op, s.n, sp + 2 * l.s_col[i] as u64, l.s_ld, s.m, 0..t.rank)]));
+            }
+            let max_m = s.terms.iter().map(|t| t.rank.max(t.rows.len())).max().unwrap();
+            let max_n = s.terms.iter().map(|t| t.rank.max(s.k)).max().unwrap();
+            self.launch_small(&self.k.tn_small, &params(list)?, max_m, max_n, FK_SMEM_GEMM_TN_SMALL)?;
+        }
+        Ok(())
+    }
+
+    // ---- host-slice entry points (the CPU reference's signatures) ----------------------------
+
+    fn poison_outputs(&mut self, s: &LinearShape) -> Result<()> {
+        if self.poison {
+            let l = Layout::of(s);
+            self.arena.poison16(Buf::Y, s.m * s.n)?;
+            self.arena.poison16(Buf::Dx, s.m * s.k)?;
+            self.arena.poison16(Buf::S, s.m * l.s_ld)?;
+            self.arena.poison16(Buf::G, s.m * l.s_ld)?;
+        }
+        Ok(())
+    }
+
+    /// `ops::lora::lora_linear_forward` on the GPU (fused kernels).
+    pub fn forward(
+        &mut self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
+        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
+        self.upload(&s, inp, weight, bias, terms)?;
+        self.poison_outputs(&s)?;
+        self.run_forward(&s)?;
+        out.copy_from_slice(&self.download_y(&s)?);
+        Ok(())
+    }
+
+    /// `ops::lora::lora_linear_backward` on the GPU (fused kernels): dA, dB accumulate into
+    /// `grads`, dX is overwritten (skipped when None).
+    pub fn backward(
+        &mut self,
+        dinp: Option<&mut [f32]>,
+        grads: &mut [TermGrad],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, false, terms)?;
+        ensure!(grads.len() == terms.len(), "lora gpu: one TermGrad per term");
+        self.upload(&s, inp, weight, None, terms)?;
+        self.upload_dout(&s, dout)?;
+        self.upload_grads(&s, Some(grads))?;
+        self.poison_outputs(&s)?;
+        self.run_backward(&s, dinp.is_some(), false)?;
+        if let Some(dx) = dinp {
+            ensure!(dx.len() == m * k, "lora gpu: dinp has the wrong length");
+            dx.copy_from_slice(&self.download_dx(&s)?);
+        }
+        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
+            *g = d;
+        }
+        Ok(())
+    }
+
+    // ---- unfused baselines (cuBLAS) ----------------------------------------------------------
+
+    /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C through cublasGemmEx (bf16 operands, f32
+    /// compute, bf16 or f32 C). `a_t`: A is stored [k][m]; `b_t`: B is stored [n][k]. cuBLAS is
+    /// column-major, so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ with the operands swapped.
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (u64, usize, bool),
+        b: (u64, usize, bool),
+        beta: f32,
+        c: (u64, usize, bool),
+    ) -> Result<()> {
+        let blas = self.blas.as_ref().context("cuBLAS is not available (libcublas not found)")?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let c_type = if c.2 { cudaDataType_t::CUDA_R_32F } else { cudaDataType_t::CUDA_R_16BF };
+        // SAFETY: pointers are arena buffers sized for these shapes; alpha/beta are host f32 as
+        // CUBLAS_COMPUTE_32F expects (not rounded to bf16, unlike cudarc's GemmConfig<bf16>).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op(b.2),
+                op(a.2),
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b.0 as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                b.1 as i32,
+                a.0 as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                a.1 as i32,
+                (&beta) as *const f32 as *const _,
+                c.0 as *mut _,
+                c_type,
+                c.1 as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .context("cublasGemmEx")?;
+        Ok(())
+    }
+
+    /// out = alpha·x + beta·y on [rows, cols] windows (the PEFT scale and add kernels).
+    fn axpby(
+        &self,
+        rows: usize,
+        cols: usize,
+        out: (u64, usize),
+        x: (u64, usize),
+        y: (u64, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let p = FkAxpbyParams {
+            out: out.0,
+            x: x.0,
+            y: y.0,
+            rows: rows as i64,
+            cols: cols as i64,
+            ld_out: out.1 as i64,
+            ld_x: x.1 as i64,
+            ld_y: y.1 as i64,
+            alpha,
+            beta,
+        };
+        let threads = FK_POINTWISE_THREADS as usize;
+        let blocks = (rows * cols).div_ceil(threads).clamp(1, 65535);
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.k.axpby);
+        b.arg(&p);
+        // SAFETY: windows lie inside arena buffers sized for the shape.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// cuBLAS's bare X·Wᵀ (no bias), the reference point of the benchmarks.
+    pub fn run_base_cublas(&mut self, s: &LinearShape) -> Result<()> {
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, false))
+    }
+
+    fn check_unfused(s: &LinearShape) -> Result<()> {
+        if s.bias || s.has_dropout() {
+            bail!("the unfused baselines take no bias and no dropout (benchmark baselines only)");
+        }
+        Ok(())
+    }
+
+    /// Unfused forward on the uploaded data. S (unscaled X·Aᵀ) stays in the arena for the
+    /// backward, as autograd would save it.
+    pub fn run_forward_unfused(&mut self, s: &LinearShape, style: Unfused) -> Result<()> {
+        Self::check_unfused(s)?;
+        let l = Layout::of(s);
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        let max_rows = s.terms.iter().map(|t| t.rows.len()).max().unwrap_or(0);
+        let t2 = self.arena.ptr16(Buf::T2, s.m * max_rows)?;
+        let t3 = self.arena.ptr16(Buf::T3, s.m * max_rows)?;
+        self.run_base_cublas(s)?;
+        for (i, t) in s.terms.iter().enumerate() {
+            let (st, at, bt) = (sp + 2 * l.s_col[i] as u64, a + 2 * l.a_off[i] as u64, b + 2 * l.b_off[i] as u64);
+            let yr = y + 2 * t.rows.start as u64;
+            let (r, nr) = (t.rank, t.rows.len());
+            self.gemm(s.m, r, s.k, 1.0, (x, s.k, false), (at, s.k, true), 0.0, (st, l.s_ld, false))?;
+            match style {
+                Unfused::Accumulate => {
+                    self.gemm(s.m, nr, r, t.scale, (st, l.s_ld, false), (bt, r, true), 1.0, (yr, s.n, false))?
+                }
+                Unfused::Peft => {
+                    self.gemm(s.m, nr, r, 1.0, (st, l.s_ld, false), (bt, r, true), 0.0, (t2, nr, false))?;
+                    self.axpby(s.m, nr, (t3, nr), (t2, nr), (0, 0), t.scale, 0.0)?;
+                    self.axpby(s.m, nr, (yr, s.n), (t3, nr), (yr, s.n), 1.0, 1.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unfused backward on the uploaded data; needs the S of `run_forward_unfused`.
+    pub fn run_backward_unfused(&mut self, s: &LinearShape, style: Unfused, want_dx: bool) -> Result<()> {
+        Self::check_unfused(s)?;
+        let l = Layout::of(s);
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        let g = self.arena.ptr16(Buf::G, s.m * l.s_ld)?;
+        let dy = self.arena.ptr16(Buf::Dy, s.m * s.n)?;
+        let dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
+        let da = self.arena.ptr32(Buf::Da, l.a_len)?;
+        let db = self.arena.ptr32(Buf::Db, l.b_len)?;
+        let max_rows = s.terms.iter().map(|t| t.rows.len()).max().unwrap_or(0);
+        let t3 = self.arena.ptr16(Buf::T3, s.m * max_rows)?;
+        let dxl = self.arena.ptr16(Buf::DxLora, s.m * s.k)?;
+        if want_dx {
+            self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, false))?;
+        }
+        for (i, t) in s.terms.iter().enumerate() {
+            let (st, gt) = (sp + 2 * l.s_col[i] as u64, g + 2 * l.s_col[i] as u64);
+            let (at, bt) = (a + 2 * l.a_off[i] as u64, b + 2 * l.b_off[i] as u64);
+            let (dat, dbt) = (da + 4 * l.a_off[i] as u64, db + 4 * l.b_off[i] as u64);
+            let dyr = dy + 2 * t.rows.start as u64;
+            let (r, nr) = (t.rank, t.rows.len());
+            match style {
+                Unfused::Accumulate => {
+                    // G = s·dY[:, rows]·B; dX += G·A; dA += Gᵀ·X; dB += s·dY[:, rows]ᵀ·S.
+                    self.gemm(s.m, r, nr, t.scale, (dyr, s.n, false), (bt, r, false), 0.0, (gt, l.s_ld, false))?;
+                    if want_dx {
+                        self.gemm(s.m, s.k, r, 1.0, (gt, l.s_ld, false), (at, s.k, false), 1.0, (dx, s.k, false))?;
+                    }
+                    self.gemm(r, s.k, s.m, 1.0, (gt, l.s_ld, true), (x, s.k, false), 1.0, (dat, s.k, true))?;
+                    self.gemm(nr, r, s.m, t.scale, (dyr, s.n, true), (st, l.s_ld, false), 1.0, (dbt, r, true))?;
+                }
+                Unfused::Peft => {
+                    // Autograd of Y += s·((X·Aᵀ)·Bᵀ): dT₂ = s·dY[:, rows] (a scale kernel), then
+                    // dB += dT₂ᵀ·T, dT = dT₂·B, dA += dTᵀ·X, dX_lora = dT·A, dX += dX_lora.
+                    self.axpby(s.m, nr, (t3, nr), (dyr, s.n), (0, 0), t.scale, 0.0)?;
+                    self.gemm(nr, r, s.m, 1.0, (t3, nr, true), (st, l.s_ld, false), 1.0, (dbt, r, true))?;
+                    self.gemm(s.m, r, nr, 1.0, (t3, nr, false), (bt, r, false), 0.0, (gt, l.s_ld, false))?;
+                    self.gemm(r, s.k, s.m, 1.0, (gt, l.s_ld, true), (x, s.k, false), 1.0, (dat, s.k, true))?;
+                    if want_dx {
+                        self.gemm(s.m, s.k, r, 1.0, (gt, l.s_ld, false), (at, s.k, false), 0.0, (dxl, s.k, false))?;
+                        self.axpby(s.m, s.k, (dx, s.k), (dxl, s.k), (dx, s.k), 1.0, 1.0)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `lora_linear_forward` through an unfused baseline (no bias, no dropout).
+    pub fn forward_unfused(
+        &mut self,
+        style: Unfused,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, false, terms)?;
+        self.upload(&s, inp, weight, None, terms)?;
+        self.poison_outputs(&s)?;
+        self.run_forward_unfused(&s, style)?;
+        out.copy_from_slice(&self.download_y(&s)?);
+        Ok(())
+    }
+
+    /// `lora_linear_backward` through an unfused baseline (forward included, for its saved S).
+    pub fn backward_unfused(
+        &mut self,
+        style: Unfused,
+        dinp: &mut [f32],
+        grads: &mut [TermGrad],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, false, terms)?;
+        self.upload(&s, inp, weight, None, terms)?;
+        self.upload_dout(&s, dout)?;
+        self.upload_grads(&s, Some(grads))?;
+        self.poison_outputs(&s)?;
+        self.run_forward_unfused(&s, style)?;
+        self.run_backward_unfused(&s, style, true)?;
+        dinp.copy_from_slice(&self.download_dx(&s)?);
+        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
+            *g = d;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_keeps_every_term_16_byte_aligned() {
+        let a = vec![0f32; 4 * 20];
+        let b = vec![0f32; 3 * 4];
+        let b2 = vec![0f32; 5 * 16];
+        let a2 = vec![0f32; 16 * 20];
+        let terms = [
+            LoraTerm { a: &a, b: &b, rank: 4, scale: 1.0, rows: 0..3, dropout: None },
+            LoraTerm { a: &a2, b: &b2, rank: 16, scale: 1.0, rows: 3..8, dropout: None },
+        ];
+        let s = LinearShape::new(7, 20, 8, false, &terms).unwrap();
+        let l = Layout::of(&s);
+        assert_eq!(l.a_off, vec![0, 80]);
+        assert_eq!(l.b_off, vec![0, 16]);
+        assert_eq!(l.s_col, vec![0, 8]);
+        assert_eq!(l.s_ld, 24);
+        assert!(l.a_off.iter().chain(&l.b_off).chain(&l.s_col).all(|o| o % 8 == 0));
+    }
+
+    #[test]
+    fn shapes_outside_the_kernels_limits_are_refused() {
+        let a = vec![0f32; 4];
+        let b = vec![0f32; 4];
+        let t = LoraTerm { a: &a, b: &b, rank: 1, scale: 1.0, rows: 0..4, dropout: None };
+        let many = vec![t.clone(); MAX_TERMS + 1];
+        assert!(LinearShape::new(2, 4, 4, false, &many).is_err());
+        let past = LoraTerm { rows: 2..6, ..t };
+        assert!(LinearShape::new(2, 4, 4, false, &[past]).is_err());
+    }
+
+    #[test]
+    fn flop_counts() {
+        let s = LinearShape { m: 2, k: 3, n: 4, bias: false, terms: vec![] };
+        assert_eq!(s.base_flops(), 48.0);
+        assert_eq!(s.forward_flops(), 48.0);
+    }
+}

@@ -1,0 +1,303 @@
+//! The fused LoRA kernels (kernels/lora_gemm.cu through src/kernels/lora.rs) and the unfused
+//! cuBLAS baselines against the CPU reference (src/ops/lora.rs), evaluated on the same
+//! bf16-rounded inputs. Fresh random inputs every run (the seed is printed on failure), outputs
+//! poisoned with NaN first, ragged M/N/K, ranks 4…128, several adapters, row slices, dropout.
+//! Where no GPU (or no nvcc at build time) is present each test writes why it is skipped.
+
+use flux_kernels::kernels::gpu::Gpu;
+use flux_kernels::kernels::lora::{GpuLora, Unfused};
+use flux_kernels::ops::lora::{lora_linear_backward, lora_linear_forward, Dropout, LoraTerm, TermGrad};
+use flux_kernels::util::{rel_l2, Rng};
+use std::ops::Range;
+
+/// bf16 operands: the errors land between 1e-3 and 1e-2 (relative L2).
+const TOL: f64 = 1e-2;
+
+/// Writes straight to stderr: libtest captures print!/eprintln!, so a skip line written that
+/// way would never reach the CI log.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+fn lora_or_skip(test: &str) -> Option<GpuLora> {
+    let made = Gpu::new().and_then(|g| GpuLora::new(&g));
+    match made {
+        Ok(mut l) => {
+            l.set_poison(true);
+            Some(l)
+        }
+        Err(e) => {
+            skip(test, &format!("{e:#}"));
+            None
+        }
+    }
+}
+
+/// A different seed every run, printed with any failure so it can be replayed (FK_TEST_SEED).
+fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.as_nanos() as u64 ^ 0x5DEE_CE66_D1CE_4E5B
+}
+
+fn bf16_round(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+}
+
+fn normal_bf16(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut v = rng.normal_vec(n, std);
+    bf16_round(&mut v);
+    v
+}
+
+struct Case {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: bool,
+    /// W's scale relative to the usual 1/√k: small values make Y mostly the LoRA part.
+    w_scale: f32,
+    terms: Vec<(usize, Range<usize>, f32, Option<Dropout>)>,
+}
+
+fn dropout(p: f32, seed: u64) -> Option<Dropout> {
+    Some(Dropout { p, seed })
+}
+
+fn cases() -> Vec<Case> {
+    let c = |name, m, k, n, bias, terms| Case { name, m, k, n, bias, w_scale: 1.0, terms };
+    vec![
+        c("r4, ragged M/N", 67, 72, 96, false, vec![(4, 0..96, 0.5, None)]),
+        c("r16, bias", 130, 136, 200, true, vec![(16, 0..200, 2.0, None)]),
+        c("r32, K not a multiple of 8", 33, 100, 150, false, vec![(32, 0..150, 1.0, None)]),
+        c(
+            "q/k/v slices, r 64/8/16",
+            129,
+            64,
+            192,
+            false,
+            vec![(64, 0..64, 0.7, None), (8, 64..128, -1.3, None), (16, 128..192, 1.1, None)],
+        ),
+        c("r128", 70, 160, 130, false, vec![(128, 0..130, 0.25, None)]),
+        c(
+            "stacked adapters",
+            50,
+            96,
+            80,
+            true,
+            vec![(16, 0..80, 1.0, None), (32, 0..80, 0.5, None), (4, 10..50, 2.0, None)],
+        ),
+        c(
+            "dropout on two slices",
+            45,
+            88,
+            120,
+            true,
+            vec![(16, 0..40, 1.0, dropout(0.3, 7)), (32, 40..120, 0.5, dropout(0.1, 99))],
+        ),
+        c("one token", 1, 64, 64, false, vec![(16, 0..64, 1.0, None)]),
+        c("unaligned slice across tiles", 300, 320, 272, false, vec![(32, 13..200, 0.8, None)]),
+        c(
+            "dropout and no dropout, several tiles",
+            200,
+            136,
+            260,
+            false,
+            vec![(16, 0..260, 1.0, dropout(0.25, 3)), (64, 100..230, 0.3, dropout(0.15, 11)), (8, 0..50, 0.9, None)],
+        ),
+        Case {
+            w_scale: 1e-3,
+            ..c(
+                "LoRA dominates Y",
+                96,
+                128,
+                144,
+                false,
+                vec![(16, 0..144, 1.0, None), (4, 30..90, 1.5, dropout(0.2, 5))],
+            )
+        },
+    ]
+}
+
+/// Bf16-rounded inputs for one case.
+struct Inputs {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    ab: Vec<(Vec<f32>, Vec<f32>)>,
+    dy: Vec<f32>,
+}
+
+fn inputs(c: &Case, rng: &mut Rng) -> Inputs {
+    let x = normal_bf16(rng, c.m * c.k, 1.0);
+    let w = normal_bf16(rng, c.n * c.k, c.w_scale / (c.k as f32).sqrt());
+    let bias = c.bias.then(|| rng.normal_vec(c.n, 0.5));
+    let ab = c
+        .terms
+        .iter()
+        .map(|(r, rows, _, _)| {
+            (
+                normal_bf16(rng, r * c.k, 1.0 / (c.k as f32).sqrt()),
+                normal_bf16(rng, rows.len() * r, 1.0 / (*r as f32).sqrt()),
+            )
+        })
+        .collect();
+    let dy = normal_bf16(rng, c.m * c.n, 1.0);
+    Inputs { x, w, bias, ab, dy }
+}
+
+fn terms<'a>(c: &Case, inp: &'a Inputs) -> Vec<LoraTerm<'a>> {
+    c.terms
+        .iter()
+        .zip(&inp.ab)
+        .map(|((r, rows, s, d), (a, b))| LoraTerm { a, b, rank: *r, scale: *s, rows: rows.clone(), dropout: *d })
+        .collect()
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], seed: u64) {
+    let nan = got.iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(nan, 0, "{what}: {nan} non-finite outputs (unwritten or broken), seed {seed}");
+    let err = rel_l2(got, want);
+    println!("{what}: rel L2 {err:.2e}");
+    assert!(err <= TOL, "{what}: rel L2 {err:.3e} > {TOL:e}, seed {seed}");
+}
+
+/// dA/dB accumulate: compare the increments, so an unwritten gradient cannot hide behind the
+/// initial value.
+fn check_increment(what: &str, got: &[f32], want: &[f32], init: &[f32], seed: u64) {
+    let g: Vec<f32> = got.iter().zip(init).map(|(a, b)| a - b).collect();
+    let w: Vec<f32> = want.iter().zip(init).map(|(a, b)| a - b).collect();
+    check(what, &g, &w, seed);
+}
+
+fn initial_grads(c: &Case, rng: &mut Rng) -> Vec<TermGrad> {
+    c.terms
+        .iter()
+        .map(|(r, rows, _, _)| TermGrad { da: rng.normal_vec(r * c.k, 0.1), db: rng.normal_vec(rows.len() * r, 0.1) })
+        .collect()
+}
+
+#[test]
+fn fused_forward_matches_cpu() {
+    let Some(mut gpu) = lora_or_skip("fused_forward_matches_cpu") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for c in cases() {
+        let inp = inputs(&c, &mut rng);
+        let t = terms(&c, &inp);
+        let mut want = vec![0f32; c.m * c.n];
+        lora_linear_forward(&mut want, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n);
+        let mut got = vec![f32::NAN; c.m * c.n];
+        gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+        check(&format!("forward [{}] Y", c.name), &got, &want, seed);
+    }
+}
+
+#[test]
+fn fused_backward_matches_cpu() {
+    let Some(mut gpu) = lora_or_skip("fused_backward_matches_cpu") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for c in cases() {
+        let inp = inputs(&c, &mut rng);
+        let t = terms(&c, &inp);
+        let init = initial_grads(&c, &mut rng);
+        let mut want = init.clone();
+        let mut want_dx = vec![0f32; c.m * c.k];
+        lora_linear_backward(Some(&mut want_dx), &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
+        let mut got = init.clone();
+        let mut got_dx = vec![f32::NAN; c.m * c.k];
+        gpu.backward(Some(&mut got_dx), &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+        check(&format!("backward [{}] dX", c.name), &got_dx, &want_dx, seed);
+        for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
+            check_increment(&format!("backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
+            check_increment(&format!("backward [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+        }
+    }
+}
+
+/// Without dX the backward still produces dA and dB (the input needs no gradient).
+#[test]
+fn fused_backward_without_dx() {
+    let Some(mut gpu) = lora_or_skip("fused_backward_without_dx") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let c = &cases()[3];
+    let inp = inputs(c, &mut rng);
+    let t = terms(c, &inp);
+    let init = initial_grads(c, &mut rng);
+    let mut want = init.clone();
+    lora_linear_backward(None, &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
+    let mut got = init.clone();
+    gpu.backward(None, &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+    for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
+        check_increment(&format!("no-dX dA{i}"), &g.da, &w.da, &s.da, seed);
+        check_increment(&format!("no-dX dB{i}"), &g.db, &w.db, &s.db, seed);
+    }
+}
+
+/// The reductions over tokens have one owner per output tile: two runs agree bit for bit, and
+/// a second call at the same shape allocates nothing.
+#[test]
+fn fused_backward_is_deterministic_and_reuses_buffers() {
+    let Some(mut gpu) = lora_or_skip("fused_backward_is_deterministic_and_reuses_buffers") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let c = &cases()[9];
+    let inp = inputs(c, &mut rng);
+    let t = terms(c, &inp);
+    let run = |gpu: &mut GpuLora| {
+        let mut g = initial_grads(c, &mut Rng::new(1));
+        let mut dx = vec![f32::NAN; c.m * c.k];
+        gpu.backward(Some(&mut dx), &mut g, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+        (dx, g)
+    };
+    let (dx1, g1) = run(&mut gpu);
+    let allocations = gpu.arena_allocations();
+    let (dx2, g2) = run(&mut gpu);
+    assert_eq!(gpu.arena_allocations(), allocations, "the arena grew on a repeated shape");
+    assert!(dx1.iter().zip(&dx2).all(|(a, b)| a.to_bits() == b.to_bits()), "dX differs between runs, seed {seed}");
+    for (a, b) in g1.iter().zip(&g2) {
+        assert!(a.da.iter().zip(&b.da).all(|(x, y)| x.to_bits() == y.to_bits()), "dA differs, seed {seed}");
+        assert!(a.db.iter().zip(&b.db).all(|(x, y)| x.to_bits() == y.to_bits()), "dB differs, seed {seed}");
+    }
+}
+
+#[test]
+fn unfused_baselines_match_cpu() {
+    let Some(mut gpu) = lora_or_skip("unfused_baselines_match_cpu") else { return };
+    if !gpu.has_cublas() {
+        skip("unfused_baselines_match_cpu", "cuBLAS (libcublas) not found");
+        return;
+    }
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    // The baselines take no bias and no dropout.
+    for c in cases().into_iter().filter(|c| !c.bias && c.terms.iter().all(|t| t.3.is_none())) {
+        let inp = inputs(&c, &mut rng);
+        let t = terms(&c, &inp);
+        let mut want_y = vec![0f32; c.m * c.n];
+        lora_linear_forward(&mut want_y, &inp.x, &inp.w, None, &t, c.m, c.k, c.n);
+        let init = initial_grads(&c, &mut rng);
+        let mut want = init.clone();
+        let mut want_dx = vec![0f32; c.m * c.k];
+        lora_linear_backward(Some(&mut want_dx), &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
+        for style in [Unfused::Peft, Unfused::Accumulate] {
+            let mut y = vec![f32::NAN; c.m * c.n];
+            gpu.forward_unfused(style, &mut y, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            check(&format!("{style:?} forward [{}] Y", c.name), &y, &want_y, seed);
+            let mut got = init.clone();
+            let mut dx = vec![f32::NAN; c.m * c.k];
+            gpu.backward_unfused(style, &mut dx, &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            check(&format!("{style:?} backward [{}] dX", c.name), &dx, &want_dx, seed);
+            for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
+                check_increment(&format!("{style:?} [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
+                check_increment(&format!("{style:?} [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The one-call GPU check, build side. Builds here (no GPU needed) the release test binaries and
+# the benchmark with the CUDA kernels compiled by nvcc, stripped, and packs them with
+# tools/gpu-run.sh into one folder that the device tool carries to the lent GPU machine, where
+# gpu-run.sh runs everything (there is no Rust there). Prints the exact device call at the end.
+#
+# Usage:  tools/gpu-check.sh [PACK_DIR]          (default target/gpu-check; git ignores target/)
+#         tools/gpu-check.sh --emulate [--asan]   CPU pre-flight instead: builds the CUDA emulator
+#             of kernels/host_emulation.h as a stand-in libcuda.so/libcublas.so and runs the GPU
+#             tests against it (kernel index math, barriers, bounds, fragment layouts, the host's
+#             launches and the cuBLAS mapping, everything but the real hardware).
+# Needs nvcc: $NVCC, or tools/install-nvcc.sh's default install, or /tmp/nvcc.path.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+if [ -z "${NVCC:-}" ]; then
+  for c in "$root/.toolchain/cuda-13.0/venv/lib/python3"*/site-packages/nvidia/cu13/bin/nvcc "$(cat /tmp/nvcc.path 2>/dev/null)"; do
+    [ -x "$c" ] && NVCC=$c && break
+  done
+fi
+[ -n "${NVCC:-}" ] || NVCC=$(tools/install-nvcc.sh)
+export NVCC FLUX_KERNELS_REQUIRE_CUDA=1
+
+if [ "${1:-}" = "--emulate" ]; then
+  emu=$root/target/emu
+  mkdir -p "$emu/include"
+  # elementwise.cu includes <cuda_bf16.h>; the emulator header provides what it uses.
+  echo '// host emulation: the bf16 helpers come from host_emulation.h' >"$emu/include/cuda_bf16.h"
+  names=$(sed -nE 's/^FK_KERNEL void (__launch_bounds__\([^)]*\) )?([a-z_0-9]+)\(.*/\2/p' kernels/*.cu)
+  {
+    echo '#define FK_HOST_EMULATION 1'
+    echo '#include "host_emulation.h"'
+    for f in kernels/*.cu; do echo "#include \"$(basename "$f")\""; done
+    printf '#define FKEMU_KERNELS(X)'; for n in $names; do printf ' X(%s)' "$n"; done; echo
+    echo '#define FKEMU_DRIVER 1'
+    echo '#include "host_emulation.h"'
+  } >"$emu/driver.cpp"
+  printf '#define FKEMU_CUBLAS 1\n#include "host_emulation.h"\n' >"$emu/cublas.cpp"
+  flags=(-std=c++17 -O2 -g -fPIC -shared -Wall -Wno-unknown-pragmas -I"$emu/include" -Ikernels)
+  preload=""
+  if [ "${2:-}" = "--asan" ]; then
+    flags+=(-fsanitize=address -fno-omit-frame-pointer)
+    preload=$(g++ -print-file-name=libasan.so)
+    export ASAN_OPTIONS=detect_leaks=0
+  fi
+  g++ "${flags[@]}" -o "$emu/libcuda.so" "$emu/driver.cpp"
+  g++ "${flags[@]}" -o "$emu/libcublas.so" "$emu/cublas.cpp"
+  echo "emulated libcuda.so / libcublas.so in $emu"
+  cargo test --no-run --test gpu --test gpu_lora
+  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora -- --test-threads 2
+  exit
+fi
+
+pack=${1:-$root/target/gpu-check}
+export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
+log=$(mktemp)
+cargo test --release --no-run --test gpu --test gpu_lora 2>&1 | tee "$log"
+cargo bench --no-run --bench lora_matmul 2>&1 | tee -a "$log"
+rm -rf "$pack"
+mkdir -p "$pack"
+# "Executable tests/gpu_lora.rs (target/release/deps/gpu_lora-…)"
+sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p' "$log" | while read -r name exe; do
+  cp "$exe" "$pack/$name"
+done
+rm -f "$log"
+for b in gpu gpu_lora lora_matmul; do
+  [ -x "$pack/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
+done
+cp tools/gpu-run.sh "$pack/"
+{
+  echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' + uncommitted changes')"
+  echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $("$NVCC" --version | tail -1)"
+} >"$pack/BUILD_INFO"
+du -sh "$pack"
+rel=${pack#"$root"/}
+cat <<MSG
+
+Packed into $rel. On the lent GPU (one call, about 6 minutes):
+  device run: command "bash $rel/gpu-run.sh", carry ["$rel"], timeout_s 420
+Logs come back from \$OUT (machine.txt, tests.log, sanitizer.log, bench.log, bench_table.md,
+summary.md); record
+the run in docs/gpu-runs.md.
+MSG
