@@ -8,6 +8,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod cli;
+pub mod device;
 pub mod io;
 pub mod kernels;
 pub mod lora;

@@ -32,6 +32,10 @@ struct ModelArgs {
     /// `warn` (skip it with a warning).
     #[arg(long, value_name = "error|warn", default_value = "error")]
     lora_unknown: String,
+    /// Where the LoRA linears run: cpu, cuda, or auto (CUDA when a device and the kernels are
+    /// there). Attention, norms and the rest stay on the CPU for now.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// Adapter settings (PEFT's LoraConfig).
@@ -218,6 +222,9 @@ enum Cmd {
         /// T5 length (512 for FLUX.1-dev, 256 as an option).
         #[arg(long, default_value_t = 512)]
         t5_max_len: usize,
+        /// cpu, cuda or auto: where the transformer's LoRA linears run.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Encode a folder of images + same-name .txt captions into the trainer's cached samples
     /// (VAE latents, T5 states, CLIP pooled), skipping those already cached and unchanged.
@@ -341,6 +348,7 @@ fn main() -> Result<()> {
             prompts,
             comps,
             t5_max_len,
+            device,
         } => {
             let mut all_prompts = prompt.clone();
             if let Some(p) = &prompts {
@@ -376,6 +384,7 @@ fn main() -> Result<()> {
                 prompts: all_prompts,
                 components: comps.components(),
                 t5_len: t5_max_len,
+                device: &device,
             };
             for line in cli::sample::run(&args)? {
                 println!("{line}");
@@ -421,7 +430,7 @@ fn main() -> Result<()> {
         }
         Cmd::Forward { m, inputs, out } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
-            cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown)?;
+            cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown, &m.device)?;
             println!("wrote {}", out.display());
         }
         Cmd::Grad { m, inputs, target, out } => {
@@ -433,7 +442,8 @@ fn main() -> Result<()> {
             if scale != 1.0 {
                 anyhow::bail!("grad differentiates at strength 1; drop the :{scale} from --lora");
             }
-            let loss = cli::grad::run(&m.model, &inputs, &target, &path, &out, m.rope_axes.as_deref(), unknown)?;
+            let loss =
+                cli::grad::run(&m.model, &inputs, &target, &path, &out, m.rope_axes.as_deref(), unknown, &m.device)?;
             println!("loss {loss:.6e}; wrote {}", out.display());
         }
     }

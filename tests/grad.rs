@@ -20,6 +20,7 @@ fn grad_matches_pytorch_for_every_dialect() {
             &out,
             None,
             UnknownKeys::Error,
+            "cpu",
         )
         .unwrap();
         let got = SafeTensors::open(&out).unwrap();

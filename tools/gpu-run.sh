@@ -9,6 +9,8 @@
 # FK_SANITIZER_TIMEOUT=75, FK_BENCH_TIMEOUT=200; FK_SKIP_SANITIZER=1 or FK_SKIP_BENCH=1 drop a step.
 set -uo pipefail
 pack=$(cd "$(dirname "$0")" && pwd)
+# The whole-model test reads the fixtures of the carried source tree (the call runs from its root).
+export FK_FIXTURES="${FK_FIXTURES:-$PWD/tests/fixtures}"
 out=${OUT:-$pack/out}
 mkdir -p "$out"
 cd "$pack"
@@ -45,7 +47,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
 # counts as a failure here.
 test_rc=0
 : >"$out/tests.log"
-for t in gpu gpu_lora; do
+for t in gpu gpu_lora gpu_model; do
   step "tests: $t" | tee -a "$out/tests.log"
   timeout "$(limit "${FK_TEST_TIMEOUT:-120}")" "./$t" --test-threads 1 --show-output >>"$out/tests.log" 2>&1
   rc=$?

@@ -17,6 +17,7 @@ pub fn run(
     loras: &[String],
     rope_axes: Option<&str>,
     unknown: UnknownKeys,
+    device: &str,
 ) -> Result<()> {
     let spec = open_model(model, rope_axes)?;
     let ModelSpec::Checkpoint(ckpt) = spec else {
@@ -29,6 +30,7 @@ pub fn run(
     for (f, strength) in open_loras(loras, cfg, unknown)? {
         set.add(&f.deltas, strength);
     }
+    set.device = super::device(device)?;
     let y = flux_forward(cfg, &weights, &inp, &set)?;
     if let Some(i) = y.iter().position(|v| !v.is_finite()) {
         bail!("the forward pass produced a non-finite value at flat index {i}; nothing written");

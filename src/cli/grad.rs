@@ -20,6 +20,7 @@ pub fn run(
     out: &Path,
     rope_axes: Option<&str>,
     unknown: UnknownKeys,
+    device: &str,
 ) -> Result<f64> {
     let ModelSpec::Checkpoint(ckpt) = open_model(model, rope_axes)? else {
         bail!("--model {model} is a built-in configuration without weights; grad needs a checkpoint");
@@ -37,6 +38,7 @@ pub fn run(
     let file = load_lora(lora, cfg, unknown)?;
     let mut set = LoraSet::new();
     set.add(&file.deltas, 1.0);
+    set.device = super::device(device)?;
 
     let (pred, cache) = flux_forward_train(cfg, &w, &inp, &set)?;
     let loss = mse_forward(&pred, &tgt, None);

@@ -78,3 +78,12 @@ pub fn thousands(n: usize) -> String {
     }
     out
 }
+
+/// `--device`: the device, with a note on stderr when auto falls back to the CPU.
+pub fn device(s: &str) -> Result<crate::device::Device> {
+    let (d, note) = crate::device::Device::parse(s)?;
+    if let Some(n) = note {
+        eprintln!("--device auto: {n}");
+    }
+    Ok(d)
+}

@@ -49,6 +49,7 @@ pub struct SampleArgs<'a> {
     /// Component overrides (VAE, encoders, tokenizers) over the --model folder's.
     pub components: crate::pipeline::Components,
     pub t5_len: usize,
+    pub device: &'a str,
 }
 
 /// Conditioning per image: T5 states [L, D] and CLIP pooled, and L.
@@ -133,9 +134,11 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         loaded.push(open_loras(s, &cfg, a.unknown)?);
     }
     let mut log = Vec::new();
+    let device = super::device(a.device)?;
     for (k, files) in loaded.iter().enumerate() {
         let t = Instant::now();
         let mut set = LoraSet::new();
+        set.device = device.clone();
         files.iter().for_each(|(f, s)| set.add(&f.deltas, *s));
         let switch = t.elapsed();
         let t = Instant::now();

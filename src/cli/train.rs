@@ -181,6 +181,9 @@ pub struct TrainArgs {
     /// Sample side in pixels (default: the first resolution side).
     #[arg(long)]
     pub sample_size: Option<usize>,
+    /// cpu, cuda or auto (default): where the transformer's LoRA linears run.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 macro_rules! apply {
@@ -268,7 +271,8 @@ impl TrainArgs {
             sample_steps,
             sample_guidance,
             sample_seed,
-            sample_size
+            sample_size,
+            device
         );
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
             c = c.builtin_demo();

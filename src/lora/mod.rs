@@ -23,11 +23,14 @@ pub struct LoraDelta {
     pub rows: Range<usize>,
 }
 
+/// The adapters of one forward/backward call, and the device their linears run on (the set is
+/// the context every `Linear` receives, so it also says where the product is computed).
 #[derive(Clone, Default)]
 pub struct LoraSet {
     terms: HashMap<String, Vec<LoraDelta>>,
     /// Training only: dropout probability on every adapter input and this step's mask seed.
     dropout: Option<(f32, u64)>,
+    pub device: crate::device::Device,
 }
 
 impl LoraSet {

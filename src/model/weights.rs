@@ -2,10 +2,11 @@
 
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
+use crate::device::Device;
 use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::lora::{lora_linear_backward, lora_linear_forward};
 use crate::util::Rng;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::collections::HashMap;
 
 pub struct Linear {
@@ -25,7 +26,15 @@ impl Linear {
             Some(b) => Some(b.load()?),
             None => None,
         };
-        lora_linear_forward(out, inp, &w, b.as_deref(), &loras.terms(&self.name), m, self.d_in, self.d_out);
+        let terms = loras.terms(&self.name);
+        match &loras.device {
+            Device::Cpu => lora_linear_forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out),
+            Device::Cuda(g) => {
+                let mut g = g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                g.forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
+                    .with_context(|| format!("{} on the GPU", self.name))?
+            }
+        }
         Ok(())
     }
 
@@ -46,7 +55,14 @@ impl Linear {
         }
         let w = self.weight.load()?;
         let slot = grads.slot(&self.name, terms.len());
-        lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out);
+        match &loras.device {
+            Device::Cpu => lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out),
+            Device::Cuda(g) => {
+                let mut g = g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                g.backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
+                    .with_context(|| format!("{} backward on the GPU", self.name))?
+            }
+        }
         Ok(())
     }
 

@@ -93,6 +93,8 @@ pub struct TrainConfig {
     pub sample_seed: u64,
     /// Sample side in pixels; 0: the first resolution side.
     pub sample_size: usize,
+    /// cpu, cuda or auto: where the transformer's LoRA linears run (forward and backward).
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -156,6 +158,7 @@ impl Default for TrainConfig {
             sample_guidance: 3.5,
             sample_seed: 0,
             sample_size: 0,
+            device: "auto".into(),
         }
     }
 }

@@ -78,6 +78,7 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
 
 /// The adapters being trained: specs and their factors (B rows in BFL order).
 struct Adapters {
+    device: crate::device::Device,
     specs: Vec<AdapterSpec>,
     scales: Vec<f32>,
     /// A0, B0, A1, B1, …
@@ -104,6 +105,7 @@ impl Adapters {
         let mut set = LoraSet::new();
         set.add(&deltas, 1.0);
         set.set_dropout(dropout, seed);
+        set.device = self.device.clone();
         set
     }
 
@@ -309,7 +311,8 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         })
         .collect();
     let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
-    let mut ad = Adapters { specs, scales, params };
+    let (device, device_note) = crate::device::Device::parse(&tc.device)?;
+    let mut ad = Adapters { device, specs, scales, params };
     let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
     let mut start = 0;
     let ckpt_dir = PathBuf::from(tc.checkpoint_path());
@@ -343,6 +346,9 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         }
         log.push(s);
     };
+    if let Some(n) = device_note {
+        say(format!("--device auto: {n}"), None);
+    }
     let n_train: usize = ad.specs.iter().map(|s| s.param_count()).sum();
     say(
         format!(

@@ -13,8 +13,13 @@ use std::path::{Path, PathBuf};
 
 pub const TINY_AXES: &[usize] = &[4, 6, 6];
 
+/// A fixture file. FK_FIXTURES overrides the folder: the GPU check runs these test binaries on
+/// another machine, where the source tree sits at another path.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    match std::env::var_os("FK_FIXTURES") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name),
+    }
 }
 
 /// A fresh temp folder per test.
