@@ -4,6 +4,20 @@
 use super::matmul::gemm;
 use rayon::prelude::*;
 
+/// Softmax of one score row in place (max-subtracted, the sum in f64); returns the row's
+/// log-sum-exp, which the backward pass recomputes P from.
+pub fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for x in row.iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|x| *x *= inv);
+    mx + (sum as f32).ln()
+}
+
 /// out[b, h, l, d] = softmax(q kᵀ / √d) v per (b, h), no mask. Saves the log-sum-exp of each
 /// score row [b, h, l] for the backward pass.
 pub fn attention_forward(
@@ -27,15 +41,7 @@ pub fn attention_forward(
         let mut s = vec![0f32; l * l];
         gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
         for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
-            *lse = mx + (sum as f32).ln();
+            *lse = softmax_in_place(row);
         }
         gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
     });

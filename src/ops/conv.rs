@@ -234,14 +234,7 @@ pub fn spatial_attention_forward(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32
         let mut s = vec![0f32; rows * l];
         gemm(rows, d, l, scale, qb, (d, 1), kb, (1, d), 0.0, &mut s, (l, 1));
         for row in s.chunks_mut(l) {
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
+            crate::ops::attention::softmax_in_place(row);
         }
         gemm(rows, l, d, 1.0, &s, (l, 1), vb, (d, 1), 0.0, o, (d, 1));
     });

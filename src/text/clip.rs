@@ -373,15 +373,8 @@ fn causal_attention_forward(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], b:
         let mut s = vec![0f32; l * l];
         gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
         for (i, row) in s.chunks_mut(l).enumerate() {
-            let seen = &mut row[..=i];
-            let mx = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in seen.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            seen.iter_mut().for_each(|x| *x *= inv);
+            // Causal: token i sees tokens 0..=i.
+            crate::ops::attention::softmax_in_place(&mut row[..=i]);
             row[i + 1..].fill(0.0);
         }
         gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));

@@ -222,14 +222,7 @@ pub fn t5_attention_forward(
         let mut s = bias[hi * l * l..(hi + 1) * l * l].to_vec();
         gemm(l, d, l, 1.0, qh, (d, 1), kh, (1, d), 1.0, &mut s, (l, 1));
         for row in s.chunks_mut(l) {
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
+            crate::ops::attention::softmax_in_place(row);
         }
         gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
     });
