@@ -123,39 +123,38 @@ impl ComponentArgs {
     }
 }
 
+/// Where and how `lora convert` / `lora merge` write.
+#[derive(clap::Args)]
+struct LoraWriteArgs {
+    /// Model or built-in configuration the LoRA belongs to (for module shapes).
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// peft (diffusers, default) or kohya.
+    #[arg(long, default_value = "peft")]
+    format: String,
+    /// Storage dtype of the factors: f32, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "error")]
+    lora_unknown: String,
+}
+
 #[derive(Subcommand)]
 enum LoraCmd {
     /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya.
     Convert {
-        /// Model or built-in configuration the LoRA belongs to (for module shapes).
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        w: LoraWriteArgs,
         /// Input LoRA file, any supported dialect; FILE:SCALE folds a strength in.
         #[arg(long = "in", value_name = "FILE[:SCALE]")]
         input: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// peft (diffusers, default) or kohya.
-        #[arg(long, default_value = "peft")]
-        format: String,
-        /// Storage dtype of the factors: f32, bf16, f16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value = "error")]
-        lora_unknown: String,
     },
     /// Sum several LoRAs with strengths into one file, exactly (ranks concatenate per module).
     Merge {
-        #[arg(long)]
-        model: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "peft")]
-        format: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value = "error")]
-        lora_unknown: String,
+        #[command(flatten)]
+        w: LoraWriteArgs,
         /// LoRA files with optional strengths: a.safetensors:0.8 b.safetensors:-0.5
         #[arg(required = true, value_name = "FILE[:SCALE]")]
         inputs: Vec<String>,
@@ -408,24 +407,19 @@ fn main() -> Result<()> {
             );
         }
         Cmd::Lora { cmd } => {
-            let msg = match cmd {
-                LoraCmd::Convert { model, input, out, format, dtype, lora_unknown } => cli::lora_cmd::convert(
-                    &model,
-                    &input,
-                    &out,
-                    format.parse()?,
-                    cli::lora_cmd::parse_dtype(&dtype)?,
-                    cli::parse_unknown(&lora_unknown)?,
-                )?,
-                LoraCmd::Merge { model, out, format, dtype, lora_unknown, inputs } => cli::lora_cmd::merge(
-                    &model,
-                    &inputs,
-                    &out,
-                    format.parse()?,
-                    cli::lora_cmd::parse_dtype(&dtype)?,
-                    cli::parse_unknown(&lora_unknown)?,
-                )?,
+            // A conversion is a merge of one file.
+            let (w, inputs) = match cmd {
+                LoraCmd::Convert { w, input } => (w, vec![input]),
+                LoraCmd::Merge { w, inputs } => (w, inputs),
             };
+            let msg = cli::lora_cmd::merge(
+                &w.model,
+                &inputs,
+                &w.out,
+                w.format.parse()?,
+                cli::lora_cmd::parse_dtype(&w.dtype)?,
+                cli::parse_unknown(&w.lora_unknown)?,
+            )?;
             println!("{msg}");
         }
         Cmd::Forward { m, inputs, out } => {

@@ -143,11 +143,19 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<(Vec<Named
 
 /// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`.
 pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named>> {
+    let d_outs: BTreeMap<String, usize> = cfg
+        .modules()
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            crate::model::config::ModuleKind::Linear { d_out, .. } => Some((m.name, d_out)),
+            _ => None,
+        })
+        .collect();
     let mut by_module: BTreeMap<&str, Vec<&ExportTerm>> = BTreeMap::new();
     let mut order = Vec::new();
     for t in terms {
-        if cfg.modules().iter().all(|m| m.name != t.module) {
-            bail!("`{}` is not a module", t.module);
+        if !d_outs.contains_key(&t.module) {
+            bail!("`{}` is not a linear module", t.module);
         }
         by_module.entry(&t.module).or_insert_with(|| {
             order.push(t.module.as_str());
@@ -158,11 +166,7 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named
     let mut out = Vec::new();
     for m in order {
         let ts = &by_module[m];
-        let d_out = cfg.modules().into_iter().find_map(|x| match x.kind {
-            crate::model::config::ModuleKind::Linear { d_out, .. } if x.name == m => Some(d_out),
-            _ => None,
-        });
-        let d_out = d_out.unwrap();
+        let d_out = d_outs[m];
         let d_in = ts[0].a.len() / ts[0].rank;
         let key = format!("lora_unet_{}", m.replace('.', "_"));
         let (down, up, r, alpha) = if ts.len() == 1 && ts[0].rows == (0..d_out) {
