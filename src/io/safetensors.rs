@@ -22,6 +22,8 @@ pub enum Dtype {
     BF16,
     /// FP8 e4m3 "fn" (no infinities), as `t5xxl_fp8_e4m3fn.safetensors` and `flux1-dev-fp8` store it.
     F8E4M3,
+    /// Codes of an int8-quantised weight (meaningful only with its `.weight_scale`).
+    I8,
     Other(&'static str, usize),
 }
 
@@ -34,7 +36,7 @@ impl Dtype {
             "BF16" => Dtype::BF16,
             "F8_E4M3" => Dtype::F8E4M3,
             "F8_E5M2" => Dtype::Other("F8_E5M2", 1),
-            "I8" => Dtype::Other("I8", 1),
+            "I8" => Dtype::I8,
             "U8" => Dtype::Other("U8", 1),
             "BOOL" => Dtype::Other("BOOL", 1),
             "I16" => Dtype::Other("I16", 2),
@@ -52,7 +54,7 @@ impl Dtype {
             Dtype::F64 => 8,
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::F8E4M3 => 1,
+            Dtype::F8E4M3 | Dtype::I8 => 1,
             Dtype::Other(_, n) => n,
         }
     }
@@ -64,12 +66,13 @@ impl Dtype {
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
             Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::I8 => "I8",
             Dtype::Other(n, _) => n,
         }
     }
 
     pub fn is_float(self) -> bool {
-        !matches!(self, Dtype::Other(..))
+        !matches!(self, Dtype::Other(..) | Dtype::I8)
     }
 }
 
@@ -186,6 +189,8 @@ pub fn convert_to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()>
             .zip(out.iter_mut())
             .for_each(|(b, o)| *o = f64::from_le_bytes(b.try_into().unwrap()) as f32),
         Dtype::F8E4M3 => bytes.iter().zip(out.iter_mut()).for_each(|(&b, o)| *o = f8e4m3_to_f32(b)),
+        // The raw integer codes; their scale lives in another tensor.
+        Dtype::I8 => bytes.iter().zip(out.iter_mut()).for_each(|(&b, o)| *o = b as i8 as f32),
         Dtype::Other(name, _) => bail!("unsupported dtype {name} (expected BF16, F16 or F32)"),
     }
     Ok(())
@@ -298,36 +303,45 @@ fn encode(dtype: Dtype, data: &[f32]) -> Result<Vec<u8>> {
         Dtype::F64 => data.iter().for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
         Dtype::BF16 => data.iter().for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         Dtype::F16 => data.iter().for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-        Dtype::F8E4M3 | Dtype::Other(..) => bail!("cannot write dtype {}", dtype.name()),
+        Dtype::F8E4M3 | Dtype::I8 | Dtype::Other(..) => bail!("cannot write dtype {}", dtype.name()),
     }
     Ok(buf)
 }
 
-/// Writes tensors to `path` atomically: a temp file in the same folder, then a rename, so a
-/// crash never leaves a half-written output behind.
-pub fn write_tensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+/// Header of a file holding `entries` (name, dtype, shape) back to back in this order, padded
+/// so the data section starts 8-byte aligned as the reference writer does.
+fn header_bytes(entries: &[(&str, Dtype, &[usize])], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
     }
     let mut off = 0usize;
+    for (name, dtype, shape) in entries {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [off, off + len]}),
+        );
+        off += len;
+    }
+    let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while !(hjson.len() + 8).is_multiple_of(8) {
+        hjson.push(b' ');
+    }
+    Ok(hjson)
+}
+
+/// Writes tensors to `path` atomically: a temp file in the same folder, then a rename, so a
+/// crash never leaves a half-written output behind.
+pub fn write_tensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
     for t in tensors {
         let numel: usize = t.shape.iter().product();
         if numel != t.data.len() {
             bail!("tensor `{}`: shape {:?} does not match {} values", t.name, t.shape, t.data.len());
         }
-        let len = numel * t.dtype.size();
-        header.insert(
-            t.name.to_string(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [off, off + len]}),
-        );
-        off += len;
     }
-    let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    // Pad so the data section starts 8-byte aligned, as the reference writer does.
-    while !(hjson.len() + 8).is_multiple_of(8) {
-        hjson.push(b' ');
-    }
+    let entries: Vec<(&str, Dtype, &[usize])> = tensors.iter().map(|t| (t.name, t.dtype, t.shape.as_slice())).collect();
+    let hjson = header_bytes(&entries, metadata)?;
     let bufs = tensors.iter().map(|t| encode(t.dtype, t.data)).collect::<Result<Vec<_>>>()?;
     atomic_write(path, |w| {
         w.write_all(&(hjson.len() as u64).to_le_bytes())?;
@@ -337,6 +351,43 @@ pub fn write_tensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<Str
         }
         Ok(())
     })
+}
+
+/// Writes `entries` (name, dtype, shape) atomically, asking `bytes(i)` for the stored bytes of
+/// entry i one at a time, so a file larger than memory can be written tensor by tensor.
+pub fn write_streamed(
+    path: &Path,
+    entries: &[(&str, Dtype, &[usize])],
+    metadata: &BTreeMap<String, String>,
+    mut bytes: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let hjson = header_bytes(entries, metadata)?;
+    // atomic_write speaks io::Error; the producer's own error (naming the tensor) is kept here.
+    let mut failure: Option<anyhow::Error> = None;
+    let result = atomic_write(path, |w| {
+        w.write_all(&(hjson.len() as u64).to_le_bytes())?;
+        w.write_all(&hjson)?;
+        for (i, (name, dtype, shape)) in entries.iter().enumerate() {
+            let want = shape.iter().product::<usize>() * dtype.size();
+            let b = match bytes(i) {
+                Ok(b) if b.len() == want => b,
+                Ok(b) => {
+                    failure = Some(anyhow::anyhow!("tensor `{name}`: {} bytes produced, header says {want}", b.len()));
+                    return Err(std::io::Error::other("tensor size mismatch"));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    return Err(std::io::Error::other("tensor producer failed"));
+                }
+            };
+            w.write_all(&b)?;
+        }
+        Ok(())
+    });
+    match (result, failure) {
+        (Err(_), Some(e)) => Err(e),
+        (r, _) => r,
+    }
 }
 
 /// Runs `f` against a temp file beside `path`, syncs it and renames it over `path`.
