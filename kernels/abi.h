@@ -137,3 +137,60 @@ typedef struct {
 #define FK_SIZEOF_FkAxpbyParams 72
 
 FK_KERNEL void fk_axpby_bf16(FK_GRID_PARAMS FkAxpbyParams p);
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention (kernels/flash_attn.cu), FlashAttention-2 structure: softmax(scale·Q·Kᵀ)·V
+// over one sequence of l tokens per (batch, head), the scores never stored. Head dims 16, 32,
+// 64 and 128. All tensors are head-major [b, h, l, d], bf16, f32 accumulation; the log-sum-exp
+// per query row is saved for the backward, which recomputes P from it. An optional key-padding
+// mask (T5 padding) removes keys per batch element. The backward is deterministic: dK, dV in one
+// kernel over key tiles, dQ in another over query tiles, no atomics.
+// ---------------------------------------------------------------------------------------------
+typedef struct {
+    const void* q;        // bf16 [b, h, l, d]
+    const void* k;        // bf16 [b, h, l, d]
+    const void* v;        // bf16 [b, h, l, d]
+    void* o;              // bf16 [b, h, l, d] (forward output, backward input)
+    void* lse;            // f32 [b, h, l]: natural-log log-sum-exp; +inf for a row with no key
+    const void* kv_mask;  // uint8 [b, l]: nonzero = the key takes part; null = every key
+    const void* dout;     // bf16 [b, h, l, d] (backward)
+    void* dq;             // bf16 [b, h, l, d] (backward outputs)
+    void* dk;
+    void* dv;
+    void* delta;          // f32 [b, h, l] backward scratch: rowsum(dO ∘ O)
+    int64_t b;
+    int64_t h;
+    int64_t l;
+    int64_t d;
+    float scale;          // softmax scale, 1/√d for FLUX
+    int32_t pad0;
+} FkAttnParams;
+#define FK_SIZEOF_FkAttnParams 128
+
+// Tiles: 4 warps per block, each warp owning 16 rows; the host sizes grids (ceil(l / 64), b·h)
+// and dynamic shared memory (bf16 rows padded by FK_ATTN_PAD elements) from these.
+#define FK_ATTN_THREADS 128
+#define FK_ATTN_BLOCK 64
+#define FK_ATTN_PAD 8
+
+FK_KERNEL void fk_attn_fwd(FK_GRID_PARAMS FkAttnParams p);       // O, LSE
+FK_KERNEL void fk_attn_bwd_prep(FK_GRID_PARAMS FkAttnParams p);  // delta = rowsum(dO ∘ O)
+FK_KERNEL void fk_attn_bwd_dkdv(FK_GRID_PARAMS FkAttnParams p);  // dK, dV (grid over key tiles)
+FK_KERNEL void fk_attn_bwd_dq(FK_GRID_PARAMS FkAttnParams p);    // dQ (grid over query tiles)
+
+// The materialised-softmax baseline's middle step: P = softmax(S) row by row, S f32 [rows, l]
+// (already scaled), P bf16; masked keys get weight 0. One block of FK_ATTN_THREADS per row, with
+// FK_SMEM_SOFTMAX bytes of dynamic shared memory.
+typedef struct {
+    void* p;
+    const void* s;
+    const void* kv_mask;     // uint8 [b, l] or null
+    int64_t rows;
+    int64_t l;
+    int64_t rows_per_batch;  // h·l: the mask row of score row r is r / rows_per_batch
+} FkSoftmaxParams;
+#define FK_SIZEOF_FkSoftmaxParams 48
+
+#define FK_SMEM_SOFTMAX 16
+
+FK_KERNEL void fk_softmax_rows(FK_GRID_PARAMS FkSoftmaxParams p);

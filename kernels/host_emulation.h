@@ -79,6 +79,7 @@ struct Deposit {
     const unsigned char* addr[32];
     uint32_t a[32][4];
     uint32_t b[32][2];
+    float f[32];
 };
 
 struct Block {
@@ -245,6 +246,16 @@ inline void mma_bf16_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
 }
 
 inline uint32_t dynamic_smem_bytes() { return (uint32_t)fkemu::g_block->smem_bytes; }
+
+inline float shfl_xor_f32(float v, int mask) {
+    fkemu::Deposit& d = fkemu::warp_exchange([&](fkemu::Deposit& d, unsigned lane) { d.f[lane] = v; });
+    return d.f[(fkemu::me().linear % 32) ^ (unsigned)mask];
+}
+// ex2.approx.ftz: flush-to-zero results below the normal range, as the hardware does.
+inline float fast_exp2(float x) {
+    const float y = std::exp2(x);
+    return std::fabs(y) < 1.17549435e-38f ? 0.0f : y;
+}
 
 // ---- cuda_bf16.h (the parts elementwise.cu uses) ----------------------------------------------
 struct __nv_bfloat16 {
@@ -627,6 +638,21 @@ cublasStatus_t cublasGemmEx(void*, int transa, int transb, int m, int n, int k, 
                 C[at] = f32_to_bf16(al * s + (be != 0.0f ? be * bf16_to_f32(C[at]) : 0.0f));
             }
         }
+    return 0;
+}
+// Batch i uses A + i·stride_a, B + i·stride_b, C + i·stride_c (element strides).
+cublasStatus_t cublasGemmStridedBatchedEx(void* h, int transa, int transb, int m, int n, int k, const void* alpha,
+                                          const void* a, int atype, int lda, long long sa, const void* b, int btype,
+                                          int ldb, long long sb, const void* beta, void* c, int ctype, int ldc,
+                                          long long sc, int batch, int compute, int algo) {
+    const int F32 = 0;
+    const size_t c_elem = ctype == F32 ? 4 : 2;
+    for (int i = 0; i < batch; ++i) {
+        const cublasStatus_t st = cublasGemmEx(h, transa, transb, m, n, k, alpha, static_cast<const uint16_t*>(a) + i * sa,
+                                               atype, lda, static_cast<const uint16_t*>(b) + i * sb, btype, ldb, beta,
+                                               static_cast<unsigned char*>(c) + i * sc * c_elem, ctype, ldc, compute, algo);
+        if (st != 0) return st;
+    }
     return 0;
 }
 }  // extern "C"

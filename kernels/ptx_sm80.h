@@ -49,6 +49,17 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Butterfly exchange within a warp (all 32 lanes take part): the value of lane (lane ^ mask).
+__device__ __forceinline__ float shfl_xor_f32(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+// 2^x with the special-function unit (ex2.approx: about 2 ulp; 2^-inf = +0). Softmax weights are
+// rounded to bf16 before they are used, so the approximation is far below what matters.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     uint32_t n;
     asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));

@@ -47,8 +47,8 @@ if [ "${1:-}" = "--emulate" ]; then
   g++ "${flags[@]}" -o "$emu/libcuda.so" "$emu/driver.cpp"
   g++ "${flags[@]}" -o "$emu/libcublas.so" "$emu/cublas.cpp"
   echo "emulated libcuda.so / libcublas.so in $emu"
-  cargo test --no-run --test gpu --test gpu_lora --test gpu_model
-  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model -- --test-threads 2
+  cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention
+  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention -- --test-threads 2
   exit
 fi
 

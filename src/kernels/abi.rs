@@ -24,6 +24,8 @@ mod tests {
             ("FkGemmProblem", FK_SIZEOF_FkGemmProblem, std::mem::size_of::<FkGemmProblem>()),
             ("FkGemmParams", FK_SIZEOF_FkGemmParams, std::mem::size_of::<FkGemmParams>()),
             ("FkAxpbyParams", FK_SIZEOF_FkAxpbyParams, std::mem::size_of::<FkAxpbyParams>()),
+            ("FkAttnParams", FK_SIZEOF_FkAttnParams, std::mem::size_of::<FkAttnParams>()),
+            ("FkSoftmaxParams", FK_SIZEOF_FkSoftmaxParams, std::mem::size_of::<FkSoftmaxParams>()),
         ];
         for (name, want, got) in stated {
             assert_eq!(want as usize, got, "{name}");
@@ -44,6 +46,9 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FkGemmProblem, alpha), 40);
         assert_eq!(std::mem::offset_of!(FkGemmParams, problem), 16);
         assert_eq!(std::mem::offset_of!(FkGemmParams, segment), 16 + 16 * 64);
+        assert_eq!(std::mem::offset_of!(FkAttnParams, b), 88);
+        assert_eq!(std::mem::offset_of!(FkAttnParams, scale), 120);
+        assert_eq!(std::mem::offset_of!(FkSoftmaxParams, rows_per_batch), 40);
     }
 
     #[test]
@@ -53,5 +58,8 @@ mod tests {
             assert!(names.contains(&k), "{k}");
         }
         assert!(names.contains(&FK_GEMM_TN_SMALL) && names.contains(&FK_AXPBY_BF16));
+        for k in [FK_ATTN_FWD, FK_ATTN_BWD_PREP, FK_ATTN_BWD_DKDV, FK_ATTN_BWD_DQ, FK_SOFTMAX_ROWS] {
+            assert!(names.contains(&k), "{k}");
+        }
     }
 }

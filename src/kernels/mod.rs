@@ -11,5 +11,6 @@ pub fn module(name: &str) -> Option<&'static [u8]> {
 }
 
 pub mod abi;
+pub mod attention;
 pub mod gpu;
 pub mod lora;

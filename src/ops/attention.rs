@@ -31,7 +31,28 @@ pub fn attention_forward(
     l: usize,
     d: usize,
 ) {
+    attention_forward_masked(out, lse, q, k, v, None, b, h, l, d)
+}
+
+/// `attention_forward` with an optional key-padding mask [b, l] (nonzero = the key takes part),
+/// T5 padding's shape. A query row with no key left gets a zero output and a log-sum-exp of +∞,
+/// so its backward weights are exactly zero (the GPU kernel's convention).
+pub fn attention_forward_masked(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv_mask: Option<&[u8]>,
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+) {
     let n = l * d;
+    if let Some(m) = kv_mask {
+        assert_eq!(m.len(), b * l, "key mask is [b, l]");
+    }
     assert_eq!(q.len(), b * h * n);
     assert_eq!(out.len(), b * h * n);
     assert_eq!(lse.len(), b * h * l);
@@ -40,8 +61,19 @@ pub fn attention_forward(
         let (qh, kh, vh) = (&q[bh * n..(bh + 1) * n], &k[bh * n..(bh + 1) * n], &v[bh * n..(bh + 1) * n]);
         let mut s = vec![0f32; l * l];
         gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
+        let mask = kv_mask.map(|m| &m[(bh / h) * l..(bh / h + 1) * l]);
         for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
-            *lse = softmax_in_place(row);
+            *lse = match mask {
+                None => softmax_in_place(row),
+                Some(m) if !m.iter().any(|&x| x != 0) => {
+                    row.fill(0.0);
+                    f32::INFINITY
+                }
+                Some(m) => {
+                    row.iter_mut().zip(m).filter(|(_, &keep)| keep == 0).for_each(|(x, _)| *x = f32::NEG_INFINITY);
+                    softmax_in_place(row)
+                }
+            };
         }
         gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
     });
@@ -65,6 +97,26 @@ pub fn attention_backward(
     l: usize,
     d: usize,
 ) {
+    attention_backward_masked(dq, dk, dv, dout, q, k, v, out, lse, None, b, h, l, d)
+}
+
+/// Backward of `attention_forward_masked`: masked keys have P = 0.
+pub fn attention_backward_masked(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    kv_mask: Option<&[u8]>,
+    b: usize,
+    h: usize,
+    l: usize,
+    d: usize,
+) {
     let n = l * d;
     assert_eq!(dout.len(), b * h * n);
     let scale = 1.0 / (d as f32).sqrt();
@@ -75,8 +127,12 @@ pub fn attention_backward(
             let lse = &lse[bh * l..(bh + 1) * l];
             let mut p = vec![0f32; l * l];
             gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut p, (l, 1));
+            let mask = kv_mask.map(|m| &m[(bh / h) * l..(bh / h + 1) * l]);
             for (row, &m) in p.chunks_mut(l).zip(lse) {
                 row.iter_mut().for_each(|x| *x = (*x - m).exp());
+                if let Some(mask) = mask {
+                    row.iter_mut().zip(mask).filter(|(_, &keep)| keep == 0).for_each(|(x, _)| *x = 0.0);
+                }
             }
             // dV = Pᵀ·dO
             gemm(l, l, d, 1.0, &p, (1, l), doh, (d, 1), 0.0, dv, (d, 1));
@@ -207,6 +263,90 @@ mod tests {
         fd_check(&q, &dq, &dy, |x| run(x, &k, &v), 1e-3);
         fd_check(&k, &dk, &dy, |x| run(&q, x, &v), 1e-3);
         fd_check(&v, &dv, &dy, |x| run(&q, &k, x), 1e-3);
+    }
+
+    /// Masking keys must equal removing them: per (b, h), compute every query against only the
+    /// kept keys with the naive f64 formula, an independent route to the same numbers.
+    #[test]
+    fn key_mask_equals_removing_the_keys() {
+        let (b, h, l, d) = (2, 2, 9, 4);
+        let mut rng = Rng::new(17);
+        let q = rng.normal_vec(b * h * l * d, 1.0);
+        let k = rng.normal_vec(b * h * l * d, 1.0);
+        let v = rng.normal_vec(b * h * l * d, 1.0);
+        let mut mask = vec![1u8; b * l];
+        mask[1] = 0;
+        mask[5] = 0;
+        mask[l..l + 6].fill(0);
+        let mut out = vec![f32::NAN; b * h * l * d];
+        let mut lse = vec![f32::NAN; b * h * l];
+        attention_forward_masked(&mut out, &mut lse, &q, &k, &v, Some(&mask), b, h, l, d);
+        let mut want = vec![0f32; out.len()];
+        for bh in 0..b * h {
+            let kept: Vec<usize> = (0..l).filter(|&j| mask[(bh / h) * l + j] != 0).collect();
+            for i in 0..l {
+                let s: Vec<f64> = kept
+                    .iter()
+                    .map(|&j| {
+                        (0..d).map(|x| q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64).sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                assert!((lse[bh * l + i] as f64 - (m + z.ln())).abs() < 1e-4);
+                for x in 0..d {
+                    want[(bh * l + i) * d + x] = kept
+                        .iter()
+                        .zip(&s)
+                        .map(|(&j, sj)| (sj - m).exp() / z * v[(bh * l + j) * d + x] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        assert!(rel_l2(&out, &want) < 1e-6);
+    }
+
+    #[test]
+    fn masked_backward_matches_finite_differences() {
+        let (b, h, l, d) = (2, 1, 5, 4);
+        let mut rng = Rng::new(62);
+        let q = rng.normal_vec(b * h * l * d, 1.0);
+        let k = rng.normal_vec(b * h * l * d, 1.0);
+        let v = rng.normal_vec(b * h * l * d, 1.0);
+        let dy = rng.normal_vec(b * h * l * d, 1.0);
+        let mask = [1, 0, 1, 1, 0, 0, 1, 1, 1, 1u8];
+        let run = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; b * h * l * d];
+            attention_forward_masked(&mut o, &mut vec![0.0; b * h * l], q, k, v, Some(&mask), b, h, l, d);
+            o
+        };
+        let mut o = vec![0.0; b * h * l * d];
+        let mut lse = vec![0.0; b * h * l];
+        attention_forward_masked(&mut o, &mut lse, &q, &k, &v, Some(&mask), b, h, l, d);
+        let n = b * h * l * d;
+        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        attention_backward_masked(&mut dq, &mut dk, &mut dv, &dy, &q, &k, &v, &o, &lse, Some(&mask), b, h, l, d);
+        fd_check(&q, &dq, &dy, |x| run(x, &k, &v), 1e-3);
+        fd_check(&k, &dk, &dy, |x| run(&q, x, &v), 1e-3);
+        fd_check(&v, &dv, &dy, |x| run(&q, &k, x), 1e-3);
+        // Masked keys get exactly zero gradient.
+        for j in [1usize, 4, 5] {
+            assert!(dk[j * d..(j + 1) * d].iter().chain(&dv[j * d..(j + 1) * d]).all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn a_row_with_every_key_masked_is_zero_with_infinite_lse() {
+        let (b, h, l, d) = (1, 1, 3, 2);
+        let q = vec![0.5; l * d];
+        let mut o = vec![f32::NAN; l * d];
+        let mut lse = vec![f32::NAN; l];
+        attention_forward_masked(&mut o, &mut lse, &q, &q, &q, Some(&[0, 0, 0]), b, h, l, d);
+        assert!(o.iter().all(|&x| x == 0.0) && lse.iter().all(|&x| x == f32::INFINITY));
+        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; l * d], vec![f32::NAN; l * d], vec![f32::NAN; l * d]);
+        attention_backward_masked(&mut dq, &mut dk, &mut dv, &q, &q, &q, &q, &o, &lse, Some(&[0, 0, 0]), b, h, l, d);
+        assert!(dq.iter().chain(&dk).chain(&dv).all(|&x| x == 0.0));
     }
 
     #[test]

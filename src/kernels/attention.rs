@@ -1,0 +1,431 @@
+//! Attention on the GPU: the flash kernels of kernels/flash_attn.cu (forward with the saved
+//! log-sum-exp; deterministic backward) and, for benchmarks, the materialised-softmax baseline
+//! (cuBLAS S = scale·Q·Kᵀ, a row softmax, cuBLAS O = P·V). CPU twin: `ops::attention`
+//! (`attention_forward_masked` / `attention_backward_masked`); tests/gpu_attention.rs compares.
+//!
+//! Tensors are head-major [b, h, l, d] bf16 on the device (f32 on the host side, rounded to
+//! nearest even on upload), LSE and delta f32 [b, h, l], the optional key mask u8 [b, l].
+
+use super::abi::*;
+use super::gpu::Gpu;
+use anyhow::{ensure, Context, Result};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+use std::sync::Arc;
+
+/// Head dims the kernels are instantiated for (FLUX: 128; the tiny test models: 16).
+pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+const BLOCK: usize = FK_ATTN_BLOCK as usize;
+const PAD: usize = FK_ATTN_PAD as usize;
+
+/// Dynamic shared memory of each kernel at head dim `d` (flash_attn.cu: fwd_smem, dkdv_smem,
+/// dq_smem; the kernels trap when given less).
+pub fn smem_bytes(d: usize) -> (usize, usize, usize) {
+    let tile = BLOCK * (d + PAD) * 2;
+    (5 * tile, 6 * tile + 4 * BLOCK * 4, 6 * tile)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub b: usize,
+    pub h: usize,
+    pub l: usize,
+    pub d: usize,
+}
+
+impl AttnDims {
+    pub fn numel(&self) -> usize {
+        self.b * self.h * self.l * self.d
+    }
+    pub fn rows(&self) -> usize {
+        self.b * self.h * self.l
+    }
+    /// Matrix FLOPs of the forward, 4·b·h·l²·d (Q·Kᵀ and P·V), the usual count for TFLOP/s.
+    pub fn forward_flops(&self) -> f64 {
+        4.0 * (self.b * self.h) as f64 * (self.l as f64).powi(2) * self.d as f64
+    }
+    /// The backward's conventional count, 2.5× the forward (dV, dP, dQ, dK and the recomputed
+    /// S), as FlashAttention reports it; the deterministic split recomputes S and dP once more,
+    /// which this count leaves out on purpose so figures compare across implementations.
+    pub fn backward_flops(&self) -> f64 {
+        2.5 * self.forward_flops()
+    }
+}
+
+/// The device tensors of one attention problem.
+pub struct AttnBuffers {
+    pub dims: AttnDims,
+    pub q: CudaSlice<bf16>,
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
+    pub o: CudaSlice<bf16>,
+    pub lse: CudaSlice<f32>,
+    pub mask: Option<CudaSlice<u8>>,
+    pub dout: CudaSlice<bf16>,
+    pub dq: CudaSlice<bf16>,
+    pub dk: CudaSlice<bf16>,
+    pub dv: CudaSlice<bf16>,
+    delta: CudaSlice<f32>,
+    /// The baseline's materialised scores and probabilities, allocated on first use.
+    scores: Option<(CudaSlice<f32>, CudaSlice<bf16>)>,
+}
+
+/// What a host-side forward + backward returns (all f32, [b, h, l, d] and [b, h, l]).
+pub struct AttnHostResult {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+pub struct GpuAttention {
+    stream: Arc<CudaStream>,
+    fwd: CudaFunction,
+    prep: CudaFunction,
+    dkdv: CudaFunction,
+    dq: CudaFunction,
+    softmax: CudaFunction,
+    blas: Option<CudaBlas>,
+}
+
+fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+impl GpuAttention {
+    pub fn new(gpu: &Gpu) -> Result<GpuAttention> {
+        let fatbin = super::module("flash_attn").context("flash_attn kernels missing from the build")?;
+        let m = gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())).context("loading flash_attn")?;
+        let (fwd_max, dkdv_max, dq_max) = smem_bytes(*HEAD_DIMS.last().unwrap());
+        let f = |name: &str, smem: usize| -> Result<CudaFunction> {
+            let func = m.load_function(name).with_context(|| format!("kernel {name}"))?;
+            if smem > 48 * 1024 {
+                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .with_context(|| format!("{name}: {smem} bytes of shared memory (sm_80 or newer needed)"))?;
+            }
+            Ok(func)
+        };
+        // SAFETY: only probes whether libcublas can be dlopen'ed.
+        let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            Some(CudaBlas::new(gpu.stream.clone()).context("cuBLAS handle")?)
+        } else {
+            None
+        };
+        Ok(GpuAttention {
+            stream: gpu.stream.clone(),
+            fwd: f(FK_ATTN_FWD, fwd_max)?,
+            prep: f(FK_ATTN_BWD_PREP, 0)?,
+            dkdv: f(FK_ATTN_BWD_DKDV, dkdv_max)?,
+            dq: f(FK_ATTN_BWD_DQ, dq_max)?,
+            softmax: f(FK_SOFTMAX_ROWS, 0)?,
+            blas,
+        })
+    }
+
+    pub fn has_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Device buffers for `dims`, with the key mask [b, l] uploaded when given.
+    pub fn alloc(&self, dims: AttnDims, mask: Option<&[u8]>) -> Result<AttnBuffers> {
+        let AttnDims { b, h, l, d } = dims;
+        ensure!(HEAD_DIMS.contains(&d), "attention on the GPU: head dim {d} is not one of {HEAD_DIMS:?}");
+        ensure!(b > 0 && h > 0 && l > 0, "attention on the GPU: empty shape {dims:?}");
+        ensure!(b * h <= 65535, "attention on the GPU: b·h = {} exceeds the grid's 65535", b * h);
+        let n = dims.numel();
+        let s = &self.stream;
+        // SAFETY: every buffer is written (upload, poison or a kernel) before it is read.
+        let bf = || unsafe { s.alloc::<bf16>(n) };
+        let f32s = || unsafe { s.alloc::<f32>(dims.rows()) };
+        let mask = match mask {
+            Some(m) => {
+                ensure!(m.len() == b * l, "attention key mask: {} values, expected b·l = {}", m.len(), b * l);
+                Some(s.clone_htod(m)?)
+            }
+            None => None,
+        };
+        Ok(AttnBuffers {
+            dims,
+            q: bf()?,
+            k: bf()?,
+            v: bf()?,
+            o: bf()?,
+            lse: f32s()?,
+            mask,
+            dout: bf()?,
+            dq: bf()?,
+            dk: bf()?,
+            dv: bf()?,
+            delta: f32s()?,
+            scores: None,
+        })
+    }
+
+    /// f32 host values into a bf16 device tensor of the same length.
+    pub fn upload(&self, dst: &mut CudaSlice<bf16>, host: &[f32]) -> Result<()> {
+        ensure!(dst.len() == host.len(), "attention upload: {} values for a tensor of {}", host.len(), dst.len());
+        let v: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+        self.stream.memcpy_htod(&v, dst)?;
+        Ok(())
+    }
+
+    pub fn download(&self, src: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        let mut v = vec![bf16::ZERO; src.len()];
+        self.stream.memcpy_dtoh(src, &mut v)?;
+        self.stream.synchronize()?;
+        Ok(v.iter().map(|x| x.to_f32()).collect())
+    }
+
+    pub fn download_f32(&self, src: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; src.len()];
+        self.stream.memcpy_dtoh(src, &mut v)?;
+        self.stream.synchronize()?;
+        Ok(v)
+    }
+
+    /// NaN in every output and scratch tensor: whatever a kernel leaves unwritten shows.
+    pub fn poison(&self, bufs: &mut AttnBuffers) -> Result<()> {
+        let nan16 = vec![bf16::NAN; bufs.dims.numel()];
+        let nan32 = vec![f32::NAN; bufs.dims.rows()];
+        for t in [&mut bufs.o, &mut bufs.dq, &mut bufs.dk, &mut bufs.dv] {
+            self.stream.memcpy_htod(&nan16, t)?;
+        }
+        self.stream.memcpy_htod(&nan32, &mut bufs.lse)?;
+        self.stream.memcpy_htod(&nan32, &mut bufs.delta)?;
+        Ok(())
+    }
+
+    fn params(&self, bufs: &AttnBuffers) -> FkAttnParams {
+        let s = &self.stream;
+        let AttnDims { b, h, l, d } = bufs.dims;
+        FkAttnParams {
+            q: ptr(&bufs.q, s),
+            k: ptr(&bufs.k, s),
+            v: ptr(&bufs.v, s),
+            o: ptr(&bufs.o, s),
+            lse: ptr(&bufs.lse, s),
+            kv_mask: bufs.mask.as_ref().map_or(0, |m| ptr(m, s)),
+            dout: ptr(&bufs.dout, s),
+            dq: ptr(&bufs.dq, s),
+            dk: ptr(&bufs.dk, s),
+            dv: ptr(&bufs.dv, s),
+            delta: ptr(&bufs.delta, s),
+            b: b as i64,
+            h: h as i64,
+            l: l as i64,
+            d: d as i64,
+            scale: 1.0 / (d as f32).sqrt(),
+            ..Default::default()
+        }
+    }
+
+    fn launch(&self, f: &CudaFunction, p: &FkAttnParams, grid: (usize, usize), smem: usize) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+            block_dim: (FK_ATTN_THREADS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(p);
+        // SAFETY: every pointer in `p` is a buffer of `AttnBuffers` sized for its dims; the struct
+        // is the FK_GRID_PARAMS argument of the kernel (layout asserted in abi.rs).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// O and LSE from Q, K, V (and the mask).
+    pub fn forward(&self, bufs: &AttnBuffers) -> Result<()> {
+        let AttnDims { b, h, l, d } = bufs.dims;
+        let p = self.params(bufs);
+        self.launch(&self.fwd, &p, (l.div_ceil(BLOCK), b * h), smem_bytes(d).0).context("fk_attn_fwd")
+    }
+
+    /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
+    pub fn backward(&self, bufs: &AttnBuffers) -> Result<()> {
+        let AttnDims { b, h, l, d } = bufs.dims;
+        let p = self.params(bufs);
+        let warps = (FK_ATTN_THREADS / 32) as usize;
+        let (_, dkdv_smem, dq_smem) = smem_bytes(d);
+        self.launch(&self.prep, &p, (bufs.dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")?;
+        self.launch(&self.dkdv, &p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")?;
+        self.launch(&self.dq, &p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
+    }
+
+    /// The materialised-softmax baseline (no LSE): S = scale·Q·Kᵀ in f32 through cuBLAS,
+    /// P = softmax(S) in bf16, O = P·V through cuBLAS. Needs b·h·l²·6 bytes of scratch.
+    pub fn forward_naive(&self, bufs: &mut AttnBuffers) -> Result<()> {
+        let blas = self.blas.as_ref().context("cuBLAS is not available (libcublas not found)")?;
+        let AttnDims { b, h, l, d } = bufs.dims;
+        let bh = b * h;
+        if bufs.scores.is_none() {
+            // SAFETY: the scores are written by the first GEMM, the probabilities by the softmax.
+            let s = unsafe { self.stream.alloc::<f32>(bh * l * l) }.context("baseline scores")?;
+            let pr = unsafe { self.stream.alloc::<bf16>(bh * l * l) }.context("baseline probabilities")?;
+            bufs.scores = Some((s, pr));
+        }
+        let st = &self.stream;
+        let (s_buf, p_buf) = bufs.scores.as_ref().unwrap();
+        let (s_ptr, p_ptr) = (ptr(s_buf, st), ptr(p_buf, st));
+        let (q, k, v, o) = (ptr(&bufs.q, st), ptr(&bufs.k, st), ptr(&bufs.v, st), ptr(&bufs.o, st));
+        let (alpha, zero, one) = (1.0 / (d as f32).sqrt(), 0.0f32, 1.0f32);
+        let (li, di) = (l as i32, d as i32);
+        let (hd, ll) = ((l * d) as i64, (l * l) as i64);
+        // Column-major view of the row-major tensors: Sᵀ = (K)·(Q)ᵀ as op(A)=T on K [d×l col-major],
+        // op(B)=N on Q; then Oᵀ = Vᵀ·Pᵀ with both as stored.
+        // SAFETY: pointers are buffers of `bufs` sized b·h·l·d and b·h·l²; alpha/beta are host f32
+        // as CUBLAS_COMPUTE_32F expects.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                li,
+                li,
+                di,
+                (&alpha) as *const f32 as *const _,
+                k as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                di,
+                hd,
+                q as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                di,
+                hd,
+                (&zero) as *const f32 as *const _,
+                s_ptr as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                li,
+                ll,
+                bh as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .context("baseline S = Q·Kᵀ (cublasGemmStridedBatchedEx)")?;
+        let sp = FkSoftmaxParams {
+            p: p_ptr,
+            s: s_ptr,
+            kv_mask: bufs.mask.as_ref().map_or(0, |m| ptr(m, st)),
+            rows: (bh * l) as i64,
+            l: l as i64,
+            rows_per_batch: (h * l) as i64,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((bh * l) as u32, 1, 1),
+            block_dim: (FK_ATTN_THREADS as u32, 1, 1),
+            shared_mem_bytes: FK_SMEM_SOFTMAX as u32,
+        };
+        let mut lb = self.stream.launch_builder(&self.softmax);
+        lb.arg(&sp);
+        // SAFETY: S and P hold b·h·l² elements; the mask b·l.
+        unsafe { lb.launch(cfg) }.context("fk_softmax_rows")?;
+        // SAFETY: as above.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_N,
+                cublasOperation_t::CUBLAS_OP_N,
+                di,
+                li,
+                li,
+                (&one) as *const f32 as *const _,
+                v as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                di,
+                hd,
+                p_ptr as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                li,
+                ll,
+                (&zero) as *const f32 as *const _,
+                o as *mut _,
+                cudaDataType_t::CUDA_R_16BF,
+                di,
+                hd,
+                bh as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .context("baseline O = P·V (cublasGemmStridedBatchedEx)")?;
+        Ok(())
+    }
+
+    /// Host-slice forward and backward, the twin of `ops::attention::attention_forward_masked`
+    /// followed by `attention_backward_masked` (tests; the outputs are poisoned first).
+    pub fn forward_backward(
+        &self,
+        dims: AttnDims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+        mask: Option<&[u8]>,
+    ) -> Result<AttnHostResult> {
+        let mut bufs = self.alloc(dims, mask)?;
+        self.upload(&mut bufs.q, q)?;
+        self.upload(&mut bufs.k, k)?;
+        self.upload(&mut bufs.v, v)?;
+        self.upload(&mut bufs.dout, dout)?;
+        self.poison(&mut bufs)?;
+        self.forward(&bufs)?;
+        self.backward(&bufs)?;
+        Ok(AttnHostResult {
+            o: self.download(&bufs.o)?,
+            lse: self.download_f32(&bufs.lse)?,
+            dq: self.download(&bufs.dq)?,
+            dk: self.download(&bufs.dk)?,
+            dv: self.download(&bufs.dv)?,
+        })
+    }
+
+    /// Host-slice baseline forward (O only).
+    pub fn forward_naive_host(
+        &self,
+        dims: AttnDims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[u8]>,
+    ) -> Result<Vec<f32>> {
+        let mut bufs = self.alloc(dims, mask)?;
+        self.upload(&mut bufs.q, q)?;
+        self.upload(&mut bufs.k, k)?;
+        self.upload(&mut bufs.v, v)?;
+        self.poison(&mut bufs)?;
+        self.forward_naive(&mut bufs)?;
+        self.download(&bufs.o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_fits_an_sm80_block() {
+        // 163 KB of dynamic shared memory per block on sm_80, 227 KB on sm_90.
+        for d in HEAD_DIMS {
+            let (a, b, c) = smem_bytes(d);
+            assert!(a.max(b).max(c) <= 163 * 1024, "d = {d}");
+        }
+        assert_eq!(smem_bytes(128), (87040, 105472, 104448));
+    }
+
+    #[test]
+    fn flop_counts() {
+        let d = AttnDims { b: 1, h: 24, l: 4608, d: 128 };
+        assert_eq!(d.forward_flops(), 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0);
+        assert_eq!(d.backward_flops(), 2.5 * d.forward_flops());
+    }
+}

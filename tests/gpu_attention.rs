@@ -1,0 +1,203 @@
+//! Flash attention on the GPU (kernels/flash_attn.cu through src/kernels/attention.rs) against
+//! the CPU reference (`ops::attention::attention_forward_masked` / `attention_backward_masked`)
+//! on the same bf16-rounded inputs: O, LSE, dQ, dK, dV, with and without a key-padding mask,
+//! ragged sequence lengths, head dims 16…128. Fresh random inputs every run (seed printed on
+//! failure; FK_TEST_SEED replays), outputs poisoned with NaN first. Without a GPU (or without
+//! nvcc at build time) each test writes why it is skipped.
+
+use flux_kernels::kernels::attention::{AttnDims, GpuAttention};
+use flux_kernels::kernels::gpu::Gpu;
+use flux_kernels::ops::attention::{attention_backward_masked, attention_forward_masked};
+use flux_kernels::util::{rel_l2, Rng};
+
+/// bf16 operands (and bf16 P and dS inside the kernels): errors land between 1e-3 and 1e-2.
+const TOL: f64 = 1e-2;
+
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+fn attn_or_skip(test: &str) -> Option<GpuAttention> {
+    match Gpu::new().and_then(|g| GpuAttention::new(&g)) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            skip(test, &format!("{e:#}"));
+            None
+        }
+    }
+}
+
+fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.as_nanos() as u64 ^ 0x2545_F491_4F6C_DD1D
+}
+
+fn normal_bf16(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    rng.normal_vec(n, std).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+struct Case {
+    name: &'static str,
+    dims: AttnDims,
+    /// Keys masked out per batch element, as ranges of token indices.
+    masked: Vec<Vec<std::ops::Range<usize>>>,
+    /// Scale of q and k: FLUX's QK-RMSNorm gives unit-RMS rows, so scores of a few units.
+    qk_std: f32,
+}
+
+fn cases() -> Vec<Case> {
+    let d = |b, h, l, d| AttnDims { b, h, l, d };
+    vec![
+        Case { name: "tiny model head dim 16, ragged l", dims: d(2, 3, 77, 16), masked: vec![], qk_std: 1.0 },
+        Case { name: "d 32, one token", dims: d(1, 2, 1, 32), masked: vec![], qk_std: 1.0 },
+        Case {
+            name: "d 64, T5 padding mask",
+            dims: d(2, 2, 150, 64),
+            masked: vec![vec![20..40], vec![5..64, 140..150]],
+            qk_std: 1.0,
+        },
+        Case { name: "d 128, several tiles, peaked softmax", dims: d(1, 2, 200, 128), masked: vec![], qk_std: 2.0 },
+        Case {
+            name: "d 128, a whole key tile masked",
+            dims: d(2, 1, 129, 128),
+            masked: vec![vec![0..64], vec![100..129]],
+            qk_std: 1.0,
+        },
+    ]
+}
+
+fn mask_of(c: &Case) -> Option<Vec<u8>> {
+    if c.masked.is_empty() {
+        return None;
+    }
+    let AttnDims { b, l, .. } = c.dims;
+    let mut m = vec![1u8; b * l];
+    for (bi, ranges) in c.masked.iter().enumerate() {
+        for r in ranges {
+            m[bi * l + r.start..bi * l + r.end].fill(0);
+        }
+    }
+    Some(m)
+}
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+fn inputs(rng: &mut Rng, c: &Case) -> Inputs {
+    let n = c.dims.numel();
+    Inputs {
+        q: normal_bf16(rng, n, c.qk_std),
+        k: normal_bf16(rng, n, c.qk_std),
+        v: normal_bf16(rng, n, 1.0),
+        dout: normal_bf16(rng, n, 1.0),
+    }
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], seed: u64) -> f64 {
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite values (unwritten or NaN); seed {seed}");
+    let e = rel_l2(got, want);
+    println!("{what}: rel L2 {e:.2e}");
+    assert!(e <= TOL, "{what}: rel L2 {e:.3e} > {TOL}; seed {seed}");
+    e
+}
+
+#[test]
+fn flash_attention_matches_cpu_forward_and_backward() {
+    let Some(attn) = attn_or_skip("flash_attention_matches_cpu_forward_and_backward") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for c in cases() {
+        let AttnDims { b, h, l, d } = c.dims;
+        let x = inputs(&mut rng, &c);
+        let mask = mask_of(&c);
+        let n = c.dims.numel();
+        let (mut o, mut lse) = (vec![0f32; n], vec![0f32; b * h * l]);
+        attention_forward_masked(&mut o, &mut lse, &x.q, &x.k, &x.v, mask.as_deref(), b, h, l, d);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        attention_backward_masked(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &x.dout,
+            &x.q,
+            &x.k,
+            &x.v,
+            &o,
+            &lse,
+            mask.as_deref(),
+            b,
+            h,
+            l,
+            d,
+        );
+        let got = attn.forward_backward(c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref()).unwrap();
+        check(&format!("[{}] O", c.name), &got.o, &o, seed);
+        check(&format!("[{}] LSE", c.name), &got.lse, &lse, seed);
+        check(&format!("[{}] dQ", c.name), &got.dq, &dq, seed);
+        check(&format!("[{}] dK", c.name), &got.dk, &dk, seed);
+        check(&format!("[{}] dV", c.name), &got.dv, &dv, seed);
+        if let Some(m) = &mask {
+            // A masked key takes no part: its gradients are exactly zero, not merely small.
+            for (i, _) in (0..b * h * l).map(|r| (r, m[(r / (h * l)) * l + r % l])).filter(|(_, keep)| *keep == 0) {
+                assert!(got.dk[i * d..(i + 1) * d].iter().chain(&got.dv[i * d..(i + 1) * d]).all(|&x| x == 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn flash_attention_backward_is_deterministic() {
+    let Some(attn) = attn_or_skip("flash_attention_backward_is_deterministic") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let c = &cases()[3];
+    let x = inputs(&mut rng, c);
+    let first = attn.forward_backward(c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
+    let again = attn.forward_backward(c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (name, a, b) in [
+        ("O", &first.o, &again.o),
+        ("dQ", &first.dq, &again.dq),
+        ("dK", &first.dk, &again.dk),
+        ("dV", &first.dv, &again.dv),
+    ] {
+        assert_eq!(bits(a), bits(b), "{name} differs between two identical runs; seed {seed}");
+    }
+}
+
+#[test]
+fn materialised_baseline_matches_cpu() {
+    let Some(attn) = attn_or_skip("materialised_baseline_matches_cpu") else { return };
+    if !attn.has_cublas() {
+        skip("materialised_baseline_matches_cpu", "libcublas not found");
+        return;
+    }
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for c in [&cases()[0], &cases()[2]] {
+        let AttnDims { b, h, l, d } = c.dims;
+        let x = inputs(&mut rng, c);
+        let mask = mask_of(c);
+        let (mut o, mut lse) = (vec![0f32; c.dims.numel()], vec![0f32; b * h * l]);
+        attention_forward_masked(&mut o, &mut lse, &x.q, &x.k, &x.v, mask.as_deref(), b, h, l, d);
+        let got = attn.forward_naive_host(c.dims, &x.q, &x.k, &x.v, mask.as_deref()).unwrap();
+        check(&format!("baseline [{}] O", c.name), &got, &o, seed);
+    }
+}
+
+#[test]
+fn unsupported_shapes_are_refused_with_a_reason() {
+    let Some(attn) = attn_or_skip("unsupported_shapes_are_refused_with_a_reason") else { return };
+    let e = attn.alloc(AttnDims { b: 1, h: 1, l: 8, d: 48 }, None).err().expect("head dim 48 has no kernel");
+    assert!(format!("{e:#}").contains("head dim 48"), "{e:#}");
+    let e = attn.alloc(AttnDims { b: 1, h: 2, l: 8, d: 16 }, Some(&[1u8; 3])).err().expect("mask of the wrong length");
+    assert!(format!("{e:#}").contains("key mask"), "{e:#}");
+}
