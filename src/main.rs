@@ -293,6 +293,22 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Quantise a transformer's block linears to 8 bits (int8 per-channel or fp8 e4m3), streamed
+    /// tensor by tensor; forward, train and sample load the result through --model.
+    Quantize {
+        /// A bf16/f16/f32 transformer: BFL file or diffusers folder.
+        #[arg(long)]
+        model: String,
+        /// Output: a .safetensors file for a BFL input, a new folder for a diffusers one.
+        #[arg(long)]
+        out: PathBuf,
+        /// int8 (per-output-channel scales), fp8 (plain e4m3 cast, as flux1-dev-fp8 files),
+        /// fp8-scaled (e4m3, one scale per tensor) or fp8-channel (e4m3, per-channel scales).
+        #[arg(long, value_name = "int8|fp8|fp8-scaled|fp8-channel")]
+        format: String,
+        #[arg(long, value_name = "A,B,C")]
+        rope_axes: Option<String>,
+    },
     /// Gradient of mean((out − target)²), averaged over all elements, with respect to every
     /// factor of one LoRA file at strength 1, written under the file's own tensor names (f32).
     Grad {
@@ -426,6 +442,9 @@ fn main() -> Result<()> {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
             cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown, &m.device)?;
             println!("wrote {}", out.display());
+        }
+        Cmd::Quantize { model, out, format, rope_axes } => {
+            println!("{}", cli::quantize::run(&model, &out, &format, rope_axes.as_deref())?);
         }
         Cmd::Grad { m, inputs, target, out } => {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;

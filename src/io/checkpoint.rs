@@ -5,6 +5,8 @@ use super::layout::{diffusers_module, diffusers_param};
 use super::safetensors::{Dtype, SafeTensors};
 use crate::model::config::{infer_from_shapes, FluxConfig, ModuleKind};
 use crate::model::param::{Param, Piece};
+use crate::quant::load::{is_ignored_companion, piece as quant_piece};
+use crate::quant::{Code, QuantParam};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -55,16 +57,26 @@ impl Checkpoint {
     }
 }
 
+/// The stored dtype, if the model can hold it: any float, and int8 for linear weights (which
+/// need their scale companion; `quant::load` checks that).
 fn check_dtype(file: &SafeTensors, key: &str) -> Result<Dtype> {
-    let dt = file.info(key).unwrap().dtype;
-    match dt {
-        Dtype::BF16 | Dtype::F16 | Dtype::F32 => Ok(dt),
+    let info = file.info(key).unwrap();
+    match info.dtype {
+        Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F8E4M3 => Ok(info.dtype),
+        Dtype::I8 if info.shape.len() == 2 => Ok(info.dtype),
         other => bail!(
-            "{}: tensor `{key}` has dtype {}; model weights must be BF16, F16 or F32",
+            "{}: tensor `{key}` has dtype {}; model weights must be BF16, F16, F32 or F8_E4M3 (I8 only for \
+             2-D linear weights with a scale)",
             file.path().display(),
             other.name()
         ),
     }
+}
+
+/// An 8-bit 2-D weight stays 8-bit in memory; everything else is decoded to f32 when used.
+fn is_quantised(file: &SafeTensors, key: &str) -> bool {
+    let info = file.info(key).unwrap();
+    Code::from_dtype(info.dtype).is_some() && info.shape.len() == 2
 }
 
 fn list_some(names: &[String]) -> String {
@@ -105,8 +117,12 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
             list_some(&foreign)
         );
     }
+    stored.retain(|name, _| !is_ignored_companion(name));
     let names: Vec<String> = stored.keys().cloned().collect();
     let shape_of = |n: &str| stored.get(n).map(|k| file.info(k).unwrap().shape.clone());
+    // Scale companions are looked up by stored key and removed from `stored` once used.
+    let stored_keys: std::collections::HashSet<String> = stored.values().cloned().collect();
+    let lookup = |k: &str| stored_keys.contains(k).then(|| file.clone());
     let cfg = infer_from_shapes(&shape_of, &names, rope_axes).with_context(|| format!("{}", path.display()))?;
     let mut params = HashMap::new();
     let mut dtype_params = BTreeMap::new();
@@ -122,8 +138,17 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
         }
         let dt = check_dtype(&file, &key)?;
         *dtype_params.entry(dt.name()).or_insert(0) += info.numel();
-        let piece = Piece { file: file.clone(), key, rows: 0..shape[0] };
-        params.insert(name, Param::Mapped { pieces: vec![piece], numel: shape.iter().product() });
+        let param = if is_quantised(&file, &key) {
+            let (piece, scale_key) = quant_piece(&file, &key, 0..shape[0], &lookup)?;
+            if let Some(k) = scale_key {
+                stored.retain(|_, v| *v != k);
+            }
+            Param::Quant(QuantParam { pieces: vec![piece], k: shape[1] })
+        } else {
+            let piece = Piece { file: file.clone(), key, rows: 0..shape[0] };
+            Param::Mapped { pieces: vec![piece], numel: shape.iter().product() }
+        };
+        params.insert(name, param);
     }
     if !missing.is_empty() {
         bail!("{}: missing tensors {}", path.display(), list_some(&missing));
@@ -267,6 +292,7 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
         };
         for (param, cols) in bfl_params {
             let mut pieces = Vec::new();
+            let mut qpieces = Vec::new();
             let mut numel = 0;
             for p in &d.parts {
                 let key = format!("{}.{}", p.name, diffusers_param(m.kind, param));
@@ -288,7 +314,18 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
                 *dtype_params.entry(dt.name()).or_insert(0) += info.numel();
                 numel += info.numel();
                 used.insert(key.clone(), ());
-                if d.swap_halves {
+                if is_quantised(&files[fi], &key) {
+                    let lookup = |k: &str| key_file.get(k).map(|&i| files[i].clone());
+                    // BFL's [shift; scale] is diffusers' [scale; shift]: the second half comes first.
+                    let split = if d.swap_halves { p.rows / 2 } else { 0 };
+                    for rows in [split..p.rows, 0..split].into_iter().filter(|r| !r.is_empty()) {
+                        let (piece, scale_key) = quant_piece(&files[fi], &key, rows, &lookup)?;
+                        if let Some(k) = scale_key {
+                            used.insert(k, ());
+                        }
+                        qpieces.push(piece);
+                    }
+                } else if d.swap_halves {
                     let half = p.rows / 2;
                     pieces.push(Piece { file: files[fi].clone(), key: key.clone(), rows: half..p.rows });
                     pieces.push(Piece { file: files[fi].clone(), key, rows: 0..half });
@@ -296,13 +333,23 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
                     pieces.push(Piece { file: files[fi].clone(), key, rows: 0..p.rows });
                 }
             }
-            params.insert(format!("{}.{}", m.name, param), Param::Mapped { pieces, numel });
+            let bfl = format!("{}.{}", m.name, param);
+            let p = match (pieces.is_empty(), qpieces.is_empty()) {
+                (_, true) => Param::Mapped { pieces, numel },
+                (true, false) => Param::Quant(QuantParam { pieces: qpieces, k: cols }),
+                (false, false) => bail!(
+                    "{}: the parts of `{bfl}` mix 8-bit and 16/32-bit dtypes; quantise all of them or none",
+                    dir.display()
+                ),
+            };
+            params.insert(bfl, p);
         }
     }
     if !missing.is_empty() {
         bail!("{}: missing tensors {}", dir.display(), list_some(&missing));
     }
-    let mut extra: Vec<String> = key_file.keys().filter(|k| !used.contains_key(*k)).cloned().collect();
+    let mut extra: Vec<String> =
+        key_file.keys().filter(|k| !used.contains_key(*k) && !is_ignored_companion(k)).cloned().collect();
     if !extra.is_empty() {
         extra.sort();
         bail!("{}: unexpected tensors {}", dir.display(), list_some(&extra));

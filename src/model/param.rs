@@ -1,7 +1,9 @@
-//! A frozen parameter: either owned f32 values or rows of memory-mapped tensors, converted to
-//! f32 only when an op needs them, so a 23.8 GB checkpoint is never read whole into RAM.
+//! A frozen parameter: owned f32 values, rows of memory-mapped tensors converted to f32 only
+//! when an op needs them (so a 23.8 GB checkpoint is never read whole into RAM), or an 8-bit
+//! weight that the linears multiply without a full f32 copy.
 
 use crate::io::safetensors::SafeTensors;
+use crate::quant::QuantParam;
 use anyhow::{bail, Result};
 use std::borrow::Cow;
 use std::ops::Range;
@@ -24,6 +26,8 @@ pub enum Param {
         pieces: Vec<Piece>,
         numel: usize,
     },
+    /// A linear weight in 8 bits with its scales (int8 or fp8 e4m3).
+    Quant(QuantParam),
 }
 
 impl Param {
@@ -35,10 +39,19 @@ impl Param {
         match self {
             Param::Owned(v) => v.len(),
             Param::Mapped { numel, .. } => *numel,
+            Param::Quant(q) => q.numel(),
         }
     }
 
-    /// The values as f32: borrowed when owned, decoded from the map otherwise.
+    /// The 8-bit weight, for the ops that multiply by it directly.
+    pub fn quant(&self) -> Option<&QuantParam> {
+        match self {
+            Param::Quant(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// The values as f32: borrowed when owned, decoded (and dequantised) otherwise.
     pub fn load(&self) -> Result<Cow<'_, [f32]>> {
         match self {
             Param::Owned(v) => Ok(Cow::Borrowed(v.as_slice())),
@@ -60,6 +73,7 @@ impl Param {
                 }
                 Ok(Cow::Owned(out))
             }
+            Param::Quant(q) => Ok(Cow::Owned(q.view()?.dequantize())),
         }
     }
 }

@@ -4,7 +4,8 @@ use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
 use crate::device::Device;
 use crate::lora::{LoraGrads, LoraSet};
-use crate::ops::lora::{lora_linear_backward, lora_linear_forward};
+use crate::ops::lora::{lora_linear_backward, lora_linear_forward, lora_terms_backward, lora_terms_forward};
+use crate::quant::{qlinear_backward_input, qlinear_forward};
 use crate::util::Rng;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -21,12 +22,19 @@ pub struct Linear {
 impl Linear {
     /// out[m, d_out] = inp[m, d_in]·Wᵀ + b + the LoRA terms on this module.
     pub fn forward(&self, out: &mut [f32], inp: &[f32], m: usize, loras: &LoraSet) -> Result<()> {
-        let w = self.weight.load()?;
         let b = match &self.bias {
             Some(b) => Some(b.load()?),
             None => None,
         };
         let terms = loras.terms(&self.name);
+        // An 8-bit weight on the CPU is multiplied block by block, never expanded whole.
+        if let (Device::Cpu, Some(q)) = (&loras.device, self.weight.quant()) {
+            let w = q.view().with_context(|| self.name.clone())?;
+            qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
+            lora_terms_forward(out, inp, &terms, m, self.d_in, self.d_out);
+            return Ok(());
+        }
+        let w = self.weight.load()?;
         match &loras.device {
             Device::Cpu => lora_linear_forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out),
             Device::Cuda(g) => {
@@ -53,8 +61,17 @@ impl Linear {
         if terms.is_empty() && dinp.is_none() {
             return Ok(());
         }
-        let w = self.weight.load()?;
         let slot = grads.slot(&self.name, terms.len());
+        if let (Device::Cpu, Some(q)) = (&loras.device, self.weight.quant()) {
+            let w = q.view().with_context(|| self.name.clone())?;
+            let mut dinp = dinp;
+            if let Some(dx) = dinp.as_deref_mut() {
+                qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
+            }
+            lora_terms_backward(dinp, slot, dout, inp, &terms, m, self.d_in, self.d_out);
+            return Ok(());
+        }
+        let w = self.weight.load()?;
         match &loras.device {
             Device::Cpu => lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out),
             Device::Cuda(g) => {

@@ -66,6 +66,12 @@ pub fn lora_linear_forward(
     n: usize,
 ) {
     linear_forward(out, inp, weight, bias, m, k, n);
+    lora_terms_forward(out, inp, terms, m, k, n);
+}
+
+/// out[m, n] += Σ scale·(inp·Aᵀ)·Bᵀ on each term's rows: the adapters alone, for a base
+/// projection computed elsewhere (an 8-bit weight's dequantising matmul).
+pub fn lora_terms_forward(out: &mut [f32], inp: &[f32], terms: &[LoraTerm], m: usize, k: usize, n: usize) {
     for t in terms {
         assert!(t.rows.end <= n, "lora: rows {:?} past the output width {n}", t.rows);
         assert_eq!(t.a.len(), t.rank * k, "lora: A");
@@ -111,11 +117,27 @@ pub fn lora_linear_backward(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(grads.len(), terms.len());
     let mut dinp = dinp;
     if let Some(dx) = dinp.as_deref_mut() {
         linear_backward_input(dx, dout, weight, m, k, n, 0.0);
     }
+    lora_terms_backward(dinp, grads, dout, inp, terms, m, k, n);
+}
+
+/// The adapters' part of `lora_linear_backward`: dA and dB accumulate, and the input gradient
+/// through the adapters is added to `dinp`, which already holds dY·W.
+pub fn lora_terms_backward(
+    dinp: Option<&mut [f32]>,
+    grads: &mut [TermGrad],
+    dout: &[f32],
+    inp: &[f32],
+    terms: &[LoraTerm],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(grads.len(), terms.len());
+    let mut dinp = dinp;
     for (t, g) in terms.iter().zip(grads.iter_mut()) {
         let (r, nr) = (t.rank, t.rows.len());
         g.da.resize(r * k, 0.0);

@@ -116,7 +116,9 @@ pub fn qlinear_forward_blocked(
             for r in o.chunks_mut(n) {
                 let cols = &mut r[c0..c0 + nb];
                 match bias {
-                    Some(b) => cols.iter_mut().zip(scale).zip(&b[c0..c0 + nb]).for_each(|((v, &s), &b)| *v = *v * s + b),
+                    Some(b) => {
+                        cols.iter_mut().zip(scale).zip(&b[c0..c0 + nb]).for_each(|((v, &s), &b)| *v = *v * s + b)
+                    }
                     None => cols.iter_mut().zip(scale).for_each(|(v, &s)| *v *= s),
                 }
             }
@@ -154,10 +156,8 @@ pub fn qlinear_backward_input_blocked(
         dinp.par_chunks_mut(ROW_BLOCK * k).enumerate().for_each(|(blk, dx)| {
             let rows = dx.len() / k;
             let dy = &dout[blk * ROW_BLOCK * n..(blk * ROW_BLOCK + rows) * n];
-            let scaled: Vec<f32> = dy
-                .chunks(n)
-                .flat_map(|r| r[c0..c0 + nb].iter().zip(scale).map(|(&g, &s)| g * s))
-                .collect();
+            let scaled: Vec<f32> =
+                dy.chunks(n).flat_map(|r| r[c0..c0 + nb].iter().zip(scale).map(|(&g, &s)| g * s)).collect();
             gemm(rows, nb, k, 1.0, &scaled, (nb, 1), dec, (k, 1), 1.0, dx, (k, 1));
         });
     });
@@ -183,10 +183,8 @@ mod tests {
         {
             let scheme = schemes[t % schemes.len()];
             let n: usize = parts.iter().sum();
-            let qs: Vec<_> = parts
-                .iter()
-                .map(|&r| quantize(scheme, &rng.normal_vec(r * k, 0.7), r, k).unwrap())
-                .collect();
+            let qs: Vec<_> =
+                parts.iter().map(|&r| quantize(scheme, &rng.normal_vec(r * k, 0.7), r, k).unwrap()).collect();
             let w = QWeight {
                 segments: qs
                     .iter()

@@ -4,6 +4,7 @@
 //! schemes and why the scale goes where it does.
 
 pub mod fp8;
+pub mod load;
 pub mod matmul;
 pub mod scheme;
 pub mod stored;

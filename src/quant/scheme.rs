@@ -157,15 +157,13 @@ fn amax(v: &[f32]) -> f32 {
     v.iter().fold(0f32, |a, &x| a.max(x.abs()))
 }
 
+/// Fills the buffer with rows `range` of a weight, as f32.
+pub type RowReader<'a> = dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync + 'a;
+
 /// Quantises a [rows, cols] weight read row range by row range through `read` (so a mapped
 /// bf16 tensor never needs an f32 copy of the whole), the ranges in parallel. Per-tensor scales
 /// take a first pass for the amax.
-pub fn quantize_tensor(
-    scheme: Scheme,
-    rows: usize,
-    cols: usize,
-    read: &(dyn Fn(Range<usize>, &mut [f32]) -> Result<()> + Sync),
-) -> Result<Quantized> {
+pub fn quantize_tensor(scheme: Scheme, rows: usize, cols: usize, read: &RowReader) -> Result<Quantized> {
     let step = chunk_rows(cols);
     let ranges: Vec<Range<usize>> = (0..rows).step_by(step).map(|r| r..(r + step).min(rows)).collect();
     let code = scheme.code;
@@ -187,10 +185,8 @@ pub fn quantize_tensor(
     };
     let mut q = vec![0u8; rows * cols];
     let mut row_scales = vec![1f32; rows];
-    q.par_chunks_mut(step * cols.max(1))
-        .zip(row_scales.par_chunks_mut(step))
-        .zip(ranges.par_iter())
-        .try_for_each(|((qc, sc), r)| -> Result<()> {
+    q.par_chunks_mut(step * cols.max(1)).zip(row_scales.par_chunks_mut(step)).zip(ranges.par_iter()).try_for_each(
+        |((qc, sc), r)| -> Result<()> {
             let mut buf = vec![0f32; r.len() * cols];
             read(r.clone(), &mut buf)?;
             check_finite(&buf, r.start, cols)?;
@@ -200,7 +196,8 @@ pub fn quantize_tensor(
                 qrow.iter_mut().zip(row).for_each(|(o, &w)| *o = code.encode(w / *s));
             }
             Ok(())
-        })?;
+        },
+    )?;
     let scale = match (scheme.scale, tensor_scale) {
         (Granularity::None, _) => Scale::None,
         (Granularity::PerTensor, Some(s)) => Scale::Tensor(s),
