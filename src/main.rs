@@ -16,8 +16,9 @@ struct ModelArgs {
     /// A FLUX transformer: BFL single .safetensors file (e.g. flux1-dev.safetensors, keys
     /// optionally prefixed model.diffusion_model.), a diffusers transformer folder (config.json +
     /// diffusion_pytorch_model*.safetensors, sharded or not), a FLUX.1 repository folder holding
-    /// transformer/, or a built-in configuration name (flux1-dev, flux1-schnell) where only shapes
-    /// are needed.
+    /// transformer/, a built-in configuration name (flux1-dev, flux1-schnell, tiny) where only
+    /// shapes are needed, or random:NAME[:SEED] (random:flux1-dev:7) for that configuration with
+    /// PyTorch-default random weights generated on read, no file needed.
     #[arg(long)]
     model: String,
     /// RoPE split of the head dim over the three position axes (FLUX.1: 16,56,56). Needed only

@@ -281,3 +281,31 @@ fn broken_quantised_checkpoints_are_refused_by_name() {
     let e = err_string(open(&wrong));
     assert!(e.contains("double_blocks.1.txt_mlp.0.weight_scale") && e.contains("[3]"), "{e}");
 }
+
+/// (b) of the quality figure: one double and one single block at FLUX.1-dev's full width
+/// (hidden 3072, 24 × 128 heads, MLP 12288) with random weights N(0, 1/fan_in), 8×8 image
+/// tokens and 32 text tokens. Prints the figure docs/quant.md records; about a minute on two
+/// cores, so run on request:
+///   cargo test --release --test quant full_width -- --ignored --nocapture
+#[test]
+#[ignore]
+fn full_width_blocks_output_error() {
+    use flux_kernels::model::config::FluxConfig;
+    use flux_kernels::model::weights::FluxWeights;
+    use flux_kernels::quant::quality::{output_error, random_inputs};
+    let cfg = FluxConfig { depth: 1, depth_single: 1, ..FluxConfig::flux1_dev() };
+    let (side, n_txt) = (8, 32);
+    let inp = random_inputs(&cfg, 1, side, side, n_txt, 1);
+    let t0 = std::time::Instant::now();
+    let schemes = [Scheme::INT8, Scheme::FP8, Scheme::FP8_TENSOR, Scheme::FP8_CHANNEL];
+    let errs = output_error(&cfg, FluxWeights::random_tensors(&cfg, 0), &inp, &schemes).unwrap();
+    for (s, e) in &errs {
+        println!(
+            "full width, 1 double + 1 single block, {} img + {n_txt} txt tokens: {:<22} rel L2 vs bf16 = {e:.3e}",
+            side * side,
+            s.name()
+        );
+        assert!(*e > 0.0 && *e < 0.2, "{}: {e}", s.name());
+    }
+    println!("({:.0} s)", t0.elapsed().as_secs_f64());
+}

@@ -32,7 +32,7 @@ impl ModelSpec {
 pub fn open_model(spec: &str, rope_axes: Option<&str>) -> Result<ModelSpec> {
     let axes = rope_axes.map(parse_rope_axes).transpose()?;
     let path = Path::new(spec);
-    if path.exists() {
+    if path.exists() || spec.starts_with(crate::io::checkpoint::RANDOM_PREFIX) {
         return Ok(ModelSpec::Checkpoint(Box::new(Checkpoint::open(path, axes)?)));
     }
     if let Some(mut cfg) = FluxConfig::named(spec) {
@@ -42,7 +42,10 @@ pub fn open_model(spec: &str, rope_axes: Option<&str>) -> Result<ModelSpec> {
         }
         return Ok(ModelSpec::Named(spec.to_string(), cfg));
     }
-    bail!("--model {spec}: no such file or folder, and not a built-in configuration (flux1-dev, flux1-schnell)")
+    bail!(
+        "--model {spec}: no such file or folder, and not a built-in configuration (flux1-dev, flux1-schnell, tiny; \
+         random:NAME[:SEED] for random weights)"
+    )
 }
 
 /// Loads every `--lora FILE[:SCALE]`, returning each file with its strength.

@@ -1,29 +1,15 @@
 //! `flux-kernels quantize`: a bf16/f16/f32 transformer to 8 bits, tensor by tensor from the
-//! memory map, written atomically under the input's own keys.
-//!
-//! Quantised: the 2-D weights of the linears inside the double and single blocks, modulation
-//! linears included (99.5 % of FLUX.1-dev's parameters). Kept as stored: biases, QK-norm
-//! scales, and the embedders and final layer (img_in, txt_in, time/guidance/vector MLPs,
-//! final_layer), as ai-toolkit quantises only the blocks: the first and last layers touch every
-//! token's input and output directly and would save only 0.5 % of the bytes.
+//! memory map, written atomically under the input's own keys. Which tensors are quantised and
+//! why: `quant::quantised_by_default`.
 
-use crate::io::checkpoint::{Checkpoint, Layout, BFL_BUNDLE_PREFIX};
+use crate::io::checkpoint::{Checkpoint, Layout};
 use crate::io::safetensors::{write_streamed, Dtype, SafeTensors};
 use crate::model::config::parse_rope_axes;
 use crate::quant::load::{is_ignored_companion, scale_keys};
-use crate::quant::{quantize_tensor, Code, Granularity, Scale, Scheme, METADATA_KEY};
+use crate::quant::{quantised_by_default, quantize_tensor, Code, Granularity, Scale, Scheme, METADATA_KEY};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Whether a stored key (either layout, bundle prefix allowed) is a block linear's weight.
-fn is_block_linear_weight(key: &str, shape: &[usize]) -> bool {
-    let k = key.strip_prefix(BFL_BUNDLE_PREFIX).unwrap_or(key);
-    let in_block = ["double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."]
-        .iter()
-        .any(|p| k.starts_with(p));
-    in_block && k.ends_with(".weight") && shape.len() == 2
-}
 
 /// One output tensor: copied from the input, or the codes or scale of a quantised weight.
 enum Job {
@@ -88,7 +74,7 @@ fn plan(ckpt: &Checkpoint, scheme: Scheme, tally: &mut Tally) -> Vec<Entry> {
     for (fi, f) in ckpt.files.iter().enumerate() {
         for (key, info) in f.tensors() {
             let before = info.end - info.begin;
-            if !is_block_linear_weight(key, &info.shape) {
+            if !quantised_by_default(key, &info.shape) {
                 tally.kept += 1;
                 tally.kept_bytes += before;
                 let job = Job::Copy { file: fi, key: key.clone() };

@@ -17,7 +17,8 @@ pub struct TrainArgs {
     /// Resume from a checkpoint folder (its config is the base; flags and --config still apply).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Base model (BFL file, diffusers folder, FLUX.1 repository). Omit with --data for the demo.
+    /// Base model (BFL file, diffusers folder, FLUX.1 repository, or random:flux1-dev[:SEED] for
+    /// random weights). Omit with --data for the demo.
     #[arg(long)]
     pub model: Option<String>,
     /// Folder of cached samples: .safetensors with latent [16,h,w], txt [L,4096], y [768].

@@ -51,6 +51,8 @@ impl Checkpoint {
             open_diffusers(&dir, rope_axes)
         } else if path.exists() {
             open_bfl(path, rope_axes)
+        } else if let Some(spec) = path.to_str().and_then(|s| s.strip_prefix(RANDOM_PREFIX)) {
+            random(spec, rope_axes)
         } else {
             bail!("model path {} does not exist", path.display())
         }
@@ -59,6 +61,34 @@ impl Checkpoint {
 
 /// The stored dtype, if the model can hold it: any float, and int8 for linear weights (which
 /// need their scale companion; `quant::load` checks that).
+/// `--model random:NAME[:SEED]`: a built-in configuration with weights generated on read.
+pub const RANDOM_PREFIX: &str = "random:";
+
+fn random(spec: &str, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
+    let (name, seed) = match spec.split_once(':') {
+        Some((n, s)) => {
+            let seed = s
+                .parse::<u64>()
+                .with_context(|| format!("--model {RANDOM_PREFIX}{spec}: seed `{s}` is not a number"))?;
+            (n, seed)
+        }
+        None => (spec, 0),
+    };
+    let mut cfg = FluxConfig::named(name).with_context(|| {
+        format!(
+            "--model {RANDOM_PREFIX}{spec}: `{name}` is not a built-in configuration (flux1-dev, flux1-schnell, tiny)"
+        )
+    })?;
+    if let Some(a) = rope_axes {
+        cfg.rope_axes = a;
+        cfg.validate()?;
+    }
+    let params = crate::model::random::random_params(&cfg, seed);
+    let dtype_params = BTreeMap::from([("random (generated on read)", cfg.param_count())]);
+    let path = PathBuf::from(format!("{RANDOM_PREFIX}{spec}"));
+    Ok(Checkpoint { path, cfg, layout: Layout::Bfl { prefixed: false }, files: vec![], params, dtype_params })
+}
+
 fn check_dtype(file: &SafeTensors, key: &str) -> Result<Dtype> {
     let info = file.info(key).unwrap();
     match info.dtype {

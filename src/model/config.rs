@@ -56,6 +56,8 @@ impl FluxConfig {
         match name {
             "flux1-dev" => Some(Self::flux1_dev()),
             "flux1-schnell" => Some(FluxConfig { guidance_embed: false, ..Self::flux1_dev() }),
+            // The built-in demo's model (hidden 64, 2 + 2 blocks): `random:tiny` runs anywhere.
+            "tiny" => Some(crate::train::builtin::tiny_config()),
             _ => None,
         }
     }

@@ -6,5 +6,6 @@ pub mod double_block;
 pub mod embed;
 pub mod flux;
 pub mod param;
+pub mod random;
 pub mod single_block;
 pub mod weights;

@@ -1,7 +1,8 @@
 //! A frozen parameter: owned f32 values, rows of memory-mapped tensors converted to f32 only
 //! when an op needs them (so a 23.8 GB checkpoint is never read whole into RAM), or an 8-bit
-//! weight that the linears multiply without a full f32 copy.
+//! weight that the linears multiply without a full f32 copy, or values generated on read.
 
+use super::random::RandomParam;
 use crate::io::safetensors::SafeTensors;
 use crate::quant::QuantParam;
 use anyhow::{bail, Result};
@@ -28,6 +29,8 @@ pub enum Param {
     },
     /// A linear weight in 8 bits with its scales (int8 or fp8 e4m3).
     Quant(QuantParam),
+    /// Generated from a seed each time it is read (`--model random:flux1-dev`).
+    Random(RandomParam),
 }
 
 impl Param {
@@ -40,6 +43,7 @@ impl Param {
             Param::Owned(v) => v.len(),
             Param::Mapped { numel, .. } => *numel,
             Param::Quant(q) => q.numel(),
+            Param::Random(r) => r.numel,
         }
     }
 
@@ -74,6 +78,7 @@ impl Param {
                 Ok(Cow::Owned(out))
             }
             Param::Quant(q) => Ok(Cow::Owned(q.view()?.dequantize())),
+            Param::Random(r) => Ok(Cow::Owned(r.generate())),
         }
     }
 }

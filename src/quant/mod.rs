@@ -6,6 +6,7 @@
 pub mod fp8;
 pub mod load;
 pub mod matmul;
+pub mod quality;
 pub mod scheme;
 pub mod stored;
 
@@ -15,3 +16,16 @@ pub use stored::{Codes, QPiece, QuantParam};
 
 /// Safetensors metadata key naming the scheme of a quantised checkpoint.
 pub const METADATA_KEY: &str = "flux_kernels.quantization";
+
+/// Whether `quantize` stores a tensor (stored key in either layout, bundle prefix allowed) in 8
+/// bits: the 2-D weights of the linears inside the double and single blocks, modulation linears
+/// included (99.5 % of FLUX.1-dev's parameters). Biases, QK-norm scales, the embedders and the
+/// final layer stay as stored, as ai-toolkit quantises only the blocks: the first and last
+/// layers touch every token's input and output directly and would save only 0.5 % of the bytes.
+pub fn quantised_by_default(key: &str, shape: &[usize]) -> bool {
+    let k = key.strip_prefix(crate::io::checkpoint::BFL_BUNDLE_PREFIX).unwrap_or(key);
+    let in_block = ["double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."]
+        .iter()
+        .any(|p| k.starts_with(p));
+    in_block && k.ends_with(".weight") && shape.len() == 2
+}
