@@ -55,8 +55,8 @@ fi
 pack=${1:-$root/target/gpu-check}
 export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 log=$(mktemp)
-cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model 2>&1 | tee "$log"
-cargo bench --no-run --bench lora_matmul 2>&1 | tee -a "$log"
+cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention 2>&1 | tee "$log"
+cargo bench --no-run --bench lora_matmul --bench attention 2>&1 | tee -a "$log"
 rm -rf "$pack"
 mkdir -p "$pack"
 # "Executable tests/gpu_lora.rs (target/release/deps/gpu_lora-…)"
@@ -64,10 +64,10 @@ sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p'
   cp "$exe" "$pack/$name"
 done
 rm -f "$log"
-for b in gpu gpu_lora gpu_model lora_matmul; do
+for b in gpu gpu_lora gpu_model gpu_attention lora_matmul attention; do
   [ -x "$pack/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
 done
-cp tools/gpu-run.sh "$pack/"
+cp tools/gpu-run.sh tools/attn_bench_torch.py "$pack/"
 {
   echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' + uncommitted changes')"
   echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $("$NVCC" --version | tail -1)"
@@ -78,7 +78,7 @@ cat <<MSG
 
 Packed into $rel. On the lent GPU (one call, about 6 minutes):
   device run: command "bash $rel/gpu-run.sh", carry ["$rel"], timeout_s 420
-Logs come back from \$OUT (machine.txt, tests.log, sanitizer.log, bench.log, bench_table.md,
-summary.md); record
-the run in docs/gpu-runs.md.
+Logs come back from \$OUT (machine.txt, tests.log, sanitizer.log, bench_logs.txt,
+bench_table.md, attn_table.md, torch_attn_table.md, summary.md); record the run in
+docs/gpu-runs.md.
 MSG

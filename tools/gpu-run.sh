@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs the GPU check on the lent GPU machine, from the folder tools/gpu-check.sh packed (there is
-# no Rust toolchain there): every GPU test, the fused-kernel tests again under compute-sanitizer,
-# then the short benchmark. Full logs go to $OUT (or ./out); a summary table is printed last.
-# Sized for at most 6 minutes on an H100, so it fits twice in a 15-minute lease.
+# no Rust toolchain there): every GPU test, the fused-LoRA and attention tests again under
+# compute-sanitizer, the LoRA benchmark, the attention benchmark and PyTorch's SDPA at the same
+# shapes. Logs go to $OUT (or ./out): machine.txt, tests.log, sanitizer.log, bench_logs.txt,
+# bench_table.md, attn_table.md, torch_attn_table.md, summary.md (8 files, the device tool's
+# limit); the summary is printed last.
 #
 # Usage (from the repo root on the device machine):  bash target/gpu-check/gpu-run.sh
 # Limits (seconds, env): FK_BUDGET=330 for the whole run, and per step FK_TEST_TIMEOUT=120,
-# FK_SANITIZER_TIMEOUT=75, FK_BENCH_TIMEOUT=200; FK_SKIP_SANITIZER=1 or FK_SKIP_BENCH=1 drop a step.
+# FK_SANITIZER_TIMEOUT=75 (each of 4 runs), FK_BENCH_TIMEOUT=200, FK_ATTN_BENCH_TIMEOUT=90,
+# FK_TORCH_TIMEOUT=120; FK_SKIP_SANITIZER=1, FK_SKIP_BENCH=1 (LoRA) or FK_SKIP_ATTN_BENCH=1 drop
+# a step.
 set -uo pipefail
 pack=$(cd "$(dirname "$0")" && pwd)
 # The whole-model test reads the fixtures of the carried source tree (the call runs from its root).
@@ -47,7 +51,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
 # counts as a failure here.
 test_rc=0
 : >"$out/tests.log"
-for t in gpu gpu_lora gpu_model; do
+for t in gpu gpu_lora gpu_model gpu_attention; do
   step "tests: $t" | tee -a "$out/tests.log"
   timeout "$(limit "${FK_TEST_TIMEOUT:-120}")" "./$t" --test-threads 1 --show-output >>"$out/tests.log" 2>&1
   rc=$?
@@ -69,7 +73,12 @@ if [ "${FK_SKIP_SANITIZER:-0}" != 1 ] && command -v compute-sanitizer >/dev/null
     timeout "$(limit "${FK_SANITIZER_TIMEOUT:-75}")" compute-sanitizer --tool "$tool" --error-exitcode 99 \
       ./gpu_lora --test-threads 1 fused_forward_matches_cpu fused_backward_matches_cpu >>"$out/sanitizer.log" 2>&1
     rc=$?
-    echo "exit $rc ($tool)" >>"$out/sanitizer.log"
+    echo "exit $rc ($tool, gpu_lora)" >>"$out/sanitizer.log"
+    [ $rc -ne 0 ] && san_rc=$rc
+    timeout "$(limit "${FK_SANITIZER_TIMEOUT:-75}")" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      ./gpu_attention --test-threads 1 flash_attention_matches_cpu materialised_baseline >>"$out/sanitizer.log" 2>&1
+    rc=$?
+    echo "exit $rc ($tool, gpu_attention)" >>"$out/sanitizer.log"
     [ $rc -ne 0 ] && san_rc=$rc
   done
   grep -E "ERROR SUMMARY|exit |Hazard|Invalid" "$out/sanitizer.log" | head -20
@@ -82,8 +91,23 @@ if [ "${FK_SKIP_BENCH:-0}" != 1 ]; then
   # Rows go to bench_table.md as each shape finishes, so a timeout still leaves the finished ones.
   rm -f "$out/bench_table.md"
   CRITERION_HOME=/tmp/criterion FK_BENCH_CPU=0 FK_BENCH_TABLE="$out/bench_table.md" \
-    timeout "$(limit "${FK_BENCH_TIMEOUT:-200}")" ./lora_matmul --bench >"$out/bench.log" 2>&1
+    timeout "$(limit "${FK_BENCH_TIMEOUT:-200}")" ./lora_matmul --bench >>"$out/bench_logs.txt" 2>&1
   bench_rc=$?
+fi
+
+# Attention: ours (benches/attention.rs) and PyTorch's SDPA backends on the same card.
+attn_rc=-
+torch_rc=-
+if [ "${FK_SKIP_ATTN_BENCH:-0}" != 1 ]; then
+  step "attention benchmark (flash vs materialised, l = 1536 / 4608, 24 × 128)"
+  rm -f "$out/attn_table.md"
+  FK_BENCH_TABLE="$out/attn_table.md" timeout "$(limit "${FK_ATTN_BENCH_TIMEOUT:-90}")" ./attention --bench \
+    >>"$out/bench_logs.txt" 2>&1
+  attn_rc=$?
+  step "PyTorch SDPA at the same shapes"
+  PYTHONUNBUFFERED=1 timeout "$(limit "${FK_TORCH_TIMEOUT:-120}")" python3 attn_bench_torch.py \
+    --out "$out/torch_attn_table.md" >>"$out/bench_logs.txt" 2>&1
+  torch_rc=$?
 fi
 
 step "done"
@@ -92,7 +116,7 @@ step "done"
   echo "# GPU check summary ($(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
   echo
   grep -h "^commit" BUILD_INFO 2>/dev/null
-  echo "tests: $( [ $test_rc -eq 0 ] && echo PASS || echo FAIL )  sanitizer: $san_rc  bench exit: $bench_rc  ($(( $(date +%s) - start )) s)"
+  echo "tests: $( [ $test_rc -eq 0 ] && echo PASS || echo FAIL )  sanitizer: $san_rc  bench exit: $bench_rc  attention bench: $attn_rc  torch: $torch_rc  ($(( $(date +%s) - start )) s)"
   echo
   echo "| test | result |"
   echo "|---|---|"
@@ -104,4 +128,10 @@ step "done"
     echo
     cat "$out/bench_table.md"
   fi
+  for t in attn_table.md torch_attn_table.md; do
+    if [ -f "$out/$t" ]; then
+      echo
+      cat "$out/$t"
+    fi
+  done
 } | tee "$out/summary.md"

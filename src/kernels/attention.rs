@@ -56,6 +56,17 @@ impl AttnDims {
     }
 }
 
+/// The backward's launches, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackwardStep {
+    /// delta = rowsum(dO ∘ O)
+    Prep,
+    /// dK and dV, one block per key tile
+    DkDv,
+    /// dQ, one block per query tile
+    Dq,
+}
+
 /// The device tensors of one attention problem.
 pub struct AttnBuffers {
     pub dims: AttnDims,
@@ -252,13 +263,29 @@ impl GpuAttention {
 
     /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
     pub fn backward(&self, bufs: &AttnBuffers) -> Result<()> {
+        for step in [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq] {
+            self.backward_step(bufs, step)?;
+        }
+        Ok(())
+    }
+
+    /// One launch of the backward (benchmarks time them apart; each needs the ones before it).
+    pub fn backward_step(&self, bufs: &AttnBuffers, step: BackwardStep) -> Result<()> {
         let AttnDims { b, h, l, d } = bufs.dims;
         let p = self.params(bufs);
-        let warps = (FK_ATTN_THREADS / 32) as usize;
         let (_, dkdv_smem, dq_smem) = smem_bytes(d);
-        self.launch(&self.prep, &p, (bufs.dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")?;
-        self.launch(&self.dkdv, &p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")?;
-        self.launch(&self.dq, &p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
+        match step {
+            BackwardStep::Prep => {
+                let warps = (FK_ATTN_THREADS / 32) as usize;
+                self.launch(&self.prep, &p, (bufs.dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")
+            }
+            BackwardStep::DkDv => {
+                self.launch(&self.dkdv, &p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")
+            }
+            BackwardStep::Dq => {
+                self.launch(&self.dq, &p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
+            }
+        }
     }
 
     /// The materialised-softmax baseline (no LSE): S = scale·Q·Kᵀ in f32 through cuBLAS,
