@@ -15,6 +15,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod pipeline;
+pub mod plan;
 pub mod quant;
 pub mod sample;
 pub mod text;

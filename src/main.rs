@@ -310,6 +310,38 @@ enum Cmd {
         #[arg(long, value_name = "A,B,C")]
         rope_axes: Option<String>,
     },
+    /// Predict the peak GPU memory of a LoRA training step (weights by dtype, LoRA and AdamW
+    /// state, activations, workspace), whether it fits, and which settings would.
+    Plan {
+        /// A checkpoint or a built-in configuration name (flux1-dev).
+        #[arg(long)]
+        model: String,
+        #[arg(long, value_name = "A,B,C")]
+        rope_axes: Option<String>,
+        /// Base weights on the GPU: bf16, int8, fp8 or fp8-scaled. Default: what the checkpoint
+        /// holds (bf16 for a configuration name).
+        #[arg(long)]
+        base: Option<String>,
+        /// Image size in pixels: 1024 (square) or 1024x768 (width × height).
+        #[arg(long, default_value = "1024")]
+        resolution: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// T5 tokens (512 for FLUX.1-dev, 256 for schnell).
+        #[arg(long, default_value_t = 512)]
+        text_tokens: usize,
+        /// Per-block activation checkpointing: on or off (the trainer has none yet).
+        #[arg(long, default_value = "off")]
+        checkpointing: String,
+        /// Where the modulation linears' weights live: gpu or host.
+        #[arg(long, default_value = "gpu")]
+        modulation: String,
+        /// GPU memory in GiB to check the plan against.
+        #[arg(long, default_value_t = 24.0)]
+        gpu_memory: f64,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
     /// Gradient of mean((out − target)²), averaged over all elements, with respect to every
     /// factor of one LoRA file at strength 1, written under the file's own tensor names (f32).
     Grad {
@@ -443,6 +475,31 @@ fn main() -> Result<()> {
             let unknown = cli::parse_unknown(&m.lora_unknown)?;
             cli::forward::run(&m.model, &inputs, &out, &m.lora, m.rope_axes.as_deref(), unknown, &m.device)?;
             println!("wrote {}", out.display());
+        }
+        Cmd::Plan {
+            model,
+            rope_axes,
+            base,
+            resolution,
+            batch,
+            text_tokens,
+            checkpointing,
+            modulation,
+            gpu_memory,
+            adapter,
+        } => {
+            let (width, height) = cli::plan::parse_resolution(&resolution)?;
+            let settings = flux_kernels::plan::Settings {
+                base: flux_kernels::plan::Base::Bf16,
+                width,
+                height,
+                batch,
+                text_tokens,
+                checkpointing: cli::plan::parse_on_off(&checkpointing, "--checkpointing")?,
+                modulation_on_host: cli::plan::parse_modulation(&modulation)?,
+                lora: adapter.config()?,
+            };
+            print!("{}", cli::plan::run(&model, rope_axes.as_deref(), base.as_deref(), settings, gpu_memory)?);
         }
         Cmd::Quantize { model, out, format, rope_axes } => {
             println!("{}", cli::quantize::run(&model, &out, &format, rope_axes.as_deref())?);

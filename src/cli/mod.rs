@@ -4,6 +4,7 @@ pub mod forward;
 pub mod grad;
 pub mod info;
 pub mod lora_cmd;
+pub mod plan;
 pub mod quantize;
 pub mod sample;
 pub mod train;

@@ -284,6 +284,7 @@ impl TrainArgs {
 
 pub fn run(args: &TrainArgs) -> Result<Outcome> {
     let tc = args.resolve()?;
+    super::plan::check_before_training(&tc)?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     // Ctrl-C: finish the current step, save a checkpoint, write the LoRA, exit cleanly.

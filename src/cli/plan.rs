@@ -1,0 +1,199 @@
+//! `flux-kernels plan` and the first lines of `train`: predicted peak GPU memory, whether it fits
+//! the card, and which settings would.
+
+use super::{open_model, ModelSpec};
+use crate::io::checkpoint::Checkpoint;
+use crate::plan::{gib, plan, suggest, table, Base, Settings};
+use crate::quant::Code;
+use crate::train::config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use std::fmt::Write;
+
+/// `--resolution 1024` or `1024x768` (width × height).
+pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
+    let num = |x: &str| x.trim().parse::<usize>().with_context(|| format!("--resolution `{s}`: `{x}` is not a number"));
+    match s.split_once(['x', 'X']) {
+        Some((w, h)) => Ok((num(w)?, num(h)?)),
+        None => Ok((num(s)?, num(s)?)),
+    }
+}
+
+pub fn parse_on_off(s: &str, flag: &str) -> Result<bool> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => bail!("{flag} takes on or off, got `{s}`"),
+    }
+}
+
+pub fn parse_modulation(s: &str) -> Result<bool> {
+    match s {
+        "host" => Ok(true),
+        "gpu" => Ok(false),
+        _ => bail!("--modulation takes host or gpu, got `{s}`"),
+    }
+}
+
+/// The base dtype a checkpoint holds: 8-bit if its weights are.
+pub fn base_of(ckpt: &Checkpoint) -> Base {
+    let code = ckpt.params.values().find_map(|p| p.quant().map(|q| q.pieces[0].code));
+    match code {
+        Some(Code::I8) => Base::Int8,
+        Some(Code::E4M3) => Base::Fp8,
+        None => Base::Bf16,
+    }
+}
+
+/// The plan's table with the fit verdict against `limit_gib` and, when it does not fit, the
+/// settings that would. Returns (report, fits).
+pub fn report(cfg: &crate::model::config::FluxConfig, s: &Settings, limit_gib: f64) -> Result<(String, bool)> {
+    let p = plan(cfg, s)?;
+    let mut r = String::new();
+    writeln!(
+        r,
+        "memory plan: {} base, {}x{} ({} image + {} text tokens), batch {}, {} trainable LoRA params, \
+         checkpointing {}, modulation on the {}",
+        s.base.name(),
+        s.width,
+        s.height,
+        p.tokens.img,
+        p.tokens.txt,
+        s.batch,
+        super::thousands(p.trainable),
+        if s.checkpointing { "on" } else { "off" },
+        if s.modulation_on_host { "host" } else { "GPU" },
+    )?;
+    r += &table(&p);
+    let limit = (limit_gib * (1u64 << 30) as f64) as usize;
+    let fits = p.gpu_total() <= limit;
+    writeln!(
+        r,
+        "{} on a {limit_gib} GiB GPU ({:.2} GiB predicted; a prediction: no peak has been measured on a GPU yet)",
+        if fits { "fits" } else { "does NOT fit" },
+        gib(p.gpu_total())
+    )?;
+    if !fits {
+        let alts = suggest::fitting(cfg, s, limit)?;
+        if alts.is_empty() {
+            writeln!(r, "no combination of checkpointing, 8-bit base, host modulation, batch 1 and 512 px fits")?;
+        }
+        for (what, total) in alts {
+            writeln!(r, "  would fit with {what}: {:.2} GiB", gib(total))?;
+        }
+    }
+    Ok((r, fits))
+}
+
+/// `flux-kernels plan`.
+pub fn run(
+    model: &str,
+    rope_axes: Option<&str>,
+    base: Option<&str>,
+    mut s: Settings,
+    limit_gib: f64,
+) -> Result<String> {
+    let spec = open_model(model, rope_axes)?;
+    s.base = match (base, &spec) {
+        (Some(b), _) => Base::parse(b)?,
+        (None, ModelSpec::Checkpoint(c)) => base_of(c),
+        (None, ModelSpec::Named(..)) => Base::Bf16,
+    };
+    Ok(report(spec.cfg(), &s, limit_gib)?.0)
+}
+
+/// Total memory of CUDA device 0, if there is one.
+fn device_memory() -> Result<usize> {
+    // SAFETY: only probes whether libcuda can be dlopen'ed.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("no CUDA driver");
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).context("no CUDA device")?;
+    Ok(ctx.total_mem()?)
+}
+
+/// `train` with --device cuda or auto: print the plan's total first and stop before training
+/// when it exceeds the device's memory. The trainer keeps every block's activations (it has no
+/// checkpointing yet) and the modulation weights on the device, so that is what is planned.
+pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
+    if tc.device == "cpu" {
+        return Ok(());
+    }
+    check_against(tc, device_memory())
+}
+
+/// The check against a device of `total` bytes (or none, with why).
+fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
+    let (cfg, base) = if tc.model.is_empty() {
+        (crate::train::builtin::tiny_config(), Base::Bf16)
+    } else {
+        let axes =
+            (!tc.rope_axes.is_empty()).then(|| crate::model::config::parse_rope_axes(&tc.rope_axes)).transpose()?;
+        let ckpt = Checkpoint::open(std::path::Path::new(&tc.model), axes)?;
+        let base = base_of(&ckpt);
+        (ckpt.cfg, base)
+    };
+    let sides = crate::train::sources::parse_sides(&tc.resolution)?;
+    let side = sides.into_iter().max().unwrap_or(512);
+    let s = Settings {
+        base,
+        width: side,
+        height: side,
+        batch: tc.batch_size,
+        text_tokens: tc.t5_max_len,
+        checkpointing: false,
+        modulation_on_host: false,
+        lora: crate::train::trainer::lora_config(tc)?,
+    };
+    match total {
+        Ok(total) => {
+            let (r, fits) = report(&cfg, &s, gib(total))?;
+            if !fits {
+                bail!("{r}stopping before training: the step is predicted not to fit this GPU");
+            }
+            eprintln!(
+                "memory plan: {:.2} GiB predicted of {:.2} GiB on the GPU",
+                gib(plan(&cfg, &s)?.gpu_total()),
+                gib(total)
+            );
+        }
+        Err(e) => eprintln!(
+            "memory plan: {:.2} GiB predicted on a GPU (not checked: {e:#})",
+            gib(plan(&cfg, &s)?.gpu_total())
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tc(resolution: &str) -> TrainConfig {
+        TrainConfig {
+            model: "random:flux1-dev".into(),
+            resolution: resolution.into(),
+            rank: 32,
+            device: "cuda".into(),
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn train_stops_before_training_when_the_plan_exceeds_the_device() {
+        let e = format!("{:#}", check_against(&tc("1024"), Ok(24 << 30)).unwrap_err());
+        assert!(e.contains("stopping before training") && e.contains("would fit with"), "{e}");
+        assert!(e.contains("does NOT fit on a 24 GiB GPU"), "{e}");
+        check_against(&tc("1024"), Ok(80 << 30)).unwrap();
+        check_against(&tc("1024"), Err(anyhow::anyhow!("no CUDA driver"))).unwrap();
+    }
+
+    #[test]
+    fn resolutions_and_switches_parse_or_name_the_flag() {
+        assert_eq!(parse_resolution("1024").unwrap(), (1024, 1024));
+        assert_eq!(parse_resolution("1024x768").unwrap(), (1024, 768));
+        assert!(parse_resolution("big").unwrap_err().to_string().contains("--resolution"));
+        assert!(parse_on_off("maybe", "--checkpointing").unwrap_err().to_string().contains("--checkpointing"));
+        assert!(parse_modulation("cpu").unwrap_err().to_string().contains("--modulation"));
+        assert!(Base::parse("int4").unwrap_err().to_string().contains("--base"));
+    }
+}

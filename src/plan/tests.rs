@@ -1,0 +1,115 @@
+use super::*;
+use crate::train::builtin::tiny_config;
+
+fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: bool) -> Settings {
+    Settings {
+        base,
+        width: side,
+        height: side,
+        batch: 1,
+        text_tokens: 512,
+        checkpointing,
+        modulation_on_host: false,
+        lora: LoraConfig { rank, targets: targets.split(',').map(String::from).collect(), ..LoraConfig::default() },
+    }
+}
+
+fn row(p: &Plan, prefix: &str) -> usize {
+    p.components.iter().filter(|c| c.name.starts_with(prefix)).map(|c| c.bytes).sum()
+}
+
+/// Sum of bytes of tensors listed as (shape, bytes per element).
+fn listed(tensors: &[(&[usize], usize)]) -> usize {
+    tensors.iter().map(|(s, e)| s.iter().product::<usize>() * e).sum()
+}
+
+/// The tiny model's saved activations, tensor by tensor as the block code produces them.
+#[test]
+fn tiny_activations_counted_tensor_by_tensor() {
+    let cfg = tiny_config(); // hidden 64 = 4 heads × 16, MLP 256, 2 double + 2 single blocks
+    let mut s = settings(Base::Bf16, 64, 4, "img_attn.qkv", false);
+    s.width = 128; // 8 × 4 image tokens
+    s.text_tokens = 8;
+    let p = plan(&cfg, &s).unwrap();
+    assert_eq!(p.tokens, Tokens { img: 32, txt: 8 });
+    let stream = |n: usize| {
+        listed(&[
+            (&[n, 64], 2),  // LN1 → modulate (qkv input)
+            (&[n, 64], 2),  // proj output
+            (&[n, 64], 2),  // LN2 → modulate (MLP input)
+            (&[n, 256], 2), // MLP pre-activation
+            (&[n, 64], 2),  // MLP output
+            (&[n], 4),      // LN1 1/std
+            (&[n], 4),      // LN2 1/std
+        ])
+    };
+    let attention =
+        |l: usize| listed(&[(&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[4, l], 4), (&[2, 4, l], 4)]);
+    let double = stream(32) + stream(8) + attention(40);
+    let single = listed(&[(&[40, 64], 2), (&[40, 256], 2), (&[40, 64], 2), (&[40], 4)]) + attention(40);
+    // One rank-4 adapter on each double block's img_attn.qkv: x·Aᵀ over the 32 image tokens.
+    let lora = 2 * listed(&[(&[32, 4], 2)]);
+    assert_eq!(row(&p, "activations"), 2 * double + 2 * single + lora);
+
+    s.checkpointing = true;
+    let p = plan(&cfg, &s).unwrap();
+    let inputs = 4 * listed(&[(&[40, 64], 2)]);
+    assert_eq!(row(&p, "activations"), inputs + double.max(single) + listed(&[(&[32, 4], 2)]));
+    s.batch = 3;
+    assert_eq!(row(&plan(&cfg, &s).unwrap(), "activations"), 3 * row(&p, "activations"));
+    // Rank 4 on 2 × qkv [192, 64]: 4 · (64 + 192) each; f32 factors, gradients, two moments.
+    assert_eq!(p.trainable, 2 * 4 * (64 + 192));
+    assert_eq!(row(&p, "LoRA") + row(&p, "AdamW"), 16 * p.trainable);
+}
+
+#[test]
+fn flux1_dev_weights_by_dtype() {
+    let cfg = FluxConfig::flux1_dev();
+    let weights = |base| {
+        let p = plan(&cfg, &settings(base, 1024, 16, "attn-mlp", true)).unwrap();
+        row(&p, "base weights")
+    };
+    assert_eq!(weights(Base::Bf16), 2 * 11_901_408_320);
+    let (mut q_numel, mut q_rows) = (0, 0);
+    for (name, shape) in cfg.tensors() {
+        let block = name.starts_with("double_blocks.") || name.starts_with("single_blocks.");
+        if block && name.ends_with(".weight") && shape.len() == 2 {
+            q_numel += shape[0] * shape[1];
+            q_rows += shape[0];
+        }
+    }
+    assert_eq!(weights(Base::Int8), 2 * 11_901_408_320 - q_numel + 4 * q_rows);
+    assert_eq!(weights(Base::Fp8), 2 * 11_901_408_320 - q_numel);
+    let ratio = weights(Base::Int8) as f64 / weights(Base::Bf16) as f64;
+    assert!(ratio > 0.5 && ratio < 0.51, "int8 / bf16 = {ratio}");
+
+    let mut s = settings(Base::Bf16, 1024, 16, "attn-mlp", true);
+    let on_gpu = plan(&cfg, &s).unwrap().gpu_total();
+    s.modulation_on_host = true;
+    let p = plan(&cfg, &s).unwrap();
+    // info: "modulation (acts once per sample): 3,247,448,064" parameters.
+    assert_eq!(on_gpu - p.gpu_total(), 2 * 3_247_448_064);
+    // README: rank 16 attn-mlp trains 44,826,624 parameters.
+    assert_eq!(p.trainable, 44_826_624);
+}
+
+#[test]
+fn flux1_dev_totals_are_in_a_sane_range_and_suggestions_fit() {
+    let cfg = FluxConfig::flux1_dev();
+    let gb = |s: &Settings| gib(plan(&cfg, s).unwrap().gpu_total());
+    // The goal configuration: 1024², batch 1, rank 32, int8 base.
+    let goal = settings(Base::Int8, 1024, 32, "attn-mlp", true);
+    let g = gb(&goal);
+    assert!((12.0..20.0).contains(&g), "int8 1024² rank 32 checkpointed: {g:.2} GiB");
+    let full = settings(Base::Bf16, 1024, 32, "attn-mlp", false);
+    let f = gb(&full);
+    assert!(f > 24.0 + 10.0, "bf16 without checkpointing holds every block's activations: {f:.2} GiB");
+    assert!(gb(&settings(Base::Bf16, 512, 32, "attn-mlp", false)) < f);
+    let fits = suggest::fitting(&cfg, &full, 24 << 30).unwrap();
+    assert!(!fits.is_empty());
+    for (what, total) in &fits {
+        assert!(*total <= 24 << 30, "{what}");
+    }
+    assert!(fits.iter().any(|(w, _)| w.contains("checkpointing")), "{fits:?}");
+    assert!(plan(&cfg, &Settings { width: 1000, ..goal.clone() }).is_err());
+}
