@@ -173,7 +173,12 @@ typedef struct {
 #define FK_ATTN_BLOCK 64
 #define FK_ATTN_PAD 8
 
+// The forward's blocks own FK_ATTN_FWD_ROWS query rows (2 row groups of 16 per warp); the
+// variant fk_attn_fwd_r64 owns 64 (one per warp), kept for the side-by-side benchmark.
+#define FK_ATTN_FWD_ROWS 128
+
 FK_KERNEL void fk_attn_fwd(FK_GRID_PARAMS FkAttnParams p);       // O, LSE
+FK_KERNEL void fk_attn_fwd_r64(FK_GRID_PARAMS FkAttnParams p);   // the same, 64-row blocks
 FK_KERNEL void fk_attn_bwd_prep(FK_GRID_PARAMS FkAttnParams p);  // delta = rowsum(dO ∘ O)
 FK_KERNEL void fk_attn_bwd_dkdv(FK_GRID_PARAMS FkAttnParams p);  // dK, dV (grid over key tiles)
 FK_KERNEL void fk_attn_bwd_dq(FK_GRID_PARAMS FkAttnParams p);    // dQ (grid over query tiles)

@@ -159,9 +159,14 @@ __device__ __forceinline__ void store_rows(uint16_t* out, int64_t l, int64_t r0,
     }
 }
 
-template <int D>
+// MI: m16 row groups per warp, so a block owns 64·MI query rows. MI = 2 (FlashAttention-2's
+// 128 × 64 tile for head dim 128) reuses every K and V fragment read from shared memory for two
+// row groups, halving the shared-memory traffic per mma, and halves the K/V tiles each block
+// streams from L2; it holds twice the accumulators, so Q is read from shared memory per step
+// rather than kept in registers.
+template <int D, int MI>
 __host__ __device__ constexpr int fwd_smem() {
-    return (BLK + 4 * BLK) * (D + PAD) * 2;  // Q, K ×2, V ×2
+    return (MI * BLK + 4 * BLK) * (D + PAD) * 2;  // Q, K ×2, V ×2
 }
 template <int D>
 __host__ __device__ constexpr int dkdv_smem() {
@@ -172,33 +177,38 @@ __host__ __device__ constexpr int dq_smem() {
     return 6 * BLK * (D + PAD) * 2;  // Q, dO, K ×2, V ×2
 }
 
-template <int D>
+template <int D, int MI>
 __device__ void attn_fwd(const FkAttnParams& p) {
-    constexpr int LD = D + PAD;
+    constexpr int LD = D + PAD, BM = MI * BLK, BN = MI == 1 ? BLK : BLK / 2;
     FK_DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (uint32_t)fwd_smem<D>()) __trap();
+    if (dynamic_smem_bytes() < (uint32_t)fwd_smem<D, MI>()) __trap();
     uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
-    uint16_t* ks = qs + BLK * LD;      // [2][BLK][LD]
+    uint16_t* ks = qs + BM * LD;       // [2][BLK][LD]
     uint16_t* vs = ks + 2 * BLK * LD;  // [2][BLK][LD]
 
-    const int64_t l = p.l, bh = blockIdx.y, m0 = (int64_t)blockIdx.x * BLK;
+    const int64_t l = p.l, bh = blockIdx.y, m0 = (int64_t)blockIdx.x * BM;
     const uint16_t* q = static_cast<const uint16_t*>(p.q) + bh * l * D;
     const uint16_t* k = static_cast<const uint16_t*>(p.k) + bh * l * D;
     const uint16_t* v = static_cast<const uint16_t*>(p.v) + bh * l * D;
     const unsigned char* mask = p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * l : nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+    const int wrow = warp * 16 * MI;  // this warp's first row within the block
     const float sl2 = p.scale * LOG2E;
     const int tiles = (int)((l + BLK - 1) / BLK);
 
-    load_tile<BLK, D>(qs, q, m0, l);
+    load_tile<BM, D>(qs, q, m0, l);
     load_tile<BLK, D>(ks, k, 0, l);
     load_tile<BLK, D>(vs, v, 0, l);
     cp_async_commit();
 
-    float o[D / 8][4];
-    zero(o);
-    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.0f, 0.0f};
-    uint32_t qf[D / 16][4];
+    float o[MI][D / 8][4];
+    float m_run[MI][2], l_run[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        zero(o[mi]);
+        m_run[mi][0] = m_run[mi][1] = neg_inf();
+        l_run[mi][0] = l_run[mi][1] = 0.0f;
+    }
 
     for (int j = 0; j < tiles; ++j) {
         const int buf = j & 1;
@@ -209,81 +219,119 @@ __device__ void attn_fwd(const FkAttnParams& p) {
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        if (j == 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) ld_a(qf[kk], qs, LD, warp * 16, kk * 16);
-        }
-        const uint16_t* kb = ks + buf * BLK * LD;
-        const uint16_t* vb = vs + buf * BLK * LD;
+        // Keys are consumed BN at a time within each loaded tile (an online-softmax step each):
+        // at MI = 2, 32-key steps keep the score registers to 32 and the kernel out of local memory.
+#pragma unroll 1
+        for (int sub = 0; sub < BLK / BN; ++sub) {
+            const uint16_t* kb = ks + buf * BLK * LD + sub * BN * LD;
+            const uint16_t* vb = vs + buf * BLK * LD + sub * BN * LD;
 
-        float s[BLK / 8][4];
-        zero(s);
+            float s[MI][BN / 8][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+            for (int mi = 0; mi < MI; ++mi) zero(s[mi]);
 #pragma unroll
-            for (int np = 0; np < BLK / 16; ++np) {
-                uint32_t b[4];
-                ld_b_nk(b, kb, LD, np * 16, kk * 16);
-                mma_bf16_16816(s[2 * np], qf[kk], b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], qf[kk], b[2], b[3]);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t a[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) ld_a(a[mi], qs, LD, wrow + mi * 16, kk * 16);
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    uint32_t b[4];
+                    ld_b_nk(b, kb, LD, np * 16, kk * 16);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma_bf16_16816(s[mi][2 * np], a[mi], b[0], b[1]);
+                        mma_bf16_16816(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+                    }
+                }
             }
-        }
 
-        // Online softmax in base 2: a masked or missing key scores −∞.
-        float mx[2] = {m_run[0], m_run[1]};
-        const int64_t n0 = (int64_t)j * BLK;
+            // Online softmax in base 2: a masked or missing key scores −∞.
+            // Bit 2·nt + e: this lane's key column nt·8 + 2t + e of the tile takes part (one word
+            // instead of 16 predicates: registers are the scarce resource at MI = 2).
+            const int64_t n0 = (int64_t)j * BLK + sub * BN;
+            uint32_t kept = 0xffffffffu;
+            if (mask != nullptr || n0 + BN > l) {
 #pragma unroll
-        for (int nt = 0; nt < BLK / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t n = n0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = key_kept(p, mask, n) ? s[nt][e] * sl2 : neg_inf();
-                mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
-            }
-        float base[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            mx[h] = quad_max(mx[h]);
-            // A row that has seen no key yet keeps a zero base, so exp2(−∞ − base) = 0, not NaN.
-            base[h] = mx[h] == neg_inf() ? 0.0f : mx[h];
-            corr[h] = fast_exp2(m_run[h] - base[h]);
-            m_run[h] = mx[h];
-        }
-        float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < BLK / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = fast_exp2(s[nt][e] - base[e / 2]);
-                rs[e / 2] += s[nt][e];
+                for (int c = 0; c < BN / 4; ++c)
+                    if (!key_kept(p, mask, n0 + (c / 2) * 8 + 2 * t + (c & 1))) kept &= ~(1u << c);
             }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * corr[h] + rs[h];
+            for (int mi = 0; mi < MI; ++mi) {
+                float mx[2] = {m_run[mi][0], m_run[mi][1]};
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
+                for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) o[dt][e] *= corr[e / 2];
+                    for (int e = 0; e < 4; ++e) {
+                        s[mi][nt][e] = (kept >> (2 * nt + (e & 1))) & 1u ? s[mi][nt][e] * sl2 : neg_inf();
+                        mx[e / 2] = fmaxf(mx[e / 2], s[mi][nt][e]);
+                    }
+                float base[2], corr[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    mx[h] = quad_max(mx[h]);
+                    // A row that has seen no key yet keeps a zero base, so exp2(−∞ − base) = 0, not NaN.
+                    base[h] = mx[h] == neg_inf() ? 0.0f : mx[h];
+                    corr[h] = fast_exp2(m_run[mi][h] - base[h]);
+                    m_run[mi][h] = mx[h];
+                }
+                float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[mi][nt][e] = fast_exp2(s[mi][nt][e] - base[e / 2]);
+                        rs[e / 2] += s[mi][nt][e];
+                    }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) l_run[mi][h] = l_run[mi][h] * corr[h] + rs[h];
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[mi][dt][e] *= corr[e / 2];
+            }
 
-        mma_pb<D, BLK>(o, s, vb);
+            // O += P·V, each V fragment used by every row group.
+#pragma unroll
+            for (int kj = 0; kj < BN / 16; ++kj) {
+                uint32_t a[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) acc_to_a(a[mi], s[mi][2 * kj], s[mi][2 * kj + 1]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t b[4];
+                    ld_b_kn(b, vb, LD, kj * 16, dp * 16);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma_bf16_16816(o[mi][2 * dp], a[mi], b[0], b[1]);
+                        mma_bf16_16816(o[mi][2 * dp + 1], a[mi], b[2], b[3]);
+                    }
+                }
+            }
+        }
         __syncthreads();  // the next iteration's prefetch overwrites this buffer
     }
     cp_async_wait<0>();  // the last (empty) group: nothing may be left in flight at exit
 
-    float inv[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        l_run[h] = quad_sum(l_run[h]);
-        inv[h] = l_run[h] > 0.0f ? 1.0f / l_run[h] : 0.0f;
-    }
-    const int64_t r0 = m0 + warp * 16;
-    store_rows<D>(static_cast<uint16_t*>(p.o) + bh * l * D, l, r0, o, inv);
-    if (t == 0) {
-        float* lse = static_cast<float*>(p.lse) + bh * l;
-        const int g = lane / 4;
+    for (int mi = 0; mi < MI; ++mi) {
+        float inv[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int64_t row = r0 + g + 8 * h;
-            if (row < l) lse[row] = l_run[h] > 0.0f ? (m_run[h] + log2f(l_run[h])) * LN2 : pos_inf();
+            l_run[mi][h] = quad_sum(l_run[mi][h]);
+            inv[h] = l_run[mi][h] > 0.0f ? 1.0f / l_run[mi][h] : 0.0f;
+        }
+        const int64_t r0 = m0 + wrow + mi * 16;
+        store_rows<D>(static_cast<uint16_t*>(p.o) + bh * l * D, l, r0, o[mi], inv);
+        if (t == 0) {
+            float* lse = static_cast<float*>(p.lse) + bh * l;
+            const int g = lane / 4;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int64_t row = r0 + g + 8 * h;
+                if (row < l)
+                    lse[row] = l_run[mi][h] > 0.0f ? (m_run[mi][h] + log2f(l_run[mi][h])) * LN2 : pos_inf();
+            }
         }
     }
 }
@@ -474,8 +522,19 @@ using namespace fk_attn;
         default: __trap();                 \
     }
 
+template <int D>
+__device__ __forceinline__ void attn_fwd_main(const FkAttnParams& p) {
+    attn_fwd<D, FK_ATTN_FWD_ROWS / BLK>(p);
+}
+template <int D>
+__device__ __forceinline__ void attn_fwd_r64(const FkAttnParams& p) {
+    attn_fwd<D, 1>(p);
+}
 FK_KERNEL void __launch_bounds__(FK_ATTN_THREADS) fk_attn_fwd(FK_GRID_PARAMS FkAttnParams p) {
-    FK_ATTN_DISPATCH(attn_fwd)
+    FK_ATTN_DISPATCH(attn_fwd_main)
+}
+FK_KERNEL void __launch_bounds__(FK_ATTN_THREADS) fk_attn_fwd_r64(FK_GRID_PARAMS FkAttnParams p) {
+    FK_ATTN_DISPATCH(attn_fwd_r64)
 }
 FK_KERNEL void __launch_bounds__(FK_ATTN_THREADS) fk_attn_bwd_dkdv(FK_GRID_PARAMS FkAttnParams p) {
     FK_ATTN_DISPATCH(attn_bwd_dkdv)

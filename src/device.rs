@@ -1,18 +1,39 @@
-//! Where the model's linears run: the CPU reference, or the fused CUDA LoRA kernels. The rest of
-//! the model (attention, norms, elementwise) stays on the CPU until the attention and step
-//! kernels land, so `--device cuda` today moves every LoRA linear — the bulk of the FLOPs — to the
-//! GPU, one upload of its operands per call.
+//! Where the model runs: the CPU reference, or CUDA. With `--device cuda` every LoRA linear (the
+//! bulk of the FLOPs) runs through the fused LoRA kernels and the attention core through the
+//! flash kernels; norms, RoPE and the elementwise ops stay on the CPU until the step kernels land,
+//! and each GPU call uploads its operands and downloads its results.
 
+use crate::kernels::attention::GpuAttention;
 use crate::kernels::gpu::Gpu;
 use crate::kernels::lora::GpuLora;
 use anyhow::{bail, Result};
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
+
+/// The kernels one CUDA context holds. Dereferences to the LoRA linear, its most used part.
+pub struct CudaBackend {
+    pub lora: GpuLora,
+    pub attn: GpuAttention,
+}
+
+impl Deref for CudaBackend {
+    type Target = GpuLora;
+    fn deref(&self) -> &GpuLora {
+        &self.lora
+    }
+}
+
+impl DerefMut for CudaBackend {
+    fn deref_mut(&mut self) -> &mut GpuLora {
+        &mut self.lora
+    }
+}
 
 #[derive(Clone, Default)]
 pub enum Device {
     #[default]
     Cpu,
-    Cuda(Arc<Mutex<GpuLora>>),
+    Cuda(Arc<Mutex<CudaBackend>>),
 }
 
 impl std::fmt::Debug for Device {
@@ -31,7 +52,8 @@ impl Device {
 
     fn cuda() -> Result<Device> {
         let gpu = Gpu::new()?;
-        Ok(Device::Cuda(Arc::new(Mutex::new(GpuLora::new(&gpu)?))))
+        let backend = CudaBackend { lora: GpuLora::new(&gpu)?, attn: GpuAttention::new(&gpu)? };
+        Ok(Device::Cuda(Arc::new(Mutex::new(backend))))
     }
 
     /// `--device cpu|cuda|auto`: auto takes CUDA when a device and the kernels are there and says

@@ -1,11 +1,15 @@
-//! The whole model with its LoRA linears on the GPU against the f32 CPU reference: the forward
+//! The whole model with its LoRA linears and its attention core on the GPU (`--device cuda`)
+//! against the f32 CPU reference: the forward
 //! output within relative L2 1e-2, all LoRA gradients together within 2e-2 and each gradient
 //! tensor within 1e-1 (a wrong term gives O(1) there), never NaN. Wider than the per-kernel bound (1e-2, tests/gpu_lora.rs)
 //! because every linear's operands are rounded to bf16 on the GPU and the rounding compounds
 //! through the blocks; it is largest on the text stream, whose gradient reaches it only through
 //! attention and cancels most. Measured through the CPU emulation of the kernels
 //! (tools/gpu-check.sh --emulate), with LoRA dropout 0.2: forward 6.8e-3, all gradients 1.1e-2,
-//! worst tensor 4.8e-2 (double_blocks.0.txt_attn.proj dA); without dropout 6.9e-3, 1.25e-2, 3.5e-2. Skipped, with a line that says why, where there is no GPU.
+//! worst tensor 4.8e-2 (double_blocks.0.txt_attn.proj dA); without dropout 6.9e-3, 1.25e-2, 3.5e-2;
+//! with the flash-attention kernels added (emulated) 7.2e-3, 1.1e-2, 5.2e-2, and on an H200
+//! (linears only, 2026-11-28) 7.1e-3, 1.1e-2, 4.2e-2. Skipped, with a line that says why, where
+//! there is no GPU.
 
 mod common;
 use common::*;

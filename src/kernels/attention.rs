@@ -22,11 +22,27 @@ pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 const BLOCK: usize = FK_ATTN_BLOCK as usize;
 const PAD: usize = FK_ATTN_PAD as usize;
 
+const FWD_ROWS: usize = FK_ATTN_FWD_ROWS as usize;
+
 /// Dynamic shared memory of each kernel at head dim `d` (flash_attn.cu: fwd_smem, dkdv_smem,
-/// dq_smem; the kernels trap when given less).
+/// dq_smem; the kernels trap when given less): forward, dK/dV, dQ.
 pub fn smem_bytes(d: usize) -> (usize, usize, usize) {
     let tile = BLOCK * (d + PAD) * 2;
-    (5 * tile, 6 * tile + 4 * BLOCK * 4, 6 * tile)
+    (fwd_smem(d, FWD_ROWS), 6 * tile + 4 * BLOCK * 4, 6 * tile)
+}
+
+/// The forward's shared memory for blocks of `rows` query rows: Q plus two K and two V tiles.
+fn fwd_smem(d: usize, rows: usize) -> usize {
+    (rows + 4 * BLOCK) * (d + PAD) * 2
+}
+
+/// Forward kernel variants (benchmarks compare them; `forward` uses the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdVariant {
+    /// 128 query rows per block, two 16-row groups per warp (fk_attn_fwd).
+    Rows128,
+    /// 64 query rows per block, one group per warp (fk_attn_fwd_r64), the first version.
+    Rows64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +113,7 @@ pub struct AttnHostResult {
 pub struct GpuAttention {
     stream: Arc<CudaStream>,
     fwd: CudaFunction,
+    fwd_r64: CudaFunction,
     prep: CudaFunction,
     dkdv: CudaFunction,
     dq: CudaFunction,
@@ -131,6 +148,7 @@ impl GpuAttention {
         Ok(GpuAttention {
             stream: gpu.stream.clone(),
             fwd: f(FK_ATTN_FWD, fwd_max)?,
+            fwd_r64: f(FK_ATTN_FWD_R64, fwd_smem(*HEAD_DIMS.last().unwrap(), BLOCK))?,
             prep: f(FK_ATTN_BWD_PREP, 0)?,
             dkdv: f(FK_ATTN_BWD_DKDV, dkdv_max)?,
             dq: f(FK_ATTN_BWD_DQ, dq_max)?,
@@ -256,9 +274,17 @@ impl GpuAttention {
 
     /// O and LSE from Q, K, V (and the mask).
     pub fn forward(&self, bufs: &AttnBuffers) -> Result<()> {
+        self.forward_variant(bufs, FwdVariant::Rows128)
+    }
+
+    pub fn forward_variant(&self, bufs: &AttnBuffers, v: FwdVariant) -> Result<()> {
         let AttnDims { b, h, l, d } = bufs.dims;
         let p = self.params(bufs);
-        self.launch(&self.fwd, &p, (l.div_ceil(BLOCK), b * h), smem_bytes(d).0).context("fk_attn_fwd")
+        let (f, rows, name) = match v {
+            FwdVariant::Rows128 => (&self.fwd, FWD_ROWS, "fk_attn_fwd"),
+            FwdVariant::Rows64 => (&self.fwd_r64, BLOCK, "fk_attn_fwd_r64"),
+        };
+        self.launch(f, &p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)).context(name)
     }
 
     /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
@@ -392,6 +418,7 @@ impl GpuAttention {
     /// followed by `attention_backward_masked` (tests; the outputs are poisoned first).
     pub fn forward_backward(
         &self,
+        variant: FwdVariant,
         dims: AttnDims,
         q: &[f32],
         k: &[f32],
@@ -405,7 +432,7 @@ impl GpuAttention {
         self.upload(&mut bufs.v, v)?;
         self.upload(&mut bufs.dout, dout)?;
         self.poison(&mut bufs)?;
-        self.forward(&bufs)?;
+        self.forward_variant(&bufs, variant)?;
         self.backward(&bufs)?;
         Ok(AttnHostResult {
             o: self.download(&bufs.o)?,
@@ -414,6 +441,52 @@ impl GpuAttention {
             dk: self.download(&bufs.dk)?,
             dv: self.download(&bufs.dv)?,
         })
+    }
+
+    /// Host-slice forward (O, LSE): `ops::attention::attention_forward_masked`'s twin.
+    pub fn forward_host(
+        &self,
+        dims: AttnDims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[u8]>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut bufs = self.alloc(dims, mask)?;
+        self.upload(&mut bufs.q, q)?;
+        self.upload(&mut bufs.k, k)?;
+        self.upload(&mut bufs.v, v)?;
+        self.poison(&mut bufs)?;
+        self.forward(&bufs)?;
+        Ok((self.download(&bufs.o)?, self.download_f32(&bufs.lse)?))
+    }
+
+    /// Host-slice backward from the forward's O and LSE (as `forward_host` returned them):
+    /// `attention_backward_masked`'s twin, returning (dQ, dK, dV).
+    pub fn backward_host(
+        &self,
+        dims: AttnDims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        lse: &[f32],
+        dout: &[f32],
+        mask: Option<&[u8]>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let mut bufs = self.alloc(dims, mask)?;
+        ensure!(lse.len() == dims.rows(), "attention backward: LSE has {} values, expected {}", lse.len(), dims.rows());
+        self.upload(&mut bufs.q, q)?;
+        self.upload(&mut bufs.k, k)?;
+        self.upload(&mut bufs.v, v)?;
+        self.upload(&mut bufs.o, o)?;
+        self.upload(&mut bufs.dout, dout)?;
+        self.stream.memcpy_htod(lse, &mut bufs.lse)?;
+        for t in [&mut bufs.dq, &mut bufs.dk, &mut bufs.dv] {
+            self.stream.memcpy_htod(&vec![bf16::NAN; dims.numel()], t)?;
+        }
+        self.backward(&bufs)?;
+        Ok((self.download(&bufs.dq)?, self.download(&bufs.dk)?, self.download(&bufs.dv)?))
     }
 
     /// Host-slice baseline forward (O only).
@@ -446,7 +519,8 @@ mod tests {
             let (a, b, c) = smem_bytes(d);
             assert!(a.max(b).max(c) <= 163 * 1024, "d = {d}");
         }
-        assert_eq!(smem_bytes(128), (87040, 105472, 104448));
+        assert_eq!(smem_bytes(128), (104448, 105472, 104448));
+        assert_eq!(fwd_smem(128, BLOCK), 87040);
     }
 
     #[test]

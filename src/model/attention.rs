@@ -1,9 +1,12 @@
 //! The attention core both block kinds share: QK-RMSNorm per head, RoPE on q and k, then
 //! softmax attention over the joint [txt ; img] sequence; and its backward.
 
+use crate::device::Device;
+use crate::kernels::attention::{AttnDims, HEAD_DIMS};
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward};
+use anyhow::{anyhow, Context, Result};
 use std::ops::Range;
 
 /// RMSNorm eps of FLUX's QKNorm.
@@ -80,8 +83,39 @@ fn head_rmsnorm_backward(
     }
 }
 
+/// The attention core on `dev`: the flash kernels on CUDA (head dims they are built for), the
+/// CPU reference otherwise.
+fn core_forward(
+    dev: &Device,
+    o: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttnShape,
+) -> Result<()> {
+    let AttnShape { b, h, l, d } = *s;
+    match dev {
+        Device::Cuda(g) if HEAD_DIMS.contains(&d) => {
+            let g = g.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let (go, glse) =
+                g.attn.forward_host(AttnDims { b, h, l, d }, q, k, v, None).context("attention on the GPU")?;
+            o.copy_from_slice(&go);
+            lse.copy_from_slice(&glse);
+        }
+        _ => attention_forward(o, lse, q, k, v, b, h, l, d),
+    }
+    Ok(())
+}
+
 /// QK-norm (one (q weight, k weight) per token range), RoPE on q and k (never v), attention.
-pub fn attention_block(qkv: Qkv, norms: &[(Range<usize>, &[f32], &[f32])], rope: &Rope, s: &AttnShape) -> AttnCache {
+pub fn attention_block(
+    qkv: Qkv,
+    norms: &[(Range<usize>, &[f32], &[f32])],
+    rope: &Rope,
+    s: &AttnShape,
+    dev: &Device,
+) -> Result<AttnCache> {
     let AttnShape { b, h, l, d } = *s;
     let (q_raw, k_raw) = (qkv.q.clone(), qkv.k.clone());
     let Qkv { mut q, mut k, v } = qkv;
@@ -94,8 +128,8 @@ pub fn attention_block(qkv: Qkv, norms: &[(Range<usize>, &[f32], &[f32])], rope:
     rope_forward(&mut k, &rope.cos, &rope.sin, b, h, l, d);
     let mut o = vec![0f32; b * h * l * d];
     let mut lse = vec![0f32; b * h * l];
-    attention_forward(&mut o, &mut lse, &q, &k, &v, b, h, l, d);
-    AttnCache { q_raw, k_raw, q_rstd, k_rstd, q, k, v, o, lse }
+    core_forward(dev, &mut o, &mut lse, &q, &k, &v, s)?;
+    Ok(AttnCache { q_raw, k_raw, q_rstd, k_rstd, q, k, v, o, lse })
 }
 
 /// Backward of `attention_block`: from dO [b, h, l, d] to the gradients of the raw q, k, v.
@@ -105,15 +139,27 @@ pub fn attention_block_backward(
     norms: &[(Range<usize>, &[f32], &[f32])],
     rope: &Rope,
     s: &AttnShape,
-) -> Qkv {
+    dev: &Device,
+) -> Result<Qkv> {
     let AttnShape { b, h, l, d } = *s;
     let mut g = Qkv::zeros(b * h * l * d);
-    attention_backward(&mut g.q, &mut g.k, &mut g.v, d_o, &c.q, &c.k, &c.v, &c.o, &c.lse, b, h, l, d);
+    match dev {
+        Device::Cuda(gpu) if HEAD_DIMS.contains(&d) => {
+            let gpu = gpu.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let dims = AttnDims { b, h, l, d };
+            let (dq, dk, dv) = gpu
+                .attn
+                .backward_host(dims, &c.q, &c.k, &c.v, &c.o, &c.lse, d_o, None)
+                .context("attention backward on the GPU")?;
+            (g.q, g.k, g.v) = (dq, dk, dv);
+        }
+        _ => attention_backward(&mut g.q, &mut g.k, &mut g.v, d_o, &c.q, &c.k, &c.v, &c.o, &c.lse, b, h, l, d),
+    }
     rope_backward(&mut g.q, &rope.cos, &rope.sin, b, h, l, d);
     rope_backward(&mut g.k, &rope.cos, &rope.sin, b, h, l, d);
     for (rows, qw, kw) in norms {
         head_rmsnorm_backward(&mut g.q, &c.q_raw, &c.q_rstd, qw, s, rows);
         head_rmsnorm_backward(&mut g.k, &c.k_raw, &c.k_rstd, kw, s, rows);
     }
-    g
+    Ok(g)
 }

@@ -209,7 +209,7 @@ pub fn double_block_forward(
     }
     let nw = load_norms(w)?;
     let shape = AttnShape { b, h, l, d };
-    let attn = attention_block(qkv, &norms(&nw, lt, l), rope, &shape);
+    let attn = attention_block(qkv, &norms(&nw, lt, l), rope, &shape, &loras.device)?;
 
     let mut txt_a = vec![0f32; b * lt * c];
     merge_heads(&mut txt_a, &attn.o, b, lt, c, 0, h, d, l, 0);
@@ -296,7 +296,7 @@ pub fn double_block_backward(
     split_heads(&mut d_o, &da_img, b, li, c, 0, h, d, l, lt);
     let nw = load_norms(w)?;
     let shape = AttnShape { b, h, l, d };
-    let dq = attention_block_backward(&cache.attn, &d_o, &norms(&nw, lt, l), rope, &shape);
+    let dq = attention_block_backward(&cache.attn, &d_o, &norms(&nw, lt, l), rope, &shape, &loras.device)?;
     let (mut dq_txt, mut dq_img) = (vec![0f32; b * lt * 3 * c], vec![0f32; b * li * 3 * c]);
     for (j, src) in [&dq.q, &dq.k, &dq.v].into_iter().enumerate() {
         merge_heads(&mut dq_txt, src, b, lt, 3 * c, j * c, h, d, l, 0);

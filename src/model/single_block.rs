@@ -52,7 +52,7 @@ pub fn single_block_forward(
         split_heads(dst, &h1, b, l, w1, j * c, h, d, l, 0);
     }
     let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
-    let attn = attention_block(qkv, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d });
+    let attn = attention_block(qkv, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d }, &loras.device)?;
 
     // linear2 input: [attention output | GELU(mlp part of linear1)]
     let w2 = c + mlp;
@@ -100,7 +100,14 @@ pub fn single_block_backward(
     let mut d_o = vec![0f32; b * h * l * d];
     split_heads(&mut d_o, &dcat, b, l, w2, 0, h, d, l, 0);
     let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
-    let dq = attention_block_backward(&cache.attn, &d_o, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d });
+    let dq = attention_block_backward(
+        &cache.attn,
+        &d_o,
+        &[(0..l, &qn, &kn)],
+        rope,
+        &AttnShape { b, h, l, d },
+        &loras.device,
+    )?;
     for (j, src) in [&dq.q, &dq.k, &dq.v].into_iter().enumerate() {
         merge_heads(&mut dh1, src, b, l, w1, j * c, h, d, l, 0);
     }
