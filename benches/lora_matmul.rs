@@ -10,6 +10,7 @@
 //! `lora_linear_backward` (one call, low-rank terms accumulated into Y: "fused" in the sense of
 //! no extra passes) against a PEFT-style chain of separate GEMMs, scale and add. Reduced shapes
 //! (M = 256; 3072×3072, 3072×12288; r = 16, 64) so a 2-core machine finishes in minutes;
+//! FK_BENCH_QUICK=1 times 3 shapes at r = 32 only (M = 4608: 3072×3072, 3072×12288, 15360×3072).
 //! FK_BENCH_FULL=1 runs the GPU shape set on the CPU too (hours). FK_BENCH_CPU=0 or
 //! FK_BENCH_GPU=0 drops a part. Under `cargo test --benches` every routine runs once on tiny
 //! shapes, as a smoke test.
@@ -21,7 +22,7 @@
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use flux_kernels::kernels::gpu::Gpu;
-use flux_kernels::kernels::lora::{GpuLora, LinearShape, Unfused};
+use flux_kernels::kernels::lora::{BaseGemm, GpuLora, LinearShape, Unfused};
 use flux_kernels::ops::lora::{lora_linear_backward, lora_linear_forward, LoraTerm, TermGrad};
 use flux_kernels::ops::matmul::{gemm, linear_backward_input, linear_forward};
 use flux_kernels::util::{rel_l2, Rng};
@@ -260,6 +261,9 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
     }
     let (ms, ranks, linears): (Vec<usize>, Vec<usize>, Vec<(usize, usize)>) = match size {
         Size::Full => (vec![1536, 4608], vec![16, 32, 64], FLUX_LINEARS.to_vec()),
+        Size::Short if std::env::var("FK_BENCH_QUICK").is_ok_and(|v| v == "1") => {
+            (vec![4608], vec![32], vec![FLUX_LINEARS[0], FLUX_LINEARS[2], FLUX_LINEARS[5]])
+        }
         Size::Short => (vec![4608], vec![16, 32, 64], FLUX_LINEARS.to_vec()),
         Size::Smoke => (vec![200], vec![16], vec![(256, 384)]),
     };
@@ -283,8 +287,8 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
     let mut out = vec![
         format!("GPU: {name}. Times in ms, TFLOP/s in parentheses; 'base' is cuBLAS's bare X·Wᵀ (bf16, f32 compute); speedups are unfused time / fused time (PEFT-style / accumulate-into-Y)."),
         String::new(),
-        "| M | d_in×d_out | r | cuBLAS X·Wᵀ | fused kernel, X·Wᵀ alone (% of cuBLAS speed) | fused fwd | fwd speedup | fused bwd | bwd speedup | fused fwd+bwd | fwd+bwd speedup | rel L2 fused vs cuBLAS Y |".to_string(),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
+        "| M | d_in×d_out | r | cuBLAS X·Wᵀ | fused kernel, X·Wᵀ alone (% of cuBLAS speed) | fused fwd | fwd speedup | fused bwd | bwd speedup | fused fwd+bwd | fwd+bwd speedup | hybrid (cuBLAS base) fwd / bwd / fwd+bwd (fwd × base) | hybrid fwd+bwd speedup | rel L2 fused vs cuBLAS Y |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     stream_rows(&out);
     for &m in &ms {
@@ -303,6 +307,7 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                 // Correctness at scale: the fused forward against the accumulate-into-Y baseline.
                 let mut check = String::from("—");
                 if cublas {
+                    lora.set_base_gemm(BaseGemm::Fused).unwrap();
                     lora.run_forward(&s).unwrap();
                     let fused = lora.download_y(&s).unwrap();
                     lora.run_forward_unfused(&s, Unfused::Accumulate).unwrap();
@@ -312,14 +317,30 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                 // (name, FLOPs, needs cuBLAS, setup run once before timing, timed call)
                 type Step = fn(&mut GpuLora, &LinearShape);
                 let nothing: Step = |_, _| {};
-                let fused_fwd: Step = |l, s| l.run_forward(s).unwrap();
-                let fused_bwd: Step = |l, s| l.run_backward(s, true, true).unwrap();
+                // "fused": the base product inside the fused kernel; "hybrid": cuBLAS's base
+                // product, the adapters and bias added by the fused kernel (the default).
+                let fused_fwd: Step = |l, s| {
+                    l.set_base_gemm(BaseGemm::Fused).unwrap();
+                    l.run_forward(s).unwrap()
+                };
+                let fused_bwd: Step = |l, s| {
+                    l.set_base_gemm(BaseGemm::Fused).unwrap();
+                    l.run_backward(s, true, true).unwrap()
+                };
+                let hybrid_fwd: Step = |l, s| {
+                    l.set_base_gemm(BaseGemm::Cublas).unwrap();
+                    l.run_forward(s).unwrap()
+                };
+                let hybrid_bwd: Step = |l, s| {
+                    l.set_base_gemm(BaseGemm::Cublas).unwrap();
+                    l.run_backward(s, true, true).unwrap()
+                };
                 let peft_fwd: Step = |l, s| l.run_forward_unfused(s, Unfused::Peft).unwrap();
                 let peft_bwd: Step = |l, s| l.run_backward_unfused(s, Unfused::Peft, true).unwrap();
                 let acc_fwd: Step = |l, s| l.run_forward_unfused(s, Unfused::Accumulate).unwrap();
                 let acc_bwd: Step = |l, s| l.run_backward_unfused(s, Unfused::Accumulate, true).unwrap();
                 let (fwd, bwd, both) = (s.forward_flops(), s.backward_flops(), s.forward_flops() + s.backward_flops());
-                let variants: [(&str, f64, bool, Step, Step); 11] = [
+                let variants: [(&str, f64, bool, Step, Step); 14] = [
                     ("cublas_base", s.base_flops(), true, nothing, |l, s| l.run_base_cublas(s).unwrap()),
                     ("fused_base", s.base_flops(), false, nothing, |l, s| l.run_base_fused_kernel(s).unwrap()),
                     ("fused_fwd", fwd, false, nothing, fused_fwd),
@@ -330,6 +351,14 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                     ("peft_bwd", bwd, true, peft_fwd, peft_bwd),
                     ("accum_bwd", bwd, true, acc_fwd, acc_bwd),
                     ("fused_fwd_bwd", both, false, nothing, |l, s| {
+                        l.set_base_gemm(BaseGemm::Fused).unwrap();
+                        l.run_forward(s).unwrap();
+                        l.run_backward(s, true, true).unwrap()
+                    }),
+                    ("hybrid_fwd", fwd, true, nothing, hybrid_fwd),
+                    ("hybrid_bwd", bwd, true, hybrid_fwd, hybrid_bwd),
+                    ("hybrid_fwd_bwd", both, true, nothing, |l, s| {
+                        l.set_base_gemm(BaseGemm::Cublas).unwrap();
                         l.run_forward(s).unwrap();
                         l.run_backward(s, true, true).unwrap()
                     }),
@@ -363,8 +392,9 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                 let (fbase, ff, pf, af) = (get("fused_base"), get("fused_fwd"), get("peft_fwd"), get("accum_fwd"));
                 let (fb, pb, ab) = (get("fused_bwd"), get("peft_bwd"), get("accum_bwd"));
                 let (fall, pall, aall) = (get("fused_fwd_bwd"), get("peft_fwd_bwd"), get("accum_fwd_bwd"));
+                let (hf, hb, hall) = (get("hybrid_fwd"), get("hybrid_bwd"), get("hybrid_fwd_bwd"));
                 out.push(format!(
-                    "| {m} | {k}×{n} | {r} | {:.3} ({:.0}) | {:.0} % | {:.3} ({:.0}; {:.2}× base) | {:.2}× / {:.2}× | {:.3} ({:.0}) | {:.2}× / {:.2}× | {:.3} | {:.2}× / {:.2}× | {check} |",
+                    "| {m} | {k}×{n} | {r} | {:.3} ({:.0}) | {:.0} % | {:.3} ({:.0}; {:.2}× base) | {:.2}× / {:.2}× | {:.3} ({:.0}) | {:.2}× / {:.2}× | {:.3} | {:.2}× / {:.2}× | {:.3} / {:.3} / {:.3} ({:.2}× base) | {:.2}× / {:.2}× | {check} |",
                     base * 1e3,
                     tf(s.base_flops(), base),
                     100.0 * base / fbase,
@@ -380,6 +410,12 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                     fall * 1e3,
                     pall / fall,
                     aall / fall,
+                    hf * 1e3,
+                    hb * 1e3,
+                    hall * 1e3,
+                    hf / base,
+                    pall / hall,
+                    aall / hall,
                 ));
                 stream_rows(&out[out.len() - 1..]);
             }

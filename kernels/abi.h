@@ -76,13 +76,14 @@ typedef struct {
     int64_t ldc;
     const float* bias;      // [n] or null
     float alpha;            // scales the accumulated sum (not the bias)
-    float beta;             // f32 output only: adds beta·out (gradient accumulation)
+    float beta;             // adds beta·C: C = c_in when set, else out (gradient accumulation)
     int32_t out_f32;        // 1: f32 output, 0: bf16
     int32_t seg_begin;      // segments [seg_begin, seg_end) of FkGemmParams.segment
     int32_t seg_end;
     int32_t pad0;
+    const void* c_in;       // f32 [m][ldc] or null: cuBLAS's base product, so Y is rounded once
 } FkGemmProblem;
-#define FK_SIZEOF_FkGemmProblem 64
+#define FK_SIZEOF_FkGemmProblem 72
 
 typedef struct {
     int32_t num_problems;
@@ -91,7 +92,7 @@ typedef struct {
     FkGemmProblem problem[FK_MAX_PROBLEMS];
     FkSegment segment[FK_MAX_SEGMENTS];
 } FkGemmParams;
-#define FK_SIZEOF_FkGemmParams 2448
+#define FK_SIZEOF_FkGemmParams 2576
 
 // Tile shapes of the two configurations (the host sizes grids from these) and the dynamic shared
 // memory each entry point needs (lora_gemm.cu static_asserts them against its tile layout; the

@@ -398,30 +398,40 @@ __device__ void attn_bwd_dkdv(const FkAttnParams& p) {
         const float* lse2 = lse2_s + buf * BLK;
         const float* dl = dl_s + buf * BLK;
 
-        // Pᵀ (rows: this warp's keys; columns: the tile's queries).
-        float pt[BLK / 8][4];
-        zero(pt);
-        mma_abt<D, BLK>(pt, ks, warp * 16, qb);
+        // Queries in steps of BQ = 32 within the loaded tile: the Pᵀ and dPᵀ registers halve
+        // (dK and dV already hold 128), which keeps the kernel out of local memory.
+        constexpr int BQ = BLK / 2;
+#pragma unroll 1
+        for (int sub = 0; sub < BLK / BQ; ++sub) {
+            const uint16_t* qsub = qb + sub * BQ * LD;
+            const uint16_t* dosub = dob + sub * BQ * LD;
+            const float* lse2s = lse2 + sub * BQ;
+            const float* dls = dl + sub * BQ;
+            // Pᵀ (rows: this warp's keys; columns: the step's queries).
+            float pt[BQ / 8][4];
+            zero(pt);
+            mma_abt<D, BQ>(pt, ks, warp * 16, qsub);
 #pragma unroll
-        for (int qt = 0; qt < BLK / 8; ++qt)
+            for (int qt = 0; qt < BQ / 8; ++qt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = qt * 8 + 2 * t + (e & 1);
-                pt[qt][e] = kept[e / 2] ? fast_exp2(pt[qt][e] * sl2 - lse2[c]) : 0.0f;
-            }
-        mma_pb<D, BLK>(dv, pt, dob);  // dV += Pᵀ·dO
+                for (int e = 0; e < 4; ++e) {
+                    const int c = qt * 8 + 2 * t + (e & 1);
+                    pt[qt][e] = kept[e / 2] ? fast_exp2(pt[qt][e] * sl2 - lse2s[c]) : 0.0f;
+                }
+            mma_pb<D, BQ>(dv, pt, dosub);  // dV += Pᵀ·dO
 
-        float dpt[BLK / 8][4];  // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − delta)
-        zero(dpt);
-        mma_abt<D, BLK>(dpt, vs, warp * 16, dob);
+            float dpt[BQ / 8][4];  // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ − delta)
+            zero(dpt);
+            mma_abt<D, BQ>(dpt, vs, warp * 16, dosub);
 #pragma unroll
-        for (int qt = 0; qt < BLK / 8; ++qt)
+            for (int qt = 0; qt < BQ / 8; ++qt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = qt * 8 + 2 * t + (e & 1);
-                dpt[qt][e] = pt[qt][e] * (dpt[qt][e] - dl[c]);
-            }
-        mma_pb<D, BLK>(dk, dpt, qb);  // dK += dSᵀ·Q
+                for (int e = 0; e < 4; ++e) {
+                    const int c = qt * 8 + 2 * t + (e & 1);
+                    dpt[qt][e] = pt[qt][e] * (dpt[qt][e] - dls[c]);
+                }
+            mma_pb<D, BQ>(dk, dpt, qsub);  // dK += dSᵀ·Q
+        }
         __syncthreads();
     }
     cp_async_wait<0>();
@@ -484,13 +494,18 @@ __device__ void attn_bwd_dq(const FkAttnParams& p) {
         float s[BLK / 8][4];
         zero(s);
         mma_abt<D, BLK>(s, qs, warp * 16, kb);
+        // Key bits as in the forward: the per-element test only for a masked or ragged tile.
+        uint32_t kept = 0xffffffffu;
+        if (mask != nullptr || n0 + BLK > l) {
+#pragma unroll
+            for (int c = 0; c < BLK / 4; ++c)
+                if (!key_kept(p, mask, n0 + (c / 2) * 8 + 2 * t + (c & 1))) kept &= ~(1u << c);
+        }
 #pragma unroll
         for (int nt = 0; nt < BLK / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t n = n0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = key_kept(p, mask, n) ? fast_exp2(s[nt][e] * sl2 - lse2[e / 2]) : 0.0f;
-            }
+            for (int e = 0; e < 4; ++e)
+                s[nt][e] = (kept >> (2 * nt + (e & 1))) & 1u ? fast_exp2(s[nt][e] * sl2 - lse2[e / 2]) : 0.0f;
         float dp[BLK / 8][4];  // dP = dO·Vᵀ, then dS = P ∘ (dP − delta)
         zero(dp);
         mma_abt<D, BLK>(dp, dos, warp * 16, vb);

@@ -270,9 +270,14 @@ __device__ __forceinline__ void store_pair(const FkGemmProblem& pr, int64_t row,
         if (two) v1 += pr.bias[col + 1];
     }
     const int64_t at = row * pr.ldc + col;
+    if (pr.c_in != nullptr && pr.beta != 0.0f) {
+        const float* c = static_cast<const float*>(pr.c_in) + at;
+        v0 += pr.beta * c[0];
+        if (two) v1 += pr.beta * c[1];
+    }
     if (pr.out_f32) {
         float* o = static_cast<float*>(pr.out) + at;
-        if (pr.beta != 0.0f) {
+        if (pr.beta != 0.0f && pr.c_in == nullptr) {
             v0 += pr.beta * o[0];
             if (two) v1 += pr.beta * o[1];
         }
@@ -280,6 +285,10 @@ __device__ __forceinline__ void store_pair(const FkGemmProblem& pr, int64_t row,
         if (two) o[1] = v1;
     } else {
         uint16_t* o = static_cast<uint16_t*>(pr.out) + at;
+        if (pr.beta != 0.0f && pr.c_in == nullptr) {
+            v0 += pr.beta * bf16_to_f32(o[0]);
+            if (two) v1 += pr.beta * bf16_to_f32(o[1]);
+        }
         if (two && (reinterpret_cast<uintptr_t>(o) & 3) == 0) {
             *reinterpret_cast<uint32_t*>(o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
         } else {

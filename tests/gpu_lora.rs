@@ -5,10 +5,20 @@
 //! Where no GPU (or no nvcc at build time) is present each test writes why it is skipped.
 
 use flux_kernels::kernels::gpu::Gpu;
-use flux_kernels::kernels::lora::{GpuLora, Unfused};
+use flux_kernels::kernels::lora::{BaseGemm, GpuLora, Unfused};
 use flux_kernels::ops::lora::{lora_linear_backward, lora_linear_forward, Dropout, LoraTerm, TermGrad};
 use flux_kernels::util::{rel_l2, Rng};
 use std::ops::Range;
+
+/// The base-product modes to test: the fused kernel always, cuBLAS + fused adapters where
+/// libcublas is found (the default there).
+fn base_modes(gpu: &GpuLora) -> Vec<BaseGemm> {
+    if gpu.has_cublas() {
+        vec![BaseGemm::Fused, BaseGemm::Cublas]
+    } else {
+        vec![BaseGemm::Fused]
+    }
+}
 
 /// bf16 operands: the errors land between 1e-3 and 1e-2 (relative L2).
 const TOL: f64 = 1e-2;
@@ -191,9 +201,12 @@ fn fused_forward_matches_cpu() {
         let t = terms(&c, &inp);
         let mut want = vec![0f32; c.m * c.n];
         lora_linear_forward(&mut want, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n);
-        let mut got = vec![f32::NAN; c.m * c.n];
-        gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
-        check(&format!("forward [{}] Y", c.name), &got, &want, seed);
+        for mode in base_modes(&gpu) {
+            gpu.set_base_gemm(mode).unwrap();
+            let mut got = vec![f32::NAN; c.m * c.n];
+            gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+            check(&format!("forward [{}] Y ({mode:?} base)", c.name), &got, &want, seed);
+        }
     }
 }
 
@@ -209,13 +222,16 @@ fn fused_backward_matches_cpu() {
         let mut want = init.clone();
         let mut want_dx = vec![0f32; c.m * c.k];
         lora_linear_backward(Some(&mut want_dx), &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
-        let mut got = init.clone();
-        let mut got_dx = vec![f32::NAN; c.m * c.k];
-        gpu.backward(Some(&mut got_dx), &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
-        check(&format!("backward [{}] dX", c.name), &got_dx, &want_dx, seed);
-        for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
-            check_increment(&format!("backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
-            check_increment(&format!("backward [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+        for mode in base_modes(&gpu) {
+            gpu.set_base_gemm(mode).unwrap();
+            let mut got = init.clone();
+            let mut got_dx = vec![f32::NAN; c.m * c.k];
+            gpu.backward(Some(&mut got_dx), &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            check(&format!("backward [{}] dX ({mode:?} base)", c.name), &got_dx, &want_dx, seed);
+            for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
+                check_increment(&format!("backward [{}] dA{i} ({mode:?} base)", c.name), &g.da, &w.da, &s.da, seed);
+                check_increment(&format!("backward [{}] dB{i} ({mode:?} base)", c.name), &g.db, &w.db, &s.db, seed);
+            }
         }
     }
 }

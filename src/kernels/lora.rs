@@ -15,6 +15,9 @@
 //!             the masked variant when a term has dropout), dA += G'ᵀ·X̃, dB += dY[:, rows]ᵀ·S'
 //!             (small TN, 2 problems per term). S' is recomputed unless the caller says the
 //!             forward's is still in the arena.
+//! With `BaseGemm::Cublas` (the default where libcublas is found) the base product X·Wᵀ (dY·W)
+//! is cuBLAS's (in f32, so the result is rounded to bf16 once, as in the fused path), and the
+//! large fused launch carries only the adapter segments and the bias, adding that f32 product.
 
 use super::abi::*;
 use super::gpu::Gpu;
@@ -148,6 +151,8 @@ enum Buf {
     Bias,
     Da,
     Db,
+    /// f32 base product of the cuBLAS-base path (Y's or dX's), read once by the fused pass.
+    Base32,
 }
 
 /// Device buffers by role, grown to the largest request and then reused.
@@ -242,6 +247,20 @@ pub enum Unfused {
     Accumulate,
 }
 
+/// Who computes the frozen base product (X·Wᵀ forward, dY·W backward) in `run_forward` /
+/// `run_backward`. The LoRA terms, the bias and the dropout masks always go through the fused
+/// kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseGemm {
+    /// The base product is the first K-segment of the fused mma.sync kernel: one pass over Y.
+    Fused,
+    /// cuBLAS computes the base product in f32, then the fused kernel adds it to the adapters'
+    /// segments and the bias and writes Y (dX): one extra f32 write and read, but cuBLAS's Hopper
+    /// GEMM ran 4.6× faster than the fused kernel's base product on an H200 (2026-11-28,
+    /// docs/gpu-runs.md), far more than that pass costs. The default where cuBLAS is present.
+    Cublas,
+}
+
 struct Kernels {
     nt_large: CudaFunction,
     nt_small: CudaFunction,
@@ -260,6 +279,7 @@ pub struct GpuLora {
     blas: Option<CudaBlas>,
     arena: Arena,
     poison: bool,
+    base: BaseGemm,
 }
 
 fn segment(a: u64, lda: usize, b: u64, ldb: usize, k: usize, cols: Range<usize>) -> FkSegment {
@@ -345,7 +365,21 @@ impl GpuLora {
         };
         let stream = gpu.stream.clone();
         let arena = Arena { stream: stream.clone(), bf16: HashMap::new(), f32: HashMap::new(), allocations: 0 };
-        Ok(GpuLora { stream, k, blas, arena, poison: false })
+        let base = if blas.is_some() { BaseGemm::Cublas } else { BaseGemm::Fused };
+        Ok(GpuLora { stream, k, blas, arena, poison: false, base })
+    }
+
+    /// Chooses who computes the base product (tests and benchmarks run both).
+    pub fn set_base_gemm(&mut self, base: BaseGemm) -> Result<()> {
+        if base == BaseGemm::Cublas && self.blas.is_none() {
+            bail!("the cuBLAS base GEMM needs libcublas, which was not found");
+        }
+        self.base = base;
+        Ok(())
+    }
+
+    pub fn base_gemm(&self) -> BaseGemm {
+        self.base
     }
 
     /// Whether the cuBLAS baselines can run (libcublas was found).
@@ -513,7 +547,20 @@ impl GpuLora {
         if s.bias {
             pr.bias = self.arena.ptr32(Buf::Bias, s.n)?;
         }
-        let mut segs = vec![segment(x, s.k, w, s.k, s.k, 0..s.n)];
+        let mut segs = Vec::new();
+        match self.base {
+            BaseGemm::Fused => segs.push(segment(x, s.k, w, s.k, s.k, 0..s.n)),
+            BaseGemm::Cublas if s.terms.is_empty() && !s.bias => {
+                return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, false));
+            }
+            BaseGemm::Cublas => {
+                // f32 base product, so Y is rounded to bf16 once, as in the fused path.
+                let c = self.arena.ptr32(Buf::Base32, s.m * s.n)?;
+                self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (c, s.n, true))?;
+                pr.beta = 1.0;
+                pr.c_in = c;
+            }
+        }
         for (i, t) in s.terms.iter().enumerate() {
             // B [rows, r] is the K-major operand for output columns `rows` only.
             segs.push(segment(
@@ -575,13 +622,28 @@ impl GpuLora {
         // dX = [dY | G'₁ …]·[W ; A₁ …], dropout terms as masked segments.
         if want_dx {
             let dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
-            let mut segs = vec![segment(dy, s.n, w, s.k, s.n, 0..s.k)];
+            let mut pr = problem(s.m, s.k, dx, s.k);
+            let mut segs = Vec::new();
+            match self.base {
+                BaseGemm::Fused => segs.push(segment(dy, s.n, w, s.k, s.n, 0..s.k)),
+                BaseGemm::Cublas if s.terms.is_empty() => {
+                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, false))?;
+                }
+                BaseGemm::Cublas => {
+                    let c = self.arena.ptr32(Buf::Base32, s.m * s.k)?;
+                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (c, s.k, true))?;
+                    pr.beta = 1.0;
+                    pr.c_in = c;
+                }
+            }
             for (i, t) in s.terms.iter().enumerate() {
                 let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, a + 2 * l.a_off[i] as u64, s.k, t.rank, 0..s.k);
                 segs.push(with_mask(seg, t.dropout, FK_MASK_OUT, s.k));
             }
-            let f = if s.has_dropout() { &self.k.nn_large_mask } else { &self.k.nn_large };
-            self.launch_large(f, &params(vec![(problem(s.m, s.k, dx, s.k), segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
+            if !segs.is_empty() {
+                let f = if s.has_dropout() { &self.k.nn_large_mask } else { &self.k.nn_large };
+                self.launch_large(f, &params(vec![(pr, segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
+            }
         }
 
         // dA += G'ᵀ·X̃ [r, k] and dB += dY[:, rows]ᵀ·S' [rows, r]: reductions over the m tokens,
