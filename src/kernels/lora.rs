@@ -519,19 +519,28 @@ impl GpuLora {
         let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
         let a = self.arena.ptr16(Buf::A, l.a_len)?;
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
-        let list = s
-            .terms
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let mut pr = problem(s.m, t.rank, sp + 2 * l.s_col[i] as u64, l.s_ld);
-                pr.alpha = t.scale;
-                let seg = segment(x, s.k, a + 2 * l.a_off[i] as u64, s.k, s.k, 0..t.rank);
-                (pr, vec![with_mask(seg, t.dropout, FK_MASK_A, s.k)])
-            })
-            .collect();
+        let mut list = Vec::new();
+        for (i, t) in s.terms.iter().enumerate() {
+            let (st, at) = (sp + 2 * l.s_col[i] as u64, a + 2 * l.a_off[i] as u64);
+            if self.thin_on_cublas(t.dropout) {
+                self.gemm(s.m, t.rank, s.k, t.scale, (x, s.k, false), (at, s.k, true), 0.0, (st, l.s_ld, false))?;
+                continue;
+            }
+            let mut pr = problem(s.m, t.rank, st, l.s_ld);
+            pr.alpha = t.scale;
+            let seg = segment(x, s.k, at, s.k, s.k, 0..t.rank);
+            list.push((pr, vec![with_mask(seg, t.dropout, FK_MASK_A, s.k)]));
+        }
         let max_r = s.terms.iter().map(|t| t.rank).max().unwrap_or(0);
         self.launch_small(&self.k.nt_small, &params(list)?, s.m, max_r, FK_SMEM_GEMM_NT_SMALL)
+    }
+
+    /// In the cuBLAS-base mode the thin low-rank GEMMs go to cuBLAS too, unless a dropout mask
+    /// must be applied to X inside the product: the fused small kernels split the work only by
+    /// output tile, so with N = r one column of 72 blocks walks all of K (or M) serially, which
+    /// measured slower than the base GEMM itself on an H200 (docs/gpu-runs.md, run 4).
+    fn thin_on_cublas(&self, dropout: Option<Dropout>) -> bool {
+        self.base == BaseGemm::Cublas && dropout.is_none_or(|d| d.p <= 0.0)
     }
 
     /// Fused forward on the uploaded data: Y = X·Wᵀ + b + Σ s·(X̃·Aᵀ)·Bᵀ on each term's rows.
@@ -604,17 +613,27 @@ impl GpuLora {
 
         // G' = s·dY[:, rows]·B: dY's columns `rows` as A [m, rows] (row stride n), B [rows, r].
         if !s.terms.is_empty() {
-            let list = s
-                .terms
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    let mut pr = problem(s.m, t.rank, g + 2 * l.s_col[i] as u64, l.s_ld);
-                    pr.alpha = t.scale;
-                    let a_op = dy + 2 * t.rows.start as u64;
-                    (pr, vec![segment(a_op, s.n, b + 2 * l.b_off[i] as u64, t.rank, t.rows.len(), 0..t.rank)])
-                })
-                .collect();
+            let mut list = Vec::new();
+            for (i, t) in s.terms.iter().enumerate() {
+                let (gt, bt, a_op) =
+                    (g + 2 * l.s_col[i] as u64, b + 2 * l.b_off[i] as u64, dy + 2 * t.rows.start as u64);
+                if self.base == BaseGemm::Cublas {
+                    self.gemm(
+                        s.m,
+                        t.rank,
+                        t.rows.len(),
+                        t.scale,
+                        (a_op, s.n, false),
+                        (bt, t.rank, false),
+                        0.0,
+                        (gt, l.s_ld, false),
+                    )?;
+                    continue;
+                }
+                let mut pr = problem(s.m, t.rank, gt, l.s_ld);
+                pr.alpha = t.scale;
+                list.push((pr, vec![segment(a_op, s.n, bt, t.rank, t.rows.len(), 0..t.rank)]));
+            }
             let max_r = s.terms.iter().map(|t| t.rank).max().unwrap();
             self.launch_small(&self.k.nn_small, &params(list)?, s.m, max_r, FK_SMEM_GEMM_NN_SMALL)?;
         }
@@ -651,16 +670,35 @@ impl GpuLora {
         if !s.terms.is_empty() {
             let mut list = Vec::new();
             for (i, t) in s.terms.iter().enumerate() {
-                let mut pa = problem(t.rank, s.k, da + 4 * l.a_off[i] as u64, s.k);
-                pa.out_f32 = 1;
-                pa.beta = 1.0;
-                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, x, s.k, s.m, 0..s.k);
-                list.push((pa, vec![with_mask(seg, t.dropout, FK_MASK_B, s.k)]));
-                let mut pb = problem(t.rows.len(), t.rank, db + 4 * l.b_off[i] as u64, t.rank);
-                pb.out_f32 = 1;
-                pb.beta = 1.0;
+                let (gt, st) = (g + 2 * l.s_col[i] as u64, sp + 2 * l.s_col[i] as u64);
+                let (dat, dbt) = (da + 4 * l.a_off[i] as u64, db + 4 * l.b_off[i] as u64);
                 let a_op = dy + 2 * t.rows.start as u64;
-                list.push((pb, vec![segment(a_op, s.n, sp + 2 * l.s_col[i] as u64, l.s_ld, s.m, 0..t.rank)]));
+                if self.thin_on_cublas(t.dropout) {
+                    self.gemm(t.rank, s.k, s.m, 1.0, (gt, l.s_ld, true), (x, s.k, false), 1.0, (dat, s.k, true))?;
+                } else {
+                    let mut pa = problem(t.rank, s.k, dat, s.k);
+                    pa.out_f32 = 1;
+                    pa.beta = 1.0;
+                    let seg = segment(gt, l.s_ld, x, s.k, s.m, 0..s.k);
+                    list.push((pa, vec![with_mask(seg, t.dropout, FK_MASK_B, s.k)]));
+                }
+                if self.base == BaseGemm::Cublas {
+                    self.gemm(
+                        t.rows.len(),
+                        t.rank,
+                        s.m,
+                        1.0,
+                        (a_op, s.n, true),
+                        (st, l.s_ld, false),
+                        1.0,
+                        (dbt, t.rank, true),
+                    )?;
+                } else {
+                    let mut pb = problem(t.rows.len(), t.rank, dbt, t.rank);
+                    pb.out_f32 = 1;
+                    pb.beta = 1.0;
+                    list.push((pb, vec![segment(a_op, s.n, st, l.s_ld, s.m, 0..t.rank)]));
+                }
             }
             let max_m = s.terms.iter().map(|t| t.rank.max(t.rows.len())).max().unwrap();
             let max_n = s.terms.iter().map(|t| t.rank.max(s.k)).max().unwrap();
