@@ -11,6 +11,10 @@ see docs/side-by-side.md for the download command) and install them with
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   PYTHONPATH=/tmp/site python3 tools/torch_flux_lora_step.py
 `--config tiny` runs the same code on a 2-block toy model (CPU smoke test, no GPU needed).
+
+`--sdpa flash` (the default) pins SDPA to the FlashAttention-2 backend: with PyTorch's own
+backend choice the first backward died with "CUDA error: an illegal memory access" on an H200
+(torch 2.11.0+cu130, diffusers 0.42.1, peft 0.21.0, 2026-11-28; docs/gpu-runs.md run 6).
 """
 import argparse
 import statistics
@@ -86,8 +90,19 @@ def main():
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; skip the remaining rows after it")
+    ap.add_argument("--sdpa", default="flash", choices=["flash", "cudnn", "efficient", "math", "auto"])
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        be = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                  efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)[args.sdpa]
+        with sdpa_kernel([be]):
+            return run(args)
+    return run(args)
+
+
+def run(args):
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     cfg = FLUX1_DEV if args.config == "flux1-dev" else TINY
@@ -97,7 +112,7 @@ def main():
     name = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [f"PyTorch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__} on {name}: "
              f"FluxTransformer2DModel ({args.config}, random init, bf16), PEFT LoRA r = {args.rank} on attn-mlp "
-             f"targets (f32 adapters), AdamW, torch SDPA, batch 1, {args.txt_tokens} text tokens; median of "
+             f"targets (f32 adapters), AdamW, torch SDPA ({args.sdpa}), batch 1, {args.txt_tokens} text tokens; median of "
              f"{args.steps} steps after {args.warm} warm-up.", "",
              "| resolution | image tokens | gradient checkpointing | step (s) | peak allocated (GiB) | peak reserved (GiB) |",
              "|---|---|---|---|---|---|"]
