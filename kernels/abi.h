@@ -200,3 +200,169 @@ typedef struct {
 #define FK_SMEM_SOFTMAX 16
 
 FK_KERNEL void fk_softmax_rows(FK_GRID_PARAMS FkSoftmaxParams p);
+
+// ---------------------------------------------------------------------------------------------
+// The training step's elementwise, normalisation, loss and optimizer kernels (kernels/step_ops.cu),
+// f32 in and out. CPU twins: src/model/double_block.rs ln_modulate / ln_modulate_backward,
+// src/ops/modulation.rs (gated residual), src/ops/activation.rs, src/ops/loss.rs and
+// src/train/optim.rs (AdamW, clip_grad_norm). Every reduction is deterministic (no float
+// atomics): per-block partials in a scratch buffer, then a second kernel that adds them in a
+// fixed order. Tensors [b, l, c] are row-major; per-sample vectors (shift, scale, gate) [b, c].
+// ---------------------------------------------------------------------------------------------
+#define FK_STEP_THREADS 256
+// Tokens per partial sum of the per-sample column reductions (dshift, dscale, dgate).
+#define FK_STEP_CHUNK_TOKENS 64
+// Elements per block of the multi-tensor kernels (AdamW, sum of squares).
+#define FK_STEP_BLOCK_ELEMS 4096
+// Blocks of the MSE partial pass (at most; grid-stride beyond).
+#define FK_STEP_MAX_PARTIALS 1024
+// Dynamic shared memory of every step kernel: FK_STEP_THREADS doubles for the reductions.
+#define FK_SMEM_STEP 2048
+
+// LayerNorm (no affine) + modulation: n = (x − mean)·rstd, out = (1 + scale)⊙n + shift.
+// Backward: dn = (1 + scale)⊙dout, dx = rstd·(dn − mean(dn) − n·mean(dn⊙n)) per row;
+// dshift = Σ_l dout, dscale = Σ_l n⊙dout as partials [2][b][chunks][c] then fk_col_sum.
+typedef struct {
+    const void* x;        // f32 [b, l, c]
+    const void* shift;    // f32 [b, c]
+    const void* scale;    // f32 [b, c]
+    void* out;            // f32 [b, l, c]
+    void* normed;         // f32 [b, l, c]: n, saved for the backward (forward output, backward input)
+    void* mean;           // f32 [b·l] or null
+    void* rstd;           // f32 [b·l] (forward output, backward input)
+    const void* dout;     // f32 [b, l, c] (backward)
+    void* dx;             // f32 [b, l, c] (backward)
+    void* partial;        // f32 [2, b, chunks, c] backward scratch
+    int64_t b;
+    int64_t l;
+    int64_t c;
+    int64_t chunk;        // tokens per partial (FK_STEP_CHUNK_TOKENS); chunks = ceil(l / chunk)
+    float eps;            // 1e-6 in FLUX
+    int32_t pad0;
+} FkLnModParams;
+#define FK_SIZEOF_FkLnModParams 120
+
+// Gated residual out = x + gate⊙y (out may alias x). Backward: dx = dout (written when dx is
+// not null), dy = gate⊙dout, dgate = Σ_l y⊙dout as partials [1][b][chunks][c] then fk_col_sum.
+typedef struct {
+    const void* x;        // f32 [b, l, c]
+    const void* y;        // f32 [b, l, c]
+    const void* gate;     // f32 [b, c]
+    void* out;            // f32 [b, l, c]
+    const void* dout;     // f32 [b, l, c]
+    void* dx;             // f32 [b, l, c] or null
+    void* dy;             // f32 [b, l, c]
+    void* partial;        // f32 [1, b, chunks, c]
+    int64_t b;
+    int64_t l;
+    int64_t c;
+    int64_t chunk;
+} FkGatedParams;
+#define FK_SIZEOF_FkGatedParams 96
+
+// out_s[bi, j] = Σ_k partial[s, bi, k, j] in ascending k, for s < gridDim.z (at most 2).
+typedef struct {
+    const void* partial;  // f32 [sets, b, chunks, c]
+    void* out0;           // f32 [b, c]
+    void* out1;           // f32 [b, c] (set 1) or null
+    int64_t b;
+    int64_t chunks;
+    int64_t c;
+} FkColSumParams;
+#define FK_SIZEOF_FkColSumParams 48
+
+// Pointwise activations and their backwards: out = f(x), or out = dout⊙f'(x).
+typedef struct {
+    const void* x;        // f32 [n]
+    const void* dout;     // f32 [n] (backward)
+    void* out;            // f32 [n]
+    int64_t n;
+} FkPointwiseParams;
+#define FK_SIZEOF_FkPointwiseParams 32
+
+// MSE loss and gradient in one pass: partial[block] = Σ w·(pred − target)² in f64 and
+// grad = 2·w·(pred − target)/n (f32, as ops::loss::mse_backward); fk_sum_f64 adds the partials.
+typedef struct {
+    const void* pred;     // f32 [n]
+    const void* target;   // f32 [n]
+    const void* weight;   // f32 [n / per] per-sample weights, or null (all 1)
+    void* grad;           // f32 [n]
+    void* partial;        // f64 [gridDim.x]
+    int64_t n;
+    int64_t per;          // elements per weight
+    float n_f32;          // n rounded to f32, the CPU's divisor
+    int32_t pad0;
+} FkMseParams;
+#define FK_SIZEOF_FkMseParams 64
+
+// out[0] = Σ_i partial[i] (f64) by one block, in a fixed order.
+typedef struct {
+    const void* partial;  // f64 [n]
+    void* out;            // f64 [1]
+    int64_t n;
+    int64_t pad0;
+} FkSumF64Params;
+#define FK_SIZEOF_FkSumF64Params 32
+
+// Multi-tensor AdamW (train::optim::AdamW::step, in f64 like it): up to FK_ADAM_MAX_TENSORS
+// tensors per launch, each cut into blocks of FK_STEP_BLOCK_ELEMS; block_begin is the first
+// block of the tensor in this launch. The host splits longer lists over several launches.
+// (32 at most: the generated Rust structs derive Default, which arrays longer than 32 lack.)
+#define FK_ADAM_MAX_TENSORS 32
+typedef struct {
+    void* param;          // f32 [numel]
+    const void* grad;     // f32 [numel]
+    void* m;              // f32 [numel]
+    void* v;              // f32 [numel]
+    int64_t numel;
+    int64_t block_begin;
+} FkAdamTensor;
+#define FK_SIZEOF_FkAdamTensor 48
+
+typedef struct {
+    int32_t num_tensors;
+    float grad_scale;     // gradients are multiplied by it in f32 first (clipping; 1 = off)
+    double beta1;
+    double beta2;
+    double eps;
+    double lr;
+    double decay;         // 1 − lr·weight_decay, computed by the host in f64
+    double bc1;           // 1 − beta1^t
+    double bc2;           // 1 − beta2^t
+    FkAdamTensor tensor[FK_ADAM_MAX_TENSORS];
+} FkAdamParams;
+#define FK_SIZEOF_FkAdamParams 1600
+
+// Sum of squares of many tensors (the global gradient norm), stage 1: partial[partial_offset +
+// block] = Σ x² (f64) over the block's FK_STEP_BLOCK_ELEMS elements; fk_sum_f64 finishes.
+typedef struct {
+    const void* data;     // f32 [numel]
+    int64_t numel;
+    int64_t block_begin;
+    int64_t pad0;
+} FkSumSqTensor;
+#define FK_SIZEOF_FkSumSqTensor 32
+
+typedef struct {
+    int32_t num_tensors;
+    int32_t pad0;
+    void* partial;        // f64 [all blocks of all launches]
+    int64_t partial_offset;
+    int64_t pad1;
+    FkSumSqTensor tensor[FK_ADAM_MAX_TENSORS];
+} FkSumSqParams;
+#define FK_SIZEOF_FkSumSqParams 1056
+
+FK_KERNEL void fk_ln_mod_fwd(FK_GRID_PARAMS FkLnModParams p);          // grid (b·l): out, n, mean, rstd
+FK_KERNEL void fk_ln_mod_bwd_dx(FK_GRID_PARAMS FkLnModParams p);       // grid (b·l): dx
+FK_KERNEL void fk_ln_mod_bwd_partial(FK_GRID_PARAMS FkLnModParams p);  // grid (c tiles, chunks, b)
+FK_KERNEL void fk_col_sum(FK_GRID_PARAMS FkColSumParams p);            // grid (c tiles, b, sets)
+FK_KERNEL void fk_gated_fwd(FK_GRID_PARAMS FkGatedParams p);           // grid-stride over b·l·c
+FK_KERNEL void fk_gated_bwd(FK_GRID_PARAMS FkGatedParams p);           // grid (c tiles, chunks, b)
+FK_KERNEL void fk_silu_fwd(FK_GRID_PARAMS FkPointwiseParams p);
+FK_KERNEL void fk_silu_bwd(FK_GRID_PARAMS FkPointwiseParams p);
+FK_KERNEL void fk_gelu_tanh_bwd(FK_GRID_PARAMS FkPointwiseParams p);
+FK_KERNEL void fk_mse_partial(FK_GRID_PARAMS FkMseParams p);
+FK_KERNEL void fk_sum_f64(FK_GRID_PARAMS FkSumF64Params p);            // one block
+FK_KERNEL void fk_adamw(FK_GRID_PARAMS FkAdamParams p);
+FK_KERNEL void fk_sumsq_partial(FK_GRID_PARAMS FkSumSqParams p);

@@ -14,3 +14,4 @@ pub mod abi;
 pub mod attention;
 pub mod gpu;
 pub mod lora;
+pub mod step;
