@@ -65,9 +65,18 @@ typedef struct {
     float mask_p;           // Dropout::p
     float mask_keep_scale;  // 1/(1 - p), computed by the host in f32 exactly as the CPU does
     int32_t mask_mode;      // FK_MASK_*
-    int32_t pad0;
+    int32_t b_code;         // FK_CODE_*: how B's elements are stored
+    const void* b_scale;    // 8-bit B only: f32 per stored row of B; element = scale[row]·decode(byte)
 } FkSegment;
-#define FK_SIZEOF_FkSegment 88
+#define FK_SIZEOF_FkSegment 96
+
+// Storage of a segment's B operand. The 8-bit codes are the frozen base weight W [d_out, d_in]
+// of an 8-bit checkpoint (src/quant): dequantised while the tile is loaded into shared memory,
+// scale per W row (= output channel) in both products that read W (X·Wᵀ and dY·W), so no bf16
+// copy of the weight ever exists.
+#define FK_CODE_BF16 0
+#define FK_CODE_I8 1
+#define FK_CODE_E4M3 2
 
 typedef struct {
     int64_t m;              // output rows
@@ -92,7 +101,7 @@ typedef struct {
     FkGemmProblem problem[FK_MAX_PROBLEMS];
     FkSegment segment[FK_MAX_SEGMENTS];
 } FkGemmParams;
-#define FK_SIZEOF_FkGemmParams 2576
+#define FK_SIZEOF_FkGemmParams 2704
 
 // Tile shapes of the two configurations (the host sizes grids from these) and the dynamic shared
 // memory each entry point needs (lora_gemm.cu static_asserts them against its tile layout; the

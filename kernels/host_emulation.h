@@ -47,6 +47,9 @@ struct dim3 {
 struct alignas(16) uint4 {
     uint32_t x, y, z, w;
 };
+struct alignas(8) uint2 {
+    uint32_t x, y;
+};
 
 namespace fkemu {
 

@@ -78,12 +78,62 @@ __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t i, float
 struct TileSrc {
     const uint16_t* base;
     int64_t ld, r_off, c_off, r_lo, r_hi, c_lo, c_hi;
+    // 8-bit storage (FK_CODE_I8 / FK_CODE_E4M3): bytes at base8 with the same indexing, each
+    // element scale[r - r_off]·decode(byte), rounded to bf16 in shared memory.
+    int code;
+    const uint8_t* base8;
+    const float* scale;
     // Dropout on this operand (it is X itself): index (r - r_off)·mask_ld + (c - c_off).
     bool masked;
     uint64_t seed;
     int64_t mask_ld;
     float p, keep;
 };
+
+// fp8 e4m3 (e4m3fn: no infinities, 0x7f/0xff NaN) to f32, exactly.
+__device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float v;
+    if (e == 0) {
+        v = (float)m * 0.001953125f;  // subnormal: m·2^-9
+    } else if (e == 15 && m == 7) {
+        v = __uint_as_float(0x7fc00000u);
+    } else {
+        v = __uint_as_float((uint32_t)(e + 120) << 23 | (uint32_t)m << 20);  // (1 + m/8)·2^(e-7)
+    }
+    return (b & 0x80) ? -v : v;
+}
+
+__device__ __forceinline__ float decode8(int code, uint8_t b) {
+    return code == FK_CODE_I8 ? (float)(int8_t)b : e4m3_to_f32(b);
+}
+
+// The 8-bit path of load_tile: eight elements of row gr from column gc, dequantised to bf16.
+__device__ __forceinline__ void load_chunk8(uint16_t* dst, const TileSrc& src, int64_t gr, int64_t gc, bool row_ok) {
+    union {
+        uint4 v;
+        uint16_t h[8];
+    } u;
+    const float sc = row_ok ? src.scale[gr - src.r_off] : 0.0f;
+    const uint8_t* row = src.base8 + (gr - src.r_off) * src.ld - src.c_off;
+    if (row_ok && gc >= src.c_lo && gc + 8 <= src.c_hi && (reinterpret_cast<uintptr_t>(row + gc) & 7) == 0) {
+        union {
+            uint2 v;
+            uint8_t b[8];
+        } q;
+        q.v = *reinterpret_cast<const uint2*>(row + gc);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u.h[e] = f32_to_bf16(sc * decode8(src.code, q.b[e]));
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int64_t cc = gc + e;
+            const bool ok = row_ok && cc >= src.c_lo && cc < src.c_hi;
+            u.h[e] = ok ? f32_to_bf16(sc * decode8(src.code, row[cc])) : (uint16_t)0;
+        }
+    }
+    *reinterpret_cast<uint4*>(dst) = u.v;
+}
 
 // Copies a ROWS×COLS tile with origin (r0, c0) into shared memory [ROWS][COLS + PAD]. Whole,
 // aligned, unmasked 16-byte chunks go by cp.async; edge chunks, unaligned ones (a row stride
@@ -98,6 +148,10 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const TileSrc& src, int64
         uint16_t* dst = s + r * (COLS + PAD) + c;
         const int64_t gr = r0 + r, gc = c0 + c;
         const bool row_ok = gr >= src.r_lo && gr < src.r_hi;
+        if (src.code != FK_CODE_BF16) {
+            load_chunk8(dst, src, gr, gc, row_ok);
+            continue;
+        }
         const bool full = row_ok && gc >= src.c_lo && gc + 8 <= src.c_hi;
         const uint16_t* gp = full ? src.base + (gr - src.r_off) * src.ld + (gc - src.c_off) : nullptr;
         const bool aligned = full && (reinterpret_cast<uintptr_t>(gp) & 15) == 0;
@@ -169,6 +223,12 @@ __device__ __forceinline__ void segment_sources(const FkSegment& sg, const FkGem
         b.r_off = 0, b.c_off = sg.n_begin;
         b.r_lo = 0, b.r_hi = sg.k, b.c_lo = n_lo, b.c_hi = n_hi;
     }
+    a.code = FK_CODE_BF16;
+    a.base8 = nullptr;
+    a.scale = nullptr;
+    b.code = sg.b_code;
+    b.base8 = static_cast<const uint8_t*>(sg.b);
+    b.scale = static_cast<const float*>(sg.b_scale);
     a.masked = sg.mask_mode == FK_MASK_A;
     b.masked = sg.mask_mode == FK_MASK_B;
     a.seed = b.seed = sg.mask_seed;

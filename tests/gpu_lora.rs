@@ -317,3 +317,53 @@ fn unfused_baselines_match_cpu() {
         }
     }
 }
+
+/// An 8-bit base weight (int8 per channel, fp8 e4m3 plain / per tensor / per channel) is
+/// dequantised inside the fused kernel, in the forward (X·Wᵀ) and in dX = dY·W, with LoRA terms,
+/// bias and dropout on top: against the CPU reference on the same dequantised weight.
+#[test]
+fn eight_bit_base_weights_match_cpu() {
+    use flux_kernels::quant::{QuantParam, Scheme};
+    let Some(mut gpu) = lora_or_skip("eight_bit_base_weights_match_cpu") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let all = cases();
+    for fmt in ["int8", "fp8", "fp8-scaled", "fp8-channel"] {
+        let scheme = Scheme::parse_format(fmt).unwrap();
+        // Ragged shapes, bias, K not a multiple of 8 (unaligned code rows), q/k/v slices, dropout.
+        for c in [&all[0], &all[1], &all[2], &all[3], &all[6]] {
+            let inp = inputs(c, &mut rng);
+            let t = terms(c, &inp);
+            let q = QuantParam::from_f32(scheme, &inp.w, c.n, c.k).unwrap();
+            let view = q.view().unwrap();
+            let w_deq = view.dequantize();
+            let mut want = vec![0f32; c.m * c.n];
+            lora_linear_forward(&mut want, &inp.x, &w_deq, inp.bias.as_deref(), &t, c.m, c.k, c.n);
+            let mut got = vec![f32::NAN; c.m * c.n];
+            gpu.forward_q(&mut got, &inp.x, &view, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+            check(&format!("{fmt} forward [{}] Y", c.name), &got, &want, seed);
+
+            let init = initial_grads(c, &mut rng);
+            let mut want_g = init.clone();
+            let mut want_dx = vec![0f32; c.m * c.k];
+            lora_linear_backward(Some(&mut want_dx), &mut want_g, &inp.dy, &inp.x, &w_deq, &t, c.m, c.k, c.n);
+            let mut got_g = init.clone();
+            let mut got_dx = vec![f32::NAN; c.m * c.k];
+            gpu.backward_q(Some(&mut got_dx), &mut got_g, &inp.dy, &inp.x, &view, &t, c.m, c.k, c.n).unwrap();
+            check(&format!("{fmt} backward [{}] dX", c.name), &got_dx, &want_dx, seed);
+            for (i, ((g, w), s)) in got_g.iter().zip(&want_g).zip(&init).enumerate() {
+                check_increment(&format!("{fmt} backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
+                check_increment(&format!("{fmt} backward [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+            }
+        }
+    }
+    // A bf16 upload afterwards uses the bf16 weight again (the 8-bit state does not leak).
+    let c = &all[0];
+    let inp = inputs(c, &mut rng);
+    let t = terms(c, &inp);
+    let mut want = vec![0f32; c.m * c.n];
+    lora_linear_forward(&mut want, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n);
+    let mut got = vec![f32::NAN; c.m * c.n];
+    gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+    check("bf16 after 8-bit", &got, &want, seed);
+}

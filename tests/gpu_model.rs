@@ -24,14 +24,33 @@ use std::io::Write;
 
 #[test]
 fn gpu_linears_match_cpu_forward_and_gradients() {
-    let device = match Device::parse("cuda") {
-        Ok((d, _)) => d,
+    let Some(device) = cuda_or_skip("gpu_linears_match_cpu_forward_and_gradients") else { return };
+    compare(&fixture("tiny-diffusers"), device, "bf16 base");
+}
+
+/// The same with an int8 base (`quantize --format int8`): the CPU multiplies with its
+/// dequantising reference, the GPU dequantises the codes inside the fused kernel.
+#[test]
+fn gpu_int8_base_matches_cpu() {
+    let Some(device) = cuda_or_skip("gpu_int8_base_matches_cpu") else { return };
+    let out = tmpdir("gpu-int8-base").join("int8.safetensors");
+    flux_kernels::cli::quantize::run(fixture("tiny-bfl.safetensors").to_str().unwrap(), &out, "int8", Some("4,6,6"))
+        .unwrap();
+    compare(&out, device, "int8 base");
+}
+
+fn cuda_or_skip(test: &str) -> Option<Device> {
+    match Device::parse("cuda") {
+        Ok((d, _)) => Some(d),
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED gpu_linears_match_cpu_forward_and_gradients: {e:#}");
-            return;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {e:#}");
+            None
         }
-    };
-    let ckpt = Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap();
+    }
+}
+
+fn compare(model: &std::path::Path, device: Device, what: &str) {
+    let ckpt = Checkpoint::open(model, Some(vec![4, 6, 6])).unwrap();
     let cfg = &ckpt.cfg;
     let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), cfg).unwrap();
@@ -50,8 +69,8 @@ fn gpu_linears_match_cpu_forward_and_gradients() {
     let (y_cpu, g_cpu) = run(Device::Cpu);
     let (y_gpu, g_gpu) = run(device);
     let e = rel_l2(&y_gpu, &y_cpu);
-    println!("forward rel L2 {e:.2e}");
-    assert!(e <= 1e-2, "forward rel L2 {e:e}");
+    println!("{what}: forward rel L2 {e:.2e}");
+    assert!(e <= 1e-2, "{what}: forward rel L2 {e:e}");
     let (mut all_gpu, mut all_cpu) = (Vec::new(), Vec::new());
     let mut worst = (0f64, String::new());
     for (module, terms) in &g_cpu.by_module {
@@ -59,7 +78,7 @@ fn gpu_linears_match_cpu_forward_and_gradients() {
             let u = g_gpu.get(module, i).unwrap_or_else(|| panic!("no GPU gradient for {module}"));
             for (name, a, b) in [("dA", &u.da, &t.da), ("dB", &u.db, &t.db)] {
                 let e = rel_l2(a, b);
-                assert!(e <= 1e-1, "{module} term {i} {name}: rel L2 {e:e}");
+                assert!(e <= 1e-1, "{what}: {module} term {i} {name}: rel L2 {e:e}");
                 if e > worst.0 {
                     worst = (e, format!("{module} term {i} {name}"));
                 }
@@ -69,6 +88,6 @@ fn gpu_linears_match_cpu_forward_and_gradients() {
         }
     }
     let e = rel_l2(&all_gpu, &all_cpu);
-    println!("all LoRA gradients rel L2 {e:.2e}; worst tensor {:.2e} ({})", worst.0, worst.1);
-    assert!(e <= 2e-2, "all gradients: rel L2 {e:e}");
+    println!("{what}: all LoRA gradients rel L2 {e:.2e}; worst tensor {:.2e} ({})", worst.0, worst.1);
+    assert!(e <= 2e-2, "{what}: all gradients: rel L2 {e:e}");
 }

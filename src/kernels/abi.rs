@@ -47,6 +47,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FkGemmParams, problem), 16);
         assert_eq!(std::mem::offset_of!(FkGemmParams, segment), 16 + 16 * 72);
         assert_eq!(std::mem::offset_of!(FkGemmProblem, c_in), 64);
+        assert_eq!(std::mem::offset_of!(FkSegment, b_code), 84);
+        assert_eq!(std::mem::offset_of!(FkSegment, b_scale), 88);
         assert_eq!(std::mem::offset_of!(FkAttnParams, b), 88);
         assert_eq!(std::mem::offset_of!(FkAttnParams, scale), 120);
         assert_eq!(std::mem::offset_of!(FkSoftmaxParams, rows_per_batch), 40);

@@ -22,6 +22,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
+use crate::quant::{Code, QWeight};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -153,6 +154,9 @@ enum Buf {
     Db,
     /// f32 base product of the cuBLAS-base path (Y's or dX's), read once by the fused pass.
     Base32,
+    /// An 8-bit base weight: its codes [n][k] and one f32 scale per row.
+    Wq,
+    Wscale,
 }
 
 /// Device buffers by role, grown to the largest request and then reused.
@@ -160,6 +164,7 @@ struct Arena {
     stream: Arc<CudaStream>,
     bf16: HashMap<Buf, CudaSlice<bf16>>,
     f32: HashMap<Buf, CudaSlice<f32>>,
+    u8: HashMap<Buf, CudaSlice<u8>>,
     allocations: usize,
 }
 
@@ -184,6 +189,22 @@ impl Arena {
             self.f32.insert(b, s);
         }
         Ok(self.f32.get_mut(&b).unwrap())
+    }
+
+    /// Bytes in a u8 buffer of at least `host.len()` elements, from offset 0.
+    fn upload8(&mut self, b: Buf, host: &[u8]) -> Result<u64> {
+        if self.u8.get(&b).is_none_or(|s| s.len() < host.len()) {
+            self.u8.remove(&b);
+            // SAFETY: written right below before any read.
+            let s = unsafe { self.stream.alloc::<u8>(host.len().max(1)) }?;
+            self.allocations += 1;
+            self.u8.insert(b, s);
+        }
+        let stream = self.stream.clone();
+        let buf = self.u8.get_mut(&b).unwrap();
+        stream.memcpy_htod(host, &mut buf.slice_mut(0..host.len()))?;
+        let (p, _sync) = buf.device_ptr(&stream);
+        Ok(p)
     }
 
     /// The device address of a bf16 buffer of at least `len` elements.
@@ -280,6 +301,9 @@ pub struct GpuLora {
     arena: Arena,
     poison: bool,
     base: BaseGemm,
+    /// Set while the uploaded base weight is 8-bit (Buf::Wq + Buf::Wscale): (code, codes ptr,
+    /// scales ptr). Its product always runs in the fused kernel, which dequantises tile by tile.
+    w8: Option<(i32, u64, u64)>,
 }
 
 fn segment(a: u64, lda: usize, b: u64, ldb: usize, k: usize, cols: Range<usize>) -> FkSegment {
@@ -364,9 +388,15 @@ impl GpuLora {
             None
         };
         let stream = gpu.stream.clone();
-        let arena = Arena { stream: stream.clone(), bf16: HashMap::new(), f32: HashMap::new(), allocations: 0 };
+        let arena = Arena {
+            stream: stream.clone(),
+            bf16: HashMap::new(),
+            f32: HashMap::new(),
+            u8: HashMap::new(),
+            allocations: 0,
+        };
         let base = if blas.is_some() { BaseGemm::Cublas } else { BaseGemm::Fused };
-        Ok(GpuLora { stream, k, blas, arena, poison: false, base })
+        Ok(GpuLora { stream, k, blas, arena, poison: false, base, w8: None })
     }
 
     /// Chooses who computes the base product (tests and benchmarks run both).
@@ -421,11 +451,57 @@ impl GpuLora {
         ensure!(inp.len() == s.m * s.k && weight.len() == s.n * s.k, "lora gpu: X or W has the wrong length");
         self.arena.upload16(Buf::X, 0, inp)?;
         self.arena.upload16(Buf::W, 0, weight)?;
+        self.w8 = None;
         if let Some(b) = bias {
             ensure!(b.len() == s.n && s.bias, "lora gpu: bias");
             self.arena.upload32(Buf::Bias, 0, b)?;
         }
         Ok(())
+    }
+
+    /// Uploads X, an 8-bit W (its codes as stored, [n][k], and one scale per row: the bytes go
+    /// to the device as they are, never expanded) and the bias.
+    pub fn upload_base_q(&mut self, s: &LinearShape, inp: &[f32], w: &QWeight, bias: Option<&[f32]>) -> Result<()> {
+        ensure!(inp.len() == s.m * s.k, "lora gpu: X has the wrong length");
+        ensure!(w.k == s.k && w.rows() == s.n, "lora gpu: 8-bit W is {}×{}, expected {}×{}", w.rows(), w.k, s.n, s.k);
+        let code = match w.segments.first().map(|g| g.code) {
+            Some(Code::I8) => FK_CODE_I8,
+            Some(Code::E4M3) => FK_CODE_E4M3,
+            None => bail!("lora gpu: 8-bit W has no rows"),
+        };
+        ensure!(
+            w.segments.iter().all(|g| g.code == w.segments[0].code),
+            "lora gpu: an 8-bit weight whose parts use different codes (int8 and fp8) is not supported on the GPU"
+        );
+        let codes: Vec<u8> = w.segments.iter().flat_map(|g| g.q.iter().copied()).collect();
+        let scales: Vec<f32> = w.segments.iter().flat_map(|g| g.scale.iter().copied()).collect();
+        self.arena.upload16(Buf::X, 0, inp)?;
+        let q = self.arena.upload8(Buf::Wq, &codes)?;
+        self.arena.upload32(Buf::Wscale, 0, &scales)?;
+        let sc = self.arena.ptr32(Buf::Wscale, s.n)?;
+        self.w8 = Some((code as i32, q, sc));
+        if let Some(b) = bias {
+            ensure!(b.len() == s.n && s.bias, "lora gpu: bias");
+            self.arena.upload32(Buf::Bias, 0, b)?;
+        }
+        Ok(())
+    }
+
+    /// The base weight's K-segment for the fused kernel: bf16 W, or the 8-bit codes with their
+    /// scales. `a`/`lda` is the other operand (X forward, dY backward).
+    fn base_segment(
+        &mut self,
+        s: &LinearShape,
+        a: u64,
+        lda: usize,
+        ldb: usize,
+        k: usize,
+        cols: Range<usize>,
+    ) -> Result<FkSegment> {
+        Ok(match self.w8 {
+            Some((code, q, sc)) => FkSegment { b_code: code, b_scale: sc, ..segment(a, lda, q, ldb, k, cols) },
+            None => segment(a, lda, self.arena.ptr16(Buf::W, s.n * s.k)?, ldb, k, cols),
+        })
     }
 
     /// Uploads every term's A and B.
@@ -548,7 +624,8 @@ impl GpuLora {
         let l = Layout::of(s);
         self.run_shrink(s, &l)?;
         let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
-        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        // No bf16 W buffer exists (or is allocated) while the base weight is 8-bit.
+        let w = if self.w8.is_some() { 0 } else { self.arena.ptr16(Buf::W, s.n * s.k)? };
         let b = self.arena.ptr16(Buf::B, l.b_len)?;
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
         let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
@@ -558,6 +635,7 @@ impl GpuLora {
         }
         let mut segs = Vec::new();
         match self.base {
+            _ if self.w8.is_some() => segs.push(self.base_segment(s, x, s.k, s.k, s.k, 0..s.n)?),
             BaseGemm::Fused => segs.push(segment(x, s.k, w, s.k, s.k, 0..s.n)),
             BaseGemm::Cublas if s.terms.is_empty() && !s.bias => {
                 return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, false));
@@ -602,7 +680,7 @@ impl GpuLora {
             self.run_shrink(s, &l)?;
         }
         let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
-        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let w = if self.w8.is_some() { 0 } else { self.arena.ptr16(Buf::W, s.n * s.k)? };
         let a = self.arena.ptr16(Buf::A, l.a_len)?;
         let b = self.arena.ptr16(Buf::B, l.b_len)?;
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
@@ -644,6 +722,7 @@ impl GpuLora {
             let mut pr = problem(s.m, s.k, dx, s.k);
             let mut segs = Vec::new();
             match self.base {
+                _ if self.w8.is_some() => segs.push(self.base_segment(s, dy, s.n, s.k, s.n, 0..s.k)?),
                 BaseGemm::Fused => segs.push(segment(dy, s.n, w, s.k, s.n, 0..s.k)),
                 BaseGemm::Cublas if s.terms.is_empty() => {
                     self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, false))?;
@@ -738,6 +817,60 @@ impl GpuLora {
         self.poison_outputs(&s)?;
         self.run_forward(&s)?;
         out.copy_from_slice(&self.download_y(&s)?);
+        Ok(())
+    }
+
+    /// `forward` with an 8-bit base weight: the CPU twin is `quant::qlinear_forward` plus
+    /// `ops::lora::lora_terms_forward`. The codes are dequantised inside the fused kernel.
+    pub fn forward_q(
+        &mut self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &QWeight,
+        bias: Option<&[f32]>,
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
+        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
+        self.upload_base_q(&s, inp, weight, bias)?;
+        self.upload_terms(&s, terms)?;
+        self.poison_outputs(&s)?;
+        self.run_forward(&s)?;
+        out.copy_from_slice(&self.download_y(&s)?);
+        Ok(())
+    }
+
+    /// `backward` with an 8-bit base weight (dX = dY·W dequantised in the kernel).
+    pub fn backward_q(
+        &mut self,
+        dinp: Option<&mut [f32]>,
+        grads: &mut [TermGrad],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &QWeight,
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = LinearShape::new(m, k, n, false, terms)?;
+        ensure!(grads.len() == terms.len(), "lora gpu: one TermGrad per term");
+        self.upload_base_q(&s, inp, weight, None)?;
+        self.upload_terms(&s, terms)?;
+        self.upload_dout(&s, dout)?;
+        self.upload_grads(&s, Some(grads))?;
+        self.poison_outputs(&s)?;
+        self.run_backward(&s, dinp.is_some(), false)?;
+        if let Some(dx) = dinp {
+            ensure!(dx.len() == m * k, "lora gpu: dinp has the wrong length");
+            dx.copy_from_slice(&self.download_dx(&s)?);
+        }
+        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
+            *g = d;
+        }
         Ok(())
     }
 

@@ -27,11 +27,22 @@ impl Linear {
             None => None,
         };
         let terms = loras.terms(&self.name);
-        // An 8-bit weight on the CPU is multiplied block by block, never expanded whole.
-        if let (Device::Cpu, Some(q)) = (&loras.device, self.weight.quant()) {
+        // An 8-bit weight is never expanded whole: the CPU multiplies it block by block, the GPU
+        // receives the codes and dequantises them tile by tile inside the fused kernel.
+        if let Some(q) = self.weight.quant() {
             let w = q.view().with_context(|| self.name.clone())?;
-            qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
-            lora_terms_forward(out, inp, &terms, m, self.d_in, self.d_out);
+            match &loras.device {
+                Device::Cpu => {
+                    qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
+                    lora_terms_forward(out, inp, &terms, m, self.d_in, self.d_out);
+                }
+                Device::Cuda(g) => {
+                    let mut g =
+                        g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                    g.forward_q(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
+                        .with_context(|| format!("{} (8-bit) on the GPU", self.name))?
+                }
+            }
             return Ok(());
         }
         let w = self.weight.load()?;
@@ -62,13 +73,23 @@ impl Linear {
             return Ok(());
         }
         let slot = grads.slot(&self.name, terms.len());
-        if let (Device::Cpu, Some(q)) = (&loras.device, self.weight.quant()) {
+        if let Some(q) = self.weight.quant() {
             let w = q.view().with_context(|| self.name.clone())?;
-            let mut dinp = dinp;
-            if let Some(dx) = dinp.as_deref_mut() {
-                qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
+            match &loras.device {
+                Device::Cpu => {
+                    let mut dinp = dinp;
+                    if let Some(dx) = dinp.as_deref_mut() {
+                        qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
+                    }
+                    lora_terms_backward(dinp, slot, dout, inp, &terms, m, self.d_in, self.d_out);
+                }
+                Device::Cuda(g) => {
+                    let mut g =
+                        g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                    g.backward_q(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
+                        .with_context(|| format!("{} (8-bit) backward on the GPU", self.name))?
+                }
             }
-            lora_terms_backward(dinp, slot, dout, inp, &terms, m, self.d_in, self.d_out);
             return Ok(());
         }
         let w = self.weight.load()?;
