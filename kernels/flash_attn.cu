@@ -143,6 +143,37 @@ __device__ __forceinline__ bool key_kept(const FkAttnParams& p, const unsigned c
     return n < p.l && (mask == nullptr || mask[n] != 0);
 }
 
+// Bit 2·nt + e: this lane's key column nt·8 + 2t + e of the N keys from n0 takes part. One word
+// instead of N/4 predicates (registers are scarce at MI = 2), and the per-key test only where a
+// tile is masked or ragged: testing every element cost 31 % of the forward on an H200 (run 3).
+template <int N>
+__device__ __forceinline__ uint32_t key_bits(const FkAttnParams& p, const unsigned char* mask, int64_t n0, int t) {
+    static_assert(N / 4 <= 32, "one bit per key column of the lane");
+    uint32_t kept = 0xffffffffu;
+    if (mask != nullptr || n0 + N > p.l) {
+#pragma unroll
+        for (int c = 0; c < N / 4; ++c)
+            if (!key_kept(p, mask, n0 + (c / 2) * 8 + 2 * t + (c & 1))) kept &= ~(1u << c);
+    }
+    return kept;
+}
+
+// Starts loading K/V tile j + 1 into the other buffer, then waits for tile j (double buffering;
+// the previous iteration's closing barrier freed the other buffer).
+template <int D>
+__device__ __forceinline__ void next_kv_tile(uint16_t* ks, uint16_t* vs, const uint16_t* k, const uint16_t* v, int j,
+                                             int tiles, int64_t l) {
+    constexpr int LD = D + PAD;
+    const int other = (j & 1) ^ 1;
+    if (j + 1 < tiles) {
+        load_tile<BLK, D>(ks + other * BLK * LD, k, (int64_t)(j + 1) * BLK, l);
+        load_tile<BLK, D>(vs + other * BLK * LD, v, (int64_t)(j + 1) * BLK, l);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+}
+
 // Stores a warp's 16 × D accumulator (times row_scale[half]) as bf16 rows r0.. of a [l][D] matrix.
 template <int D>
 __device__ __forceinline__ void store_rows(uint16_t* out, int64_t l, int64_t r0, const float (&acc)[D / 8][4],
@@ -212,13 +243,7 @@ __device__ void attn_fwd(const FkAttnParams& p) {
 
     for (int j = 0; j < tiles; ++j) {
         const int buf = j & 1;
-        if (j + 1 < tiles) {
-            load_tile<BLK, D>(ks + (buf ^ 1) * BLK * LD, k, (int64_t)(j + 1) * BLK, l);
-            load_tile<BLK, D>(vs + (buf ^ 1) * BLK * LD, v, (int64_t)(j + 1) * BLK, l);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        next_kv_tile<D>(ks, vs, k, v, j, tiles, l);
         // Keys are consumed BN at a time within each loaded tile (an online-softmax step each):
         // at MI = 2, 32-key steps keep the score registers to 32 and the kernel out of local memory.
 #pragma unroll 1
@@ -247,15 +272,8 @@ __device__ void attn_fwd(const FkAttnParams& p) {
             }
 
             // Online softmax in base 2: a masked or missing key scores −∞.
-            // Bit 2·nt + e: this lane's key column nt·8 + 2t + e of the tile takes part (one word
-            // instead of 16 predicates: registers are the scarce resource at MI = 2).
             const int64_t n0 = (int64_t)j * BLK + sub * BN;
-            uint32_t kept = 0xffffffffu;
-            if (mask != nullptr || n0 + BN > l) {
-#pragma unroll
-                for (int c = 0; c < BN / 4; ++c)
-                    if (!key_kept(p, mask, n0 + (c / 2) * 8 + 2 * t + (c & 1))) kept &= ~(1u << c);
-            }
+            const uint32_t kept = key_bits<BN>(p, mask, n0, t);
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
                 float mx[2] = {m_run[mi][0], m_run[mi][1]};
@@ -480,13 +498,7 @@ __device__ void attn_bwd_dq(const FkAttnParams& p) {
     zero(dq);
     for (int j = 0; j < tiles; ++j) {
         const int buf = j & 1;
-        if (j + 1 < tiles) {
-            load_tile<BLK, D>(ks + (buf ^ 1) * BLK * LD, k, (int64_t)(j + 1) * BLK, l);
-            load_tile<BLK, D>(vs + (buf ^ 1) * BLK * LD, v, (int64_t)(j + 1) * BLK, l);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        next_kv_tile<D>(ks, vs, k, v, j, tiles, l);
         const uint16_t* kb = ks + buf * BLK * LD;
         const uint16_t* vb = vs + buf * BLK * LD;
         const int64_t n0 = (int64_t)j * BLK;
@@ -494,13 +506,7 @@ __device__ void attn_bwd_dq(const FkAttnParams& p) {
         float s[BLK / 8][4];
         zero(s);
         mma_abt<D, BLK>(s, qs, warp * 16, kb);
-        // Key bits as in the forward: the per-element test only for a masked or ragged tile.
-        uint32_t kept = 0xffffffffu;
-        if (mask != nullptr || n0 + BLK > l) {
-#pragma unroll
-            for (int c = 0; c < BLK / 4; ++c)
-                if (!key_kept(p, mask, n0 + (c / 2) * 8 + 2 * t + (c & 1))) kept &= ~(1u << c);
-        }
+        const uint32_t kept = key_bits<BLK>(p, mask, n0, t);
 #pragma unroll
         for (int nt = 0; nt < BLK / 8; ++nt)
 #pragma unroll

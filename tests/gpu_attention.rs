@@ -5,6 +5,8 @@
 //! failure; FK_TEST_SEED replays), outputs poisoned with NaN first. Without a GPU (or without
 //! nvcc at build time) each test writes why it is skipped.
 
+mod common;
+use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
 use flux_kernels::kernels::attention::{AttnDims, FwdVariant, GpuAttention};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::ops::attention::{attention_backward_masked, attention_forward_masked};
@@ -13,31 +15,8 @@ use flux_kernels::util::{rel_l2, Rng};
 /// bf16 operands (and bf16 P and dS inside the kernels): errors land between 1e-3 and 1e-2.
 const TOL: f64 = 1e-2;
 
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
 fn attn_or_skip(test: &str) -> Option<GpuAttention> {
-    match Gpu::new().and_then(|g| GpuAttention::new(&g)) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            skip(test, &format!("{e:#}"));
-            None
-        }
-    }
-}
-
-fn fresh_seed() -> u64 {
-    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
-        return s;
-    }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    t.as_nanos() as u64 ^ 0x2545_F491_4F6C_DD1D
-}
-
-fn normal_bf16(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    rng.normal_vec(n, std).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
+    gpu_or_skip(test, Gpu::new().and_then(|g| GpuAttention::new(&g)))
 }
 
 struct Case {

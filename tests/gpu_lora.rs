@@ -4,6 +4,8 @@
 //! poisoned with NaN first, ragged M/N/K, ranks 4…128, several adapters, row slices, dropout.
 //! Where no GPU (or no nvcc at build time) is present each test writes why it is skipped.
 
+mod common;
+use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::lora::{BaseGemm, GpuLora, Unfused};
 use flux_kernels::ops::lora::{lora_linear_backward, lora_linear_forward, Dropout, LoraTerm, TermGrad};
@@ -23,44 +25,10 @@ fn base_modes(gpu: &GpuLora) -> Vec<BaseGemm> {
 /// bf16 operands: the errors land between 1e-3 and 1e-2 (relative L2).
 const TOL: f64 = 1e-2;
 
-/// Writes straight to stderr: libtest captures print!/eprintln!, so a skip line written that
-/// way would never reach the CI log.
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
 fn lora_or_skip(test: &str) -> Option<GpuLora> {
-    let made = Gpu::new().and_then(|g| GpuLora::new(&g));
-    match made {
-        Ok(mut l) => {
-            l.set_poison(true);
-            Some(l)
-        }
-        Err(e) => {
-            skip(test, &format!("{e:#}"));
-            None
-        }
-    }
-}
-
-/// A different seed every run, printed with any failure so it can be replayed (FK_TEST_SEED).
-fn fresh_seed() -> u64 {
-    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
-        return s;
-    }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    t.as_nanos() as u64 ^ 0x5DEE_CE66_D1CE_4E5B
-}
-
-fn bf16_round(v: &mut [f32]) {
-    v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
-}
-
-fn normal_bf16(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    let mut v = rng.normal_vec(n, std);
-    bf16_round(&mut v);
-    v
+    let mut l = gpu_or_skip(test, Gpu::new().and_then(|g| GpuLora::new(&g)))?;
+    l.set_poison(true);
+    Some(l)
 }
 
 struct Case {

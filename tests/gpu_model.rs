@@ -20,7 +20,6 @@ use flux_kernels::lora::LoraSet;
 use flux_kernels::model::flux::{flux_backward, flux_forward_train, FluxInputs};
 use flux_kernels::model::weights::FluxWeights;
 use flux_kernels::util::{rel_l2, Rng};
-use std::io::Write;
 
 #[test]
 fn gpu_linears_match_cpu_forward_and_gradients() {
@@ -40,13 +39,7 @@ fn gpu_int8_base_matches_cpu() {
 }
 
 fn cuda_or_skip(test: &str) -> Option<Device> {
-    match Device::parse("cuda") {
-        Ok((d, _)) => Some(d),
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {e:#}");
-            None
-        }
-    }
+    gpu_or_skip(test, Device::parse("cuda").map(|(d, _)| d))
 }
 
 fn compare(model: &std::path::Path, device: Device, what: &str) {

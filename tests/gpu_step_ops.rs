@@ -5,6 +5,8 @@
 //! outputs poisoned with NaN first. Without a GPU (or without nvcc at build time) each test
 //! writes why it is skipped.
 
+mod common;
+use common::{fresh_seed, gpu_or_skip};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::step::{GpuStepOps, StepDims};
 use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LN_EPS};
@@ -19,27 +21,8 @@ const TOL: f64 = 1e-5;
 /// AdamW runs in f64 like the CPU.
 const TOL_ADAM: f64 = 1e-6;
 
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
 fn ops_or_skip(test: &str) -> Option<GpuStepOps> {
-    match Gpu::new().and_then(|g| GpuStepOps::new(&g)) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            skip(test, &format!("{e:#}"));
-            None
-        }
-    }
-}
-
-fn fresh_seed() -> u64 {
-    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
-        return s;
-    }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    t.as_nanos() as u64 ^ 0x2545_F491_4F6C_DD1D
+    gpu_or_skip(test, Gpu::new().and_then(|g| GpuStepOps::new(&g)))
 }
 
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) -> f64 {

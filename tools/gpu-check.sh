@@ -47,15 +47,15 @@ if [ "${1:-}" = "--emulate" ]; then
   g++ "${flags[@]}" -o "$emu/libcuda.so" "$emu/driver.cpp"
   g++ "${flags[@]}" -o "$emu/libcublas.so" "$emu/cublas.cpp"
   echo "emulated libcuda.so / libcublas.so in $emu"
-  cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention
-  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention -- --test-threads 2
+  cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops
+  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops -- --test-threads 2
   exit
 fi
 
 pack=${1:-$root/target/gpu-check}
 export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 log=$(mktemp)
-cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention 2>&1 | tee "$log"
+cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops 2>&1 | tee "$log"
 cargo bench --no-run --bench lora_matmul --bench attention 2>&1 | tee -a "$log"
 rm -rf "$pack"
 mkdir -p "$pack"
@@ -64,7 +64,7 @@ sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p'
   cp "$exe" "$pack/$name"
 done
 rm -f "$log"
-for b in gpu gpu_lora gpu_model gpu_attention lora_matmul attention; do
+for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops lora_matmul attention; do
   [ -x "$pack/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
 done
 cp tools/gpu-run.sh tools/attn_bench_torch.py "$pack/"

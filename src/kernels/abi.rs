@@ -26,6 +26,16 @@ mod tests {
             ("FkAxpbyParams", FK_SIZEOF_FkAxpbyParams, std::mem::size_of::<FkAxpbyParams>()),
             ("FkAttnParams", FK_SIZEOF_FkAttnParams, std::mem::size_of::<FkAttnParams>()),
             ("FkSoftmaxParams", FK_SIZEOF_FkSoftmaxParams, std::mem::size_of::<FkSoftmaxParams>()),
+            ("FkLnModParams", FK_SIZEOF_FkLnModParams, std::mem::size_of::<FkLnModParams>()),
+            ("FkGatedParams", FK_SIZEOF_FkGatedParams, std::mem::size_of::<FkGatedParams>()),
+            ("FkColSumParams", FK_SIZEOF_FkColSumParams, std::mem::size_of::<FkColSumParams>()),
+            ("FkPointwiseParams", FK_SIZEOF_FkPointwiseParams, std::mem::size_of::<FkPointwiseParams>()),
+            ("FkMseParams", FK_SIZEOF_FkMseParams, std::mem::size_of::<FkMseParams>()),
+            ("FkSumF64Params", FK_SIZEOF_FkSumF64Params, std::mem::size_of::<FkSumF64Params>()),
+            ("FkAdamTensor", FK_SIZEOF_FkAdamTensor, std::mem::size_of::<FkAdamTensor>()),
+            ("FkAdamParams", FK_SIZEOF_FkAdamParams, std::mem::size_of::<FkAdamParams>()),
+            ("FkSumSqTensor", FK_SIZEOF_FkSumSqTensor, std::mem::size_of::<FkSumSqTensor>()),
+            ("FkSumSqParams", FK_SIZEOF_FkSumSqParams, std::mem::size_of::<FkSumSqParams>()),
         ];
         for (name, want, got) in stated {
             assert_eq!(want as usize, got, "{name}");
@@ -34,6 +44,7 @@ mod tests {
         }
         // Kernel parameters live in a 4 KB space on every architecture we target.
         assert!(std::mem::size_of::<FkGemmParams>() <= 4096);
+        assert!(std::mem::size_of::<FkAdamParams>() <= 4096 && std::mem::size_of::<FkSumSqParams>() <= 4096);
         assert_eq!(FK_MAX_SEGMENTS as usize, FkGemmParams::default().segment.len());
     }
 

@@ -259,6 +259,13 @@ impl Arena {
     }
 }
 
+/// The frozen weight of a host-slice call: f32 values (uploaded as bf16) or 8-bit codes.
+#[derive(Clone, Copy)]
+enum BaseWeight<'a> {
+    F32(&'a [f32]),
+    Q(&'a QWeight<'a>),
+}
+
 /// The unfused baselines (cuBLAS GEMMs plus, for PEFT, separate scale and add kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unfused {
@@ -811,13 +818,7 @@ impl GpuLora {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
-        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
-        self.upload(&s, inp, weight, bias, terms)?;
-        self.poison_outputs(&s)?;
-        self.run_forward(&s)?;
-        out.copy_from_slice(&self.download_y(&s)?);
-        Ok(())
+        self.forward_any(out, inp, BaseWeight::F32(weight), bias, terms, m, k, n)
     }
 
     /// `forward` with an 8-bit base weight: the CPU twin is `quant::qlinear_forward` plus
@@ -833,44 +834,27 @@ impl GpuLora {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
-        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
-        self.upload_base_q(&s, inp, weight, bias)?;
-        self.upload_terms(&s, terms)?;
-        self.poison_outputs(&s)?;
-        self.run_forward(&s)?;
-        out.copy_from_slice(&self.download_y(&s)?);
-        Ok(())
+        self.forward_any(out, inp, BaseWeight::Q(weight), bias, terms, m, k, n)
     }
 
-    /// `backward` with an 8-bit base weight (dX = dY·W dequantised in the kernel).
-    pub fn backward_q(
+    fn forward_any(
         &mut self,
-        dinp: Option<&mut [f32]>,
-        grads: &mut [TermGrad],
-        dout: &[f32],
+        out: &mut [f32],
         inp: &[f32],
-        weight: &QWeight,
+        weight: BaseWeight,
+        bias: Option<&[f32]>,
         terms: &[LoraTerm],
         m: usize,
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, false, terms)?;
-        ensure!(grads.len() == terms.len(), "lora gpu: one TermGrad per term");
-        self.upload_base_q(&s, inp, weight, None)?;
+        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
+        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
+        self.upload_weight(&s, inp, weight, bias)?;
         self.upload_terms(&s, terms)?;
-        self.upload_dout(&s, dout)?;
-        self.upload_grads(&s, Some(grads))?;
         self.poison_outputs(&s)?;
-        self.run_backward(&s, dinp.is_some(), false)?;
-        if let Some(dx) = dinp {
-            ensure!(dx.len() == m * k, "lora gpu: dinp has the wrong length");
-            dx.copy_from_slice(&self.download_dx(&s)?);
-        }
-        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
-            *g = d;
-        }
+        self.run_forward(&s)?;
+        out.copy_from_slice(&self.download_y(&s)?);
         Ok(())
     }
 
@@ -888,9 +872,41 @@ impl GpuLora {
         k: usize,
         n: usize,
     ) -> Result<()> {
+        self.backward_any(dinp, grads, dout, inp, BaseWeight::F32(weight), terms, m, k, n)
+    }
+
+    /// `backward` with an 8-bit base weight (dX = dY·W dequantised in the kernel).
+    pub fn backward_q(
+        &mut self,
+        dinp: Option<&mut [f32]>,
+        grads: &mut [TermGrad],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &QWeight,
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.backward_any(dinp, grads, dout, inp, BaseWeight::Q(weight), terms, m, k, n)
+    }
+
+    fn backward_any(
+        &mut self,
+        dinp: Option<&mut [f32]>,
+        grads: &mut [TermGrad],
+        dout: &[f32],
+        inp: &[f32],
+        weight: BaseWeight,
+        terms: &[LoraTerm],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         let s = LinearShape::new(m, k, n, false, terms)?;
         ensure!(grads.len() == terms.len(), "lora gpu: one TermGrad per term");
-        self.upload(&s, inp, weight, None, terms)?;
+        self.upload_weight(&s, inp, weight, None)?;
+        self.upload_terms(&s, terms)?;
         self.upload_dout(&s, dout)?;
         self.upload_grads(&s, Some(grads))?;
         self.poison_outputs(&s)?;
@@ -903,6 +919,13 @@ impl GpuLora {
             *g = d;
         }
         Ok(())
+    }
+
+    fn upload_weight(&mut self, s: &LinearShape, inp: &[f32], w: BaseWeight, bias: Option<&[f32]>) -> Result<()> {
+        match w {
+            BaseWeight::F32(w) => self.upload_base(s, inp, w, bias),
+            BaseWeight::Q(w) => self.upload_base_q(s, inp, w, bias),
+        }
     }
 
     // ---- unfused baselines (cuBLAS) ----------------------------------------------------------

@@ -78,3 +78,44 @@ pub fn err_string<T>(r: anyhow::Result<T>) -> String {
         Err(e) => format!("{e:#}"),
     }
 }
+
+// ---- GPU tests ---------------------------------------------------------------------------------
+
+/// Writes straight to stderr: libtest captures print!/eprintln!, so a skip line written that
+/// way would never reach the CI log (the GPU check counts these lines as failures).
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The GPU object a test needs, or None after a SKIPPED line saying why (no device, no driver,
+/// no kernels in this build).
+pub fn gpu_or_skip<T>(test: &str, made: anyhow::Result<T>) -> Option<T> {
+    match made {
+        Ok(t) => Some(t),
+        Err(e) => {
+            skip(test, &format!("{e:#}"));
+            None
+        }
+    }
+}
+
+/// A different seed every run, printed with any failure so it can be replayed (FK_TEST_SEED).
+pub fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("FK_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.as_nanos() as u64 ^ 0x5DEE_CE66_D1CE_4E5B
+}
+
+pub fn bf16_round(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+}
+
+/// Normal values already rounded to bf16, so CPU and GPU see the same operands.
+pub fn normal_bf16(rng: &mut flux_kernels::util::Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut v = rng.normal_vec(n, std);
+    bf16_round(&mut v);
+    v
+}
