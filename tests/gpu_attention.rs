@@ -98,7 +98,7 @@ fn check(what: &str, got: &[f32], want: &[f32], seed: u64) -> f64 {
 
 #[test]
 fn flash_attention_matches_cpu_forward_and_backward() {
-    let Some(attn) = attn_or_skip("flash_attention_matches_cpu_forward_and_backward") else { return };
+    let Some(mut attn) = attn_or_skip("flash_attention_matches_cpu_forward_and_backward") else { return };
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     for c in cases() {
@@ -148,7 +148,7 @@ fn flash_attention_matches_cpu_forward_and_backward() {
 
 #[test]
 fn flash_attention_backward_is_deterministic() {
-    let Some(attn) = attn_or_skip("flash_attention_backward_is_deterministic") else { return };
+    let Some(mut attn) = attn_or_skip("flash_attention_backward_is_deterministic") else { return };
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     let c = &cases()[3];
@@ -168,7 +168,7 @@ fn flash_attention_backward_is_deterministic() {
 
 #[test]
 fn materialised_baseline_matches_cpu() {
-    let Some(attn) = attn_or_skip("materialised_baseline_matches_cpu") else { return };
+    let Some(mut attn) = attn_or_skip("materialised_baseline_matches_cpu") else { return };
     if !attn.has_cublas() {
         skip("materialised_baseline_matches_cpu", "libcublas not found");
         return;

@@ -119,6 +119,8 @@ pub struct GpuAttention {
     dq: CudaFunction,
     softmax: CudaFunction,
     blas: Option<CudaBlas>,
+    /// The last host-slice call's buffers, reused when the next call has the same shape.
+    cached: Option<AttnBuffers>,
 }
 
 fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -154,6 +156,7 @@ impl GpuAttention {
             dq: f(FK_ATTN_BWD_DQ, dq_max)?,
             softmax: f(FK_SOFTMAX_ROWS, 0)?,
             blas,
+            cached: None,
         })
     }
 
@@ -414,10 +417,31 @@ impl GpuAttention {
         Ok(())
     }
 
+    /// Buffers for a host-slice call: the previous call's when the shape and the presence of a
+    /// mask match, so the model path allocates nothing per call; otherwise new ones. Outputs are
+    /// poisoned by every host-slice call, so a reused buffer cannot pass off stale values.
+    fn host_buffers(&mut self, dims: AttnDims, mask: Option<&[u8]>) -> Result<AttnBuffers> {
+        match self.cached.take() {
+            Some(mut b) if b.dims == dims && b.mask.is_some() == mask.is_some() => {
+                if let (Some(dst), Some(m)) = (b.mask.as_mut(), mask) {
+                    ensure!(
+                        m.len() == dims.b * dims.l,
+                        "attention key mask: {} values, expected b·l = {}",
+                        m.len(),
+                        dims.b * dims.l
+                    );
+                    self.stream.memcpy_htod(m, dst)?;
+                }
+                Ok(b)
+            }
+            _ => self.alloc(dims, mask),
+        }
+    }
+
     /// Host-slice forward and backward, the twin of `ops::attention::attention_forward_masked`
     /// followed by `attention_backward_masked` (tests; the outputs are poisoned first).
     pub fn forward_backward(
-        &self,
+        &mut self,
         variant: FwdVariant,
         dims: AttnDims,
         q: &[f32],
@@ -426,7 +450,7 @@ impl GpuAttention {
         dout: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<AttnHostResult> {
-        let mut bufs = self.alloc(dims, mask)?;
+        let mut bufs = self.host_buffers(dims, mask)?;
         self.upload(&mut bufs.q, q)?;
         self.upload(&mut bufs.k, k)?;
         self.upload(&mut bufs.v, v)?;
@@ -434,37 +458,41 @@ impl GpuAttention {
         self.poison(&mut bufs)?;
         self.forward_variant(&bufs, variant)?;
         self.backward(&bufs)?;
-        Ok(AttnHostResult {
+        let r = AttnHostResult {
             o: self.download(&bufs.o)?,
             lse: self.download_f32(&bufs.lse)?,
             dq: self.download(&bufs.dq)?,
             dk: self.download(&bufs.dk)?,
             dv: self.download(&bufs.dv)?,
-        })
+        };
+        self.cached = Some(bufs);
+        Ok(r)
     }
 
     /// Host-slice forward (O, LSE): `ops::attention::attention_forward_masked`'s twin.
     pub fn forward_host(
-        &self,
+        &mut self,
         dims: AttnDims,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut bufs = self.alloc(dims, mask)?;
+        let mut bufs = self.host_buffers(dims, mask)?;
         self.upload(&mut bufs.q, q)?;
         self.upload(&mut bufs.k, k)?;
         self.upload(&mut bufs.v, v)?;
         self.poison(&mut bufs)?;
         self.forward(&bufs)?;
-        Ok((self.download(&bufs.o)?, self.download_f32(&bufs.lse)?))
+        let r = (self.download(&bufs.o)?, self.download_f32(&bufs.lse)?);
+        self.cached = Some(bufs);
+        Ok(r)
     }
 
     /// Host-slice backward from the forward's O and LSE (as `forward_host` returned them):
     /// `attention_backward_masked`'s twin, returning (dQ, dK, dV).
     pub fn backward_host(
-        &self,
+        &mut self,
         dims: AttnDims,
         q: &[f32],
         k: &[f32],
@@ -474,7 +502,7 @@ impl GpuAttention {
         dout: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let mut bufs = self.alloc(dims, mask)?;
+        let mut bufs = self.host_buffers(dims, mask)?;
         ensure!(lse.len() == dims.rows(), "attention backward: LSE has {} values, expected {}", lse.len(), dims.rows());
         self.upload(&mut bufs.q, q)?;
         self.upload(&mut bufs.k, k)?;
@@ -486,25 +514,29 @@ impl GpuAttention {
             self.stream.memcpy_htod(&vec![bf16::NAN; dims.numel()], t)?;
         }
         self.backward(&bufs)?;
-        Ok((self.download(&bufs.dq)?, self.download(&bufs.dk)?, self.download(&bufs.dv)?))
+        let r = (self.download(&bufs.dq)?, self.download(&bufs.dk)?, self.download(&bufs.dv)?);
+        self.cached = Some(bufs);
+        Ok(r)
     }
 
     /// Host-slice baseline forward (O only).
     pub fn forward_naive_host(
-        &self,
+        &mut self,
         dims: AttnDims,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<Vec<f32>> {
-        let mut bufs = self.alloc(dims, mask)?;
+        let mut bufs = self.host_buffers(dims, mask)?;
         self.upload(&mut bufs.q, q)?;
         self.upload(&mut bufs.k, k)?;
         self.upload(&mut bufs.v, v)?;
         self.poison(&mut bufs)?;
         self.forward_naive(&mut bufs)?;
-        self.download(&bufs.o)
+        let o = self.download(&bufs.o)?;
+        self.cached = Some(bufs);
+        Ok(o)
     }
 }
 

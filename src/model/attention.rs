@@ -97,7 +97,7 @@ fn core_forward(
     let AttnShape { b, h, l, d } = *s;
     match dev {
         Device::Cuda(g) if HEAD_DIMS.contains(&d) => {
-            let g = g.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let mut g = g.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
             let (go, glse) =
                 g.attn.forward_host(AttnDims { b, h, l, d }, q, k, v, None).context("attention on the GPU")?;
             o.copy_from_slice(&go);
@@ -145,7 +145,7 @@ pub fn attention_block_backward(
     let mut g = Qkv::zeros(b * h * l * d);
     match dev {
         Device::Cuda(gpu) if HEAD_DIMS.contains(&d) => {
-            let gpu = gpu.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let mut gpu = gpu.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
             let dims = AttnDims { b, h, l, d };
             let (dq, dk, dv) = gpu
                 .attn
