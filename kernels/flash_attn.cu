@@ -143,6 +143,19 @@ __device__ __forceinline__ bool key_kept(const FkAttnParams& p, const unsigned c
     return n < p.l && (mask == nullptr || mask[n] != 0);
 }
 
+// One (batch, head)'s [l][d] slices of Q, K, V and dO, and its batch element's key-mask row.
+struct Head {
+    const uint16_t *q, *k, *v, *dout;
+    const unsigned char* mask;
+};
+__device__ __forceinline__ Head head_of(const FkAttnParams& p, int64_t bh, int d) {
+    const int64_t off = bh * p.l * d;
+    return Head{static_cast<const uint16_t*>(p.q) + off, static_cast<const uint16_t*>(p.k) + off,
+                static_cast<const uint16_t*>(p.v) + off,
+                p.dout ? static_cast<const uint16_t*>(p.dout) + off : nullptr,
+                p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * p.l : nullptr};
+}
+
 // Bit 2·nt + e: this lane's key column nt·8 + 2t + e of the N keys from n0 takes part. One word
 // instead of N/4 predicates (registers are scarce at MI = 2), and the per-key test only where a
 // tile is masked or ragged: testing every element cost 31 % of the forward on an H200 (run 3).
@@ -218,10 +231,9 @@ __device__ void attn_fwd(const FkAttnParams& p) {
     uint16_t* vs = ks + 2 * BLK * LD;  // [2][BLK][LD]
 
     const int64_t l = p.l, bh = blockIdx.y, m0 = (int64_t)blockIdx.x * BM;
-    const uint16_t* q = static_cast<const uint16_t*>(p.q) + bh * l * D;
-    const uint16_t* k = static_cast<const uint16_t*>(p.k) + bh * l * D;
-    const uint16_t* v = static_cast<const uint16_t*>(p.v) + bh * l * D;
-    const unsigned char* mask = p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * l : nullptr;
+    const Head hd = head_of(p, bh, D);
+    const uint16_t *q = hd.q, *k = hd.k, *v = hd.v;
+    const unsigned char* mask = hd.mask;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
     const int wrow = warp * 16 * MI;  // this warp's first row within the block
     const float sl2 = p.scale * LOG2E;
@@ -379,11 +391,10 @@ __device__ void attn_bwd_dkdv(const FkAttnParams& p) {
     float* dl_s = lse2_s + 2 * BLK;                                // [2][BLK]
 
     const int64_t l = p.l, bh = blockIdx.y, n0 = (int64_t)blockIdx.x * BLK;
-    const uint16_t* q = static_cast<const uint16_t*>(p.q) + bh * l * D;
-    const uint16_t* k = static_cast<const uint16_t*>(p.k) + bh * l * D;
-    const uint16_t* v = static_cast<const uint16_t*>(p.v) + bh * l * D;
-    const uint16_t* dout = static_cast<const uint16_t*>(p.dout) + bh * l * D;
-    const unsigned char* mask = p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * l : nullptr;
+    const Head hd = head_of(p, bh, D);
+    const uint16_t *q = hd.q, *k = hd.k, *v = hd.v;
+    const unsigned char* mask = hd.mask;
+    const uint16_t* dout = hd.dout;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float sl2 = p.scale * LOG2E;
     const int tiles = (int)((l + BLK - 1) / BLK);
@@ -471,11 +482,10 @@ __device__ void attn_bwd_dq(const FkAttnParams& p) {
     uint16_t* vs = ks + 2 * BLK * LD;   // [2][BLK][LD]
 
     const int64_t l = p.l, bh = blockIdx.y, m0 = (int64_t)blockIdx.x * BLK;
-    const uint16_t* q = static_cast<const uint16_t*>(p.q) + bh * l * D;
-    const uint16_t* k = static_cast<const uint16_t*>(p.k) + bh * l * D;
-    const uint16_t* v = static_cast<const uint16_t*>(p.v) + bh * l * D;
-    const uint16_t* dout = static_cast<const uint16_t*>(p.dout) + bh * l * D;
-    const unsigned char* mask = p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * l : nullptr;
+    const Head hd = head_of(p, bh, D);
+    const uint16_t *q = hd.q, *k = hd.k, *v = hd.v;
+    const unsigned char* mask = hd.mask;
+    const uint16_t* dout = hd.dout;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float sl2 = p.scale * LOG2E;
     const int tiles = (int)((l + BLK - 1) / BLK);

@@ -119,6 +119,13 @@ __device__ __forceinline__ int owner(const T* tensors, int count, int64_t bid) {
     return i;
 }
 
+// Calls f(i) for every i < n, the grid striding over the range (any grid size covers any n).
+template <class F>
+__device__ __forceinline__ void grid_stride(int64_t n, F f) {
+    const int64_t step = (int64_t)gridDim.x * THREADS;
+    for (int64_t i = (int64_t)blockIdx.x * THREADS + threadIdx.x; i < n; i += step) f(i);
+}
+
 }  // namespace fk_step
 
 // Entry points qualify fk_step:: (a using-directive would clash with the other .cu files'
@@ -222,11 +229,10 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_fwd(FK_GRID_PARAMS Fk
     const float* y = static_cast<const float*>(p.y);
     const float* g = static_cast<const float*>(p.gate);
     float* out = static_cast<float*>(p.out);
-    const int64_t step = (int64_t)gridDim.x * fk_step::THREADS;
-    for (int64_t i = (int64_t)blockIdx.x * fk_step::THREADS + threadIdx.x; i < total; i += step) {
+    fk_step::grid_stride(total, [&](int64_t i) {
         const float gv = g[(i / lc) * p.c + i % p.c];
         out[i] = fk_step::rn_fadd(x[i], fk_step::rn_fmul(gv, y[i]));
-    }
+    });
 }
 
 // Grid (c tiles, chunks, b): dx = dout, dy = gate⊙dout elementwise, partial Σ y⊙dout per chunk.
@@ -256,27 +262,21 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_bwd(FK_GRID_PARAMS Fk
 FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_silu_fwd(FK_GRID_PARAMS FkPointwiseParams p) {
     const float* x = static_cast<const float*>(p.x);
     float* out = static_cast<float*>(p.out);
-    const int64_t step = (int64_t)gridDim.x * fk_step::THREADS;
-    for (int64_t i = (int64_t)blockIdx.x * fk_step::THREADS + threadIdx.x; i < p.n; i += step)
-        out[i] = x[i] / (1.0f + expf(-x[i]));
+    fk_step::grid_stride(p.n, [&](int64_t i) { out[i] = x[i] / (1.0f + expf(-x[i])); });
 }
 
 FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_silu_bwd(FK_GRID_PARAMS FkPointwiseParams p) {
     const float* x = static_cast<const float*>(p.x);
     const float* dout = static_cast<const float*>(p.dout);
     float* out = static_cast<float*>(p.out);
-    const int64_t step = (int64_t)gridDim.x * fk_step::THREADS;
-    for (int64_t i = (int64_t)blockIdx.x * fk_step::THREADS + threadIdx.x; i < p.n; i += step)
-        out[i] = dout[i] * fk_step::silu_grad(x[i]);
+    fk_step::grid_stride(p.n, [&](int64_t i) { out[i] = dout[i] * fk_step::silu_grad(x[i]); });
 }
 
 FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gelu_tanh_bwd(FK_GRID_PARAMS FkPointwiseParams p) {
     const float* x = static_cast<const float*>(p.x);
     const float* dout = static_cast<const float*>(p.dout);
     float* out = static_cast<float*>(p.out);
-    const int64_t step = (int64_t)gridDim.x * fk_step::THREADS;
-    for (int64_t i = (int64_t)blockIdx.x * fk_step::THREADS + threadIdx.x; i < p.n; i += step)
-        out[i] = dout[i] * fk_step::gelu_tanh_grad(x[i]);
+    fk_step::grid_stride(p.n, [&](int64_t i) { out[i] = dout[i] * fk_step::gelu_tanh_grad(x[i]); });
 }
 
 // ---- MSE loss ---------------------------------------------------------------------------------
@@ -288,15 +288,14 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_mse_partial(FK_GRID_PARAMS 
     const float* target = static_cast<const float*>(p.target);
     const float* w = static_cast<const float*>(p.weight);
     float* grad = static_cast<float*>(p.grad);
-    const int64_t step = (int64_t)gridDim.x * fk_step::THREADS;
     double acc = 0.0;
-    for (int64_t i = (int64_t)blockIdx.x * fk_step::THREADS + threadIdx.x; i < p.n; i += step) {
+    fk_step::grid_stride(p.n, [&](int64_t i) {
         const float wv = w ? w[i / p.per] : 1.0f;
         const double d = (double)pred[i] - (double)target[i];
         acc += (double)wv * (d * d);
         // As mse_backward: ((2·w)·(p − t)) / n, each step rounded to f32.
         grad[i] = fk_step::rn_fmul(2.0f * wv, pred[i] - target[i]) / p.n_f32;
-    }
+    });
     const double total = fk_step::block_sum_f64(acc, red);
     if (threadIdx.x == 0) static_cast<double*>(p.partial)[blockIdx.x] = total;
 }

@@ -8,7 +8,7 @@ use crate::kernels::gpu::Gpu;
 use crate::kernels::lora::GpuLora;
 use anyhow::{bail, Result};
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The kernels one CUDA context holds. Dereferences to the LoRA linear, its most used part.
 pub struct CudaBackend {
@@ -26,6 +26,14 @@ impl Deref for CudaBackend {
 impl DerefMut for CudaBackend {
     fn deref_mut(&mut self) -> &mut GpuLora {
         &mut self.lora
+    }
+}
+
+impl CudaBackend {
+    /// The backend behind a `Device::Cuda`, locked; a call that panicked while holding it leaves
+    /// the context unusable, which is an error here rather than a second panic.
+    pub fn lock(b: &Mutex<CudaBackend>) -> Result<MutexGuard<'_, CudaBackend>> {
+        b.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))
     }
 }
 

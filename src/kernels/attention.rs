@@ -438,6 +438,22 @@ impl GpuAttention {
         }
     }
 
+    /// `host_buffers` with Q, K and V uploaded.
+    fn host_inputs(
+        &mut self,
+        dims: AttnDims,
+        mask: Option<&[u8]>,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<AttnBuffers> {
+        let mut bufs = self.host_buffers(dims, mask)?;
+        self.upload(&mut bufs.q, q)?;
+        self.upload(&mut bufs.k, k)?;
+        self.upload(&mut bufs.v, v)?;
+        Ok(bufs)
+    }
+
     /// Host-slice forward and backward, the twin of `ops::attention::attention_forward_masked`
     /// followed by `attention_backward_masked` (tests; the outputs are poisoned first).
     pub fn forward_backward(
@@ -450,10 +466,7 @@ impl GpuAttention {
         dout: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<AttnHostResult> {
-        let mut bufs = self.host_buffers(dims, mask)?;
-        self.upload(&mut bufs.q, q)?;
-        self.upload(&mut bufs.k, k)?;
-        self.upload(&mut bufs.v, v)?;
+        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
         self.upload(&mut bufs.dout, dout)?;
         self.poison(&mut bufs)?;
         self.forward_variant(&bufs, variant)?;
@@ -478,10 +491,7 @@ impl GpuAttention {
         v: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut bufs = self.host_buffers(dims, mask)?;
-        self.upload(&mut bufs.q, q)?;
-        self.upload(&mut bufs.k, k)?;
-        self.upload(&mut bufs.v, v)?;
+        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
         self.poison(&mut bufs)?;
         self.forward(&bufs)?;
         let r = (self.download(&bufs.o)?, self.download_f32(&bufs.lse)?);
@@ -502,11 +512,8 @@ impl GpuAttention {
         dout: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let mut bufs = self.host_buffers(dims, mask)?;
         ensure!(lse.len() == dims.rows(), "attention backward: LSE has {} values, expected {}", lse.len(), dims.rows());
-        self.upload(&mut bufs.q, q)?;
-        self.upload(&mut bufs.k, k)?;
-        self.upload(&mut bufs.v, v)?;
+        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
         self.upload(&mut bufs.o, o)?;
         self.upload(&mut bufs.dout, dout)?;
         self.stream.memcpy_htod(lse, &mut bufs.lse)?;
@@ -528,10 +535,7 @@ impl GpuAttention {
         v: &[f32],
         mask: Option<&[u8]>,
     ) -> Result<Vec<f32>> {
-        let mut bufs = self.host_buffers(dims, mask)?;
-        self.upload(&mut bufs.q, q)?;
-        self.upload(&mut bufs.k, k)?;
-        self.upload(&mut bufs.v, v)?;
+        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
         self.poison(&mut bufs)?;
         self.forward_naive(&mut bufs)?;
         let o = self.download(&bufs.o)?;

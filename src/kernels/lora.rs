@@ -168,40 +168,38 @@ struct Arena {
     allocations: usize,
 }
 
+/// The buffer `b` of `map`, grown to at least `len` elements (a new allocation, counted) or
+/// reused as it is.
+fn grow<'m, T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    map: &'m mut HashMap<Buf, CudaSlice<T>>,
+    allocations: &mut usize,
+    b: Buf,
+    len: usize,
+) -> Result<&'m mut CudaSlice<T>> {
+    if map.get(&b).is_none_or(|s| s.len() < len) {
+        map.remove(&b);
+        // SAFETY: every element is written (upload, poison or a kernel) before it is read.
+        let s = unsafe { stream.alloc::<T>(len.max(1)) }?;
+        *allocations += 1;
+        map.insert(b, s);
+    }
+    Ok(map.get_mut(&b).unwrap())
+}
+
 impl Arena {
     fn bf16(&mut self, b: Buf, len: usize) -> Result<&mut CudaSlice<bf16>> {
-        if self.bf16.get(&b).is_none_or(|s| s.len() < len) {
-            self.bf16.remove(&b);
-            // SAFETY: every element is written (upload, poison or a kernel) before it is read.
-            let s = unsafe { self.stream.alloc::<bf16>(len.max(1)) }?;
-            self.allocations += 1;
-            self.bf16.insert(b, s);
-        }
-        Ok(self.bf16.get_mut(&b).unwrap())
+        grow(&self.stream, &mut self.bf16, &mut self.allocations, b, len)
     }
 
     fn f32(&mut self, b: Buf, len: usize) -> Result<&mut CudaSlice<f32>> {
-        if self.f32.get(&b).is_none_or(|s| s.len() < len) {
-            self.f32.remove(&b);
-            // SAFETY: as above.
-            let s = unsafe { self.stream.alloc::<f32>(len.max(1)) }?;
-            self.allocations += 1;
-            self.f32.insert(b, s);
-        }
-        Ok(self.f32.get_mut(&b).unwrap())
+        grow(&self.stream, &mut self.f32, &mut self.allocations, b, len)
     }
 
-    /// Bytes in a u8 buffer of at least `host.len()` elements, from offset 0.
+    /// Bytes into a u8 buffer from offset 0; returns its device address.
     fn upload8(&mut self, b: Buf, host: &[u8]) -> Result<u64> {
-        if self.u8.get(&b).is_none_or(|s| s.len() < host.len()) {
-            self.u8.remove(&b);
-            // SAFETY: written right below before any read.
-            let s = unsafe { self.stream.alloc::<u8>(host.len().max(1)) }?;
-            self.allocations += 1;
-            self.u8.insert(b, s);
-        }
         let stream = self.stream.clone();
-        let buf = self.u8.get_mut(&b).unwrap();
+        let buf = grow(&stream, &mut self.u8, &mut self.allocations, b, host.len())?;
         stream.memcpy_htod(host, &mut buf.slice_mut(0..host.len()))?;
         let (p, _sync) = buf.device_ptr(&stream);
         Ok(p)

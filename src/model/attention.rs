@@ -1,12 +1,12 @@
 //! The attention core both block kinds share: QK-RMSNorm per head, RoPE on q and k, then
 //! softmax attention over the joint [txt ; img] sequence; and its backward.
 
-use crate::device::Device;
+use crate::device::{CudaBackend, Device};
 use crate::kernels::attention::{AttnDims, HEAD_DIMS};
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use std::ops::Range;
 
 /// RMSNorm eps of FLUX's QKNorm.
@@ -97,7 +97,7 @@ fn core_forward(
     let AttnShape { b, h, l, d } = *s;
     match dev {
         Device::Cuda(g) if HEAD_DIMS.contains(&d) => {
-            let mut g = g.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let mut g = CudaBackend::lock(g)?;
             let (go, glse) =
                 g.attn.forward_host(AttnDims { b, h, l, d }, q, k, v, None).context("attention on the GPU")?;
             o.copy_from_slice(&go);
@@ -145,7 +145,7 @@ pub fn attention_block_backward(
     let mut g = Qkv::zeros(b * h * l * d);
     match dev {
         Device::Cuda(gpu) if HEAD_DIMS.contains(&d) => {
-            let mut gpu = gpu.lock().map_err(|_| anyhow!("the CUDA context was poisoned by a failed call"))?;
+            let mut gpu = CudaBackend::lock(gpu)?;
             let dims = AttnDims { b, h, l, d };
             let (dq, dk, dv) = gpu
                 .attn

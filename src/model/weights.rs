@@ -2,7 +2,7 @@
 
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
-use crate::device::Device;
+use crate::device::{CudaBackend, Device};
 use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::lora::{lora_linear_backward, lora_linear_forward, lora_terms_backward, lora_terms_forward};
 use crate::quant::{qlinear_backward_input, qlinear_forward};
@@ -37,8 +37,7 @@ impl Linear {
                     lora_terms_forward(out, inp, &terms, m, self.d_in, self.d_out);
                 }
                 Device::Cuda(g) => {
-                    let mut g =
-                        g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                    let mut g = CudaBackend::lock(g)?;
                     g.forward_q(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
                         .with_context(|| format!("{} (8-bit) on the GPU", self.name))?
                 }
@@ -49,7 +48,7 @@ impl Linear {
         match &loras.device {
             Device::Cpu => lora_linear_forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out),
             Device::Cuda(g) => {
-                let mut g = g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                let mut g = CudaBackend::lock(g)?;
                 g.forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
                     .with_context(|| format!("{} on the GPU", self.name))?
             }
@@ -84,8 +83,7 @@ impl Linear {
                     lora_terms_backward(dinp, slot, dout, inp, &terms, m, self.d_in, self.d_out);
                 }
                 Device::Cuda(g) => {
-                    let mut g =
-                        g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                    let mut g = CudaBackend::lock(g)?;
                     g.backward_q(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
                         .with_context(|| format!("{} (8-bit) backward on the GPU", self.name))?
                 }
@@ -96,7 +94,7 @@ impl Linear {
         match &loras.device {
             Device::Cpu => lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out),
             Device::Cuda(g) => {
-                let mut g = g.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))?;
+                let mut g = CudaBackend::lock(g)?;
                 g.backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
                     .with_context(|| format!("{} backward on the GPU", self.name))?
             }

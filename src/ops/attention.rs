@@ -34,6 +34,11 @@ pub fn attention_forward(
     attention_forward_masked(out, lse, q, k, v, None, b, h, l, d)
 }
 
+/// Batch element `bi`'s row of a key mask [b, l].
+fn mask_row(kv_mask: Option<&[u8]>, bi: usize, l: usize) -> Option<&[u8]> {
+    kv_mask.map(|m| &m[bi * l..(bi + 1) * l])
+}
+
 /// `attention_forward` with an optional key-padding mask [b, l] (nonzero = the key takes part),
 /// T5 padding's shape. A query row with no key left gets a zero output and a log-sum-exp of +∞,
 /// so its backward weights are exactly zero (the GPU kernel's convention).
@@ -61,7 +66,7 @@ pub fn attention_forward_masked(
         let (qh, kh, vh) = (&q[bh * n..(bh + 1) * n], &k[bh * n..(bh + 1) * n], &v[bh * n..(bh + 1) * n]);
         let mut s = vec![0f32; l * l];
         gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
-        let mask = kv_mask.map(|m| &m[(bh / h) * l..(bh / h + 1) * l]);
+        let mask = mask_row(kv_mask, bh / h, l);
         for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
             *lse = match mask {
                 None => softmax_in_place(row),
@@ -127,7 +132,7 @@ pub fn attention_backward_masked(
             let lse = &lse[bh * l..(bh + 1) * l];
             let mut p = vec![0f32; l * l];
             gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut p, (l, 1));
-            let mask = kv_mask.map(|m| &m[(bh / h) * l..(bh / h + 1) * l]);
+            let mask = mask_row(kv_mask, bh / h, l);
             for (row, &m) in p.chunks_mut(l).zip(lse) {
                 row.iter_mut().for_each(|x| *x = (*x - m).exp());
                 if let Some(mask) = mask {
@@ -210,6 +215,42 @@ mod tests {
     use super::*;
     use crate::util::{fd_check, rel_l2, Rng};
 
+    /// Attention written out in f64 over the kept keys of each batch element (all keys
+    /// without a mask): (out as f32, lse in f64).
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[u8]>,
+        (b, h, l, d): (usize, usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f64>) {
+        let mut out = vec![0f32; b * h * l * d];
+        let mut lse = vec![0f64; b * h * l];
+        for bh in 0..b * h {
+            let kept: Vec<usize> = (0..l).filter(|&j| mask.is_none_or(|m| m[(bh / h) * l + j] != 0)).collect();
+            for i in 0..l {
+                let s: Vec<f64> = kept
+                    .iter()
+                    .map(|&j| {
+                        (0..d).map(|x| q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64).sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                lse[bh * l + i] = m + z.ln();
+                for x in 0..d {
+                    out[(bh * l + i) * d + x] = kept
+                        .iter()
+                        .zip(&s)
+                        .map(|(&j, sj)| (sj - m).exp() / z * v[(bh * l + j) * d + x] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        (out, lse)
+    }
+
     #[test]
     fn matches_naive_softmax_attention() {
         let (b, h, l, d) = (2, 3, 7, 8);
@@ -220,24 +261,8 @@ mod tests {
         let mut out = vec![f32::NAN; b * h * l * d];
         let mut lse = vec![f32::NAN; b * h * l];
         attention_forward(&mut out, &mut lse, &q, &k, &v, b, h, l, d);
-        let mut want = vec![0f32; out.len()];
-        for bh in 0..b * h {
-            for i in 0..l {
-                let s: Vec<f64> = (0..l)
-                    .map(|j| {
-                        (0..d).map(|x| q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64).sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                assert!((lse[bh * l + i] as f64 - (m + z.ln())).abs() < 1e-4);
-                for x in 0..d {
-                    want[(bh * l + i) * d + x] =
-                        (0..l).map(|j| (s[j] - m).exp() / z * v[(bh * l + j) * d + x] as f64).sum::<f64>() as f32;
-                }
-            }
-        }
+        let (want, want_lse) = naive(&q, &k, &v, None, (b, h, l, d));
+        assert!(lse.iter().zip(&want_lse).all(|(&a, &w)| (a as f64 - w).abs() < 1e-4));
         assert!(rel_l2(&out, &want) < 1e-6);
     }
 
@@ -265,8 +290,8 @@ mod tests {
         fd_check(&v, &dv, &dy, |x| run(&q, &k, x), 1e-3);
     }
 
-    /// Masking keys must equal removing them: per (b, h), compute every query against only the
-    /// kept keys with the naive f64 formula, an independent route to the same numbers.
+    /// Masking keys must equal removing them: the naive f64 formula over the kept keys only, an
+    /// independent route to the same numbers.
     #[test]
     fn key_mask_equals_removing_the_keys() {
         let (b, h, l, d) = (2, 2, 9, 4);
@@ -281,29 +306,8 @@ mod tests {
         let mut out = vec![f32::NAN; b * h * l * d];
         let mut lse = vec![f32::NAN; b * h * l];
         attention_forward_masked(&mut out, &mut lse, &q, &k, &v, Some(&mask), b, h, l, d);
-        let mut want = vec![0f32; out.len()];
-        for bh in 0..b * h {
-            let kept: Vec<usize> = (0..l).filter(|&j| mask[(bh / h) * l + j] != 0).collect();
-            for i in 0..l {
-                let s: Vec<f64> = kept
-                    .iter()
-                    .map(|&j| {
-                        (0..d).map(|x| q[(bh * l + i) * d + x] as f64 * k[(bh * l + j) * d + x] as f64).sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                assert!((lse[bh * l + i] as f64 - (m + z.ln())).abs() < 1e-4);
-                for x in 0..d {
-                    want[(bh * l + i) * d + x] = kept
-                        .iter()
-                        .zip(&s)
-                        .map(|(&j, sj)| (sj - m).exp() / z * v[(bh * l + j) * d + x] as f64)
-                        .sum::<f64>() as f32;
-                }
-            }
-        }
+        let (want, want_lse) = naive(&q, &k, &v, Some(&mask), (b, h, l, d));
+        assert!(lse.iter().zip(&want_lse).all(|(&a, &w)| (a as f64 - w).abs() < 1e-4));
         assert!(rel_l2(&out, &want) < 1e-6);
     }
 
