@@ -375,3 +375,134 @@ FK_KERNEL void fk_mse_partial(FK_GRID_PARAMS FkMseParams p);
 FK_KERNEL void fk_sum_f64(FK_GRID_PARAMS FkSumF64Params p);            // one block
 FK_KERNEL void fk_adamw(FK_GRID_PARAMS FkAdamParams p);
 FK_KERNEL void fk_sumsq_partial(FK_GRID_PARAMS FkSumSqParams p);
+
+// ---------------------------------------------------------------------------------------------
+// The whole-model training step's layout moves and remaining pointwise kernels
+// (kernels/model_ops.cu). CPU twins: src/model/attention.rs (QK-RMSNorm per head + RoPE and their
+// backward), src/ops/attention.rs (split_heads / merge_heads), src/ops/activation.rs (GELU-tanh),
+// src/ops/embedding.rs (timestep embedding), src/model/random.rs (RandomParam::generate).
+// Activations are token-major [rows, ld] with an explicit row stride ld (elements), so a column
+// block of a wider matrix is addressed by offsetting the pointer; attention tensors are
+// head-major [b, h, l, d] bf16 of the joint sequence (l tokens), of which one launch writes the
+// ls tokens t0..t0+ls (the double block's txt at t0 = 0, img at t0 = l_txt). Deterministic: every
+// output element is written by one thread, reductions run in a fixed order, no atomics.
+// ---------------------------------------------------------------------------------------------
+#define FK_MODEL_THREADS 256
+
+// dst[r, c] = src[r, c] (or dst += src with accumulate, f32 dst only) on a [rows, cols] window;
+// either side bf16 (rounded to nearest even on the way in) or f32. Casts are rows = 1.
+typedef struct {
+    const void* src;      // f32 or bf16 [rows, ld_src]
+    void* dst;            // f32 or bf16 [rows, ld_dst]
+    int64_t rows;
+    int64_t cols;
+    int64_t ld_src;
+    int64_t ld_dst;
+    int32_t src_bf16;     // 1: src is bf16, 0: f32
+    int32_t dst_bf16;     // 1: dst is bf16, 0: f32
+    int32_t accumulate;   // 1: dst += src (f32 dst)
+    int32_t pad0;
+} FkModelCopyParams;
+#define FK_SIZEOF_FkModelCopyParams 64
+
+// The attention prologue of one token stream: qkv (f32, token-major [b·ls, ld], q in columns
+// [0, h·d), k in [h·d, 2h·d), v in [2h·d, 3h·d), head j at j·d) → per head RMSNorm of q and k
+// (weight per head dim, rstd saved), RoPE on q and k (pairs (2i, 2i+1), tables [b, l, d/2] of
+// the joint sequence), q, k, v bf16 [b, h, l, d] at tokens t0..t0+ls. The backward takes dq, dk,
+// dv bf16 at those tokens and writes dqkv f32 columns [0, 3h·d) (overwrite); the norm weights are
+// frozen (no weight gradient). One warp per (sample, token, head).
+typedef struct {
+    const void* qkv;      // f32 [b·ls, ld]
+    const void* q_scale;  // f32 [d]: the query norm's weight
+    const void* k_scale;  // f32 [d]
+    const void* cos;      // f32 [b, l, d/2]
+    const void* sin;      // f32 [b, l, d/2]
+    void* q;              // bf16 [b, h, l, d] (forward output)
+    void* k;
+    void* v;
+    void* rstd_q;         // f32 [b, h, l] (forward output, backward input)
+    void* rstd_k;
+    const void* dq;       // bf16 [b, h, l, d] (backward input)
+    const void* dk;
+    const void* dv;
+    void* dqkv;           // f32 [b·ls, ld] (backward output, columns [0, 3h·d))
+    int64_t b;
+    int64_t h;
+    int64_t l;            // tokens of the joint sequence
+    int64_t d;            // head dim, even
+    int64_t ls;           // tokens of this stream per sample
+    int64_t t0;           // first joint token of this stream
+    int64_t ld;           // row stride of qkv and dqkv (≥ 3h·d)
+    float eps;            // QK_NORM_EPS
+    int32_t pad0;
+} FkModelQkParams;
+#define FK_SIZEOF_FkModelQkParams 176
+
+// merge_heads: tokens[r, hi·d + di] (bf16, columns [0, h·d) of [b·ls, ld]) ← heads[bi, hi,
+// t0 + t, di] (bf16), r = bi·ls + t. Its backward moves an f32 token-major gradient the other way,
+// rounding to bf16.
+typedef struct {
+    void* heads;          // bf16 [b, h, l, d]
+    void* tokens;         // forward: bf16 [b·ls, ld]; backward: f32 [b·ls, ld]
+    int64_t b;
+    int64_t h;
+    int64_t l;
+    int64_t d;
+    int64_t ls;
+    int64_t t0;
+    int64_t ld;
+} FkModelHeadsParams;
+#define FK_SIZEOF_FkModelHeadsParams 72
+
+// GELU-tanh on a [rows, cols] window: out = gelu(x) (f32 or bf16 out); backward dx = dy⊙gelu'(x)
+// (f32). x, dy f32.
+typedef struct {
+    const void* x;        // f32 [rows, ld_x]
+    const void* dy;       // f32 [rows, ld_dy] (backward)
+    void* out;            // forward: f32 or bf16 [rows, ld_out]; backward: dx f32 [rows, ld_out]
+    int64_t rows;
+    int64_t cols;
+    int64_t ld_x;
+    int64_t ld_dy;
+    int64_t ld_out;
+    int32_t out_bf16;     // forward only: 1 = bf16 out
+    int32_t pad0;
+} FkModelGeluParams;
+#define FK_SIZEOF_FkModelGeluParams 72
+
+// Sinusoidal embedding out[bi, :] = [cos(t'·f_j), sin(t'·f_j)] (j < dim/2, odd dim: last 0),
+// t' = time_factor·t[bi] and f_j = exp(neg_log_max_period·j/(dim/2)), all as the CPU rounds.
+typedef struct {
+    const void* t;        // f32 [b]
+    void* out;            // f32 [b, dim]
+    int64_t b;
+    int64_t dim;
+    float time_factor;    // 1000 in FLUX
+    float neg_log_max_period;  // −(ln(max_period) rounded to f32), computed by the host
+} FkModelTimestepParams;
+#define FK_SIZEOF_FkModelTimestepParams 40
+
+// RandomParam::generate on the device: dst[k] = value of element offset + k, k < n, f32 or bf16.
+// Uniform: splitmix64 mix of (stream + index·0x9E3779B97F4A7C15), 24 bits → u ∈ [0, 1),
+// bound·(2u − 1); constant: value.
+typedef struct {
+    void* dst;            // f32 or bf16 [n]
+    uint64_t stream;      // RandomParam::stream
+    int64_t offset;       // index of dst[0] in the tensor
+    int64_t n;
+    float bound;          // Init::Uniform(bound)
+    float value;          // Init::Const(value)
+    int32_t uniform;      // 1: uniform, 0: constant
+    int32_t dst_bf16;
+} FkModelRandomParams;
+#define FK_SIZEOF_FkModelRandomParams 48
+
+FK_KERNEL void fk_model_copy2d(FK_GRID_PARAMS FkModelCopyParams p);              // grid-stride
+FK_KERNEL void fk_model_qk_fwd(FK_GRID_PARAMS FkModelQkParams p);                // warp per item
+FK_KERNEL void fk_model_qk_bwd(FK_GRID_PARAMS FkModelQkParams p);                // warp per item
+FK_KERNEL void fk_model_merge_heads(FK_GRID_PARAMS FkModelHeadsParams p);        // grid-stride
+FK_KERNEL void fk_model_merge_heads_bwd(FK_GRID_PARAMS FkModelHeadsParams p);    // grid-stride
+FK_KERNEL void fk_model_gelu_fwd(FK_GRID_PARAMS FkModelGeluParams p);            // grid-stride
+FK_KERNEL void fk_model_gelu_bwd(FK_GRID_PARAMS FkModelGeluParams p);            // grid-stride
+FK_KERNEL void fk_model_timestep_emb(FK_GRID_PARAMS FkModelTimestepParams p);    // grid-stride
+FK_KERNEL void fk_model_random_fill(FK_GRID_PARAMS FkModelRandomParams p);       // grid-stride

@@ -1,12 +1,16 @@
-//! Where the model runs: the CPU reference, or CUDA. With `--device cuda` every LoRA linear (the
-//! bulk of the FLOPs) runs through the fused LoRA kernels and the attention core through the
-//! flash kernels; norms, RoPE and the elementwise ops stay on the CPU until the step kernels land,
-//! and each GPU call uploads its operands and downloads its results.
+//! Where the model runs: the CPU reference, or CUDA. A `Device::Cuda` holds one context with
+//! every kernel module loaded. `model::gpu::GpuFlux` runs the whole transformer on it with the
+//! weights and activations resident on the device (train and sample use that); the CPU model's
+//! `Linear` and attention core also accept it, uploading operands per call (the earlier path,
+//! kept for the per-op tests).
 
 use crate::kernels::attention::GpuAttention;
 use crate::kernels::gpu::Gpu;
 use crate::kernels::lora::GpuLora;
+use crate::kernels::model_ops::GpuModelOps;
+use crate::kernels::step::GpuStepOps;
 use anyhow::{bail, Result};
+use cudarc::driver::{CudaContext, CudaStream};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -14,6 +18,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct CudaBackend {
     pub lora: GpuLora,
     pub attn: GpuAttention,
+    /// The elementwise, normalisation, loss and optimizer kernels of the device-resident step.
+    pub step: GpuStepOps,
+    /// Layout moves, QK prologue, GELU, timestep embedding and random fill of that step.
+    pub ops: GpuModelOps,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
 }
 
 impl Deref for CudaBackend {
@@ -60,7 +70,14 @@ impl Device {
 
     fn cuda() -> Result<Device> {
         let gpu = Gpu::new()?;
-        let backend = CudaBackend { lora: GpuLora::new(&gpu)?, attn: GpuAttention::new(&gpu)? };
+        let backend = CudaBackend {
+            lora: GpuLora::new(&gpu)?,
+            attn: GpuAttention::new(&gpu)?,
+            step: GpuStepOps::new(&gpu)?,
+            ops: GpuModelOps::new(&gpu)?,
+            ctx: gpu.ctx.clone(),
+            stream: gpu.stream.clone(),
+        };
         Ok(Device::Cuda(Arc::new(Mutex::new(backend))))
     }
 

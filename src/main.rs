@@ -310,6 +310,34 @@ enum Cmd {
         #[arg(long, value_name = "A,B,C")]
         rope_axes: Option<String>,
     },
+    /// Time full LoRA training steps of the device-resident GPU model on synthetic inputs (one
+    /// JSON line: median step time, peak device memory, the planner's prediction).
+    BenchStep {
+        /// A checkpoint or random:flux1-dev[:SEED].
+        #[arg(long)]
+        model: String,
+        /// Image side in pixels (square).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value = "attn-mlp")]
+        targets: String,
+        /// bf16 or int8 (quantised at load).
+        #[arg(long, default_value = "bf16")]
+        base: String,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        checkpointing: bool,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 512)]
+        text_tokens: usize,
+        /// Accepted for scripts; the output is always one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Predict the peak GPU memory of a LoRA training step (weights by dtype, LoRA and AdamW
     /// state, activations, workspace), whether it fits, and which settings would.
     Plan {
@@ -330,7 +358,7 @@ enum Cmd {
         /// T5 tokens (512 for FLUX.1-dev, 256 for schnell).
         #[arg(long, default_value_t = 512)]
         text_tokens: usize,
-        /// Per-block activation checkpointing: on or off (the trainer has none yet).
+        /// Per-block activation checkpointing: on or off (train --gradient-checkpointing true).
         #[arg(long, default_value = "off")]
         checkpointing: String,
         /// Where the modulation linears' weights live: gpu or host.
@@ -500,6 +528,20 @@ fn main() -> Result<()> {
                 lora: adapter.config()?,
             };
             print!("{}", cli::plan::run(&model, rope_axes.as_deref(), base.as_deref(), settings, gpu_memory)?);
+        }
+        Cmd::BenchStep { model, size, rank, targets, base, checkpointing, steps, warmup, text_tokens, json: _ } => {
+            let a = cli::bench_step::BenchStep {
+                model,
+                size,
+                rank,
+                targets,
+                base,
+                checkpointing,
+                steps,
+                warmup,
+                text_tokens,
+            };
+            println!("{}", cli::bench_step::run(&a)?);
         }
         Cmd::Quantize { model, out, format, rope_axes } => {
             println!("{}", cli::quantize::run(&model, &out, &format, rope_axes.as_deref())?);

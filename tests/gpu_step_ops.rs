@@ -6,7 +6,7 @@
 //! writes why it is skipped.
 
 mod common;
-use common::{fresh_seed, gpu_or_skip};
+use common::{check, fresh_seed, gpu_or_skip};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::step::{GpuStepOps, StepDims};
 use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LN_EPS};
@@ -14,7 +14,7 @@ use flux_kernels::ops::activation::{gelu_tanh_backward, silu_backward, silu_forw
 use flux_kernels::ops::loss::{mse_backward, mse_forward};
 use flux_kernels::ops::modulation::{gated_residual_backward, gated_residual_forward};
 use flux_kernels::train::optim::{clip_grad_norm, AdamW};
-use flux_kernels::util::{rel_l2, Rng};
+use flux_kernels::util::Rng;
 
 /// f32 kernels against f32 (or f64-accumulated) CPU code.
 const TOL: f64 = 1e-5;
@@ -23,15 +23,6 @@ const TOL_ADAM: f64 = 1e-6;
 
 fn ops_or_skip(test: &str) -> Option<GpuStepOps> {
     gpu_or_skip(test, Gpu::new().and_then(|g| GpuStepOps::new(&g)))
-}
-
-fn check(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite values (unwritten or NaN); seed {seed}");
-    let e = rel_l2(got, want);
-    println!("{what}: rel L2 {e:.2e}");
-    assert!(e <= tol, "{what}: rel L2 {e:.3e} > {tol:e}; seed {seed}");
-    e
 }
 
 /// Shapes: c not a multiple of the 256-thread tile, l over one 64-token chunk and ragged.

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The one-call GPU check, build side. Builds here (no GPU needed) the release test binaries and
-# the benchmark with the CUDA kernels compiled by nvcc, stripped, and packs them with
-# tools/gpu-run.sh into one folder that the device tool carries to the lent GPU machine, where
-# gpu-run.sh runs everything (there is no Rust there). Prints the exact device call at the end.
+# The one-call GPU check, build side. Builds here (no GPU needed) the release test binaries, the
+# benchmarks and the flux-kernels binary (for `bench-step`, the engine's whole training step) with
+# the CUDA kernels compiled by nvcc, stripped, and packs them with tools/gpu-run.sh,
+# tools/scaling.sh and the PyTorch scripts into one folder that the device tool carries to the
+# lent GPU machine, where gpu-run.sh runs everything (there is no Rust there). The binaries travel
+# as one xz tarball (bin.tar.xz; gpu-run.sh unpacks it): loose, they come to more than the 64 MiB
+# a device call carries. Prints the exact device call at the end.
 #
 # Usage:  tools/gpu-check.sh [PACK_DIR]          (default target/gpu-check; git ignores target/)
 #         tools/gpu-check.sh --emulate [--asan]   CPU pre-flight instead: builds the CUDA emulator
@@ -47,38 +50,56 @@ if [ "${1:-}" = "--emulate" ]; then
   g++ "${flags[@]}" -o "$emu/libcuda.so" "$emu/driver.cpp"
   g++ "${flags[@]}" -o "$emu/libcublas.so" "$emu/cublas.cpp"
   echo "emulated libcuda.so / libcublas.so in $emu"
-  cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops
-  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops -- --test-threads 2
+  cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
+    --test gpu_model_ops --test gpu_flux_step
+  LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention \
+    --test gpu_step_ops --test gpu_model_ops --test gpu_flux_step -- --test-threads 2
   exit
 fi
 
 pack=${1:-$root/target/gpu-check}
 export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 log=$(mktemp)
-cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops 2>&1 | tee "$log"
+cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
+  --test gpu_model_ops --test gpu_flux_step 2>&1 | tee "$log"
 cargo bench --no-run --bench lora_matmul --bench attention 2>&1 | tee -a "$log"
+cargo build --release --bin flux-kernels
 rm -rf "$pack"
-mkdir -p "$pack"
+mkdir -p "$pack/bin"
 # "Executable tests/gpu_lora.rs (target/release/deps/gpu_lora-…)"
 sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p' "$log" | while read -r name exe; do
-  cp "$exe" "$pack/$name"
+  cp "$exe" "$pack/bin/$name"
 done
 rm -f "$log"
-for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops lora_matmul attention; do
-  [ -x "$pack/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
+cp target/release/flux-kernels "$pack/bin/"
+for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step lora_matmul attention flux-kernels; do
+  [ -x "$pack/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
 done
-cp tools/gpu-run.sh tools/attn_bench_torch.py "$pack/"
+# xz: about 6× smaller than the loose binaries (gzip: about 3×); where the GPU machine has no xz,
+# gpu-run.sh unpacks with Python's tarfile (lzma is in the standard library).
+du -sh "$pack/bin"
+tar -C "$pack/bin" -cf - . | xz -T2 -6 >"$pack/bin.tar.xz"
+rm -rf "$pack/bin"
+cp tools/gpu-run.sh tools/scaling.sh tools/attn_bench_torch.py tools/torch_flux_lora_step.py "$pack/"
 {
   echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' + uncommitted changes')"
   echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $("$NVCC" --version | tail -1)"
 } >"$pack/BUILD_INFO"
 du -sh "$pack"
 rel=${pack#"$root"/}
+whl=""
+[ -n "$(ls .whl/*.whl 2>/dev/null)" ] && whl=', ".whl"'
 cat <<MSG
 
 Packed into $rel. On the lent GPU (one call, about 6 minutes):
-  device run: command "bash $rel/gpu-run.sh", carry ["$rel"], timeout_s 420
+  device run: command "bash $rel/gpu-run.sh", carry ["$rel"$whl], timeout_s 420
+The engine-step section (side-by-side settings, PyTorch step, scaling grid: about a minute per
+call) needs more than the default FK_BUDGET=330 leaves; a call that gives it most of a 10-minute
+command (the tests first; no sanitizer, LoRA or attention benchmark):
+  device run: command "FK_BUDGET=540 FK_SKIP_SANITIZER=1 FK_SKIP_BENCH=1 FK_SKIP_ATTN_BENCH=1 bash $rel/gpu-run.sh",
+              carry ["$rel"$whl], timeout_s 600
+(The PyTorch training step needs diffusers, carried as wheels in .whl/: docs/side-by-side.md.)
 Logs come back from \$OUT (machine.txt, tests.log, sanitizer.log, bench_logs.txt,
-bench_table.md, attn_table.md, torch_attn_table.md, summary.md); record the run in
-docs/gpu-runs.md.
+bench_table.md, attn_table.md (ours and PyTorch's SDPA), step_table.md (engine step, PyTorch
+step, scaling grid with its CSV), summary.md); record the run in docs/gpu-runs.md.
 MSG

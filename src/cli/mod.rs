@@ -1,5 +1,6 @@
 //! Subcommands, one file each; main.rs only parses and dispatches.
 
+pub mod bench_step;
 pub mod forward;
 pub mod grad;
 pub mod info;

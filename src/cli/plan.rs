@@ -129,7 +129,10 @@ fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
         let axes =
             (!tc.rope_axes.is_empty()).then(|| crate::model::config::parse_rope_axes(&tc.rope_axes)).transpose()?;
         let ckpt = Checkpoint::open(std::path::Path::new(&tc.model), axes)?;
-        let base = base_of(&ckpt);
+        let base = match (base_of(&ckpt), tc.base.as_str()) {
+            (Base::Bf16, "int8") => Base::Int8,
+            (b, _) => b,
+        };
         (ckpt.cfg, base)
     };
     let sides = crate::train::sources::parse_sides(&tc.resolution)?;
@@ -140,7 +143,7 @@ fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
         height: side,
         batch: tc.batch_size,
         text_tokens: tc.t5_max_len,
-        checkpointing: false,
+        checkpointing: tc.gradient_checkpointing,
         modulation_on_host: false,
         lora: crate::train::trainer::lora_config(tc)?,
     };

@@ -182,9 +182,15 @@ pub struct TrainArgs {
     /// Sample side in pixels (default: the first resolution side).
     #[arg(long)]
     pub sample_size: Option<usize>,
-    /// cpu, cuda or auto (default): where the transformer's LoRA linears run.
+    /// cpu, cuda or auto (default): where the transformer runs (CUDA: the whole step on the GPU).
     #[arg(long)]
     pub device: Option<String>,
+    /// GPU base weights: bf16 (default; 8-bit files keep their codes) or int8 (quantised at load).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// GPU: recompute each block's activations in the backward instead of keeping them.
+    #[arg(long)]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 macro_rules! apply {
@@ -273,7 +279,9 @@ impl TrainArgs {
             sample_guidance,
             sample_seed,
             sample_size,
-            device
+            device,
+            base,
+            gradient_checkpointing
         );
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
             c = c.builtin_demo();

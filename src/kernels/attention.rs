@@ -110,6 +110,54 @@ pub struct AttnHostResult {
     pub dv: Vec<f32>,
 }
 
+/// Device addresses of one attention problem (`forward_dev` / `backward_dev`): Q, K, V, O, dO,
+/// dQ, dK, dV bf16 [b, h, l, d]; LSE and delta f32 [b, h, l]; the key mask u8 [b, l] or 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnPtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub kv_mask: u64,
+    pub dout: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub delta: u64,
+}
+
+fn params_of(dims: AttnDims, p: &AttnPtrs) -> FkAttnParams {
+    let AttnDims { b, h, l, d } = dims;
+    FkAttnParams {
+        q: p.q,
+        k: p.k,
+        v: p.v,
+        o: p.o,
+        lse: p.lse,
+        kv_mask: p.kv_mask,
+        dout: p.dout,
+        dq: p.dq,
+        dk: p.dk,
+        dv: p.dv,
+        delta: p.delta,
+        b: b as i64,
+        h: h as i64,
+        l: l as i64,
+        d: d as i64,
+        scale: 1.0 / (d as f32).sqrt(),
+        ..Default::default()
+    }
+}
+
+fn check_dims(dims: AttnDims) -> Result<()> {
+    let AttnDims { b, h, l, d } = dims;
+    ensure!(HEAD_DIMS.contains(&d), "attention on the GPU: head dim {d} is not one of {HEAD_DIMS:?}");
+    ensure!(b > 0 && h > 0 && l > 0, "attention on the GPU: empty shape {dims:?}");
+    ensure!(b * h <= 65535, "attention on the GPU: b·h = {} exceeds the grid's 65535", b * h);
+    Ok(())
+}
+
 pub struct GpuAttention {
     stream: Arc<CudaStream>,
     fwd: CudaFunction,
@@ -170,10 +218,8 @@ impl GpuAttention {
 
     /// Device buffers for `dims`, with the key mask [b, l] uploaded when given.
     pub fn alloc(&self, dims: AttnDims, mask: Option<&[u8]>) -> Result<AttnBuffers> {
-        let AttnDims { b, h, l, d } = dims;
-        ensure!(HEAD_DIMS.contains(&d), "attention on the GPU: head dim {d} is not one of {HEAD_DIMS:?}");
-        ensure!(b > 0 && h > 0 && l > 0, "attention on the GPU: empty shape {dims:?}");
-        ensure!(b * h <= 65535, "attention on the GPU: b·h = {} exceeds the grid's 65535", b * h);
+        let AttnDims { b, l, .. } = dims;
+        check_dims(dims)?;
         let n = dims.numel();
         let s = &self.stream;
         // SAFETY: every buffer is written (upload, poison or a kernel) before it is read.
@@ -239,8 +285,7 @@ impl GpuAttention {
 
     fn params(&self, bufs: &AttnBuffers) -> FkAttnParams {
         let s = &self.stream;
-        let AttnDims { b, h, l, d } = bufs.dims;
-        FkAttnParams {
+        let ptrs = AttnPtrs {
             q: ptr(&bufs.q, s),
             k: ptr(&bufs.k, s),
             v: ptr(&bufs.v, s),
@@ -252,13 +297,8 @@ impl GpuAttention {
             dk: ptr(&bufs.dk, s),
             dv: ptr(&bufs.dv, s),
             delta: ptr(&bufs.delta, s),
-            b: b as i64,
-            h: h as i64,
-            l: l as i64,
-            d: d as i64,
-            scale: 1.0 / (d as f32).sqrt(),
-            ..Default::default()
-        }
+        };
+        params_of(bufs.dims, &ptrs)
     }
 
     fn launch(&self, f: &CudaFunction, p: &FkAttnParams, grid: (usize, usize), smem: usize) -> Result<()> {
@@ -281,13 +321,37 @@ impl GpuAttention {
     }
 
     pub fn forward_variant(&self, bufs: &AttnBuffers, v: FwdVariant) -> Result<()> {
-        let AttnDims { b, h, l, d } = bufs.dims;
-        let p = self.params(bufs);
+        self.launch_forward(bufs.dims, &self.params(bufs), v)
+    }
+
+    /// O and LSE on the caller's device buffers (the device-resident model).
+    pub fn forward_dev(&self, dims: AttnDims, p: &AttnPtrs) -> Result<()> {
+        ensure!(p.q != 0 && p.k != 0 && p.v != 0 && p.o != 0 && p.lse != 0, "attention: Q, K, V, O or LSE missing");
+        check_dims(dims)?;
+        self.launch_forward(dims, &params_of(dims, p), FwdVariant::Rows128)
+    }
+
+    /// dQ, dK, dV on the caller's device buffers; `p.delta` is f32 [b, h, l] scratch.
+    pub fn backward_dev(&self, dims: AttnDims, p: &AttnPtrs) -> Result<()> {
+        ensure!(
+            [p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta].iter().all(|&x| x != 0),
+            "attention backward: a buffer is missing"
+        );
+        check_dims(dims)?;
+        let fp = params_of(dims, p);
+        for step in [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq] {
+            self.launch_backward(dims, &fp, step)?;
+        }
+        Ok(())
+    }
+
+    fn launch_forward(&self, dims: AttnDims, p: &FkAttnParams, v: FwdVariant) -> Result<()> {
+        let AttnDims { b, h, l, d } = dims;
         let (f, rows, name) = match v {
             FwdVariant::Rows128 => (&self.fwd, FWD_ROWS, "fk_attn_fwd"),
             FwdVariant::Rows64 => (&self.fwd_r64, BLOCK, "fk_attn_fwd_r64"),
         };
-        self.launch(f, &p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)).context(name)
+        self.launch(f, p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)).context(name)
     }
 
     /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
@@ -300,20 +364,21 @@ impl GpuAttention {
 
     /// One launch of the backward (benchmarks time them apart; each needs the ones before it).
     pub fn backward_step(&self, bufs: &AttnBuffers, step: BackwardStep) -> Result<()> {
-        let AttnDims { b, h, l, d } = bufs.dims;
-        let p = self.params(bufs);
+        self.launch_backward(bufs.dims, &self.params(bufs), step)
+    }
+
+    fn launch_backward(&self, dims: AttnDims, p: &FkAttnParams, step: BackwardStep) -> Result<()> {
+        let AttnDims { b, h, l, d } = dims;
         let (_, dkdv_smem, dq_smem) = smem_bytes(d);
         match step {
             BackwardStep::Prep => {
                 let warps = (FK_ATTN_THREADS / 32) as usize;
-                self.launch(&self.prep, &p, (bufs.dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")
+                self.launch(&self.prep, p, (dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")
             }
             BackwardStep::DkDv => {
-                self.launch(&self.dkdv, &p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")
+                self.launch(&self.dkdv, p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")
             }
-            BackwardStep::Dq => {
-                self.launch(&self.dq, &p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
-            }
+            BackwardStep::Dq => self.launch(&self.dq, p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq"),
         }
     }
 

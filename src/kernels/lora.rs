@@ -66,6 +66,13 @@ impl LinearShape {
         Ok(s)
     }
 
+    /// A shape from term shapes alone (the device-resident model holds no host factors).
+    pub fn of_terms(m: usize, k: usize, n: usize, bias: bool, terms: Vec<TermShape>) -> Result<LinearShape> {
+        let s = LinearShape { m, k, n, bias, terms };
+        s.check()?;
+        Ok(s)
+    }
+
     fn check(&self) -> Result<()> {
         ensure!(self.terms.len() <= MAX_TERMS, "at most {MAX_TERMS} LoRA terms per linear on the GPU");
         for t in &self.terms {
@@ -287,6 +294,34 @@ pub enum BaseGemm {
     Cublas,
 }
 
+/// The frozen weight's device address: bf16 [n][k], or 8-bit codes [n][k] (FK_CODE_I8 /
+/// FK_CODE_E4M3) with one f32 scale per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevWeight {
+    Bf16(u64),
+    Q8 { code: i32, codes: u64, scales: u64 },
+}
+
+/// Device addresses of one linear call's operands: the arena's buffers for the host-slice calls,
+/// the caller's buffers for the device-resident model (`forward_dev` / `backward_dev`). X, dY and
+/// the factors are bf16; Y and dX bf16 or f32 (`y_f32`, `dx_f32`); bias, dA and dB f32. Per term
+/// i: A [r, k], B [rows, r], dA, dB (accumulated with +=). Unused roles are 0.
+#[derive(Clone, Debug, Default)]
+pub struct LinearPtrs {
+    pub x: u64,
+    pub w: Option<DevWeight>,
+    pub bias: u64,
+    pub y: u64,
+    pub y_f32: bool,
+    pub dy: u64,
+    pub dx: u64,
+    pub dx_f32: bool,
+    pub a: Vec<u64>,
+    pub b: Vec<u64>,
+    pub da: Vec<u64>,
+    pub db: Vec<u64>,
+}
+
 struct Kernels {
     nt_large: CudaFunction,
     nt_small: CudaFunction,
@@ -321,6 +356,17 @@ fn segment(a: u64, lda: usize, b: u64, ldb: usize, k: usize, cols: Range<usize>)
         n_begin: cols.start as i64,
         n_end: cols.end as i64,
         ..Default::default()
+    }
+}
+
+/// The base weight's K-segment for the fused kernel: bf16 W, or the 8-bit codes with their
+/// scales. `a`/`lda` is the other operand (X forward, dY backward).
+fn base_segment(w: DevWeight, a: u64, lda: usize, ldb: usize, k: usize, cols: Range<usize>) -> FkSegment {
+    match w {
+        DevWeight::Q8 { code, codes, scales } => {
+            FkSegment { b_code: code, b_scale: scales, ..segment(a, lda, codes, ldb, k, cols) }
+        }
+        DevWeight::Bf16(w) => segment(a, lda, w, ldb, k, cols),
     }
 }
 
@@ -492,23 +538,6 @@ impl GpuLora {
         Ok(())
     }
 
-    /// The base weight's K-segment for the fused kernel: bf16 W, or the 8-bit codes with their
-    /// scales. `a`/`lda` is the other operand (X forward, dY backward).
-    fn base_segment(
-        &mut self,
-        s: &LinearShape,
-        a: u64,
-        lda: usize,
-        ldb: usize,
-        k: usize,
-        cols: Range<usize>,
-    ) -> Result<FkSegment> {
-        Ok(match self.w8 {
-            Some((code, q, sc)) => FkSegment { b_code: code, b_scale: sc, ..segment(a, lda, q, ldb, k, cols) },
-            None => segment(a, lda, self.arena.ptr16(Buf::W, s.n * s.k)?, ldb, k, cols),
-        })
-    }
-
     /// Uploads every term's A and B.
     pub fn upload_terms(&mut self, s: &LinearShape, terms: &[LoraTerm]) -> Result<()> {
         ensure!(terms.len() == s.terms.len(), "lora gpu: terms do not match the shape");
@@ -593,16 +622,15 @@ impl GpuLora {
     }
 
     /// S' = s·X̃·Aᵀ for every term into the S buffer (one launch).
-    fn run_shrink(&mut self, s: &LinearShape, l: &Layout) -> Result<()> {
+    fn run_shrink(&mut self, s: &LinearShape, l: &Layout, p: &LinearPtrs) -> Result<()> {
         if s.terms.is_empty() {
             return Ok(());
         }
-        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
-        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let x = p.x;
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
         let mut list = Vec::new();
         for (i, t) in s.terms.iter().enumerate() {
-            let (st, at) = (sp + 2 * l.s_col[i] as u64, a + 2 * l.a_off[i] as u64);
+            let (st, at) = (sp + 2 * l.s_col[i] as u64, p.a[i]);
             if self.thin_on_cublas(t.dropout) {
                 self.gemm(s.m, t.rank, s.k, t.scale, (x, s.k, false), (at, s.k, true), 0.0, (st, l.s_ld, false))?;
                 continue;
@@ -624,28 +652,75 @@ impl GpuLora {
         self.base == BaseGemm::Cublas && dropout.is_none_or(|d| d.p <= 0.0)
     }
 
+    /// The arena's addresses for a host-slice call on shape `s` (forward roles, plus the
+    /// backward's when `backward`).
+    fn arena_ptrs(&mut self, s: &LinearShape, backward: bool) -> Result<LinearPtrs> {
+        let l = Layout::of(s);
+        let w = match self.w8 {
+            Some((code, codes, scales)) => DevWeight::Q8 { code, codes, scales },
+            // No bf16 W buffer exists (or is allocated) while the base weight is 8-bit.
+            None => DevWeight::Bf16(self.arena.ptr16(Buf::W, s.n * s.k)?),
+        };
+        let a = self.arena.ptr16(Buf::A, l.a_len)?;
+        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let mut p = LinearPtrs {
+            x: self.arena.ptr16(Buf::X, s.m * s.k)?,
+            w: Some(w),
+            bias: if s.bias { self.arena.ptr32(Buf::Bias, s.n)? } else { 0 },
+            a: l.a_off.iter().map(|&o| a + 2 * o as u64).collect(),
+            b: l.b_off.iter().map(|&o| b + 2 * o as u64).collect(),
+            ..Default::default()
+        };
+        if backward {
+            let da = self.arena.ptr32(Buf::Da, l.a_len)?;
+            let db = self.arena.ptr32(Buf::Db, l.b_len)?;
+            p.dy = self.arena.ptr16(Buf::Dy, s.m * s.n)?;
+            p.dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
+            p.da = l.a_off.iter().map(|&o| da + 4 * o as u64).collect();
+            p.db = l.b_off.iter().map(|&o| db + 4 * o as u64).collect();
+        } else {
+            p.y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        }
+        Ok(p)
+    }
+
+    fn check_ptrs(s: &LinearShape, p: &LinearPtrs, backward: bool) -> Result<()> {
+        let nt = s.terms.len();
+        ensure!(p.w.is_some() && p.x != 0, "lora gpu: X or W missing");
+        ensure!(p.a.len() == nt && p.b.len() == nt, "lora gpu: {nt} terms but {} A and {} B", p.a.len(), p.b.len());
+        ensure!(s.bias == (p.bias != 0), "lora gpu: the shape's bias flag and the bias pointer disagree");
+        if backward {
+            ensure!(p.da.len() == nt && p.db.len() == nt && p.dy != 0, "lora gpu: dY, dA or dB missing");
+        } else {
+            ensure!(p.y != 0, "lora gpu: Y missing");
+        }
+        Ok(())
+    }
+
     /// Fused forward on the uploaded data: Y = X·Wᵀ + b + Σ s·(X̃·Aᵀ)·Bᵀ on each term's rows.
     pub fn run_forward(&mut self, s: &LinearShape) -> Result<()> {
+        let p = self.arena_ptrs(s, false)?;
+        self.forward_dev(s, &p)
+    }
+
+    /// The fused forward on the caller's device buffers (the device-resident model).
+    pub fn forward_dev(&mut self, s: &LinearShape, p: &LinearPtrs) -> Result<()> {
+        Self::check_ptrs(s, p, false)?;
         let l = Layout::of(s);
-        self.run_shrink(s, &l)?;
-        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
-        // No bf16 W buffer exists (or is allocated) while the base weight is 8-bit.
-        let w = if self.w8.is_some() { 0 } else { self.arena.ptr16(Buf::W, s.n * s.k)? };
-        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        self.run_shrink(s, &l, p)?;
+        let (x, y) = (p.x, p.y);
+        let w = p.w.expect("checked");
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
-        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
         let mut pr = problem(s.m, s.n, y, s.n);
-        if s.bias {
-            pr.bias = self.arena.ptr32(Buf::Bias, s.n)?;
-        }
+        pr.out_f32 = p.y_f32 as i32;
+        pr.bias = p.bias;
         let mut segs = Vec::new();
-        match self.base {
-            _ if self.w8.is_some() => segs.push(self.base_segment(s, x, s.k, s.k, s.k, 0..s.n)?),
-            BaseGemm::Fused => segs.push(segment(x, s.k, w, s.k, s.k, 0..s.n)),
-            BaseGemm::Cublas if s.terms.is_empty() && !s.bias => {
-                return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, false));
+        match (self.base, w) {
+            (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => segs.push(base_segment(w, x, s.k, s.k, s.k, 0..s.n)),
+            (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() && !s.bias => {
+                return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, p.y_f32));
             }
-            BaseGemm::Cublas => {
+            (BaseGemm::Cublas, DevWeight::Bf16(w)) => {
                 // f32 base product, so Y is rounded to bf16 once, as in the fused path.
                 let c = self.arena.ptr32(Buf::Base32, s.m * s.n)?;
                 self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (c, s.n, true))?;
@@ -655,14 +730,7 @@ impl GpuLora {
         }
         for (i, t) in s.terms.iter().enumerate() {
             // B [rows, r] is the K-major operand for output columns `rows` only.
-            segs.push(segment(
-                sp + 2 * l.s_col[i] as u64,
-                l.s_ld,
-                b + 2 * l.b_off[i] as u64,
-                t.rank,
-                t.rank,
-                t.rows.clone(),
-            ));
+            segs.push(segment(sp + 2 * l.s_col[i] as u64, l.s_ld, p.b[i], t.rank, t.rank, t.rows.clone()));
         }
         self.launch_large(&self.k.nt_large, &params(vec![(pr, segs)])?, s.m, s.n, FK_SMEM_GEMM_NT_LARGE)
     }
@@ -680,26 +748,32 @@ impl GpuLora {
     /// accumulate (+=), dX is overwritten when `want_dx`. `s_saved`: the S buffer still holds
     /// this shape's forward S' (else it is recomputed).
     pub fn run_backward(&mut self, s: &LinearShape, want_dx: bool, s_saved: bool) -> Result<()> {
+        let p = self.arena_ptrs(s, true)?;
+        self.backward_impl(s, &p, want_dx, s_saved)
+    }
+
+    /// The fused backward on the caller's device buffers: dA, dB accumulate, dX (when `p.dx` is
+    /// not 0) is overwritten. S' is recomputed (the arena's S is shared by every linear).
+    pub fn backward_dev(&mut self, s: &LinearShape, p: &LinearPtrs) -> Result<()> {
+        self.backward_impl(s, p, p.dx != 0, false)
+    }
+
+    fn backward_impl(&mut self, s: &LinearShape, p: &LinearPtrs, want_dx: bool, s_saved: bool) -> Result<()> {
+        Self::check_ptrs(s, p, true)?;
         let l = Layout::of(s);
         if !s_saved {
-            self.run_shrink(s, &l)?;
+            self.run_shrink(s, &l, p)?;
         }
-        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
-        let w = if self.w8.is_some() { 0 } else { self.arena.ptr16(Buf::W, s.n * s.k)? };
-        let a = self.arena.ptr16(Buf::A, l.a_len)?;
-        let b = self.arena.ptr16(Buf::B, l.b_len)?;
+        let (x, dy) = (p.x, p.dy);
+        let w = p.w.expect("checked");
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
         let g = self.arena.ptr16(Buf::G, s.m * l.s_ld)?;
-        let dy = self.arena.ptr16(Buf::Dy, s.m * s.n)?;
-        let da = self.arena.ptr32(Buf::Da, l.a_len)?;
-        let db = self.arena.ptr32(Buf::Db, l.b_len)?;
 
         // G' = s·dY[:, rows]·B: dY's columns `rows` as A [m, rows] (row stride n), B [rows, r].
         if !s.terms.is_empty() {
             let mut list = Vec::new();
             for (i, t) in s.terms.iter().enumerate() {
-                let (gt, bt, a_op) =
-                    (g + 2 * l.s_col[i] as u64, b + 2 * l.b_off[i] as u64, dy + 2 * t.rows.start as u64);
+                let (gt, bt, a_op) = (g + 2 * l.s_col[i] as u64, p.b[i], dy + 2 * t.rows.start as u64);
                 if self.base == BaseGemm::Cublas {
                     self.gemm(
                         s.m,
@@ -723,16 +797,19 @@ impl GpuLora {
 
         // dX = [dY | G'₁ …]·[W ; A₁ …], dropout terms as masked segments.
         if want_dx {
-            let dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
+            let dx = p.dx;
+            ensure!(dx != 0, "lora gpu: dX missing");
             let mut pr = problem(s.m, s.k, dx, s.k);
+            pr.out_f32 = p.dx_f32 as i32;
             let mut segs = Vec::new();
-            match self.base {
-                _ if self.w8.is_some() => segs.push(self.base_segment(s, dy, s.n, s.k, s.n, 0..s.k)?),
-                BaseGemm::Fused => segs.push(segment(dy, s.n, w, s.k, s.n, 0..s.k)),
-                BaseGemm::Cublas if s.terms.is_empty() => {
-                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, false))?;
+            match (self.base, w) {
+                (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => {
+                    segs.push(base_segment(w, dy, s.n, s.k, s.n, 0..s.k))
                 }
-                BaseGemm::Cublas => {
+                (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() => {
+                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, p.dx_f32))?;
+                }
+                (BaseGemm::Cublas, DevWeight::Bf16(w)) => {
                     let c = self.arena.ptr32(Buf::Base32, s.m * s.k)?;
                     self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (c, s.k, true))?;
                     pr.beta = 1.0;
@@ -740,7 +817,7 @@ impl GpuLora {
                 }
             }
             for (i, t) in s.terms.iter().enumerate() {
-                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, a + 2 * l.a_off[i] as u64, s.k, t.rank, 0..s.k);
+                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, p.a[i], s.k, t.rank, 0..s.k);
                 segs.push(with_mask(seg, t.dropout, FK_MASK_OUT, s.k));
             }
             if !segs.is_empty() {
@@ -755,7 +832,7 @@ impl GpuLora {
             let mut list = Vec::new();
             for (i, t) in s.terms.iter().enumerate() {
                 let (gt, st) = (g + 2 * l.s_col[i] as u64, sp + 2 * l.s_col[i] as u64);
-                let (dat, dbt) = (da + 4 * l.a_off[i] as u64, db + 4 * l.b_off[i] as u64);
+                let (dat, dbt) = (p.da[i], p.db[i]);
                 let a_op = dy + 2 * t.rows.start as u64;
                 if self.thin_on_cublas(t.dropout) {
                     self.gemm(t.rank, s.k, s.m, 1.0, (gt, l.s_ld, true), (x, s.k, false), 1.0, (dat, s.k, true))?;

@@ -14,4 +14,5 @@ pub mod abi;
 pub mod attention;
 pub mod gpu;
 pub mod lora;
+pub mod model_ops;
 pub mod step;

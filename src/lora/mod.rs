@@ -57,6 +57,16 @@ impl LoraSet {
         self.terms.is_empty()
     }
 
+    /// The dropout probability and step seed, when set.
+    pub fn dropout(&self) -> Option<(f32, u64)> {
+        self.dropout
+    }
+
+    /// Every module with terms, and its deltas in order.
+    pub fn modules(&self) -> impl Iterator<Item = (&String, &Vec<LoraDelta>)> {
+        self.terms.iter()
+    }
+
     /// The terms on module `name`, ready for `lora_linear_forward`.
     pub fn terms(&self, name: &str) -> Vec<LoraTerm<'_>> {
         let Some(v) = self.terms.get(name) else { return Vec::new() };
@@ -68,14 +78,15 @@ impl LoraSet {
                 rank: d.rank,
                 scale: d.scale,
                 rows: d.rows.clone(),
-                dropout: self.dropout.map(|(p, seed)| Dropout { p, seed: mix(seed, name, i) }),
+                dropout: self.dropout.map(|(p, seed)| Dropout { p, seed: term_seed(seed, name, i) }),
             })
             .collect()
     }
 }
 
-/// A seed per (step seed, module, term): FNV-1a over the name, folded with the others.
-fn mix(seed: u64, name: &str, i: usize) -> u64 {
+/// The dropout seed of term `i` on module `name` for step seed `seed`: FNV-1a over the name,
+/// folded with the others (the GPU model draws the same masks from it).
+pub fn term_seed(seed: u64, name: &str, i: usize) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in name.bytes().chain((i as u64).to_le_bytes()) {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);

@@ -5,6 +5,7 @@ pub mod config;
 pub mod double_block;
 pub mod embed;
 pub mod flux;
+pub mod gpu;
 pub mod param;
 pub mod random;
 pub mod single_block;

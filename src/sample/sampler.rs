@@ -2,9 +2,12 @@
 //! resolution-dependent shifted schedule (BFL `get_schedule`, `denoise`).
 
 use super::{img_ids, unpack_latent};
+use crate::device::{CudaBackend, Device};
 use crate::lora::LoraSet;
 use crate::model::config::FluxConfig;
 use crate::model::flux::{flux_forward, FluxInputs};
+use crate::model::gpu::lora::DevLora;
+use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use crate::util::Rng;
 use anyhow::{bail, Result};
@@ -58,8 +61,36 @@ pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>>
     (0..n).map(|_| rng.normal_vec(c * h * w, 1.0)).collect()
 }
 
-/// Runs the Euler loop; returns one latent [c, h, w] per image (c = in_channels / 4).
+/// Runs the Euler loop; returns one latent [c, h, w] per image (c = in_channels / 4). With a
+/// CUDA device in `loras`, the whole model runs device-resident (`model::gpu::GpuFlux`, weights
+/// uploaded once for the call); otherwise the CPU reference.
 pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
+    if let Device::Cuda(be) = &loras.device {
+        let mut m = GpuFlux::new(cfg, w, &loras.device, BaseDtype::Bf16)?;
+        let lora = {
+            let g = CudaBackend::lock(be)?;
+            DevLora::from_set(&g, loras, &|n| m.d_in_of(n), false)?
+        };
+        return sample_gpu(&mut m, spec, &lora);
+    }
+    sample_with(cfg, spec, &mut |inp| flux_forward(cfg, w, inp, loras))
+}
+
+/// The Euler loop on a device-resident model and adapters (the trainer's previews reuse its own).
+pub fn sample_gpu(m: &mut GpuFlux, spec: &SampleSpec, lora: &DevLora) -> Result<Vec<Vec<f32>>> {
+    let cfg = m.cfg.clone();
+    sample_with(&cfg, spec, &mut |inp| {
+        let v = m.forward(inp, lora)?;
+        m.download(&v, inp.b * inp.n_img * cfg.out_channels)
+    })
+}
+
+/// The Euler loop around any forward (velocity of `FluxInputs`).
+pub fn sample_with(
+    cfg: &FluxConfig,
+    spec: &SampleSpec,
+    forward: &mut dyn FnMut(&FluxInputs) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
     if !spec.h.is_multiple_of(2) || !spec.w.is_multiple_of(2) || spec.h == 0 || spec.w == 0 {
         bail!("latent size {}×{} must be even and non-zero (image size a multiple of 16)", spec.h, spec.w);
     }
@@ -88,7 +119,7 @@ pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &Lora
     for win in ts.windows(2) {
         inp.img = x.clone();
         inp.timesteps = vec![win[0]; b];
-        let v = flux_forward(cfg, w, &inp, loras)?;
+        let v = forward(&inp)?;
         let dt = win[1] - win[0];
         x.iter_mut().zip(&v).for_each(|(xi, vi)| *xi += dt * vi);
     }

@@ -93,8 +93,13 @@ pub struct TrainConfig {
     pub sample_seed: u64,
     /// Sample side in pixels; 0: the first resolution side.
     pub sample_size: usize,
-    /// cpu, cuda or auto: where the transformer's LoRA linears run (forward and backward).
+    /// cpu, cuda or auto: where the transformer runs (on CUDA: the whole step, device-resident).
     pub device: String,
+    /// Frozen base weights on the GPU: bf16 (or the file's own 8-bit codes) or int8 (quantised
+    /// per output channel at load).
+    pub base: String,
+    /// GPU: keep only each block's input in the forward and recompute the block in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +164,8 @@ impl Default for TrainConfig {
             sample_seed: 0,
             sample_size: 0,
             device: "auto".into(),
+            base: "bf16".into(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -206,6 +213,7 @@ impl TrainConfig {
         one_of("format", &self.format, &["peft", "diffusers", "kohya"])?;
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
+        one_of("base", &self.base, &["bf16", "int8"])?;
         one_of("lr_schedule", &self.lr_schedule, &["constant", "cosine"])?;
         one_of(
             "timestep_sampling",

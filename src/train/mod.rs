@@ -3,6 +3,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod gpu_step;
 pub mod objective;
 pub mod optim;
 pub mod sources;

@@ -5,6 +5,7 @@ use super::builtin;
 use super::checkpoint::{self, State};
 use super::config::TrainConfig;
 use super::data::{Dataset, Sample};
+use super::gpu_step::GpuTrain;
 use super::objective::{loss_weight, noisy_pair, sample_sigma};
 use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::sources::{parse_sides, Pipeline};
@@ -15,6 +16,7 @@ use crate::lora::export::{write_lora, ExportTerm, LoraFormatOut};
 use crate::lora::{LoraDelta, LoraSet};
 use crate::model::config::{parse_rope_axes, FluxConfig};
 use crate::model::flux::{flux_backward, flux_forward_train, FluxInputs};
+use crate::model::gpu::BaseDtype;
 use crate::model::weights::FluxWeights;
 use crate::ops::loss::{mse_backward, mse_forward};
 use crate::sample::sampler::{sample, SampleSpec};
@@ -211,7 +213,26 @@ fn micro_step(
     Ok(loss)
 }
 
-fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet) -> Result<Vec<Vec<f32>>> {
+/// The GPU twin of `micro_step`: the same batch, noise, σ and dropout seed.
+#[allow(clippy::too_many_arguments)]
+fn micro_step_gpu(
+    gt: &mut GpuTrain,
+    model: &Model,
+    tc: &TrainConfig,
+    ds: &Dataset,
+    k: u64,
+    salt: u64,
+    gscale: f32,
+) -> Result<f64> {
+    let idx = ds.batch(k, tc.batch_size, tc.seed ^ salt);
+    let mut rng = stream(tc.seed, k, salt);
+    let (inp, target, wts) = make_batch(&model.cfg, tc, ds, &idx, &mut rng);
+    let seed = stream(tc.seed, k, salt ^ 0xD80).next_u64();
+    let dropout = (tc.dropout > 0.0).then_some((tc.dropout, seed));
+    gt.micro_step(&inp, &target, &wts, gscale, dropout)
+}
+
+fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet, gpu: Option<&mut GpuTrain>) -> Result<Vec<Vec<f32>>> {
     let pick: Vec<&Sample> = ds.samples.iter().take(4).collect();
     let spec = SampleSpec {
         txt: pick.iter().map(|s| s.txt.clone()).collect(),
@@ -223,7 +244,10 @@ fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet) -> Result<Vec<Vec<f3
         guidance: 1.0,
         seed: 1,
     };
-    sample(&model.cfg, &model.weights, &spec, set)
+    match gpu {
+        Some(g) => g.sample(&spec),
+        None => sample(&model.cfg, &model.weights, &spec, set),
+    }
 }
 
 fn mean_distance(lats: &[Vec<f32>]) -> f32 {
@@ -270,9 +294,19 @@ impl Previews {
         Ok(Previews { spec, vae })
     }
 
-    fn write(&self, model: &Model, set: &LoraSet, dir: &Path, step: usize) -> Result<Vec<String>> {
+    fn write(
+        &self,
+        model: &Model,
+        set: &LoraSet,
+        gpu: Option<&mut GpuTrain>,
+        dir: &Path,
+        step: usize,
+    ) -> Result<Vec<String>> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let lats = sample(&model.cfg, &model.weights, &self.spec, set)?;
+        let lats = match gpu {
+            Some(g) => g.sample(&self.spec)?,
+            None => sample(&model.cfg, &model.weights, &self.spec, set)?,
+        };
         let f = self.vae.factor();
         let mut files = Vec::new();
         for (i, z) in lats.iter().enumerate() {
@@ -336,6 +370,21 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         }
     }
 
+    let mut gpu = match &ad.device {
+        crate::device::Device::Cuda(_) => Some(GpuTrain::new(
+            &model.cfg,
+            &model.weights,
+            &ad.device,
+            BaseDtype::parse(&tc.base)?,
+            tc.gradient_checkpointing,
+            &ad.specs,
+            &ad.scales,
+            &ad.params,
+            &opt,
+        )?),
+        crate::device::Device::Cpu => None,
+    };
+
     let mut log = Vec::new();
     let mut say = |s: String, pb: Option<&indicatif::ProgressBar>| {
         if !quiet {
@@ -348,6 +397,18 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     };
     if let Some(n) = device_note {
         say(format!("--device auto: {n}"), None);
+    }
+    if let Some(g) = &gpu {
+        let bytes: usize = g.m.w.linears().iter().map(|l| l.bytes()).sum();
+        say(
+            format!(
+                "GPU: the whole step on the device; base weights {} ({:.2} GiB), activation checkpointing {}",
+                tc.base,
+                bytes as f64 / (1u64 << 30) as f64,
+                if tc.gradient_checkpointing { "on" } else { "off" }
+            ),
+            None,
+        );
     }
     let n_train: usize = ad.specs.iter().map(|s| s.param_count()).sum();
     say(
@@ -371,7 +432,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if builtin_demo && start == 0 {
         let data: Vec<Vec<f32>> = ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
         crate::sample::preview::write_preview(&sibling(&out, "-data.png"), &data, builtin::LATENT, builtin::LATENT, 8)?;
-        let lats = demo_samples(&model, &ds, &LoraSet::new())?;
+        let lats = demo_samples(&model, &ds, &LoraSet::new(), gpu.as_mut())?;
         crate::sample::preview::write_preview(
             &sibling(&out, "-before.png"),
             &lats,
@@ -414,14 +475,25 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     let mut interrupted = false;
     let mut step = start;
     while step < tc.steps {
-        let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut grads: Vec<Vec<f32>> =
+            if gpu.is_some() { Vec::new() } else { sizes.iter().map(|&n| vec![0.0; n]).collect() };
         let gscale = 1.0 / tc.grad_accum as f32;
         let (mut loss, mut prior) = (0.0, 0.0);
+        if let Some(g) = gpu.as_mut() {
+            g.zero_grads()?;
+        }
         for j in 0..tc.grad_accum {
             let k = (step * tc.grad_accum + j) as u64;
-            loss += micro_step(&model, &tc, &ad, &ds, k, 0, gscale, &mut grads)? / tc.grad_accum as f64;
+            loss += match gpu.as_mut() {
+                Some(g) => micro_step_gpu(g, &model, &tc, &ds, k, 0, gscale)?,
+                None => micro_step(&model, &tc, &ad, &ds, k, 0, gscale, &mut grads)?,
+            } / tc.grad_accum as f64;
             if let Some(cds) = &class {
-                let l = micro_step(&model, &tc, &ad, cds, k, 0xC1A55, gscale * tc.prior_weight, &mut grads)?;
+                let ps = gscale * tc.prior_weight;
+                let l = match gpu.as_mut() {
+                    Some(g) => micro_step_gpu(g, &model, &tc, cds, k, 0xC1A55, ps)?,
+                    None => micro_step(&model, &tc, &ad, cds, k, 0xC1A55, ps, &mut grads)?,
+                };
                 prior += l / tc.grad_accum as f64;
             }
         }
@@ -435,12 +507,18 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             };
             bail!("step {}: the loss is not finite ({total}); stopping without writing the LoRA ({kept})", step + 1);
         }
-        let mut gref: Vec<&mut Vec<f32>> = grads.iter_mut().collect();
-        let gnorm = clip_grad_norm(&mut gref, tc.max_grad_norm);
         let lr = lr_at(&tc.lr_schedule, tc.lr, step, tc.warmup_steps, tc.steps);
-        let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
-        let mut p: Vec<&mut Vec<f32>> = ad.params.iter_mut().collect();
-        opt.step(&mut p, &g, lr);
+        let gnorm = match gpu.as_mut() {
+            Some(g) => g.optimizer_step(&mut opt, lr, tc.max_grad_norm)?,
+            None => {
+                let mut gref: Vec<&mut Vec<f32>> = grads.iter_mut().collect();
+                let gnorm = clip_grad_norm(&mut gref, tc.max_grad_norm);
+                let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
+                let mut p: Vec<&mut Vec<f32>> = ad.params.iter_mut().collect();
+                opt.step(&mut p, &g, lr);
+                gnorm
+            }
+        };
         step += 1;
         last_loss = total;
         let e = ema.map_or(total, |e| 0.9 * e + 0.1 * total);
@@ -462,13 +540,18 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             );
         }
         if let Some(p) = previews.as_ref().filter(|_| step % tc.sample_every == 0 || step == tc.steps) {
-            let files = p.write(&model, &ad.set(0.0, 0), &sibling(&out, "-samples"), step)?;
+            let files = p.write(&model, &ad.set(0.0, 0), gpu.as_mut(), &sibling(&out, "-samples"), step)?;
             say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
         }
-        if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
+        let checkpoint_now = tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0;
+        let stop = interrupt.load(Ordering::SeqCst);
+        if let (Some(g), true) = (gpu.as_ref(), checkpoint_now || stop) {
+            g.to_host(&mut ad.params, &mut opt)?;
+        }
+        if checkpoint_now {
             save_state(step, &ad, &opt)?;
         }
-        if interrupt.load(Ordering::SeqCst) {
+        if stop {
             save_state(step, &ad, &opt)?;
             say(
                 format!("interrupted: checkpoint at step {step} in {} (resume with --resume)", ckpt_dir.display()),
@@ -479,6 +562,17 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         }
     }
     pb.finish_and_clear();
+    if let Some(g) = gpu.as_ref() {
+        g.to_host(&mut ad.params, &mut opt)?;
+        g.m.synchronize()?;
+        say(
+            format!(
+                "GPU: {:.2} GiB peak device memory in use (at block boundaries)",
+                g.m.peak_used as f64 / (1u64 << 30) as f64
+            ),
+            None,
+        );
+    }
     let secs = t0.elapsed().as_secs_f64();
     let done = step - start;
     say(format!("{done} steps in {secs:.1} s ({:.2} it/s)", done as f64 / secs.max(1e-9)), None);
@@ -506,7 +600,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
 
     let mut demo = None;
     if let (Some(before), false) = (demo_before, interrupted) {
-        let lats = demo_samples(&model, &ds, &ad.set(0.0, 0))?;
+        let lats = demo_samples(&model, &ds, &ad.set(0.0, 0), gpu.as_mut())?;
         crate::sample::preview::write_preview(
             &sibling(&out, "-after.png"),
             &lats,

@@ -119,3 +119,14 @@ pub fn normal_bf16(rng: &mut flux_kernels::util::Rng, n: usize, std: f32) -> Vec
     bf16_round(&mut v);
     v
 }
+
+/// Relative L2 of `got` against `want` within `tol`, every value finite (an unwritten, poisoned
+/// output shows as NaN); prints the error; the seed goes into every failure message.
+pub fn check(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite values (unwritten or NaN); seed {seed}");
+    let e = flux_kernels::util::rel_l2(got, want);
+    println!("{what}: rel L2 {e:.2e}");
+    assert!(e <= tol, "{what}: rel L2 {e:.3e} > {tol:e}; seed {seed}");
+    e
+}

@@ -1,0 +1,142 @@
+//! `bench-step`: full LoRA training steps (forward, backward, clipping, AdamW) of the
+//! device-resident GPU model on synthetic inputs, timed one by one after warm-up, with the peak
+//! device memory in use and the planner's prediction beside it: the engine's side of
+//! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
+
+use crate::device::Device;
+use crate::io::checkpoint::Checkpoint;
+use crate::lora::config::resolve_targets;
+use crate::model::flux::FluxInputs;
+use crate::model::gpu::BaseDtype;
+use crate::model::weights::FluxWeights;
+use crate::plan::{plan, Base, Settings};
+use crate::sample::img_ids;
+use crate::train::config::TrainConfig;
+use crate::train::gpu_step::GpuTrain;
+use crate::train::optim::AdamW;
+use crate::train::trainer::lora_config;
+use crate::util::Rng;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::time::Instant;
+
+pub struct BenchStep {
+    pub model: String,
+    pub size: usize,
+    pub rank: usize,
+    pub targets: String,
+    pub base: String,
+    pub checkpointing: bool,
+    pub steps: usize,
+    pub warmup: usize,
+    pub text_tokens: usize,
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// Runs the benchmark; returns one line of JSON.
+pub fn run(a: &BenchStep) -> Result<String> {
+    if a.size == 0 || !a.size.is_multiple_of(16) {
+        bail!("--size {}: a positive multiple of 16 pixels", a.size);
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let base = BaseDtype::parse(&a.base)?;
+    let (dev, _) = Device::parse("cuda")?;
+    let t_load = Instant::now();
+    let ckpt = Checkpoint::open(Path::new(&a.model), None)?;
+    let cfg = ckpt.cfg.clone();
+    let weights = FluxWeights::new(&cfg, &|n| ckpt.param(n).cloned())?;
+    let tc = TrainConfig { rank: a.rank, targets: a.targets.clone(), ..TrainConfig::default() };
+    let lc = lora_config(&tc)?;
+    let specs = resolve_targets(&cfg, &lc)?;
+    let scales: Vec<f32> = specs.iter().map(|s| lc.scale(s)).collect();
+    let mut rng = Rng::new(42);
+    let params: Vec<Vec<f32>> = specs
+        .iter()
+        .flat_map(|s| {
+            let (a, b) = lc.init_factors(s, &mut rng);
+            [a, b]
+        })
+        .collect();
+    let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
+    let mut gt = GpuTrain::new(&cfg, &weights, &dev, base, a.checkpointing, &specs, &scales, &params, &opt)
+        .context("loading the model onto the GPU")?;
+    gt.m.synchronize()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let weights_bytes: usize = gt.m.w.linears().iter().map(|l| l.bytes()).sum();
+
+    // One synthetic sample: packed latent noise, T5-like states, pooled CLIP, σ = 0.5.
+    let lat = a.size / 8;
+    let n_img = (lat / 2) * (lat / 2);
+    let inp = FluxInputs {
+        b: 1,
+        n_img,
+        n_txt: a.text_tokens,
+        img: rng.normal_vec(n_img * cfg.in_channels, 1.0),
+        img_ids: img_ids(lat, lat),
+        txt: rng.normal_vec(a.text_tokens * cfg.context_in_dim, 0.2),
+        txt_ids: vec![0.0; a.text_tokens * 3],
+        y: rng.normal_vec(cfg.vec_in_dim, 0.5),
+        timesteps: vec![0.5],
+        guidance: cfg.guidance_embed.then(|| vec![1.0]),
+    };
+    let target = rng.normal_vec(n_img * cfg.out_channels, 1.0);
+    let mut times = Vec::new();
+    let mut last_loss = f64::NAN;
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        gt.zero_grads()?;
+        last_loss = gt.micro_step(&inp, &target, &[1.0], 1.0, None)?;
+        gt.optimizer_step(&mut opt, 1e-4, 1.0)?;
+        gt.m.synchronize()?;
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    if !last_loss.is_finite() {
+        bail!("the loss is not finite ({last_loss})");
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let median = sorted[sorted.len() / 2];
+    let plan_base = match base {
+        BaseDtype::Int8 => Base::Int8,
+        BaseDtype::Bf16 => Base::Bf16,
+    };
+    let settings = Settings {
+        base: plan_base,
+        width: a.size,
+        height: a.size,
+        batch: 1,
+        text_tokens: a.text_tokens,
+        checkpointing: a.checkpointing,
+        modulation_on_host: false,
+        lora: lc,
+    };
+    let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
+    let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
+    let j = serde_json::json!({
+        "model": a.model,
+        "size": a.size,
+        "rank": a.rank,
+        "targets": a.targets,
+        "base": a.base,
+        "checkpointing": a.checkpointing,
+        "steps": a.steps,
+        "step_s_median": median,
+        "step_s": times,
+        "peak_gib": gib(gt.m.peak_used),
+        "peak_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries",
+        "weights_gib": gib(weights_bytes),
+        "predicted_gib": predicted,
+        "trainable": trainable,
+        "loss": last_loss,
+        "load_s": load_s,
+    });
+    Ok(j.to_string())
+}

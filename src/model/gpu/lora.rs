@@ -1,0 +1,210 @@
+//! Adapters on the device: each term's factors in bf16 (what the kernels read), and for
+//! training the f32 master factors, their gradients and AdamW's moments, all resident. Terms are
+//! ordered as the trainer's parameter list (A0, B0, A1, B1, …); `by_module` finds a linear's.
+
+use super::weights::ptr;
+use crate::device::CudaBackend;
+use crate::kernels::lora::TermShape;
+use crate::lora::{term_seed, LoraSet};
+use crate::ops::lora::Dropout;
+use anyhow::{ensure, Result};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// One host vector per tensor, in the adapters' parameter order.
+pub type HostTensors = Vec<Vec<f32>>;
+
+pub struct DevTerm {
+    pub module: String,
+    /// Position among its module's terms (the dropout seed's index, as on the CPU).
+    pub index: usize,
+    pub rank: usize,
+    pub rows: Range<usize>,
+    pub scale: f32,
+    pub d_in: usize,
+    pub a16: CudaSlice<bf16>,
+    pub b16: CudaSlice<bf16>,
+}
+
+/// What training adds: f32 factors [A0, B0, …], gradients and moments in the same order.
+pub struct DevTrain {
+    pub params: Vec<CudaSlice<f32>>,
+    pub grads: Vec<CudaSlice<f32>>,
+    pub m: Vec<CudaSlice<f32>>,
+    pub v: Vec<CudaSlice<f32>>,
+}
+
+#[derive(Default)]
+pub struct DevLora {
+    pub terms: Vec<DevTerm>,
+    by_module: HashMap<String, Vec<usize>>,
+    /// Dropout probability and this step's seed (training).
+    pub dropout: Option<(f32, u64)>,
+    pub train: Option<DevTrain>,
+}
+
+/// One term's description for `DevLora::new`.
+pub struct TermSpec {
+    pub module: String,
+    pub rank: usize,
+    pub rows: Range<usize>,
+    pub scale: f32,
+    pub d_in: usize,
+}
+
+fn to16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+impl DevLora {
+    /// Terms with their factors (A [r, d_in], B [rows, r] per term, in `specs` order); with
+    /// `train`, also the f32 masters, zeroed gradients and moments.
+    pub fn new(g: &CudaBackend, specs: Vec<TermSpec>, factors: &[Vec<f32>], train: bool) -> Result<DevLora> {
+        ensure!(
+            factors.len() == 2 * specs.len(),
+            "device adapters: {} factors for {} terms",
+            factors.len(),
+            specs.len()
+        );
+        let st = &g.stream;
+        let mut out = DevLora::default();
+        let mut tr = DevTrain { params: Vec::new(), grads: Vec::new(), m: Vec::new(), v: Vec::new() };
+        for (i, s) in specs.into_iter().enumerate() {
+            let (a, b) = (&factors[2 * i], &factors[2 * i + 1]);
+            ensure!(
+                a.len() == s.rank * s.d_in && b.len() == s.rows.len() * s.rank,
+                "adapter on {}: A has {} values (expected {}), B {} (expected {})",
+                s.module,
+                a.len(),
+                s.rank * s.d_in,
+                b.len(),
+                s.rows.len() * s.rank
+            );
+            let list = out.by_module.entry(s.module.clone()).or_default();
+            let index = list.len();
+            list.push(i);
+            if train {
+                for f in [a, b] {
+                    tr.params.push(st.clone_htod(f)?);
+                    tr.grads.push(st.alloc_zeros::<f32>(f.len())?);
+                    tr.m.push(st.alloc_zeros::<f32>(f.len())?);
+                    tr.v.push(st.alloc_zeros::<f32>(f.len())?);
+                }
+            }
+            out.terms.push(DevTerm {
+                module: s.module,
+                index,
+                rank: s.rank,
+                rows: s.rows,
+                scale: s.scale,
+                d_in: s.d_in,
+                a16: st.clone_htod(&to16(a))?,
+                b16: st.clone_htod(&to16(b))?,
+            });
+        }
+        out.train = train.then_some(tr);
+        Ok(out)
+    }
+
+    /// The adapters of a `LoraSet` (sampling: several files at their strengths), no training
+    /// state. `d_in` of each module comes from `d_in_of`.
+    /// With `train`, gradient buffers too (tests compare the backward with the CPU's).
+    pub fn from_set(
+        g: &CudaBackend,
+        set: &LoraSet,
+        d_in_of: &dyn Fn(&str) -> Option<usize>,
+        train: bool,
+    ) -> Result<DevLora> {
+        let mut specs = Vec::new();
+        let mut factors = Vec::new();
+        let mut names: Vec<&String> = set.modules().map(|(n, _)| n).collect();
+        names.sort();
+        for name in names {
+            let d_in =
+                d_in_of(name).ok_or_else(|| anyhow::anyhow!("adapter on `{name}`: no such linear in the model"))?;
+            for d in set.modules().find(|(n, _)| *n == name).map(|(_, v)| v).into_iter().flatten() {
+                specs.push(TermSpec { module: name.clone(), rank: d.rank, rows: d.rows.clone(), scale: d.scale, d_in });
+                factors.push(d.a.to_vec());
+                factors.push(d.b.to_vec());
+            }
+        }
+        let mut l = DevLora::new(g, specs, &factors, train)?;
+        l.dropout = set.dropout();
+        Ok(l)
+    }
+
+    /// Indices of the terms on module `name`.
+    pub fn on(&self, name: &str) -> &[usize] {
+        self.by_module.get(name).map_or(&[], |v| v.as_slice())
+    }
+
+    pub fn shape(&self, i: usize) -> TermShape {
+        let t = &self.terms[i];
+        TermShape {
+            rank: t.rank,
+            rows: t.rows.clone(),
+            scale: t.scale,
+            dropout: self.dropout.map(|(p, seed)| Dropout { p, seed: term_seed(seed, &t.module, t.index) }),
+        }
+    }
+
+    /// Zeroes every gradient (before a step's micro-batches).
+    pub fn zero_grads(&mut self, g: &CudaBackend) -> Result<()> {
+        if let Some(t) = self.train.as_mut() {
+            for x in t.grads.iter_mut() {
+                g.stream.memset_zeros(x)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refreshes the bf16 factors from the f32 masters (after an optimizer step).
+    pub fn sync_factors(&mut self, g: &CudaBackend) -> Result<()> {
+        let Some(t) = self.train.as_ref() else { return Ok(()) };
+        let st = &g.stream;
+        for (i, term) in self.terms.iter().enumerate() {
+            let (a, b) = (&t.params[2 * i], &t.params[2 * i + 1]);
+            g.ops.cast_f32_to_bf16(ptr(a, st), ptr(&term.a16, st), a.len())?;
+            g.ops.cast_f32_to_bf16(ptr(b, st), ptr(&term.b16, st), b.len())?;
+        }
+        Ok(())
+    }
+
+    /// Copies the f32 masters to the host (checkpoints and the exported LoRA).
+    pub fn download_params(&self, g: &CudaBackend) -> Result<Vec<Vec<f32>>> {
+        let t = self.train.as_ref().ok_or_else(|| anyhow::anyhow!("no training state on the device"))?;
+        t.params.iter().map(|p| Ok(g.stream.clone_dtoh(p)?)).collect()
+    }
+
+    /// Gradients to the host (tests).
+    pub fn download_grads(&self, g: &CudaBackend) -> Result<Vec<Vec<f32>>> {
+        let t = self.train.as_ref().ok_or_else(|| anyhow::anyhow!("no training state on the device"))?;
+        t.grads.iter().map(|p| Ok(g.stream.clone_dtoh(p)?)).collect()
+    }
+
+    /// Moments to and from the host (checkpoints).
+    pub fn download_moments(&self, g: &CudaBackend) -> Result<(HostTensors, HostTensors)> {
+        let t = self.train.as_ref().ok_or_else(|| anyhow::anyhow!("no training state on the device"))?;
+        let dl = |v: &Vec<CudaSlice<f32>>| -> Result<HostTensors> {
+            v.iter().map(|p| Ok(g.stream.clone_dtoh(p)?)).collect()
+        };
+        Ok((dl(&t.m)?, dl(&t.v)?))
+    }
+
+    pub fn upload_moments(&mut self, g: &CudaBackend, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
+        let t = self.train.as_mut().ok_or_else(|| anyhow::anyhow!("no training state on the device"))?;
+        ensure!(m.len() == t.m.len() && v.len() == t.v.len(), "optimizer state: tensor count differs");
+        for (d, h) in t.m.iter_mut().zip(m).chain(t.v.iter_mut().zip(v)) {
+            ensure!(d.len() == h.len(), "optimizer state: tensor size differs");
+            g.stream.memcpy_htod(h, d)?;
+        }
+        Ok(())
+    }
+
+    /// Trainable parameters held.
+    pub fn param_count(&self) -> usize {
+        self.terms.iter().map(|t| t.a16.len() + t.b16.len()).sum()
+    }
+}

@@ -1,0 +1,574 @@
+//! The whole transformer on the GPU with weights, adapters and activations resident on the
+//! device: `model::flux` op by op (the CPU reference is the specification; tests/gpu_flux_step.rs
+//! compares the two), forward for the sampler, forward + backward to the LoRA gradients for the
+//! trainer, with optional per-block activation checkpointing (the backward reruns a block's
+//! forward from its saved input).
+//!
+//! Precision: the residual streams, norms, modulation and everything elementwise are f32; every
+//! linear reads bf16 (its input is rounded once, and that bf16 copy is what the backward keeps)
+//! and writes f32; attention reads bf16 Q/K/V in [b, h, l, d] with f32 softmax statistics.
+
+mod blocks;
+pub mod lora;
+pub mod weights;
+
+use crate::device::{CudaBackend, Device};
+use crate::kernels::attention::AttnDims;
+use crate::kernels::lora::{LinearPtrs, LinearShape};
+use crate::kernels::model_ops::DevMat;
+use crate::kernels::step::{GpuStepOps, StepDims};
+use crate::model::config::FluxConfig;
+use crate::model::double_block::LN_EPS;
+use crate::model::embed::{MAX_PERIOD, TIME_FACTOR};
+use crate::model::flux::{joint_rope, FluxInputs};
+use crate::model::weights::FluxWeights;
+use anyhow::{bail, ensure, Context, Result};
+use blocks::{DoubleAct, SingleAct};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use lora::DevLora;
+use std::sync::{Arc, Mutex};
+pub use weights::BaseDtype;
+use weights::{ptr, DevEmbedder, DevLinear, DevWeights};
+
+pub(crate) type F32 = CudaSlice<f32>;
+pub(crate) type B16 = CudaSlice<bf16>;
+
+/// The model on one CUDA device.
+pub struct GpuFlux {
+    pub cfg: FluxConfig,
+    pub be: Arc<Mutex<CudaBackend>>,
+    pub w: DevWeights,
+    /// Per-block activation checkpointing in `forward_train`.
+    pub checkpointing: bool,
+    /// Fill every new activation buffer with NaN first (tests: an unwritten element shows).
+    pub poison: bool,
+    /// Largest device memory in use seen at block boundaries (total − free, bytes).
+    pub peak_used: usize,
+}
+
+/// The inputs of one batch on the device.
+pub struct DevInputs {
+    pub b: usize,
+    pub n_img: usize,
+    pub n_txt: usize,
+    img16: B16,
+    txt16: B16,
+    y16: B16,
+    temb16: B16,
+    gemb16: Option<B16>,
+    cos: F32,
+    sin: F32,
+}
+
+/// What a block keeps for the backward: its activations, or (checkpointing) only its inputs.
+enum Saved<A> {
+    Acts(A),
+    Inputs(Vec<F32>),
+}
+
+/// Everything `backward` needs from `forward_train`.
+pub struct FwdState {
+    inp: DevInputs,
+    vec: F32,
+    svec16: B16,
+    double: Vec<Saved<DoubleAct>>,
+    single: Vec<Saved<SingleAct>>,
+    final_mods: Vec<F32>,
+    final_ln: blocks::LnSaved,
+}
+
+/// Shapes shared by every block of one call.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub lt: usize,
+    pub li: usize,
+    pub h: usize,
+    pub d: usize,
+    pub c: usize,
+    pub mlp: usize,
+}
+
+impl Dims {
+    pub fn l(&self) -> usize {
+        self.lt + self.li
+    }
+    pub fn attn(&self) -> AttnDims {
+        AttnDims { b: self.b, h: self.h, l: self.l(), d: self.d }
+    }
+}
+
+/// One call's context: the kernels, the adapters, the allocation policy.
+pub(crate) struct Run<'a> {
+    pub g: &'a mut CudaBackend,
+    pub lora: &'a DevLora,
+    pub st: Arc<CudaStream>,
+    pub poison: bool,
+    pub peak: &'a mut usize,
+}
+
+impl Run<'_> {
+    pub fn p<T>(&self, s: &CudaSlice<T>) -> u64 {
+        ptr(s, &self.st)
+    }
+
+    /// An f32 buffer that a kernel fills (NaN first when poisoning).
+    pub fn f32(&self, n: usize) -> Result<F32> {
+        if self.poison {
+            return Ok(self.st.clone_htod(&vec![f32::NAN; n.max(1)])?);
+        }
+        // SAFETY: callers allocate only outputs that a kernel writes whole before any read.
+        Ok(unsafe { self.st.alloc::<f32>(n.max(1)) }?)
+    }
+
+    pub fn zeros(&self, n: usize) -> Result<F32> {
+        Ok(self.st.alloc_zeros::<f32>(n.max(1))?)
+    }
+
+    pub fn b16(&self, n: usize) -> Result<B16> {
+        if self.poison {
+            return Ok(self.st.clone_htod(&vec![bf16::NAN; n.max(1)])?);
+        }
+        // SAFETY: as in `f32`.
+        Ok(unsafe { self.st.alloc::<bf16>(n.max(1)) }?)
+    }
+
+    /// A bf16 copy of the first `n` values of `x`.
+    pub fn cast16(&self, x: &F32, n: usize) -> Result<B16> {
+        let out = self.b16(n)?;
+        self.g.ops.cast_f32_to_bf16(self.p(x), self.p(&out), n)?;
+        Ok(out)
+    }
+
+    /// dst[..n] += src[..n]
+    pub fn acc(&self, dst: &F32, src: &F32, n: usize) -> Result<()> {
+        self.g.ops.copy2d(1, n, DevMat::f32(self.p(src), n), DevMat::f32(self.p(dst), n), true)
+    }
+
+    pub fn copy(&self, src: &F32, n: usize) -> Result<F32> {
+        let out = self.f32(n)?;
+        self.g.ops.copy2d(1, n, DevMat::f32(self.p(src), n), DevMat::f32(self.p(&out), n), false)?;
+        Ok(out)
+    }
+
+    /// The `n` chunks [b, c] of a modulation output [b, n·c].
+    pub fn chunks(&self, mods: &F32, b: usize, n: usize, c: usize) -> Result<Vec<F32>> {
+        (0..n)
+            .map(|j| {
+                let out = self.f32(b * c)?;
+                let src = DevMat::f32(self.p(mods) + 4 * (j * c) as u64, n * c);
+                self.g.ops.copy2d(b, c, src, DevMat::f32(self.p(&out), c), false)?;
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// The inverse of `chunks`, as bf16 (a linear's dY).
+    pub fn join16(&self, chunks: &[F32], b: usize, c: usize) -> Result<B16> {
+        let n = chunks.len();
+        let out = self.b16(b * n * c)?;
+        for (j, ch) in chunks.iter().enumerate() {
+            let dst = DevMat::bf16(self.p(&out) + 2 * (j * c) as u64, n * c);
+            self.g.ops.copy2d(b, c, DevMat::f32(self.p(ch), c), dst, false)?;
+        }
+        Ok(out)
+    }
+
+    fn shape(&self, l: &DevLinear, m: usize, bias: bool) -> Result<(LinearShape, Vec<usize>)> {
+        let idx = self.lora.on(&l.name).to_vec();
+        let terms = idx.iter().map(|&i| self.lora.shape(i)).collect();
+        for &i in &idx {
+            ensure!(
+                self.lora.terms[i].d_in == l.d_in,
+                "adapter on {}: A has {} inputs, the linear {}",
+                l.name,
+                self.lora.terms[i].d_in,
+                l.d_in
+            );
+        }
+        Ok((LinearShape::of_terms(m, l.d_in, l.d_out, bias, terms).with_context(|| l.name.clone())?, idx))
+    }
+
+    /// y [m, d_out] f32 = x16 [m, d_in]·Wᵀ + b + the adapters on `l`.
+    pub fn lin(&mut self, l: &DevLinear, m: usize, x16: u64) -> Result<F32> {
+        let (s, idx) = self.shape(l, m, l.bias.is_some())?;
+        let y = self.f32(m * l.d_out)?;
+        let p = LinearPtrs {
+            x: x16,
+            w: Some(l.weight(&self.st)),
+            bias: l.bias.as_ref().map_or(0, |b| self.p(b)),
+            y: self.p(&y),
+            y_f32: true,
+            a: idx.iter().map(|&i| self.p(&self.lora.terms[i].a16)).collect(),
+            b: idx.iter().map(|&i| self.p(&self.lora.terms[i].b16)).collect(),
+            ..Default::default()
+        };
+        self.g.lora.forward_dev(&s, &p).with_context(|| format!("{} on the GPU", l.name))?;
+        Ok(y)
+    }
+
+    /// Backward through `l`: the adapters' gradients accumulate, dX (f32 [m, d_in]) is written
+    /// when `dx` is given.
+    pub fn lin_bwd(&mut self, l: &DevLinear, m: usize, x16: u64, dy16: u64, dx: Option<&F32>) -> Result<()> {
+        let (s, idx) = self.shape(l, m, false)?;
+        if idx.is_empty() && dx.is_none() {
+            return Ok(());
+        }
+        let tr = self.lora.train.as_ref();
+        if !idx.is_empty() && tr.is_none() {
+            bail!("{}: backward without gradient buffers (the adapters were loaded for sampling)", l.name);
+        }
+        let grad = |j: usize| tr.map_or(0, |t| ptr(&t.grads[j], &self.st));
+        let p = LinearPtrs {
+            x: x16,
+            w: Some(l.weight(&self.st)),
+            dy: dy16,
+            dx: dx.map_or(0, |d| self.p(d)),
+            dx_f32: true,
+            a: idx.iter().map(|&i| self.p(&self.lora.terms[i].a16)).collect(),
+            b: idx.iter().map(|&i| self.p(&self.lora.terms[i].b16)).collect(),
+            da: idx.iter().map(|&i| grad(2 * i)).collect(),
+            db: idx.iter().map(|&i| grad(2 * i + 1)).collect(),
+            ..Default::default()
+        };
+        self.g.lora.backward_dev(&s, &p).with_context(|| format!("{} backward on the GPU", l.name))
+    }
+
+    pub fn has_terms(&self, l: &DevLinear) -> bool {
+        !self.lora.on(&l.name).is_empty()
+    }
+
+    /// LayerNorm + modulation of x [b·l, c]: saves n and rstd, returns them with the bf16 output.
+    pub fn ln_mod(&self, x: &F32, shift: &F32, scale: &F32, b: usize, l: usize, c: usize) -> Result<blocks::LnSaved> {
+        let dims = StepDims { b, l, c };
+        let (n, rstd, out) = (self.f32(b * l * c)?, self.f32(b * l)?, self.f32(b * l * c)?);
+        self.g.step.ln_modulate(dims, LN_EPS, x, shift, scale, &out, &n, None, &rstd)?;
+        let out16 = self.cast16(&out, b * l * c)?;
+        Ok(blocks::LnSaved { n, rstd, out16 })
+    }
+
+    /// dx += d(input) of `ln_mod`; writes dshift and dscale.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ln_mod_bwd(
+        &self,
+        ln: &blocks::LnSaved,
+        dout: &F32,
+        scale: &F32,
+        dx: &F32,
+        dshift: &F32,
+        dscale: &F32,
+        b: usize,
+        l: usize,
+        c: usize,
+    ) -> Result<()> {
+        let dims = StepDims { b, l, c };
+        let (d, scratch) = (self.f32(b * l * c)?, self.f32(GpuStepOps::ln_modulate_scratch(dims))?);
+        self.g.step.ln_modulate_backward(dims, dout, &ln.n, &ln.rstd, scale, &d, dshift, dscale, &scratch)?;
+        self.acc(dx, &d, b * l * c)
+    }
+
+    /// x += gate⊙y
+    pub fn gated(&self, x: &F32, y: &F32, gate: &F32, b: usize, l: usize, c: usize) -> Result<()> {
+        self.g.step.gated_residual(StepDims { b, l, c }, x, y, gate, x)
+    }
+
+    /// For x_out = x + gate⊙y: returns d y; writes d gate (d x is d x_out itself).
+    pub fn gated_bwd(&self, dout: &F32, y: &F32, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<F32> {
+        let dims = StepDims { b, l, c };
+        let (dy, scratch) = (self.f32(b * l * c)?, self.f32(GpuStepOps::gated_residual_scratch(dims))?);
+        self.g.step.gated_residual_backward(dims, dout, y, gate, None, &dy, dgate, &scratch)?;
+        Ok(dy)
+    }
+
+    /// Records the device memory in use now if it is the most so far.
+    pub fn sample_memory(&mut self) {
+        if let Ok((free, total)) = self.g.ctx.mem_get_info() {
+            *self.peak = (*self.peak).max(total.saturating_sub(free));
+        }
+    }
+}
+
+fn to16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn embed_fwd(r: &mut Run, e: &DevEmbedder, x16: u64, b: usize) -> Result<F32> {
+    let h = r.lin(&e.in_layer, b, x16)?;
+    let n = b * e.in_layer.d_out;
+    let a = r.f32(n)?;
+    r.g.step.silu(n, &h, &a)?;
+    let a16 = r.cast16(&a, n)?;
+    r.lin(&e.out_layer, b, r.p(&a16))
+}
+
+/// LoRA gradients of an embedder from d vec (its input is data: no input gradient). Recomputes
+/// the hidden layer (b rows).
+fn embed_bwd(r: &mut Run, e: &DevEmbedder, x16: u64, dvec16: u64, b: usize) -> Result<()> {
+    if !r.has_terms(&e.in_layer) && !r.has_terms(&e.out_layer) {
+        return Ok(());
+    }
+    let h = r.lin(&e.in_layer, b, x16)?;
+    let n = b * e.in_layer.d_out;
+    let a = r.f32(n)?;
+    r.g.step.silu(n, &h, &a)?;
+    let a16 = r.cast16(&a, n)?;
+    let da = r.f32(n)?;
+    r.lin_bwd(&e.out_layer, b, r.p(&a16), dvec16, Some(&da))?;
+    let dh = r.f32(n)?;
+    r.g.step.silu_backward(n, &h, &da, &dh)?;
+    let dh16 = r.cast16(&dh, n)?;
+    r.lin_bwd(&e.in_layer, b, x16, r.p(&dh16), None)
+}
+
+/// The body of `GpuFlux::run_forward` (the backend locked, `r` its context).
+fn forward_impl(
+    r: &mut Run,
+    w: &DevWeights,
+    inp: DevInputs,
+    dm: Dims,
+    keep: bool,
+    ckpt: bool,
+) -> Result<(F32, Option<FwdState>)> {
+    let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
+    let c = dm.c;
+
+    let img = r.lin(&w.img_in, b * li, r.p(&inp.img16)).context("img_in")?;
+    let txt = r.lin(&w.txt_in, b * lt, r.p(&inp.txt16)).context("txt_in")?;
+    let x16 = r.p(&inp.temb16);
+    let vec = embed_fwd(r, &w.time_in, x16, b).context("time_in")?;
+    if let (Some(e), Some(g16)) = (&w.guidance_in, &inp.gemb16) {
+        let x16 = r.p(g16);
+        let gv = embed_fwd(r, e, x16, b).context("guidance_in")?;
+        r.acc(&vec, &gv, b * c)?;
+    }
+    let x16 = r.p(&inp.y16);
+    let yv = embed_fwd(r, &w.vector_in, x16, b).context("vector_in")?;
+    r.acc(&vec, &yv, b * c)?;
+    // Every modulation linear reads SiLU(vec): computed and rounded once.
+    let svec = r.f32(b * c)?;
+    r.g.step.silu(b * c, &vec, &svec)?;
+    let svec16 = r.cast16(&svec, b * c)?;
+    let bx = blocks::Ctx { dm, svec16: r.p(&svec16), cos: r.p(&inp.cos), sin: r.p(&inp.sin) };
+
+    let mut double = Vec::new();
+    for (i, blk) in w.double.iter().enumerate() {
+        let saved = if ckpt { Some(vec![r.copy(&img, b * li * c)?, r.copy(&txt, b * lt * c)?]) } else { None };
+        let act =
+            blocks::double_fwd(r, blk, &img, &txt, &bx, keep && !ckpt).with_context(|| format!("double_blocks.{i}"))?;
+        r.sample_memory();
+        if keep {
+            double.push(match saved {
+                Some(s) => Saved::Inputs(s),
+                None => Saved::Acts(act.expect("kept")),
+            });
+        }
+    }
+    let l = lt + li;
+    let x = r.f32(b * l * c)?;
+    blocks::join(r, &txt, &img, &x, dm)?;
+    drop((img, txt));
+    let mut single = Vec::new();
+    for (i, blk) in w.single.iter().enumerate() {
+        let saved = if ckpt { Some(vec![r.copy(&x, b * l * c)?]) } else { None };
+        let act = blocks::single_fwd(r, blk, &x, &bx, keep && !ckpt).with_context(|| format!("single_blocks.{i}"))?;
+        r.sample_memory();
+        if keep {
+            single.push(match saved {
+                Some(s) => Saved::Inputs(s),
+                None => Saved::Acts(act.expect("kept")),
+            });
+        }
+    }
+    let img = r.f32(b * li * c)?;
+    blocks::split(r, &x, None, Some(&img), dm)?;
+    drop(x);
+    let fm = r.lin(&w.final_mod, b, bx.svec16).context("final_layer.adaLN_modulation")?;
+    let final_mods = r.chunks(&fm, b, 2, c)?;
+    let final_ln = r.ln_mod(&img, &final_mods[0], &final_mods[1], b, li, c)?;
+    let out = r.lin(&w.final_linear, b * li, r.p(&final_ln.out16)).context("final_layer.linear")?;
+    r.sample_memory();
+    let state = keep.then_some(FwdState { inp, vec, svec16, double, single, final_mods, final_ln });
+    Ok((out, state))
+}
+
+/// The body of `GpuFlux::backward`.
+fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims) -> Result<()> {
+    let FwdState { inp, vec, svec16, double, single, final_mods, final_ln } = s;
+    let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
+    let (c, l) = (dm.c, dm.l());
+    let bx = blocks::Ctx { dm, svec16: r.p(&svec16), cos: r.p(&inp.cos), sin: r.p(&inp.sin) };
+    // d SiLU(vec), summed over every modulation linear; d vec follows once at the end.
+    let dsvec = r.zeros(b * c)?;
+
+    let n_out = b * li * w.final_linear.d_out;
+    let dpred16 = r.cast16(dpred, n_out)?;
+    let dxm = r.f32(b * li * c)?;
+    r.lin_bwd(&w.final_linear, b * li, r.p(&final_ln.out16), r.p(&dpred16), Some(&dxm))?;
+    let dimg = r.zeros(b * li * c)?;
+    let (dsh, dsc) = (r.f32(b * c)?, r.f32(b * c)?);
+    r.ln_mod_bwd(&final_ln, &dxm, &final_mods[1], &dimg, &dsh, &dsc, b, li, c)?;
+    blocks::modulation_bwd(r, &w.final_mod, &[dsh, dsc], &bx, &dsvec)?;
+    drop((dxm, final_ln, final_mods, dpred16));
+
+    // Text tokens after the last single block get no gradient from the loss.
+    let dx = r.zeros(b * l * c)?;
+    let dtxt0 = r.zeros(b * lt * c)?;
+    blocks::join(r, &dtxt0, &dimg, &dx, dm)?;
+    drop((dtxt0, dimg));
+    for (i, (blk, saved)) in w.single.iter().zip(single).enumerate().rev() {
+        let act = match saved {
+            Saved::Acts(a) => a,
+            Saved::Inputs(x) => blocks::single_fwd(r, blk, &x[0], &bx, true)
+                .with_context(|| format!("single_blocks.{i} recompute"))?
+                .expect("kept"),
+        };
+        blocks::single_bwd(r, blk, act, &dx, &bx, &dsvec).with_context(|| format!("single_blocks.{i} backward"))?;
+        r.sample_memory();
+    }
+    let (dtxt, dimg) = (r.f32(b * lt * c)?, r.f32(b * li * c)?);
+    blocks::split(r, &dx, Some(&dtxt), Some(&dimg), dm)?;
+    drop(dx);
+    for (i, (blk, saved)) in w.double.iter().zip(double).enumerate().rev() {
+        let act = match saved {
+            Saved::Acts(a) => a,
+            Saved::Inputs(x) => blocks::double_fwd(r, blk, &x[0], &x[1], &bx, true)
+                .with_context(|| format!("double_blocks.{i} recompute"))?
+                .expect("kept"),
+        };
+        blocks::double_bwd(r, blk, act, &dimg, &dtxt, &bx, &dsvec)
+            .with_context(|| format!("double_blocks.{i} backward"))?;
+        r.sample_memory();
+    }
+    let dtxt16 = r.cast16(&dtxt, b * lt * c)?;
+    r.lin_bwd(&w.txt_in, b * lt, r.p(&inp.txt16), r.p(&dtxt16), None)?;
+    let dimg16 = r.cast16(&dimg, b * li * c)?;
+    r.lin_bwd(&w.img_in, b * li, r.p(&inp.img16), r.p(&dimg16), None)?;
+    let dvec = r.f32(b * c)?;
+    r.g.step.silu_backward(b * c, &vec, &dsvec, &dvec)?;
+    let dvec16 = r.cast16(&dvec, b * c)?;
+    let (x16, d16) = (r.p(&inp.temb16), r.p(&dvec16));
+    embed_bwd(r, &w.time_in, x16, d16, b).context("time_in backward")?;
+    if let (Some(e), Some(g16)) = (&w.guidance_in, &inp.gemb16) {
+        let x16 = r.p(g16);
+        embed_bwd(r, e, x16, d16, b).context("guidance_in backward")?;
+    }
+    let x16 = r.p(&inp.y16);
+    embed_bwd(r, &w.vector_in, x16, d16, b).context("vector_in backward")?;
+    Ok(())
+}
+
+impl GpuFlux {
+    /// Uploads the weights to the device behind `dev` (which must be CUDA).
+    pub fn new(cfg: &FluxConfig, w: &FluxWeights, dev: &Device, base: BaseDtype) -> Result<GpuFlux> {
+        let Device::Cuda(be) = dev else { bail!("the GPU model needs --device cuda") };
+        let weights = {
+            let g = CudaBackend::lock(be)?;
+            DevWeights::upload(&g, w, base).context("uploading the weights to the GPU")?
+        };
+        Ok(GpuFlux { cfg: cfg.clone(), be: be.clone(), w: weights, checkpointing: false, poison: false, peak_used: 0 })
+    }
+
+    fn dims(&self, b: usize, lt: usize, li: usize) -> Dims {
+        let cfg = &self.cfg;
+        Dims { b, lt, li, h: cfg.num_heads, d: cfg.head_dim, c: cfg.hidden_size, mlp: cfg.mlp_hidden }
+    }
+
+    /// d_in of the linear named `name` (adapter validation).
+    pub fn d_in_of(&self, name: &str) -> Option<usize> {
+        self.w.linears().into_iter().find(|l| l.name == name).map(|l| l.d_in)
+    }
+
+    /// Inputs to the device: bf16 copies for the linears, the timestep embeddings computed there,
+    /// the RoPE tables of the joint sequence.
+    pub fn upload_inputs(&self, inp: &FluxInputs) -> Result<DevInputs> {
+        let cfg = &self.cfg;
+        ensure!(inp.n_txt > 0, "the GPU model needs at least one text token");
+        ensure!(inp.img.len() == inp.b * inp.n_img * cfg.in_channels, "img: wrong length");
+        ensure!(inp.txt.len() == inp.b * inp.n_txt * cfg.context_in_dim, "txt: wrong length");
+        let g = CudaBackend::lock(&self.be)?;
+        let st = g.stream.clone();
+        let emb = |t: &[f32]| -> Result<B16> {
+            let (td, out) = (st.clone_htod(t)?, st.alloc_zeros::<f32>(t.len() * cfg.time_dim)?);
+            g.ops.timestep_embedding(t.len(), cfg.time_dim, TIME_FACTOR, MAX_PERIOD, ptr(&td, &st), ptr(&out, &st))?;
+            let o16 = st.alloc_zeros::<bf16>(t.len() * cfg.time_dim)?;
+            g.ops.cast_f32_to_bf16(ptr(&out, &st), ptr(&o16, &st), t.len() * cfg.time_dim)?;
+            Ok(o16)
+        };
+        let rope = joint_rope(cfg, inp);
+        Ok(DevInputs {
+            b: inp.b,
+            n_img: inp.n_img,
+            n_txt: inp.n_txt,
+            img16: st.clone_htod(&to16(&inp.img))?,
+            txt16: st.clone_htod(&to16(&inp.txt))?,
+            y16: st.clone_htod(&to16(&inp.y))?,
+            temb16: emb(&inp.timesteps)?,
+            gemb16: match (&self.w.guidance_in, &inp.guidance) {
+                (Some(_), Some(gv)) => Some(emb(gv)?),
+                (Some(_), None) => bail!("this model has a guidance embedding: the inputs need `guidance`"),
+                _ => None,
+            },
+            cos: st.clone_htod(&rope.cos)?,
+            sin: st.clone_htod(&rope.sin)?,
+        })
+    }
+
+    /// Velocity prediction [b, n_img, out_channels] on the device (f32).
+    pub fn forward(&mut self, inp: &FluxInputs, lora: &DevLora) -> Result<F32> {
+        let dinp = self.upload_inputs(inp)?;
+        Ok(self.run_forward(dinp, lora, false)?.0)
+    }
+
+    /// The forward keeping what `backward` needs (activations, or block inputs when
+    /// checkpointing).
+    pub fn forward_train(&mut self, inp: &FluxInputs, lora: &DevLora) -> Result<(F32, FwdState)> {
+        let dinp = self.upload_inputs(inp)?;
+        let (y, s) = self.run_forward(dinp, lora, true)?;
+        Ok((y, s.expect("kept")))
+    }
+
+    /// Runs `f` with the backend locked, the call context and the weights; keeps the memory peak.
+    fn with_run<T>(&mut self, lora: &DevLora, f: impl FnOnce(&mut Run, &DevWeights) -> Result<T>) -> Result<T> {
+        let be = self.be.clone();
+        let mut guard = CudaBackend::lock(&be)?;
+        let st = guard.stream.clone();
+        let mut peak = self.peak_used;
+        let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak };
+        let out = f(&mut r, &self.w);
+        self.peak_used = peak;
+        out
+    }
+
+    fn run_forward(&mut self, inp: DevInputs, lora: &DevLora, keep: bool) -> Result<(F32, Option<FwdState>)> {
+        let dm = self.dims(inp.b, inp.n_txt, inp.n_img);
+        let ckpt = keep && self.checkpointing;
+        self.with_run(lora, |r, w| forward_impl(r, w, inp, dm, keep, ckpt))
+    }
+
+    /// Backward from d(pred) (f32 on the device, [b, n_img, out_channels]) to the adapters'
+    /// gradients, which accumulate into `lora`'s gradient buffers.
+    pub fn backward(&mut self, s: FwdState, dpred: &F32, lora: &DevLora) -> Result<()> {
+        let dm = self.dims(s.inp.b, s.inp.n_txt, s.inp.n_img);
+        self.with_run(lora, |r, w| backward_impl(r, w, s, dpred, dm))
+    }
+    pub fn synchronize(&self) -> Result<()> {
+        let g = CudaBackend::lock(&self.be)?;
+        Ok(g.stream.synchronize()?)
+    }
+
+    /// A device f32 buffer to the host.
+    pub fn download(&self, x: &F32, n: usize) -> Result<Vec<f32>> {
+        let g = CudaBackend::lock(&self.be)?;
+        let mut v = g.stream.clone_dtoh(x)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// Device memory in use now (total − free), bytes.
+    pub fn memory_in_use(&self) -> Result<usize> {
+        let g = CudaBackend::lock(&self.be)?;
+        let (free, total) = g.ctx.mem_get_info()?;
+        Ok(total.saturating_sub(free))
+    }
+}
