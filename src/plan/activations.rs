@@ -1,9 +1,11 @@
-//! What one training step keeps on the GPU between the forward and the backward, per block, in
-//! the op order of shared/reference/flux-architecture.md §2.7–2.8 (src/model/double_block.rs,
-//! single_block.rs). The policy is the one a memory-aware GPU step follows: bf16 activations,
-//! an elementwise op's output recomputed from its input rather than stored (GELU, modulate),
-//! attention as flash attention (Q, K, V, O in bf16 and the f32 log-sum-exp per row), and the
-//! f32 1/rms of every LayerNorm and QK RMSNorm row. (The CPU reference keeps more, in f32.)
+//! What one training step keeps on the GPU between the forward and the backward, per block, as
+//! the device-resident step (src/model/gpu/) allocates it, in the op order of
+//! shared/reference/flux-architecture.md §2.7–2.8. Its policy: the residual streams, LayerNorm
+//! outputs and every linear's f32 output that a later backward reads stay f32; each linear's
+//! input is kept once, as the bf16 copy the GEMM read; attention is flash attention (Q, K, V, O
+//! in bf16, the f32 log-sum-exp and the QK RMSNorms' 1/rms per row); the LoRA terms' x·Aᵀ is
+//! recomputed in the backward, not kept. (The CPU reference keeps more, in f32.) Where a count
+//! here and the allocation in src/model/gpu/ disagree, the code is right and this is a bug.
 
 use crate::model::config::FluxConfig;
 
@@ -28,14 +30,20 @@ pub fn attention_saved(cfg: &FluxConfig, l: usize) -> usize {
     4 * l * cfg.hidden_size * BF16 + l * cfg.num_heads * F32 + 2 * l * cfg.num_heads * F32
 }
 
-/// One stream of a double block over `n` tokens, attention excluded.
+/// One stream of a double block over `n` tokens, attention excluded (`blocks::StreamAct`).
 fn stream_saved(cfg: &FluxConfig, n: usize) -> usize {
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden);
-    n * c * BF16          // LN1 → modulate: the qkv input (LoRA dA; LN1 backward from it)
-        + n * c * BF16    // proj output: the gate's gradient
-        + n * c * BF16    // LN2 → modulate: the MLP input
-        + n * m * BF16    // MLP pre-activation: GELU and its gradient recomputed from it
-        + n * c * BF16    // MLP output: the second gate's gradient
+    6 * c * F32               // the six modulation vectors
+        + n * c * F32         // LN1: normalised rows
+        + n * c * BF16        // LN1 → modulate: the qkv input
+        + 3 * n * c * F32     // qkv output: the QK prologue's input, read again by its backward
+        + n * c * BF16        // merged attention output: the proj input
+        + n * c * F32         // proj output: the gate's gradient
+        + n * c * F32         // LN2: normalised rows
+        + n * c * BF16        // LN2 → modulate: the MLP input
+        + n * m * F32         // MLP pre-activation: GELU's backward
+        + n * m * BF16        // GELU output: mlp.2's input
+        + n * c * F32         // MLP output: the second gate's gradient
         + 2 * n * F32 // 1/std of LN1 and LN2
 }
 
@@ -44,36 +52,40 @@ pub fn double_block_saved(cfg: &FluxConfig, t: Tokens) -> usize {
     stream_saved(cfg, t.img) + stream_saved(cfg, t.txt) + attention_saved(cfg, t.joint())
 }
 
-/// A single block's saved set per sample (joint sequence of l tokens).
+/// A single block's saved set per sample (joint sequence of l tokens; `blocks::SingleAct`).
 pub fn single_block_saved(cfg: &FluxConfig, t: Tokens) -> usize {
     let (l, c, m) = (t.joint(), cfg.hidden_size, cfg.mlp_hidden);
-    l * c * BF16          // pre_norm → modulate: linear1's input
-        + l * m * BF16    // linear1's MLP part before GELU (linear2's input recomputed from it and O)
-        + l * c * BF16    // linear2 output: the gate's gradient
-        + l * F32         // 1/std of the pre-norm
+    3 * c * F32                   // the three modulation vectors
+        + l * c * F32             // pre-norm: normalised rows
+        + l * c * BF16            // pre-norm → modulate: linear1's input
+        + l * (3 * c + m) * F32   // linear1 output: QK prologue and GELU backwards read it
+        + l * (c + m) * BF16      // [attention | GELU]: linear2's input
+        + l * c * F32             // linear2 output: the gate's gradient
+        + l * F32                 // 1/std of the pre-norm
         + attention_saved(cfg, l)
 }
 
-/// A block's input: what per-block checkpointing keeps instead of the saved set.
+/// A block's input: what per-block checkpointing keeps instead of the saved set (f32, so the
+/// recomputed forward is the same bits).
 pub fn block_input(cfg: &FluxConfig, t: Tokens) -> usize {
-    t.joint() * cfg.hidden_size * BF16
+    t.joint() * cfg.hidden_size * F32
 }
 
-/// Gradients alive inside one block's backward beyond its saved set: the largest pair of
-/// adjacent gradient tensors (the MLP's in a double block, linear1's output and linear2's input
-/// in a single block).
+/// Gradients alive inside one block's backward beyond its saved set, at its fullest: in a single
+/// block, d(linear2 input) and d(linear1 output) in f32 with dO and dY in bf16; in a double
+/// block, the MLP's two f32 gradients on the longer stream plus dQ, dK, dV and dO.
 pub fn block_backward_transient(cfg: &FluxConfig, t: Tokens, single: bool) -> usize {
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden);
     if single {
-        t.joint() * ((3 * c + m) + (c + m)) * BF16
+        t.joint() * ((c + m) * F32 + (3 * c + m) * F32 + 2 * c * BF16)
     } else {
-        2 * t.img.max(t.txt) * m * BF16
+        2 * t.img.max(t.txt) * m * F32 + 4 * t.joint() * c * BF16
     }
 }
 
-/// The residual stream and its gradient between blocks (bf16 values, f32 gradient).
+/// The residual stream(s) and their gradient between blocks, all f32.
 pub fn stream_and_gradient(cfg: &FluxConfig, t: Tokens) -> usize {
-    t.joint() * cfg.hidden_size * (BF16 + F32)
+    t.joint() * cfg.hidden_size * (F32 + F32)
 }
 
 /// Tokens a module's input has: image, text, joint, or one modulation vector.

@@ -1,7 +1,8 @@
 //! Peak GPU memory of a LoRA training step, predicted from the configuration: frozen weights by
 //! dtype, LoRA factors with their gradients and AdamW state, activations with and without
-//! per-block checkpointing, inputs, workspace. A model, not a measurement: no step has run on
-//! a GPU yet, so there is no measured peak to set beside it (docs/memory.md).
+//! per-block checkpointing, inputs, workspace, as the device-resident step (src/model/gpu/)
+//! allocates them. A model, not a measurement: that step has not run on a GPU yet, so there is
+//! no measured peak to set beside it (docs/memory.md; `bench-step` measures one).
 
 pub mod activations;
 pub mod suggest;
@@ -137,26 +138,37 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
 
     let (dbl, sgl) = (double_block_saved(cfg, t), single_block_saved(cfg, t));
     let n_blocks = cfg.depth + cfg.depth_single;
-    // The LoRA terms save their x·Aᵀ [tokens, rank] (bf16) for dB.
-    let lora_act = |block: &str| -> usize {
-        specs
-            .iter()
-            .filter(|sp| block.is_empty() || sp.target.module.starts_with(block))
-            .map(|sp| module_tokens(&sp.target.module, t) * sp.rank * 2)
-            .sum()
-    };
-    let largest_block_lora = (0..cfg.depth)
-        .map(|i| lora_act(&format!("double_blocks.{i}.")))
-        .chain((0..cfg.depth_single).map(|i| lora_act(&format!("single_blocks.{i}."))))
-        .max()
-        .unwrap_or(0);
     let saved = if s.checkpointing {
         // Every block's input, plus one block's saved set rebuilt for its backward.
         let largest = if cfg.depth > 0 { dbl } else { 0 }.max(if cfg.depth_single > 0 { sgl } else { 0 });
-        n_blocks * block_input(cfg, t) + largest + largest_block_lora
+        n_blocks * block_input(cfg, t) + largest
     } else {
-        cfg.depth * dbl + cfg.depth_single * sgl + lora_act("")
+        cfg.depth * dbl + cfg.depth_single * sgl
     };
+    // The LoRA linear's device scratch, kept at its largest use: cuBLAS's f32 base product
+    // [tokens, max(d_out, d_in)] of an adapted linear (added to the adapters in the fused
+    // epilogue), and S', G' [tokens, Σ rank] in bf16.
+    let shapes: std::collections::HashMap<String, (usize, usize)> = cfg
+        .modules()
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            crate::model::config::ModuleKind::Linear { d_out, d_in, .. } => Some((m.name, (d_out, d_in))),
+            crate::model::config::ModuleKind::Norm { .. } => None,
+        })
+        .collect();
+    let mut ranks: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for sp in &specs {
+        *ranks.entry(sp.target.module.as_str()).or_default() += sp.rank.div_ceil(8) * 8;
+    }
+    let lora_scratch = ranks
+        .iter()
+        .map(|(module, r)| {
+            let n = module_tokens(module, t);
+            let (d_out, d_in) = shapes.get(*module).copied().unwrap_or((0, 0));
+            n * d_out.max(d_in) * 4 + 2 * n * r * 2
+        })
+        .max()
+        .unwrap_or(0);
     let transient = [(cfg.depth > 0, false), (cfg.depth_single > 0, true)]
         .iter()
         .filter(|(present, _)| *present)
@@ -176,6 +188,7 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "base weights: modulation linears", bytes: modulation, host: s.modulation_on_host },
         Component { name: "base weights: embedders, final, biases, norms", bytes: rest, host: false },
         Component { name: "LoRA factors (f32)", bytes: 4 * trainable, host: false },
+        Component { name: "LoRA factors (bf16 copies the kernels read)", bytes: 2 * trainable, host: false },
         Component { name: "LoRA gradients (f32)", bytes: 4 * trainable, host: false },
         Component { name: "AdamW moments (2 × f32)", bytes: 8 * trainable, host: false },
         Component {
@@ -189,6 +202,7 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         },
         Component { name: "backward working set (one block) + stream", bytes: b * transient, host: false },
         Component { name: "inputs, targets, RoPE tables", bytes: b * inputs, host: false },
+        Component { name: "GEMM scratch (largest adapted linear)", bytes: b * lora_scratch, host: false },
         Component { name: "cuBLAS workspace", bytes: CUBLAS_WORKSPACE, host: false },
         Component { name: "CUDA context (assumed, not measured)", bytes: CUDA_CONTEXT, host: false },
     ];

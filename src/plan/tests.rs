@@ -34,11 +34,17 @@ fn tiny_activations_counted_tensor_by_tensor() {
     assert_eq!(p.tokens, Tokens { img: 32, txt: 8 });
     let stream = |n: usize| {
         listed(&[
+            (&[6, 64], 4),  // modulation vectors
+            (&[n, 64], 4),  // LN1 normalised rows
             (&[n, 64], 2),  // LN1 → modulate (qkv input)
-            (&[n, 64], 2),  // proj output
+            (&[n, 192], 4), // qkv output (QK prologue input)
+            (&[n, 64], 2),  // merged attention output (proj input)
+            (&[n, 64], 4),  // proj output
+            (&[n, 64], 4),  // LN2 normalised rows
             (&[n, 64], 2),  // LN2 → modulate (MLP input)
-            (&[n, 256], 2), // MLP pre-activation
-            (&[n, 64], 2),  // MLP output
+            (&[n, 256], 4), // MLP pre-activation
+            (&[n, 256], 2), // GELU output (mlp.2 input)
+            (&[n, 64], 4),  // MLP output
             (&[n], 4),      // LN1 1/std
             (&[n], 4),      // LN2 1/std
         ])
@@ -46,20 +52,30 @@ fn tiny_activations_counted_tensor_by_tensor() {
     let attention =
         |l: usize| listed(&[(&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[4, l], 4), (&[2, 4, l], 4)]);
     let double = stream(32) + stream(8) + attention(40);
-    let single = listed(&[(&[40, 64], 2), (&[40, 256], 2), (&[40, 64], 2), (&[40], 4)]) + attention(40);
-    // One rank-4 adapter on each double block's img_attn.qkv: x·Aᵀ over the 32 image tokens.
-    let lora = 2 * listed(&[(&[32, 4], 2)]);
-    assert_eq!(row(&p, "activations"), 2 * double + 2 * single + lora);
+    let single = listed(&[
+        (&[3, 64], 4),   // modulation vectors
+        (&[40, 64], 4),  // pre-norm normalised rows
+        (&[40, 64], 2),  // linear1 input
+        (&[40, 448], 4), // linear1 output
+        (&[40, 320], 2), // linear2 input
+        (&[40, 64], 4),  // linear2 output
+        (&[40], 4),      // pre-norm 1/std
+    ]) + attention(40);
+    // The LoRA terms' x·Aᵀ is recomputed in the backward: nothing saved for it.
+    assert_eq!(row(&p, "activations"), 2 * double + 2 * single);
+    // The adapted qkv's scratch: f32 base product [32, 192] and S', G' [32, 8] bf16.
+    assert_eq!(row(&p, "GEMM scratch"), listed(&[(&[32, 192], 4), (&[2, 32, 8], 2)]));
 
     s.checkpointing = true;
     let p = plan(&cfg, &s).unwrap();
-    let inputs = 4 * listed(&[(&[40, 64], 2)]);
-    assert_eq!(row(&p, "activations"), inputs + double.max(single) + listed(&[(&[32, 4], 2)]));
+    let inputs = 4 * listed(&[(&[40, 64], 4)]);
+    assert_eq!(row(&p, "activations"), inputs + double.max(single));
     s.batch = 3;
     assert_eq!(row(&plan(&cfg, &s).unwrap(), "activations"), 3 * row(&p, "activations"));
-    // Rank 4 on 2 × qkv [192, 64]: 4 · (64 + 192) each; f32 factors, gradients, two moments.
+    // Rank 4 on 2 × qkv [192, 64]: 4 · (64 + 192) each; f32 factors, their bf16 copies,
+    // gradients, two moments.
     assert_eq!(p.trainable, 2 * 4 * (64 + 192));
-    assert_eq!(row(&p, "LoRA") + row(&p, "AdamW"), 16 * p.trainable);
+    assert_eq!(row(&p, "LoRA") + row(&p, "AdamW"), 18 * p.trainable);
 }
 
 #[test]
