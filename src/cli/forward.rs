@@ -1,10 +1,14 @@
-//! `flux-kernels forward`: one forward pass of the CPU reference, `out` [B, N, C] in f32.
+//! `flux-kernels forward`: one forward pass, `out` [B, N, C] in f32: the CPU reference, or with
+//! `--device cuda` the device-resident GPU model.
 
 use super::{open_loras, open_model, ModelSpec};
+use crate::device::{CudaBackend, Device};
 use crate::io::lora_formats::UnknownKeys;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
 use crate::lora::LoraSet;
 use crate::model::flux::{flux_forward, FluxInputs};
+use crate::model::gpu::lora::DevLora;
+use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -31,7 +35,19 @@ pub fn run(
         set.add(&f.deltas, strength);
     }
     set.device = super::device(device)?;
-    let y = flux_forward(cfg, &weights, &inp, &set)?;
+    let y = match &set.device {
+        // The whole model device-resident (weights uploaded once, every op a kernel).
+        Device::Cuda(be) => {
+            let mut m = GpuFlux::new(cfg, &weights, &set.device, BaseDtype::Bf16)?;
+            let lora = {
+                let g = CudaBackend::lock(be)?;
+                DevLora::from_set(&g, &set, &|n| m.d_in_of(n), false)?
+            };
+            let y = m.forward(&inp, &lora)?;
+            m.download(&y, inp.b * inp.n_img * cfg.out_channels)?
+        }
+        Device::Cpu => flux_forward(cfg, &weights, &inp, &set)?,
+    };
     if let Some(i) = y.iter().position(|v| !v.is_finite()) {
         bail!("the forward pass produced a non-finite value at flat index {i}; nothing written");
     }

@@ -17,6 +17,18 @@ use crate::sample::sampler::{sample_gpu, SampleSpec};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::CudaSlice;
 
+/// An out-of-memory error from the device, with what to change and how to predict the peak.
+pub fn oom_hint(e: anyhow::Error) -> anyhow::Error {
+    if format!("{e:#}").contains("OUT_OF_MEMORY") {
+        e.context(
+            "out of GPU memory: try --gradient-checkpointing true, --base int8, a lower resolution or \
+             batch size, or a smaller rank; `flux-kernels plan` predicts the peak and suggests settings that fit",
+        )
+    } else {
+        e
+    }
+}
+
 pub struct GpuTrain {
     pub m: GpuFlux,
     pub lora: DevLora,
@@ -38,7 +50,7 @@ impl GpuTrain {
         opt: &AdamW,
     ) -> Result<GpuTrain> {
         let Device::Cuda(be) = dev else { bail!("the GPU step needs --device cuda") };
-        let mut m = GpuFlux::new(cfg, w, dev, base)?;
+        let mut m = GpuFlux::new(cfg, w, dev, base).map_err(oom_hint)?;
         m.checkpointing = checkpointing;
         let mut ts = Vec::new();
         for (i, s) in specs.iter().enumerate() {
@@ -73,6 +85,10 @@ impl GpuTrain {
         dropout: Option<(f32, u64)>,
     ) -> Result<f64> {
         self.lora.dropout = dropout;
+        self.micro_step_inner(inp, target, weights, gscale).map_err(oom_hint)
+    }
+
+    fn micro_step_inner(&mut self, inp: &FluxInputs, target: &[f32], weights: &[f32], gscale: f32) -> Result<f64> {
         let (pred, state) = self.m.forward_train(inp, &self.lora)?;
         let n = target.len();
         // The MSE kernel's per-sample weights carry the micro-batch scale too, so the gradient
@@ -137,5 +153,22 @@ impl GpuTrain {
         let r = sample_gpu(&mut self.m, spec, &self.lora);
         self.lora.dropout = keep;
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oom_hint;
+
+    #[test]
+    fn out_of_memory_errors_say_what_to_change() {
+        let e = oom_hint(
+            anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("double_blocks.3"),
+        );
+        let msg = format!("{e:#}");
+        assert!(msg.contains("out of GPU memory") && msg.contains("--gradient-checkpointing") && msg.contains("plan"));
+        assert!(msg.contains("double_blocks.3"), "{msg}");
+        let other = format!("{:#}", oom_hint(anyhow::anyhow!("CUDA_ERROR_ILLEGAL_ADDRESS")));
+        assert!(!other.contains("out of GPU memory"), "{other}");
     }
 }
