@@ -1,13 +1,16 @@
 //! `flux-kernels sample` and `flux-kernels synth-data`.
 
 use super::{open_loras, open_model, ModelSpec};
+use crate::device::{CudaBackend, Device};
 use crate::io::lora_formats::UnknownKeys;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::lora::LoraSet;
 use crate::model::config::FluxConfig;
+use crate::model::gpu::lora::DevLora;
+use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use crate::sample::preview::write_preview;
-use crate::sample::sampler::{sample, SampleSpec};
+use crate::sample::sampler::{sample, sample_gpu, SampleSpec};
 use crate::train::builtin;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -135,14 +138,29 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     }
     let mut log = Vec::new();
     let device = super::device(a.device)?;
+    // On CUDA the base goes to the device once; a set switch uploads only its adapters.
+    let mut gpu = match &device {
+        Device::Cuda(be) => Some((GpuFlux::new(&cfg, &w, &device, BaseDtype::Bf16)?, be.clone())),
+        Device::Cpu => None,
+    };
     for (k, files) in loaded.iter().enumerate() {
         let t = Instant::now();
         let mut set = LoraSet::new();
         set.device = device.clone();
         files.iter().for_each(|(f, s)| set.add(&f.deltas, *s));
+        let dev_lora = match &gpu {
+            Some((m, be)) => {
+                let g = CudaBackend::lock(be)?;
+                Some(DevLora::from_set(&g, &set, &|n| m.d_in_of(n), false)?)
+            }
+            None => None,
+        };
         let switch = t.elapsed();
         let t = Instant::now();
-        let lats = sample(&cfg, &w, &spec, &set)?;
+        let lats = match (gpu.as_mut(), &dev_lora) {
+            (Some((m, _)), Some(l)) => sample_gpu(m, &spec, l)?,
+            _ => sample(&cfg, &w, &spec, &set)?,
+        };
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };
         let flat: Vec<f32> = lats.concat();
         let lp = a.out.join(format!("latents{tag}.safetensors"));
