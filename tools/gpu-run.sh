@@ -102,6 +102,18 @@ if [ "${FK_SKIP_SANITIZER:-0}" != 1 ] && command -v compute-sanitizer >/dev/null
     echo "exit $rc ($tool, gpu_attention)" >>"$out/sanitizer.log"
     [ $rc -ne 0 ] && san_rc=$rc
   done
+  # The device-resident step's kernels and one whole tiny-model step (every new activation
+  # buffer NaN-poisoned there): out-of-bounds and misaligned device accesses. memcheck only:
+  # these kernels share nothing through shared memory between warps.
+  for t in "gpu_model_ops" "gpu_flux_step device_resident_step_matches_cpu"; do
+    step "compute-sanitizer --tool memcheck ($t)" | tee -a "$out/sanitizer.log"
+    # shellcheck disable=SC2086
+    timeout "$(limit "${FK_SANITIZER_TIMEOUT:-75}")" compute-sanitizer --tool memcheck --error-exitcode 99 \
+      ./$t --test-threads 1 >>"$out/sanitizer.log" 2>&1
+    rc=$?
+    echo "exit $rc (memcheck, $t)" >>"$out/sanitizer.log"
+    [ $rc -ne 0 ] && san_rc=$rc
+  done
   grep -E "ERROR SUMMARY|exit |Hazard|Invalid" "$out/sanitizer.log" | head -20
 fi
 
