@@ -88,3 +88,24 @@ fn failures_exit_nonzero_name_the_problem_and_write_nothing() {
     let r = bin().args(["info", "--model", "flux2-pro"]).output().unwrap();
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("not a built-in configuration"));
 }
+
+/// `bench-step` refuses bad settings before touching a device, naming the flag, and without a
+/// GPU says why instead of panicking.
+#[test]
+fn bench_step_names_bad_settings_and_a_missing_gpu() {
+    let run = |args: &[&str]| {
+        let out = bin().arg("bench-step").args(args).output().unwrap();
+        assert!(!out.status.success(), "bench-step {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&["--model", "random:tiny", "--size", "100"]);
+    assert!(e.contains("--size 100"), "{e}");
+    let e = run(&["--model", "random:tiny", "--steps", "0"]);
+    assert!(e.contains("--steps"), "{e}");
+    let e = run(&["--model", "random:tiny", "--base", "fp4"]);
+    assert!(e.contains("--base `fp4`"), "{e}");
+    if flux_kernels::device::Device::parse("cuda").is_err() {
+        let e = run(&["--model", "random:tiny", "--size", "64", "--text-tokens", "8"]);
+        assert!(e.contains("--device cuda") && !e.contains("panicked"), "{e}");
+    }
+}
