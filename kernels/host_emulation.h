@@ -117,6 +117,8 @@ inline void check_smem(const void* p, size_t bytes, const char* what) {
 struct Allocations {
     std::mutex lock;
     std::map<uintptr_t, size_t> live;
+    // Bytes live now and at most so far: the default memory pool's USED_MEM_CURRENT / _HIGH.
+    size_t used = 0, high = 0;
 };
 inline Allocations& allocations() {
     static Allocations a;
@@ -500,6 +502,8 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     fkemu::Allocations& al = fkemu::allocations();
     std::lock_guard<std::mutex> g(al.lock);
     al.live[reinterpret_cast<uintptr_t>(m)] = bytes;
+    al.used += bytes;
+    al.high = std::max(al.high, al.used);
     *p = reinterpret_cast<CUdeviceptr>(m);
     return FK_SUCCESS;
 }
@@ -507,7 +511,10 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     fkemu::Allocations& al = fkemu::allocations();
     {
         std::lock_guard<std::mutex> g(al.lock);
-        if (!al.live.erase(p)) return FK_INVALID_VALUE;
+        auto it = al.live.find(p);
+        if (it == al.live.end()) return FK_INVALID_VALUE;
+        al.used -= it->second;
+        al.live.erase(it);
     }
     std::free(reinterpret_cast<void*>(p));
     return FK_SUCCESS;
@@ -533,8 +540,33 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
     return FK_SUCCESS;
 }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
-    *free_bytes = size_t(4) << 30;
+    // An 8 GiB device of which the live allocations are in use.
+    fkemu::Allocations& al = fkemu::allocations();
+    std::lock_guard<std::mutex> g(al.lock);
     *total = size_t(8) << 30;
+    *free_bytes = *total - std::min(*total, al.used);
+    return FK_SUCCESS;
+}
+// The default memory pool: every allocation above comes from it. Attributes 7 and 8 are
+// CU_MEMPOOL_ATTR_USED_MEM_CURRENT and CU_MEMPOOL_ATTR_USED_MEM_HIGH (setting the latter resets
+// it to the current use).
+CUresult cuDeviceGetDefaultMemPool(void** pool, int) {
+    *pool = reinterpret_cast<void*>(uintptr_t(1));
+    return FK_SUCCESS;
+}
+CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
+    fkemu::Allocations& al = fkemu::allocations();
+    std::lock_guard<std::mutex> g(al.lock);
+    if (attr == 7) *static_cast<uint64_t*>(value) = al.used;
+    else if (attr == 8) *static_cast<uint64_t*>(value) = al.high;
+    else return FK_INVALID_VALUE;
+    return FK_SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(void*, int attr, void*) {
+    fkemu::Allocations& al = fkemu::allocations();
+    std::lock_guard<std::mutex> g(al.lock);
+    if (attr != 8) return FK_INVALID_VALUE;
+    al.high = al.used;
     return FK_SUCCESS;
 }
 

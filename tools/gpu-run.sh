@@ -168,10 +168,10 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     echo "## Engine training step (flux-kernels bench-step)"
     echo
     echo "Random FLUX.1-dev weights, batch 1, 512 T5 tokens, LoRA rank 32 on attn-mlp, AdamW; step time is"
-    echo "the median of $steps steps after $warm warm-up; peak is the engine's measured peak GPU memory;"
+    echo "the median of $steps steps after $warm warm-up; peak is the memory pool's high-water mark of allocated bytes (as torch.cuda.max_memory_allocated), and the prediction is the plan less the CUDA context and cuBLAS workspace;"
     echo "predicted is \`flux-kernels plan\` (a model, not a measurement)."
     echo
-    echo "| base | resolution | checkpointing | step (s, median) | steps (s) | peak (GiB, measured) | predicted by plan (GiB) | load (s) | wall (s) | status |"
+    echo "| base | resolution | checkpointing | step (s, median) | steps (s) | peak (GiB, measured) | predicted by plan, allocated (GiB) | load (s) | wall (s) | status |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
   } >"$smd"
   # The goal configuration first (int8, 1024², checkpointing), then the rest of the side-by-side
@@ -212,7 +212,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
         stepv=$(jnum step_s_median "$line")
         stepsv=$(sed -nE 's/.*"step_s"[[:space:]]*:[[:space:]]*\[([^]]*)\].*/\1/p' <<<"$line" | tr -d ' ' | sed 's/,/, /g')
         peak=$(jnum peak_gib "$line")
-        pred=$(jnum predicted_gib "$line")
+        pred=$(jnum predicted_allocated_gib "$line")  # comparable with peak_gib (pool high-water mark)
         load=$(jnum load_s "$line")
       else
         eng_rc=1
@@ -220,7 +220,8 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     fi
     if [ -z "$pred" ] && [ -x ./flux-kernels ]; then
       pred=$(./flux-kernels plan --model flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp --base "$b" \
-        --checkpointing "$ck" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1)
+        --checkpointing "$ck" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
+        awk '{ printf "%.2f\n", $1 - 0.53125 }')  # less the CUDA context and cuBLAS workspace
     fi
     echo "| $b | ${sz}² | $ck | ${stepv:--} | ${stepsv:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
   done

@@ -13,7 +13,9 @@
 #   scaling.md     the same as two markdown tables (vs resolution, vs rank)
 #   scaling.jsonl  the raw JSON line of every successful call
 #   scaling.log    each call's command line, exit status and stderr
-# predicted_gib is the JSON's; for a failed or skipped point it comes from `flux-kernels plan`
+# predicted_gib is the JSON's predicted_allocated_gib (the plan less the CUDA context and cuBLAS
+# workspace, comparable with peak_gib, the memory pool's high-water mark); for a failed or
+# skipped point it comes from `flux-kernels plan` less the same 0.53 GiB
 # (no GPU needed), so the figure can draw the prediction at every point.
 # tools/plot_scaling.py OUTDIR/scaling.csv draws docs/scaling.svg from the CSV.
 #
@@ -105,7 +107,8 @@ reused() {
 }
 predicted() {
   "$bin" plan --model flux1-dev --resolution "$1" --rank "$2" --targets attn-mlp --base "$base" \
-    --checkpointing "$ck_plan" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 || true
+    --checkpointing "$ck_plan" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
+    awk '{ printf "%.2f\n", $1 - 0.53125 }' || true  # less the context and cuBLAS workspace, as above
 }
 declare -A est=([512]=40 [768]=50 [1024]=60 [1536]=90)
 for kv in ${costs//,/ }; do
@@ -162,7 +165,9 @@ for point in $grid; do
     echo "$line" >>"$jsonl"
     step=$(jget step_s_median "$line")
     peak=$(jget peak_gib "$line")
-    pred=$(jget predicted_gib "$line")
+    # The plan without the CUDA context and cuBLAS workspace: what peak_gib (the pool's
+    # high-water mark of allocated bytes) measures.
+    pred=$(jget predicted_allocated_gib "$line")
   fi
   [ -n "$pred" ] || pred=$(predicted "$size" "$rank")
   echo "$size,$rank,$base,$ckpt,$step,$peak,$pred,$status" >>"$csv"

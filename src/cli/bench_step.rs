@@ -1,6 +1,6 @@
 //! `bench-step`: full LoRA training steps (forward, backward, clipping, AdamW) of the
 //! device-resident GPU model on synthetic inputs, timed one by one after warm-up, with the peak
-//! device memory in use and the planner's prediction beside it: the engine's side of
+//! device memory (the memory pool's high-water mark) and the planner's prediction beside it: the engine's side of
 //! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
 
 use crate::device::Device;
@@ -9,7 +9,7 @@ use crate::lora::config::resolve_targets;
 use crate::model::flux::FluxInputs;
 use crate::model::gpu::BaseDtype;
 use crate::model::weights::FluxWeights;
-use crate::plan::{plan, Base, Settings};
+use crate::plan::{plan, Base, Settings, CUBLAS_WORKSPACE, CUDA_CONTEXT};
 use crate::sample::img_ids;
 use crate::train::config::TrainConfig;
 use crate::train::gpu_step::GpuTrain;
@@ -119,6 +119,9 @@ pub fn run(a: &BenchStep) -> Result<String> {
         lora: lc,
     };
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
+    // The plan without the parts outside the memory pool: what `peak_gib` measures.
+    let predicted_allocated = predicted.map(|p| p - gib(CUDA_CONTEXT + CUBLAS_WORKSPACE));
+    let peak = gt.m.pool_peak();
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let j = serde_json::json!({
         "model": a.model,
@@ -130,10 +133,13 @@ pub fn run(a: &BenchStep) -> Result<String> {
         "steps": a.steps,
         "step_s_median": median,
         "step_s": times,
-        "peak_gib": gib(gt.m.peak_used),
-        "peak_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries",
+        "peak_gib": peak.map(gib),
+        "peak_note": "memory pool high-water mark: bytes allocated at most, as torch.cuda.max_memory_allocated (CUDA context and cuBLAS workspace not included)",
+        "in_use_sampled_gib": gib(gt.m.peak_used),
+        "in_use_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries only",
         "weights_gib": gib(weights_bytes),
         "predicted_gib": predicted,
+        "predicted_allocated_gib": predicted_allocated,
         "trainable": trainable,
         "loss": last_loss,
         "load_s": load_s,

@@ -565,10 +565,13 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if let Some(g) = gpu.as_ref() {
         g.to_host(&mut ad.params, &mut opt)?;
         g.m.synchronize()?;
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let pool = g.m.pool_peak().map_or("unknown (no memory pool)".into(), |b| format!("{:.2} GiB", gib(b)));
         say(
             format!(
-                "GPU: {:.2} GiB peak device memory in use (at block boundaries)",
-                g.m.peak_used as f64 / (1u64 << 30) as f64
+                "GPU memory: peak allocated {pool} (the CUDA context and cuBLAS workspace come on top); \
+                 {:.2} GiB in use at the fullest block boundary",
+                gib(g.m.peak_used)
             ),
             None,
         );

@@ -565,6 +565,27 @@ impl GpuFlux {
         Ok(v)
     }
 
+    /// The default memory pool's high-water mark of bytes allocated (every buffer here comes
+    /// from it through cuMemAllocAsync): the comparable of PyTorch's `max_memory_allocated`. The
+    /// CUDA context and cuBLAS's workspace are outside it. None where the driver has no pools.
+    pub fn pool_peak(&self) -> Option<usize> {
+        use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolGetAttribute, CUmemPool_attribute, CUresult};
+        let g = CudaBackend::lock(&self.be).ok()?;
+        let mut pool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: plain driver queries into locals; a failure (no pool support) is an error code.
+        unsafe {
+            if cuDeviceGetDefaultMemPool(&mut pool, g.ctx.cu_device()) != CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            if cuMemPoolGetAttribute(pool, attr, &mut high as *mut u64 as *mut _) != CUresult::CUDA_SUCCESS {
+                return None;
+            }
+        }
+        (high > 0).then_some(high as usize)
+    }
+
     /// Device memory in use now (total − free), bytes.
     pub fn memory_in_use(&self) -> Result<usize> {
         let g = CudaBackend::lock(&self.be)?;
