@@ -548,8 +548,7 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return FK_SUCCESS;
 }
 // The default memory pool: every allocation above comes from it. Attributes 7 and 8 are
-// CU_MEMPOOL_ATTR_USED_MEM_CURRENT and CU_MEMPOOL_ATTR_USED_MEM_HIGH (setting the latter resets
-// it to the current use).
+// CU_MEMPOOL_ATTR_USED_MEM_CURRENT and CU_MEMPOOL_ATTR_USED_MEM_HIGH.
 CUresult cuDeviceGetDefaultMemPool(void** pool, int) {
     *pool = reinterpret_cast<void*>(uintptr_t(1));
     return FK_SUCCESS;
@@ -560,13 +559,6 @@ CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
     if (attr == 7) *static_cast<uint64_t*>(value) = al.used;
     else if (attr == 8) *static_cast<uint64_t*>(value) = al.high;
     else return FK_INVALID_VALUE;
-    return FK_SUCCESS;
-}
-CUresult cuMemPoolSetAttribute(void*, int attr, void*) {
-    fkemu::Allocations& al = fkemu::allocations();
-    std::lock_guard<std::mutex> g(al.lock);
-    if (attr != 8) return FK_INVALID_VALUE;
-    al.high = al.used;
     return FK_SUCCESS;
 }
 

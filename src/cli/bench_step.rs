@@ -9,7 +9,7 @@ use crate::lora::config::resolve_targets;
 use crate::model::flux::FluxInputs;
 use crate::model::gpu::BaseDtype;
 use crate::model::weights::FluxWeights;
-use crate::plan::{plan, Base, Settings, CUBLAS_WORKSPACE, CUDA_CONTEXT};
+use crate::plan::{gib, plan, Base, Settings, CUBLAS_WORKSPACE, CUDA_CONTEXT};
 use crate::sample::img_ids;
 use crate::train::config::TrainConfig;
 use crate::train::gpu_step::GpuTrain;
@@ -30,10 +30,6 @@ pub struct BenchStep {
     pub steps: usize,
     pub warmup: usize,
     pub text_tokens: usize,
-}
-
-fn gib(b: usize) -> f64 {
-    b as f64 / (1u64 << 30) as f64
 }
 
 /// Runs the benchmark; returns one line of JSON.

@@ -404,7 +404,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             format!(
                 "GPU: the whole step on the device; base weights {} ({:.2} GiB), activation checkpointing {}",
                 tc.base,
-                bytes as f64 / (1u64 << 30) as f64,
+                crate::plan::gib(bytes),
                 if tc.gradient_checkpointing { "on" } else { "off" }
             ),
             None,
@@ -565,7 +565,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if let Some(g) = gpu.as_ref() {
         g.to_host(&mut ad.params, &mut opt)?;
         g.m.synchronize()?;
-        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let gib = crate::plan::gib;
         let pool = g.m.pool_peak().map_or("unknown (no memory pool)".into(), |b| format!("{:.2} GiB", gib(b)));
         say(
             format!(

@@ -2,6 +2,7 @@
 //! training the f32 master factors, their gradients and AdamW's moments, all resident. Terms are
 //! ordered as the trainer's parameter list (A0, B0, A1, B1, …); `by_module` finds a linear's.
 
+use super::to16;
 use super::weights::ptr;
 use crate::device::CudaBackend;
 use crate::kernels::lora::TermShape;
@@ -52,10 +53,6 @@ pub struct TermSpec {
     pub rows: Range<usize>,
     pub scale: f32,
     pub d_in: usize,
-}
-
-fn to16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 impl DevLora {
@@ -201,10 +198,5 @@ impl DevLora {
             g.stream.memcpy_htod(h, d)?;
         }
         Ok(())
-    }
-
-    /// Trainable parameters held.
-    pub fn param_count(&self) -> usize {
-        self.terms.iter().map(|t| t.a16.len() + t.b16.len()).sum()
     }
 }

@@ -289,7 +289,8 @@ impl Run<'_> {
     }
 }
 
-fn to16(v: &[f32]) -> Vec<bf16> {
+/// Host f32 to bf16 (round to nearest even) for an upload.
+pub(crate) fn to16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
@@ -584,12 +585,5 @@ impl GpuFlux {
             }
         }
         (high > 0).then_some(high as usize)
-    }
-
-    /// Device memory in use now (total − free), bytes.
-    pub fn memory_in_use(&self) -> Result<usize> {
-        let g = CudaBackend::lock(&self.be)?;
-        let (free, total) = g.ctx.mem_get_info()?;
-        Ok(total.saturating_sub(free))
     }
 }
