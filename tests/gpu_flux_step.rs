@@ -56,10 +56,7 @@ fn gpu_step(s: &Setup, device: &Device, base: BaseDtype, checkpointing: bool) ->
     m.poison = true;
     m.checkpointing = checkpointing;
     let Device::Cuda(be) = device else { unreachable!() };
-    let lora = {
-        let g = CudaBackend::lock(be).unwrap();
-        DevLora::from_set(&g, &s.set, &|n| m.d_in_of(n), true).unwrap()
-    };
+    let lora = m.adapters(&s.set, true).unwrap();
     let (pred, state) = m.forward_train(&s.inp, &lora).unwrap();
     let y = m.download(&pred, s.dy.len()).unwrap();
     let dy = {

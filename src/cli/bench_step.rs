@@ -5,7 +5,6 @@
 
 use crate::device::Device;
 use crate::io::checkpoint::Checkpoint;
-use crate::lora::config::resolve_targets;
 use crate::model::flux::FluxInputs;
 use crate::model::gpu::BaseDtype;
 use crate::model::weights::FluxWeights;
@@ -14,7 +13,7 @@ use crate::sample::img_ids;
 use crate::train::config::TrainConfig;
 use crate::train::gpu_step::GpuTrain;
 use crate::train::optim::AdamW;
-use crate::train::trainer::lora_config;
+use crate::train::trainer::{init_adapters, lora_config, AdapterInit};
 use crate::util::Rng;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -48,16 +47,8 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let weights = FluxWeights::new(&cfg, &|n| ckpt.param(n).cloned())?;
     let tc = TrainConfig { rank: a.rank, targets: a.targets.clone(), ..TrainConfig::default() };
     let lc = lora_config(&tc)?;
-    let specs = resolve_targets(&cfg, &lc)?;
-    let scales: Vec<f32> = specs.iter().map(|s| lc.scale(s)).collect();
     let mut rng = Rng::new(42);
-    let params: Vec<Vec<f32>> = specs
-        .iter()
-        .flat_map(|s| {
-            let (a, b) = lc.init_factors(s, &mut rng);
-            [a, b]
-        })
-        .collect();
+    let AdapterInit { specs, scales, params } = init_adapters(&cfg, &lc, &mut rng)?;
     let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
     let mut gt = GpuTrain::new(&cfg, &weights, &dev, base, a.checkpointing, &specs, &scales, &params, &opt)

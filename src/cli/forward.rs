@@ -2,12 +2,11 @@
 //! `--device cuda` the device-resident GPU model.
 
 use super::{open_loras, open_model, ModelSpec};
-use crate::device::{CudaBackend, Device};
+use crate::device::Device;
 use crate::io::lora_formats::UnknownKeys;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
 use crate::lora::LoraSet;
 use crate::model::flux::{flux_forward, FluxInputs};
-use crate::model::gpu::lora::DevLora;
 use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use anyhow::{bail, Result};
@@ -37,12 +36,9 @@ pub fn run(
     set.device = super::device(device)?;
     let y = match &set.device {
         // The whole model device-resident (weights uploaded once, every op a kernel).
-        Device::Cuda(be) => {
+        Device::Cuda(_) => {
             let mut m = GpuFlux::new(cfg, &weights, &set.device, BaseDtype::Bf16)?;
-            let lora = {
-                let g = CudaBackend::lock(be)?;
-                DevLora::from_set(&g, &set, &|n| m.d_in_of(n), false)?
-            };
+            let lora = m.adapters(&set, false)?;
             let y = m.forward(&inp, &lora)?;
             m.download(&y, inp.b * inp.n_img * cfg.out_channels)?
         }

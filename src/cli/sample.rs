@@ -1,12 +1,11 @@
 //! `flux-kernels sample` and `flux-kernels synth-data`.
 
 use super::{open_loras, open_model, ModelSpec};
-use crate::device::{CudaBackend, Device};
+use crate::device::Device;
 use crate::io::lora_formats::UnknownKeys;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::lora::LoraSet;
 use crate::model::config::FluxConfig;
-use crate::model::gpu::lora::DevLora;
 use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use crate::sample::preview::write_preview;
@@ -140,7 +139,7 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     let device = super::device(a.device)?;
     // On CUDA the base goes to the device once; a set switch uploads only its adapters.
     let mut gpu = match &device {
-        Device::Cuda(be) => Some((GpuFlux::new(&cfg, &w, &device, BaseDtype::Bf16)?, be.clone())),
+        Device::Cuda(_) => Some(GpuFlux::new(&cfg, &w, &device, BaseDtype::Bf16)?),
         Device::Cpu => None,
     };
     for (k, files) in loaded.iter().enumerate() {
@@ -148,17 +147,11 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         let mut set = LoraSet::new();
         set.device = device.clone();
         files.iter().for_each(|(f, s)| set.add(&f.deltas, *s));
-        let dev_lora = match &gpu {
-            Some((m, be)) => {
-                let g = CudaBackend::lock(be)?;
-                Some(DevLora::from_set(&g, &set, &|n| m.d_in_of(n), false)?)
-            }
-            None => None,
-        };
+        let dev_lora = gpu.as_ref().map(|m| m.adapters(&set, false)).transpose()?;
         let switch = t.elapsed();
         let t = Instant::now();
         let lats = match (gpu.as_mut(), &dev_lora) {
-            (Some((m, _)), Some(l)) => sample_gpu(m, &spec, l)?,
+            (Some(m), Some(l)) => sample_gpu(m, &spec, l)?,
             _ => sample(&cfg, &w, &spec, &set)?,
         };
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };

@@ -2,7 +2,7 @@
 //! resolution-dependent shifted schedule (BFL `get_schedule`, `denoise`).
 
 use super::{img_ids, unpack_latent};
-use crate::device::{CudaBackend, Device};
+use crate::device::Device;
 use crate::lora::LoraSet;
 use crate::model::config::FluxConfig;
 use crate::model::flux::{flux_forward, FluxInputs};
@@ -65,12 +65,9 @@ pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>>
 /// CUDA device in `loras`, the whole model runs device-resident (`model::gpu::GpuFlux`, weights
 /// uploaded once for the call); otherwise the CPU reference.
 pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
-    if let Device::Cuda(be) = &loras.device {
+    if let Device::Cuda(_) = &loras.device {
         let mut m = GpuFlux::new(cfg, w, &loras.device, BaseDtype::Bf16)?;
-        let lora = {
-            let g = CudaBackend::lock(be)?;
-            DevLora::from_set(&g, loras, &|n| m.d_in_of(n), false)?
-        };
+        let lora = m.adapters(loras, false)?;
         return sample_gpu(&mut m, spec, &lora);
     }
     sample_with(cfg, spec, &mut |inp| flux_forward(cfg, w, inp, loras))

@@ -78,6 +78,28 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
     })
 }
 
+/// The adapters of `lc` on `cfg` before training: their specs, scales, and initial factors
+/// [A0, B0, A1, B1, …] (B rows in BFL order) drawn from `rng`.
+pub fn init_adapters(cfg: &FluxConfig, lc: &LoraConfig, rng: &mut Rng) -> Result<AdapterInit> {
+    let specs = resolve_targets(cfg, lc)?;
+    let scales = specs.iter().map(|s| lc.scale(s)).collect();
+    let params = specs
+        .iter()
+        .flat_map(|s| {
+            let (a, b) = lc.init_factors(s, rng);
+            [a, b]
+        })
+        .collect();
+    Ok(AdapterInit { specs, scales, params })
+}
+
+/// What `init_adapters` returns.
+pub struct AdapterInit {
+    pub specs: Vec<AdapterSpec>,
+    pub scales: Vec<f32>,
+    pub params: Vec<Vec<f32>>,
+}
+
 /// The adapters being trained: specs and their factors (B rows in BFL order).
 struct Adapters {
     device: crate::device::Device,
@@ -334,16 +356,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         None
     };
     let lc = lora_config(&tc)?;
-    let specs = resolve_targets(&model.cfg, &lc)?;
-    let scales: Vec<f32> = specs.iter().map(|s| lc.scale(s)).collect();
-    let mut init_rng = stream(tc.seed, u64::MAX, 0x1417);
-    let params: Vec<Vec<f32>> = specs
-        .iter()
-        .flat_map(|s| {
-            let (a, b) = lc.init_factors(s, &mut init_rng);
-            [a, b]
-        })
-        .collect();
+    let AdapterInit { specs, scales, params } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
     let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let (device, device_note) = crate::device::Device::parse(&tc.device)?;
     let mut ad = Adapters { device, specs, scales, params };

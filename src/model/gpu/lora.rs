@@ -116,12 +116,12 @@ impl DevLora {
     ) -> Result<DevLora> {
         let mut specs = Vec::new();
         let mut factors = Vec::new();
-        let mut names: Vec<&String> = set.modules().map(|(n, _)| n).collect();
-        names.sort();
-        for name in names {
+        let mut modules: Vec<_> = set.modules().collect();
+        modules.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, deltas) in modules {
             let d_in =
                 d_in_of(name).ok_or_else(|| anyhow::anyhow!("adapter on `{name}`: no such linear in the model"))?;
-            for d in set.modules().find(|(n, _)| *n == name).map(|(_, v)| v).into_iter().flatten() {
+            for d in deltas {
                 specs.push(TermSpec { module: name.clone(), rank: d.rank, rows: d.rows.clone(), scale: d.scale, d_in });
                 factors.push(d.a.to_vec());
                 factors.push(d.b.to_vec());

@@ -475,6 +475,13 @@ impl GpuFlux {
         Dims { b, lt, li, h: cfg.num_heads, d: cfg.head_dim, c: cfg.hidden_size, mlp: cfg.mlp_hidden }
     }
 
+    /// The adapters of `set` on this model's device, checked against its linears; with `train`,
+    /// gradient buffers too.
+    pub fn adapters(&self, set: &crate::lora::LoraSet, train: bool) -> Result<DevLora> {
+        let g = CudaBackend::lock(&self.be)?;
+        DevLora::from_set(&g, set, &|n| self.d_in_of(n), train)
+    }
+
     /// d_in of the linear named `name` (adapter validation).
     pub fn d_in_of(&self, name: &str) -> Option<usize> {
         self.w.linears().into_iter().find(|l| l.name == name).map(|l| l.d_in)
