@@ -7,11 +7,11 @@
 // point, not a smell.
 #![allow(clippy::too_many_arguments)]
 
+pub mod adapters;
 pub mod cli;
-pub mod device;
+pub mod engine;
 pub mod io;
 pub mod kernels;
-pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod pipeline;

@@ -69,8 +69,8 @@ struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    fn config(&self) -> Result<flux_kernels::lora::config::LoraConfig> {
-        use flux_kernels::lora::config::{parse_patterns, LoraConfig};
+    fn config(&self) -> Result<flux_kernels::adapters::config::LoraConfig> {
+        use flux_kernels::adapters::config::{parse_patterns, LoraConfig};
         let mut c = LoraConfig::default();
         if let Some(r) = self.rank {
             c.rank = r;
@@ -396,8 +396,8 @@ fn main() -> Result<()> {
             if adapter.rank.is_some() || adapter.targets.is_some() {
                 let spec = cli::open_model(&m.model, m.rope_axes.as_deref())?;
                 let lc = adapter.config()?;
-                let specs = flux_kernels::lora::config::resolve_targets(spec.cfg(), &lc)?;
-                println!("{}", flux_kernels::lora::config::trainable_summary(spec.cfg(), &specs));
+                let specs = flux_kernels::adapters::config::resolve_targets(spec.cfg(), &lc)?;
+                println!("{}", flux_kernels::adapters::config::trainable_summary(spec.cfg(), &specs));
             }
         }
         Cmd::Train(args) => {
@@ -551,7 +551,7 @@ fn main() -> Result<()> {
             let [lora] = m.lora.as_slice() else {
                 anyhow::bail!("grad takes exactly one --lora FILE (the adapter to differentiate)");
             };
-            let (path, scale) = flux_kernels::io::lora_formats::parse_lora_arg(lora)?;
+            let (path, scale) = flux_kernels::adapters::formats::parse_lora_arg(lora)?;
             if scale != 1.0 {
                 anyhow::bail!("grad differentiates at strength 1; drop the :{scale} from --lora");
             }

@@ -17,6 +17,19 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// 11901408320 → "11,901,408,320"
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 /// A small deterministic generator (xorshift64*), so random weights and inputs are the same on
 /// every machine without pulling in a crate for it.
 pub struct Rng(u64);

@@ -3,16 +3,16 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
-use flux_kernels::lora::{LoraDelta, LoraSet};
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::{AdapterSet, Term};
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::flux::{flux_backward, flux_forward, flux_forward_train, FluxInputs};
 use flux_kernels::model::weights::FluxWeights;
 use flux_kernels::util::{rel_l2, Rng};
 use std::sync::Arc;
 
-fn set_of(deltas: &[(String, LoraDelta)], dropout: Option<(f32, u64)>) -> LoraSet {
-    let mut s = LoraSet::new();
+fn set_of(deltas: &[Term], dropout: Option<(f32, u64)>) -> AdapterSet {
+    let mut s = AdapterSet::new();
     s.add(deltas, 1.0);
     if let Some((p, seed)) = dropout {
         s.set_dropout(p, seed);
@@ -27,42 +27,41 @@ fn check(dropout: Option<(f32, u64)>) {
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), cfg).unwrap();
     // PEFT targets every diffusers linear (q/k/v slices, modulation, embedders, final layer);
     // kohya adds fused-qkv and linear1 terms on top.
-    let mut deltas = load_lora(&fixture("lora-peft.safetensors"), cfg, UnknownKeys::Error).unwrap().deltas;
-    deltas.extend(load_lora(&fixture("lora-kohya.safetensors"), cfg, UnknownKeys::Error).unwrap().deltas);
+    let mut deltas = load_lora(&fixture("lora-peft.safetensors"), cfg, UnknownKeys::Error).unwrap().terms;
+    deltas.extend(load_lora(&fixture("lora-kohya.safetensors"), cfg, UnknownKeys::Error).unwrap().terms);
     let mut rng = Rng::new(5);
     let dy = rng.normal_vec(inp.b * inp.n_img * cfg.out_channels, 1.0);
 
     let set = set_of(&deltas, dropout);
     let (_, cache) = flux_forward_train(cfg, &w, &inp, &set).unwrap();
     let grads = flux_backward(cfg, &w, &inp, &cache, &dy, &set).unwrap();
-    let loss = |d: &[(String, LoraDelta)]| {
+    let loss = |d: &[Term]| {
         let y = flux_forward(cfg, &w, &inp, &set_of(d, dropout)).unwrap();
         y.iter().zip(&dy).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
     };
 
-    // Term index within its module, in LoraSet order.
+    // Term index within its module, in AdapterSet order.
     let mut seen = std::collections::HashMap::<String, usize>::new();
     let (mut ana, mut num) = (Vec::new(), Vec::new());
     for i in 0..deltas.len() {
-        let module = deltas[i].0.clone();
+        let module = deltas[i].module.clone();
         let ti = *seen.entry(module.clone()).and_modify(|x| *x += 1).or_insert(0);
         let g = grads.get(&module, ti).unwrap_or_else(|| panic!("no gradient for {module}"));
+        #[allow(clippy::needless_range_loop)] // `which` indexes the term's parameters and the copy
         for which in 0..2 {
-            let n = if which == 0 { deltas[i].1.a.len() } else { deltas[i].1.b.len() };
+            let n = deltas[i].params[which].len();
             let j = (rng.next_u64() as usize) % n;
             let mut d = deltas.clone();
-            let t = &mut d[i].1;
-            let v = if which == 0 { Arc::make_mut(&mut t.a) } else { Arc::make_mut(&mut t.b) };
+            let v = Arc::make_mut(&mut d[i].params[which]);
             let x0 = v[j];
             let h = 1e-2 * x0.abs().max(0.05);
             v[j] = x0 + h;
             let lp = loss(&d);
-            let t = &mut d[i].1;
-            let v = if which == 0 { Arc::make_mut(&mut t.a) } else { Arc::make_mut(&mut t.b) };
+            let v = Arc::make_mut(&mut d[i].params[which]);
             v[j] = x0 - h;
             let lm = loss(&d);
             num.push(((lp - lm) / (2.0 * h as f64)) as f32);
-            ana.push(if which == 0 { g.da[j] } else { g.db[j] });
+            ana.push(g[which][j]);
         }
     }
     let err = rel_l2(&ana, &num);

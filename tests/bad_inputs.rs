@@ -3,9 +3,9 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
 use flux_kernels::io::safetensors::Dtype;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::config::FluxConfig;
 use flux_kernels::model::flux::FluxInputs;
 use std::path::Path;
@@ -143,7 +143,7 @@ fn lora_unknown_key_misfit_and_missing_factor() {
     // As a warning the key is skipped and named; the rest still loads.
     let f = load_lora(&p, &cfg, UnknownKeys::Warn).unwrap();
     assert_eq!(f.skipped, vec!["lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight".to_string()]);
-    assert_eq!(f.deltas.len(), load_lora(&src, &cfg, UnknownKeys::Error).unwrap().deltas.len());
+    assert_eq!(f.terms.len(), load_lora(&src, &cfg, UnknownKeys::Error).unwrap().terms.len());
 
     let p = dir.join("te.safetensors");
     rewrite(&src, &p, |t| {

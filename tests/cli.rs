@@ -104,7 +104,7 @@ fn bench_step_names_bad_settings_and_a_missing_gpu() {
     assert!(e.contains("--steps"), "{e}");
     let e = run(&["--model", "random:tiny", "--base", "fp4"]);
     assert!(e.contains("--base `fp4`"), "{e}");
-    if flux_kernels::device::Device::parse("cuda").is_err() {
+    if flux_kernels::engine::Device::parse("cuda").is_err() {
         let e = run(&["--model", "random:tiny", "--size", "64", "--text-tokens", "8"]);
         assert!(e.contains("--device cuda") && !e.contains("panicked"), "{e}");
     }

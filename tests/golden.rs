@@ -96,8 +96,8 @@ fn comfy_lora_with_up_down_names_and_kohya_on_diffusers_base() {
 
 #[test]
 fn peft_metadata_alpha_pattern_and_rslora() {
-    use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
-    let cfg = flux_kernels::io::checkpoint::Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap().cfg;
+    use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
+    let cfg = flux_kernels::model::checkpoint::Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap().cfg;
     let dir = tmpdir("golden-peftmeta");
     let (t, meta) = read_all(&fixture("lora-peft.safetensors"));
     let raw: serde_json::Value = serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
@@ -112,7 +112,7 @@ fn peft_metadata_alpha_pattern_and_rslora() {
     };
     // r = 4, alpha 8 → scale 2 everywhere.
     let plain = load_lora(&fixture("lora-peft.safetensors"), &cfg, UnknownKeys::Error).unwrap();
-    assert!(plain.deltas.iter().all(|(_, d)| d.scale == 2.0));
+    assert!(plain.terms.iter().all(|t| t.scale == 2.0));
     // rsLoRA: alpha / √r, so alpha 4 gives the same scale 2.
     let rs = with(
         &|m| {
@@ -121,10 +121,10 @@ fn peft_metadata_alpha_pattern_and_rslora() {
         },
         "rs.safetensors",
     );
-    assert!(rs.deltas.iter().all(|(_, d)| d.scale == 2.0));
+    assert!(rs.terms.iter().all(|t| t.scale == 2.0));
     // alpha_pattern overrides one module by PEFT's suffix rule; the rest keep lora_alpha.
     let pat = with(&|m| m["transformer.alpha_pattern"] = serde_json::json!({"x_embedder": 16}), "pat.safetensors");
-    for (module, d) in &pat.deltas {
-        assert_eq!(d.scale, if module == "img_in" { 4.0 } else { 2.0 }, "{module}");
+    for t in &pat.terms {
+        assert_eq!(t.scale, if t.module == "img_in" { 4.0 } else { 2.0 }, "{}", t.module);
     }
 }

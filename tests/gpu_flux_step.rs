@@ -1,4 +1,4 @@
-//! The device-resident model (`model::gpu::GpuFlux`: weights, adapters and activations on the
+//! The device-resident model (`engine::cuda::GpuFlux`: weights, adapters and activations on the
 //! GPU, every op a kernel) against the f32 CPU reference on the tiny fixture model, with two
 //! adapter files and LoRA dropout: the forward within relative L2 1e-2, all LoRA gradients
 //! together within 2e-2 and each gradient tensor within 1e-1 (the bounds of tests/gpu_model.rs,
@@ -9,13 +9,14 @@
 
 mod common;
 use common::*;
-use flux_kernels::device::{CudaBackend, Device};
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
-use flux_kernels::lora::{LoraGrads, LoraSet};
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::AdapterSet;
+use flux_kernels::engine::cuda::adapters::DevLora;
+use flux_kernels::engine::cuda::{BaseDtype, GpuFlux};
+use flux_kernels::engine::{CudaBackend, Device, Engine, EngineOptions};
+use flux_kernels::model::adapt::AdapterGrads;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::flux::{flux_backward, flux_forward_train, FluxInputs};
-use flux_kernels::model::gpu::lora::DevLora;
-use flux_kernels::model::gpu::{BaseDtype, GpuFlux};
 use flux_kernels::model::weights::FluxWeights;
 use flux_kernels::train::builtin::{synthetic_samples, tiny_config, write_samples};
 use flux_kernels::train::config::TrainConfig;
@@ -32,7 +33,7 @@ struct Setup {
     cfg: flux_kernels::model::config::FluxConfig,
     w: FluxWeights,
     inp: FluxInputs,
-    set: LoraSet,
+    set: AdapterSet,
     dy: Vec<f32>,
 }
 
@@ -41,9 +42,9 @@ fn setup(model: &std::path::Path) -> Setup {
     let cfg = ckpt.cfg.clone();
     let w = FluxWeights::new(&cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), &cfg).unwrap();
-    let mut deltas = load_lora(&fixture("lora-peft.safetensors"), &cfg, UnknownKeys::Error).unwrap().deltas;
-    deltas.extend(load_lora(&fixture("lora-kohya.safetensors"), &cfg, UnknownKeys::Error).unwrap().deltas);
-    let mut set = LoraSet::new();
+    let mut deltas = load_lora(&fixture("lora-peft.safetensors"), &cfg, UnknownKeys::Error).unwrap().terms;
+    deltas.extend(load_lora(&fixture("lora-kohya.safetensors"), &cfg, UnknownKeys::Error).unwrap().terms);
+    let mut set = AdapterSet::new();
     set.add(&deltas, 1.0);
     set.set_dropout(0.2, 77);
     let dy = Rng::new(9).normal_vec(inp.b * inp.n_img * cfg.out_channels, 1.0);
@@ -52,10 +53,10 @@ fn setup(model: &std::path::Path) -> Setup {
 
 /// (prediction, gradients in DevLora term order) from the device-resident model.
 fn gpu_step(s: &Setup, device: &Device, base: BaseDtype, checkpointing: bool) -> (Vec<f32>, DevLora, Vec<Vec<f32>>) {
-    let mut m = GpuFlux::new(&s.cfg, &s.w, device, base).unwrap();
+    let Device::Cuda(be) = device else { unreachable!() };
+    let mut m = GpuFlux::new(&s.cfg, &s.w, be, base).unwrap();
     m.poison = true;
     m.checkpointing = checkpointing;
-    let Device::Cuda(be) = device else { unreachable!() };
     let lora = m.adapters(&s.set, true).unwrap();
     let (pred, state) = m.forward_train(&s.inp, &lora).unwrap();
     let y = m.download(&pred, s.dy.len()).unwrap();
@@ -71,23 +72,31 @@ fn gpu_step(s: &Setup, device: &Device, base: BaseDtype, checkpointing: bool) ->
     (y, lora, grads)
 }
 
-fn cpu_step(s: &Setup) -> (Vec<f32>, LoraGrads) {
+fn cpu_step(s: &Setup) -> (Vec<f32>, AdapterGrads) {
     let (y, cache) = flux_forward_train(&s.cfg, &s.w, &s.inp, &s.set).unwrap();
     let g = flux_backward(&s.cfg, &s.w, &s.inp, &cache, &s.dy, &s.set).unwrap();
     (y, g)
 }
 
-fn compare(what: &str, y_gpu: &[f32], lora: &DevLora, g_gpu: &[Vec<f32>], y_cpu: &[f32], g_cpu: &LoraGrads) {
+fn compare(
+    what: &str,
+    y_gpu: &[f32],
+    lora: &DevLora,
+    g_gpu: &[Vec<f32>],
+    y_cpu: &[f32],
+    g_cpu: &AdapterGrads,
+    n_terms: usize,
+) {
     assert!(y_gpu.iter().all(|v| v.is_finite()), "{what}: non-finite prediction");
     let e = rel_l2(y_gpu, y_cpu);
     println!("{what}: forward rel L2 {e:.2e}");
     assert!(e <= 1e-2, "{what}: forward rel L2 {e:e}");
     let (mut all_gpu, mut all_cpu) = (Vec::new(), Vec::new());
     let mut worst = (0f64, String::new());
-    assert_eq!(lora.terms.len(), g_cpu.by_module.values().map(|v| v.len()).sum::<usize>(), "{what}: term count");
+    assert_eq!(lora.terms.len(), n_terms, "{what}: term count");
     for (i, t) in lora.terms.iter().enumerate() {
         let c = g_cpu.get(&t.module, t.index).unwrap_or_else(|| panic!("{what}: no CPU gradient for {}", t.module));
-        for (name, a, b) in [("dA", &g_gpu[2 * i], &c.da), ("dB", &g_gpu[2 * i + 1], &c.db)] {
+        for (name, a, b) in [("dA", &g_gpu[2 * i], &c[0]), ("dB", &g_gpu[2 * i + 1], &c[1])] {
             assert!(a.iter().all(|v| v.is_finite()), "{what}: {} {name} not finite", t.module);
             let e = rel_l2(a, b);
             assert!(e <= 1e-1, "{what}: {} term {} {name}: rel L2 {e:e}", t.module, t.index);
@@ -109,7 +118,7 @@ fn device_resident_step_matches_cpu() {
     let s = setup(&fixture("tiny-diffusers"));
     let (y_cpu, g_cpu) = cpu_step(&s);
     let (y, lora, g) = gpu_step(&s, &device, BaseDtype::Bf16, false);
-    compare("bf16 base", &y, &lora, &g, &y_cpu, &g_cpu);
+    compare("bf16 base", &y, &lora, &g, &y_cpu, &g_cpu, s.set.terms().len());
     // Checkpointing reruns each block's forward in the backward: the same launches, so the
     // same bits.
     let (y2, _, g2) = gpu_step(&s, &device, BaseDtype::Bf16, true);
@@ -126,7 +135,7 @@ fn device_resident_int8_base_matches_cpu() {
     let s = setup(&out);
     let (y_cpu, g_cpu) = cpu_step(&s);
     let (y, lora, g) = gpu_step(&s, &device, BaseDtype::Bf16, false);
-    compare("int8 file", &y, &lora, &g, &y_cpu, &g_cpu);
+    compare("int8 file", &y, &lora, &g, &y_cpu, &g_cpu, s.set.terms().len());
 }
 
 /// A small training config on the built-in tiny model: dropout, gradient accumulation, prior
@@ -249,9 +258,9 @@ fn gpu_sampler_latents_match_cpu() {
     use flux_kernels::sample::sampler::{sample, SampleSpec};
     let Some(device) = cuda_or_skip("gpu_sampler_latents_match_cpu") else { return };
     let s = setup(&fixture("tiny-diffusers"));
-    let mut set = LoraSet::new();
-    set.add(&load_lora(&fixture("lora-peft.safetensors"), &s.cfg, UnknownKeys::Error).unwrap().deltas, 0.8);
-    set.add(&load_lora(&fixture("lora-kohya.safetensors"), &s.cfg, UnknownKeys::Error).unwrap().deltas, 0.5);
+    let mut set = AdapterSet::new();
+    set.add(&load_lora(&fixture("lora-peft.safetensors"), &s.cfg, UnknownKeys::Error).unwrap().terms, 0.8);
+    set.add(&load_lora(&fixture("lora-kohya.safetensors"), &s.cfg, UnknownKeys::Error).unwrap().terms, 0.5);
     let n_txt = s.inp.n_txt;
     let (dt, dv) = (s.cfg.context_in_dim, s.cfg.vec_in_dim);
     let spec = SampleSpec {
@@ -264,9 +273,15 @@ fn gpu_sampler_latents_match_cpu() {
         guidance: 3.5,
         seed: 5,
     };
-    let cpu = sample(&s.cfg, &s.w, &spec, &set).unwrap();
-    set.device = device;
-    let gpu = sample(&s.cfg, &s.w, &spec, &set).unwrap();
+    let on = |dev: &Device| {
+        let ckpt = Checkpoint::open(&fixture("tiny-diffusers"), Some(vec![4, 6, 6])).unwrap();
+        let w = FluxWeights::new(&s.cfg, &|n| ckpt.param(n).cloned()).unwrap();
+        let mut e = Engine::new(dev, &s.cfg, w, EngineOptions::default()).unwrap();
+        e.set_adapters(&set).unwrap();
+        sample(&mut e, &spec).unwrap()
+    };
+    let cpu = on(&Device::Cpu);
+    let gpu = on(&device);
     assert_eq!(cpu.len(), gpu.len());
     let (a, b): (Vec<f32>, Vec<f32>) = (gpu.concat(), cpu.concat());
     assert!(a.iter().all(|v| v.is_finite()), "non-finite GPU latents");

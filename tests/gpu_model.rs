@@ -1,5 +1,6 @@
-//! The whole model with its LoRA linears and its attention core on the GPU (`--device cuda`)
-//! against the f32 CPU reference: the forward
+//! The engine on the GPU (`--device cuda`: the device-resident model) against the engine on the
+//! CPU (the f32 reference), with two adapter files and LoRA dropout, from the same fixture
+//! checkpoint as the golden tests: the forward
 //! output within relative L2 1e-2, all LoRA gradients together within 2e-2 and each gradient
 //! tensor within 1e-1 (a wrong term gives O(1) there), never NaN. Wider than the per-kernel bound (1e-2, tests/gpu_lora.rs)
 //! because every linear's operands are rounded to bf16 on the GPU and the rounding compounds
@@ -13,11 +14,11 @@
 
 mod common;
 use common::*;
-use flux_kernels::device::Device;
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
-use flux_kernels::lora::LoraSet;
-use flux_kernels::model::flux::{flux_backward, flux_forward_train, FluxInputs};
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::AdapterSet;
+use flux_kernels::engine::{Device, Engine, EngineOptions};
+use flux_kernels::model::checkpoint::Checkpoint;
+use flux_kernels::model::flux::FluxInputs;
 use flux_kernels::model::weights::FluxWeights;
 use flux_kernels::util::{rel_l2, Rng};
 
@@ -45,40 +46,38 @@ fn cuda_or_skip(test: &str) -> Option<Device> {
 fn compare(model: &std::path::Path, device: Device, what: &str) {
     let ckpt = Checkpoint::open(model, Some(vec![4, 6, 6])).unwrap();
     let cfg = &ckpt.cfg;
-    let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), cfg).unwrap();
-    let mut deltas = load_lora(&fixture("lora-peft.safetensors"), cfg, UnknownKeys::Error).unwrap().deltas;
-    deltas.extend(load_lora(&fixture("lora-kohya.safetensors"), cfg, UnknownKeys::Error).unwrap().deltas);
+    let mut set = AdapterSet::new();
+    set.add(&load_lora(&fixture("lora-peft.safetensors"), cfg, UnknownKeys::Error).unwrap().terms, 1.0);
+    set.add(&load_lora(&fixture("lora-kohya.safetensors"), cfg, UnknownKeys::Error).unwrap().terms, 1.0);
     let dy = Rng::new(9).normal_vec(inp.b * inp.n_img * cfg.out_channels, 1.0);
-    let run = |dev: Device| {
-        let mut set = LoraSet::new();
-        set.add(&deltas, 1.0);
-        set.set_dropout(0.2, 77);
-        set.device = dev;
-        let (y, cache) = flux_forward_train(cfg, &w, &inp, &set).unwrap();
-        let g = flux_backward(cfg, &w, &inp, &cache, &dy, &set).unwrap();
-        (y, g)
+    let run = |dev: &Device| {
+        let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
+        let mut e = Engine::new(dev, cfg, w, EngineOptions::default()).unwrap();
+        e.train_adapters(&set, None).unwrap();
+        let f = e.forward_train(&inp, Some((0.2, 77))).unwrap();
+        let y = e.prediction(&f).unwrap();
+        e.backward(f, &dy).unwrap();
+        (y, e.grads().unwrap())
     };
-    let (y_cpu, g_cpu) = run(Device::Cpu);
-    let (y_gpu, g_gpu) = run(device);
+    let (y_cpu, g_cpu) = run(&Device::Cpu);
+    let (y_gpu, g_gpu) = run(&device);
     let e = rel_l2(&y_gpu, &y_cpu);
     println!("{what}: forward rel L2 {e:.2e}");
     assert!(e <= 1e-2, "{what}: forward rel L2 {e:e}");
+    assert_eq!(g_gpu.len(), g_cpu.len(), "{what}: gradient tensor count");
     let (mut all_gpu, mut all_cpu) = (Vec::new(), Vec::new());
     let mut worst = (0f64, String::new());
-    for (module, terms) in &g_cpu.by_module {
-        for (i, t) in terms.iter().enumerate() {
-            let u = g_gpu.get(module, i).unwrap_or_else(|| panic!("no GPU gradient for {module}"));
-            for (name, a, b) in [("dA", &u.da, &t.da), ("dB", &u.db, &t.db)] {
-                let e = rel_l2(a, b);
-                assert!(e <= 1e-1, "{what}: {module} term {i} {name}: rel L2 {e:e}");
-                if e > worst.0 {
-                    worst = (e, format!("{module} term {i} {name}"));
-                }
-                all_gpu.extend_from_slice(a);
-                all_cpu.extend_from_slice(b);
-            }
+    for (j, (a, b)) in g_gpu.iter().zip(&g_cpu).enumerate() {
+        let t = &set.terms()[j / 2];
+        let name = if j % 2 == 0 { "dA" } else { "dB" };
+        let e = rel_l2(a, b);
+        assert!(e <= 1e-1, "{what}: {} term {} {name}: rel L2 {e:e}", t.module, j / 2);
+        if e > worst.0 {
+            worst = (e, format!("{} {name}", t.module));
         }
+        all_gpu.extend_from_slice(a);
+        all_cpu.extend_from_slice(b);
     }
     let e = rel_l2(&all_gpu, &all_cpu);
     println!("{what}: all LoRA gradients rel L2 {e:.2e}; worst tensor {:.2e} ({})", worst.0, worst.1);

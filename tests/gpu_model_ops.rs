@@ -286,7 +286,7 @@ fn qk_prologue_forward_backward_match_cpu() {
         rope_tables(&mut cos, &mut sin, &ids, axes, 10_000.0);
         let inp = QkHostInputs { qkv: &qkv, q_scale: &q_scale, k_scale: &k_scale, cos: &cos, sin: &sin };
         let cpu = cpu_qk(s, &inp);
-        let gpu = ops.qk_prologue_host(s, &inp).unwrap();
+        let gpu = ops.qk_prologue_host(s, &inp, QK_NORM_EPS).unwrap();
         let heads = (b * h, l, d);
         let rows = (b * h, l, 1);
         let win = (t0, t0 + ls);
@@ -309,7 +309,8 @@ fn qk_prologue_forward_backward_match_cpu() {
         );
         let want = cpu_qk_backward(s, &inp, &cpu, &dq, &dk, &dv);
         let (dqb, dkb, dvb) = (bf16s(&dq), bf16s(&dk), bf16s(&dv));
-        let got = ops.qk_prologue_backward_host(s, &inp, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
+        let got =
+            ops.qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
         let toks = (b * ls, ld, 1);
         let cols = (0, 3 * hd);
         let g = window("dqkv", &got, toks, cols, nan_f, seed);
@@ -320,7 +321,8 @@ fn qk_prologue_forward_backward_match_cpu() {
         check("dq (qkv columns 0..hd)", &per(&g, 0), &per(&w, 0), TOL, seed);
         check("dk (qkv columns hd..2hd)", &per(&g, hd), &per(&w, hd), TOL, seed);
         check_bits("dv (qkv columns 2hd..3hd)", &per(&g, 2 * hd), &per(&w, 2 * hd), |x: f32| x.to_bits(), seed);
-        let again = ops.qk_prologue_backward_host(s, &inp, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
+        let again =
+            ops.qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
         assert!(
             again.iter().zip(&got).all(|(a, c)| a.to_bits() == c.to_bits()),
             "backward not reproducible; seed {seed}"
@@ -430,14 +432,14 @@ fn random_fill_matches_cpu_bit_for_bit() {
         println!("[{init:?}, n {n}]");
         let p = RandomParam::new(seed, "double_blocks.0.img_attn.qkv.weight", init, n);
         let want = p.generate();
-        check_bits("fill f32", &ops.fill_random_host::<f32>(&p, 0, n).unwrap(), &want, f, seed);
-        check_bits("fill bf16", &ops.fill_random_host::<bf16>(&p, 0, n).unwrap(), &bf16s(&want), h, seed);
+        check_bits("fill f32", &ops.fill_random_host::<f32>(&(&p).into(), 0, n).unwrap(), &want, f, seed);
+        check_bits("fill bf16", &ops.fill_random_host::<bf16>(&(&p).into(), 0, n).unwrap(), &bf16s(&want), h, seed);
         // In pieces at ragged offsets: the same values.
         let mut pieces = Vec::new();
         for (a, z) in [(0usize, 1usize), (1, 3001), (3001, n)] {
-            pieces.extend(ops.fill_random_host::<f32>(&p, a, z - a).unwrap());
+            pieces.extend(ops.fill_random_host::<f32>(&(&p).into(), a, z - a).unwrap());
         }
         check_bits("fill f32 in pieces", &pieces, &want, f, seed);
-        assert!(ops.fill_random_host::<f32>(&p, n - 5, 6).is_err(), "past the end must be refused");
+        assert!(ops.fill_random_host::<f32>(&(&p).into(), n - 5, 6).is_err(), "past the end must be refused");
     }
 }

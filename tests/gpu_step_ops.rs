@@ -13,7 +13,7 @@ use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LN_EP
 use flux_kernels::ops::activation::{gelu_tanh_backward, silu_backward, silu_forward};
 use flux_kernels::ops::loss::{mse_backward, mse_forward};
 use flux_kernels::ops::modulation::{gated_residual_backward, gated_residual_forward};
-use flux_kernels::train::optim::{clip_grad_norm, AdamW};
+use flux_kernels::ops::optim::{clip_grad_norm, AdamW};
 use flux_kernels::util::Rng;
 
 /// f32 kernels against f32 (or f64-accumulated) CPU code.

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::lora_formats::UnknownKeys;
+use flux_kernels::adapters::formats::UnknownKeys;
 use flux_kernels::io::safetensors::SafeTensors;
 use flux_kernels::util::rel_l2;
 

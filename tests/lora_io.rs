@@ -3,10 +3,10 @@
 
 mod common;
 use common::*;
+use flux_kernels::adapters::export::LoraFormatOut;
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
 use flux_kernels::cli::lora_cmd::{convert, merge};
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
 use flux_kernels::io::safetensors::Dtype;
-use flux_kernels::lora::export::LoraFormatOut;
 use flux_kernels::util::rel_l2;
 
 #[test]
@@ -46,7 +46,7 @@ fn merge_is_exact_and_written_files_carry_their_format() {
         let got = run_forward(&model, None, &[(out.clone(), 1.0)]).unwrap();
         let err = rel_l2(&got, &expected("stack"));
         assert!(err < 1e-4, "{fmt:?}: rel L2 {err:e}");
-        let cfg = flux_kernels::io::checkpoint::Checkpoint::open(&model, None).unwrap().cfg;
+        let cfg = flux_kernels::model::checkpoint::Checkpoint::open(&model, None).unwrap().cfg;
         let f = load_lora(&out, &cfg, UnknownKeys::Error).unwrap();
         let want = if fmt == LoraFormatOut::Peft { "diffusers/PEFT" } else { "kohya sd-scripts" };
         assert_eq!(f.formats.iter().map(|x| x.name()).collect::<Vec<_>>(), vec![want]);

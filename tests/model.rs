@@ -3,9 +3,9 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::checkpoint::Checkpoint;
+use flux_kernels::adapters::AdapterSet;
 use flux_kernels::io::safetensors::{write_tensors, Dtype, OutTensor};
-use flux_kernels::lora::LoraSet;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::config::FluxConfig;
 use flux_kernels::model::flux::{flux_forward, FluxInputs};
 use flux_kernels::model::weights::FluxWeights;
@@ -53,8 +53,8 @@ fn schnell_like_model_without_guidance_from_a_written_file() {
 
     let mapped = FluxWeights::new(&cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let owned = FluxWeights::from_tensors(&cfg, tensors).unwrap();
-    let a = flux_forward(&cfg, &mapped, &inp, &LoraSet::new()).unwrap();
-    let b = flux_forward(&cfg, &owned, &inp, &LoraSet::new()).unwrap();
+    let a = flux_forward(&cfg, &mapped, &inp, &AdapterSet::new()).unwrap();
+    let b = flux_forward(&cfg, &owned, &inp, &AdapterSet::new()).unwrap();
     assert_eq!(a.len(), 2 * 16 * 8);
     assert!(a.iter().all(|v| v.is_finite()));
     assert_eq!(a, b, "memory-mapped and owned parameters must agree bit for bit");
@@ -67,7 +67,7 @@ fn batch_elements_are_independent() {
     let cfg = &ckpt.cfg;
     let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let full = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), cfg).unwrap();
-    let both = flux_forward(cfg, &w, &full, &LoraSet::new()).unwrap();
+    let both = flux_forward(cfg, &w, &full, &AdapterSet::new()).unwrap();
     let pick = |v: &[f32], per: usize| v[per..2 * per].to_vec();
     let one = FluxInputs {
         b: 1,
@@ -80,6 +80,6 @@ fn batch_elements_are_independent() {
         guidance: full.guidance.as_ref().map(|g| pick(g, 1)),
         ..full.clone()
     };
-    let alone = flux_forward(cfg, &w, &one, &LoraSet::new()).unwrap();
+    let alone = flux_forward(cfg, &w, &one, &AdapterSet::new()).unwrap();
     assert!(flux_kernels::util::rel_l2(&alone, &both[16 * 8..]) < 1e-6);
 }

@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::lora::config::{resolve_targets, trainable_summary, LoraConfig};
+use flux_kernels::adapters::config::{resolve_targets, trainable_summary, LoraConfig};
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::config::FluxConfig;
 
 #[test]

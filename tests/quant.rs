@@ -5,10 +5,11 @@
 
 mod common;
 use common::*;
+use flux_kernels::adapters::{AdapterSet, Term};
 use flux_kernels::cli::quantize;
-use flux_kernels::io::checkpoint::Checkpoint;
 use flux_kernels::io::safetensors::{write_streamed, Dtype, SafeTensors};
-use flux_kernels::lora::{LoraDelta, LoraGrads, LoraSet};
+use flux_kernels::model::adapt::AdapterGrads;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::param::Param;
 use flux_kernels::model::weights::Linear;
 use flux_kernels::quant::fp8::f32_to_e4m3;
@@ -157,26 +158,20 @@ fn quantised_linear_matches_its_dequantised_twin_forward_and_backward() {
     let bias = Some(Param::owned(rng.normal_vec(n, 0.1)));
     let lin = |weight: Param| Linear { name: "x".into(), weight, bias: bias.clone(), d_out: n, d_in: k };
     let (lq, ld) = (lin(Param::Quant(q)), lin(Param::owned(dense)));
-    let delta = LoraDelta {
-        a: Arc::new(rng.normal_vec(4 * k, 0.3)),
-        b: Arc::new(rng.normal_vec(30 * 4, 0.3)),
-        rank: 4,
-        scale: 0.5,
-        rows: 20..50,
-    };
-    let mut set = LoraSet::new();
-    set.add(&[("x".to_string(), delta)], 1.0);
+    let (a, b) = (rng.normal_vec(4 * k, 0.3), rng.normal_vec(30 * 4, 0.3));
+    let mut set = AdapterSet::new();
+    set.add(&[Term::lora("x", 20..50, k, 4, 0.5, a, b)], 1.0);
     let x = rng.normal_vec(m * k, 1.0);
     let (yq, yd) = (lq.apply(&x, m, &set).unwrap(), ld.apply(&x, m, &set).unwrap());
     assert!(rel_l2(&yq, &yd) < 1e-6, "forward {:.3e}", rel_l2(&yq, &yd));
     let dy = rng.normal_vec(m * n, 1.0);
-    let (mut gq, mut gd) = (LoraGrads::default(), LoraGrads::default());
+    let (mut gq, mut gd) = (AdapterGrads::default(), AdapterGrads::default());
     let dxq = lq.backward_new(&dy, &x, m, &set, &mut gq).unwrap();
     let dxd = ld.backward_new(&dy, &x, m, &set, &mut gd).unwrap();
     assert!(rel_l2(&dxq, &dxd) < 1e-6, "dX {:.3e}", rel_l2(&dxq, &dxd));
     let (a, b) = (gq.get("x", 0).unwrap(), gd.get("x", 0).unwrap());
-    assert!(rel_l2(&a.da, &b.da) < 1e-6 && rel_l2(&a.db, &b.db) < 1e-6);
-    assert!(a.da.iter().any(|&v| v != 0.0));
+    assert!(rel_l2(&a[0], &b[0]) < 1e-6 && rel_l2(&a[1], &b[1]) < 1e-6);
+    assert!(a[0].iter().any(|&v| v != 0.0));
 }
 
 #[test]
@@ -291,8 +286,8 @@ fn broken_quantised_checkpoints_are_refused_by_name() {
 #[ignore]
 fn full_width_blocks_output_error() {
     use flux_kernels::model::config::FluxConfig;
+    use flux_kernels::model::quant_quality::{output_error, random_inputs};
     use flux_kernels::model::weights::FluxWeights;
-    use flux_kernels::quant::quality::{output_error, random_inputs};
     let cfg = FluxConfig { depth: 1, depth_single: 1, ..FluxConfig::flux1_dev() };
     let (side, n_txt) = (8, 32);
     let inp = random_inputs(&cfg, 1, side, side, n_txt, 1);

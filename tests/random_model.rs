@@ -2,11 +2,11 @@
 
 mod common;
 use common::*;
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::lora::LoraSet;
+use flux_kernels::adapters::AdapterSet;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::flux::flux_forward;
+use flux_kernels::model::quant_quality::random_inputs;
 use flux_kernels::model::weights::FluxWeights;
-use flux_kernels::quant::quality::random_inputs;
 use std::path::Path;
 use std::process::Command;
 
@@ -14,7 +14,7 @@ fn forward(spec: &str) -> Vec<f32> {
     let ckpt = Checkpoint::open(Path::new(spec), None).unwrap();
     let w = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned()).unwrap();
     let inp = random_inputs(&ckpt.cfg, 1, 4, 4, 8, 5);
-    flux_forward(&ckpt.cfg, &w, &inp, &LoraSet::new()).unwrap()
+    flux_forward(&ckpt.cfg, &w, &inp, &AdapterSet::new()).unwrap()
 }
 
 #[test]

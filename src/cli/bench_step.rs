@@ -3,16 +3,14 @@
 //! device memory (the memory pool's high-water mark) and the planner's prediction beside it: the engine's side of
 //! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
 
-use crate::device::Device;
-use crate::io::checkpoint::Checkpoint;
+use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::flux::FluxInputs;
-use crate::model::gpu::BaseDtype;
+use crate::model::packing::img_ids;
 use crate::model::weights::FluxWeights;
+use crate::ops::optim::AdamW;
 use crate::plan::{gib, plan, Base, Settings, CUBLAS_WORKSPACE, CUDA_CONTEXT};
-use crate::sample::img_ids;
 use crate::train::config::TrainConfig;
-use crate::train::gpu_step::GpuTrain;
-use crate::train::optim::AdamW;
 use crate::train::trainer::{init_adapters, lora_config, AdapterInit};
 use crate::util::Rng;
 use anyhow::{bail, Context, Result};
@@ -48,11 +46,13 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let tc = TrainConfig { rank: a.rank, targets: a.targets.clone(), ..TrainConfig::default() };
     let lc = lora_config(&tc)?;
     let mut rng = Rng::new(42);
-    let AdapterInit { specs, scales, params } = init_adapters(&cfg, &lc, &mut rng)?;
-    let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng)?;
+    let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let mut gt = GpuTrain::new(&cfg, &weights, &dev, base, a.checkpointing, &specs, &scales, &params, &opt)
-        .context("loading the model onto the GPU")?;
+    let opts = EngineOptions { base, checkpointing: a.checkpointing };
+    let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
+    engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
+    let gt = engine.cuda().context("bench-step runs on the GPU")?;
     gt.m.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let weights_bytes: usize = gt.m.w.linears().iter().map(|l| l.bytes()).sum();
@@ -77,10 +77,12 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let mut last_loss = f64::NAN;
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
-        gt.zero_grads()?;
-        last_loss = gt.micro_step(&inp, &target, &[1.0], 1.0, None)?;
-        gt.optimizer_step(&mut opt, 1e-4, 1.0)?;
-        gt.m.synchronize()?;
+        engine.zero_grads()?;
+        last_loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
+        engine.optimizer_step(&mut opt, 1e-4, 1.0)?;
+        if let Some(g) = engine.cuda() {
+            g.m.synchronize()?;
+        }
         if i >= a.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -108,6 +110,7 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.
     let predicted_allocated = predicted.map(|p| p - gib(CUDA_CONTEXT + CUBLAS_WORKSPACE));
+    let gt = engine.cuda().context("bench-step runs on the GPU")?;
     let peak = gt.m.pool_peak();
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let j = serde_json::json!({

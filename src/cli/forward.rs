@@ -2,12 +2,11 @@
 //! `--device cuda` the device-resident GPU model.
 
 use super::{open_loras, open_model, ModelSpec};
-use crate::device::Device;
-use crate::io::lora_formats::UnknownKeys;
+use crate::adapters::formats::UnknownKeys;
+use crate::adapters::AdapterSet;
+use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
-use crate::lora::LoraSet;
-use crate::model::flux::{flux_forward, FluxInputs};
-use crate::model::gpu::{BaseDtype, GpuFlux};
+use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -29,21 +28,13 @@ pub fn run(
     let cfg = &ckpt.cfg;
     let weights = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned())?;
     let inp = FluxInputs::from_file(inputs, cfg)?;
-    let mut set = LoraSet::new();
+    let mut set = AdapterSet::new();
     for (f, strength) in open_loras(loras, cfg, unknown)? {
-        set.add(&f.deltas, strength);
+        set.add(&f.terms, strength);
     }
-    set.device = super::device(device)?;
-    let y = match &set.device {
-        // The whole model device-resident (weights uploaded once, every op a kernel).
-        Device::Cuda(_) => {
-            let mut m = GpuFlux::new(cfg, &weights, &set.device, BaseDtype::Bf16)?;
-            let lora = m.adapters(&set, false)?;
-            let y = m.forward(&inp, &lora)?;
-            m.download(&y, inp.b * inp.n_img * cfg.out_channels)?
-        }
-        Device::Cpu => flux_forward(cfg, &weights, &inp, &set)?,
-    };
+    let mut engine = Engine::new(&super::device(device)?, cfg, weights, EngineOptions::default())?;
+    engine.set_adapters(&set)?;
+    let y = engine.forward(&inp)?;
     if let Some(i) = y.iter().position(|v| !v.is_finite()) {
         bail!("the forward pass produced a non-finite value at flat index {i}; nothing written");
     }

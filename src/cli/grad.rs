@@ -2,14 +2,14 @@
 //! one LoRA file (at strength 1), written under that file's own tensor names.
 
 use super::{open_model, ModelSpec};
-use crate::io::lora_formats::{load_lora, UnknownKeys};
+use crate::adapters::formats::{load_lora, UnknownKeys};
+use crate::adapters::AdapterSet;
+use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
-use crate::lora::LoraSet;
-use crate::model::flux::{flux_backward, flux_forward_train, FluxInputs};
+use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
-use crate::ops::loss::{mse_backward, mse_forward};
 use anyhow::{bail, Context, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn run(
@@ -36,32 +36,28 @@ pub fn run(
     }
     let tgt = tf.read_f32("target")?.1;
     let file = load_lora(lora, cfg, unknown)?;
-    let mut set = LoraSet::new();
-    set.add(&file.deltas, 1.0);
-    set.device = super::device(device)?;
-
-    let (pred, cache) = flux_forward_train(cfg, &w, &inp, &set)?;
-    let loss = mse_forward(&pred, &tgt, None);
+    let mut set = AdapterSet::new();
+    set.add(&file.terms, 1.0);
+    // On CUDA this is the device-resident model (bf16 operands), on the CPU the f32 reference.
+    let mut engine = Engine::new(&super::device(device)?, cfg, w, EngineOptions::default())?;
+    engine.train_adapters(&set, None)?;
+    let loss = engine.micro_step(&inp, &tgt, None, 1.0, None)?;
     if !loss.is_finite() {
         bail!("the loss is not finite ({loss}); nothing written");
     }
-    let mut dpred = vec![0f32; pred.len()];
-    mse_backward(&mut dpred, &pred, &tgt, None);
-    let grads = flux_backward(cfg, &w, &inp, &cache, &dpred, &set)?;
-
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+    // One gradient per factor in the set's order: dA then dB of each term, in file order.
+    let grads = engine.grads()?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for ((module, d), k) in file.deltas.iter().zip(&file.keys) {
-        let ti = *seen.entry(module).and_modify(|x| *x += 1).or_insert(0);
-        let g = grads.get(module, ti).with_context(|| format!("no gradient reached `{module}`"))?;
-        let mut db = g.db.clone();
+    for ((t, k), g) in file.terms.iter().zip(&file.keys).zip(grads.chunks(2)) {
+        let [da, db] = g else { bail!("a LoRA term without two gradients") };
+        let mut db = db.clone();
         if k.swap_halves {
             // Back to the file's [scale; shift] row order.
-            let half = d.rows.len() / 2 * d.rank;
+            let half = t.rows.len() / 2 * t.rank();
             db.rotate_right(half);
         }
-        tensors.push((k.down.clone(), vec![d.rank, d.a.len() / d.rank], g.da.clone()));
-        tensors.push((k.up.clone(), vec![d.rows.len(), d.rank], db));
+        tensors.push((k.down.clone(), vec![t.rank(), t.d_in], da.clone()));
+        tensors.push((k.up.clone(), vec![t.rows.len(), t.rank()], db));
     }
     let outs: Vec<OutTensor> =
         tensors.iter().map(|(n, s, v)| OutTensor { name: n, shape: s.clone(), data: v, dtype: Dtype::F32 }).collect();

@@ -1,9 +1,10 @@
 //! `flux-kernels info`: architecture, parameter counts, storage, and what each LoRA holds.
 
-use super::{open_loras, open_model, thousands, ModelSpec};
-use crate::io::checkpoint::Layout;
-use crate::io::lora_formats::{LoraFile, UnknownKeys};
+use super::{open_loras, open_model, ModelSpec};
+use crate::adapters::formats::{LoraFile, UnknownKeys};
+use crate::model::checkpoint::Layout;
 use crate::model::config::{FluxConfig, ModuleKind};
+use crate::util::thousands;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -1,9 +1,11 @@
 //! `flux-kernels lora convert` and `lora merge`: exact rewrites between LoRA formats.
 
-use super::{open_model, thousands};
-use crate::io::lora_formats::{load_lora, parse_lora_arg, UnknownKeys};
+use super::open_model;
+use crate::adapters::export::{write_lora, LoraFormatOut};
+use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
+use crate::adapters::AdapterSet;
 use crate::io::safetensors::Dtype;
-use crate::lora::export::{terms_of, write_lora, LoraFormatOut};
+use crate::util::thousands;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,15 +46,14 @@ pub fn merge(
     }
     let spec = open_model(model, None)?;
     let cfg = spec.cfg();
-    let mut terms = Vec::new();
+    let mut set = AdapterSet::new();
     let mut sources = Vec::new();
     for a in inputs {
         let (p, s) = parse_lora_arg(a)?;
-        let f = load_lora(&p, cfg, unknown)?;
-        terms.extend(terms_of(&f, s));
+        set.add(&load_lora(&p, cfg, unknown)?.terms, s);
         sources.push(format!("{}:{s}", p.display()));
     }
     let meta = BTreeMap::from([("flux_kernels.sources".to_string(), sources.join(", "))]);
-    let size = write_lora(out, cfg, &terms, format, dtype, meta)?;
+    let size = write_lora(out, cfg, set.terms(), format, dtype, meta)?;
     Ok(format!("wrote {} ({} bytes)", out.display(), thousands(size as usize)))
 }

@@ -10,8 +10,8 @@ pub mod quantize;
 pub mod sample;
 pub mod train;
 
-use crate::io::checkpoint::Checkpoint;
-use crate::io::lora_formats::{load_lora, parse_lora_arg, LoraFile, UnknownKeys};
+use crate::adapters::formats::{load_lora, parse_lora_arg, LoraFile, UnknownKeys};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{parse_rope_axes, FluxConfig};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -34,7 +34,7 @@ impl ModelSpec {
 pub fn open_model(spec: &str, rope_axes: Option<&str>) -> Result<ModelSpec> {
     let axes = rope_axes.map(parse_rope_axes).transpose()?;
     let path = Path::new(spec);
-    if path.exists() || spec.starts_with(crate::io::checkpoint::RANDOM_PREFIX) {
+    if path.exists() || spec.starts_with(crate::model::checkpoint::RANDOM_PREFIX) {
         return Ok(ModelSpec::Checkpoint(Box::new(Checkpoint::open(path, axes)?)));
     }
     if let Some(mut cfg) = FluxConfig::named(spec) {
@@ -72,22 +72,9 @@ pub fn parse_unknown(s: &str) -> Result<UnknownKeys> {
     }
 }
 
-/// 11901408320 → "11,901,408,320"
-pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 /// `--device`: the device, with a note on stderr when auto falls back to the CPU.
-pub fn device(s: &str) -> Result<crate::device::Device> {
-    let (d, note) = crate::device::Device::parse(s)?;
+pub fn device(s: &str) -> Result<crate::engine::Device> {
+    let (d, note) = crate::engine::Device::parse(s)?;
     if let Some(n) = note {
         eprintln!("--device auto: {n}");
     }

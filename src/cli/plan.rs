@@ -2,7 +2,7 @@
 //! the card, and which settings would.
 
 use super::{open_model, ModelSpec};
-use crate::io::checkpoint::Checkpoint;
+use crate::model::checkpoint::Checkpoint;
 use crate::plan::{gib, plan, suggest, table, Base, Settings};
 use crate::quant::Code;
 use crate::train::config::TrainConfig;
@@ -59,7 +59,7 @@ pub fn report(cfg: &crate::model::config::FluxConfig, s: &Settings, limit_gib: f
         p.tokens.img,
         p.tokens.txt,
         s.batch,
-        super::thousands(p.trainable),
+        crate::util::thousands(p.trainable),
         if s.checkpointing { "on" } else { "off" },
         if s.modulation_on_host { "host" } else { "GPU" },
     )?;
@@ -124,7 +124,7 @@ pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
 /// The check against a device of `total` bytes (or none, with why).
 fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
     let (cfg, base) = if tc.model.is_empty() {
-        (crate::train::builtin::tiny_config(), Base::Bf16)
+        (crate::model::config::FluxConfig::tiny(), Base::Bf16)
     } else {
         let axes =
             (!tc.rope_axes.is_empty()).then(|| crate::model::config::parse_rope_axes(&tc.rope_axes)).transpose()?;

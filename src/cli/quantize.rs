@@ -2,8 +2,8 @@
 //! memory map, written atomically under the input's own keys. Which tensors are quantised and
 //! why: `quant::quantised_by_default`.
 
-use crate::io::checkpoint::{Checkpoint, Layout};
 use crate::io::safetensors::{write_streamed, Dtype, SafeTensors};
+use crate::model::checkpoint::{Checkpoint, Layout};
 use crate::model::config::parse_rope_axes;
 use crate::quant::load::{is_ignored_companion, scale_keys};
 use crate::quant::{quantised_by_default, quantize_tensor, Code, Granularity, Scale, Scheme, METADATA_KEY};
@@ -186,7 +186,7 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
         format!(
             "quantised: {} block linear weights, {} params, {} → {} ({} codes{})",
             t.quantised,
-            super::thousands(t.quantised_params),
+            crate::util::thousands(t.quantised_params),
             human(t.bytes_before),
             human(t.bytes_after),
             scheme.code.dtype().name(),

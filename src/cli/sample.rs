@@ -1,15 +1,14 @@
 //! `flux-kernels sample` and `flux-kernels synth-data`.
 
 use super::{open_loras, open_model, ModelSpec};
-use crate::device::Device;
-use crate::io::lora_formats::UnknownKeys;
+use crate::adapters::formats::UnknownKeys;
+use crate::adapters::AdapterSet;
+use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
-use crate::lora::LoraSet;
 use crate::model::config::FluxConfig;
-use crate::model::gpu::{BaseDtype, GpuFlux};
 use crate::model::weights::FluxWeights;
 use crate::sample::preview::write_preview;
-use crate::sample::sampler::{sample, sample_gpu, SampleSpec};
+use crate::sample::sampler::{sample, SampleSpec};
 use crate::train::builtin;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -136,24 +135,16 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         loaded.push(open_loras(s, &cfg, a.unknown)?);
     }
     let mut log = Vec::new();
-    let device = super::device(a.device)?;
-    // On CUDA the base goes to the device once; a set switch uploads only its adapters.
-    let mut gpu = match &device {
-        Device::Cuda(_) => Some(GpuFlux::new(&cfg, &w, &device, BaseDtype::Bf16)?),
-        Device::Cpu => None,
-    };
+    // The base is loaded (on CUDA: uploaded) once; a set switch replaces only the adapters.
+    let mut engine = Engine::new(&super::device(a.device)?, &cfg, w, EngineOptions::default())?;
     for (k, files) in loaded.iter().enumerate() {
         let t = Instant::now();
-        let mut set = LoraSet::new();
-        set.device = device.clone();
-        files.iter().for_each(|(f, s)| set.add(&f.deltas, *s));
-        let dev_lora = gpu.as_ref().map(|m| m.adapters(&set, false)).transpose()?;
+        let mut set = AdapterSet::new();
+        files.iter().for_each(|(f, s)| set.add(&f.terms, *s));
+        engine.set_adapters(&set)?;
         let switch = t.elapsed();
         let t = Instant::now();
-        let lats = match (gpu.as_mut(), &dev_lora) {
-            (Some(m), Some(l)) => sample_gpu(m, &spec, l)?,
-            _ => sample(&cfg, &w, &spec, &set)?,
-        };
+        let lats = sample(&mut engine, &spec)?;
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };
         let flat: Vec<f32> = lats.concat();
         let lp = a.out.join(format!("latents{tag}.safetensors"));

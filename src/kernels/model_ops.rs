@@ -20,7 +20,6 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use crate::model::random::{Init, RandomParam};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -160,6 +159,23 @@ pub struct QkHost {
     pub v: Vec<bf16>,
     pub rstd_q: Vec<f32>,
     pub rstd_k: Vec<f32>,
+}
+
+/// A tensor whose every element is a hash of (stream, index), as the CPU's random parameters
+/// generate it (`model::random`): what `fill_random` reproduces bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RandomFill {
+    /// The tensor's stream (model seed mixed with its name).
+    pub stream: u64,
+    pub numel: usize,
+    pub init: Fill,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fill {
+    /// U(−bound, bound) from 24 random bits per element.
+    Uniform(f32),
+    Const(f32),
 }
 
 pub struct GpuModelOps {
@@ -328,7 +344,7 @@ impl GpuModelOps {
 
     // ---- the attention prologue ---------------------------------------------------------------
 
-    fn qk_params(&self, dims: HeadsDims, t: &QkPtrs, what: &str) -> Result<FkModelQkParams> {
+    fn qk_params(&self, dims: HeadsDims, t: &QkPtrs, eps: f32, what: &str) -> Result<FkModelQkParams> {
         dims.check(what, 3 * dims.hd())?;
         ensure!(dims.d.is_multiple_of(2), "{what}: head dim {} is odd (RoPE turns pairs)", dims.d);
         for (name, ptr) in
@@ -353,16 +369,16 @@ impl GpuModelOps {
             ls: dims.ls as i64,
             t0: dims.t0 as i64,
             ld: dims.ld as i64,
-            eps: crate::model::attention::QK_NORM_EPS,
+            eps,
             ..Default::default()
         })
     }
 
-    /// QK-RMSNorm per head (weights q_scale, k_scale, eps QK_NORM_EPS), then RoPE on q and k, of
+    /// QK-RMSNorm per head (weights q_scale, k_scale, epsilon `eps`), then RoPE on q and k, of
     /// one token stream: q, k, v bf16 and rstd_q, rstd_k at tokens t0..t0 + ls (`QkPtrs` gives
     /// the layouts). Other tokens are not touched.
-    pub fn qk_prologue(&self, dims: HeadsDims, t: &QkPtrs) -> Result<()> {
-        let mut p = self.qk_params(dims, t, "qk_prologue")?;
+    pub fn qk_prologue(&self, dims: HeadsDims, t: &QkPtrs, eps: f32) -> Result<()> {
+        let mut p = self.qk_params(dims, t, eps, "qk_prologue")?;
         for (name, ptr) in [("q", t.q), ("k", t.k), ("v", t.v)] {
             check_ptr(&format!("qk_prologue: {name}"), ptr, 2)?;
         }
@@ -377,12 +393,13 @@ impl GpuModelOps {
         &self,
         dims: HeadsDims,
         t: &QkPtrs,
+        eps: f32,
         dq: u64,
         dk: u64,
         dv: u64,
         dqkv: u64,
     ) -> Result<()> {
-        let mut p = self.qk_params(dims, t, "qk_prologue_backward")?;
+        let mut p = self.qk_params(dims, t, eps, "qk_prologue_backward")?;
         for (name, ptr) in [("dq", dq), ("dk", dk), ("dv", dv)] {
             check_ptr(&format!("qk_prologue_backward: {name}"), ptr, 2)?;
         }
@@ -423,7 +440,7 @@ impl GpuModelOps {
     }
 
     /// Host-slice `qk_prologue`; outputs start as NaN.
-    pub fn qk_prologue_host(&self, dims: HeadsDims, inp: &QkHostInputs) -> Result<QkHost> {
+    pub fn qk_prologue_host(&self, dims: HeadsDims, inp: &QkHostInputs, eps: f32) -> Result<QkHost> {
         let inputs = self.qk_upload(dims, inp, "qk_prologue_host")?;
         let (nh, nr) = (dims.heads_numel(), dims.rows_numel());
         let (q, k, v) = (self.poisoned::<bf16>(nh)?, self.poisoned::<bf16>(nh)?, self.poisoned::<bf16>(nh)?);
@@ -436,7 +453,7 @@ impl GpuModelOps {
             rstd_k: self.p(&rk),
             ..self.qk_inputs(&inputs)
         };
-        self.qk_prologue(dims, &t)?;
+        self.qk_prologue(dims, &t, eps)?;
         Ok(QkHost {
             q: self.download(&q, nh)?,
             k: self.download(&k, nh)?,
@@ -452,6 +469,7 @@ impl GpuModelOps {
         &self,
         dims: HeadsDims,
         inp: &QkHostInputs,
+        eps: f32,
         rstd_q: &[f32],
         rstd_k: &[f32],
         dq: &[bf16],
@@ -468,7 +486,7 @@ impl GpuModelOps {
         let (dqd, dkd, dvd) = (self.upload(dq)?, self.upload(dk)?, self.upload(dv)?);
         let out = self.poisoned::<f32>(dims.tokens_numel())?;
         let t = QkPtrs { rstd_q: self.p(&rq), rstd_k: self.p(&rk), ..self.qk_inputs(&inputs) };
-        self.qk_prologue_backward(dims, &t, self.p(&dqd), self.p(&dkd), self.p(&dvd), self.p(&out))?;
+        self.qk_prologue_backward(dims, &t, eps, self.p(&dqd), self.p(&dkd), self.p(&dvd), self.p(&out))?;
         self.download(&out, dims.tokens_numel())
     }
 
@@ -662,7 +680,7 @@ impl GpuModelOps {
 
     /// dst[k] = element `offset + k` of `p.generate()`, k < n, as f32 or (rounded to nearest
     /// even) bf16: the same bits as the CPU, so a tensor can be filled in pieces at any offsets.
-    pub fn fill_random(&self, p: &RandomParam, dst: u64, bf16: bool, offset: usize, n: usize) -> Result<()> {
+    pub fn fill_random(&self, p: &RandomFill, dst: u64, bf16: bool, offset: usize, n: usize) -> Result<()> {
         ensure!(
             offset + n <= p.numel,
             "fill_random: elements {offset}..{} outside the tensor's {}",
@@ -674,8 +692,8 @@ impl GpuModelOps {
         }
         check_ptr("fill_random: dst", dst, if bf16 { 2 } else { 4 })?;
         let (uniform, bound, value) = match p.init {
-            Init::Uniform(bound) => (1, bound, 0.0),
-            Init::Const(v) => (0, 0.0, v),
+            Fill::Uniform(bound) => (1, bound, 0.0),
+            Fill::Const(v) => (0, 0.0, v),
         };
         let params = FkModelRandomParams {
             dst,
@@ -691,7 +709,7 @@ impl GpuModelOps {
     }
 
     /// Host-slice `fill_random` of elements offset..offset + n.
-    pub fn fill_random_host<T: Elem>(&self, p: &RandomParam, offset: usize, n: usize) -> Result<Vec<T>> {
+    pub fn fill_random_host<T: Elem>(&self, p: &RandomFill, offset: usize, n: usize) -> Result<Vec<T>> {
         let out = self.poisoned::<T>(n)?;
         self.fill_random(p, self.p(&out), T::BF16, offset, n)?;
         self.download(&out, n)

@@ -7,8 +7,8 @@
 //! | `gated_residual` / `gated_residual_backward`| `ops::modulation::gated_residual_forward` / `_backward` |
 //! | `silu`, `silu_backward`, `gelu_tanh_backward` | `ops::activation`                               |
 //! | `mse`                                       | `ops::loss::mse_forward` + `mse_backward`          |
-//! | `adamw_step`                                | `train::optim::AdamW::step`                        |
-//! | `grad_norm` (+ `grad_scale` of `adamw_step`) | `train::optim::clip_grad_norm`                    |
+//! | `adamw_step`                                | `ops::optim::AdamW::step`                        |
+//! | `grad_norm` (+ `grad_scale` of `adamw_step`) | `ops::optim::clip_grad_norm`                    |
 //!
 //! Device-level functions take `CudaSlice`s; the `*_host` functions upload host slices, poison
 //! the outputs with NaN, launch, and download (tests/gpu_step_ops.rs compares them with the CPU).
@@ -16,7 +16,7 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use crate::train::optim::AdamW;
+use crate::ops::optim::AdamW;
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;

@@ -1,12 +1,10 @@
 //! The attention core both block kinds share: QK-RMSNorm per head, RoPE on q and k, then
 //! softmax attention over the joint [txt ; img] sequence; and its backward.
 
-use crate::device::{CudaBackend, Device};
-use crate::kernels::attention::{AttnDims, HEAD_DIMS};
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::ops::Range;
 
 /// RMSNorm eps of FLUX's QKNorm.
@@ -83,38 +81,12 @@ fn head_rmsnorm_backward(
     }
 }
 
-/// The attention core on `dev`: the flash kernels on CUDA (head dims they are built for), the
-/// CPU reference otherwise.
-fn core_forward(
-    dev: &Device,
-    o: &mut [f32],
-    lse: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttnShape,
-) -> Result<()> {
-    let AttnShape { b, h, l, d } = *s;
-    match dev {
-        Device::Cuda(g) if HEAD_DIMS.contains(&d) => {
-            let mut g = CudaBackend::lock(g)?;
-            let (go, glse) =
-                g.attn.forward_host(AttnDims { b, h, l, d }, q, k, v, None).context("attention on the GPU")?;
-            o.copy_from_slice(&go);
-            lse.copy_from_slice(&glse);
-        }
-        _ => attention_forward(o, lse, q, k, v, b, h, l, d),
-    }
-    Ok(())
-}
-
 /// QK-norm (one (q weight, k weight) per token range), RoPE on q and k (never v), attention.
 pub fn attention_block(
     qkv: Qkv,
     norms: &[(Range<usize>, &[f32], &[f32])],
     rope: &Rope,
     s: &AttnShape,
-    dev: &Device,
 ) -> Result<AttnCache> {
     let AttnShape { b, h, l, d } = *s;
     let (q_raw, k_raw) = (qkv.q.clone(), qkv.k.clone());
@@ -128,7 +100,7 @@ pub fn attention_block(
     rope_forward(&mut k, &rope.cos, &rope.sin, b, h, l, d);
     let mut o = vec![0f32; b * h * l * d];
     let mut lse = vec![0f32; b * h * l];
-    core_forward(dev, &mut o, &mut lse, &q, &k, &v, s)?;
+    attention_forward(&mut o, &mut lse, &q, &k, &v, b, h, l, d);
     Ok(AttnCache { q_raw, k_raw, q_rstd, k_rstd, q, k, v, o, lse })
 }
 
@@ -139,22 +111,10 @@ pub fn attention_block_backward(
     norms: &[(Range<usize>, &[f32], &[f32])],
     rope: &Rope,
     s: &AttnShape,
-    dev: &Device,
 ) -> Result<Qkv> {
     let AttnShape { b, h, l, d } = *s;
     let mut g = Qkv::zeros(b * h * l * d);
-    match dev {
-        Device::Cuda(gpu) if HEAD_DIMS.contains(&d) => {
-            let mut gpu = CudaBackend::lock(gpu)?;
-            let dims = AttnDims { b, h, l, d };
-            let (dq, dk, dv) = gpu
-                .attn
-                .backward_host(dims, &c.q, &c.k, &c.v, &c.o, &c.lse, d_o, None)
-                .context("attention backward on the GPU")?;
-            (g.q, g.k, g.v) = (dq, dk, dv);
-        }
-        _ => attention_backward(&mut g.q, &mut g.k, &mut g.v, d_o, &c.q, &c.k, &c.v, &c.o, &c.lse, b, h, l, d),
-    }
+    attention_backward(&mut g.q, &mut g.k, &mut g.v, d_o, &c.q, &c.k, &c.v, &c.o, &c.lse, b, h, l, d);
     rope_backward(&mut g.q, &rope.cos, &rope.sin, b, h, l, d);
     rope_backward(&mut g.k, &rope.cos, &rope.sin, b, h, l, d);
     for (rows, qw, kw) in norms {

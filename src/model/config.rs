@@ -51,13 +51,34 @@ impl FluxConfig {
         }
     }
 
+    /// The built-in demo's model (hidden 64, 4 heads of 16, MLP 256, 2 + 2 blocks): `random:tiny`
+    /// runs anywhere.
+    pub fn tiny() -> FluxConfig {
+        FluxConfig {
+            in_channels: 64,
+            out_channels: 64,
+            context_in_dim: 32,
+            vec_in_dim: 16,
+            hidden_size: 64,
+            num_heads: 4,
+            head_dim: 16,
+            mlp_hidden: 256,
+            depth: 2,
+            depth_single: 2,
+            time_dim: 256,
+            guidance_embed: true,
+            qkv_bias: true,
+            rope_axes: vec![4, 6, 6],
+            theta: 10_000.0,
+        }
+    }
+
     /// A named built-in configuration.
     pub fn named(name: &str) -> Option<FluxConfig> {
         match name {
             "flux1-dev" => Some(Self::flux1_dev()),
             "flux1-schnell" => Some(FluxConfig { guidance_embed: false, ..Self::flux1_dev() }),
-            // The built-in demo's model (hidden 64, 2 + 2 blocks): `random:tiny` runs anywhere.
-            "tiny" => Some(crate::train::builtin::tiny_config()),
+            "tiny" => Some(Self::tiny()),
             _ => None,
         }
     }

@@ -2,9 +2,9 @@
 //! joined only in attention. Order of operations as shared/reference/flux-architecture.md §2.7;
 //! the backward walks it in reverse (§7).
 
+use super::adapt::{AdapterGrads, LinearAdapters};
 use super::attention::{attention_block, attention_block_backward, AttnCache, AttnShape, Qkv, Rope};
 use super::weights::{DoubleBlock, Linear, StreamWeights};
-use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::activation::{gelu_tanh_backward, gelu_tanh_forward, silu_backward, silu_forward};
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::modulation::{
@@ -66,11 +66,11 @@ pub struct Mlp {
     pub out: Vec<f32>,
 }
 
-pub fn mlp_forward(l0: &Linear, l2: &Linear, x: &[f32], rows: usize, loras: &LoraSet) -> Result<Mlp> {
-    let h0 = l0.apply(x, rows, loras)?;
+pub fn mlp_forward(l0: &Linear, l2: &Linear, x: &[f32], rows: usize, ad: &dyn LinearAdapters) -> Result<Mlp> {
+    let h0 = l0.apply(x, rows, ad)?;
     let mut act = vec![0f32; h0.len()];
     gelu_tanh_forward(&mut act, &h0);
-    let out = l2.apply(&act, rows, loras)?;
+    let out = l2.apply(&act, rows, ad)?;
     Ok(Mlp { h0, act, out })
 }
 
@@ -81,20 +81,26 @@ pub fn mlp_backward(
     x: &[f32],
     dout: &[f32],
     rows: usize,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<Vec<f32>> {
-    let dact = l2.backward_new(dout, &c.act, rows, loras, g)?;
+    let dact = l2.backward_new(dout, &c.act, rows, ad, g)?;
     let mut dh0 = vec![0f32; dact.len()];
     gelu_tanh_backward(&mut dh0, &c.h0, &dact);
-    l0.backward_new(&dh0, x, rows, loras, g)
+    l0.backward_new(&dh0, x, rows, ad, g)
 }
 
 /// Modulation vectors: Linear(SiLU(vec)) split into `n` chunks [b, c].
-pub fn modulation_forward(lin: &Linear, vec: &[f32], b: usize, n: usize, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
+pub fn modulation_forward(
+    lin: &Linear,
+    vec: &[f32],
+    b: usize,
+    n: usize,
+    ad: &dyn LinearAdapters,
+) -> Result<Vec<Vec<f32>>> {
     let mut act = vec![0f32; vec.len()];
     silu_forward(&mut act, vec);
-    let mods = lin.apply(&act, b, loras)?;
+    let mods = lin.apply(&act, b, ad)?;
     Ok(split_chunks(&mods, b, n, lin.d_in))
 }
 
@@ -105,13 +111,13 @@ pub fn modulation_backward(
     dmods: &[Vec<f32>],
     b: usize,
     dvec: &mut [f32],
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
     let mut act = vec![0f32; vec.len()];
     silu_forward(&mut act, vec);
     let dm = join_chunks(dmods, b, lin.d_in);
-    let dact = lin.backward_new(&dm, &act, b, loras, g)?;
+    let dact = lin.backward_new(&dm, &act, b, ad, g)?;
     let mut dv = vec![0f32; vec.len()];
     silu_backward(&mut dv, vec, &dact);
     dvec.iter_mut().zip(&dv).for_each(|(a, b)| *a += b);
@@ -143,12 +149,12 @@ fn stream_qkv(
     vec: &[f32],
     b: usize,
     l: usize,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<(Vec<Vec<f32>>, LnMod, Vec<f32>)> {
     let c = w.qkv.d_in;
-    let mods = modulation_forward(&w.modulation, vec, b, 6, loras)?;
+    let mods = modulation_forward(&w.modulation, vec, b, 6, ad)?;
     let ln1 = ln_modulate(x, &mods[0], &mods[1], b, l, c);
-    let qkv = w.qkv.apply(&ln1.out, b * l, loras)?;
+    let qkv = w.qkv.apply(&ln1.out, b * l, ad)?;
     Ok((mods, ln1, qkv))
 }
 
@@ -162,13 +168,13 @@ fn stream_update(
     ln1: LnMod,
     b: usize,
     l: usize,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<StreamCache> {
     let c = w.proj.d_out;
-    let p = w.proj.apply(&a, b * l, loras)?;
+    let p = w.proj.apply(&a, b * l, ad)?;
     gated_residual_forward(x, &p, &mods[2], b, l, c);
     let ln2 = ln_modulate(x, &mods[3], &mods[4], b, l, c);
-    let mlp = mlp_forward(&w.mlp0, &w.mlp2, &ln2.out, b * l, loras)?;
+    let mlp = mlp_forward(&w.mlp0, &w.mlp2, &ln2.out, b * l, ad)?;
     gated_residual_forward(x, &mlp.out, &mods[5], b, l, c);
     Ok(StreamCache { mods, ln1, a, p, ln2, mlp })
 }
@@ -193,13 +199,13 @@ pub fn double_block_forward(
     vec: &[f32],
     rope: &Rope,
     dm: Dims,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<DoubleCache> {
     let Dims { b, lt, li, h, d } = dm;
     let c = h * d;
     let l = lt + li;
-    let (im, iln, img_qkv) = stream_qkv(&w.img, img, vec, b, li, loras)?;
-    let (tm, tln, txt_qkv) = stream_qkv(&w.txt, txt, vec, b, lt, loras)?;
+    let (im, iln, img_qkv) = stream_qkv(&w.img, img, vec, b, li, ad)?;
+    let (tm, tln, txt_qkv) = stream_qkv(&w.txt, txt, vec, b, lt, ad)?;
 
     // Joint sequence, text first.
     let mut qkv = Qkv::zeros(b * h * l * d);
@@ -209,15 +215,15 @@ pub fn double_block_forward(
     }
     let nw = load_norms(w)?;
     let shape = AttnShape { b, h, l, d };
-    let attn = attention_block(qkv, &norms(&nw, lt, l), rope, &shape, &loras.device)?;
+    let attn = attention_block(qkv, &norms(&nw, lt, l), rope, &shape)?;
 
     let mut txt_a = vec![0f32; b * lt * c];
     merge_heads(&mut txt_a, &attn.o, b, lt, c, 0, h, d, l, 0);
     let mut img_a = vec![0f32; b * li * c];
     merge_heads(&mut img_a, &attn.o, b, li, c, 0, h, d, l, lt);
 
-    let img_c = stream_update(&w.img, img, img_a, im, iln, b, li, loras)?;
-    let txt_c = stream_update(&w.txt, txt, txt_a, tm, tln, b, lt, loras)?;
+    let img_c = stream_update(&w.img, img, img_a, im, iln, b, li, ad)?;
+    let txt_c = stream_update(&w.txt, txt, txt_a, tm, tln, b, lt, ad)?;
     Ok(DoubleCache { img: img_c, txt: txt_c, attn })
 }
 
@@ -230,19 +236,19 @@ fn stream_update_backward(
     dmods: &mut [Vec<f32>],
     b: usize,
     l: usize,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<Vec<f32>> {
     let c = w.proj.d_out;
     let mut dmlp = vec![0f32; dx.len()];
     gated_residual_backward(&mut dmlp, &mut dmods[5], dx, &sc.mlp.out, &sc.mods[5], b, l, c);
-    let dxm2 = mlp_backward(&w.mlp0, &w.mlp2, &sc.mlp, &sc.ln2.out, &dmlp, b * l, loras, g)?;
+    let dxm2 = mlp_backward(&w.mlp0, &w.mlp2, &sc.mlp, &sc.ln2.out, &dmlp, b * l, ad, g)?;
     let (dx2, dsh2, dsc2) = ln_modulate_backward(&sc.ln2, &dxm2, &sc.mods[4], b, l, c);
     (dmods[3], dmods[4]) = (dsh2, dsc2);
     dx.iter_mut().zip(&dx2).for_each(|(a, v)| *a += v);
     let mut dp = vec![0f32; dx.len()];
     gated_residual_backward(&mut dp, &mut dmods[2], dx, &sc.p, &sc.mods[2], b, l, c);
-    w.proj.backward_new(&dp, &sc.a, b * l, loras, g)
+    w.proj.backward_new(&dp, &sc.a, b * l, ad, g)
 }
 
 /// Backward of a stream's first half: adds the input gradient into `dx` and d vec into `dvec`.
@@ -257,15 +263,15 @@ fn stream_qkv_backward(
     dvec: &mut [f32],
     b: usize,
     l: usize,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
     let c = w.qkv.d_in;
-    let dxm1 = w.qkv.backward_new(dqkv, &sc.ln1.out, b * l, loras, g)?;
+    let dxm1 = w.qkv.backward_new(dqkv, &sc.ln1.out, b * l, ad, g)?;
     let (dx1, dsh1, dsc1) = ln_modulate_backward(&sc.ln1, &dxm1, &sc.mods[1], b, l, c);
     (dmods[0], dmods[1]) = (dsh1, dsc1);
     dx.iter_mut().zip(&dx1).for_each(|(a, v)| *a += v);
-    modulation_backward(&w.modulation, vec, &dmods, b, dvec, loras, g)
+    modulation_backward(&w.modulation, vec, &dmods, b, dvec, ad, g)
 }
 
 /// Backward of `double_block_forward`: d_img, d_txt hold the output gradients on entry and the
@@ -280,29 +286,29 @@ pub fn double_block_backward(
     dvec: &mut [f32],
     rope: &Rope,
     dm: Dims,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
     let Dims { b, lt, li, h, d } = dm;
     let c = h * d;
     let l = lt + li;
     let zero = || vec![vec![0f32; b * c]; 6];
     let (mut dmi, mut dmt) = (zero(), zero());
-    let da_img = stream_update_backward(&w.img, &cache.img, d_img, &mut dmi, b, li, loras, g)?;
-    let da_txt = stream_update_backward(&w.txt, &cache.txt, d_txt, &mut dmt, b, lt, loras, g)?;
+    let da_img = stream_update_backward(&w.img, &cache.img, d_img, &mut dmi, b, li, ad, g)?;
+    let da_txt = stream_update_backward(&w.txt, &cache.txt, d_txt, &mut dmt, b, lt, ad, g)?;
 
     let mut d_o = vec![0f32; b * h * l * d];
     split_heads(&mut d_o, &da_txt, b, lt, c, 0, h, d, l, 0);
     split_heads(&mut d_o, &da_img, b, li, c, 0, h, d, l, lt);
     let nw = load_norms(w)?;
     let shape = AttnShape { b, h, l, d };
-    let dq = attention_block_backward(&cache.attn, &d_o, &norms(&nw, lt, l), rope, &shape, &loras.device)?;
+    let dq = attention_block_backward(&cache.attn, &d_o, &norms(&nw, lt, l), rope, &shape)?;
     let (mut dq_txt, mut dq_img) = (vec![0f32; b * lt * 3 * c], vec![0f32; b * li * 3 * c]);
     for (j, src) in [&dq.q, &dq.k, &dq.v].into_iter().enumerate() {
         merge_heads(&mut dq_txt, src, b, lt, 3 * c, j * c, h, d, l, 0);
         merge_heads(&mut dq_img, src, b, li, 3 * c, j * c, h, d, l, lt);
     }
-    stream_qkv_backward(&w.img, &cache.img, &dq_img, d_img, dmi, vec, dvec, b, li, loras, g)?;
-    stream_qkv_backward(&w.txt, &cache.txt, &dq_txt, d_txt, dmt, vec, dvec, b, lt, loras, g)?;
+    stream_qkv_backward(&w.img, &cache.img, &dq_img, d_img, dmi, vec, dvec, b, li, ad, g)?;
+    stream_qkv_backward(&w.txt, &cache.txt, &dq_txt, d_txt, dmt, vec, dvec, b, lt, ad, g)?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The conditioning vector: timestep, guidance and pooled-text embeddings summed (BFL
 //! `Flux.forward`, first lines), and its backward into any LoRA on the embedders.
 
+use super::adapt::{AdapterGrads, LinearAdapters};
 use super::weights::{FluxWeights, MlpEmbedder};
-use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::activation::{silu_backward, silu_forward};
 use crate::ops::embedding::timestep_embedding;
 use anyhow::Result;
@@ -11,11 +11,11 @@ use anyhow::Result;
 pub const TIME_FACTOR: f32 = 1000.0;
 pub const MAX_PERIOD: f32 = 10_000.0;
 
-pub fn mlp_embedder_forward(e: &MlpEmbedder, inp: &[f32], b: usize, loras: &LoraSet) -> Result<Vec<f32>> {
-    let hdn = e.in_layer.apply(inp, b, loras)?;
+pub fn mlp_embedder_forward(e: &MlpEmbedder, inp: &[f32], b: usize, ad: &dyn LinearAdapters) -> Result<Vec<f32>> {
+    let hdn = e.in_layer.apply(inp, b, ad)?;
     let mut act = vec![0f32; hdn.len()];
     silu_forward(&mut act, &hdn);
-    e.out_layer.apply(&act, b, loras)
+    e.out_layer.apply(&act, b, ad)
 }
 
 /// LoRA gradients of an embedder (its input is data, so no input gradient). Recomputes the
@@ -25,16 +25,16 @@ pub fn mlp_embedder_backward(
     inp: &[f32],
     dout: &[f32],
     b: usize,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
-    let hdn = e.in_layer.apply(inp, b, loras)?;
+    let hdn = e.in_layer.apply(inp, b, ad)?;
     let mut act = vec![0f32; hdn.len()];
     silu_forward(&mut act, &hdn);
-    let dact = e.out_layer.backward_new(dout, &act, b, loras, g)?;
+    let dact = e.out_layer.backward_new(dout, &act, b, ad, g)?;
     let mut dh = vec![0f32; hdn.len()];
     silu_backward(&mut dh, &hdn, &dact);
-    e.in_layer.backward(None, &dh, inp, b, loras, g)
+    e.in_layer.backward(None, &dh, inp, b, ad, g)
 }
 
 /// The sinusoidal embeddings of the timesteps and (when the model has one) the guidance.
@@ -58,14 +58,14 @@ pub fn conditioning_forward(
     ci: &CondInputs,
     y: &[f32],
     b: usize,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<Vec<f32>> {
-    let mut vec = mlp_embedder_forward(&w.time_in, &ci.temb, b, loras)?;
+    let mut vec = mlp_embedder_forward(&w.time_in, &ci.temb, b, ad)?;
     if let (Some(gi), Some(ge)) = (&w.guidance_in, &ci.gemb) {
-        let g = mlp_embedder_forward(gi, ge, b, loras)?;
+        let g = mlp_embedder_forward(gi, ge, b, ad)?;
         vec.iter_mut().zip(&g).for_each(|(v, g)| *v += g);
     }
-    let ye = mlp_embedder_forward(&w.vector_in, y, b, loras)?;
+    let ye = mlp_embedder_forward(&w.vector_in, y, b, ad)?;
     vec.iter_mut().zip(&ye).for_each(|(v, y)| *v += y);
     Ok(vec)
 }
@@ -76,12 +76,12 @@ pub fn conditioning_backward(
     y: &[f32],
     dvec: &[f32],
     b: usize,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
-    mlp_embedder_backward(&w.time_in, &ci.temb, dvec, b, loras, g)?;
+    mlp_embedder_backward(&w.time_in, &ci.temb, dvec, b, ad, g)?;
     if let (Some(gi), Some(ge)) = (&w.guidance_in, &ci.gemb) {
-        mlp_embedder_backward(gi, ge, dvec, b, loras, g)?;
+        mlp_embedder_backward(gi, ge, dvec, b, ad, g)?;
     }
-    mlp_embedder_backward(&w.vector_in, y, dvec, b, loras, g)
+    mlp_embedder_backward(&w.vector_in, y, dvec, b, ad, g)
 }

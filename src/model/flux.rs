@@ -1,5 +1,6 @@
 //! The whole transformer forward (BFL `Flux.forward`), and the inputs it takes.
 
+use super::adapt::{AdapterGrads, LinearAdapters};
 use super::attention::Rope;
 use super::config::FluxConfig;
 use super::double_block::{
@@ -10,7 +11,6 @@ use super::embed::{cond_inputs, conditioning_backward, conditioning_forward, Con
 use super::single_block::{single_block_backward, single_block_forward, SingleCache, SingleDims};
 use super::weights::FluxWeights;
 use crate::io::safetensors::SafeTensors;
-use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::rope::rope_tables;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -138,8 +138,8 @@ pub struct FluxCache {
 }
 
 /// One forward pass: velocity prediction [b, n_img, out_channels].
-pub fn flux_forward(cfg: &FluxConfig, w: &FluxWeights, inp: &FluxInputs, loras: &LoraSet) -> Result<Vec<f32>> {
-    Ok(forward_impl(cfg, w, inp, loras, false)?.0)
+pub fn flux_forward(cfg: &FluxConfig, w: &FluxWeights, inp: &FluxInputs, ad: &dyn LinearAdapters) -> Result<Vec<f32>> {
+    Ok(forward_impl(cfg, w, inp, ad, false)?.0)
 }
 
 /// The forward pass keeping every block's intermediates for `flux_backward`.
@@ -147,9 +147,9 @@ pub fn flux_forward_train(
     cfg: &FluxConfig,
     w: &FluxWeights,
     inp: &FluxInputs,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<(Vec<f32>, FluxCache)> {
-    let (y, c) = forward_impl(cfg, w, inp, loras, true)?;
+    let (y, c) = forward_impl(cfg, w, inp, ad, true)?;
     Ok((y, c.expect("kept")))
 }
 
@@ -157,22 +157,22 @@ fn forward_impl(
     cfg: &FluxConfig,
     w: &FluxWeights,
     inp: &FluxInputs,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
     keep: bool,
 ) -> Result<(Vec<f32>, Option<FluxCache>)> {
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
     let l = lt + li;
-    let mut img = w.img_in.apply(&inp.img, b * li, loras).context("img_in")?;
+    let mut img = w.img_in.apply(&inp.img, b * li, ad).context("img_in")?;
     let cond = cond_inputs(&inp.timesteps, inp.guidance.as_deref(), cfg.time_dim);
-    let vec = conditioning_forward(w, &cond, &inp.y, b, loras)?;
-    let mut txt = w.txt_in.apply(&inp.txt, b * lt, loras).context("txt_in")?;
+    let vec = conditioning_forward(w, &cond, &inp.y, b, ad)?;
+    let mut txt = w.txt_in.apply(&inp.txt, b * lt, ad).context("txt_in")?;
     let rope = joint_rope(cfg, inp);
 
     let dims = Dims { b, lt, li, h, d };
     let mut double = Vec::new();
     for (i, blk) in w.double_blocks.iter().enumerate() {
-        let cache = double_block_forward(blk, &mut img, &mut txt, &vec, &rope, dims, loras)
+        let cache = double_block_forward(blk, &mut img, &mut txt, &vec, &rope, dims, ad)
             .with_context(|| format!("double_blocks.{i}"))?;
         if keep {
             double.push(cache);
@@ -183,16 +183,16 @@ fn forward_impl(
     let mut single = Vec::new();
     for (i, blk) in w.single_blocks.iter().enumerate() {
         let cache =
-            single_block_forward(blk, &mut x, &vec, &rope, sd, loras).with_context(|| format!("single_blocks.{i}"))?;
+            single_block_forward(blk, &mut x, &vec, &rope, sd, ad).with_context(|| format!("single_blocks.{i}"))?;
         if keep {
             single.push(cache);
         }
     }
     let (_, img) = split_sequence(&x, b, lt, li, c);
     // Final layer: [shift, scale] (BFL order), LN, modulate, linear.
-    let final_mods = modulation_forward(&w.final_mod, &vec, b, 2, loras)?;
+    let final_mods = modulation_forward(&w.final_mod, &vec, b, 2, ad)?;
     let final_ln = ln_modulate(&img, &final_mods[0], &final_mods[1], b, li, c);
-    let out = w.final_linear.apply(&final_ln.out, b * li, loras).context("final_layer.linear")?;
+    let out = w.final_linear.apply(&final_ln.out, b * li, ad).context("final_layer.linear")?;
     let cache = keep.then_some(FluxCache { cond, vec, rope, double, single, final_mods, final_ln });
     Ok((out, cache))
 }
@@ -220,41 +220,41 @@ fn split_sequence(x: &[f32], b: usize, lt: usize, li: usize, c: usize) -> (Vec<f
 }
 
 /// Backward from d(out) [b, n_img, out_channels] to the gradients of every LoRA term in
-/// `loras`. Frozen base weights get no gradient.
+/// `ad`. Frozen base weights get no gradient.
 pub fn flux_backward(
     cfg: &FluxConfig,
     w: &FluxWeights,
     inp: &FluxInputs,
     cache: &FluxCache,
     dout: &[f32],
-    loras: &LoraSet,
-) -> Result<LoraGrads> {
+    ad: &dyn LinearAdapters,
+) -> Result<AdapterGrads> {
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (h, d, c) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
     let l = lt + li;
-    let mut g = LoraGrads::default();
+    let mut g = AdapterGrads::default();
     let vec = &cache.vec;
     let mut dvec = vec![0f32; vec.len()];
 
-    let dxm = w.final_linear.backward_new(dout, &cache.final_ln.out, b * li, loras, &mut g)?;
+    let dxm = w.final_linear.backward_new(dout, &cache.final_ln.out, b * li, ad, &mut g)?;
     let (dimg, dsh, dsc) = ln_modulate_backward(&cache.final_ln, &dxm, &cache.final_mods[1], b, li, c);
-    modulation_backward(&w.final_mod, vec, &[dsh, dsc], b, &mut dvec, loras, &mut g)?;
+    modulation_backward(&w.final_mod, vec, &[dsh, dsc], b, &mut dvec, ad, &mut g)?;
 
     // Text tokens after the last single block get no gradient from the loss.
     let mut dx = join_sequence(&vec![0f32; b * lt * c], &dimg, b, lt, li, c);
     let sd = SingleDims { b, l, h, d, mlp: cfg.mlp_hidden };
     for (i, (blk, bc)) in w.single_blocks.iter().zip(&cache.single).enumerate().rev() {
-        single_block_backward(blk, bc, &mut dx, vec, &mut dvec, &cache.rope, sd, loras, &mut g)
+        single_block_backward(blk, bc, &mut dx, vec, &mut dvec, &cache.rope, sd, ad, &mut g)
             .with_context(|| format!("single_blocks.{i} backward"))?;
     }
     let (mut dtxt, mut dimg) = split_sequence(&dx, b, lt, li, c);
     let dims = Dims { b, lt, li, h, d };
     for (i, (blk, bc)) in w.double_blocks.iter().zip(&cache.double).enumerate().rev() {
-        double_block_backward(blk, bc, &mut dimg, &mut dtxt, vec, &mut dvec, &cache.rope, dims, loras, &mut g)
+        double_block_backward(blk, bc, &mut dimg, &mut dtxt, vec, &mut dvec, &cache.rope, dims, ad, &mut g)
             .with_context(|| format!("double_blocks.{i} backward"))?;
     }
-    w.txt_in.backward(None, &dtxt, &inp.txt, b * lt, loras, &mut g)?;
-    w.img_in.backward(None, &dimg, &inp.img, b * li, loras, &mut g)?;
-    conditioning_backward(w, &cache.cond, &inp.y, &dvec, b, loras, &mut g)?;
+    w.txt_in.backward(None, &dtxt, &inp.txt, b * lt, ad, &mut g)?;
+    w.img_in.backward(None, &dimg, &inp.img, b * li, ad, &mut g)?;
+    conditioning_backward(w, &cache.cond, &inp.y, &dvec, b, ad, &mut g)?;
     Ok(g)
 }

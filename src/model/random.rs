@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn every_tensor_of_the_config_with_pytorch_bounds() {
-        let cfg = crate::train::builtin::tiny_config();
+        let cfg = FluxConfig::tiny();
         let ps = random_params(&cfg, 0);
         assert_eq!(ps.len(), cfg.tensors().len());
         for (name, shape) in cfg.tensors() {

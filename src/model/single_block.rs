@@ -1,10 +1,10 @@
 //! SingleStreamBlock (BFL `layers.py`): attention and MLP in parallel from one fused input
 //! projection (linear1) and one fused output projection (linear2). §2.8 of the reference.
 
+use super::adapt::{AdapterGrads, LinearAdapters};
 use super::attention::{attention_block, attention_block_backward, AttnCache, AttnShape, Qkv, Rope};
 use super::double_block::{ln_modulate, ln_modulate_backward, modulation_backward, modulation_forward, LnMod};
 use super::weights::SingleBlock;
-use crate::lora::{LoraGrads, LoraSet};
 use crate::ops::activation::{gelu_tanh, gelu_tanh_grad};
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::modulation::{gated_residual_backward, gated_residual_forward};
@@ -38,21 +38,21 @@ pub fn single_block_forward(
     vec: &[f32],
     rope: &Rope,
     sd: SingleDims,
-    loras: &LoraSet,
+    ad: &dyn LinearAdapters,
 ) -> Result<SingleCache> {
     let SingleDims { b, l, h, d, mlp } = sd;
     let c = h * d;
-    let mods = modulation_forward(&w.modulation, vec, b, 3, loras)?;
+    let mods = modulation_forward(&w.modulation, vec, b, 3, ad)?;
     let ln = ln_modulate(x, &mods[0], &mods[1], b, l, c);
     let w1 = 3 * c + mlp;
-    let h1 = w.linear1.apply(&ln.out, b * l, loras)?;
+    let h1 = w.linear1.apply(&ln.out, b * l, ad)?;
 
     let mut qkv = Qkv::zeros(b * h * l * d);
     for (j, dst) in [&mut qkv.q, &mut qkv.k, &mut qkv.v].into_iter().enumerate() {
         split_heads(dst, &h1, b, l, w1, j * c, h, d, l, 0);
     }
     let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
-    let attn = attention_block(qkv, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d }, &loras.device)?;
+    let attn = attention_block(qkv, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d })?;
 
     // linear2 input: [attention output | GELU(mlp part of linear1)]
     let w2 = c + mlp;
@@ -62,7 +62,7 @@ pub fn single_block_forward(
         let src = &h1[t * w1 + 3 * c..(t + 1) * w1];
         cat[t * w2 + c..(t + 1) * w2].iter_mut().zip(src).for_each(|(o, &v)| *o = gelu_tanh(v));
     }
-    let out = w.linear2.apply(&cat, b * l, loras)?;
+    let out = w.linear2.apply(&cat, b * l, ad)?;
     gated_residual_forward(x, &out, &mods[2], b, l, c);
     Ok(SingleCache { mods, ln, h1, cat, out, attn })
 }
@@ -77,8 +77,8 @@ pub fn single_block_backward(
     dvec: &mut [f32],
     rope: &Rope,
     sd: SingleDims,
-    loras: &LoraSet,
-    g: &mut LoraGrads,
+    ad: &dyn LinearAdapters,
+    g: &mut AdapterGrads,
 ) -> Result<()> {
     let SingleDims { b, l, h, d, mlp } = sd;
     let c = h * d;
@@ -86,7 +86,7 @@ pub fn single_block_backward(
     let mut dmods = vec![vec![0f32; b * c]; 3];
     let mut dout = vec![0f32; dx.len()];
     gated_residual_backward(&mut dout, &mut dmods[2], dx, &cache.out, &cache.mods[2], b, l, c);
-    let dcat = w.linear2.backward_new(&dout, &cache.cat, b * l, loras, g)?;
+    let dcat = w.linear2.backward_new(&dout, &cache.cat, b * l, ad, g)?;
 
     let mut dh1 = vec![0f32; b * l * w1];
     for t in 0..b * l {
@@ -100,20 +100,13 @@ pub fn single_block_backward(
     let mut d_o = vec![0f32; b * h * l * d];
     split_heads(&mut d_o, &dcat, b, l, w2, 0, h, d, l, 0);
     let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);
-    let dq = attention_block_backward(
-        &cache.attn,
-        &d_o,
-        &[(0..l, &qn, &kn)],
-        rope,
-        &AttnShape { b, h, l, d },
-        &loras.device,
-    )?;
+    let dq = attention_block_backward(&cache.attn, &d_o, &[(0..l, &qn, &kn)], rope, &AttnShape { b, h, l, d })?;
     for (j, src) in [&dq.q, &dq.k, &dq.v].into_iter().enumerate() {
         merge_heads(&mut dh1, src, b, l, w1, j * c, h, d, l, 0);
     }
-    let dxm = w.linear1.backward_new(&dh1, &cache.ln.out, b * l, loras, g)?;
+    let dxm = w.linear1.backward_new(&dh1, &cache.ln.out, b * l, ad, g)?;
     let (dx0, dsh, dsc) = ln_modulate_backward(&cache.ln, &dxm, &cache.mods[1], b, l, c);
     (dmods[0], dmods[1]) = (dsh, dsc);
     dx.iter_mut().zip(&dx0).for_each(|(a, v)| *a += v);
-    modulation_backward(&w.modulation, vec, &dmods, b, dvec, loras, g)
+    modulation_backward(&w.modulation, vec, &dmods, b, dvec, ad, g)
 }

@@ -1,10 +1,9 @@
 //! The transformer's frozen parameters, as a tree that mirrors BFL's module tree name for name.
 
+use super::adapt::{AdapterGrads, LinearAdapters};
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
-use crate::device::{CudaBackend, Device};
-use crate::lora::{LoraGrads, LoraSet};
-use crate::ops::lora::{lora_linear_backward, lora_linear_forward, lora_terms_backward, lora_terms_forward};
+use crate::ops::matmul::{linear_backward_input, linear_forward};
 use crate::quant::{qlinear_backward_input, qlinear_forward};
 use crate::util::Rng;
 use anyhow::{Context, Result};
@@ -20,85 +19,49 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// out[m, d_out] = inp[m, d_in]·Wᵀ + b + the LoRA terms on this module.
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], m: usize, loras: &LoraSet) -> Result<()> {
+    /// out[m, d_out] = inp[m, d_in]·Wᵀ + b, then whatever `ad` attaches to this module.
+    pub fn forward(&self, out: &mut [f32], inp: &[f32], m: usize, ad: &dyn LinearAdapters) -> Result<()> {
         let b = match &self.bias {
             Some(b) => Some(b.load()?),
             None => None,
         };
-        let terms = loras.terms(&self.name);
-        // An 8-bit weight is never expanded whole: the CPU multiplies it block by block, the GPU
-        // receives the codes and dequantises them tile by tile inside the fused kernel.
+        // An 8-bit weight is never expanded whole: it is multiplied block by block.
         if let Some(q) = self.weight.quant() {
             let w = q.view().with_context(|| self.name.clone())?;
-            match &loras.device {
-                Device::Cpu => {
-                    qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
-                    lora_terms_forward(out, inp, &terms, m, self.d_in, self.d_out);
-                }
-                Device::Cuda(g) => {
-                    let mut g = CudaBackend::lock(g)?;
-                    g.forward_q(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
-                        .with_context(|| format!("{} (8-bit) on the GPU", self.name))?
-                }
-            }
-            return Ok(());
+            qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
+        } else {
+            let w = self.weight.load()?;
+            linear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
         }
-        let w = self.weight.load()?;
-        match &loras.device {
-            Device::Cpu => lora_linear_forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out),
-            Device::Cuda(g) => {
-                let mut g = CudaBackend::lock(g)?;
-                g.forward(out, inp, &w, b.as_deref(), &terms, m, self.d_in, self.d_out)
-                    .with_context(|| format!("{} on the GPU", self.name))?
-            }
-        }
+        ad.forward(&self.name, out, inp, m, self.d_in, self.d_out);
         Ok(())
     }
 
-    /// Backward through the frozen weight: accumulates the gradients of this module's LoRA
-    /// terms into `grads` and, when `dinp` is given, overwrites it with the input gradient.
+    /// Backward through the frozen weight: accumulates the gradients of this module's adapters
+    /// into `grads` and, when `dinp` is given, overwrites it with the input gradient.
     pub fn backward(
         &self,
         dinp: Option<&mut [f32]>,
         dout: &[f32],
         inp: &[f32],
         m: usize,
-        loras: &LoraSet,
-        grads: &mut LoraGrads,
+        ad: &dyn LinearAdapters,
+        grads: &mut AdapterGrads,
     ) -> Result<()> {
-        let terms = loras.terms(&self.name);
-        if terms.is_empty() && dinp.is_none() {
+        if !ad.on(&self.name) && dinp.is_none() {
             return Ok(());
         }
-        let slot = grads.slot(&self.name, terms.len());
-        if let Some(q) = self.weight.quant() {
-            let w = q.view().with_context(|| self.name.clone())?;
-            match &loras.device {
-                Device::Cpu => {
-                    let mut dinp = dinp;
-                    if let Some(dx) = dinp.as_deref_mut() {
-                        qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
-                    }
-                    lora_terms_backward(dinp, slot, dout, inp, &terms, m, self.d_in, self.d_out);
-                }
-                Device::Cuda(g) => {
-                    let mut g = CudaBackend::lock(g)?;
-                    g.backward_q(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
-                        .with_context(|| format!("{} (8-bit) backward on the GPU", self.name))?
-                }
-            }
-            return Ok(());
-        }
-        let w = self.weight.load()?;
-        match &loras.device {
-            Device::Cpu => lora_linear_backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out),
-            Device::Cuda(g) => {
-                let mut g = CudaBackend::lock(g)?;
-                g.backward(dinp, slot, dout, inp, &w, &terms, m, self.d_in, self.d_out)
-                    .with_context(|| format!("{} backward on the GPU", self.name))?
+        let mut dinp = dinp;
+        if let Some(dx) = dinp.as_deref_mut() {
+            if let Some(q) = self.weight.quant() {
+                let w = q.view().with_context(|| self.name.clone())?;
+                qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
+            } else {
+                let w = self.weight.load()?;
+                linear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
             }
         }
+        ad.backward(&self.name, grads, dinp, dout, inp, m, self.d_in, self.d_out);
         Ok(())
     }
 
@@ -108,17 +71,17 @@ impl Linear {
         dout: &[f32],
         inp: &[f32],
         m: usize,
-        loras: &LoraSet,
-        grads: &mut LoraGrads,
+        ad: &dyn LinearAdapters,
+        grads: &mut AdapterGrads,
     ) -> Result<Vec<f32>> {
         let mut dx = vec![0f32; m * self.d_in];
-        self.backward(Some(&mut dx), dout, inp, m, loras, grads)?;
+        self.backward(Some(&mut dx), dout, inp, m, ad, grads)?;
         Ok(dx)
     }
 
-    pub fn apply(&self, inp: &[f32], m: usize, loras: &LoraSet) -> Result<Vec<f32>> {
+    pub fn apply(&self, inp: &[f32], m: usize, ad: &dyn LinearAdapters) -> Result<Vec<f32>> {
         let mut out = vec![0f32; m * self.d_out];
-        self.forward(&mut out, inp, m, loras)?;
+        self.forward(&mut out, inp, m, ad)?;
         Ok(out)
     }
 }

@@ -10,4 +10,5 @@ pub mod loss;
 pub mod matmul;
 pub mod modulation;
 pub mod norm;
+pub mod optim;
 pub mod rope;

@@ -7,7 +7,7 @@
 pub mod activations;
 pub mod suggest;
 
-use crate::lora::config::{resolve_targets, LoraConfig};
+use crate::adapters::config::{resolve_targets, LoraConfig};
 use crate::model::config::FluxConfig;
 use crate::quant::quantised_by_default;
 use activations::*;

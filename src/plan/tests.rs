@@ -1,5 +1,4 @@
 use super::*;
-use crate::train::builtin::tiny_config;
 
 fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: bool) -> Settings {
     Settings {
@@ -26,7 +25,7 @@ fn listed(tensors: &[(&[usize], usize)]) -> usize {
 /// The tiny model's saved activations, tensor by tensor as the block code produces them.
 #[test]
 fn tiny_activations_counted_tensor_by_tensor() {
-    let cfg = tiny_config(); // hidden 64 = 4 heads × 16, MLP 256, 2 double + 2 single blocks
+    let cfg = FluxConfig::tiny(); // hidden 64 = 4 heads × 16, MLP 256, 2 double + 2 single blocks
     let mut s = settings(Base::Bf16, 64, 4, "img_attn.qkv", false);
     s.width = 128; // 8 × 4 image tokens
     s.text_tokens = 8;

@@ -6,7 +6,6 @@
 pub mod fp8;
 pub mod load;
 pub mod matmul;
-pub mod quality;
 pub mod scheme;
 pub mod stored;
 
@@ -23,7 +22,7 @@ pub const METADATA_KEY: &str = "flux_kernels.quantization";
 /// final layer stay as stored, as ai-toolkit quantises only the blocks: the first and last
 /// layers touch every token's input and output directly and would save only 0.5 % of the bytes.
 pub fn quantised_by_default(key: &str, shape: &[usize]) -> bool {
-    let k = key.strip_prefix(crate::io::checkpoint::BFL_BUNDLE_PREFIX).unwrap_or(key);
+    let k = key.strip_prefix(crate::io::BFL_BUNDLE_PREFIX).unwrap_or(key);
     let in_block = ["double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."]
         .iter()
         .any(|p| k.starts_with(p));

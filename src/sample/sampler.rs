@@ -1,14 +1,10 @@
 //! FLUX.1-dev sampling: Euler steps of the flow ODE from noise (t = 1) to data (t = 0) on the
 //! resolution-dependent shifted schedule (BFL `get_schedule`, `denoise`).
 
-use super::{img_ids, unpack_latent};
-use crate::device::Device;
-use crate::lora::LoraSet;
+use crate::engine::Engine;
 use crate::model::config::FluxConfig;
-use crate::model::flux::{flux_forward, FluxInputs};
-use crate::model::gpu::lora::DevLora;
-use crate::model::gpu::{BaseDtype, GpuFlux};
-use crate::model::weights::FluxWeights;
+use crate::model::flux::FluxInputs;
+use crate::model::packing::{img_ids, pack_latent, unpack_latent};
 use crate::util::Rng;
 use anyhow::{bail, Result};
 
@@ -61,25 +57,11 @@ pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>>
     (0..n).map(|_| rng.normal_vec(c * h * w, 1.0)).collect()
 }
 
-/// Runs the Euler loop; returns one latent [c, h, w] per image (c = in_channels / 4). With a
-/// CUDA device in `loras`, the whole model runs device-resident (`model::gpu::GpuFlux`, weights
-/// uploaded once for the call); otherwise the CPU reference.
-pub fn sample(cfg: &FluxConfig, w: &FluxWeights, spec: &SampleSpec, loras: &LoraSet) -> Result<Vec<Vec<f32>>> {
-    if let Device::Cuda(_) = &loras.device {
-        let mut m = GpuFlux::new(cfg, w, &loras.device, BaseDtype::Bf16)?;
-        let lora = m.adapters(loras, false)?;
-        return sample_gpu(&mut m, spec, &lora);
-    }
-    sample_with(cfg, spec, &mut |inp| flux_forward(cfg, w, inp, loras))
-}
-
-/// The Euler loop on a device-resident model and adapters (the trainer's previews reuse its own).
-pub fn sample_gpu(m: &mut GpuFlux, spec: &SampleSpec, lora: &DevLora) -> Result<Vec<Vec<f32>>> {
-    let cfg = m.cfg.clone();
-    sample_with(&cfg, spec, &mut |inp| {
-        let v = m.forward(inp, lora)?;
-        m.download(&v, inp.b * inp.n_img * cfg.out_channels)
-    })
+/// Runs the Euler loop on `engine` with its current adapters; returns one latent [c, h, w] per
+/// image (c = in_channels / 4).
+pub fn sample(engine: &mut Engine, spec: &SampleSpec) -> Result<Vec<Vec<f32>>> {
+    let cfg = engine.cfg().clone();
+    sample_with(&cfg, spec, &mut |inp| engine.forward(inp))
 }
 
 /// The Euler loop around any forward (velocity of `FluxInputs`).
@@ -98,7 +80,7 @@ pub fn sample_with(
     let c = cfg.in_channels / 4;
     let n_img = (spec.h / 2) * (spec.w / 2);
     let mut x: Vec<f32> =
-        noise(b, c, spec.h, spec.w, spec.seed).iter().flat_map(|z| super::pack_latent(z, c, spec.h, spec.w)).collect();
+        noise(b, c, spec.h, spec.w, spec.seed).iter().flat_map(|z| pack_latent(z, c, spec.h, spec.w)).collect();
     let ids = img_ids(spec.h, spec.w);
     let ts = flux_schedule(spec.steps, n_img, cfg.guidance_embed);
     let mut inp = FluxInputs {

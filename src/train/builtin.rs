@@ -15,24 +15,9 @@ pub const LATENT: usize = 16;
 pub const N_TXT: usize = 8;
 pub const N_SAMPLES: usize = 24;
 
+/// The built-in demo's model (hidden 64, 2 + 2 blocks).
 pub fn tiny_config() -> FluxConfig {
-    FluxConfig {
-        in_channels: 64,
-        out_channels: 64,
-        context_in_dim: 32,
-        vec_in_dim: 16,
-        hidden_size: 64,
-        num_heads: 4,
-        head_dim: 16,
-        mlp_hidden: 256,
-        depth: 2,
-        depth_single: 2,
-        time_dim: 256,
-        guidance_embed: true,
-        qkv_bias: true,
-        rope_axes: vec![4, 6, 6],
-        theta: 10_000.0,
-    }
+    FluxConfig::tiny()
 }
 
 pub fn tiny_weights(cfg: &FluxConfig) -> Result<FluxWeights> {

@@ -3,8 +3,8 @@
 //! RNG state and a resumed run continues bit for bit.
 
 use super::config::TrainConfig;
-use super::optim::AdamW;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
+use crate::ops::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;

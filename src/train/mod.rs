@@ -3,8 +3,6 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod gpu_step;
 pub mod objective;
-pub mod optim;
 pub mod sources;
 pub mod trainer;

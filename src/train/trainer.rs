@@ -5,25 +5,23 @@ use super::builtin;
 use super::checkpoint::{self, State};
 use super::config::TrainConfig;
 use super::data::{Dataset, Sample};
-use super::gpu_step::GpuTrain;
 use super::objective::{loss_weight, noisy_pair, sample_sigma};
-use super::optim::{clip_grad_norm, lr_at, AdamW};
 use super::sources::{parse_sides, Pipeline};
-use crate::io::checkpoint::Checkpoint;
+use crate::adapters::config::{parse_patterns, resolve_targets, AdapterSpec, Init, LoraConfig};
+use crate::adapters::export::{write_lora, LoraFormatOut};
+use crate::adapters::AdapterSet;
+use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
 use crate::io::safetensors::Dtype;
-use crate::lora::config::{parse_patterns, resolve_targets, AdapterSpec, Init, LoraConfig};
-use crate::lora::export::{write_lora, ExportTerm, LoraFormatOut};
-use crate::lora::{LoraDelta, LoraSet};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{parse_rope_axes, FluxConfig};
-use crate::model::flux::{flux_backward, flux_forward_train, FluxInputs};
-use crate::model::gpu::BaseDtype;
+use crate::model::flux::FluxInputs;
+use crate::model::packing::{img_ids, pack_latent};
 use crate::model::weights::FluxWeights;
-use crate::ops::loss::{mse_backward, mse_forward};
+use crate::ops::optim::{lr_at, AdamW};
 use crate::sample::sampler::{sample, SampleSpec};
-use crate::sample::{img_ids, pack_latent};
 use crate::util::Rng;
 use anyhow::{bail, Context, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,20 +46,19 @@ pub struct Outcome {
 
 struct Model {
     cfg: FluxConfig,
-    weights: FluxWeights,
     name: String,
 }
 
-fn open_model(tc: &TrainConfig) -> Result<Model> {
+fn open_model(tc: &TrainConfig) -> Result<(Model, FluxWeights)> {
     if tc.model.is_empty() {
         let cfg = builtin::tiny_config();
         let weights = builtin::tiny_weights(&cfg)?;
-        return Ok(Model { cfg, weights, name: "built-in tiny FLUX (random weights, seed 7)".into() });
+        return Ok((Model { cfg, name: "built-in tiny FLUX (random weights, seed 7)".into() }, weights));
     }
     let axes = if tc.rope_axes.is_empty() { None } else { Some(parse_rope_axes(&tc.rope_axes)?) };
     let ckpt = Checkpoint::open(Path::new(&tc.model), axes)?;
     let weights = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned())?;
-    Ok(Model { cfg: ckpt.cfg.clone(), weights, name: tc.model.clone() })
+    Ok((Model { cfg: ckpt.cfg.clone(), name: tc.model.clone() }, weights))
 }
 
 pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
@@ -78,79 +75,26 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
     })
 }
 
-/// The adapters of `lc` on `cfg` before training: their specs, scales, and initial factors
-/// [A0, B0, A1, B1, …] (B rows in BFL order) drawn from `rng`.
+/// The adapters of `lc` on `cfg` before training: their specs and a set of fresh terms (PEFT's
+/// initialisation drawn from `rng`, B rows in BFL order).
 pub fn init_adapters(cfg: &FluxConfig, lc: &LoraConfig, rng: &mut Rng) -> Result<AdapterInit> {
     let specs = resolve_targets(cfg, lc)?;
-    let scales = specs.iter().map(|s| lc.scale(s)).collect();
-    let params = specs
-        .iter()
-        .flat_map(|s| {
-            let (a, b) = lc.init_factors(s, rng);
-            [a, b]
-        })
-        .collect();
-    Ok(AdapterInit { specs, scales, params })
+    let mut set = AdapterSet::new();
+    for s in &specs {
+        set.push(lc.init_term(s, rng));
+    }
+    Ok(AdapterInit { specs, set })
 }
 
 /// What `init_adapters` returns.
 pub struct AdapterInit {
     pub specs: Vec<AdapterSpec>,
-    pub scales: Vec<f32>,
-    pub params: Vec<Vec<f32>>,
+    pub set: AdapterSet,
 }
 
-/// The adapters being trained: specs and their factors (B rows in BFL order).
-struct Adapters {
-    device: crate::device::Device,
-    specs: Vec<AdapterSpec>,
-    scales: Vec<f32>,
-    /// A0, B0, A1, B1, …
-    params: Vec<Vec<f32>>,
-}
-
-impl Adapters {
-    fn set(&self, dropout: f32, seed: u64) -> LoraSet {
-        let deltas: Vec<(String, LoraDelta)> = self
-            .specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let d = LoraDelta {
-                    a: Arc::new(self.params[2 * i].clone()),
-                    b: Arc::new(self.params[2 * i + 1].clone()),
-                    rank: s.rank,
-                    scale: self.scales[i],
-                    rows: s.target.rows.clone(),
-                };
-                (s.target.module.clone(), d)
-            })
-            .collect();
-        let mut set = LoraSet::new();
-        set.add(&deltas, 1.0);
-        set.set_dropout(dropout, seed);
-        set.device = self.device.clone();
-        set
-    }
-
-    fn terms(&self) -> Vec<ExportTerm> {
-        self.specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ExportTerm {
-                module: s.target.module.clone(),
-                rows: s.target.rows.clone(),
-                rank: s.rank,
-                a: self.params[2 * i].clone(),
-                b: self.params[2 * i + 1].clone(),
-                scale: self.scales[i],
-            })
-            .collect()
-    }
-
-    fn layout(&self) -> Vec<String> {
-        self.specs.iter().map(|s| format!("{} r{}", s.name, s.rank)).collect()
-    }
+/// What a checkpoint records of the adapters, to refuse resuming with others.
+fn layout(specs: &[AdapterSpec]) -> Vec<String> {
+    specs.iter().map(|s| format!("{} r{}", s.name, s.rank)).collect()
 }
 
 /// Builds the inputs of one micro-batch: x_t, target ε − x0 and per-sample loss weights.
@@ -199,62 +143,18 @@ fn make_batch(
     (inp, target, weights)
 }
 
-/// Loss of one micro-batch; adds its gradients (times `gscale`) into `grads`.
-#[allow(clippy::too_many_arguments)]
-fn micro_step(
-    model: &Model,
-    tc: &TrainConfig,
-    ad: &Adapters,
-    ds: &Dataset,
-    k: u64,
-    salt: u64,
-    gscale: f32,
-    grads: &mut [Vec<f32>],
-) -> Result<f64> {
+/// Loss of one micro-batch; its gradients (times `gscale`) accumulate in the engine.
+fn micro_step(engine: &mut Engine, tc: &TrainConfig, ds: &Dataset, k: u64, salt: u64, gscale: f32) -> Result<f64> {
     let idx = ds.batch(k, tc.batch_size, tc.seed ^ salt);
     let mut rng = stream(tc.seed, k, salt);
-    let (inp, target, wts) = make_batch(&model.cfg, tc, ds, &idx, &mut rng);
-    let set = ad.set(tc.dropout, stream(tc.seed, k, salt ^ 0xD80).next_u64());
-    let (pred, cache) = flux_forward_train(&model.cfg, &model.weights, &inp, &set)?;
-    let loss = mse_forward(&pred, &target, Some(&wts));
-    if !loss.is_finite() {
-        return Ok(loss);
-    }
-    let mut dpred = vec![0f32; pred.len()];
-    mse_backward(&mut dpred, &pred, &target, Some(&wts));
-    dpred.iter_mut().for_each(|d| *d *= gscale);
-    let g = flux_backward(&model.cfg, &model.weights, &inp, &cache, &dpred, &set)?;
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, s) in ad.specs.iter().enumerate() {
-        let ti = *seen.entry(&s.target.module).and_modify(|x| *x += 1).or_insert(0);
-        if let Some(tg) = g.get(&s.target.module, ti) {
-            grads[2 * i].iter_mut().zip(&tg.da).for_each(|(a, b)| *a += b);
-            grads[2 * i + 1].iter_mut().zip(&tg.db).for_each(|(a, b)| *a += b);
-        }
-    }
-    Ok(loss)
-}
-
-/// The GPU twin of `micro_step`: the same batch, noise, σ and dropout seed.
-#[allow(clippy::too_many_arguments)]
-fn micro_step_gpu(
-    gt: &mut GpuTrain,
-    model: &Model,
-    tc: &TrainConfig,
-    ds: &Dataset,
-    k: u64,
-    salt: u64,
-    gscale: f32,
-) -> Result<f64> {
-    let idx = ds.batch(k, tc.batch_size, tc.seed ^ salt);
-    let mut rng = stream(tc.seed, k, salt);
-    let (inp, target, wts) = make_batch(&model.cfg, tc, ds, &idx, &mut rng);
+    let (inp, target, wts) = make_batch(engine.cfg(), tc, ds, &idx, &mut rng);
     let seed = stream(tc.seed, k, salt ^ 0xD80).next_u64();
     let dropout = (tc.dropout > 0.0).then_some((tc.dropout, seed));
-    gt.micro_step(&inp, &target, &wts, gscale, dropout)
+    engine.micro_step(&inp, &target, Some(&wts), gscale, dropout)
 }
 
-fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet, gpu: Option<&mut GpuTrain>) -> Result<Vec<Vec<f32>>> {
+/// The built-in demo's samples with the engine's current adapters.
+fn demo_samples(engine: &mut Engine, ds: &Dataset) -> Result<Vec<Vec<f32>>> {
     let pick: Vec<&Sample> = ds.samples.iter().take(4).collect();
     let spec = SampleSpec {
         txt: pick.iter().map(|s| s.txt.clone()).collect(),
@@ -266,10 +166,7 @@ fn demo_samples(model: &Model, ds: &Dataset, set: &LoraSet, gpu: Option<&mut Gpu
         guidance: 1.0,
         seed: 1,
     };
-    match gpu {
-        Some(g) => g.sample(&spec),
-        None => sample(&model.cfg, &model.weights, &spec, set),
-    }
+    sample(engine, &spec)
 }
 
 fn mean_distance(lats: &[Vec<f32>]) -> f32 {
@@ -316,19 +213,9 @@ impl Previews {
         Ok(Previews { spec, vae })
     }
 
-    fn write(
-        &self,
-        model: &Model,
-        set: &LoraSet,
-        gpu: Option<&mut GpuTrain>,
-        dir: &Path,
-        step: usize,
-    ) -> Result<Vec<String>> {
+    fn write(&self, engine: &mut Engine, dir: &Path, step: usize) -> Result<Vec<String>> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let lats = match gpu {
-            Some(g) => g.sample(&self.spec)?,
-            None => sample(&model.cfg, &model.weights, &self.spec, set)?,
-        };
+        let lats = sample(engine, &self.spec)?;
         let f = self.vae.factor();
         let mut files = Vec::new();
         for (i, z) in lats.iter().enumerate() {
@@ -345,7 +232,7 @@ impl Previews {
 pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
     tc.validate()?;
     let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
-    let model = open_model(&tc)?;
+    let (model, weights) = open_model(&tc)?;
     let mut pipe = Pipeline::new(&tc, &model.cfg);
     let ds = if tc.data.is_empty() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
     let class =
@@ -356,22 +243,20 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         None
     };
     let lc = lora_config(&tc)?;
-    let AdapterInit { specs, scales, params } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
-    let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
-    let (device, device_note) = crate::device::Device::parse(&tc.device)?;
-    let mut ad = Adapters { device, specs, scales, params };
+    let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
+    let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
     let mut start = 0;
     let ckpt_dir = PathBuf::from(tc.checkpoint_path());
     if let Some(dir) = resume {
         let st = checkpoint::load(dir)?;
-        if st.layout != ad.layout() {
+        if st.layout != layout(&specs) {
             bail!("{}: the checkpoint's adapters differ from this config's (targets or ranks changed)", dir.display());
         }
         if st.params.iter().map(|p| p.len()).collect::<Vec<_>>() != sizes {
             bail!("{}: checkpoint tensor sizes differ from this config's adapters", dir.display());
         }
-        ad.params = st.params;
+        set.set_params(st.params)?;
         opt = st.opt;
         start = st.step;
         if start >= tc.steps {
@@ -383,20 +268,9 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         }
     }
 
-    let mut gpu = match &ad.device {
-        crate::device::Device::Cuda(_) => Some(GpuTrain::new(
-            &model.cfg,
-            &model.weights,
-            &ad.device,
-            BaseDtype::parse(&tc.base)?,
-            tc.gradient_checkpointing,
-            &ad.specs,
-            &ad.scales,
-            &ad.params,
-            &opt,
-        )?),
-        crate::device::Device::Cpu => None,
-    };
+    let (device, device_note) = Device::parse(&tc.device)?;
+    let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
+    let mut engine = Engine::new(&device, &model.cfg, weights, opts)?;
 
     let mut log = Vec::new();
     let mut say = |s: String, pb: Option<&indicatif::ProgressBar>| {
@@ -411,7 +285,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if let Some(n) = device_note {
         say(format!("--device auto: {n}"), None);
     }
-    if let Some(g) = &gpu {
+    if let Some(g) = engine.cuda() {
         let bytes: usize = g.m.w.linears().iter().map(|l| l.bytes()).sum();
         say(
             format!(
@@ -423,15 +297,15 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             None,
         );
     }
-    let n_train: usize = ad.specs.iter().map(|s| s.param_count()).sum();
+    let n_train: usize = specs.iter().map(|s| s.param_count()).sum();
     say(
         format!(
             "model: {}; data: {} samples{}; {} adapters, {} trainable parameters; {} steps from step {start}",
             model.name,
             ds.len(),
             class.as_ref().map_or(String::new(), |c| format!(" + {} class samples (λ = {})", c.len(), tc.prior_weight)),
-            ad.specs.len(),
-            crate::cli::thousands(n_train),
+            specs.len(),
+            crate::util::thousands(n_train),
             tc.steps
         ),
         None,
@@ -445,7 +319,8 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if builtin_demo && start == 0 {
         let data: Vec<Vec<f32>> = ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
         crate::sample::preview::write_preview(&sibling(&out, "-data.png"), &data, builtin::LATENT, builtin::LATENT, 8)?;
-        let lats = demo_samples(&model, &ds, &LoraSet::new(), gpu.as_mut())?;
+        // The base model alone: the adapters are attached after.
+        let lats = demo_samples(&mut engine, &ds)?;
         crate::sample::preview::write_preview(
             &sibling(&out, "-before.png"),
             &lats,
@@ -457,6 +332,8 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         demo_before = Some(d);
         say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
     }
+
+    engine.train_adapters(&set, Some(&opt))?;
 
     let mut metrics = if tc.metrics.is_empty() {
         None
@@ -476,10 +353,10 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     );
     pb.set_position(start as u64);
     let log_every = if tc.log_every > 0 { tc.log_every } else { (tc.steps / 20).max(1) };
-    let save_state = |step: usize, ad: &Adapters, opt: &AdamW| -> Result<()> {
+    let save_state = |step: usize, params: Vec<Vec<f32>>, opt: &AdamW| -> Result<()> {
         checkpoint::save(
             &ckpt_dir,
-            &State { step, params: ad.params.clone(), opt: opt.clone(), config: tc.clone(), layout: ad.layout() },
+            &State { step, params, opt: opt.clone(), config: tc.clone(), layout: layout(&specs) },
         )
     };
     let t0 = Instant::now();
@@ -488,25 +365,14 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     let mut interrupted = false;
     let mut step = start;
     while step < tc.steps {
-        let mut grads: Vec<Vec<f32>> =
-            if gpu.is_some() { Vec::new() } else { sizes.iter().map(|&n| vec![0.0; n]).collect() };
         let gscale = 1.0 / tc.grad_accum as f32;
         let (mut loss, mut prior) = (0.0, 0.0);
-        if let Some(g) = gpu.as_mut() {
-            g.zero_grads()?;
-        }
+        engine.zero_grads()?;
         for j in 0..tc.grad_accum {
             let k = (step * tc.grad_accum + j) as u64;
-            loss += match gpu.as_mut() {
-                Some(g) => micro_step_gpu(g, &model, &tc, &ds, k, 0, gscale)?,
-                None => micro_step(&model, &tc, &ad, &ds, k, 0, gscale, &mut grads)?,
-            } / tc.grad_accum as f64;
+            loss += micro_step(&mut engine, &tc, &ds, k, 0, gscale)? / tc.grad_accum as f64;
             if let Some(cds) = &class {
-                let ps = gscale * tc.prior_weight;
-                let l = match gpu.as_mut() {
-                    Some(g) => micro_step_gpu(g, &model, &tc, cds, k, 0xC1A55, ps)?,
-                    None => micro_step(&model, &tc, &ad, cds, k, 0xC1A55, ps, &mut grads)?,
-                };
+                let l = micro_step(&mut engine, &tc, cds, k, 0xC1A55, gscale * tc.prior_weight)?;
                 prior += l / tc.grad_accum as f64;
             }
         }
@@ -521,17 +387,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             bail!("step {}: the loss is not finite ({total}); stopping without writing the LoRA ({kept})", step + 1);
         }
         let lr = lr_at(&tc.lr_schedule, tc.lr, step, tc.warmup_steps, tc.steps);
-        let gnorm = match gpu.as_mut() {
-            Some(g) => g.optimizer_step(&mut opt, lr, tc.max_grad_norm)?,
-            None => {
-                let mut gref: Vec<&mut Vec<f32>> = grads.iter_mut().collect();
-                let gnorm = clip_grad_norm(&mut gref, tc.max_grad_norm);
-                let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
-                let mut p: Vec<&mut Vec<f32>> = ad.params.iter_mut().collect();
-                opt.step(&mut p, &g, lr);
-                gnorm
-            }
-        };
+        let gnorm = engine.optimizer_step(&mut opt, lr, tc.max_grad_norm)?;
         step += 1;
         last_loss = total;
         let e = ema.map_or(total, |e| 0.9 * e + 0.1 * total);
@@ -553,19 +409,16 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
             );
         }
         if let Some(p) = previews.as_ref().filter(|_| step % tc.sample_every == 0 || step == tc.steps) {
-            let files = p.write(&model, &ad.set(0.0, 0), gpu.as_mut(), &sibling(&out, "-samples"), step)?;
+            let files = p.write(&mut engine, &sibling(&out, "-samples"), step)?;
             say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
         }
         let checkpoint_now = tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0;
         let stop = interrupt.load(Ordering::SeqCst);
-        if let (Some(g), true) = (gpu.as_ref(), checkpoint_now || stop) {
-            g.to_host(&mut ad.params, &mut opt)?;
-        }
-        if checkpoint_now {
-            save_state(step, &ad, &opt)?;
+        if checkpoint_now || stop {
+            let params = engine.trainable_to_host(&mut opt)?;
+            save_state(step, params, &opt)?;
         }
         if stop {
-            save_state(step, &ad, &opt)?;
             say(
                 format!("interrupted: checkpoint at step {step} in {} (resume with --resume)", ckpt_dir.display()),
                 Some(&pb),
@@ -575,8 +428,8 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         }
     }
     pb.finish_and_clear();
-    if let Some(g) = gpu.as_ref() {
-        g.to_host(&mut ad.params, &mut opt)?;
+    set.set_params(engine.trainable_to_host(&mut opt)?)?;
+    if let Some(g) = engine.cuda() {
         g.m.synchronize()?;
         let gib = crate::plan::gib;
         let pool = g.m.pool_peak().map_or("unknown (no memory pool)".into(), |b| format!("{:.2} GiB", gib(b)));
@@ -611,12 +464,15 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         "f16" => Dtype::F16,
         _ => Dtype::BF16,
     };
-    let size = write_lora(&out, &model.cfg, &ad.terms(), format, dtype, meta)?;
-    say(format!("wrote {} ({} bytes, {:?} format)", out.display(), crate::cli::thousands(size as usize), format), None);
+    let size = write_lora(&out, &model.cfg, set.terms(), format, dtype, meta)?;
+    say(
+        format!("wrote {} ({} bytes, {:?} format)", out.display(), crate::util::thousands(size as usize), format),
+        None,
+    );
 
     let mut demo = None;
     if let (Some(before), false) = (demo_before, interrupted) {
-        let lats = demo_samples(&model, &ds, &ad.set(0.0, 0), gpu.as_mut())?;
+        let lats = demo_samples(&mut engine, &ds)?;
         crate::sample::preview::write_preview(
             &sibling(&out, "-after.png"),
             &lats,

@@ -2,10 +2,10 @@
 //! rewriting fixture files into broken or re-encoded variants.
 #![allow(dead_code)]
 
-use flux_kernels::io::checkpoint::Checkpoint;
-use flux_kernels::io::lora_formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
+use flux_kernels::adapters::AdapterSet;
 use flux_kernels::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
-use flux_kernels::lora::LoraSet;
+use flux_kernels::model::checkpoint::Checkpoint;
 use flux_kernels::model::flux::{flux_forward, FluxInputs};
 use flux_kernels::model::weights::FluxWeights;
 use std::collections::BTreeMap;
@@ -39,9 +39,9 @@ pub fn run_forward(model: &Path, axes: Option<&[usize]>, loras: &[(PathBuf, f32)
     let ckpt = Checkpoint::open(model, axes.map(|a| a.to_vec()))?;
     let w = FluxWeights::new(&ckpt.cfg, &|n| ckpt.param(n).cloned())?;
     let inp = FluxInputs::from_file(&fixture("tiny-inputs.safetensors"), &ckpt.cfg)?;
-    let mut set = LoraSet::new();
+    let mut set = AdapterSet::new();
     for (p, s) in loras {
-        set.add(&load_lora(p, &ckpt.cfg, UnknownKeys::Error)?.deltas, *s);
+        set.add(&load_lora(p, &ckpt.cfg, UnknownKeys::Error)?.terms, *s);
     }
     flux_forward(&ckpt.cfg, &w, &inp, &set)
 }

@@ -1,12 +1,13 @@
-//! Adapters on the device: each term's factors in bf16 (what the kernels read), and for
-//! training the f32 master factors, their gradients and AdamW's moments, all resident. Terms are
-//! ordered as the trainer's parameter list (A0, B0, A1, B1, …); `by_module` finds a linear's.
+//! Adapters on the device: the device twin of an `AdapterSet`. Each term's factors in bf16 (what
+//! the kernels read), and for training the f32 master factors, their gradients and AdamW's
+//! moments, all resident. Terms keep the set's order, so the tensors follow its parameter order
+//! (A0, B0, A1, B1, …); `by_module` finds a linear's.
 
 use super::to16;
 use super::weights::ptr;
-use crate::device::CudaBackend;
+use crate::adapters::{term_seed, AdapterSet, Kind};
+use crate::engine::CudaBackend;
 use crate::kernels::lora::TermShape;
-use crate::lora::{term_seed, LoraSet};
 use crate::ops::lora::Dropout;
 use anyhow::{ensure, Result};
 use cudarc::driver::CudaSlice;
@@ -46,90 +47,57 @@ pub struct DevLora {
     pub train: Option<DevTrain>,
 }
 
-/// One term's description for `DevLora::new`.
-pub struct TermSpec {
-    pub module: String,
-    pub rank: usize,
-    pub rows: Range<usize>,
-    pub scale: f32,
-    pub d_in: usize,
-}
-
 impl DevLora {
-    /// Terms with their factors (A [r, d_in], B [rows, r] per term, in `specs` order); with
-    /// `train`, also the f32 masters, zeroed gradients and moments.
-    pub fn new(g: &CudaBackend, specs: Vec<TermSpec>, factors: &[Vec<f32>], train: bool) -> Result<DevLora> {
-        ensure!(
-            factors.len() == 2 * specs.len(),
-            "device adapters: {} factors for {} terms",
-            factors.len(),
-            specs.len()
-        );
+    /// The device twin of `set` (its terms in order, factors rounded to bf16); with `train`, also
+    /// the f32 masters, zeroed gradients and moments. `d_in_of` gives each module's input width
+    /// (None: no such linear).
+    pub fn from_set(
+        g: &CudaBackend,
+        set: &AdapterSet,
+        d_in_of: &dyn Fn(&str) -> Option<usize>,
+        train: bool,
+    ) -> Result<DevLora> {
         let st = &g.stream;
         let mut out = DevLora::default();
         let mut tr = DevTrain { params: Vec::new(), grads: Vec::new(), m: Vec::new(), v: Vec::new() };
-        for (i, s) in specs.into_iter().enumerate() {
-            let (a, b) = (&factors[2 * i], &factors[2 * i + 1]);
+        for (i, t) in set.terms().iter().enumerate() {
+            let Kind::Lora { rank } = t.kind;
+            let d_in = d_in_of(&t.module)
+                .ok_or_else(|| anyhow::anyhow!("adapter on `{}`: no such linear in the model", t.module))?;
             ensure!(
-                a.len() == s.rank * s.d_in && b.len() == s.rows.len() * s.rank,
+                t.d_in == d_in && t.sizes_ok(),
                 "adapter on {}: A has {} values (expected {}), B {} (expected {})",
-                s.module,
-                a.len(),
-                s.rank * s.d_in,
-                b.len(),
-                s.rows.len() * s.rank
+                t.module,
+                t.a().len(),
+                rank * d_in,
+                t.b().len(),
+                t.rows.len() * rank
             );
-            let list = out.by_module.entry(s.module.clone()).or_default();
+            let list = out.by_module.entry(t.module.clone()).or_default();
             let index = list.len();
             list.push(i);
             if train {
-                for f in [a, b] {
-                    tr.params.push(st.clone_htod(f)?);
+                for f in &t.params {
+                    tr.params.push(st.clone_htod(f.as_slice())?);
                     tr.grads.push(st.alloc_zeros::<f32>(f.len())?);
                     tr.m.push(st.alloc_zeros::<f32>(f.len())?);
                     tr.v.push(st.alloc_zeros::<f32>(f.len())?);
                 }
             }
             out.terms.push(DevTerm {
-                module: s.module,
+                module: t.module.clone(),
                 index,
-                rank: s.rank,
-                rows: s.rows,
-                scale: s.scale,
-                d_in: s.d_in,
-                a16: st.clone_htod(&to16(a))?,
-                b16: st.clone_htod(&to16(b))?,
+                rank,
+                rows: t.rows.clone(),
+                scale: t.scale,
+                d_in,
+                a16: st.clone_htod(&to16(t.a()))?,
+                b16: st.clone_htod(&to16(t.b()))?,
             });
         }
         out.train = train.then_some(tr);
+        out.dropout = set.dropout();
         Ok(out)
-    }
-
-    /// The adapters of a `LoraSet` (sampling: several files at their strengths), no training
-    /// state. `d_in` of each module comes from `d_in_of`.
-    /// With `train`, gradient buffers too (tests compare the backward with the CPU's).
-    pub fn from_set(
-        g: &CudaBackend,
-        set: &LoraSet,
-        d_in_of: &dyn Fn(&str) -> Option<usize>,
-        train: bool,
-    ) -> Result<DevLora> {
-        let mut specs = Vec::new();
-        let mut factors = Vec::new();
-        let mut modules: Vec<_> = set.modules().collect();
-        modules.sort_by(|a, b| a.0.cmp(b.0));
-        for (name, deltas) in modules {
-            let d_in =
-                d_in_of(name).ok_or_else(|| anyhow::anyhow!("adapter on `{name}`: no such linear in the model"))?;
-            for d in deltas {
-                specs.push(TermSpec { module: name.clone(), rank: d.rank, rows: d.rows.clone(), scale: d.scale, d_in });
-                factors.push(d.a.to_vec());
-                factors.push(d.b.to_vec());
-            }
-        }
-        let mut l = DevLora::new(g, specs, &factors, train)?;
-        l.dropout = set.dropout();
-        Ok(l)
     }
 
     /// Indices of the terms on module `name`.

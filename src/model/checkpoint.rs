@@ -2,7 +2,7 @@
 //! validating every tensor before anything is computed.
 
 use super::layout::{diffusers_module, diffusers_param};
-use super::safetensors::{Dtype, SafeTensors};
+use crate::io::safetensors::{Dtype, SafeTensors};
 use crate::model::config::{infer_from_shapes, FluxConfig, ModuleKind};
 use crate::model::param::{Param, Piece};
 use crate::quant::load::{is_ignored_companion, piece as quant_piece};
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Some single-file bundles (ComfyUI "checkpoint" files) prefix every key with this.
-pub const BFL_BUNDLE_PREFIX: &str = "model.diffusion_model.";
+pub use crate::io::BFL_BUNDLE_PREFIX;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layout {

@@ -11,19 +11,14 @@
 //!   low-rank term on the whole fused projection, as kohya trains it;
 //! - a glob with `*` / `?` over full diffusers or BFL names (`single_transformer_blocks.1*.proj_mlp`).
 
-use crate::io::layout::{diffusers_to_bfl, BflTarget};
+use super::Term;
 use crate::model::config::{FluxConfig, ModuleKind};
-use crate::util::Rng;
+use crate::model::layout::{diffusers_to_bfl, BflTarget};
+use crate::util::{thousands, Rng};
 use anyhow::{bail, Result};
 use std::collections::HashSet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Init {
-    /// PEFT's default: A ~ U(−1/√in, 1/√in) (kaiming_uniform with a = √5), B = 0.
-    KaimingUniform,
-    /// PEFT's "gaussian": A ~ N(0, 1/r²), B = 0.
-    Gaussian,
-}
+pub use super::lora::Init;
 
 #[derive(Clone, Debug)]
 pub struct LoraConfig {
@@ -214,17 +209,10 @@ impl LoraConfig {
         }
     }
 
-    /// PEFT's initialisation of one adapter: (A [rank, d_in], B [rows, rank] = 0).
-    pub fn init_factors(&self, spec: &AdapterSpec, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
-        let n = spec.rank * spec.d_in;
-        let a = match self.init {
-            Init::KaimingUniform => {
-                let bound = 1.0 / (spec.d_in as f64).sqrt();
-                (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
-            }
-            Init::Gaussian => rng.normal_vec(n, 1.0 / spec.rank as f32),
-        };
-        (a, vec![0.0; spec.target.rows.len() * spec.rank])
+    /// A new term for `spec` with PEFT's initialisation (B = 0, so it starts as the base model).
+    pub fn init_term(&self, spec: &AdapterSpec, rng: &mut Rng) -> Term {
+        let (a, b) = super::lora::init(self.init, spec.rank, spec.d_in, spec.target.rows.len(), rng);
+        Term::lora(&spec.target.module, spec.target.rows.clone(), spec.d_in, spec.rank, self.scale(spec), a, b)
     }
 }
 
@@ -234,8 +222,8 @@ pub fn trainable_summary(cfg: &FluxConfig, specs: &[AdapterSpec]) -> String {
     let m = cfg.param_count() + n;
     format!(
         "trainable params: {} || all params: {} || trainable%: {:.4}",
-        crate::cli::thousands(n),
-        crate::cli::thousands(m),
+        thousands(n),
+        thousands(m),
         100.0 * n as f64 / m as f64
     )
 }

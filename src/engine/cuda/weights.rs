@@ -2,9 +2,11 @@
 //! stores, or generated on the device for `random:` models), or 8-bit codes with their per-row
 //! scales, never expanded. Norm scales and biases stay f32.
 
-use crate::device::CudaBackend;
+use crate::engine::CudaBackend;
 use crate::kernels::lora::DevWeight;
+use crate::kernels::model_ops::{Fill, RandomFill};
 use crate::model::param::Param;
+use crate::model::random::{Init, RandomParam};
 use crate::model::weights::{FluxWeights, Linear, MlpEmbedder, SingleBlock, StreamWeights};
 use crate::quant::{Code, QuantParam, Scheme};
 use anyhow::{bail, ensure, Context, Result};
@@ -29,6 +31,16 @@ impl BaseDtype {
             "int8" => Ok(BaseDtype::Int8),
             _ => bail!("--base `{s}`: use bf16 or int8"),
         }
+    }
+}
+
+impl From<&RandomParam> for RandomFill {
+    fn from(p: &RandomParam) -> RandomFill {
+        let init = match p.init {
+            Init::Uniform(b) => Fill::Uniform(b),
+            Init::Const(v) => Fill::Const(v),
+        };
+        RandomFill { stream: p.stream, numel: p.numel, init }
     }
 }
 
@@ -136,7 +148,7 @@ fn upload_linear(g: &CudaBackend, l: &Linear, base: BaseDtype) -> Result<DevLine
             ensure!(r.numel == n * k, "{name}.weight: {} values for a {n}×{k} weight", r.numel);
             // SAFETY: every element is written by fill_random before any read.
             let buf = unsafe { st.alloc::<bf16>(n * k) }?;
-            g.ops.fill_random(r, ptr(&buf, st), true, 0, n * k).with_context(|| format!("{name}.weight"))?;
+            g.ops.fill_random(&r.into(), ptr(&buf, st), true, 0, n * k).with_context(|| format!("{name}.weight"))?;
             DevW::Bf16(buf)
         }
         (p, BaseDtype::Bf16) => {

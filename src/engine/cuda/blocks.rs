@@ -5,6 +5,7 @@ use super::weights::{DevDouble, DevLinear, DevSingle, DevStream};
 use super::{Dims, Run, B16, F32};
 use crate::kernels::attention::AttnPtrs;
 use crate::kernels::model_ops::{DevMat, HeadsDims, QkPtrs};
+use crate::model::attention::QK_NORM_EPS;
 use anyhow::Result;
 
 /// Shared by every block of a call: shapes, SiLU(vec) in bf16, the RoPE tables.
@@ -202,8 +203,16 @@ pub(crate) fn double_fwd(
     let ft = stream_first(r, &w.txt, txt, lt, bx)?;
     let a = attn_alloc(r, dm)?;
     // Joint sequence, text first.
-    r.g.ops.qk_prologue(heads(dm, lt, 0, 3 * c), &qk_ptrs(r, &a, &ft.2, &w.txt.q_norm, &w.txt.k_norm, bx))?;
-    r.g.ops.qk_prologue(heads(dm, li, lt, 3 * c), &qk_ptrs(r, &a, &fi.2, &w.img.q_norm, &w.img.k_norm, bx))?;
+    r.g.ops.qk_prologue(
+        heads(dm, lt, 0, 3 * c),
+        &qk_ptrs(r, &a, &ft.2, &w.txt.q_norm, &w.txt.k_norm, bx),
+        QK_NORM_EPS,
+    )?;
+    r.g.ops.qk_prologue(
+        heads(dm, li, lt, 3 * c),
+        &qk_ptrs(r, &a, &fi.2, &w.img.q_norm, &w.img.k_norm, bx),
+        QK_NORM_EPS,
+    )?;
     r.g.attn.forward_dev(dm.attn(), &attn_ptrs(r, &a))?;
     let (ta16, ia16) = (r.b16(b * lt * c)?, r.b16(b * li * c)?);
     r.g.ops.merge_heads(heads(dm, lt, 0, c), r.p(&a.o), r.p(&ta16))?;
@@ -302,7 +311,15 @@ pub(crate) fn double_bwd(
     for (s, sa, dx, dmods, ls, t0) in [(&w.img, &act.img, d_img, dmi, li, lt), (&w.txt, &act.txt, d_txt, dmt, lt, 0)] {
         let dqkv = r.f32(dm.b * ls * 3 * c)?;
         let qp = qk_ptrs(r, a, &sa.qkv, &s.q_norm, &s.k_norm, bx);
-        r.g.ops.qk_prologue_backward(heads(dm, ls, t0, 3 * c), &qp, r.p(&dq), r.p(&dk), r.p(&dv), r.p(&dqkv))?;
+        r.g.ops.qk_prologue_backward(
+            heads(dm, ls, t0, 3 * c),
+            &qp,
+            QK_NORM_EPS,
+            r.p(&dq),
+            r.p(&dk),
+            r.p(&dv),
+            r.p(&dqkv),
+        )?;
         stream_first_bwd(r, s, sa, &dqkv, dx, dmods, ls, bx, dsvec)?;
     }
     Ok(())
@@ -319,7 +336,7 @@ pub(crate) fn single_fwd(r: &mut Run, w: &DevSingle, x: &F32, bx: &Ctx, keep: bo
     let ln = r.ln_mod(x, &mods[0], &mods[1], b, l, c)?;
     let h1 = r.lin(&w.linear1, m, r.p(&ln.out16))?;
     let a = attn_alloc(r, dm)?;
-    r.g.ops.qk_prologue(heads(dm, l, 0, w1), &qk_ptrs(r, &a, &h1, &w.q_norm, &w.k_norm, bx))?;
+    r.g.ops.qk_prologue(heads(dm, l, 0, w1), &qk_ptrs(r, &a, &h1, &w.q_norm, &w.k_norm, bx), QK_NORM_EPS)?;
     r.g.attn.forward_dev(dm.attn(), &attn_ptrs(r, &a))?;
     // linear2 input: [attention output | GELU(mlp part of linear1)]
     let cat16 = r.b16(m * w2)?;
@@ -357,7 +374,7 @@ pub(crate) fn single_bwd(r: &mut Run, w: &DevSingle, act: SingleAct, dx: &F32, b
     let (dq, dk, dv) = attn_bwd(r, &act.attn, &d_o, dm)?;
     drop(d_o);
     let qp = qk_ptrs(r, &act.attn, &act.h1, &w.q_norm, &w.k_norm, bx);
-    r.g.ops.qk_prologue_backward(heads(dm, l, 0, w1), &qp, r.p(&dq), r.p(&dk), r.p(&dv), r.p(&dh1))?;
+    r.g.ops.qk_prologue_backward(heads(dm, l, 0, w1), &qp, QK_NORM_EPS, r.p(&dq), r.p(&dk), r.p(&dv), r.p(&dh1))?;
     drop((dq, dk, dv));
     let dh116 = r.cast16(&dh1, m * w1)?;
     drop(dh1);

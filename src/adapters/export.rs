@@ -4,25 +4,13 @@
 //! duplicate A and split B (or concatenate ranks with a block-diagonal B), and a scale that the
 //! target format cannot express is folded into B.
 
-use crate::io::layout::diffusers_module;
+use super::Term;
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
 use crate::model::config::FluxConfig;
+use crate::model::layout::diffusers_module;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::Path;
-
-/// One low-rank term in a format-neutral form: ΔY[:, rows] = scale·X·Aᵀ·Bᵀ on BFL module
-/// `module`, B's rows in BFL order.
-#[derive(Clone, Debug)]
-pub struct ExportTerm {
-    pub module: String,
-    pub rows: Range<usize>,
-    pub rank: usize,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
-    pub scale: f32,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraFormatOut {
@@ -67,7 +55,7 @@ fn concat_terms(parts: &[Factors], rows: usize, d_in: usize) -> (Vec<f32>, Vec<f
 }
 
 /// diffusers/PEFT tensors and the PEFT config (`lora_adapter_metadata`) describing them.
-pub fn peft_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<(Vec<Named>, serde_json::Value)> {
+pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, serde_json::Value)> {
     // diffusers module → [(A, B rows of that module in diffusers order, rank, scale)]
     let mut by_part: BTreeMap<String, (usize, Vec<Factors>)> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -84,15 +72,15 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<(Vec<Named
                 bail!("a LoRA term on rows {:?} of `{}` cuts diffusers' `{}` in part", t.rows, t.module, p.name);
             }
             let lo = pr.start - t.rows.start;
-            let mut b = t.b[lo * t.rank..(lo + p.rows) * t.rank].to_vec();
+            let mut b = t.b()[lo * t.rank()..(lo + p.rows) * t.rank()].to_vec();
             if dm.swap_halves {
-                b.rotate_left(p.rows / 2 * t.rank);
+                b.rotate_left(p.rows / 2 * t.rank());
             }
             let e = by_part.entry(p.name.clone()).or_insert_with(|| {
                 order.push(p.name.clone());
                 (p.rows, Vec::new())
             });
-            e.1.push((t.a.clone(), b, t.rank, t.scale));
+            e.1.push((t.a().to_vec(), b, t.rank(), t.scale));
         }
     }
     let mut tensors = Vec::new();
@@ -142,7 +130,7 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<(Vec<Named
 }
 
 /// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`.
-pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named>> {
+pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
     let d_outs: BTreeMap<String, usize> = cfg
         .modules()
         .into_iter()
@@ -151,7 +139,7 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named
             _ => None,
         })
         .collect();
-    let mut by_module: BTreeMap<&str, Vec<&ExportTerm>> = BTreeMap::new();
+    let mut by_module: BTreeMap<&str, Vec<&Term>> = BTreeMap::new();
     let mut order = Vec::new();
     for t in terms {
         if !d_outs.contains_key(&t.module) {
@@ -167,25 +155,25 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named
     for m in order {
         let ts = &by_module[m];
         let d_out = d_outs[m];
-        let d_in = ts[0].a.len() / ts[0].rank;
+        let d_in = ts[0].d_in;
         let key = format!("lora_unet_{}", m.replace('.', "_"));
         let (down, up, r, alpha) = if ts.len() == 1 && ts[0].rows == (0..d_out) {
             let t = ts[0];
-            (t.a.clone(), t.b.clone(), t.rank, t.scale * t.rank as f32)
+            (t.a().to_vec(), t.b().to_vec(), t.rank(), t.scale * t.rank() as f32)
         } else {
             // Block layout over the full output: each term's B sits at its rows and rank columns.
-            let r_total: usize = ts.iter().map(|t| t.rank).sum();
+            let r_total: usize = ts.iter().map(|t| t.rank()).sum();
             let mut down = Vec::with_capacity(r_total * d_in);
             let mut up = vec![0f32; d_out * r_total];
             let mut off = 0;
             for t in ts {
-                down.extend_from_slice(&t.a);
+                down.extend_from_slice(t.a());
                 for (i, row) in t.rows.clone().enumerate() {
-                    for j in 0..t.rank {
-                        up[row * r_total + off + j] = t.b[i * t.rank + j] * t.scale;
+                    for j in 0..t.rank() {
+                        up[row * r_total + off + j] = t.b()[i * t.rank() + j] * t.scale;
                     }
                 }
-                off += t.rank;
+                off += t.rank();
             }
             (down, up, r_total, r_total as f32)
         };
@@ -200,7 +188,7 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[ExportTerm]) -> Result<Vec<Named
 pub fn write_lora(
     path: &Path,
     cfg: &FluxConfig,
-    terms: &[ExportTerm],
+    terms: &[Term],
     format: LoraFormatOut,
     dtype: Dtype,
     mut metadata: BTreeMap<String, String>,
@@ -230,19 +218,4 @@ pub fn write_lora(
         .collect();
     write_tensors(path, &outs, &metadata)?;
     Ok(std::fs::metadata(path)?.len())
-}
-
-/// The terms of a loaded LoRA file (at strength `strength`) in export form.
-pub fn terms_of(file: &crate::io::lora_formats::LoraFile, strength: f32) -> Vec<ExportTerm> {
-    file.deltas
-        .iter()
-        .map(|(m, d)| ExportTerm {
-            module: m.clone(),
-            rows: d.rows.clone(),
-            rank: d.rank,
-            a: d.a.to_vec(),
-            b: d.b.to_vec(),
-            scale: d.scale * strength,
-        })
-        .collect()
 }

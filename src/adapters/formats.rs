@@ -10,14 +10,13 @@
 //! dialect works on either base layout. A key that matches nothing is an error by default: the
 //! most reported failure of other tools is a LoRA that silently does nothing.
 
-use super::layout::{diffusers_to_bfl, BflTarget};
-use super::safetensors::SafeTensors;
-use crate::lora::LoraDelta;
+use super::Term;
+use crate::io::safetensors::SafeTensors;
 use crate::model::config::{FluxConfig, ModuleKind};
+use crate::model::layout::{diffusers_to_bfl, BflTarget};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LoraFormat {
@@ -48,9 +47,10 @@ pub enum UnknownKeys {
 pub struct LoraFile {
     pub path: PathBuf,
     pub formats: BTreeSet<LoraFormat>,
-    /// (BFL module, term), in file order of the modules.
-    pub deltas: Vec<(String, LoraDelta)>,
-    /// The stored names behind each delta, in the same order.
+    /// The terms on BFL modules (scale from the file's alpha, strength 1), in file order of the
+    /// modules.
+    pub terms: Vec<Term>,
+    /// The stored names behind each term, in the same order.
     pub keys: Vec<FactorKeys>,
     /// Per stored module name: rank and alpha as resolved.
     pub modules: BTreeMap<String, (usize, f32)>,
@@ -61,7 +61,7 @@ pub struct LoraFile {
 
 impl LoraFile {
     pub fn param_count(&self) -> usize {
-        self.deltas.iter().map(|(_, d)| d.a.len() + d.b.len()).sum()
+        self.terms.iter().map(|t| t.param_count()).sum()
     }
 }
 
@@ -234,7 +234,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     }
     let meta = peft_meta(&st)?;
     let mut formats = BTreeSet::new();
-    let mut deltas = Vec::new();
+    let mut terms = Vec::new();
     let mut keys = Vec::new();
     let mut modules = BTreeMap::new();
     let mut alpha_source = "alpha = rank (no alpha stored)";
@@ -304,15 +304,12 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             alpha: g.alpha.clone(),
             swap_halves: target.swap_halves,
         });
-        deltas.push((
-            target.module.clone(),
-            LoraDelta { a: Arc::new(a), b: Arc::new(b), rank, scale, rows: target.rows },
-        ));
+        terms.push(Term::lora(&target.module, target.rows, d_in, rank, scale, a, b));
     }
-    if deltas.is_empty() {
+    if terms.is_empty() {
         bail!("{p}: no LoRA factors found for this model");
     }
-    Ok(LoraFile { path: path.to_path_buf(), formats, deltas, keys, modules, skipped, alpha_source })
+    Ok(LoraFile { path: path.to_path_buf(), formats, terms, keys, modules, skipped, alpha_source })
 }
 
 /// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).

@@ -1,14 +1,14 @@
 //! The quality figure: how far the transformer's output moves when the block weights are
 //! stored in 8 bits instead of bf16.
 
-use super::scheme::Scheme;
-use super::stored::QuantParam;
-use crate::lora::LoraSet;
+use crate::model::adapt::NoAdapters;
 use crate::model::config::FluxConfig;
 use crate::model::flux::{flux_forward, FluxInputs};
+use crate::model::packing::img_ids;
 use crate::model::param::Param;
 use crate::model::weights::FluxWeights;
-use crate::sample::img_ids;
+use crate::quant::QuantParam;
+use crate::quant::Scheme;
 use crate::util::{rel_l2, Rng};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -50,14 +50,14 @@ pub fn output_error(
         tensors.into_iter().map(|(n, s, d)| (n, (s, to_bf16(&d)))).collect();
     let owned: HashMap<String, Param> = bf16.iter().map(|(n, (_, d))| (n.clone(), Param::owned(d.clone()))).collect();
     let get = |map: &HashMap<String, Param>, n: &str| map.get(n).cloned().with_context(|| format!("no tensor `{n}`"));
-    let reference = flux_forward(cfg, &FluxWeights::new(cfg, &|n| get(&owned, n))?, inp, &LoraSet::new())?;
+    let reference = flux_forward(cfg, &FluxWeights::new(cfg, &|n| get(&owned, n))?, inp, &NoAdapters)?;
     drop(owned);
     let mut out = Vec::new();
     for &scheme in schemes {
         let params = bf16
             .iter()
             .map(|(n, (s, d))| {
-                let p = if super::quantised_by_default(n, s) {
+                let p = if crate::quant::quantised_by_default(n, s) {
                     Param::Quant(QuantParam::from_f32(scheme, d, s[0], s[1]).with_context(|| format!("tensor `{n}`"))?)
                 } else {
                     Param::owned(d.clone())
@@ -65,7 +65,7 @@ pub fn output_error(
                 Ok((n.clone(), p))
             })
             .collect::<Result<HashMap<String, Param>>>()?;
-        let y = flux_forward(cfg, &FluxWeights::new(cfg, &|n| get(&params, n))?, inp, &LoraSet::new())?;
+        let y = flux_forward(cfg, &FluxWeights::new(cfg, &|n| get(&params, n))?, inp, &NoAdapters)?;
         out.push((scheme, rel_l2(&y, &reference)));
     }
     Ok(out)

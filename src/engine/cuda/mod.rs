@@ -8,31 +8,85 @@
 //! linear reads bf16 (its input is rounded once, and that bf16 copy is what the backward keeps)
 //! and writes f32; attention reads bf16 Q/K/V in [b, h, l, d] with f32 softmax statistics.
 
+pub mod adapters;
 mod blocks;
-pub mod lora;
+pub mod train;
 pub mod weights;
 
-use crate::device::{CudaBackend, Device};
+use super::Device;
 use crate::kernels::attention::AttnDims;
+use crate::kernels::attention::GpuAttention;
+use crate::kernels::gpu::Gpu;
+use crate::kernels::lora::GpuLora;
 use crate::kernels::lora::{LinearPtrs, LinearShape};
 use crate::kernels::model_ops::DevMat;
+use crate::kernels::model_ops::GpuModelOps;
 use crate::kernels::step::{GpuStepOps, StepDims};
 use crate::model::config::FluxConfig;
 use crate::model::double_block::LN_EPS;
 use crate::model::embed::{MAX_PERIOD, TIME_FACTOR};
 use crate::model::flux::{joint_rope, FluxInputs};
 use crate::model::weights::FluxWeights;
+use adapters::DevLora;
 use anyhow::{bail, ensure, Context, Result};
 use blocks::{DoubleAct, SingleAct};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
-use lora::DevLora;
-use std::sync::{Arc, Mutex};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
 pub use weights::BaseDtype;
 use weights::{ptr, DevEmbedder, DevLinear, DevWeights};
 
 pub(crate) type F32 = CudaSlice<f32>;
 pub(crate) type B16 = CudaSlice<bf16>;
+
+/// The kernels one CUDA context holds. Dereferences to the LoRA linear, its most used part.
+pub struct CudaBackend {
+    pub lora: GpuLora,
+    pub attn: GpuAttention,
+    /// The elementwise, normalisation, loss and optimizer kernels of the device-resident step.
+    pub step: GpuStepOps,
+    /// Layout moves, QK prologue, GELU, timestep embedding and random fill of that step.
+    pub ops: GpuModelOps,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+}
+
+impl Deref for CudaBackend {
+    type Target = GpuLora;
+    fn deref(&self) -> &GpuLora {
+        &self.lora
+    }
+}
+
+impl DerefMut for CudaBackend {
+    fn deref_mut(&mut self) -> &mut GpuLora {
+        &mut self.lora
+    }
+}
+
+impl CudaBackend {
+    /// A CUDA device with every kernel module loaded, or an error that says why not (no driver,
+    /// no device, no kernels in this build).
+    pub fn device() -> Result<Device> {
+        let gpu = Gpu::new()?;
+        let backend = CudaBackend {
+            lora: GpuLora::new(&gpu)?,
+            attn: GpuAttention::new(&gpu)?,
+            step: GpuStepOps::new(&gpu)?,
+            ops: GpuModelOps::new(&gpu)?,
+            ctx: gpu.ctx.clone(),
+            stream: gpu.stream.clone(),
+        };
+        Ok(Device::Cuda(Arc::new(Mutex::new(backend))))
+    }
+
+    /// The backend behind a `Device::Cuda`, locked; a call that panicked while holding it leaves
+    /// the context unusable, which is an error here rather than a second panic.
+    pub fn lock(b: &Mutex<CudaBackend>) -> Result<MutexGuard<'_, CudaBackend>> {
+        b.lock().map_err(|_| anyhow::anyhow!("the CUDA context was poisoned by a failed call"))
+    }
+}
 
 /// The model on one CUDA device.
 pub struct GpuFlux {
@@ -76,6 +130,13 @@ pub struct FwdState {
     single: Vec<Saved<SingleAct>>,
     final_mods: Vec<F32>,
     final_ln: blocks::LnSaved,
+}
+
+impl FwdState {
+    /// Values in the prediction of this forward.
+    pub fn pred_len(&self, out_channels: usize) -> usize {
+        self.inp.b * self.inp.n_img * out_channels
+    }
 }
 
 /// Shapes shared by every block of one call.
@@ -460,9 +521,8 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
 }
 
 impl GpuFlux {
-    /// Uploads the weights to the device behind `dev` (which must be CUDA).
-    pub fn new(cfg: &FluxConfig, w: &FluxWeights, dev: &Device, base: BaseDtype) -> Result<GpuFlux> {
-        let Device::Cuda(be) = dev else { bail!("the GPU model needs --device cuda") };
+    /// Uploads the weights to the device of `be`.
+    pub fn new(cfg: &FluxConfig, w: &FluxWeights, be: &Arc<Mutex<CudaBackend>>, base: BaseDtype) -> Result<GpuFlux> {
         let weights = {
             let g = CudaBackend::lock(be)?;
             DevWeights::upload(&g, w, base).context("uploading the weights to the GPU")?
@@ -477,7 +537,7 @@ impl GpuFlux {
 
     /// The adapters of `set` on this model's device, checked against its linears; with `train`,
     /// gradient buffers too.
-    pub fn adapters(&self, set: &crate::lora::LoraSet, train: bool) -> Result<DevLora> {
+    pub fn adapters(&self, set: &crate::adapters::AdapterSet, train: bool) -> Result<DevLora> {
         let g = CudaBackend::lock(&self.be)?;
         DevLora::from_set(&g, set, &|n| self.d_in_of(n), train)
     }

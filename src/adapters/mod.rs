@@ -1,0 +1,257 @@
+//! Adapters, unmerged: the base weights are never touched, so adapters switch and rescale
+//! instantly. One type describes an adapter term from file to device to export: `Term`, a kind
+//! (`Kind`) with its parameter tensors on (rows of) one BFL linear. An `AdapterSet` holds the
+//! terms of one call (several files at their strengths, or the adapters being trained) and is
+//! what the CPU reference's linears consult (`model::adapt::LinearAdapters`).
+//!
+//! Adding an adapter kind (see docs/architecture.md): its math with the backward in a file of its
+//! own beside `lora.rs`, a `Kind` variant with its arms below, its file dialects in `formats.rs` /
+//! `export.rs`, and its device twin in `engine::cuda::adapters`.
+
+pub mod config;
+pub mod export;
+pub mod formats;
+pub mod lora;
+
+use crate::model::adapt::{AdapterGrads, LinearAdapters};
+use crate::ops::lora::Dropout;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// What an adapter term computes, with the sizes its parameters need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// ΔY = scale · (X·Aᵀ)·Bᵀ with A [rank, d_in] and B [rows, rank] (PEFT's lora_A, lora_B).
+    Lora { rank: usize },
+}
+
+/// One adapter term on (a slice of the output rows of) one linear, before any dropout.
+#[derive(Clone, Debug)]
+pub struct Term {
+    /// The BFL module it acts on (`double_blocks.0.img_attn.qkv`).
+    pub module: String,
+    /// The output rows it writes: q, k or v of a fused qkv, the MLP part of linear1, or all.
+    pub rows: Range<usize>,
+    pub d_in: usize,
+    /// Everything that multiplies its output: alpha/rank (alpha/√rank for rsLoRA) times the
+    /// user's strength.
+    pub scale: f32,
+    pub kind: Kind,
+    /// The parameter tensors in the kind's order (LoRA: A, then B with its rows in BFL order).
+    /// Shared, so that sets built from the same file cost no copies.
+    pub params: Vec<Arc<Vec<f32>>>,
+}
+
+impl Term {
+    /// A LoRA term: A [rank, d_in], B [rows.len(), rank].
+    pub fn lora(
+        module: &str,
+        rows: Range<usize>,
+        d_in: usize,
+        rank: usize,
+        scale: f32,
+        a: Vec<f32>,
+        b: Vec<f32>,
+    ) -> Term {
+        Term {
+            module: module.to_string(),
+            rows,
+            d_in,
+            scale,
+            kind: Kind::Lora { rank },
+            params: vec![Arc::new(a), Arc::new(b)],
+        }
+    }
+
+    /// The shape of each parameter tensor, in `params` order.
+    pub fn param_shapes(&self) -> Vec<Vec<usize>> {
+        match self.kind {
+            Kind::Lora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank]],
+        }
+    }
+
+    /// The low-rank width (LoRA's r).
+    pub fn rank(&self) -> usize {
+        match self.kind {
+            Kind::Lora { rank } => rank,
+        }
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|p| p.len()).sum()
+    }
+
+    /// LoRA's A (lora_down).
+    pub fn a(&self) -> &[f32] {
+        &self.params[0]
+    }
+
+    /// LoRA's B (lora_up), rows in BFL order.
+    pub fn b(&self) -> &[f32] {
+        &self.params[1]
+    }
+
+    /// True when every parameter has the size its shape says.
+    pub fn sizes_ok(&self) -> bool {
+        self.params.len() == self.param_shapes().len()
+            && self.params.iter().zip(self.param_shapes()).all(|(p, s)| p.len() == s.iter().product::<usize>())
+    }
+}
+
+/// The adapters of one forward/backward call.
+#[derive(Clone, Default)]
+pub struct AdapterSet {
+    terms: Vec<Term>,
+    /// Indices into `terms` per module, in the order the terms were added.
+    by_module: HashMap<String, Vec<usize>>,
+    /// Training only: dropout probability on every adapter input and this step's mask seed.
+    dropout: Option<(f32, u64)>,
+}
+
+impl AdapterSet {
+    pub fn new() -> AdapterSet {
+        AdapterSet::default()
+    }
+
+    /// Adds `terms` (one adapter file's, say) at strength `strength`.
+    pub fn add(&mut self, terms: &[Term], strength: f32) {
+        for t in terms {
+            let mut t = t.clone();
+            t.scale *= strength;
+            self.push(t);
+        }
+    }
+
+    pub fn push(&mut self, t: Term) {
+        self.by_module.entry(t.module.clone()).or_default().push(self.terms.len());
+        self.terms.push(t);
+    }
+
+    /// LoRA dropout with probability `p`, masks drawn from `seed` (one seed per step; every
+    /// module and term gets its own stream from it). `p` = 0 turns it off.
+    pub fn set_dropout(&mut self, p: f32, seed: u64) {
+        self.dropout = if p > 0.0 { Some((p, seed)) } else { None };
+    }
+
+    /// The dropout probability and step seed, when set.
+    pub fn dropout(&self) -> Option<(f32, u64)> {
+        self.dropout
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+
+    /// Every term, in the order added.
+    pub fn terms(&self) -> &[Term] {
+        &self.terms
+    }
+
+    /// Every parameter tensor of every term, in term order then the kind's order (LoRA: A0, B0,
+    /// A1, B1, …): the trainer's, the optimizer's and the checkpoint's order.
+    pub fn params(&self) -> impl Iterator<Item = &Arc<Vec<f32>>> {
+        self.terms.iter().flat_map(|t| t.params.iter())
+    }
+
+    /// Mutable parameter tensors in `params` order (the optimizer's update; unshared on write).
+    pub fn params_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.terms.iter_mut().flat_map(|t| t.params.iter_mut().map(Arc::make_mut)).collect()
+    }
+
+    /// Replaces every parameter tensor, given in `params` order (a resumed checkpoint, or the
+    /// trained values back from the engine).
+    pub fn set_params(&mut self, params: Vec<Vec<f32>>) -> anyhow::Result<()> {
+        let n = self.params().count();
+        anyhow::ensure!(params.len() == n, "{} adapter tensors given for {n}", params.len());
+        for (dst, src) in self.terms.iter_mut().flat_map(|t| t.params.iter_mut()).zip(params) {
+            anyhow::ensure!(dst.len() == src.len(), "adapter tensor of {} values given {}", dst.len(), src.len());
+            *dst = Arc::new(src);
+        }
+        Ok(())
+    }
+
+    /// The terms on module `module` with their index among that module's terms.
+    pub fn on_module<'a>(&'a self, module: &str) -> impl Iterator<Item = (usize, &'a Term)> + 'a {
+        let idx: &[usize] = self.by_module.get(module).map_or(&[], |v| v.as_slice());
+        idx.iter().map(|&i| &self.terms[i]).enumerate()
+    }
+
+    /// The position of every term among its module's terms (the dropout seed's index).
+    pub fn index_in_module(&self) -> Vec<usize> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        self.terms
+            .iter()
+            .map(|t| {
+                let n = seen.entry(&t.module).or_insert(0);
+                *n += 1;
+                *n - 1
+            })
+            .collect()
+    }
+
+    /// The dropout of term `i` of module `module` this step, when dropout is on.
+    pub fn term_dropout(&self, module: &str, i: usize) -> Option<Dropout> {
+        self.dropout.map(|(p, seed)| Dropout { p, seed: term_seed(seed, module, i) })
+    }
+
+    /// The gradients of every parameter in `params` order (zeros for a term the backward never
+    /// reached).
+    pub fn flat_grads(&self, g: &AdapterGrads) -> Vec<Vec<f32>> {
+        let index = self.index_in_module();
+        self.terms
+            .iter()
+            .zip(index)
+            .flat_map(|(t, i)| match g.get(&t.module, i) {
+                Some(tg) => tg.clone(),
+                None => t.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            })
+            .collect()
+    }
+}
+
+impl LinearAdapters for AdapterSet {
+    fn on(&self, module: &str) -> bool {
+        self.by_module.contains_key(module)
+    }
+
+    fn forward(&self, module: &str, out: &mut [f32], inp: &[f32], m: usize, k: usize, n: usize) {
+        for (i, t) in self.on_module(module) {
+            match t.kind {
+                Kind::Lora { .. } => lora::forward(t, self.term_dropout(module, i), out, inp, m, k, n),
+            }
+        }
+    }
+
+    fn backward(
+        &self,
+        module: &str,
+        grads: &mut AdapterGrads,
+        dinp: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let count = self.by_module.get(module).map_or(0, |v| v.len());
+        let slot = grads.slot(module, count);
+        let mut dinp = dinp;
+        for ((i, t), g) in self.on_module(module).zip(slot.iter_mut()) {
+            let drop = self.term_dropout(module, i);
+            match t.kind {
+                Kind::Lora { .. } => lora::backward(t, drop, g, dinp.as_deref_mut(), dout, inp, m, k, n),
+            }
+        }
+    }
+}
+
+/// The dropout seed of term `i` on module `name` for step seed `seed`: FNV-1a over the name,
+/// folded with the others (the GPU model draws the same masks from it).
+pub fn term_seed(seed: u64, name: &str, i: usize) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in name.bytes().chain((i as u64).to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,78 @@
+//! What the model asks of adapters. The CPU reference names every linear by its BFL module name
+//! (`double_blocks.3.img_attn.qkv`) and, after its frozen product, lets whatever is attached add
+//! its output and, in the backward, take its gradients. The model knows no LoRA: the adapter
+//! kinds live a layer above it (src/adapters/), which implements `LinearAdapters` for a set of terms.
+
+use std::collections::HashMap;
+
+/// The adapters attached to the linears of one forward/backward call.
+pub trait LinearAdapters {
+    /// True when some adapter acts on module `module` (its backward has work to do).
+    fn on(&self, module: &str) -> bool;
+
+    /// out[m, n] += the adapters' output on module `module` for inp[m, k].
+    fn forward(&self, module: &str, out: &mut [f32], inp: &[f32], m: usize, k: usize, n: usize);
+
+    /// Backward of `forward` through the frozen weight: the adapters' parameter gradients
+    /// accumulate into `grads`, and their input gradient is added to `dinp` (which already holds
+    /// the base weight's part) when it is given.
+    fn backward(
+        &self,
+        module: &str,
+        grads: &mut AdapterGrads,
+        dinp: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+}
+
+/// The base model alone.
+pub struct NoAdapters;
+
+impl LinearAdapters for NoAdapters {
+    fn on(&self, _: &str) -> bool {
+        false
+    }
+    fn forward(&self, _: &str, _: &mut [f32], _: &[f32], _: usize, _: usize, _: usize) {}
+    fn backward(
+        &self,
+        _: &str,
+        _: &mut AdapterGrads,
+        _: Option<&mut [f32]>,
+        _: &[f32],
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+    ) {
+    }
+}
+
+/// The gradients of one adapter term: one tensor per parameter, in its kind's order (LoRA: dA,
+/// dB). Empty until the backward first reaches the term.
+pub type TermGrads = Vec<Vec<f32>>;
+
+/// Gradients of every adapter term of a call, per module, in the order the terms were attached.
+#[derive(Clone, Default, Debug)]
+pub struct AdapterGrads {
+    by_module: HashMap<String, Vec<TermGrads>>,
+}
+
+impl AdapterGrads {
+    /// The accumulators of module `module`'s first `n` terms (created empty on first use).
+    pub fn slot(&mut self, module: &str, n: usize) -> &mut [TermGrads] {
+        let v = self.by_module.entry(module.to_string()).or_default();
+        if v.len() < n {
+            v.resize(n, TermGrads::new());
+        }
+        &mut v[..n]
+    }
+
+    /// Term `i` of module `module`.
+    pub fn get(&self, module: &str, i: usize) -> Option<&TermGrads> {
+        self.by_module.get(module).and_then(|v| v.get(i)).filter(|g| !g.is_empty())
+    }
+}
