@@ -4,7 +4,7 @@
 //!
 //! It also generates the Rust side of the kernel ABI from kernels/abi.h (OUT_DIR/abi.rs, included
 //! by src/kernels/abi.rs), with or without nvcc. Not bindgen: bindgen needs libclang, which a fresh
-//! machine lacks (toolchain-notes), and the CPU-only build must not need it. The header keeps to a
+//! machine lacks (docs/toolchain.md §4), and the CPU-only build must not need it. The header keeps to a
 //! small C subset that `abi_gen` below parses; anything outside it fails the build with the line.
 
 use std::env;

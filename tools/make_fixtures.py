@@ -15,7 +15,7 @@ Regenerate (from the repository root, on any machine with Python >= 3.10; no GPU
 
 Optional: `--out DIR` writes somewhere else than tests/fixtures/ (used to check determinism).
 
-Conventions (see shared/reference/flux-architecture.md §2-4 and shared/reference/trainers.md §3):
+Conventions (see docs/flux-model.md §2-4 and docs/lora-formats.md §3):
   * Every model parameter is rounded to bf16 before use, so the bf16 checkpoints hold exactly the weights the
     reference outputs were computed with.
   * LoRA delta of one module: dW = multiplier * (alpha / r) * B @ A   (B = lora_B = lora_up [out, r],
@@ -87,7 +87,7 @@ def f16_round(t):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# diffusers <-> BFL conversion (flux-architecture.md §4), width-agnostic
+# diffusers <-> BFL conversion (docs/flux-model.md §4), width-agnostic
 # ----------------------------------------------------------------------------------------------------------
 def _top_level_pairs():
     # (diffusers module, BFL module), plain copies of .weight/.bias
@@ -227,7 +227,7 @@ def bfl_to_diffusers(sd, num_layers, num_single):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Independent BFL-layout forward (flux-architecture.md §2, written from the BFL module code, float64).
+# Independent BFL-layout forward (docs/flux-model.md §2, written from the BFL module code, float64).
 # Used only as a check that tiny-bfl.safetensors + the kohya/comfy merges mean what the BFL layout says
 # (fused q/k/v order, linear1 split, shift/scale order of the final layer) — not just that our two converters
 # invert each other.
@@ -512,7 +512,7 @@ outputs were computed with (in float32, eval mode).
 | `tiny-diffusers/config.json` | - | `model.save_config()` of the model above |
 | `tiny-diffusers/diffusion_pytorch_model-0000{1,2}-of-00002.safetensors` | bf16 | the weights, diffusers names, first/second half of the state-dict order; metadata `{"format":"pt"}` |
 | `tiny-diffusers/diffusion_pytorch_model.safetensors.index.json` | - | `{"metadata":{"total_size":N},"weight_map":{key: shard}}`; `FluxTransformer2DModel.from_pretrained` loads it (checked) |
-| `tiny-bfl.safetensors` | bf16 | the same weights in the original BFL layout (no key prefix), converted by hand per shared/reference/flux-architecture.md §4: q/k/v(/mlp) fused on dim 0, `final_layer.adaLN_modulation.1` = diffusers `norm_out.linear` with the two halves swapped (BFL shift,scale vs diffusers scale,shift). BFL -> diffusers round-trips bit-exactly (checked) |
+| `tiny-bfl.safetensors` | bf16 | the same weights in the original BFL layout (no key prefix), converted by hand per docs/flux-model.md §4: q/k/v(/mlp) fused on dim 0, `final_layer.adaLN_modulation.1` = diffusers `norm_out.linear` with the two halves swapped (BFL shift,scale vs diffusers scale,shift). BFL -> diffusers round-trips bit-exactly (checked) |
 | `tiny-inputs.safetensors` | f32 | `img` [2,16,8], `img_ids` [16,3], `txt` [2,5,24], `txt_ids` [5,3], `y` [2,12], `timesteps` [2], `guidance` [2] |
 | `tiny-expected.safetensors` | f32 | outputs [2,16,8]: `base`, `peft`, `peft_nometa`, `kohya`, `comfy`, `onetrainer`, `stack` |
 | `lora-peft.safetensors` | f32 | diffusers/PEFT LoRA, r=4, lora_alpha=8 (scale 2), metadata |

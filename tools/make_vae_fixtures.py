@@ -16,7 +16,7 @@ Conventions:
     N(0, gain^2 / fan_in) with gain 1.5 (0.7 for the attention q and k, so the softmax is neither flat nor
     one-hot); biases N(0, 0.1^2). Activations stay O(1) through the GroupNorms; `conv_out` gets gain 1 so the
     latent mean and logvar are O(1).
-  * BFL names from diffusers names: shared/reference/flux-architecture.md §8.3 (down_blocks.i.resnets.j ->
+  * BFL names from diffusers names: docs/flux-model.md §8.3 (down_blocks.i.resnets.j ->
     down.i.block.j, conv_shortcut -> nin_shortcut, up_blocks.i -> up.(L-1-i), mid_block.attentions.0.{group_norm,
     to_q,to_k,to_v,to_out.0} -> mid.attn_1.{norm,q,k,v,proj_out} with the Linear weights unsqueezed to 1x1 convs
     [C,C,1,1], conv_norm_out -> norm_out, downsamplers.0 -> downsample, upsamplers.0 -> upsample). Checked

@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn flux1_dev_counts_match_the_reference() {
-        // shared/reference/flux-architecture.md §4.4: 780 tensors, 11,901,408,320 parameters.
+        // docs/flux-model.md §4.4: 780 tensors, 11,901,408,320 parameters.
         let c = FluxConfig::flux1_dev();
         c.validate().unwrap();
         assert_eq!(c.tensors().len(), 780);

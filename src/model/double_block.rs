@@ -1,6 +1,6 @@
 //! DoubleStreamBlock (BFL `layers.py`): separate weights for the image and text streams,
-//! joined only in attention. Order of operations as shared/reference/flux-architecture.md §2.7;
-//! the backward walks it in reverse (§7).
+//! joined only in attention. Order of operations as docs/flux-model.md §2.7;
+//! the backward walks it in reverse (docs/flux-model.md §7).
 
 use super::adapt::{AdapterGrads, LinearAdapters};
 use super::attention::{attention_block, attention_block_backward, AttnCache, AttnShape, Qkv, Rope};

@@ -150,7 +150,7 @@ mod tests {
                 };
             }
         }
-        // shared/reference/flux-architecture.md §4.4: 1,160 tensors in diffusers' layout.
+        // docs/flux-model.md §4.4: 1,160 tensors in diffusers' layout.
         assert_eq!(n_dif, 1160);
         let rev = diffusers_to_bfl(&cfg);
         let t = &rev["single_transformer_blocks.3.proj_mlp"];

@@ -1,5 +1,5 @@
 //! SingleStreamBlock (BFL `layers.py`): attention and MLP in parallel from one fused input
-//! projection (linear1) and one fused output projection (linear2). §2.8 of the reference.
+//! projection (linear1) and one fused output projection (linear2). docs/flux-model.md §2.8.
 
 use super::adapt::{AdapterGrads, LinearAdapters};
 use super::attention::{attention_block, attention_block_backward, AttnCache, AttnShape, Qkv, Rope};

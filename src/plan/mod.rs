@@ -98,7 +98,7 @@ impl Plan {
     }
 }
 
-/// cuBLAS(Lt) workspace on Hopper (as mistral.rs allocates it; kernel-anchors §3.1).
+/// cuBLAS(Lt) workspace on Hopper (as mistral.rs allocates it; docs/kernel-notes.md §3.1).
 pub const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// The CUDA context and the loaded kernel images. An assumption, not a measurement (typical
 /// contexts take a few hundred MiB); kept apart so it can be checked when a GPU run exists.

@@ -3,7 +3,7 @@
 //!             column afterwards (the GEMM epilogue);
 //!   backward  dX = dY·W: dY's column o scaled by s[o] first (the A-operand load), then times
 //!             the unscaled codes.
-//! Only a block of decoded rows exists at a time, never the whole f32 weight (kernel-anchors
+//! Only a block of decoded rows exists at a time, never the whole f32 weight (docs/kernel-notes.md
 //! §3.3 describes the GPU kernels this is the reference of).
 
 use super::scheme::Code;

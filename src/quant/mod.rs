@@ -1,6 +1,6 @@
 //! 8-bit frozen base weights: int8 with per-output-channel scales and fp8 e4m3 (a plain cast,
 //! or with a per-tensor or per-channel scale), the CPU reference of the dequantising matmul, and
-//! the weight type the model holds them in. shared/reference/kernel-anchors.md §3 says why these
+//! the weight type the model holds them in. docs/kernel-notes.md §3 says why these
 //! schemes and why the scale goes where it does.
 
 pub mod fp8;

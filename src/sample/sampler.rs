@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn schedule_matches_the_reference_grid() {
-        // shared/reference/flux-architecture.md §5.2: 1024² (4096 tokens), 4 steps.
+        // docs/flux-model.md §5.2: 1024² (4096 tokens), 4 steps.
         let ts = flux_schedule(4, 4096, true);
         let want = [1.0, 0.9045, 0.7595, 0.5128, 0.0];
         for (a, b) in ts.iter().zip(want) {

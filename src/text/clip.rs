@@ -1,6 +1,6 @@
 //! CLIP-L text model and tokenizer, as FLUX.1 uses them: the pooled vector `y` that feeds
 //! `vector_in` is HF `CLIPTextModel`'s `pooler_output`, the final-LayerNorm hidden state at the
-//! first EOS position, taken before `text_projection` (shared/reference/flux-architecture.md §8.2).
+//! first EOS position, taken before `text_projection` (docs/flux-model.md §8.2).
 //!
 //! The model (HF `modeling_clip.py`, CLIPTextTransformer):
 //! ```text

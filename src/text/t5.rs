@@ -1,5 +1,5 @@
 //! T5-XXL v1.1 encoder (FLUX's per-token text states `txt`) and its SentencePiece unigram tokenizer.
-//! CPU reference in f32, following shared/reference/flux-architecture.md §8.1 and HF `modeling_t5.py`:
+//! CPU reference in f32, following docs/flux-model.md §8.1 and HF `modeling_t5.py`:
 //!
 //! ```text
 //! x = shared[ids]                                            # no scaling of the embedding
@@ -43,7 +43,7 @@ pub struct T5Config {
 }
 
 impl T5Config {
-    /// google/t5-v1_1-xxl, as FLUX.1 uses it (§8.1).
+    /// google/t5-v1_1-xxl, as FLUX.1 uses it (docs/flux-model.md §8.1).
     pub fn xxl() -> T5Config {
         T5Config {
             vocab: 32128,

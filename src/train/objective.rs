@@ -1,5 +1,5 @@
 //! Rectified-flow objective: x_t = (1 − σ)·x0 + σ·ε, target ε − x0, with σ drawn as the
-//! trainers draw it and optional loss weighting (shared/reference/flux-architecture.md §6).
+//! trainers draw it and optional loss weighting (docs/flux-model.md §6).
 
 use crate::sample::sampler::{flux_mu, time_shift};
 use crate::train::config::TrainConfig;

@@ -1,6 +1,6 @@
 //! The autoencoder's module tree, named as BFL's `modules/autoencoder.py` names it (so a key of
 //! `ae.safetensors` maps to a field by reading), with each module's forward in the order of
-//! shared/reference/flux-architecture.md §8.3. Activations are NCHW f32 buffers; every forward takes
+//! docs/flux-model.md §8.3. Activations are NCHW f32 buffers; every forward takes
 //! the batch and spatial size explicitly and returns a new buffer.
 
 use super::VaeConfig;

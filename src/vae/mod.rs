@@ -1,7 +1,7 @@
 //! The FLUX autoencoder (16-channel latents, 8× downsampling): encoder and decoder, CPU reference.
 //!
-//! Structure: shared/reference/flux-architecture.md §8.3 (BFL `modules/autoencoder.py`); latent scaling
-//! §5.4. `blocks` holds the module tree under BFL's names and the forwards; `weights` reads BFL's
+//! Structure: docs/flux-model.md §8.3 (BFL `modules/autoencoder.py`); latent scaling
+//! docs/flux-model.md §5.4. `blocks` holds the module tree under BFL's names and the forwards; `weights` reads BFL's
 //! `ae.safetensors` or a diffusers `AutoencoderKL` folder and translates the latter's names at the edge.
 
 pub mod blocks;

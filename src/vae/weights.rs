@@ -1,6 +1,6 @@
 //! Opening the autoencoder in either layout: BFL's `ae.safetensors` (config inferred from the shapes)
 //! or a diffusers `AutoencoderKL` folder (config.json). The model only ever sees BFL names; diffusers
-//! names are translated here (shared/reference/flux-architecture.md §8.3, diffusers
+//! names are translated here (docs/flux-model.md §8.3, diffusers
 //! `convert_ldm_vae_checkpoint`). Every tensor is checked (present, expected, shape, float dtype)
 //! before any is converted.
 
@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn flux_config_counts_match_the_reference() {
-        // shared/reference/flux-architecture.md §8.3: 244 tensors, 83,819,683 parameters.
+        // docs/flux-model.md §8.3: 244 tensors, 83,819,683 parameters.
         let t = VaeConfig::flux().tensors();
         assert_eq!(t.len(), 244);
         let n: usize = t.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
