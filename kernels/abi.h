@@ -149,7 +149,7 @@ typedef struct {
 FK_KERNEL void fk_axpby_bf16(FK_GRID_PARAMS FkAxpbyParams p);
 
 // ---------------------------------------------------------------------------------------------
-// Flash attention (kernels/flash_attn.cu), FlashAttention-2 structure: softmax(scale·Q·Kᵀ)·V
+// Flash attention (kernels/attention.cu), FlashAttention-2 structure: softmax(scale·Q·Kᵀ)·V
 // over one sequence of l tokens per (batch, head), the scores never stored. Head dims 16, 32,
 // 64 and 128. All tensors are head-major [b, h, l, d], bf16, f32 accumulation; the log-sum-exp
 // per query row is saved for the backward, which recomputes P from it. An optional key-padding
@@ -211,10 +211,10 @@ typedef struct {
 FK_KERNEL void fk_softmax_rows(FK_GRID_PARAMS FkSoftmaxParams p);
 
 // ---------------------------------------------------------------------------------------------
-// The training step's elementwise, normalisation, loss and optimizer kernels (kernels/step_ops.cu),
-// f32 in and out. CPU twins: src/model/double_block.rs ln_modulate / ln_modulate_backward,
-// src/ops/modulation.rs (gated residual), src/ops/activation.rs, src/ops/loss.rs and
-// src/train/optim.rs (AdamW, clip_grad_norm). Every reduction is deterministic (no float
+// The training step's normalisation and modulation (kernels/norm.cu), SiLU (kernels/activation.cu),
+// loss and optimizer (kernels/optim.cu) kernels, f32 in and out. CPU twins:
+// src/model/double_block.rs ln_modulate / ln_modulate_backward, src/ops/modulation.rs (gated
+// residual), src/ops/activation.rs, src/ops/loss.rs and src/ops/optim.rs (AdamW, clip_grad_norm). Every reduction is deterministic (no float
 // atomics): per-block partials in a scratch buffer, then a second kernel that adds them in a
 // fixed order. Tensors [b, l, c] are row-major; per-sample vectors (shift, scale, gate) [b, c].
 // ---------------------------------------------------------------------------------------------
@@ -370,15 +370,16 @@ FK_KERNEL void fk_gated_fwd(FK_GRID_PARAMS FkGatedParams p);           // grid-s
 FK_KERNEL void fk_gated_bwd(FK_GRID_PARAMS FkGatedParams p);           // grid (c tiles, chunks, b)
 FK_KERNEL void fk_silu_fwd(FK_GRID_PARAMS FkPointwiseParams p);
 FK_KERNEL void fk_silu_bwd(FK_GRID_PARAMS FkPointwiseParams p);
-FK_KERNEL void fk_gelu_tanh_bwd(FK_GRID_PARAMS FkPointwiseParams p);
 FK_KERNEL void fk_mse_partial(FK_GRID_PARAMS FkMseParams p);
 FK_KERNEL void fk_sum_f64(FK_GRID_PARAMS FkSumF64Params p);            // one block
 FK_KERNEL void fk_adamw(FK_GRID_PARAMS FkAdamParams p);
 FK_KERNEL void fk_sumsq_partial(FK_GRID_PARAMS FkSumSqParams p);
 
 // ---------------------------------------------------------------------------------------------
-// The whole-model training step's layout moves and remaining pointwise kernels
-// (kernels/model_ops.cu). CPU twins: src/model/attention.rs (QK-RMSNorm per head + RoPE and their
+// The whole-model step's layout moves and remaining pointwise kernels: copies and casts
+// (kernels/copy.cu), the attention prologue and head merge (kernels/attention.cu), GELU-tanh
+// (kernels/activation.cu), the timestep embedding (kernels/embedding.cu) and random fill
+// (kernels/random.cu). CPU twins: src/model/attention.rs (QK-RMSNorm per head + RoPE and their
 // backward), src/ops/attention.rs (split_heads / merge_heads), src/ops/activation.rs (GELU-tanh),
 // src/ops/embedding.rs (timestep embedding), src/model/random.rs (RandomParam::generate).
 // Activations are token-major [rows, ld] with an explicit row stride ld (elements), so a column

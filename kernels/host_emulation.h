@@ -262,7 +262,7 @@ inline float fast_exp2(float x) {
     return std::fabs(y) < 1.17549435e-38f ? 0.0f : y;
 }
 
-// ---- cuda_bf16.h (the parts elementwise.cu uses) ----------------------------------------------
+// ---- cuda_bf16.h (the parts the kernels use) ----------------------------------------------------
 struct __nv_bfloat16 {
     uint16_t x;
 };

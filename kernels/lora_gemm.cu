@@ -2,7 +2,8 @@
 // mma.sync.m16n8k16, sm_80 and newer) that computes
 //     out[i, n] = alpha · Σ_seg A_seg[i, :]·B_seg[:, n] (+ bias[n]) (+ beta · out[i, n])
 // for up to FK_MAX_PROBLEMS problems per launch (kernels/abi.h has the parameter structs).
-// CPU twins: src/ops/lora.rs (lora_linear_forward, lora_linear_backward).
+// CPU twins: src/ops/lora.rs (lora_linear_forward, lora_linear_backward). Also here: the
+// scale-and-add kernel of the unfused baselines the benchmarks compare against.
 //
 // How the LoRA linear maps onto it (src/kernels/lora.rs issues these launches):
 //   forward   S = X̃·Aᵀ (small NT, one problem per adapter, dropout on X, alpha = scale)
@@ -19,12 +20,7 @@
 // fragment element each lane holds, which the epilogue needs (bias, bounds, the per-element
 // dropout mask of the dX segments) and which kernels/host_emulation.h reproduces to run these
 // kernels on a CPU; wmma fragments are opaque. wgmma/TMA (sm_90a) is the next step, not here.
-#ifdef FK_HOST_EMULATION
-#include "host_emulation.h"  // CPU stand-ins for the CUDA builtins and for ptx_sm80.h
-#else
-#include "ptx_sm80.h"
-#endif
-#include "abi.h"
+#include "common.cuh"  // abi.h, and the CPU stand-ins of the builtins under the emulation
 
 static_assert(sizeof(FkSegment) == FK_SIZEOF_FkSegment, "abi.h: FkSegment size");
 static_assert(sizeof(FkGemmProblem) == FK_SIZEOF_FkGemmProblem, "abi.h: FkGemmProblem size");
@@ -60,17 +56,6 @@ struct Cfg {
     static_assert((B_ROWS * B_COLS / 8) % THREADS == 0, "B tile: whole 16-byte chunks per thread");
     static_assert(STAGES >= 2, "pipeline");
 };
-
-// Dropout::factor of src/ops/lora.rs, bit for bit: splitmix64 of seed ^ i·φ, top 24 bits as a
-// uniform in [0, 1), dropped below p, else scaled by 1/(1 - p) (the host's f32 value).
-__device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t i, float p, float keep_scale) {
-    uint64_t z = seed ^ (i * 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u = (float)(z >> 40) / 16777216.0f;
-    return u < p ? 0.0f : keep_scale;
-}
 
 // Where a stored operand's tile comes from. Stored element (r, c) lives at
 // base[(r - r_off)·ld + (c - c_off)] and exists for r in [r_lo, r_hi), c in [c_lo, c_hi); every
@@ -177,7 +162,7 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const TileSrc& src, int64
             const int64_t idx0 = (gr - src.r_off) * src.mask_ld + (gc - src.c_off);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                const float f = dropout_factor(src.seed, (uint64_t)(idx0 + e), src.p, src.keep);
+                const float f = fk::dropout_factor(src.seed, (uint64_t)(idx0 + e), src.p, src.keep);
                 u.h[e] = f32_to_bf16(bf16_to_f32(u.h[e]) * f);
             }
         }
@@ -313,7 +298,7 @@ __device__ __forceinline__ void fold_masked(float (&acc)[C::MI][C::NI][4], float
                 const int64_t row = row0 + mi * 16 + (lane >> 2) + (e >> 1) * 8;
                 const int64_t col = col0 + ni * 8 + (lane & 3) * 2 + (e & 1);
                 const float f =
-                    dropout_factor(sg.mask_seed, (uint64_t)(row * sg.mask_ld + col), sg.mask_p, sg.mask_keep_scale);
+                    fk::dropout_factor(sg.mask_seed, (uint64_t)(row * sg.mask_ld + col), sg.mask_p, sg.mask_keep_scale);
                 acc[mi][ni][e] += f * tmp[mi][ni][e];
                 tmp[mi][ni][e] = 0.0f;
             }
@@ -499,4 +484,23 @@ FK_KERNEL void __launch_bounds__(FK_GEMM_SMALL_THREADS) fk_gemm_nn_small(FK_GRID
 }
 FK_KERNEL void __launch_bounds__(FK_GEMM_SMALL_THREADS) fk_gemm_tn_small(FK_GRID_PARAMS FkGemmParams p) {
     gemm_block<TnSmall>(p);
+}
+
+// ---- the unfused baselines' scale-and-add ------------------------------------------------------
+
+// out = alpha·x + beta·y on a [rows, cols] window (out may alias y): the separate scale and add
+// kernels of the PEFT-style unfused LoRA baseline (src/kernels/lora.rs). Grid-stride, one
+// element per thread per step; it is a baseline, not a kernel to tune.
+FK_KERNEL void fk_axpby_bf16(FK_GRID_PARAMS FkAxpbyParams p) {
+    const int64_t total = p.rows * p.cols;
+    const int64_t step = (int64_t)gridDim.x * blockDim.x;
+    const uint16_t* x = static_cast<const uint16_t*>(p.x);
+    const uint16_t* y = static_cast<const uint16_t*>(p.y);
+    uint16_t* out = static_cast<uint16_t*>(p.out);
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const int64_t r = i / p.cols, c = i % p.cols;
+        const float xv = bf16_to_f32(x[r * p.ld_x + c]);
+        const float yv = y ? bf16_to_f32(y[r * p.ld_y + c]) : 0.0f;
+        out[r * p.ld_out + c] = f32_to_bf16(p.alpha * xv + p.beta * yv);
+    }
 }

@@ -30,6 +30,20 @@ pub fn thousands(n: usize) -> String {
     out
 }
 
+/// splitmix64's finaliser: a bijection that scrambles every input bit into every output bit. The
+/// hash behind random initialisation (`model::random`) and dropout masks (`ops::lora::Dropout`);
+/// the kernels' twin is `fk::mix` in kernels/common.cuh.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The top 24 bits of a hash as an exact f32 in [0, 1).
+pub fn unit24(z: u64) -> f32 {
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// A small deterministic generator (xorshift64*), so random weights and inputs are the same on
 /// every machine without pulling in a crate for it.
 pub struct Rng(u64);

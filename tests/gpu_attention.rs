@@ -1,4 +1,4 @@
-//! Flash attention on the GPU (kernels/flash_attn.cu through src/kernels/attention.rs) against
+//! Flash attention on the GPU (kernels/attention.cu through src/kernels/attention.rs) against
 //! the CPU reference (`ops::attention::attention_forward_masked` / `attention_backward_masked`)
 //! on the same bf16-rounded inputs: O, LSE, dQ, dK, dV, with and without a key-padding mask,
 //! ragged sequence lengths, head dims 16…128. Fresh random inputs every run (seed printed on
@@ -6,6 +6,7 @@
 //! nvcc at build time) each test writes why it is skipped.
 
 mod common;
+use common::gpu::{attention_forward_backward, attention_forward_naive};
 use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
 use flux_kernels::kernels::attention::{AttnDims, FwdVariant, GpuAttention};
 use flux_kernels::kernels::gpu::Gpu;
@@ -98,7 +99,7 @@ fn check(what: &str, got: &[f32], want: &[f32], seed: u64) -> f64 {
 
 #[test]
 fn flash_attention_matches_cpu_forward_and_backward() {
-    let Some(mut attn) = attn_or_skip("flash_attention_matches_cpu_forward_and_backward") else { return };
+    let Some(attn) = attn_or_skip("flash_attention_matches_cpu_forward_and_backward") else { return };
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     for c in cases() {
@@ -126,12 +127,14 @@ fn flash_attention_matches_cpu_forward_and_backward() {
             d,
         );
         let got =
-            attn.forward_backward(FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref()).unwrap();
+            attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref())
+                .unwrap();
         check(&format!("[{}] O", c.name), &got.o, &o, seed);
         check(&format!("[{}] LSE", c.name), &got.lse, &lse, seed);
         // The 64-row forward variant the benchmark compares against computes the same function.
         let r64 =
-            attn.forward_backward(FwdVariant::Rows64, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref()).unwrap();
+            attention_forward_backward(&attn, FwdVariant::Rows64, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref())
+                .unwrap();
         check(&format!("[{}] O (64-row variant)", c.name), &r64.o, &o, seed);
         check(&format!("[{}] LSE (64-row variant)", c.name), &r64.lse, &lse, seed);
         check(&format!("[{}] dQ", c.name), &got.dq, &dq, seed);
@@ -148,13 +151,15 @@ fn flash_attention_matches_cpu_forward_and_backward() {
 
 #[test]
 fn flash_attention_backward_is_deterministic() {
-    let Some(mut attn) = attn_or_skip("flash_attention_backward_is_deterministic") else { return };
+    let Some(attn) = attn_or_skip("flash_attention_backward_is_deterministic") else { return };
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     let c = &cases()[3];
     let x = inputs(&mut rng, c);
-    let first = attn.forward_backward(FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
-    let again = attn.forward_backward(FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
+    let first =
+        attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
+    let again =
+        attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (name, a, b) in [
         ("O", &first.o, &again.o),
@@ -168,7 +173,7 @@ fn flash_attention_backward_is_deterministic() {
 
 #[test]
 fn materialised_baseline_matches_cpu() {
-    let Some(mut attn) = attn_or_skip("materialised_baseline_matches_cpu") else { return };
+    let Some(attn) = attn_or_skip("materialised_baseline_matches_cpu") else { return };
     if !attn.has_cublas() {
         skip("materialised_baseline_matches_cpu", "libcublas not found");
         return;
@@ -181,7 +186,7 @@ fn materialised_baseline_matches_cpu() {
         let mask = mask_of(c);
         let (mut o, mut lse) = (vec![0f32; c.dims.numel()], vec![0f32; b * h * l]);
         attention_forward_masked(&mut o, &mut lse, &x.q, &x.k, &x.v, mask.as_deref(), b, h, l, d);
-        let got = attn.forward_naive_host(c.dims, &x.q, &x.k, &x.v, mask.as_deref()).unwrap();
+        let got = attention_forward_naive(&attn, c.dims, &x.q, &x.k, &x.v, mask.as_deref()).unwrap();
         check(&format!("baseline [{}] O", c.name), &got, &o, seed);
     }
 }

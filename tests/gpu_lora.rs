@@ -5,6 +5,7 @@
 //! Where no GPU (or no nvcc at build time) is present each test writes why it is skipped.
 
 mod common;
+use common::gpu::{lora_backward, lora_backward_unfused, lora_forward, lora_forward_unfused, BaseWeight};
 use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::lora::{BaseGemm, GpuLora, Unfused};
@@ -172,7 +173,8 @@ fn fused_forward_matches_cpu() {
         for mode in base_modes(&gpu) {
             gpu.set_base_gemm(mode).unwrap();
             let mut got = vec![f32::NAN; c.m * c.n];
-            gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+            lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::F32(&inp.w), inp.bias.as_deref(), &t, c.m, c.k, c.n)
+                .unwrap();
             check(&format!("forward [{}] Y ({mode:?} base)", c.name), &got, &want, seed);
         }
     }
@@ -194,7 +196,19 @@ fn fused_backward_matches_cpu() {
             gpu.set_base_gemm(mode).unwrap();
             let mut got = init.clone();
             let mut got_dx = vec![f32::NAN; c.m * c.k];
-            gpu.backward(Some(&mut got_dx), &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            lora_backward(
+                &mut gpu,
+                Some(&mut got_dx),
+                &mut got,
+                &inp.dy,
+                &inp.x,
+                BaseWeight::F32(&inp.w),
+                &t,
+                c.m,
+                c.k,
+                c.n,
+            )
+            .unwrap();
             check(&format!("backward [{}] dX ({mode:?} base)", c.name), &got_dx, &want_dx, seed);
             for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
                 check_increment(&format!("backward [{}] dA{i} ({mode:?} base)", c.name), &g.da, &w.da, &s.da, seed);
@@ -217,7 +231,7 @@ fn fused_backward_without_dx() {
     let mut want = init.clone();
     lora_linear_backward(None, &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
     let mut got = init.clone();
-    gpu.backward(None, &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+    lora_backward(&mut gpu, None, &mut got, &inp.dy, &inp.x, BaseWeight::F32(&inp.w), &t, c.m, c.k, c.n).unwrap();
     for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
         check_increment(&format!("no-dX dA{i}"), &g.da, &w.da, &s.da, seed);
         check_increment(&format!("no-dX dB{i}"), &g.db, &w.db, &s.db, seed);
@@ -237,7 +251,7 @@ fn fused_backward_is_deterministic_and_reuses_buffers() {
     let run = |gpu: &mut GpuLora| {
         let mut g = initial_grads(c, &mut Rng::new(1));
         let mut dx = vec![f32::NAN; c.m * c.k];
-        gpu.backward(Some(&mut dx), &mut g, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+        lora_backward(gpu, Some(&mut dx), &mut g, &inp.dy, &inp.x, BaseWeight::F32(&inp.w), &t, c.m, c.k, c.n).unwrap();
         (dx, g)
     };
     let (dx1, g1) = run(&mut gpu);
@@ -272,11 +286,12 @@ fn unfused_baselines_match_cpu() {
         lora_linear_backward(Some(&mut want_dx), &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
         for style in [Unfused::Peft, Unfused::Accumulate] {
             let mut y = vec![f32::NAN; c.m * c.n];
-            gpu.forward_unfused(style, &mut y, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            lora_forward_unfused(&mut gpu, style, &mut y, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
             check(&format!("{style:?} forward [{}] Y", c.name), &y, &want_y, seed);
             let mut got = init.clone();
             let mut dx = vec![f32::NAN; c.m * c.k];
-            gpu.backward_unfused(style, &mut dx, &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n).unwrap();
+            lora_backward_unfused(&mut gpu, style, &mut dx, &mut got, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n)
+                .unwrap();
             check(&format!("{style:?} backward [{}] dX", c.name), &dx, &want_dx, seed);
             for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
                 check_increment(&format!("{style:?} [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
@@ -308,7 +323,8 @@ fn eight_bit_base_weights_match_cpu() {
             let mut want = vec![0f32; c.m * c.n];
             lora_linear_forward(&mut want, &inp.x, &w_deq, inp.bias.as_deref(), &t, c.m, c.k, c.n);
             let mut got = vec![f32::NAN; c.m * c.n];
-            gpu.forward_q(&mut got, &inp.x, &view, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+            lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::Q(&view), inp.bias.as_deref(), &t, c.m, c.k, c.n)
+                .unwrap();
             check(&format!("{fmt} forward [{}] Y", c.name), &got, &want, seed);
 
             let init = initial_grads(c, &mut rng);
@@ -317,7 +333,19 @@ fn eight_bit_base_weights_match_cpu() {
             lora_linear_backward(Some(&mut want_dx), &mut want_g, &inp.dy, &inp.x, &w_deq, &t, c.m, c.k, c.n);
             let mut got_g = init.clone();
             let mut got_dx = vec![f32::NAN; c.m * c.k];
-            gpu.backward_q(Some(&mut got_dx), &mut got_g, &inp.dy, &inp.x, &view, &t, c.m, c.k, c.n).unwrap();
+            lora_backward(
+                &mut gpu,
+                Some(&mut got_dx),
+                &mut got_g,
+                &inp.dy,
+                &inp.x,
+                BaseWeight::Q(&view),
+                &t,
+                c.m,
+                c.k,
+                c.n,
+            )
+            .unwrap();
             check(&format!("{fmt} backward [{}] dX", c.name), &got_dx, &want_dx, seed);
             for (i, ((g, w), s)) in got_g.iter().zip(&want_g).zip(&init).enumerate() {
                 check_increment(&format!("{fmt} backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
@@ -332,6 +360,6 @@ fn eight_bit_base_weights_match_cpu() {
     let mut want = vec![0f32; c.m * c.n];
     lora_linear_forward(&mut want, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n);
     let mut got = vec![f32::NAN; c.m * c.n];
-    gpu.forward(&mut got, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
+    lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::F32(&inp.w), inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
     check("bf16 after 8-bit", &got, &want, seed);
 }

@@ -1,5 +1,6 @@
-//! The whole-model step's layout and pointwise kernels (kernels/model_ops.cu through
-//! src/kernels/model_ops.rs) against their CPU twins: casts and strided copies, the attention
+//! The whole-model step's layout and pointwise kernels (kernels/copy.cu, attention.cu,
+//! activation.cu, embedding.cu and random.cu through their src/kernels wrappers; host-slice twins
+//! in tests/common/gpu.rs) against their CPU twins: casts and strided copies, the attention
 //! prologue (QK-RMSNorm per head + RoPE) and its backward, merge_heads and its backward,
 //! GELU-tanh on strided windows, the timestep embedding and the random initialisation. Fresh
 //! random inputs every run (seed printed on failure; FK_TEST_SEED replays), outputs poisoned with
@@ -7,10 +8,11 @@
 //! GPU (or without nvcc at build time) each test writes why it is skipped.
 
 mod common;
+use common::gpu::{QkHostInputs, Twins};
 use common::{check, fresh_seed, gpu_or_skip, normal_bf16};
-use cudarc::driver::DevicePtr;
+use flux_kernels::kernels::attention::HeadsDims;
 use flux_kernels::kernels::gpu::Gpu;
-use flux_kernels::kernels::model_ops::{DevMat, GpuModelOps, HeadsDims, QkHostInputs};
+use flux_kernels::kernels::launch::{DevMat, View};
 use flux_kernels::model::attention::QK_NORM_EPS;
 use flux_kernels::model::embed::{MAX_PERIOD, TIME_FACTOR};
 use flux_kernels::model::random::{Init, RandomParam};
@@ -27,16 +29,16 @@ const TOL: f64 = 1e-5;
 /// Outputs stored as bf16, against the CPU's f32 rounded to bf16.
 const TOL_BF16: f64 = 1e-2;
 
-fn ops_or_skip(test: &str) -> Option<GpuModelOps> {
-    gpu_or_skip(test, Gpu::new().and_then(|g| GpuModelOps::new(&g)))
+fn ops_or_skip(test: &str) -> Option<Twins> {
+    gpu_or_skip(test, Gpu::new().and_then(|g| Twins::new(&g)))
 }
 
 /// The device and the kernels, for tests that allocate device buffers themselves.
-fn gpu_and_ops_or_skip(test: &str) -> Option<(Gpu, GpuModelOps)> {
+fn gpu_and_ops_or_skip(test: &str) -> Option<(Gpu, Twins)> {
     gpu_or_skip(
         test,
         Gpu::new().and_then(|g| {
-            let ops = GpuModelOps::new(&g)?;
+            let ops = Twins::new(&g)?;
             Ok((g, ops))
         }),
     )
@@ -164,13 +166,9 @@ fn casts_and_copy2d_match_cpu() {
     let (s_f, s_b) = (gpu.stream.clone_htod(&src).unwrap(), gpu.stream.clone_htod(&src_b).unwrap());
     for bf16_src in [false, true] {
         let d = gpu.stream.clone_htod(&init).unwrap();
-        {
-            let (sf, _g1) = s_f.device_ptr(&gpu.stream);
-            let (sb, _g2) = s_b.device_ptr(&gpu.stream);
-            let (dp, _g3) = d.device_ptr(&gpu.stream);
-            let src_m = if bf16_src { DevMat::bf16(sb, ld_src) } else { DevMat::f32(sf, ld_src) };
-            ops.copy2d(rows, cols, src_m, DevMat::f32(dp + 4 * c_dst as u64, ld_dst), true).unwrap();
-        }
+        let src_m = if bf16_src { DevMat::bf16(&s_b, ld_src) } else { DevMat::f32(&s_f, ld_src) };
+        let dst_m = DevMat::f32(View::from(&d).tail(c_dst).unwrap(), ld_dst);
+        ops.copy.copy2d(rows, cols, src_m, dst_m, true).unwrap();
         let got = gpu.stream.clone_dtoh(&d).unwrap();
         let s = if bf16_src { &want_b } else { &want };
         let mut expect = init.clone();

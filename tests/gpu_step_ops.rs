@@ -1,4 +1,5 @@
-//! The training step's f32 kernels (kernels/step_ops.cu through src/kernels/step.rs) against
+//! The training step's f32 kernels (kernels/norm.cu, activation.cu and optim.cu through
+//! src/kernels/{norm,activation,optim}.rs; host-slice twins in tests/common/gpu.rs) against
 //! their CPU twins: LayerNorm + modulation and its backward, the gated residual and its backward,
 //! SiLU and GELU-tanh backwards, the MSE loss and gradient, multi-tensor AdamW and the global
 //! gradient norm. Fresh random inputs every run (seed printed on failure; FK_TEST_SEED replays),
@@ -6,9 +7,10 @@
 //! writes why it is skipped.
 
 mod common;
+use common::gpu::Twins;
 use common::{check, fresh_seed, gpu_or_skip};
 use flux_kernels::kernels::gpu::Gpu;
-use flux_kernels::kernels::step::{GpuStepOps, StepDims};
+use flux_kernels::kernels::norm::StepDims;
 use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LN_EPS};
 use flux_kernels::ops::activation::{gelu_tanh_backward, silu_backward, silu_forward};
 use flux_kernels::ops::loss::{mse_backward, mse_forward};
@@ -21,8 +23,8 @@ const TOL: f64 = 1e-5;
 /// AdamW runs in f64 like the CPU.
 const TOL_ADAM: f64 = 1e-6;
 
-fn ops_or_skip(test: &str) -> Option<GpuStepOps> {
-    gpu_or_skip(test, Gpu::new().and_then(|g| GpuStepOps::new(&g)))
+fn ops_or_skip(test: &str) -> Option<Twins> {
+    gpu_or_skip(test, Gpu::new().and_then(|g| Twins::new(&g)))
 }
 
 /// Shapes: c not a multiple of the 256-thread tile, l over one 64-token chunk and ragged.
@@ -102,7 +104,7 @@ fn silu_and_gelu_backwards_match_cpu() {
         silu_backward(&mut want, &x, &dout);
         check("silu backward", &ops.silu_backward_host(&x, &dout).unwrap(), &want, TOL, seed);
         gelu_tanh_backward(&mut want, &x, &dout);
-        check("gelu_tanh backward", &ops.gelu_tanh_backward_host(&x, &dout).unwrap(), &want, TOL, seed);
+        check("gelu_tanh backward", &ops.gelu_tanh_backward_flat(&x, &dout).unwrap(), &want, TOL, seed);
     }
 }
 

@@ -28,7 +28,7 @@ export NVCC FLUX_KERNELS_REQUIRE_CUDA=1
 if [ "${1:-}" = "--emulate" ]; then
   emu=$root/target/emu
   mkdir -p "$emu/include"
-  # elementwise.cu includes <cuda_bf16.h>; the emulator header provides what it uses.
+  # ptx_sm80.h includes <cuda_bf16.h> on a GPU; under the emulation host_emulation.h provides it.
   echo '// host emulation: the bf16 helpers come from host_emulation.h' >"$emu/include/cuda_bf16.h"
   names=$(sed -nE 's/^FK_KERNEL void (__launch_bounds__\([^)]*\) )?([a-z_0-9]+)\(.*/\2/p' kernels/*.cu)
   {

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-# flux-kernels' `attn-mlp` preset (src/lora/config.rs ATTN + MLP), PEFT suffix matching.
+# flux-kernels' `attn-mlp` preset (src/adapters/config.rs ATTN + MLP), PEFT suffix matching.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 

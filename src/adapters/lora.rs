@@ -3,7 +3,7 @@
 //! file maps a `Term` onto it and holds PEFT's initialisation.
 
 use super::Term;
-use crate::model::adapt::TermGrads;
+use crate::model::adapt::{LinearCall, TermGrads};
 use crate::ops::lora::{lora_terms_backward, lora_terms_forward, Dropout, LoraTerm, TermGrad};
 use crate::util::Rng;
 
@@ -21,9 +21,9 @@ pub fn view(t: &Term, dropout: Option<Dropout>) -> LoraTerm<'_> {
     LoraTerm { a: t.a(), b: t.b(), rank: t.rank(), scale: t.scale, rows: t.rows.clone(), dropout }
 }
 
-/// out[m, n] += the term's output for inp[m, k].
-pub fn forward(t: &Term, dropout: Option<Dropout>, out: &mut [f32], inp: &[f32], m: usize, k: usize, n: usize) {
-    lora_terms_forward(out, inp, std::slice::from_ref(&view(t, dropout)), m, k, n);
+/// out[m, n] += the term's output for the call's input.
+pub fn forward(t: &Term, dropout: Option<Dropout>, c: LinearCall, out: &mut [f32]) {
+    lora_terms_forward(out, c.inp, std::slice::from_ref(&view(t, dropout)), c.m, c.k, c.n);
 }
 
 /// dA, dB accumulate into `g` (created zeroed on first use); the input gradient through the
@@ -31,17 +31,14 @@ pub fn forward(t: &Term, dropout: Option<Dropout>, out: &mut [f32], inp: &[f32],
 pub fn backward(
     t: &Term,
     dropout: Option<Dropout>,
-    g: &mut TermGrads,
-    dinp: Option<&mut [f32]>,
+    c: LinearCall,
     dout: &[f32],
-    inp: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
+    dinp: Option<&mut [f32]>,
+    g: &mut TermGrads,
 ) {
     g.resize(2, Vec::new());
     let mut tg = TermGrad { da: std::mem::take(&mut g[0]), db: std::mem::take(&mut g[1]) };
-    lora_terms_backward(dinp, std::slice::from_mut(&mut tg), dout, inp, &[view(t, dropout)], m, k, n);
+    lora_terms_backward(dinp, std::slice::from_mut(&mut tg), dout, c.inp, &[view(t, dropout)], c.m, c.k, c.n);
     (g[0], g[1]) = (tg.da, tg.db);
 }
 

@@ -13,7 +13,7 @@ pub mod export;
 pub mod formats;
 pub mod lora;
 
-use crate::model::adapt::{AdapterGrads, LinearAdapters};
+use crate::model::adapt::{AdapterGrads, LinearAdapters, LinearCall};
 use crate::ops::lora::Dropout;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -215,32 +215,23 @@ impl LinearAdapters for AdapterSet {
         self.by_module.contains_key(module)
     }
 
-    fn forward(&self, module: &str, out: &mut [f32], inp: &[f32], m: usize, k: usize, n: usize) {
-        for (i, t) in self.on_module(module) {
+    fn forward(&self, call: LinearCall, out: &mut [f32]) {
+        for (i, t) in self.on_module(call.module) {
+            let drop = self.term_dropout(call.module, i);
             match t.kind {
-                Kind::Lora { .. } => lora::forward(t, self.term_dropout(module, i), out, inp, m, k, n),
+                Kind::Lora { .. } => lora::forward(t, drop, call, out),
             }
         }
     }
 
-    fn backward(
-        &self,
-        module: &str,
-        grads: &mut AdapterGrads,
-        dinp: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) {
-        let count = self.by_module.get(module).map_or(0, |v| v.len());
-        let slot = grads.slot(module, count);
+    fn backward(&self, call: LinearCall, dout: &[f32], dinp: Option<&mut [f32]>, grads: &mut AdapterGrads) {
+        let count = self.by_module.get(call.module).map_or(0, |v| v.len());
+        let slot = grads.slot(call.module, count);
         let mut dinp = dinp;
-        for ((i, t), g) in self.on_module(module).zip(slot.iter_mut()) {
-            let drop = self.term_dropout(module, i);
+        for ((i, t), g) in self.on_module(call.module).zip(slot.iter_mut()) {
+            let drop = self.term_dropout(call.module, i);
             match t.kind {
-                Kind::Lora { .. } => lora::backward(t, drop, g, dinp.as_deref_mut(), dout, inp, m, k, n),
+                Kind::Lora { .. } => lora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
             }
         }
     }

@@ -1,18 +1,22 @@
-//! Attention on the GPU: the flash kernels of kernels/flash_attn.cu (forward with the saved
-//! log-sum-exp; deterministic backward) and, for benchmarks, the materialised-softmax baseline
-//! (cuBLAS S = scale·Q·Kᵀ, a row softmax, cuBLAS O = P·V). CPU twin: `ops::attention`
-//! (`attention_forward_masked` / `attention_backward_masked`); tests/gpu_attention.rs compares.
+//! Attention on the GPU (kernels/attention.cu): the flash kernels (forward with the saved
+//! log-sum-exp; deterministic backward), for benchmarks the materialised-softmax baseline
+//! (cuBLAS S = scale·Q·Kᵀ, a row softmax, cuBLAS O = P·V), and the layout work around them in
+//! the model: the QK prologue (QK-RMSNorm per head + RoPE, token-major to head-major) and the
+//! merge of the heads back to token-major rows. CPU twins: `ops::attention`
+//! (`attention_forward_masked` / `attention_backward_masked`, `merge_heads` / `split_heads`) and
+//! `model::attention::attention_block`'s prologue; tests/gpu_attention.rs and
+//! tests/gpu_model_ops.rs compare.
 //!
 //! Tensors are head-major [b, h, l, d] bf16 on the device (f32 on the host side, rounded to
 //! nearest even on upload), LSE and delta f32 [b, h, l], the optional key mask u8 [b, l].
 
 use super::abi::*;
 use super::gpu::Gpu;
+use super::launch::{addr, grid_blocks, launch, Family, View};
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DeviceRepr};
 use half::bf16;
 use std::sync::Arc;
 
@@ -24,7 +28,7 @@ const PAD: usize = FK_ATTN_PAD as usize;
 
 const FWD_ROWS: usize = FK_ATTN_FWD_ROWS as usize;
 
-/// Dynamic shared memory of each kernel at head dim `d` (flash_attn.cu: fwd_smem, dkdv_smem,
+/// Dynamic shared memory of each kernel at head dim `d` (attention.cu: fwd_smem, dkdv_smem,
 /// dq_smem; the kernels trap when given less): forward, dK/dV, dQ.
 pub fn smem_bytes(d: usize) -> (usize, usize, usize) {
     let tile = BLOCK * (d + PAD) * 2;
@@ -101,19 +105,31 @@ pub struct AttnBuffers {
     scores: Option<(CudaSlice<f32>, CudaSlice<bf16>)>,
 }
 
-/// What a host-side forward + backward returns (all f32, [b, h, l, d] and [b, h, l]).
-pub struct AttnHostResult {
-    pub o: Vec<f32>,
-    pub lse: Vec<f32>,
-    pub dq: Vec<f32>,
-    pub dk: Vec<f32>,
-    pub dv: Vec<f32>,
+/// The forward's tensors of one attention call on the caller's device buffers (the
+/// device-resident model): Q, K, V, O bf16 [b, h, l, d], LSE f32 [b, h, l].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnViews<'a> {
+    pub q: View<'a, bf16>,
+    pub k: View<'a, bf16>,
+    pub v: View<'a, bf16>,
+    pub o: View<'a, bf16>,
+    pub lse: View<'a, f32>,
 }
 
-/// Device addresses of one attention problem (`forward_dev` / `backward_dev`): Q, K, V, O, dO,
-/// dQ, dK, dV bf16 [b, h, l, d]; LSE and delta f32 [b, h, l]; the key mask u8 [b, l] or 0.
+/// The backward's extra tensors: dO, dQ, dK, dV bf16 [b, h, l, d]; delta f32 [b, h, l] scratch.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnGradViews<'a> {
+    pub dout: View<'a, bf16>,
+    pub dq: View<'a, bf16>,
+    pub dk: View<'a, bf16>,
+    pub dv: View<'a, bf16>,
+    pub delta: View<'a, f32>,
+}
+
+/// Device addresses of one attention problem (the parameter struct's pointer fields; 0 where a
+/// launch does not use one).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct AttnPtrs {
+struct AttnPtrs {
     pub q: u64,
     pub k: u64,
     pub v: u64,
@@ -159,6 +175,7 @@ fn check_dims(dims: AttnDims) -> Result<()> {
 }
 
 pub struct GpuAttention {
+    fam: Family,
     stream: Arc<CudaStream>,
     fwd: CudaFunction,
     fwd_r64: CudaFunction,
@@ -167,28 +184,21 @@ pub struct GpuAttention {
     dq: CudaFunction,
     softmax: CudaFunction,
     blas: Option<CudaBlas>,
-    /// The last host-slice call's buffers, reused when the next call has the same shape.
-    cached: Option<AttnBuffers>,
+    qk_fwd: CudaFunction,
+    qk_bwd: CudaFunction,
+    merge: CudaFunction,
+    merge_bwd: CudaFunction,
 }
 
 fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
+    addr(s, stream)
 }
 
 impl GpuAttention {
     pub fn new(gpu: &Gpu) -> Result<GpuAttention> {
-        let fatbin = super::module("flash_attn").context("flash_attn kernels missing from the build")?;
-        let m = gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())).context("loading flash_attn")?;
+        let fam = Family::load(gpu, "attention")?;
         let (fwd_max, dkdv_max, dq_max) = smem_bytes(*HEAD_DIMS.last().unwrap());
-        let f = |name: &str, smem: usize| -> Result<CudaFunction> {
-            let func = m.load_function(name).with_context(|| format!("kernel {name}"))?;
-            if smem > 48 * 1024 {
-                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .with_context(|| format!("{name}: {smem} bytes of shared memory (sm_80 or newer needed)"))?;
-            }
-            Ok(func)
-        };
+        let f = |name: &str, smem: usize| fam.function_smem(name, smem);
         // SAFETY: only probes whether libcublas can be dlopen'ed.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
             Some(CudaBlas::new(gpu.stream.clone()).context("cuBLAS handle")?)
@@ -203,8 +213,12 @@ impl GpuAttention {
             dkdv: f(FK_ATTN_BWD_DKDV, dkdv_max)?,
             dq: f(FK_ATTN_BWD_DQ, dq_max)?,
             softmax: f(FK_SOFTMAX_ROWS, 0)?,
+            qk_fwd: f(FK_MODEL_QK_FWD, 0)?,
+            qk_bwd: f(FK_MODEL_QK_BWD, 0)?,
+            merge: f(FK_MODEL_MERGE_HEADS, 0)?,
+            merge_bwd: f(FK_MODEL_MERGE_HEADS_BWD, 0)?,
             blas,
-            cached: None,
+            fam,
         })
     }
 
@@ -301,18 +315,12 @@ impl GpuAttention {
         params_of(bufs.dims, &ptrs)
     }
 
-    fn launch(&self, f: &CudaFunction, p: &FkAttnParams, grid: (usize, usize), smem: usize) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0 as u32, grid.1 as u32, 1),
-            block_dim: (FK_ATTN_THREADS as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(p);
-        // SAFETY: every pointer in `p` is a buffer of `AttnBuffers` sized for its dims; the struct
-        // is the FK_GRID_PARAMS argument of the kernel (layout asserted in abi.rs).
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+    /// # Safety
+    /// Every pointer in `p` must be a live buffer sized for its dims: an `AttnBuffers`', or views
+    /// checked by `forward_dev` / `backward_dev`.
+    unsafe fn launch(&self, f: &CudaFunction, p: &FkAttnParams, grid: (usize, usize), smem: usize) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { launch(&self.stream, f, p, (grid.0, grid.1, 1), FK_ATTN_THREADS as usize, smem, "attention") }
     }
 
     /// O and LSE from Q, K, V (and the mask).
@@ -321,37 +329,63 @@ impl GpuAttention {
     }
 
     pub fn forward_variant(&self, bufs: &AttnBuffers, v: FwdVariant) -> Result<()> {
-        self.launch_forward(bufs.dims, &self.params(bufs), v)
+        // SAFETY: every pointer is a buffer of `bufs`, allocated for its dims by `alloc`.
+        unsafe { self.launch_forward(bufs.dims, &self.params(bufs), v) }
+    }
+
+    /// The forward's pointers after checking every view against `dims`.
+    fn checked(&self, dims: AttnDims, t: &AttnViews, what: &str) -> Result<AttnPtrs> {
+        check_dims(dims)?;
+        for (v, name) in [(t.q, "Q"), (t.k, "K"), (t.v, "V"), (t.o, "O")] {
+            v.need(dims.numel(), &format!("{what}: {name}"))?;
+        }
+        t.lse.need(dims.rows(), &format!("{what}: LSE"))?;
+        let s = &self.stream;
+        Ok(AttnPtrs {
+            q: t.q.addr(s),
+            k: t.k.addr(s),
+            v: t.v.addr(s),
+            o: t.o.addr(s),
+            lse: t.lse.addr(s),
+            ..Default::default()
+        })
     }
 
     /// O and LSE on the caller's device buffers (the device-resident model).
-    pub fn forward_dev(&self, dims: AttnDims, p: &AttnPtrs) -> Result<()> {
-        ensure!(p.q != 0 && p.k != 0 && p.v != 0 && p.o != 0 && p.lse != 0, "attention: Q, K, V, O or LSE missing");
-        check_dims(dims)?;
-        self.launch_forward(dims, &params_of(dims, p), FwdVariant::Rows128)
+    pub fn forward_dev(&self, dims: AttnDims, t: &AttnViews) -> Result<()> {
+        let p = self.checked(dims, t, "attention")?;
+        // SAFETY: every tensor was checked against dims.
+        unsafe { self.launch_forward(dims, &params_of(dims, &p), FwdVariant::Rows128) }
     }
 
-    /// dQ, dK, dV on the caller's device buffers; `p.delta` is f32 [b, h, l] scratch.
-    pub fn backward_dev(&self, dims: AttnDims, p: &AttnPtrs) -> Result<()> {
-        ensure!(
-            [p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta].iter().all(|&x| x != 0),
-            "attention backward: a buffer is missing"
-        );
-        check_dims(dims)?;
-        let fp = params_of(dims, p);
+    /// dQ, dK, dV on the caller's device buffers from dO and the forward's tensors.
+    pub fn backward_dev(&self, dims: AttnDims, t: &AttnViews, g: &AttnGradViews) -> Result<()> {
+        let mut p = self.checked(dims, t, "attention backward")?;
+        for (v, name) in [(g.dout, "dO"), (g.dq, "dQ"), (g.dk, "dK"), (g.dv, "dV")] {
+            v.need(dims.numel(), &format!("attention backward: {name}"))?;
+        }
+        g.delta.need(dims.rows(), "attention backward: delta")?;
+        let s = &self.stream;
+        (p.dout, p.dq, p.dk, p.dv, p.delta) =
+            (g.dout.addr(s), g.dq.addr(s), g.dk.addr(s), g.dv.addr(s), g.delta.addr(s));
+        let fp = params_of(dims, &p);
         for step in [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq] {
-            self.launch_backward(dims, &fp, step)?;
+            // SAFETY: every tensor was checked against dims.
+            unsafe { self.launch_backward(dims, &fp, step)? };
         }
         Ok(())
     }
 
-    fn launch_forward(&self, dims: AttnDims, p: &FkAttnParams, v: FwdVariant) -> Result<()> {
+    /// # Safety
+    /// As `launch`.
+    unsafe fn launch_forward(&self, dims: AttnDims, p: &FkAttnParams, v: FwdVariant) -> Result<()> {
         let AttnDims { b, h, l, d } = dims;
         let (f, rows, name) = match v {
             FwdVariant::Rows128 => (&self.fwd, FWD_ROWS, "fk_attn_fwd"),
             FwdVariant::Rows64 => (&self.fwd_r64, BLOCK, "fk_attn_fwd_r64"),
         };
-        self.launch(f, p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)).context(name)
+        // SAFETY: the caller's contract.
+        unsafe { self.launch(f, p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)) }.context(name)
     }
 
     /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
@@ -364,21 +398,29 @@ impl GpuAttention {
 
     /// One launch of the backward (benchmarks time them apart; each needs the ones before it).
     pub fn backward_step(&self, bufs: &AttnBuffers, step: BackwardStep) -> Result<()> {
-        self.launch_backward(bufs.dims, &self.params(bufs), step)
+        // SAFETY: every pointer is a buffer of `bufs`, allocated for its dims by `alloc`.
+        unsafe { self.launch_backward(bufs.dims, &self.params(bufs), step) }
     }
 
-    fn launch_backward(&self, dims: AttnDims, p: &FkAttnParams, step: BackwardStep) -> Result<()> {
+    /// # Safety
+    /// As `launch`.
+    unsafe fn launch_backward(&self, dims: AttnDims, p: &FkAttnParams, step: BackwardStep) -> Result<()> {
         let AttnDims { b, h, l, d } = dims;
         let (_, dkdv_smem, dq_smem) = smem_bytes(d);
-        match step {
-            BackwardStep::Prep => {
-                let warps = (FK_ATTN_THREADS / 32) as usize;
-                self.launch(&self.prep, p, (dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")
+        // SAFETY: the caller's contract.
+        unsafe {
+            match step {
+                BackwardStep::Prep => {
+                    let warps = (FK_ATTN_THREADS / 32) as usize;
+                    self.launch(&self.prep, p, (dims.rows().div_ceil(warps), 1), 0).context("fk_attn_bwd_prep")
+                }
+                BackwardStep::DkDv => {
+                    self.launch(&self.dkdv, p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")
+                }
+                BackwardStep::Dq => {
+                    self.launch(&self.dq, p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
+                }
             }
-            BackwardStep::DkDv => {
-                self.launch(&self.dkdv, p, (l.div_ceil(BLOCK), b * h), dkdv_smem).context("fk_attn_bwd_dkdv")
-            }
-            BackwardStep::Dq => self.launch(&self.dq, p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq"),
         }
     }
 
@@ -441,15 +483,9 @@ impl GpuAttention {
             l: l as i64,
             rows_per_batch: (h * l) as i64,
         };
-        let cfg = LaunchConfig {
-            grid_dim: ((bh * l) as u32, 1, 1),
-            block_dim: (FK_ATTN_THREADS as u32, 1, 1),
-            shared_mem_bytes: FK_SMEM_SOFTMAX as u32,
-        };
-        let mut lb = self.stream.launch_builder(&self.softmax);
-        lb.arg(&sp);
+        let (threads, smem) = (FK_ATTN_THREADS as usize, FK_SMEM_SOFTMAX as usize);
         // SAFETY: S and P hold b·h·l² elements; the mask b·l.
-        unsafe { lb.launch(cfg) }.context("fk_softmax_rows")?;
+        unsafe { launch(st, &self.softmax, &sp, (bh * l, 1, 1), threads, smem, "fk_softmax_rows")? };
         // SAFETY: as above.
         unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
@@ -482,152 +518,204 @@ impl GpuAttention {
         Ok(())
     }
 
-    /// Buffers for a host-slice call: the previous call's when the shape and the presence of a
-    /// mask match, so the model path allocates nothing per call; otherwise new ones. Outputs are
-    /// poisoned by every host-slice call, so a reused buffer cannot pass off stale values.
-    fn host_buffers(&mut self, dims: AttnDims, mask: Option<&[u8]>) -> Result<AttnBuffers> {
-        match self.cached.take() {
-            Some(mut b) if b.dims == dims && b.mask.is_some() == mask.is_some() => {
-                if let (Some(dst), Some(m)) = (b.mask.as_mut(), mask) {
-                    ensure!(
-                        m.len() == dims.b * dims.l,
-                        "attention key mask: {} values, expected b·l = {}",
-                        m.len(),
-                        dims.b * dims.l
-                    );
-                    self.stream.memcpy_htod(m, dst)?;
-                }
-                Ok(b)
-            }
-            _ => self.alloc(dims, mask),
+    // ---- the layout work around the attention core ----------------------------------------------
+
+    /// QK-RMSNorm per head (weights `q_scale`, `k_scale`, epsilon `eps`), then RoPE on q and k,
+    /// of one token stream: q, k, v bf16 and rstd_q, rstd_k at tokens t0..t0 + ls (`QkViews` gives
+    /// the layouts). Other tokens are not touched.
+    pub fn qk_prologue(&self, dims: HeadsDims, t: &QkViews, eps: f32) -> Result<()> {
+        let mut p = self.qk_params(dims, t, eps, "qk_prologue")?;
+        let s = &self.stream;
+        for (v, name) in [(t.q, "q"), (t.k, "k"), (t.v, "v")] {
+            v.need(dims.heads_numel(), &format!("qk_prologue: {name}"))?;
         }
+        (p.q, p.k, p.v) = (t.q.addr(s), t.k.addr(s), t.v.addr(s));
+        // SAFETY: every tensor was checked against dims (qk_params and above).
+        unsafe { self.run_model(&self.qk_fwd, &p, dims.rows() * dims.h, true, "fk_model_qk_fwd") }
     }
 
-    /// `host_buffers` with Q, K and V uploaded.
-    fn host_inputs(
-        &mut self,
-        dims: AttnDims,
-        mask: Option<&[u8]>,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<AttnBuffers> {
-        let mut bufs = self.host_buffers(dims, mask)?;
-        self.upload(&mut bufs.q, q)?;
-        self.upload(&mut bufs.k, k)?;
-        self.upload(&mut bufs.v, v)?;
-        Ok(bufs)
-    }
-
-    /// Host-slice forward and backward, the twin of `ops::attention::attention_forward_masked`
-    /// followed by `attention_backward_masked` (tests; the outputs are poisoned first).
-    pub fn forward_backward(
-        &mut self,
-        variant: FwdVariant,
-        dims: AttnDims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        dout: &[f32],
-        mask: Option<&[u8]>,
-    ) -> Result<AttnHostResult> {
-        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
-        self.upload(&mut bufs.dout, dout)?;
-        self.poison(&mut bufs)?;
-        self.forward_variant(&bufs, variant)?;
-        self.backward(&bufs)?;
-        let r = AttnHostResult {
-            o: self.download(&bufs.o)?,
-            lse: self.download_f32(&bufs.lse)?,
-            dq: self.download(&bufs.dq)?,
-            dk: self.download(&bufs.dk)?,
-            dv: self.download(&bufs.dv)?,
-        };
-        self.cached = Some(bufs);
-        Ok(r)
-    }
-
-    /// Host-slice forward (O, LSE): `ops::attention::attention_forward_masked`'s twin.
-    pub fn forward_host(
-        &mut self,
-        dims: AttnDims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: Option<&[u8]>,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
-        self.poison(&mut bufs)?;
-        self.forward(&bufs)?;
-        let r = (self.download(&bufs.o)?, self.download_f32(&bufs.lse)?);
-        self.cached = Some(bufs);
-        Ok(r)
-    }
-
-    /// Host-slice backward from the forward's O and LSE (as `forward_host` returned them):
-    /// `attention_backward_masked`'s twin, returning (dQ, dK, dV).
-    pub fn backward_host(
-        &mut self,
-        dims: AttnDims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &[f32],
-        lse: &[f32],
-        dout: &[f32],
-        mask: Option<&[u8]>,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        ensure!(lse.len() == dims.rows(), "attention backward: LSE has {} values, expected {}", lse.len(), dims.rows());
-        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
-        self.upload(&mut bufs.o, o)?;
-        self.upload(&mut bufs.dout, dout)?;
-        self.stream.memcpy_htod(lse, &mut bufs.lse)?;
-        for t in [&mut bufs.dq, &mut bufs.dk, &mut bufs.dv] {
-            self.stream.memcpy_htod(&vec![bf16::NAN; dims.numel()], t)?;
+    /// Backward of `qk_prologue`: from dq, dk, dv bf16 [b, h, l, d] (tokens t0..t0 + ls) and the
+    /// forward's qkv, rstd, weights and tables (`t`; its q, k, v are not read) to dqkv f32
+    /// [b·ls, ld], columns [0, 3hd) overwritten, the others untouched. The weights are frozen.
+    pub fn qk_prologue_backward(&self, dims: HeadsDims, t: &QkViews, eps: f32, g: &QkGradViews) -> Result<()> {
+        let mut p = self.qk_params(dims, t, eps, "qk_prologue_backward")?;
+        for (v, name) in [(g.dq, "dq"), (g.dk, "dk"), (g.dv, "dv")] {
+            v.need(dims.heads_numel(), &format!("qk_prologue_backward: {name}"))?;
         }
-        self.backward(&bufs)?;
-        let r = (self.download(&bufs.dq)?, self.download(&bufs.dk)?, self.download(&bufs.dv)?);
-        self.cached = Some(bufs);
-        Ok(r)
+        g.dqkv.need(dims.tokens_window(3 * dims.hd()), "qk_prologue_backward: dqkv")?;
+        let s = &self.stream;
+        (p.dq, p.dk, p.dv, p.dqkv) = (g.dq.addr(s), g.dk.addr(s), g.dv.addr(s), g.dqkv.addr(s));
+        // SAFETY: every tensor was checked against dims (qk_params and above).
+        unsafe { self.run_model(&self.qk_bwd, &p, dims.rows() * dims.h, true, "fk_model_qk_bwd") }
     }
 
-    /// Host-slice baseline forward (O only).
-    pub fn forward_naive_host(
-        &mut self,
-        dims: AttnDims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: Option<&[u8]>,
-    ) -> Result<Vec<f32>> {
-        let mut bufs = self.host_inputs(dims, mask, q, k, v)?;
-        self.poison(&mut bufs)?;
-        self.forward_naive(&mut bufs)?;
-        let o = self.download(&bufs.o)?;
-        self.cached = Some(bufs);
-        Ok(o)
+    fn qk_params(&self, dims: HeadsDims, t: &QkViews, eps: f32, what: &str) -> Result<FkModelQkParams> {
+        dims.check(what, 3 * dims.hd())?;
+        ensure!(dims.d.is_multiple_of(2), "{what}: head dim {} is odd (RoPE turns pairs)", dims.d);
+        t.qkv.need(dims.tokens_window(3 * dims.hd()), &format!("{what}: qkv"))?;
+        for (v, name) in [(t.q_scale, "q_scale"), (t.k_scale, "k_scale")] {
+            v.need(dims.d, &format!("{what}: {name}"))?;
+        }
+        for (v, name) in [(t.cos, "cos"), (t.sin, "sin")] {
+            v.need(dims.b * dims.l * dims.d / 2, &format!("{what}: {name}"))?;
+        }
+        for (v, name) in [(t.rstd_q, "rstd_q"), (t.rstd_k, "rstd_k")] {
+            v.need(dims.rows_numel(), &format!("{what}: {name}"))?;
+        }
+        let s = &self.stream;
+        Ok(FkModelQkParams {
+            qkv: t.qkv.addr(s),
+            q_scale: t.q_scale.addr(s),
+            k_scale: t.k_scale.addr(s),
+            cos: t.cos.addr(s),
+            sin: t.sin.addr(s),
+            rstd_q: t.rstd_q.addr(s),
+            rstd_k: t.rstd_k.addr(s),
+            b: dims.b as i64,
+            h: dims.h as i64,
+            l: dims.l as i64,
+            d: dims.d as i64,
+            ls: dims.ls as i64,
+            t0: dims.t0 as i64,
+            ld: dims.ld as i64,
+            eps,
+            ..Default::default()
+        })
+    }
+
+    /// out[bi·ls + t, hi·d + di] = o[bi, hi, t0 + t, di]: the attention output bf16 [b, h, l, d]
+    /// to token-major bf16 [b·ls, ld], columns [0, hd) (the others untouched).
+    pub fn merge_heads(&self, dims: HeadsDims, o: View<bf16>, out: View<bf16>) -> Result<()> {
+        dims.check("merge_heads", dims.hd())?;
+        o.need(dims.heads_numel(), "merge_heads: o")?;
+        out.need(dims.tokens_window(dims.hd()), "merge_heads: out")?;
+        let p = heads_params(dims, o.addr(&self.stream), out.addr(&self.stream));
+        // SAFETY: both tensors were checked against dims.
+        unsafe { self.run_model(&self.merge, &p, dims.rows() * dims.hd(), false, "fk_model_merge_heads") }
+    }
+
+    /// Backward of `merge_heads`: d_o[bi, hi, t0 + t, di] = bf16(dout[bi·ls + t, hi·d + di]),
+    /// dout f32 [b·ls, ld] columns [0, hd), d_o bf16 [b, h, l, d] (other tokens untouched).
+    pub fn merge_heads_backward(&self, dims: HeadsDims, dout: View<f32>, d_o: View<bf16>) -> Result<()> {
+        dims.check("merge_heads_backward", dims.hd())?;
+        dout.need(dims.tokens_window(dims.hd()), "merge_heads_backward: dout")?;
+        d_o.need(dims.heads_numel(), "merge_heads_backward: d_o")?;
+        let p = heads_params(dims, d_o.addr(&self.stream), dout.addr(&self.stream));
+        // SAFETY: both tensors were checked against dims.
+        unsafe { self.run_model(&self.merge_bwd, &p, dims.rows() * dims.hd(), false, "fk_model_merge_heads_bwd") }
+    }
+
+    /// A launch of one of the layout kernels over `n` items (one warp per item when `per_warp`,
+    /// else one thread).
+    ///
+    /// # Safety
+    /// As `launch::launch`.
+    unsafe fn run_model<P: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        p: &P,
+        n: usize,
+        per_warp: bool,
+        name: &str,
+    ) -> Result<()> {
+        let threads = FK_MODEL_THREADS as usize;
+        let blocks = if per_warp { grid_blocks(n, threads / 32) } else { grid_blocks(n, threads) };
+        // SAFETY: the caller's contract.
+        unsafe { launch(&self.fam.stream, f, p, (blocks, 1, 1), threads, 0, name) }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One token stream's place in the joint attention sequence: `b` samples, `h` heads of width
+/// `d`, `l` joint tokens of which this stream's `ls` tokens are `t0..t0 + ls` (the double
+/// block's txt at t0 = 0, img at t0 = l_txt; a single block's whole sequence at t0 = 0, ls = l).
+/// The stream's token-major tensors are [b·ls, ld]; head-major ones [b, h, l, d].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadsDims {
+    pub b: usize,
+    pub h: usize,
+    pub d: usize,
+    pub l: usize,
+    pub ls: usize,
+    pub t0: usize,
+    pub ld: usize,
+}
 
-    #[test]
-    fn shared_memory_fits_an_sm80_block() {
-        // 163 KB of dynamic shared memory per block on sm_80, 227 KB on sm_90.
-        for d in HEAD_DIMS {
-            let (a, b, c) = smem_bytes(d);
-            assert!(a.max(b).max(c) <= 163 * 1024, "d = {d}");
-        }
-        assert_eq!(smem_bytes(128), (104448, 105472, 104448));
-        assert_eq!(fwd_smem(128, BLOCK), 87040);
+impl HeadsDims {
+    /// Width of one of q, k, v: h·d.
+    pub fn hd(&self) -> usize {
+        self.h * self.d
     }
+    /// Token rows of the stream: b·ls.
+    pub fn rows(&self) -> usize {
+        self.b * self.ls
+    }
+    /// Elements of a head-major [b, h, l, d] tensor.
+    pub fn heads_numel(&self) -> usize {
+        self.b * self.h * self.l * self.d
+    }
+    /// Elements of a token-major [b·ls, ld] tensor.
+    pub fn tokens_numel(&self) -> usize {
+        self.rows() * self.ld
+    }
+    /// Elements of a [b, h, l] tensor (rstd).
+    pub fn rows_numel(&self) -> usize {
+        self.b * self.h * self.l
+    }
+    /// Elements a token-major tensor must hold to cover `cols` columns of every row.
+    fn tokens_window(&self, cols: usize) -> usize {
+        if self.rows() == 0 {
+            0
+        } else {
+            (self.rows() - 1) * self.ld + cols
+        }
+    }
+    fn check(&self, what: &str, cols: usize) -> Result<()> {
+        let HeadsDims { b, h, d, l, ls, t0, ld } = *self;
+        ensure!(b > 0 && h > 0 && d > 0 && ls > 0, "{what}: empty shape {self:?}");
+        ensure!(t0 + ls <= l, "{what}: tokens {t0}..{} outside the joint sequence of {l}", t0 + ls);
+        ensure!(ld >= cols, "{what}: row stride {ld} is below the {cols} columns it covers ({self:?})");
+        Ok(())
+    }
+}
 
-    #[test]
-    fn flop_counts() {
-        let d = AttnDims { b: 1, h: 24, l: 4608, d: 128 };
-        assert_eq!(d.forward_flops(), 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0);
-        assert_eq!(d.backward_flops(), 2.5 * d.forward_flops());
+/// The QK prologue's tensors (shapes in `HeadsDims`): qkv f32 [b·ls, ld] (q, k, v in columns
+/// [0, hd), [hd, 2hd), [2hd, 3hd)), the norm weights q_scale, k_scale f32 [d], the RoPE tables
+/// cos, sin f32 [b, l, d/2] of the joint sequence, q, k, v bf16 [b, h, l, d] and rstd_q, rstd_k
+/// f32 [b, h, l]. The forward reads qkv, the weights and the tables and writes the rest at tokens
+/// t0..t0 + ls; the backward reads all but q, k, v.
+#[derive(Clone, Copy, Debug)]
+pub struct QkViews<'a> {
+    pub qkv: View<'a, f32>,
+    pub q_scale: View<'a, f32>,
+    pub k_scale: View<'a, f32>,
+    pub cos: View<'a, f32>,
+    pub sin: View<'a, f32>,
+    pub q: View<'a, bf16>,
+    pub k: View<'a, bf16>,
+    pub v: View<'a, bf16>,
+    pub rstd_q: View<'a, f32>,
+    pub rstd_k: View<'a, f32>,
+}
+
+/// The QK prologue's backward tensors: dq, dk, dv bf16 [b, h, l, d] in, dqkv f32 [b·ls, ld] out.
+#[derive(Clone, Copy, Debug)]
+pub struct QkGradViews<'a> {
+    pub dq: View<'a, bf16>,
+    pub dk: View<'a, bf16>,
+    pub dv: View<'a, bf16>,
+    pub dqkv: View<'a, f32>,
+}
+
+fn heads_params(dims: HeadsDims, heads: u64, tokens: u64) -> FkModelHeadsParams {
+    FkModelHeadsParams {
+        heads,
+        tokens,
+        b: dims.b as i64,
+        h: dims.h as i64,
+        l: dims.l as i64,
+        d: dims.d as i64,
+        ls: dims.ls as i64,
+        t0: dims.t0 as i64,
+        ld: dims.ld as i64,
     }
 }

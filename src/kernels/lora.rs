@@ -21,13 +21,13 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
+use super::launch::{launch, Family, View};
 use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
 use crate::quant::{Code, QWeight};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -264,13 +264,6 @@ impl Arena {
     }
 }
 
-/// The frozen weight of a host-slice call: f32 values (uploaded as bf16) or 8-bit codes.
-#[derive(Clone, Copy)]
-enum BaseWeight<'a> {
-    F32(&'a [f32]),
-    Q(&'a QWeight<'a>),
-}
-
 /// The unfused baselines (cuBLAS GEMMs plus, for PEFT, separate scale and add kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unfused {
@@ -297,17 +290,53 @@ pub enum BaseGemm {
 /// The frozen weight's device address: bf16 [n][k], or 8-bit codes [n][k] (FK_CODE_I8 /
 /// FK_CODE_E4M3) with one f32 scale per row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DevWeight {
+enum DevWeight {
     Bf16(u64),
     Q8 { code: i32, codes: u64, scales: u64 },
 }
 
+/// The frozen weight on the caller's device buffers: bf16 [n][k], or 8-bit codes [n][k] with
+/// their code (FK_CODE_I8 / FK_CODE_E4M3) and one f32 scale per row.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightView<'a> {
+    Bf16(View<'a, bf16>),
+    Q8 { code: i32, codes: View<'a, u8>, scales: View<'a, f32> },
+}
+
+/// A linear's output (Y, or dX in the backward) on the device: f32 or bf16.
+#[derive(Clone, Copy, Debug)]
+pub enum OutView<'a> {
+    F32(View<'a, f32>),
+    Bf16(View<'a, bf16>),
+}
+
+impl OutView<'_> {
+    fn check(&self, n: usize, what: &str, st: &Arc<CudaStream>) -> Result<(u64, bool)> {
+        match self {
+            OutView::F32(v) => v.need(n, what).map(|_| (v.addr(st), true)),
+            OutView::Bf16(v) => v.need(n, what).map(|_| (v.addr(st), false)),
+        }
+    }
+}
+
+/// One LoRA linear's inputs on the caller's device buffers (the device-resident model): X bf16
+/// [m, k], the frozen W [n, k], the bias f32 [n] when the shape has one, and per term i its
+/// factors A bf16 [r, k] and B bf16 [rows, r].
+#[derive(Clone, Debug)]
+pub struct LinearViews<'a> {
+    pub x: View<'a, bf16>,
+    pub w: WeightView<'a>,
+    pub bias: Option<View<'a, f32>>,
+    pub a: Vec<View<'a, bf16>>,
+    pub b: Vec<View<'a, bf16>>,
+}
+
 /// Device addresses of one linear call's operands: the arena's buffers for the host-slice calls,
-/// the caller's buffers for the device-resident model (`forward_dev` / `backward_dev`). X, dY and
-/// the factors are bf16; Y and dX bf16 or f32 (`y_f32`, `dx_f32`); bias, dA and dB f32. Per term
-/// i: A [r, k], B [rows, r], dA, dB (accumulated with +=). Unused roles are 0.
+/// checked views' for the device-resident model (`forward_dev` / `backward_dev`). X, dY and the
+/// factors are bf16; Y and dX bf16 or f32 (`y_f32`, `dx_f32`); bias, dA and dB f32. Per term i:
+/// A [r, k], B [rows, r], dA, dB (accumulated with +=). Unused roles are 0.
 #[derive(Clone, Debug, Default)]
-pub struct LinearPtrs {
+struct LinearPtrs {
     pub x: u64,
     pub w: Option<DevWeight>,
     pub bias: u64,
@@ -407,30 +436,16 @@ fn params(list: Vec<(FkGemmProblem, Vec<FkSegment>)>) -> Result<FkGemmParams> {
 
 impl GpuLora {
     pub fn new(gpu: &Gpu) -> Result<GpuLora> {
-        let load = |name: &str| -> Result<_> {
-            let fatbin = super::module(name).with_context(|| format!("{name} kernels missing from the build"))?;
-            gpu.ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
-                .with_context(|| format!("loading {name}"))
-        };
-        let gemm = load("lora_gemm")?;
-        let elementwise = load("elementwise")?;
-        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str, smem: i64| -> Result<CudaFunction> {
-            let func = m.load_function(name).with_context(|| format!("kernel {name}"))?;
-            if smem > 48 * 1024 {
-                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .with_context(|| format!("{name}: {smem} bytes of shared memory (sm_80 or newer needed)"))?;
-            }
-            Ok(func)
-        };
+        let fam = Family::load(gpu, "lora_gemm")?;
+        let f = |name: &str, smem: i64| fam.function_smem(name, smem as usize);
         let k = Kernels {
-            nt_large: f(&gemm, FK_GEMM_NT_LARGE, FK_SMEM_GEMM_NT_LARGE)?,
-            nt_small: f(&gemm, FK_GEMM_NT_SMALL, FK_SMEM_GEMM_NT_SMALL)?,
-            nn_large: f(&gemm, FK_GEMM_NN_LARGE, FK_SMEM_GEMM_NN_LARGE)?,
-            nn_large_mask: f(&gemm, FK_GEMM_NN_LARGE_MASK, FK_SMEM_GEMM_NN_LARGE)?,
-            nn_small: f(&gemm, FK_GEMM_NN_SMALL, FK_SMEM_GEMM_NN_SMALL)?,
-            tn_small: f(&gemm, FK_GEMM_TN_SMALL, FK_SMEM_GEMM_TN_SMALL)?,
-            axpby: f(&elementwise, FK_AXPBY_BF16, 0)?,
+            nt_large: f(FK_GEMM_NT_LARGE, FK_SMEM_GEMM_NT_LARGE)?,
+            nt_small: f(FK_GEMM_NT_SMALL, FK_SMEM_GEMM_NT_SMALL)?,
+            nn_large: f(FK_GEMM_NN_LARGE, FK_SMEM_GEMM_NN_LARGE)?,
+            nn_large_mask: f(FK_GEMM_NN_LARGE_MASK, FK_SMEM_GEMM_NN_LARGE)?,
+            nn_small: f(FK_GEMM_NN_SMALL, FK_SMEM_GEMM_NN_SMALL)?,
+            tn_small: f(FK_GEMM_TN_SMALL, FK_SMEM_GEMM_TN_SMALL)?,
+            axpby: f(FK_AXPBY_BF16, 0)?,
         };
         // SAFETY: only probes whether libcublas can be dlopen'ed.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -598,17 +613,10 @@ impl GpuLora {
         if p.num_problems == 0 || grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0 as u32, grid.1 as u32, p.num_problems as u32),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(p);
-        // SAFETY: every pointer in `p` is an arena buffer sized for the shape; the struct is the
-        // FK_GRID_PARAMS argument of the kernel (layout asserted in abi.rs).
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        let grid = (grid.0, grid.1, p.num_problems as usize);
+        // SAFETY: every pointer in `p` is an arena buffer sized for the shape or comes from views
+        // checked against it (`view_ptrs`, `backward_dev`); callers are this module's only.
+        unsafe { launch(&self.stream, f, p, grid, threads as usize, smem as usize, "fused LoRA GEMM") }
     }
 
     fn launch_large(&self, f: &CudaFunction, p: &FkGemmParams, m: usize, n: usize, smem: i64) -> Result<()> {
@@ -700,11 +708,56 @@ impl GpuLora {
     /// Fused forward on the uploaded data: Y = X·Wᵀ + b + Σ s·(X̃·Aᵀ)·Bᵀ on each term's rows.
     pub fn run_forward(&mut self, s: &LinearShape) -> Result<()> {
         let p = self.arena_ptrs(s, false)?;
-        self.forward_dev(s, &p)
+        self.forward_ptrs(s, &p)
     }
 
-    /// The fused forward on the caller's device buffers (the device-resident model).
-    pub fn forward_dev(&mut self, s: &LinearShape, p: &LinearPtrs) -> Result<()> {
+    /// The pointers of `v` after checking every view against the shape `s`.
+    fn view_ptrs(&self, s: &LinearShape, v: &LinearViews) -> Result<LinearPtrs> {
+        let st = &self.stream;
+        let nt = s.terms.len();
+        ensure!(v.a.len() == nt && v.b.len() == nt, "lora gpu: {nt} terms but {} A and {} B", v.a.len(), v.b.len());
+        v.x.need(s.m * s.k, "lora gpu: X")?;
+        let w = match v.w {
+            WeightView::Bf16(w) => {
+                w.need(s.n * s.k, "lora gpu: W")?;
+                DevWeight::Bf16(w.addr(st))
+            }
+            WeightView::Q8 { code, codes, scales } => {
+                ensure!(
+                    code == FK_CODE_I8 as i32 || code == FK_CODE_E4M3 as i32,
+                    "lora gpu: unknown 8-bit code {code}"
+                );
+                codes.need(s.n * s.k, "lora gpu: W codes")?;
+                scales.need(s.n, "lora gpu: W scales")?;
+                DevWeight::Q8 { code, codes: codes.addr(st), scales: scales.addr(st) }
+            }
+        };
+        ensure!(s.bias == v.bias.is_some(), "lora gpu: the shape's bias flag and the bias given disagree");
+        if let Some(b) = v.bias {
+            b.need(s.n, "lora gpu: bias")?;
+        }
+        for (i, t) in s.terms.iter().enumerate() {
+            v.a[i].need(t.rank * s.k, &format!("lora gpu: A of term {i}"))?;
+            v.b[i].need(t.rows.len() * t.rank, &format!("lora gpu: B of term {i}"))?;
+        }
+        Ok(LinearPtrs {
+            x: v.x.addr(st),
+            w: Some(w),
+            bias: v.bias.map_or(0, |b| b.addr(st)),
+            a: v.a.iter().map(|a| a.addr(st)).collect(),
+            b: v.b.iter().map(|b| b.addr(st)).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// The fused forward on the caller's device buffers (the device-resident model): Y [m, n].
+    pub fn forward_dev(&mut self, s: &LinearShape, v: &LinearViews, y: OutView) -> Result<()> {
+        let mut p = self.view_ptrs(s, v)?;
+        (p.y, p.y_f32) = y.check(s.m * s.n, "lora gpu: Y", &self.stream)?;
+        self.forward_ptrs(s, &p)
+    }
+
+    fn forward_ptrs(&mut self, s: &LinearShape, p: &LinearPtrs) -> Result<()> {
         Self::check_ptrs(s, p, false)?;
         let l = Layout::of(s);
         self.run_shrink(s, &l, p)?;
@@ -752,10 +805,34 @@ impl GpuLora {
         self.backward_impl(s, &p, want_dx, s_saved)
     }
 
-    /// The fused backward on the caller's device buffers: dA, dB accumulate, dX (when `p.dx` is
-    /// not 0) is overwritten. S' is recomputed (the arena's S is shared by every linear).
-    pub fn backward_dev(&mut self, s: &LinearShape, p: &LinearPtrs) -> Result<()> {
-        self.backward_impl(s, p, p.dx != 0, false)
+    /// The fused backward on the caller's device buffers from dY bf16 [m, n]: per term dA f32
+    /// [r, k] and dB f32 [rows, r] accumulate (+=), dX [m, k] is overwritten when given. S' is
+    /// recomputed (the arena's S is shared by every linear).
+    pub fn backward_dev(
+        &mut self,
+        s: &LinearShape,
+        v: &LinearViews,
+        dy: View<bf16>,
+        dx: Option<OutView>,
+        da: &[View<f32>],
+        db: &[View<f32>],
+    ) -> Result<()> {
+        let mut p = self.view_ptrs(s, v)?;
+        let st = &self.stream;
+        dy.need(s.m * s.n, "lora gpu: dY")?;
+        p.dy = dy.addr(st);
+        if let Some(d) = dx {
+            (p.dx, p.dx_f32) = d.check(s.m * s.k, "lora gpu: dX", st)?;
+        }
+        let nt = s.terms.len();
+        ensure!(da.len() == nt && db.len() == nt, "lora gpu: {nt} terms but {} dA and {} dB", da.len(), db.len());
+        for (i, t) in s.terms.iter().enumerate() {
+            da[i].need(t.rank * s.k, &format!("lora gpu: dA of term {i}"))?;
+            db[i].need(t.rows.len() * t.rank, &format!("lora gpu: dB of term {i}"))?;
+        }
+        p.da = da.iter().map(|d| d.addr(st)).collect();
+        p.db = db.iter().map(|d| d.addr(st)).collect();
+        self.backward_impl(s, &p, dx.is_some(), false)
     }
 
     fn backward_impl(&mut self, s: &LinearShape, p: &LinearPtrs, want_dx: bool, s_saved: bool) -> Result<()> {
@@ -868,9 +945,9 @@ impl GpuLora {
         Ok(())
     }
 
-    // ---- host-slice entry points (the CPU reference's signatures) ----------------------------
-
-    fn poison_outputs(&mut self, s: &LinearShape) -> Result<()> {
+    /// NaN in Y, dX and the S, G scratch of shape `s` when poisoning is on (tests: whatever
+    /// a launch leaves unwritten shows).
+    pub fn poison_outputs(&mut self, s: &LinearShape) -> Result<()> {
         if self.poison {
             let l = Layout::of(s);
             self.arena.poison16(Buf::Y, s.m * s.n)?;
@@ -879,128 +956,6 @@ impl GpuLora {
             self.arena.poison16(Buf::G, s.m * l.s_ld)?;
         }
         Ok(())
-    }
-
-    /// `ops::lora::lora_linear_forward` on the GPU (fused kernels).
-    pub fn forward(
-        &mut self,
-        out: &mut [f32],
-        inp: &[f32],
-        weight: &[f32],
-        bias: Option<&[f32]>,
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.forward_any(out, inp, BaseWeight::F32(weight), bias, terms, m, k, n)
-    }
-
-    /// `forward` with an 8-bit base weight: the CPU twin is `quant::qlinear_forward` plus
-    /// `ops::lora::lora_terms_forward`. The codes are dequantised inside the fused kernel.
-    pub fn forward_q(
-        &mut self,
-        out: &mut [f32],
-        inp: &[f32],
-        weight: &QWeight,
-        bias: Option<&[f32]>,
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.forward_any(out, inp, BaseWeight::Q(weight), bias, terms, m, k, n)
-    }
-
-    fn forward_any(
-        &mut self,
-        out: &mut [f32],
-        inp: &[f32],
-        weight: BaseWeight,
-        bias: Option<&[f32]>,
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, bias.is_some(), terms)?;
-        ensure!(out.len() == m * n, "lora gpu: out has the wrong length");
-        self.upload_weight(&s, inp, weight, bias)?;
-        self.upload_terms(&s, terms)?;
-        self.poison_outputs(&s)?;
-        self.run_forward(&s)?;
-        out.copy_from_slice(&self.download_y(&s)?);
-        Ok(())
-    }
-
-    /// `ops::lora::lora_linear_backward` on the GPU (fused kernels): dA, dB accumulate into
-    /// `grads`, dX is overwritten (skipped when None).
-    pub fn backward(
-        &mut self,
-        dinp: Option<&mut [f32]>,
-        grads: &mut [TermGrad],
-        dout: &[f32],
-        inp: &[f32],
-        weight: &[f32],
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.backward_any(dinp, grads, dout, inp, BaseWeight::F32(weight), terms, m, k, n)
-    }
-
-    /// `backward` with an 8-bit base weight (dX = dY·W dequantised in the kernel).
-    pub fn backward_q(
-        &mut self,
-        dinp: Option<&mut [f32]>,
-        grads: &mut [TermGrad],
-        dout: &[f32],
-        inp: &[f32],
-        weight: &QWeight,
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.backward_any(dinp, grads, dout, inp, BaseWeight::Q(weight), terms, m, k, n)
-    }
-
-    fn backward_any(
-        &mut self,
-        dinp: Option<&mut [f32]>,
-        grads: &mut [TermGrad],
-        dout: &[f32],
-        inp: &[f32],
-        weight: BaseWeight,
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, false, terms)?;
-        ensure!(grads.len() == terms.len(), "lora gpu: one TermGrad per term");
-        self.upload_weight(&s, inp, weight, None)?;
-        self.upload_terms(&s, terms)?;
-        self.upload_dout(&s, dout)?;
-        self.upload_grads(&s, Some(grads))?;
-        self.poison_outputs(&s)?;
-        self.run_backward(&s, dinp.is_some(), false)?;
-        if let Some(dx) = dinp {
-            ensure!(dx.len() == m * k, "lora gpu: dinp has the wrong length");
-            dx.copy_from_slice(&self.download_dx(&s)?);
-        }
-        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
-            *g = d;
-        }
-        Ok(())
-    }
-
-    fn upload_weight(&mut self, s: &LinearShape, inp: &[f32], w: BaseWeight, bias: Option<&[f32]>) -> Result<()> {
-        match w {
-            BaseWeight::F32(w) => self.upload_base(s, inp, w, bias),
-            BaseWeight::Q(w) => self.upload_base_q(s, inp, w, bias),
-        }
     }
 
     // ---- unfused baselines (cuBLAS) ----------------------------------------------------------
@@ -1079,13 +1034,8 @@ impl GpuLora {
         };
         let threads = FK_POINTWISE_THREADS as usize;
         let blocks = (rows * cols).div_ceil(threads).clamp(1, 65535);
-        let cfg =
-            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(&self.k.axpby);
-        b.arg(&p);
         // SAFETY: windows lie inside arena buffers sized for the shape.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        unsafe { launch(&self.stream, &self.k.axpby, &p, (blocks, 1, 1), threads, 0, "fk_axpby_bf16") }
     }
 
     /// cuBLAS's bare X·Wᵀ (no bias), the reference point of the benchmarks.
@@ -1185,54 +1135,6 @@ impl GpuLora {
                     }
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// `lora_linear_forward` through an unfused baseline (no bias, no dropout).
-    pub fn forward_unfused(
-        &mut self,
-        style: Unfused,
-        out: &mut [f32],
-        inp: &[f32],
-        weight: &[f32],
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, false, terms)?;
-        self.upload(&s, inp, weight, None, terms)?;
-        self.poison_outputs(&s)?;
-        self.run_forward_unfused(&s, style)?;
-        out.copy_from_slice(&self.download_y(&s)?);
-        Ok(())
-    }
-
-    /// `lora_linear_backward` through an unfused baseline (forward included, for its saved S).
-    pub fn backward_unfused(
-        &mut self,
-        style: Unfused,
-        dinp: &mut [f32],
-        grads: &mut [TermGrad],
-        dout: &[f32],
-        inp: &[f32],
-        weight: &[f32],
-        terms: &[LoraTerm],
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let s = LinearShape::new(m, k, n, false, terms)?;
-        self.upload(&s, inp, weight, None, terms)?;
-        self.upload_dout(&s, dout)?;
-        self.upload_grads(&s, Some(grads))?;
-        self.poison_outputs(&s)?;
-        self.run_forward_unfused(&s, style)?;
-        self.run_backward_unfused(&s, style, true)?;
-        dinp.copy_from_slice(&self.download_dx(&s)?);
-        for (g, d) in grads.iter_mut().zip(self.download_grads(&s)?) {
-            *g = d;
         }
         Ok(())
     }

@@ -5,28 +5,29 @@
 
 use std::collections::HashMap;
 
+/// One call of a linear as adapters see it: the module, its input [m, k] and its output width n.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCall<'a> {
+    /// The BFL module name (`double_blocks.3.img_attn.qkv`).
+    pub module: &'a str,
+    pub inp: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
 /// The adapters attached to the linears of one forward/backward call.
 pub trait LinearAdapters {
     /// True when some adapter acts on module `module` (its backward has work to do).
     fn on(&self, module: &str) -> bool;
 
-    /// out[m, n] += the adapters' output on module `module` for inp[m, k].
-    fn forward(&self, module: &str, out: &mut [f32], inp: &[f32], m: usize, k: usize, n: usize);
+    /// out[m, n] += the adapters' output for the call.
+    fn forward(&self, call: LinearCall, out: &mut [f32]);
 
-    /// Backward of `forward` through the frozen weight: the adapters' parameter gradients
-    /// accumulate into `grads`, and their input gradient is added to `dinp` (which already holds
-    /// the base weight's part) when it is given.
-    fn backward(
-        &self,
-        module: &str,
-        grads: &mut AdapterGrads,
-        dinp: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
-    );
+    /// Backward of `forward` through the frozen weight from dout [m, n]: the adapters' parameter
+    /// gradients accumulate into `grads`, and their input gradient is added to `dinp` (which
+    /// already holds the base weight's part) when it is given.
+    fn backward(&self, call: LinearCall, dout: &[f32], dinp: Option<&mut [f32]>, grads: &mut AdapterGrads);
 }
 
 /// The base model alone.
@@ -36,19 +37,8 @@ impl LinearAdapters for NoAdapters {
     fn on(&self, _: &str) -> bool {
         false
     }
-    fn forward(&self, _: &str, _: &mut [f32], _: &[f32], _: usize, _: usize, _: usize) {}
-    fn backward(
-        &self,
-        _: &str,
-        _: &mut AdapterGrads,
-        _: Option<&mut [f32]>,
-        _: &[f32],
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-    ) {
-    }
+    fn forward(&self, _: LinearCall, _: &mut [f32]) {}
+    fn backward(&self, _: LinearCall, _: &[f32], _: Option<&mut [f32]>, _: &mut AdapterGrads) {}
 }
 
 /// The gradients of one adapter term: one tensor per parameter, in its kind's order (LoRA: dA,

@@ -6,6 +6,7 @@
 
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
+use crate::util::{splitmix64 as mix, unit24};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -25,13 +26,6 @@ pub struct RandomParam {
     pub numel: usize,
 }
 
-/// splitmix64's finaliser: a bijection that scrambles every input bit into every output bit.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// FNV-1a over the name: stable across runs and platforms, unlike std's hasher.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
@@ -48,9 +42,8 @@ impl RandomParam {
             Init::Uniform(bound) => (0..self.numel)
                 .into_par_iter()
                 .map(|i| {
-                    let z = mix(self.stream.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
                     // 24 random bits: an exact f32 in [0, 1).
-                    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                    let u = unit24(mix(self.stream.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))));
                     bound * (2.0 * u - 1.0)
                 })
                 .collect(),

@@ -1,6 +1,6 @@
 //! The transformer's frozen parameters, as a tree that mirrors BFL's module tree name for name.
 
-use super::adapt::{AdapterGrads, LinearAdapters};
+use super::adapt::{AdapterGrads, LinearAdapters, LinearCall};
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
 use crate::ops::matmul::{linear_backward_input, linear_forward};
@@ -19,6 +19,10 @@ pub struct Linear {
 }
 
 impl Linear {
+    fn call<'a>(&'a self, inp: &'a [f32], m: usize) -> LinearCall<'a> {
+        LinearCall { module: &self.name, inp, m, k: self.d_in, n: self.d_out }
+    }
+
     /// out[m, d_out] = inp[m, d_in]·Wᵀ + b, then whatever `ad` attaches to this module.
     pub fn forward(&self, out: &mut [f32], inp: &[f32], m: usize, ad: &dyn LinearAdapters) -> Result<()> {
         let b = match &self.bias {
@@ -33,7 +37,7 @@ impl Linear {
             let w = self.weight.load()?;
             linear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
         }
-        ad.forward(&self.name, out, inp, m, self.d_in, self.d_out);
+        ad.forward(self.call(inp, m), out);
         Ok(())
     }
 
@@ -61,7 +65,7 @@ impl Linear {
                 linear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
             }
         }
-        ad.backward(&self.name, grads, dinp, dout, inp, m, self.d_in, self.d_out);
+        ad.backward(self.call(inp, m), dout, dinp, grads);
         Ok(())
     }
 

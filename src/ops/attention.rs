@@ -156,6 +156,30 @@ pub fn attention_backward_masked(
     );
 }
 
+/// Calls f(token-major offset, head-major offset) for the d values of every (sample, token,
+/// head) of a stream of `ls` tokens: token-major [b, ls, stride] from column `col`, head-major
+/// [b, h, l_total, d] from row `l_off`.
+fn head_rows(
+    b: usize,
+    ls: usize,
+    stride: usize,
+    col: usize,
+    h: usize,
+    d: usize,
+    l_total: usize,
+    l_off: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    for bi in 0..b {
+        for t in 0..ls {
+            let s = (bi * ls + t) * stride + col;
+            for hi in 0..h {
+                f(s + hi * d, ((bi * h + hi) * l_total + l_off + t) * d);
+            }
+        }
+    }
+}
+
 /// Copies heads out of a token-major projection: src [b, ls, stride], head hi of width d at
 /// column col + hi·d, into dst [b, h, l_total, d] rows l_off..l_off + ls.
 pub fn split_heads(
@@ -172,15 +196,9 @@ pub fn split_heads(
 ) {
     assert_eq!(dst.len(), b * h * l_total * d);
     assert_eq!(src.len(), b * ls * stride);
-    for bi in 0..b {
-        for t in 0..ls {
-            let s = (bi * ls + t) * stride + col;
-            for hi in 0..h {
-                let o = ((bi * h + hi) * l_total + l_off + t) * d;
-                dst[o..o + d].copy_from_slice(&src[s + hi * d..s + (hi + 1) * d]);
-            }
-        }
-    }
+    head_rows(b, ls, stride, col, h, d, l_total, l_off, |tok, head| {
+        dst[head..head + d].copy_from_slice(&src[tok..tok + d])
+    });
 }
 
 /// The inverse: dst [b, ls, stride] columns col..col + h·d ← src [b, h, l_total, d] rows
@@ -199,15 +217,9 @@ pub fn merge_heads(
 ) {
     assert_eq!(src.len(), b * h * l_total * d);
     assert_eq!(dst.len(), b * ls * stride);
-    for bi in 0..b {
-        for t in 0..ls {
-            let o = (bi * ls + t) * stride + col;
-            for hi in 0..h {
-                let s = ((bi * h + hi) * l_total + l_off + t) * d;
-                dst[o + hi * d..o + (hi + 1) * d].copy_from_slice(&src[s..s + d]);
-            }
-        }
-    }
+    head_rows(b, ls, stride, col, h, d, l_total, l_off, |tok, head| {
+        dst[tok..tok + d].copy_from_slice(&src[head..head + d])
+    });
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! each on a slice of the output (q, k or v of a fused qkv; the MLP part of linear1).
 
 use super::matmul::{gemm, linear_backward_input, linear_forward};
+use crate::util::{splitmix64, unit24};
 use std::ops::Range;
 
 /// LoRA dropout on the adapter's input (PEFT's `lora_dropout`): element i of the input is kept
@@ -15,11 +16,7 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn factor(&self, i: usize) -> f32 {
-        let mut z = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+        let u = unit24(splitmix64(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         if u < self.p {
             0.0
         } else {

@@ -1,11 +1,11 @@
 //! What one training step keeps on the GPU between the forward and the backward, per block, as
-//! the device-resident step (src/model/gpu/) allocates it, in the op order of
+//! the device-resident step (src/engine/cuda/) allocates it, in the op order of
 //! docs/flux-model.md §2.7–2.8. Its policy: the residual streams, LayerNorm
 //! outputs and every linear's f32 output that a later backward reads stay f32; each linear's
 //! input is kept once, as the bf16 copy the GEMM read; attention is flash attention (Q, K, V, O
 //! in bf16, the f32 log-sum-exp and the QK RMSNorms' 1/rms per row); the LoRA terms' x·Aᵀ is
 //! recomputed in the backward, not kept. (The CPU reference keeps more, in f32.) Where a count
-//! here and the allocation in src/model/gpu/ disagree, the code is right and this is a bug.
+//! here and the allocation in src/engine/cuda/ disagree, the code is right and this is a bug.
 
 use crate::model::config::FluxConfig;
 

@@ -1,6 +1,6 @@
 //! Peak GPU memory of a LoRA training step, predicted from the configuration: frozen weights by
 //! dtype, LoRA factors with their gradients and AdamW state, activations with and without
-//! per-block checkpointing, inputs, workspace, as the device-resident step (src/model/gpu/)
+//! per-block checkpointing, inputs, workspace, as the device-resident step (src/engine/cuda/)
 //! allocates them. A model, not a measurement: that step has not run on a GPU yet, so there is
 //! no measured peak to set beside it (docs/memory.md; `bench-step` measures one).
 

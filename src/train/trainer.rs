@@ -228,268 +228,345 @@ impl Previews {
     }
 }
 
-/// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
-pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
-    tc.validate()?;
-    let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
-    let (model, weights) = open_model(&tc)?;
-    let mut pipe = Pipeline::new(&tc, &model.cfg);
-    let ds = if tc.data.is_empty() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
-    let class =
-        if tc.class_data.is_empty() { None } else { Some(pipe.dataset(&tc.class_data, quiet).context("class_data")?) };
-    let previews = if tc.sample_every > 0 && !tc.sample_prompts.is_empty() {
-        Some(Previews::new(&mut pipe, &tc, &model.cfg)?)
-    } else {
-        None
-    };
-    let lc = lora_config(&tc)?;
-    let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
-    let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
-    let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
-    let mut start = 0;
-    let ckpt_dir = PathBuf::from(tc.checkpoint_path());
-    if let Some(dir) = resume {
-        let st = checkpoint::load(dir)?;
-        if st.layout != layout(&specs) {
-            bail!("{}: the checkpoint's adapters differ from this config's (targets or ranks changed)", dir.display());
-        }
-        if st.params.iter().map(|p| p.len()).collect::<Vec<_>>() != sizes {
-            bail!("{}: checkpoint tensor sizes differ from this config's adapters", dir.display());
-        }
-        set.set_params(st.params)?;
-        opt = st.opt;
-        start = st.step;
-        if start >= tc.steps {
-            bail!(
-                "{}: the checkpoint is at step {start}, and steps = {}; raise --steps to go on",
-                dir.display(),
-                tc.steps
-            );
-        }
-    }
+/// What a run prints and returns as its log: lines to stderr (through the progress bar when it
+/// is drawn) unless quiet.
+struct Log {
+    lines: Vec<String>,
+    quiet: bool,
+}
 
-    let (device, device_note) = Device::parse(&tc.device)?;
-    let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
-    let mut engine = Engine::new(&device, &model.cfg, weights, opts)?;
-
-    let mut log = Vec::new();
-    let mut say = |s: String, pb: Option<&indicatif::ProgressBar>| {
-        if !quiet {
+impl Log {
+    fn say(&mut self, s: String, pb: Option<&indicatif::ProgressBar>) {
+        if !self.quiet {
             match pb {
                 Some(p) if !p.is_hidden() => p.println(&s),
                 _ => eprintln!("{s}"),
             }
         }
-        log.push(s);
-    };
-    if let Some(n) = device_note {
-        say(format!("--device auto: {n}"), None);
+        self.lines.push(s);
     }
-    if let Some(g) = engine.cuda() {
-        let bytes: usize = g.m.w.linears().iter().map(|l| l.bytes()).sum();
-        say(
+}
+
+/// A training run between its phases: opened (model, data, adapters, resumed state, engine),
+/// stepped, finished (the LoRA written).
+struct Run {
+    tc: TrainConfig,
+    model: Model,
+    ds: Dataset,
+    class: Option<Dataset>,
+    previews: Option<Previews>,
+    lc: LoraConfig,
+    specs: Vec<AdapterSpec>,
+    set: AdapterSet,
+    opt: AdamW,
+    start: usize,
+    ckpt_dir: PathBuf,
+    out: PathBuf,
+    engine: Engine,
+    log: Log,
+}
+
+/// Where the step loop ended.
+struct Ended {
+    step: usize,
+    interrupted: bool,
+    last_loss: f64,
+    secs: f64,
+}
+
+impl Run {
+    /// Everything before the first step. `resume`: a checkpoint folder whose config is the base.
+    fn open(tc: TrainConfig, resume: Option<&Path>, quiet: bool) -> Result<Run> {
+        let (model, weights) = open_model(&tc)?;
+        let mut pipe = Pipeline::new(&tc, &model.cfg);
+        let ds =
+            if tc.data.is_empty() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
+        let class = if tc.class_data.is_empty() {
+            None
+        } else {
+            Some(pipe.dataset(&tc.class_data, quiet).context("class_data")?)
+        };
+        let previews = if tc.sample_every > 0 && !tc.sample_prompts.is_empty() {
+            Some(Previews::new(&mut pipe, &tc, &model.cfg)?)
+        } else {
+            None
+        };
+        let lc = lora_config(&tc)?;
+        let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
+        let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
+        let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
+        let mut start = 0;
+        if let Some(dir) = resume {
+            let st = checkpoint::load(dir)?;
+            if st.layout != layout(&specs) {
+                bail!(
+                    "{}: the checkpoint's adapters differ from this config's (targets or ranks changed)",
+                    dir.display()
+                );
+            }
+            if st.params.iter().map(|p| p.len()).collect::<Vec<_>>() != sizes {
+                bail!("{}: checkpoint tensor sizes differ from this config's adapters", dir.display());
+            }
+            set.set_params(st.params)?;
+            opt = st.opt;
+            start = st.step;
+            if start >= tc.steps {
+                bail!(
+                    "{}: the checkpoint is at step {start}, and steps = {}; raise --steps to go on",
+                    dir.display(),
+                    tc.steps
+                );
+            }
+        }
+
+        let (device, device_note) = Device::parse(&tc.device)?;
+        let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
+        let engine = Engine::new(&device, &model.cfg, weights, opts)?;
+        let mut log = Log { lines: Vec::new(), quiet };
+        if let Some(n) = device_note {
+            log.say(format!("--device auto: {n}"), None);
+        }
+        if let Some(g) = engine.cuda() {
+            let bytes: usize = g.m.w.linears().iter().map(|l| l.bytes()).sum();
+            log.say(
+                format!(
+                    "GPU: the whole step on the device; base weights {} ({:.2} GiB), activation checkpointing {}",
+                    tc.base,
+                    crate::plan::gib(bytes),
+                    if tc.gradient_checkpointing { "on" } else { "off" }
+                ),
+                None,
+            );
+        }
+        let n_train: usize = specs.iter().map(|s| s.param_count()).sum();
+        log.say(
             format!(
-                "GPU: the whole step on the device; base weights {} ({:.2} GiB), activation checkpointing {}",
-                tc.base,
-                crate::plan::gib(bytes),
-                if tc.gradient_checkpointing { "on" } else { "off" }
+                "model: {}; data: {} samples{}; {} adapters, {} trainable parameters; {} steps from step {start}",
+                model.name,
+                ds.len(),
+                class.as_ref().map_or(String::new(), |c| format!(
+                    " + {} class samples (λ = {})",
+                    c.len(),
+                    tc.prior_weight
+                )),
+                specs.len(),
+                crate::util::thousands(n_train),
+                tc.steps
             ),
             None,
         );
-    }
-    let n_train: usize = specs.iter().map(|s| s.param_count()).sum();
-    say(
-        format!(
-            "model: {}; data: {} samples{}; {} adapters, {} trainable parameters; {} steps from step {start}",
-            model.name,
-            ds.len(),
-            class.as_ref().map_or(String::new(), |c| format!(" + {} class samples (λ = {})", c.len(), tc.prior_weight)),
-            specs.len(),
-            crate::util::thousands(n_train),
-            tc.steps
-        ),
-        None,
-    );
-
-    let out = PathBuf::from(&tc.out);
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut demo_before = None;
-    if builtin_demo && start == 0 {
-        let data: Vec<Vec<f32>> = ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
-        crate::sample::preview::write_preview(&sibling(&out, "-data.png"), &data, builtin::LATENT, builtin::LATENT, 8)?;
-        // The base model alone: the adapters are attached after.
-        let lats = demo_samples(&mut engine, &ds)?;
-        crate::sample::preview::write_preview(
-            &sibling(&out, "-before.png"),
-            &lats,
-            builtin::LATENT,
-            builtin::LATENT,
-            8,
-        )?;
-        let d = mean_distance(&lats);
-        demo_before = Some(d);
-        say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
+        let out = PathBuf::from(&tc.out);
+        if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let ckpt_dir = PathBuf::from(tc.checkpoint_path());
+        Ok(Run { tc, model, ds, class, previews, lc, specs, set, opt, start, ckpt_dir, out, engine, log })
     }
 
-    engine.train_adapters(&set, Some(&opt))?;
+    /// The built-in demo's samples with the engine's current adapters, written next to the
+    /// output as `<stem><suffix>`; returns their mean distance to the style colour.
+    fn demo_preview(&mut self, suffix: &str) -> Result<f32> {
+        let lats = demo_samples(&mut self.engine, &self.ds)?;
+        let (h, w) = (builtin::LATENT, builtin::LATENT);
+        crate::sample::preview::write_preview(&sibling(&self.out, suffix), &lats, h, w, 8)?;
+        Ok(mean_distance(&lats))
+    }
 
-    let mut metrics = if tc.metrics.is_empty() {
-        None
-    } else {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&tc.metrics)
-                .with_context(|| format!("cannot open metrics file {}", tc.metrics))?,
-        )
-    };
-    let pb = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(tc.steps as u64) };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{per_sec}, ETA {eta}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_position(start as u64);
-    let log_every = if tc.log_every > 0 { tc.log_every } else { (tc.steps / 20).max(1) };
-    let save_state = |step: usize, params: Vec<Vec<f32>>, opt: &AdamW| -> Result<()> {
-        checkpoint::save(
-            &ckpt_dir,
-            &State { step, params, opt: opt.clone(), config: tc.clone(), layout: layout(&specs) },
-        )
-    };
-    let t0 = Instant::now();
-    let mut ema: Option<f64> = None;
-    let mut last_loss = f64::NAN;
-    let mut interrupted = false;
-    let mut step = start;
-    while step < tc.steps {
-        let gscale = 1.0 / tc.grad_accum as f32;
-        let (mut loss, mut prior) = (0.0, 0.0);
-        engine.zero_grads()?;
-        for j in 0..tc.grad_accum {
-            let k = (step * tc.grad_accum + j) as u64;
-            loss += micro_step(&mut engine, &tc, &ds, k, 0, gscale)? / tc.grad_accum as f64;
-            if let Some(cds) = &class {
-                let l = micro_step(&mut engine, &tc, cds, k, 0xC1A55, gscale * tc.prior_weight)?;
-                prior += l / tc.grad_accum as f64;
+    /// The optimizer steps from `start` until `steps` or an interrupt: micro-batches, the loss
+    /// check, AdamW, metrics, log lines, previews and checkpoints.
+    fn steps(&mut self, interrupt: &AtomicBool) -> Result<Ended> {
+        let tc = &self.tc;
+        let mut metrics = if tc.metrics.is_empty() {
+            None
+        } else {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&tc.metrics)
+                    .with_context(|| format!("cannot open metrics file {}", tc.metrics))?,
+            )
+        };
+        let pb = if self.log.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(tc.steps as u64)
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{per_sec}, ETA {eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(self.start as u64);
+        let log_every = if tc.log_every > 0 { tc.log_every } else { (tc.steps / 20).max(1) };
+        let t0 = Instant::now();
+        let mut ema: Option<f64> = None;
+        let mut last_loss = f64::NAN;
+        let mut interrupted = false;
+        let mut step = self.start;
+        while step < tc.steps {
+            let gscale = 1.0 / tc.grad_accum as f32;
+            let (mut loss, mut prior) = (0.0, 0.0);
+            self.engine.zero_grads()?;
+            for j in 0..tc.grad_accum {
+                let k = (step * tc.grad_accum + j) as u64;
+                loss += micro_step(&mut self.engine, tc, &self.ds, k, 0, gscale)? / tc.grad_accum as f64;
+                if let Some(cds) = &self.class {
+                    let l = micro_step(&mut self.engine, tc, cds, k, 0xC1A55, gscale * tc.prior_weight)?;
+                    prior += l / tc.grad_accum as f64;
+                }
+            }
+            let total = loss + tc.prior_weight as f64 * prior;
+            if !total.is_finite() {
+                pb.abandon();
+                let kept = if self.ckpt_dir.join("state.safetensors").exists() {
+                    format!("the last good checkpoint is {}", self.ckpt_dir.display())
+                } else {
+                    "no checkpoint was written".into()
+                };
+                bail!(
+                    "step {}: the loss is not finite ({total}); stopping without writing the LoRA ({kept})",
+                    step + 1
+                );
+            }
+            let lr = lr_at(&tc.lr_schedule, tc.lr, step, tc.warmup_steps, tc.steps);
+            let gnorm = self.engine.optimizer_step(&mut self.opt, lr, tc.max_grad_norm)?;
+            step += 1;
+            last_loss = total;
+            let e = ema.map_or(total, |e| 0.9 * e + 0.1 * total);
+            ema = Some(e);
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {e:.4} lr {lr:.2e}"));
+            if let Some(f) = metrics.as_mut() {
+                let mut j = serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm});
+                if self.class.is_some() {
+                    j["prior_loss"] = prior.into();
+                }
+                writeln!(f, "{j}").with_context(|| format!("cannot write {}", tc.metrics))?;
+            }
+            if step.is_multiple_of(log_every) || step == tc.steps {
+                let pl = if self.class.is_some() { format!(" prior {prior:.4}") } else { String::new() };
+                let line =
+                    format!("step {step}/{} loss {loss:.4}{pl} (ema {e:.4}) lr {lr:.2e} |g| {gnorm:.3}", tc.steps);
+                self.log.say(line, Some(&pb));
+            }
+            if let Some(p) = self.previews.as_ref().filter(|_| step.is_multiple_of(tc.sample_every) || step == tc.steps)
+            {
+                let files = p.write(&mut self.engine, &sibling(&self.out, "-samples"), step)?;
+                self.log.say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
+            }
+            let checkpoint_now = tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every);
+            let stop = interrupt.load(Ordering::SeqCst);
+            if checkpoint_now || stop {
+                let params = self.engine.trainable_to_host(&mut self.opt)?;
+                let state =
+                    State { step, params, opt: self.opt.clone(), config: tc.clone(), layout: layout(&self.specs) };
+                checkpoint::save(&self.ckpt_dir, &state)?;
+            }
+            if stop {
+                let line = format!(
+                    "interrupted: checkpoint at step {step} in {} (resume with --resume)",
+                    self.ckpt_dir.display()
+                );
+                self.log.say(line, Some(&pb));
+                interrupted = true;
+                break;
             }
         }
-        let total = loss + tc.prior_weight as f64 * prior;
-        if !total.is_finite() {
-            pb.abandon();
-            let kept = if ckpt_dir.join("state.safetensors").exists() {
-                format!("the last good checkpoint is {}", ckpt_dir.display())
-            } else {
-                "no checkpoint was written".into()
-            };
-            bail!("step {}: the loss is not finite ({total}); stopping without writing the LoRA ({kept})", step + 1);
-        }
-        let lr = lr_at(&tc.lr_schedule, tc.lr, step, tc.warmup_steps, tc.steps);
-        let gnorm = engine.optimizer_step(&mut opt, lr, tc.max_grad_norm)?;
-        step += 1;
-        last_loss = total;
-        let e = ema.map_or(total, |e| 0.9 * e + 0.1 * total);
-        ema = Some(e);
-        pb.set_position(step as u64);
-        pb.set_message(format!("loss {e:.4} lr {lr:.2e}"));
-        if let Some(f) = metrics.as_mut() {
-            let mut j = serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm});
-            if class.is_some() {
-                j["prior_loss"] = prior.into();
-            }
-            writeln!(f, "{j}").with_context(|| format!("cannot write {}", tc.metrics))?;
-        }
-        if step % log_every == 0 || step == tc.steps {
-            let pl = if class.is_some() { format!(" prior {prior:.4}") } else { String::new() };
-            say(
-                format!("step {step}/{} loss {loss:.4}{pl} (ema {e:.4}) lr {lr:.2e} |g| {gnorm:.3}", tc.steps),
-                Some(&pb),
-            );
-        }
-        if let Some(p) = previews.as_ref().filter(|_| step % tc.sample_every == 0 || step == tc.steps) {
-            let files = p.write(&mut engine, &sibling(&out, "-samples"), step)?;
-            say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
-        }
-        let checkpoint_now = tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0;
-        let stop = interrupt.load(Ordering::SeqCst);
-        if checkpoint_now || stop {
-            let params = engine.trainable_to_host(&mut opt)?;
-            save_state(step, params, &opt)?;
-        }
-        if stop {
-            say(
-                format!("interrupted: checkpoint at step {step} in {} (resume with --resume)", ckpt_dir.display()),
-                Some(&pb),
-            );
-            interrupted = true;
-            break;
-        }
+        pb.finish_and_clear();
+        Ok(Ended { step, interrupted, last_loss, secs: t0.elapsed().as_secs_f64() })
     }
-    pb.finish_and_clear();
-    set.set_params(engine.trainable_to_host(&mut opt)?)?;
-    if let Some(g) = engine.cuda() {
-        g.m.synchronize()?;
-        let gib = crate::plan::gib;
-        let pool = g.m.pool_peak().map_or("unknown (no memory pool)".into(), |b| format!("{:.2} GiB", gib(b)));
-        say(
-            format!(
+
+    /// After the last step: the trained factors back from the engine, the GPU's memory report,
+    /// and the LoRA file with its metadata.
+    fn finish(&mut self, end: &Ended) -> Result<()> {
+        let tc = &self.tc;
+        self.set.set_params(self.engine.trainable_to_host(&mut self.opt)?)?;
+        if let Some(g) = self.engine.cuda() {
+            g.m.synchronize()?;
+            let gib = crate::plan::gib;
+            let pool = g.m.pool_peak().map_or("unknown (no memory pool)".into(), |b| format!("{:.2} GiB", gib(b)));
+            let line = format!(
                 "GPU memory: peak allocated {pool} (the CUDA context and cuBLAS workspace come on top); \
                  {:.2} GiB in use at the fullest block boundary",
                 gib(g.m.peak_used)
-            ),
-            None,
+            );
+            self.log.say(line, None);
+        }
+        let done = end.step - self.start;
+        let line = format!("{done} steps in {:.1} s ({:.2} it/s)", end.secs, done as f64 / end.secs.max(1e-9));
+        self.log.say(line, None);
+
+        let mut meta = BTreeMap::from([
+            ("flux_kernels.config".to_string(), serde_json::to_string(tc)?),
+            ("flux_kernels.base_model".to_string(), self.model.name.clone()),
+            ("flux_kernels.steps".to_string(), end.step.to_string()),
+            ("flux_kernels.dataset_size".to_string(), self.ds.len().to_string()),
+            ("flux_kernels.rank".to_string(), tc.rank.to_string()),
+            ("flux_kernels.alpha".to_string(), self.lc.alpha.to_string()),
+            ("flux_kernels.targets".to_string(), tc.targets.clone()),
+        ]);
+        if end.interrupted {
+            meta.insert("flux_kernels.interrupted".into(), "true".into());
+        }
+        let format: LoraFormatOut = tc.format.parse()?;
+        let dtype = match tc.save_dtype.as_str() {
+            "f32" => Dtype::F32,
+            "f16" => Dtype::F16,
+            _ => Dtype::BF16,
+        };
+        let size = write_lora(&self.out, &self.model.cfg, self.set.terms(), format, dtype, meta)?;
+        let line = format!(
+            "wrote {} ({} bytes, {format:?} format)",
+            self.out.display(),
+            crate::util::thousands(size as usize)
         );
+        self.log.say(line, None);
+        Ok(())
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let done = step - start;
-    say(format!("{done} steps in {secs:.1} s ({:.2} it/s)", done as f64 / secs.max(1e-9)), None);
+}
 
-    let mut meta = BTreeMap::from([
-        ("flux_kernels.config".to_string(), serde_json::to_string(&tc)?),
-        ("flux_kernels.base_model".to_string(), model.name.clone()),
-        ("flux_kernels.steps".to_string(), step.to_string()),
-        ("flux_kernels.dataset_size".to_string(), ds.len().to_string()),
-        ("flux_kernels.rank".to_string(), tc.rank.to_string()),
-        ("flux_kernels.alpha".to_string(), lc.alpha.to_string()),
-        ("flux_kernels.targets".to_string(), tc.targets.clone()),
-    ]);
-    if interrupted {
-        meta.insert("flux_kernels.interrupted".into(), "true".into());
-    }
-    let format: LoraFormatOut = tc.format.parse()?;
-    let dtype = match tc.save_dtype.as_str() {
-        "f32" => Dtype::F32,
-        "f16" => Dtype::F16,
-        _ => Dtype::BF16,
-    };
-    let size = write_lora(&out, &model.cfg, set.terms(), format, dtype, meta)?;
-    say(
-        format!("wrote {} ({} bytes, {:?} format)", out.display(), crate::util::thousands(size as usize), format),
-        None,
-    );
-
-    let mut demo = None;
-    if let (Some(before), false) = (demo_before, interrupted) {
-        let lats = demo_samples(&mut engine, &ds)?;
+/// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
+pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
+    tc.validate()?;
+    let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
+    let mut run = Run::open(tc, resume, quiet)?;
+    let mut demo_before = None;
+    if builtin_demo && run.start == 0 {
+        let data: Vec<Vec<f32>> = run.ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
         crate::sample::preview::write_preview(
-            &sibling(&out, "-after.png"),
-            &lats,
+            &sibling(&run.out, "-data.png"),
+            &data,
             builtin::LATENT,
             builtin::LATENT,
             8,
         )?;
-        let after = mean_distance(&lats);
-        say(
-            format!(
-                "after training: samples' colour is {after:.3} from the style colour (before: {before:.3}); previews: {} and {}",
-                sibling(&out, "-before.png").display(),
-                sibling(&out, "-after.png").display()
-            ),
-            None,
+        // The base model alone: the adapters are attached after.
+        let d = run.demo_preview("-before.png")?;
+        demo_before = Some(d);
+        run.log.say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
+    }
+    run.engine.train_adapters(&run.set, Some(&run.opt))?;
+    let end = run.steps(&interrupt)?;
+    run.finish(&end)?;
+
+    let mut demo = None;
+    if let (Some(before), false) = (demo_before, end.interrupted) {
+        let after = run.demo_preview("-after.png")?;
+        let line = format!(
+            "after training: samples' colour is {after:.3} from the style colour (before: {before:.3}); previews: {} and {}",
+            sibling(&run.out, "-before.png").display(),
+            sibling(&run.out, "-after.png").display()
         );
+        run.log.say(line, None);
         demo = Some((before, after));
     }
-    Ok(Outcome { steps_done: step, interrupted, lora_path: Some(out), final_loss: last_loss, demo, log })
+    let Run { out, log, .. } = run;
+    Ok(Outcome {
+        steps_done: end.step,
+        interrupted: end.interrupted,
+        lora_path: Some(out),
+        final_loss: end.last_loss,
+        demo,
+        log: log.lines,
+    })
 }

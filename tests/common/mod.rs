@@ -130,3 +130,4 @@ pub fn check(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) -> f64 
     assert!(e <= tol, "{what}: rel L2 {e:.3e} > {tol:e}; seed {seed}");
     e
 }
+pub mod gpu;

@@ -4,7 +4,6 @@
 //! (A0, B0, A1, B1, …); `by_module` finds a linear's.
 
 use super::to16;
-use super::weights::ptr;
 use crate::adapters::{term_seed, AdapterSet, Kind};
 use crate::engine::CudaBackend;
 use crate::kernels::lora::TermShape;
@@ -128,11 +127,10 @@ impl DevLora {
     /// Refreshes the bf16 factors from the f32 masters (after an optimizer step).
     pub fn sync_factors(&mut self, g: &CudaBackend) -> Result<()> {
         let Some(t) = self.train.as_ref() else { return Ok(()) };
-        let st = &g.stream;
         for (i, term) in self.terms.iter().enumerate() {
             let (a, b) = (&t.params[2 * i], &t.params[2 * i + 1]);
-            g.ops.cast_f32_to_bf16(ptr(a, st), ptr(&term.a16, st), a.len())?;
-            g.ops.cast_f32_to_bf16(ptr(b, st), ptr(&term.b16, st), b.len())?;
+            g.copy.cast_f32_to_bf16(a.into(), (&term.a16).into(), a.len())?;
+            g.copy.cast_f32_to_bf16(b.into(), (&term.b16).into(), b.len())?;
         }
         Ok(())
     }

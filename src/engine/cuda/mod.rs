@@ -14,14 +14,16 @@ pub mod train;
 pub mod weights;
 
 use super::Device;
-use crate::kernels::attention::AttnDims;
-use crate::kernels::attention::GpuAttention;
+use crate::kernels::activation::GpuActivation;
+use crate::kernels::attention::{AttnDims, GpuAttention};
+use crate::kernels::copy::GpuCopy;
+use crate::kernels::embedding::GpuEmbedding;
 use crate::kernels::gpu::Gpu;
-use crate::kernels::lora::GpuLora;
-use crate::kernels::lora::{LinearPtrs, LinearShape};
-use crate::kernels::model_ops::DevMat;
-use crate::kernels::model_ops::GpuModelOps;
-use crate::kernels::step::{GpuStepOps, StepDims};
+use crate::kernels::launch::{DevMat, View};
+use crate::kernels::lora::{GpuLora, LinearShape, LinearViews, OutView};
+use crate::kernels::norm::{GpuNorm, StepDims};
+use crate::kernels::optim::GpuOptim;
+use crate::kernels::random::GpuRandom;
 use crate::model::config::FluxConfig;
 use crate::model::double_block::LN_EPS;
 use crate::model::embed::{MAX_PERIOD, TIME_FACTOR};
@@ -35,7 +37,7 @@ use half::bf16;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 pub use weights::BaseDtype;
-use weights::{ptr, DevEmbedder, DevLinear, DevWeights};
+use weights::{DevEmbedder, DevLinear, DevWeights};
 
 pub(crate) type F32 = CudaSlice<f32>;
 pub(crate) type B16 = CudaSlice<bf16>;
@@ -44,10 +46,12 @@ pub(crate) type B16 = CudaSlice<bf16>;
 pub struct CudaBackend {
     pub lora: GpuLora,
     pub attn: GpuAttention,
-    /// The elementwise, normalisation, loss and optimizer kernels of the device-resident step.
-    pub step: GpuStepOps,
-    /// Layout moves, QK prologue, GELU, timestep embedding and random fill of that step.
-    pub ops: GpuModelOps,
+    pub norm: GpuNorm,
+    pub act: GpuActivation,
+    pub copy: GpuCopy,
+    pub embed: GpuEmbedding,
+    pub random: GpuRandom,
+    pub optim: GpuOptim,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
 }
@@ -73,8 +77,12 @@ impl CudaBackend {
         let backend = CudaBackend {
             lora: GpuLora::new(&gpu)?,
             attn: GpuAttention::new(&gpu)?,
-            step: GpuStepOps::new(&gpu)?,
-            ops: GpuModelOps::new(&gpu)?,
+            norm: GpuNorm::new(&gpu)?,
+            act: GpuActivation::new(&gpu)?,
+            copy: GpuCopy::new(&gpu)?,
+            embed: GpuEmbedding::new(&gpu)?,
+            random: GpuRandom::new(&gpu)?,
+            optim: GpuOptim::new(&gpu)?,
             ctx: gpu.ctx.clone(),
             stream: gpu.stream.clone(),
         };
@@ -170,10 +178,6 @@ pub(crate) struct Run<'a> {
 }
 
 impl Run<'_> {
-    pub fn p<T>(&self, s: &CudaSlice<T>) -> u64 {
-        ptr(s, &self.st)
-    }
-
     /// An f32 buffer that a kernel fills (NaN first when poisoning).
     pub fn f32(&self, n: usize) -> Result<F32> {
         if self.poison {
@@ -198,18 +202,18 @@ impl Run<'_> {
     /// A bf16 copy of the first `n` values of `x`.
     pub fn cast16(&self, x: &F32, n: usize) -> Result<B16> {
         let out = self.b16(n)?;
-        self.g.ops.cast_f32_to_bf16(self.p(x), self.p(&out), n)?;
+        self.g.copy.cast_f32_to_bf16(x.into(), (&out).into(), n)?;
         Ok(out)
     }
 
     /// dst[..n] += src[..n]
     pub fn acc(&self, dst: &F32, src: &F32, n: usize) -> Result<()> {
-        self.g.ops.copy2d(1, n, DevMat::f32(self.p(src), n), DevMat::f32(self.p(dst), n), true)
+        self.g.copy.copy2d(1, n, DevMat::f32(src, n), DevMat::f32(dst, n), true)
     }
 
     pub fn copy(&self, src: &F32, n: usize) -> Result<F32> {
         let out = self.f32(n)?;
-        self.g.ops.copy2d(1, n, DevMat::f32(self.p(src), n), DevMat::f32(self.p(&out), n), false)?;
+        self.g.copy.copy2d(1, n, DevMat::f32(src, n), DevMat::f32(&out, n), false)?;
         Ok(out)
     }
 
@@ -218,8 +222,8 @@ impl Run<'_> {
         (0..n)
             .map(|j| {
                 let out = self.f32(b * c)?;
-                let src = DevMat::f32(self.p(mods) + 4 * (j * c) as u64, n * c);
-                self.g.ops.copy2d(b, c, src, DevMat::f32(self.p(&out), c), false)?;
+                let src = DevMat::f32(View::from(mods).tail(j * c)?, n * c);
+                self.g.copy.copy2d(b, c, src, DevMat::f32(&out, c), false)?;
                 Ok(out)
             })
             .collect()
@@ -230,8 +234,8 @@ impl Run<'_> {
         let n = chunks.len();
         let out = self.b16(b * n * c)?;
         for (j, ch) in chunks.iter().enumerate() {
-            let dst = DevMat::bf16(self.p(&out) + 2 * (j * c) as u64, n * c);
-            self.g.ops.copy2d(b, c, DevMat::f32(self.p(ch), c), dst, false)?;
+            let dst = DevMat::bf16(View::from(&out).tail(j * c)?, n * c);
+            self.g.copy.copy2d(b, c, DevMat::f32(ch, c), dst, false)?;
         }
         Ok(out)
     }
@@ -252,48 +256,38 @@ impl Run<'_> {
     }
 
     /// y [m, d_out] f32 = x16 [m, d_in]·Wᵀ + b + the adapters on `l`.
-    pub fn lin(&mut self, l: &DevLinear, m: usize, x16: u64) -> Result<F32> {
+    pub fn lin(&mut self, l: &DevLinear, m: usize, x16: View<bf16>) -> Result<F32> {
         let (s, idx) = self.shape(l, m, l.bias.is_some())?;
         let y = self.f32(m * l.d_out)?;
-        let p = LinearPtrs {
-            x: x16,
-            w: Some(l.weight(&self.st)),
-            bias: l.bias.as_ref().map_or(0, |b| self.p(b)),
-            y: self.p(&y),
-            y_f32: true,
-            a: idx.iter().map(|&i| self.p(&self.lora.terms[i].a16)).collect(),
-            b: idx.iter().map(|&i| self.p(&self.lora.terms[i].b16)).collect(),
-            ..Default::default()
-        };
-        self.g.lora.forward_dev(&s, &p).with_context(|| format!("{} on the GPU", l.name))?;
+        let v = operands(self.lora, l, x16, &idx, true);
+        self.g.lora.forward_dev(&s, &v, OutView::F32((&y).into())).with_context(|| format!("{} on the GPU", l.name))?;
         Ok(y)
     }
 
     /// Backward through `l`: the adapters' gradients accumulate, dX (f32 [m, d_in]) is written
     /// when `dx` is given.
-    pub fn lin_bwd(&mut self, l: &DevLinear, m: usize, x16: u64, dy16: u64, dx: Option<&F32>) -> Result<()> {
+    pub fn lin_bwd(
+        &mut self,
+        l: &DevLinear,
+        m: usize,
+        x16: View<bf16>,
+        dy16: View<bf16>,
+        dx: Option<&F32>,
+    ) -> Result<()> {
         let (s, idx) = self.shape(l, m, false)?;
         if idx.is_empty() && dx.is_none() {
             return Ok(());
         }
-        let tr = self.lora.train.as_ref();
-        if !idx.is_empty() && tr.is_none() {
-            bail!("{}: backward without gradient buffers (the adapters were loaded for sampling)", l.name);
-        }
-        let grad = |j: usize| tr.map_or(0, |t| ptr(&t.grads[j], &self.st));
-        let p = LinearPtrs {
-            x: x16,
-            w: Some(l.weight(&self.st)),
-            dy: dy16,
-            dx: dx.map_or(0, |d| self.p(d)),
-            dx_f32: true,
-            a: idx.iter().map(|&i| self.p(&self.lora.terms[i].a16)).collect(),
-            b: idx.iter().map(|&i| self.p(&self.lora.terms[i].b16)).collect(),
-            da: idx.iter().map(|&i| grad(2 * i)).collect(),
-            db: idx.iter().map(|&i| grad(2 * i + 1)).collect(),
-            ..Default::default()
+        let grads: &[F32] = match self.lora.train.as_ref() {
+            Some(t) => &t.grads,
+            None if idx.is_empty() => &[],
+            None => bail!("{}: backward without gradient buffers (the adapters were loaded for sampling)", l.name),
         };
-        self.g.lora.backward_dev(&s, &p).with_context(|| format!("{} backward on the GPU", l.name))
+        let da: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[2 * i])).collect();
+        let db: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[2 * i + 1])).collect();
+        let v = operands(self.lora, l, x16, &idx, false);
+        let dx = dx.map(|d| OutView::F32(d.into()));
+        self.g.lora.backward_dev(&s, &v, dy16, dx, &da, &db).with_context(|| format!("{} backward on the GPU", l.name))
     }
 
     pub fn has_terms(&self, l: &DevLinear) -> bool {
@@ -304,7 +298,7 @@ impl Run<'_> {
     pub fn ln_mod(&self, x: &F32, shift: &F32, scale: &F32, b: usize, l: usize, c: usize) -> Result<blocks::LnSaved> {
         let dims = StepDims { b, l, c };
         let (n, rstd, out) = (self.f32(b * l * c)?, self.f32(b * l)?, self.f32(b * l * c)?);
-        self.g.step.ln_modulate(dims, LN_EPS, x, shift, scale, &out, &n, None, &rstd)?;
+        self.g.norm.ln_modulate(dims, LN_EPS, x, shift, scale, &out, &n, None, &rstd)?;
         let out16 = self.cast16(&out, b * l * c)?;
         Ok(blocks::LnSaved { n, rstd, out16 })
     }
@@ -324,21 +318,21 @@ impl Run<'_> {
         c: usize,
     ) -> Result<()> {
         let dims = StepDims { b, l, c };
-        let (d, scratch) = (self.f32(b * l * c)?, self.f32(GpuStepOps::ln_modulate_scratch(dims))?);
-        self.g.step.ln_modulate_backward(dims, dout, &ln.n, &ln.rstd, scale, &d, dshift, dscale, &scratch)?;
+        let (d, scratch) = (self.f32(b * l * c)?, self.f32(GpuNorm::ln_modulate_scratch(dims))?);
+        self.g.norm.ln_modulate_backward(dims, dout, &ln.n, &ln.rstd, scale, &d, dshift, dscale, &scratch)?;
         self.acc(dx, &d, b * l * c)
     }
 
     /// x += gate⊙y
     pub fn gated(&self, x: &F32, y: &F32, gate: &F32, b: usize, l: usize, c: usize) -> Result<()> {
-        self.g.step.gated_residual(StepDims { b, l, c }, x, y, gate, x)
+        self.g.norm.gated_residual(StepDims { b, l, c }, x, y, gate, x)
     }
 
     /// For x_out = x + gate⊙y: returns d y; writes d gate (d x is d x_out itself).
     pub fn gated_bwd(&self, dout: &F32, y: &F32, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<F32> {
         let dims = StepDims { b, l, c };
-        let (dy, scratch) = (self.f32(b * l * c)?, self.f32(GpuStepOps::gated_residual_scratch(dims))?);
-        self.g.step.gated_residual_backward(dims, dout, y, gate, None, &dy, dgate, &scratch)?;
+        let (dy, scratch) = (self.f32(b * l * c)?, self.f32(GpuNorm::gated_residual_scratch(dims))?);
+        self.g.norm.gated_residual_backward(dims, dout, y, gate, None, &dy, dgate, &scratch)?;
         Ok(dy)
     }
 
@@ -355,32 +349,32 @@ pub(crate) fn to16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
-fn embed_fwd(r: &mut Run, e: &DevEmbedder, x16: u64, b: usize) -> Result<F32> {
+fn embed_fwd(r: &mut Run, e: &DevEmbedder, x16: View<bf16>, b: usize) -> Result<F32> {
     let h = r.lin(&e.in_layer, b, x16)?;
     let n = b * e.in_layer.d_out;
     let a = r.f32(n)?;
-    r.g.step.silu(n, &h, &a)?;
+    r.g.act.silu(n, &h, &a)?;
     let a16 = r.cast16(&a, n)?;
-    r.lin(&e.out_layer, b, r.p(&a16))
+    r.lin(&e.out_layer, b, View::from(&a16))
 }
 
 /// LoRA gradients of an embedder from d vec (its input is data: no input gradient). Recomputes
 /// the hidden layer (b rows).
-fn embed_bwd(r: &mut Run, e: &DevEmbedder, x16: u64, dvec16: u64, b: usize) -> Result<()> {
+fn embed_bwd(r: &mut Run, e: &DevEmbedder, x16: View<bf16>, dvec16: View<bf16>, b: usize) -> Result<()> {
     if !r.has_terms(&e.in_layer) && !r.has_terms(&e.out_layer) {
         return Ok(());
     }
     let h = r.lin(&e.in_layer, b, x16)?;
     let n = b * e.in_layer.d_out;
     let a = r.f32(n)?;
-    r.g.step.silu(n, &h, &a)?;
+    r.g.act.silu(n, &h, &a)?;
     let a16 = r.cast16(&a, n)?;
     let da = r.f32(n)?;
-    r.lin_bwd(&e.out_layer, b, r.p(&a16), dvec16, Some(&da))?;
+    r.lin_bwd(&e.out_layer, b, View::from(&a16), dvec16, Some(&da))?;
     let dh = r.f32(n)?;
-    r.g.step.silu_backward(n, &h, &da, &dh)?;
+    r.g.act.silu_backward(n, &h, &da, &dh)?;
     let dh16 = r.cast16(&dh, n)?;
-    r.lin_bwd(&e.in_layer, b, x16, r.p(&dh16), None)
+    r.lin_bwd(&e.in_layer, b, x16, View::from(&dh16), None)
 }
 
 /// The body of `GpuFlux::run_forward` (the backend locked, `r` its context).
@@ -395,23 +389,23 @@ fn forward_impl(
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let c = dm.c;
 
-    let img = r.lin(&w.img_in, b * li, r.p(&inp.img16)).context("img_in")?;
-    let txt = r.lin(&w.txt_in, b * lt, r.p(&inp.txt16)).context("txt_in")?;
-    let x16 = r.p(&inp.temb16);
+    let img = r.lin(&w.img_in, b * li, View::from(&inp.img16)).context("img_in")?;
+    let txt = r.lin(&w.txt_in, b * lt, View::from(&inp.txt16)).context("txt_in")?;
+    let x16 = View::from(&inp.temb16);
     let vec = embed_fwd(r, &w.time_in, x16, b).context("time_in")?;
     if let (Some(e), Some(g16)) = (&w.guidance_in, &inp.gemb16) {
-        let x16 = r.p(g16);
+        let x16 = View::from(g16);
         let gv = embed_fwd(r, e, x16, b).context("guidance_in")?;
         r.acc(&vec, &gv, b * c)?;
     }
-    let x16 = r.p(&inp.y16);
+    let x16 = View::from(&inp.y16);
     let yv = embed_fwd(r, &w.vector_in, x16, b).context("vector_in")?;
     r.acc(&vec, &yv, b * c)?;
     // Every modulation linear reads SiLU(vec): computed and rounded once.
     let svec = r.f32(b * c)?;
-    r.g.step.silu(b * c, &vec, &svec)?;
+    r.g.act.silu(b * c, &vec, &svec)?;
     let svec16 = r.cast16(&svec, b * c)?;
-    let bx = blocks::Ctx { dm, svec16: r.p(&svec16), cos: r.p(&inp.cos), sin: r.p(&inp.sin) };
+    let bx = blocks::Ctx { dm, svec16: &svec16, cos: &inp.cos, sin: &inp.sin };
 
     let mut double = Vec::new();
     for (i, blk) in w.double.iter().enumerate() {
@@ -445,10 +439,10 @@ fn forward_impl(
     let img = r.f32(b * li * c)?;
     blocks::split(r, &x, None, Some(&img), dm)?;
     drop(x);
-    let fm = r.lin(&w.final_mod, b, bx.svec16).context("final_layer.adaLN_modulation")?;
+    let fm = r.lin(&w.final_mod, b, bx.svec16.into()).context("final_layer.adaLN_modulation")?;
     let final_mods = r.chunks(&fm, b, 2, c)?;
     let final_ln = r.ln_mod(&img, &final_mods[0], &final_mods[1], b, li, c)?;
-    let out = r.lin(&w.final_linear, b * li, r.p(&final_ln.out16)).context("final_layer.linear")?;
+    let out = r.lin(&w.final_linear, b * li, View::from(&final_ln.out16)).context("final_layer.linear")?;
     r.sample_memory();
     let state = keep.then_some(FwdState { inp, vec, svec16, double, single, final_mods, final_ln });
     Ok((out, state))
@@ -459,14 +453,14 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
     let FwdState { inp, vec, svec16, double, single, final_mods, final_ln } = s;
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (c, l) = (dm.c, dm.l());
-    let bx = blocks::Ctx { dm, svec16: r.p(&svec16), cos: r.p(&inp.cos), sin: r.p(&inp.sin) };
+    let bx = blocks::Ctx { dm, svec16: &svec16, cos: &inp.cos, sin: &inp.sin };
     // d SiLU(vec), summed over every modulation linear; d vec follows once at the end.
     let dsvec = r.zeros(b * c)?;
 
     let n_out = b * li * w.final_linear.d_out;
     let dpred16 = r.cast16(dpred, n_out)?;
     let dxm = r.f32(b * li * c)?;
-    r.lin_bwd(&w.final_linear, b * li, r.p(&final_ln.out16), r.p(&dpred16), Some(&dxm))?;
+    r.lin_bwd(&w.final_linear, b * li, View::from(&final_ln.out16), View::from(&dpred16), Some(&dxm))?;
     let dimg = r.zeros(b * li * c)?;
     let (dsh, dsc) = (r.f32(b * c)?, r.f32(b * c)?);
     r.ln_mod_bwd(&final_ln, &dxm, &final_mods[1], &dimg, &dsh, &dsc, b, li, c)?;
@@ -503,19 +497,19 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
         r.sample_memory();
     }
     let dtxt16 = r.cast16(&dtxt, b * lt * c)?;
-    r.lin_bwd(&w.txt_in, b * lt, r.p(&inp.txt16), r.p(&dtxt16), None)?;
+    r.lin_bwd(&w.txt_in, b * lt, View::from(&inp.txt16), View::from(&dtxt16), None)?;
     let dimg16 = r.cast16(&dimg, b * li * c)?;
-    r.lin_bwd(&w.img_in, b * li, r.p(&inp.img16), r.p(&dimg16), None)?;
+    r.lin_bwd(&w.img_in, b * li, View::from(&inp.img16), View::from(&dimg16), None)?;
     let dvec = r.f32(b * c)?;
-    r.g.step.silu_backward(b * c, &vec, &dsvec, &dvec)?;
+    r.g.act.silu_backward(b * c, &vec, &dsvec, &dvec)?;
     let dvec16 = r.cast16(&dvec, b * c)?;
-    let (x16, d16) = (r.p(&inp.temb16), r.p(&dvec16));
+    let (x16, d16) = (View::from(&inp.temb16), View::from(&dvec16));
     embed_bwd(r, &w.time_in, x16, d16, b).context("time_in backward")?;
     if let (Some(e), Some(g16)) = (&w.guidance_in, &inp.gemb16) {
-        let x16 = r.p(g16);
+        let x16 = View::from(g16);
         embed_bwd(r, e, x16, d16, b).context("guidance_in backward")?;
     }
-    let x16 = r.p(&inp.y16);
+    let x16 = View::from(&inp.y16);
     embed_bwd(r, &w.vector_in, x16, d16, b).context("vector_in backward")?;
     Ok(())
 }
@@ -558,9 +552,9 @@ impl GpuFlux {
         let st = g.stream.clone();
         let emb = |t: &[f32]| -> Result<B16> {
             let (td, out) = (st.clone_htod(t)?, st.alloc_zeros::<f32>(t.len() * cfg.time_dim)?);
-            g.ops.timestep_embedding(t.len(), cfg.time_dim, TIME_FACTOR, MAX_PERIOD, ptr(&td, &st), ptr(&out, &st))?;
+            g.embed.timestep_embedding(t.len(), cfg.time_dim, TIME_FACTOR, MAX_PERIOD, (&td).into(), (&out).into())?;
             let o16 = st.alloc_zeros::<bf16>(t.len() * cfg.time_dim)?;
-            g.ops.cast_f32_to_bf16(ptr(&out, &st), ptr(&o16, &st), t.len() * cfg.time_dim)?;
+            g.copy.cast_f32_to_bf16((&out).into(), (&o16).into(), t.len() * cfg.time_dim)?;
             Ok(o16)
         };
         let rope = joint_rope(cfg, inp);
@@ -652,5 +646,23 @@ impl GpuFlux {
             }
         }
         (high > 0).then_some(high as usize)
+    }
+}
+
+/// The operands of `l` with input `x16` and the adapters `idx` of `lora` (the bias only with
+/// `bias`: the backward has none).
+fn operands<'b>(
+    lora: &'b DevLora,
+    l: &'b DevLinear,
+    x16: View<'b, bf16>,
+    idx: &[usize],
+    bias: bool,
+) -> LinearViews<'b> {
+    LinearViews {
+        x: x16,
+        w: l.weight(),
+        bias: if bias { l.bias.as_ref().map(View::from) } else { None },
+        a: idx.iter().map(|&i| View::from(&lora.terms[i].a16)).collect(),
+        b: idx.iter().map(|&i| View::from(&lora.terms[i].b16)).collect(),
     }
 }

@@ -2,13 +2,13 @@
 //! factors, gradients and AdamW moments all stay on the device; per micro-batch only the inputs
 //! go up and one f64 loss comes down. The loss and its gradient (`fk_mse_partial`), the global
 //! gradient norm with clipping and AdamW (`fk_sumsq_partial`, `fk_adamw`) are the kernels of
-//! kernels/step_ops.cu.
+//! kernels/optim.cu.
 
 use super::adapters::DevLora;
 use super::{CudaBackend, FwdState, GpuFlux, F32};
 use crate::adapters::AdapterSet;
 use crate::engine::EngineOptions;
-use crate::kernels::step::GpuStepOps;
+use crate::kernels::optim::GpuOptim;
 use crate::model::config::FluxConfig;
 use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
@@ -113,8 +113,8 @@ impl CudaEngine {
             let (td, wd) = (st.clone_htod(target)?, st.clone_htod(&scaled)?);
             // SAFETY: the MSE kernel writes every gradient element.
             let grad: CudaSlice<f32> = unsafe { st.alloc::<f32>(n) }?;
-            let (sum, scratch) = (st.alloc_zeros::<f64>(1)?, st.alloc_zeros::<f64>(GpuStepOps::mse_scratch(n))?);
-            g.step.mse(n, &f.pred, &td, Some((&wd, scaled.len())), &grad, &sum, &scratch)?;
+            let (sum, scratch) = (st.alloc_zeros::<f64>(1)?, st.alloc_zeros::<f64>(GpuOptim::mse_scratch(n))?);
+            g.optim.mse(n, &f.pred, &td, Some((&wd, scaled.len())), &grad, &sum, &scratch)?;
             let v = st.clone_dtoh(&sum)?;
             (v[0] / n as f64 / s as f64, grad)
         };
@@ -152,13 +152,13 @@ impl CudaEngine {
         let g = CudaBackend::lock(&self.m.be)?;
         let t = self.lora.train.as_ref().context("no training state on the device")?;
         let grads: Vec<&CudaSlice<f32>> = t.grads.iter().collect();
-        let norm = g.step.grad_norm(&grads)?;
+        let norm = g.optim.grad_norm(&grads)?;
         let scale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
         opt.t += 1;
         let params: Vec<&CudaSlice<f32>> = t.params.iter().collect();
         let m: Vec<&CudaSlice<f32>> = t.m.iter().collect();
         let v: Vec<&CudaSlice<f32>> = t.v.iter().collect();
-        g.step.adamw_step(opt, opt.t, lr, scale, &params, &grads, &m, &v)?;
+        g.optim.adamw_step(opt, opt.t, lr, scale, &params, &grads, &m, &v)?;
         self.lora.sync_factors(&g)?;
         Ok(norm)
     }

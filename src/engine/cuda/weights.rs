@@ -3,16 +3,16 @@
 //! scales, never expanded. Norm scales and biases stay f32.
 
 use crate::engine::CudaBackend;
-use crate::kernels::lora::DevWeight;
-use crate::kernels::model_ops::{Fill, RandomFill};
+use crate::kernels::launch::View;
+use crate::kernels::lora::WeightView;
+use crate::kernels::random::{Fill, RandomFill};
 use crate::model::param::Param;
 use crate::model::random::{Init, RandomParam};
 use crate::model::weights::{FluxWeights, Linear, MlpEmbedder, SingleBlock, StreamWeights};
 use crate::quant::{Code, QuantParam, Scheme};
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::CudaSlice;
 use half::bf16;
-use std::sync::Arc;
 
 /// How the frozen linear weights are held on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,11 +44,6 @@ impl From<&RandomParam> for RandomFill {
     }
 }
 
-pub(crate) fn ptr<T>(s: &CudaSlice<T>, st: &Arc<CudaStream>) -> u64 {
-    let (p, _sync) = s.device_ptr(st);
-    p
-}
-
 enum DevW {
     Bf16(CudaSlice<bf16>),
     Q8 { code: i32, codes: CudaSlice<u8>, scales: CudaSlice<f32> },
@@ -63,11 +58,11 @@ pub struct DevLinear {
 }
 
 impl DevLinear {
-    pub fn weight(&self, st: &Arc<CudaStream>) -> DevWeight {
+    pub fn weight(&self) -> WeightView<'_> {
         match &self.w {
-            DevW::Bf16(w) => DevWeight::Bf16(ptr(w, st)),
+            DevW::Bf16(w) => WeightView::Bf16(w.into()),
             DevW::Q8 { code, codes, scales } => {
-                DevWeight::Q8 { code: *code, codes: ptr(codes, st), scales: ptr(scales, st) }
+                WeightView::Q8 { code: *code, codes: codes.into(), scales: scales.into() }
             }
         }
     }
@@ -148,7 +143,7 @@ fn upload_linear(g: &CudaBackend, l: &Linear, base: BaseDtype) -> Result<DevLine
             ensure!(r.numel == n * k, "{name}.weight: {} values for a {n}×{k} weight", r.numel);
             // SAFETY: every element is written by fill_random before any read.
             let buf = unsafe { st.alloc::<bf16>(n * k) }?;
-            g.ops.fill_random(&r.into(), ptr(&buf, st), true, 0, n * k).with_context(|| format!("{name}.weight"))?;
+            g.random.fill(&r.into(), View::from(&buf), 0).with_context(|| format!("{name}.weight"))?;
             DevW::Bf16(buf)
         }
         (p, BaseDtype::Bf16) => {

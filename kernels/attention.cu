@@ -19,15 +19,17 @@
 // go from one mma to the next without touching shared memory. Every warp computes its rows in
 // the transposed frame where that makes the reused operand an A fragment (dK/dV kernel: rows are
 // keys).
-#ifdef FK_HOST_EMULATION
-#include "host_emulation.h"
-#else
-#include "ptx_sm80.h"
-#endif
-#include "abi.h"
+//
+// Also here, the attention's layout work (fk_model_qk_*, fk_model_merge_heads*): the prologue
+// between the qkv linear and the flash kernels (QK-RMSNorm per head, RoPE, token-major f32 to
+// head-major bf16; CPU twin model::attention::attention_block) with its backward, and the merge
+// of the heads back to token-major rows for the output projection.
+#include "common.cuh"
 
 static_assert(sizeof(FkAttnParams) == FK_SIZEOF_FkAttnParams, "abi.h: FkAttnParams size");
 static_assert(sizeof(FkSoftmaxParams) == FK_SIZEOF_FkSoftmaxParams, "abi.h: FkSoftmaxParams size");
+static_assert(sizeof(FkModelQkParams) == FK_SIZEOF_FkModelQkParams, "abi.h: FkModelQkParams size");
+static_assert(sizeof(FkModelHeadsParams) == FK_SIZEOF_FkModelHeadsParams, "abi.h: FkModelHeadsParams size");
 
 // A named namespace: the CPU emulation compiles every .cu into one translation unit.
 namespace fk_attn {
@@ -624,4 +626,117 @@ FK_KERNEL void __launch_bounds__(FK_ATTN_THREADS) fk_softmax_rows(FK_GRID_PARAMS
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int64_t i = threadIdx.x; i < p.l; i += FK_ATTN_THREADS)
         out[i] = f32_to_bf16((!mask || mask[i]) ? fast_exp2((s[i] - base) * LOG2E) * inv : 0.0f);
+}
+
+// ---- the attention prologue: QK-RMSNorm per head, RoPE --------------------------------------
+
+// One warp per (sample, token, head), head fastest so neighbouring warps read neighbouring
+// columns of one qkv row. For q and k: pass 1 sums x² in f64 over the head (rmsnorm_forward's
+// ms), pass 2 computes y = (x·rstd)·w per element and rotates the pairs (y₂ᵢ, y₂ᵢ₊₁) by the
+// token's angle (rope_forward: c·y₀ − s·y₁, s·y₀ + c·y₁), stored bf16. v is a bf16 copy.
+FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_fwd(FK_GRID_PARAMS FkModelQkParams p) {
+    const int64_t h = p.h, d = p.d, hd = h * d, half = d / 2;
+    fk::warp_stride<FK_MODEL_THREADS>(p.b * p.ls * h, [&](int64_t item, int lane) {
+        const int64_t hi = item % h, r = item / h, bi = r / p.ls, t = p.t0 + r % p.ls;
+        const float* row = static_cast<const float*>(p.qkv) + r * p.ld;
+        const int64_t head_row = (bi * h + hi) * p.l + t;  // row of [b, h, l] / [b, h, l, d]
+        const float* cs = static_cast<const float*>(p.cos) + (bi * p.l + t) * half;
+        const float* sn = static_cast<const float*>(p.sin) + (bi * p.l + t) * half;
+        for (int which = 0; which < 2; ++which) {
+            const float* x = row + which * hd + hi * d;
+            const float* w = static_cast<const float*>(which == 0 ? p.q_scale : p.k_scale);
+            double ss = 0.0;
+            for (int64_t j = lane; j < d; j += 32) ss = fk::rn_dadd(ss, fk::rn_dmul((double)x[j], (double)x[j]));
+            ss = fk::warp_sum_f64(ss);
+            const double ms = fk::rn_ddiv(ss, (double)d);
+            const float rs = (float)fk::rn_ddiv(1.0, fk::rn_dsqrt(fk::rn_dadd(ms, (double)p.eps)));
+            uint16_t* out = static_cast<uint16_t*>(which == 0 ? p.q : p.k) + head_row * d;
+            for (int64_t i = lane; i < half; i += 32) {
+                const float y0 = fk::rn_fmul(fk::rn_fmul(x[2 * i], rs), w[2 * i]);
+                const float y1 = fk::rn_fmul(fk::rn_fmul(x[2 * i + 1], rs), w[2 * i + 1]);
+                const float c = cs[i], s = sn[i];
+                out[2 * i] = f32_to_bf16(fk::rn_fsub(fk::rn_fmul(c, y0), fk::rn_fmul(s, y1)));
+                out[2 * i + 1] = f32_to_bf16(fk::rn_fadd(fk::rn_fmul(s, y0), fk::rn_fmul(c, y1)));
+            }
+            if (lane == 0) static_cast<float*>(which == 0 ? p.rstd_q : p.rstd_k)[head_row] = rs;
+        }
+        const float* xv = row + 2 * hd + hi * d;
+        uint16_t* v = static_cast<uint16_t*>(p.v) + head_row * d;
+        for (int64_t j = lane; j < d; j += 32) v[j] = f32_to_bf16(xv[j]);
+    });
+}
+
+// One warp per (sample, token, head). For q and k: g = rope_backward(dq) (the rotation by −θ:
+// c·g₀ − s'·g₁, s'·g₀ + c·g₁ with s' = −sin), x̂ = x·rstd, gw = g·w; pass 1 sums gw·x̂ in f64
+// (m = Σ/d), pass 2 writes dx = rstd·(gw − x̂·m) (rmsnorm_backward, f64 like it). dv is copied.
+FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_bwd(FK_GRID_PARAMS FkModelQkParams p) {
+    const int64_t h = p.h, d = p.d, hd = h * d, half = d / 2;
+    fk::warp_stride<FK_MODEL_THREADS>(p.b * p.ls * h, [&](int64_t item, int lane) {
+        const int64_t hi = item % h, r = item / h, bi = r / p.ls, t = p.t0 + r % p.ls;
+        const float* row = static_cast<const float*>(p.qkv) + r * p.ld;
+        float* drow = static_cast<float*>(p.dqkv) + r * p.ld;
+        const int64_t head_row = (bi * h + hi) * p.l + t;
+        const float* cs = static_cast<const float*>(p.cos) + (bi * p.l + t) * half;
+        const float* sn = static_cast<const float*>(p.sin) + (bi * p.l + t) * half;
+        for (int which = 0; which < 2; ++which) {
+            const float* x = row + which * hd + hi * d;
+            const float* w = static_cast<const float*>(which == 0 ? p.q_scale : p.k_scale);
+            const uint16_t* dy = static_cast<const uint16_t*>(which == 0 ? p.dq : p.dk) + head_row * d;
+            const float rs = static_cast<const float*>(which == 0 ? p.rstd_q : p.rstd_k)[head_row];
+            // gw·x̂ of pair i, element e (0 or 1), from the rotated gradient.
+            auto pair = [&](int64_t i, float& gw0, float& gw1, float& xh0, float& xh1) {
+                const float c = cs[i], s = -sn[i];
+                const float d0 = bf16_to_f32(dy[2 * i]), d1 = bf16_to_f32(dy[2 * i + 1]);
+                const float g0 = fk::rn_fsub(fk::rn_fmul(c, d0), fk::rn_fmul(s, d1));
+                const float g1 = fk::rn_fadd(fk::rn_fmul(s, d0), fk::rn_fmul(c, d1));
+                gw0 = fk::rn_fmul(g0, w[2 * i]);
+                gw1 = fk::rn_fmul(g1, w[2 * i + 1]);
+                xh0 = fk::rn_fmul(x[2 * i], rs);
+                xh1 = fk::rn_fmul(x[2 * i + 1], rs);
+            };
+            double acc = 0.0;
+            for (int64_t i = lane; i < half; i += 32) {
+                float gw0, gw1, xh0, xh1;
+                pair(i, gw0, gw1, xh0, xh1);
+                acc = fk::rn_dadd(acc, fk::rn_dmul((double)gw0, (double)xh0));
+                acc = fk::rn_dadd(acc, fk::rn_dmul((double)gw1, (double)xh1));
+            }
+            const double m = fk::rn_ddiv(fk::warp_sum_f64(acc), (double)d);
+            float* dx = drow + which * hd + hi * d;
+            for (int64_t i = lane; i < half; i += 32) {
+                float gw0, gw1, xh0, xh1;
+                pair(i, gw0, gw1, xh0, xh1);
+                dx[2 * i] = (float)fk::rn_dmul((double)rs, fk::rn_dsub((double)gw0, fk::rn_dmul((double)xh0, m)));
+                dx[2 * i + 1] = (float)fk::rn_dmul((double)rs, fk::rn_dsub((double)gw1, fk::rn_dmul((double)xh1, m)));
+            }
+        }
+        const uint16_t* dv = static_cast<const uint16_t*>(p.dv) + head_row * d;
+        float* dxv = drow + 2 * hd + hi * d;
+        for (int64_t j = lane; j < d; j += 32) dxv[j] = bf16_to_f32(dv[j]);
+    });
+}
+
+// ---- merge heads ------------------------------------------------------------------------------
+
+// tokens[r, c] ← heads[bi, c / d, t0 + t, c % d], r = bi·ls + t, c < h·d (bf16 bits copied).
+FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_merge_heads(FK_GRID_PARAMS FkModelHeadsParams p) {
+    const int64_t hd = p.h * p.d;
+    const uint16_t* heads = static_cast<const uint16_t*>(p.heads);
+    uint16_t* tokens = static_cast<uint16_t*>(p.tokens);
+    fk::grid_stride<FK_MODEL_THREADS>(p.b * p.ls * hd, [&](int64_t i) {
+        const int64_t r = i / hd, c = i % hd, bi = r / p.ls, t = p.t0 + r % p.ls;
+        tokens[r * p.ld + c] = heads[((bi * p.h + c / p.d) * p.l + t) * p.d + c % p.d];
+    });
+}
+
+// heads[bi, hi, t0 + t, di] ← bf16(tokens[bi·ls + t, hi·d + di]), tokens f32; head-major order
+// so the bf16 writes are contiguous.
+FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_merge_heads_bwd(FK_GRID_PARAMS FkModelHeadsParams p) {
+    const float* tokens = static_cast<const float*>(p.tokens);
+    uint16_t* heads = static_cast<uint16_t*>(p.heads);
+    fk::grid_stride<FK_MODEL_THREADS>(p.b * p.h * p.ls * p.d, [&](int64_t i) {
+        const int64_t di = i % p.d, t = (i / p.d) % p.ls, bh = i / (p.d * p.ls);
+        const int64_t bi = bh / p.h, hi = bh % p.h;
+        heads[(bh * p.l + p.t0 + t) * p.d + di] = f32_to_bf16(tokens[(bi * p.ls + t) * p.ld + hi * p.d + di]);
+    });
 }

@@ -1,0 +1,127 @@
+// The device helpers every kernel family shares, written once: rounding that the compiler may
+// not contract, warp and grid loops, bf16 loads, GELU-tanh and SiLU with their derivatives, and
+// the splitmix64 finaliser behind dropout masks and random initialisation. Every kernels/*.cu
+// includes this header first; it brings the ABI (abi.h) and the instruction wrappers (ptx_sm80.h
+// on a GPU, host_emulation.h under the CPU emulation, which compiles every .cu into one
+// translation unit: hence the include guard and the one namespace).
+#pragma once
+#ifdef FK_HOST_EMULATION
+#include "host_emulation.h"
+#else
+#include "ptx_sm80.h"
+#endif
+#include "abi.h"
+
+namespace fk {
+
+// Round-to-nearest arithmetic the compiler may not contract into FMAs: the CPU twins round
+// every product and every sum. The emulation is plain C++ without FMA contraction.
+#ifdef FK_HOST_EMULATION
+__device__ __forceinline__ float rn_fmul(float a, float b) { return a * b; }
+__device__ __forceinline__ float rn_fadd(float a, float b) { return a + b; }
+__device__ __forceinline__ float rn_fsub(float a, float b) { return a - b; }
+__device__ __forceinline__ double rn_dmul(double a, double b) { return a * b; }
+__device__ __forceinline__ double rn_dadd(double a, double b) { return a + b; }
+__device__ __forceinline__ double rn_dsub(double a, double b) { return a - b; }
+__device__ __forceinline__ double rn_ddiv(double a, double b) { return a / b; }
+__device__ __forceinline__ double rn_dsqrt(double a) { return std::sqrt(a); }
+// The emulator's shuffle carries f32 bit patterns (a shuffle moves bits, no arithmetic touches
+// them): a double travels as its two halves.
+__device__ __forceinline__ double shfl_xor_f64(double v, int mask) {
+    uint64_t u;
+    std::memcpy(&u, &v, 8);
+    const uint64_t lo = __float_as_uint(shfl_xor_f32(__uint_as_float((uint32_t)u), mask));
+    const uint64_t hi = __float_as_uint(shfl_xor_f32(__uint_as_float((uint32_t)(u >> 32)), mask));
+    u = lo | (hi << 32);
+    std::memcpy(&v, &u, 8);
+    return v;
+}
+#else
+__device__ __forceinline__ float rn_fmul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rn_fadd(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rn_fsub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double rn_dmul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double rn_dadd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rn_dsub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rn_ddiv(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double rn_dsqrt(double a) { return __dsqrt_rn(a); }
+__device__ __forceinline__ double shfl_xor_f64(double v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+#endif
+
+// Sum over the warp, the same value in every lane (each butterfly step adds the same two
+// partials in every lane: deterministic). All 32 lanes must call it.
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    for (int m = 16; m > 0; m >>= 1) v = rn_dadd(v, shfl_xor_f64(v, m));
+    return v;
+}
+
+// Calls f(i) for every i < n, the grid of THREADS-thread blocks striding over the range (any grid
+// size covers any n).
+template <int THREADS, class F>
+__device__ __forceinline__ void grid_stride(int64_t n, F f) {
+    const int64_t step = (int64_t)gridDim.x * THREADS;
+    for (int64_t i = (int64_t)blockIdx.x * THREADS + threadIdx.x; i < n; i += step) f(i);
+}
+
+// Calls f(item, lane) for every item < n, one warp per item, the warps of the grid striding over
+// the range. The loop bound depends on the warp only, so all lanes run it together.
+template <int THREADS, class F>
+__device__ __forceinline__ void warp_stride(int64_t n, F f) {
+    static_assert(THREADS % 32 == 0, "whole warps");
+    const int64_t step = (int64_t)gridDim.x * (THREADS / 32);
+    const int lane = threadIdx.x % 32;
+    for (int64_t w = (int64_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32; w < n; w += step) f(w, lane);
+}
+
+// Element i of an f32 or bf16 buffer, as f32.
+__device__ __forceinline__ float load(const void* p, int64_t i, bool bf16) {
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+// ops::activation::gelu_tanh: 0.5·x·(1 + tanh(K·(x + 0.044715·x·x·x))), Rust's left-to-right
+// order, every step rounded.
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f;  // the f32 of SQRT_2_OVER_PI = 0.797_884_6 (0x3f4c422a)
+    const float x3 = rn_fmul(rn_fmul(rn_fmul(0.044715f, x), x), x);
+    const float t = tanhf(rn_fmul(k, rn_fadd(x, x3)));
+    return rn_fmul(rn_fmul(0.5f, x), rn_fadd(1.0f, t));
+}
+
+// ops::activation::gelu_tanh_grad: ½(1+T) + ½x(1−T²)·K·(1 + 3·0.044715·x²).
+__device__ __forceinline__ float gelu_tanh_grad(float x) {
+    const float k = 0.7978845608028654f;
+    const float x3 = rn_fmul(rn_fmul(rn_fmul(0.044715f, x), x), x);
+    const float t = tanhf(rn_fmul(k, rn_fadd(x, x3)));
+    const float a = rn_fmul(0.5f, rn_fadd(1.0f, t));
+    const float c = rn_fadd(1.0f, rn_fmul(rn_fmul(3.0f * 0.044715f, x), x));
+    const float b = rn_fmul(rn_fmul(rn_fmul(rn_fmul(0.5f, x), rn_fsub(1.0f, rn_fmul(t, t))), k), c);
+    return rn_fadd(a, b);
+}
+
+// ops::activation::silu: x·σ(x).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// d silu / dx = σ(x)·(1 + x·(1 − σ(x))).
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = 1.0f / (1.0f + expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+}
+
+// splitmix64's finaliser (model::random::mix, ops::lora::Dropout::factor): a bijection that
+// scrambles every input bit into every output bit.
+__device__ __forceinline__ uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// The top 24 bits of a hash as an exact f32 in [0, 1).
+__device__ __forceinline__ float unit24(uint64_t z) { return (float)(z >> 40) / 16777216.0f; }
+
+// ops::lora::Dropout::factor, bit for bit: the hash of seed ^ i·φ as a uniform in [0, 1),
+// dropped below p, else scaled by 1/(1 − p) (the host's f32 value, `keep_scale`).
+__device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t i, float p, float keep_scale) {
+    return unit24(mix(seed ^ (i * 0x9E3779B97F4A7C15ull))) < p ? 0.0f : keep_scale;
+}
+
+}  // namespace fk

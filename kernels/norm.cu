@@ -1,0 +1,174 @@
+// Normalisation and modulation of the training step, f32 in and out. CPU twins:
+//   fk_ln_mod_*   model::double_block::ln_modulate / ln_modulate_backward
+//                 (ops::norm::layernorm_* + ops::modulation::modulate_*)
+//   fk_gated_*    ops::modulation::gated_residual_forward / _backward
+// Tested in tests/gpu_step_ops.rs.
+//
+// Determinism: no float atomics. A row's reduction (LayerNorm) belongs to one block; the
+// per-sample column sums over tokens (dshift, dscale, dgate) are written as partials per chunk of
+// FK_STEP_CHUNK_TOKENS tokens and added in ascending chunk order by fk_col_sum.
+//
+// Rounding: where the CPU computes in f32 the kernels use fk::rn_* (no FMA contraction).
+#include "common.cuh"
+
+static_assert(sizeof(FkLnModParams) == FK_SIZEOF_FkLnModParams, "abi.h: FkLnModParams size");
+static_assert(sizeof(FkGatedParams) == FK_SIZEOF_FkGatedParams, "abi.h: FkGatedParams size");
+static_assert(sizeof(FkColSumParams) == FK_SIZEOF_FkColSumParams, "abi.h: FkColSumParams size");
+
+namespace fk_norm {
+
+constexpr int THREADS = FK_STEP_THREADS;
+constexpr int WARPS = THREADS / 32;
+static_assert(THREADS % 32 == 0 && (THREADS & (THREADS - 1)) == 0, "power-of-two block of whole warps");
+
+// Sums of two values over the block, returned to every thread. Warp butterflies, then each
+// thread adds the WARPS warp totals in warp order (fixed order: deterministic). Every thread of
+// the block must call it; it leaves shared memory free for the next call.
+__device__ __forceinline__ void block_sum2(float& a, float& b, float* smem) {
+    for (int m = 16; m > 0; m >>= 1) {
+        a += shfl_xor_f32(a, m);
+        b += shfl_xor_f32(b, m);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        smem[warp] = a;
+        smem[WARPS + warp] = b;
+    }
+    __syncthreads();
+    a = 0.0f;
+    b = 0.0f;
+    for (int w = 0; w < WARPS; ++w) {
+        a += smem[w];
+        b += smem[WARPS + w];
+    }
+    __syncthreads();
+}
+
+}  // namespace fk_norm
+
+// ---- LayerNorm + modulation -------------------------------------------------------------------
+
+// One block per row: two passes over the row (mean, then the centred variance, as the CPU's
+// two-pass formula), then n and out.
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_fwd(FK_GRID_PARAMS FkLnModParams p) {
+    FK_DYNAMIC_SMEM(smem_raw);
+    float* red = reinterpret_cast<float*>(smem_raw);
+    const int64_t row = blockIdx.x, c = p.c, bi = row / p.l;
+    const float* x = static_cast<const float*>(p.x) + row * c;
+    float s = 0.0f, unused = 0.0f;
+    for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) s += x[j];
+    fk_norm::block_sum2(s, unused, red);
+    const float mu = s / (float)c;
+    float var = 0.0f;
+    unused = 0.0f;
+    for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
+        const float d = x[j] - mu;
+        var += d * d;
+    }
+    fk_norm::block_sum2(var, unused, red);
+    const float rs = 1.0f / sqrtf(var / (float)c + p.eps);
+    const float* sh = static_cast<const float*>(p.shift) + bi * c;
+    const float* sc = static_cast<const float*>(p.scale) + bi * c;
+    float* out = static_cast<float*>(p.out) + row * c;
+    float* nrm = p.normed ? static_cast<float*>(p.normed) + row * c : nullptr;
+    for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
+        const float n = (x[j] - mu) * rs;
+        if (nrm) nrm[j] = n;
+        out[j] = fk::rn_fadd(fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), n), sh[j]);
+    }
+    if (threadIdx.x == 0) {
+        if (p.mean) static_cast<float*>(p.mean)[row] = mu;
+        static_cast<float*>(p.rstd)[row] = rs;
+    }
+}
+
+// One block per row: dn = (1 + scale)⊙dout, dx = rstd·(dn − mean(dn) − n·mean(dn⊙n)).
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_bwd_dx(FK_GRID_PARAMS FkLnModParams p) {
+    FK_DYNAMIC_SMEM(smem_raw);
+    float* red = reinterpret_cast<float*>(smem_raw);
+    const int64_t row = blockIdx.x, c = p.c, bi = row / p.l;
+    const float* dout = static_cast<const float*>(p.dout) + row * c;
+    const float* n = static_cast<const float*>(p.normed) + row * c;
+    const float* sc = static_cast<const float*>(p.scale) + bi * c;
+    float s_dn = 0.0f, s_dnn = 0.0f;
+    for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
+        const float dn = fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), dout[j]);
+        s_dn += dn;
+        s_dnn += dn * n[j];
+    }
+    fk_norm::block_sum2(s_dn, s_dnn, red);
+    const float m_dn = s_dn / (float)c, m_dnn = s_dnn / (float)c;
+    const float rs = static_cast<const float*>(p.rstd)[row];
+    float* dx = static_cast<float*>(p.dx) + row * c;
+    for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
+        const float dn = fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), dout[j]);
+        dx[j] = rs * (dn - m_dn - n[j] * m_dnn);
+    }
+}
+
+// Grid (c tiles, chunks, b): thread j of tile x sums its column over the chunk's tokens.
+// partial[0] gets Σ dout (dshift), partial[1] Σ n⊙dout (dscale).
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_bwd_partial(FK_GRID_PARAMS FkLnModParams p) {
+    const int64_t j = (int64_t)blockIdx.x * FK_STEP_THREADS + threadIdx.x, k = blockIdx.y, bi = blockIdx.z;
+    if (j >= p.c) return;
+    const int64_t chunks = (p.l + p.chunk - 1) / p.chunk;
+    const int64_t t0 = k * p.chunk, t1 = t0 + p.chunk < p.l ? t0 + p.chunk : p.l;
+    const float* dout = static_cast<const float*>(p.dout);
+    const float* n = static_cast<const float*>(p.normed);
+    float s_sh = 0.0f, s_sc = 0.0f;
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t at = (bi * p.l + t) * p.c + j;
+        s_sh += dout[at];
+        s_sc = fk::rn_fadd(s_sc, fk::rn_fmul(n[at], dout[at]));
+    }
+    float* part = static_cast<float*>(p.partial);
+    part[((0 * p.b + bi) * chunks + k) * p.c + j] = s_sh;
+    part[((1 * p.b + bi) * chunks + k) * p.c + j] = s_sc;
+}
+
+// Grid (c tiles, b, sets): out_s[bi, j] = Σ_k partial[s, bi, k, j], k ascending.
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_col_sum(FK_GRID_PARAMS FkColSumParams p) {
+    const int64_t j = (int64_t)blockIdx.x * FK_STEP_THREADS + threadIdx.x, bi = blockIdx.y, s = blockIdx.z;
+    if (j >= p.c) return;
+    const float* part = static_cast<const float*>(p.partial) + ((s * p.b + bi) * p.chunks) * p.c + j;
+    float acc = 0.0f;
+    for (int64_t k = 0; k < p.chunks; ++k) acc += part[k * p.c];
+    static_cast<float*>(s == 0 ? p.out0 : p.out1)[bi * p.c + j] = acc;
+}
+
+// ---- gated residual ---------------------------------------------------------------------------
+
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_fwd(FK_GRID_PARAMS FkGatedParams p) {
+    const int64_t total = p.b * p.l * p.c, lc = p.l * p.c;
+    const float* x = static_cast<const float*>(p.x);
+    const float* y = static_cast<const float*>(p.y);
+    const float* g = static_cast<const float*>(p.gate);
+    float* out = static_cast<float*>(p.out);
+    fk::grid_stride<FK_STEP_THREADS>(total, [&](int64_t i) {
+        const float gv = g[(i / lc) * p.c + i % p.c];
+        out[i] = fk::rn_fadd(x[i], fk::rn_fmul(gv, y[i]));
+    });
+}
+
+// Grid (c tiles, chunks, b): dx = dout, dy = gate⊙dout elementwise, partial Σ y⊙dout per chunk.
+FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_bwd(FK_GRID_PARAMS FkGatedParams p) {
+    const int64_t j = (int64_t)blockIdx.x * FK_STEP_THREADS + threadIdx.x, k = blockIdx.y, bi = blockIdx.z;
+    if (j >= p.c) return;
+    const int64_t chunks = (p.l + p.chunk - 1) / p.chunk;
+    const int64_t t0 = k * p.chunk, t1 = t0 + p.chunk < p.l ? t0 + p.chunk : p.l;
+    const float* dout = static_cast<const float*>(p.dout);
+    const float* y = static_cast<const float*>(p.y);
+    const float gv = static_cast<const float*>(p.gate)[bi * p.c + j];
+    float* dx = static_cast<float*>(p.dx);
+    float* dy = static_cast<float*>(p.dy);
+    float s = 0.0f;
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t at = (bi * p.l + t) * p.c + j;
+        const float d = dout[at];
+        if (dx) dx[at] = d;
+        dy[at] = fk::rn_fmul(gv, d);
+        s = fk::rn_fadd(s, fk::rn_fmul(y[at], d));
+    }
+    static_cast<float*>(p.partial)[(bi * chunks + k) * p.c + j] = s;
+}
+

@@ -1,0 +1,54 @@
+//! The sinusoidal timestep (and guidance) embedding on the device (kernels/embedding.cu). CPU
+//! twin: `ops::embedding::timestep_embedding`, as `model::embed` calls it (tests/gpu_model_ops.rs).
+
+use super::abi::*;
+use super::gpu::Gpu;
+use super::launch::{grid_blocks, launch, Family, View};
+use anyhow::Result;
+use cudarc::driver::CudaFunction;
+
+const THREADS: usize = FK_MODEL_THREADS as usize;
+
+pub struct GpuEmbedding {
+    fam: Family,
+    temb: CudaFunction,
+}
+
+impl GpuEmbedding {
+    pub fn new(gpu: &Gpu) -> Result<GpuEmbedding> {
+        let fam = Family::load(gpu, "embedding")?;
+        Ok(GpuEmbedding { temb: fam.function(FK_MODEL_TIMESTEP_EMB)?, fam })
+    }
+
+    /// out [b, dim] = the sinusoidal embedding of t [b], as
+    /// `ops::embedding::timestep_embedding(out, t, dim, time_factor, max_period)`.
+    pub fn timestep_embedding(
+        &self,
+        b: usize,
+        dim: usize,
+        time_factor: f32,
+        max_period: f32,
+        t: View<f32>,
+        out: View<f32>,
+    ) -> Result<()> {
+        if b == 0 || dim == 0 {
+            return Ok(());
+        }
+        t.need(b, "timestep_embedding: t")?;
+        out.need(b * dim, "timestep_embedding: out")?;
+        let st = &self.fam.stream;
+        let p = FkModelTimestepParams {
+            t: t.addr(st),
+            out: out.addr(st),
+            b: b as i64,
+            dim: dim as i64,
+            time_factor,
+            // The CPU's −(ln(max_period) in f64, rounded to f32).
+            neg_log_max_period: -((max_period as f64).ln() as f32),
+        };
+        // SAFETY: t holds b values and out b·dim.
+        unsafe {
+            launch(st, &self.temb, &p, (grid_blocks(b * dim, THREADS), 1, 1), THREADS, 0, "fk_model_timestep_emb")
+        }
+    }
+}
