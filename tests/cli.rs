@@ -1,4 +1,5 @@
-//! The binary end to end: `info` and `forward` as a user runs them.
+//! The binary end to end as a user runs it (`info`, `forward`, `plan`, `bench-step`), and the command
+//! tree: every flag documented, the old spellings still accepted.
 
 mod common;
 use common::*;
@@ -108,4 +109,62 @@ fn bench_step_names_bad_settings_and_a_missing_gpu() {
         let e = run(&["--model", "random:tiny", "--size", "64", "--text-tokens", "8"]);
         assert!(e.contains("--device cuda") && !e.contains("panicked"), "{e}");
     }
+}
+
+/// Every argument of every command (hidden ones included) says what it is: a description with
+/// its default and unit, not a bare `--flag <FLAG>` in `--help`.
+#[test]
+fn every_argument_has_help_text() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{path} {}", a.get_long().map_or(id.to_string(), |l| format!("--{l}"))));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(format!("{path} {} (the command itself)", sub.get_name()));
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let cmd = flux_kernels::cli::Cli::command();
+    cmd.clone().debug_assert();
+    let mut missing = Vec::new();
+    walk(&cmd, "flux-kernels", &mut missing);
+    assert!(missing.is_empty(), "{} arguments without help text:\n{}", missing.len(), missing.join("\n"));
+}
+
+/// The old spellings (`plan --batch`, `--checkpointing on`) still work, print the same plan as
+/// the new ones, and say on stderr which flag to use instead; a bad old value names the flag.
+#[test]
+fn old_flag_spellings_still_work_with_a_note() {
+    let plan = |args: &[&str]| {
+        let out =
+            bin().args(["plan", "--model", "flux1-dev", "--rank", "32", "--base", "int8"]).args(args).output().unwrap();
+        assert!(out.status.success(), "plan {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (old, note) = plan(&["--batch", "2", "--checkpointing", "on"]);
+    let (new, quiet) = plan(&["--batch-size", "2", "--gradient-checkpointing"]);
+    assert_eq!(old, new);
+    assert!(new.contains("batch 2") && new.contains("checkpointing on"), "{new}");
+    assert!(note.contains("--batch-size") && note.contains("--gradient-checkpointing"), "{note}");
+    assert!(!quiet.contains("deprecated"), "{quiet}");
+    assert_eq!(plan(&["--batch-size", "2", "--gradient-checkpointing", "true"]).0, new);
+    let (off, _) = plan(&["--checkpointing", "off"]);
+    assert_eq!(off, plan(&["--gradient-checkpointing", "--no-gradient-checkpointing"]).0);
+    assert!(off.contains("checkpointing off"), "{off}");
+
+    let out = bin().args(["plan", "--model", "flux1-dev", "--checkpointing", "maybe"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpointing"));
+    // Hidden: `--help` shows one spelling per concept.
+    let help = String::from_utf8(bin().args(["plan", "--help"]).output().unwrap().stdout).unwrap();
+    assert!(help.contains("--batch-size") && !help.contains("--batch ") && !help.contains("--checkpointing"), "{help}");
 }

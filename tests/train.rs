@@ -4,7 +4,8 @@
 
 mod common;
 use common::*;
-use flux_kernels::cli::train::TrainArgs;
+use flux_kernels::cli::args::AdapterArgs;
+use flux_kernels::cli::train::Args as TrainArgs;
 use flux_kernels::model::config::FluxConfig;
 use flux_kernels::train::builtin::{synthetic_samples, tiny_config, write_samples};
 use flux_kernels::train::config::TrainConfig;
@@ -126,7 +127,8 @@ fn toml_keys_and_flags_combine_flag_wins() {
     let dir = tmpdir("train-toml");
     let p = dir.join("c.toml");
     std::fs::write(&p, "rank = 8\nlr = 0.01\ntargets = \"attn\"\nsteps = 5\n").unwrap();
-    let args = TrainArgs { config: Some(p.clone()), rank: Some(4), data: Some("d".into()), ..TrainArgs::default() };
+    let adapter = AdapterArgs { rank: Some(4), ..AdapterArgs::default() };
+    let args = TrainArgs { config: Some(p.clone()), adapter, data: Some("d".into()), ..TrainArgs::default() };
     let c = args.resolve().unwrap();
     assert_eq!((c.rank, c.lr, c.targets.as_str(), c.steps, c.data.as_str()), (4, 0.01, "attn", 5, "d"));
     std::fs::write(&p, "rnak = 8\n").unwrap();

@@ -178,6 +178,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
   # settings, then 1024² without checkpointing.
   for cfg in int8:1024:true bf16:1024:true int8:512:true bf16:512:true bf16:1024:false int8:1024:false; do
     IFS=: read -r b sz ck <<<"$cfg"
+    if [ "$ck" = true ]; then ck_flag=--gradient-checkpointing; else ck_flag=--no-gradient-checkpointing; fi
     stepv=""; stepsv=""; peak=""; pred=""; load=""; wall=""; line=""
     if [ "${FK_SKIP_SIDE_BY_SIDE:-0}" = 1 ]; then
       status="skipped: FK_SKIP_SIDE_BY_SIDE=1"
@@ -187,8 +188,8 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
       step "bench-step $b ${sz}² checkpointing $ck" | tee -a "$out/bench_logs.txt"
       t0=$(date +%s)
       lim=$(limit "${FK_STEP_TIMEOUT:-240}")
-      timeout "$lim" ./flux-kernels bench-step --model random:flux1-dev --size "$sz" --rank 32 --targets attn-mlp \
-        --base "$b" --checkpointing "$ck" --steps "$steps" --warmup "$warm" --json >"$tmpd/step.out" 2>"$tmpd/step.err"
+      timeout "$lim" ./flux-kernels bench-step --model random:flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp \
+        --base "$b" "$ck_flag" --steps "$steps" --warmup "$warm" --json >"$tmpd/step.out" 2>"$tmpd/step.err"
       rc=$?
       wall=$(( $(date +%s) - t0 ))
       [ "$wall" -gt "${cost[$sz]}" ] && cost[$sz]=$wall
@@ -220,7 +221,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     fi
     if [ -z "$pred" ] && [ -x ./flux-kernels ]; then
       pred=$(./flux-kernels plan --model flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp --base "$b" \
-        --checkpointing "$ck" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
+        "$ck_flag" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
         awk '{ printf "%.2f\n", $1 - 0.53125 }')  # less the CUDA context and cuBLAS workspace
     fi
     echo "| $b | ${sz}² | $ck | ${stepv:--} | ${stepsv:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
@@ -278,7 +279,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     tl=$(left)
     sb=$(( tl > 1 ? tl : 1 ))
     timeout $(( tl > 15 ? tl : 15 )) bash ./scaling.sh "$tmpd/scaling" --bin ./flux-kernels --base "${FK_SCALING_BASE:-int8}" \
-      --checkpointing true --budget "$sb" --timeout "${FK_STEP_TIMEOUT:-240}" --reuse "$ejson" --cost "$costs" \
+      --gradient-checkpointing true --budget "$sb" --timeout "${FK_STEP_TIMEOUT:-240}" --reuse "$ejson" --cost "$costs" \
       --steps "$steps" --warmup "$warm" >>"$out/bench_logs.txt" 2>&1
     scaling_rc=$?
     cat "$tmpd/scaling/scaling.log" >>"$out/bench_logs.txt" 2>/dev/null

@@ -13,7 +13,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$bin" synth-data --model $F/tiny-diffusers --out "$tmp/data" --n 6 --size 8 --n-txt 5 --seed 3
 for fmt in peft kohya; do
   "$bin" train --model $F/tiny-diffusers --data "$tmp/data" --steps 20 --rank 4 --alpha 8 --lr 1e-2 \
-    --targets all,x_embedder,norm_out.linear,proj_out,linear_1 --include-modulation true \
+    --targets all,x_embedder,norm_out.linear,proj_out,linear_1 --include-modulation \
     --batch-size 2 --save-dtype f32 --format $fmt --seed 5 --out "$F/trained-$fmt.safetensors" --log-every 10
   "$bin" forward --model $F/tiny-diffusers --inputs $F/tiny-inputs.safetensors \
     --lora "$F/trained-$fmt.safetensors" --out "$F/trained-$fmt-expected.safetensors"

@@ -20,9 +20,10 @@
 # tools/plot_scaling.py OUTDIR/scaling.csv draws docs/scaling.svg from the CSV.
 #
 # Usage (any CUDA machine with the release binary built with nvcc):
-#   tools/scaling.sh OUTDIR [--base int8|bf16] [--checkpointing true|false] [--bin PATH]
+#   tools/scaling.sh OUTDIR [--base int8|bf16] [--gradient-checkpointing true|false] [--bin PATH]
 #                    [--timeout S] [--budget S] [--reuse FILE.jsonl] [--steps N] [--warmup N]
 #                    [--cost SIZE=S,...]
+#   --gradient-checkpointing  true (default) or false (--checkpointing, the old name, still works)
 #   --bin      the flux-kernels binary (default: $FLUX_KERNELS, ./flux-kernels beside this
 #              script (the GPU-check pack), target/release/flux-kernels, then PATH)
 #   --timeout  seconds per grid point (default 300)
@@ -51,7 +52,7 @@ warmup=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --base) base=${2:?--base needs a value}; shift 2 ;;
-    --checkpointing) ckpt=${2:?--checkpointing needs a value}; shift 2 ;;
+    --gradient-checkpointing|--checkpointing) ckpt=${2:?$1 needs a value}; shift 2 ;;
     --bin) bin=${2:?--bin needs a value}; shift 2 ;;
     --timeout) per_timeout=${2:?--timeout needs a value}; shift 2 ;;
     --budget) budget=${2:?--budget needs a value}; shift 2 ;;
@@ -64,8 +65,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$base" in int8|bf16|fp8|fp8-scaled) ;; *) echo "scaling.sh: --base takes int8, bf16, fp8 or fp8-scaled" >&2; exit 2 ;; esac
-case "$ckpt" in true|on) ckpt=true; ck_plan=on ;; false|off) ckpt=false; ck_plan=off ;;
-  *) echo "scaling.sh: --checkpointing takes true or false" >&2; exit 2 ;; esac
+case "$ckpt" in true|on) ckpt=true; ck_flag=--gradient-checkpointing ;; false|off) ckpt=false; ck_flag=--no-gradient-checkpointing ;;
+  *) echo "scaling.sh: --gradient-checkpointing takes true or false" >&2; exit 2 ;; esac
 for n in "$per_timeout" "$budget" "$steps" "$warmup"; do
   [[ "$n" =~ ^[0-9]+$ ]] || { echo "scaling.sh: '$n' is not a whole number of seconds/steps" >&2; exit 2; }
 done
@@ -107,7 +108,7 @@ reused() {
 }
 predicted() {
   "$bin" plan --model flux1-dev --resolution "$1" --rank "$2" --targets attn-mlp --base "$base" \
-    --checkpointing "$ck_plan" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
+    "$ck_flag" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
     awk '{ printf "%.2f\n", $1 - 0.53125 }' || true  # less the context and cuBLAS workspace, as above
 }
 declare -A est=([512]=40 [768]=50 [1024]=60 [1536]=90)
@@ -135,8 +136,8 @@ for point in $grid; do
     else
       t=$per_timeout
       [ "$budget" -gt 0 ] && [ "$left" -lt "$t" ] && t=$left
-      cmd=("$bin" bench-step --model random:flux1-dev --size "$size" --rank "$rank" --targets attn-mlp
-           --base "$base" --checkpointing "$ckpt" --steps "$steps" --warmup "$warmup" --json)
+      cmd=("$bin" bench-step --model random:flux1-dev --resolution "$size" --rank "$rank" --targets attn-mlp
+           --base "$base" "$ck_flag" --steps "$steps" --warmup "$warmup" --json)
       echo "== $(date -u +%H:%M:%S) ${cmd[*]} (timeout ${t} s)" >>"$log"
       t0=$(date +%s)
       rc=0

@@ -15,6 +15,7 @@ use crate::io::safetensors::SafeTensors;
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::model::layout::{diffusers_to_bfl, BflTarget};
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -167,19 +168,32 @@ struct PeftMeta {
     alpha_pattern: Vec<(String, f32)>,
 }
 
+/// The keys of `lora_adapter_metadata` that set the scale: diffusers' (prefixed with the
+/// component, preferred) or PEFT's own bare ones.
+#[derive(Deserialize)]
+struct LoraAdapterMetadata {
+    #[serde(rename = "transformer.lora_alpha")]
+    transformer_lora_alpha: Option<f64>,
+    lora_alpha: Option<f64>,
+    #[serde(rename = "transformer.use_rslora")]
+    transformer_use_rslora: Option<bool>,
+    use_rslora: Option<bool>,
+    #[serde(rename = "transformer.alpha_pattern")]
+    transformer_alpha_pattern: Option<BTreeMap<String, f64>>,
+    alpha_pattern: Option<BTreeMap<String, f64>>,
+}
+
 fn peft_meta(st: &SafeTensors) -> Result<Option<PeftMeta>> {
     let Some(raw) = st.metadata().get("lora_adapter_metadata") else {
         return Ok(None);
     };
-    let v: serde_json::Value = serde_json::from_str(raw)
-        .with_context(|| format!("{}: lora_adapter_metadata is not valid JSON", st.path().display()))?;
-    let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
-    let alpha = get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32);
-    let rslora = get("use_rslora").and_then(|a| a.as_bool()).unwrap_or(false);
-    let alpha_pattern = get("alpha_pattern")
-        .and_then(|a| a.as_object())
-        .map(|o| o.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x as f32))).collect())
-        .unwrap_or_default();
+    let m: LoraAdapterMetadata = serde_json::from_str(raw).with_context(|| {
+        format!("{}: lora_adapter_metadata is not valid JSON (or not PEFT's LoraConfig)", st.path().display())
+    })?;
+    let alpha = m.transformer_lora_alpha.or(m.lora_alpha).map(|a| a as f32);
+    let rslora = m.transformer_use_rslora.or(m.use_rslora).unwrap_or(false);
+    let alpha_pattern = m.transformer_alpha_pattern.or(m.alpha_pattern).unwrap_or_default();
+    let alpha_pattern = alpha_pattern.into_iter().map(|(k, x)| (k, x as f32)).collect();
     Ok(Some(PeftMeta { alpha, rslora, alpha_pattern }))
 }
 

@@ -3,6 +3,7 @@
 //! device memory (the memory pool's high-water mark) and the planner's prediction beside it: the engine's side of
 //! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
 
+use super::args::{deprecated, CheckpointingArgs};
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::flux::FluxInputs;
@@ -17,23 +18,64 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::Instant;
 
-pub struct BenchStep {
+#[derive(clap::Args)]
+pub struct Args {
+    /// A checkpoint or random:flux1-dev[:SEED] (random weights, no file).
+    #[arg(long)]
     pub model: String,
-    pub size: usize,
+    /// Image side in pixels (square; a multiple of 16).
+    #[arg(long, default_value_t = 1024, conflicts_with = "size")]
+    pub resolution: usize,
+    /// Deprecated spelling of --resolution.
+    #[arg(long, hide = true)]
+    pub size: Option<usize>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// LoRA targets, as for `train --targets`.
+    #[arg(long, default_value = "attn-mlp")]
     pub targets: String,
+    /// Base weights on the GPU: bf16 or int8 (quantised at load).
+    #[arg(long, value_name = "bf16|int8", default_value = "bf16")]
     pub base: String,
-    pub checkpointing: bool,
+    #[command(flatten)]
+    pub checkpointing: CheckpointingArgs,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Untimed steps before the timed ones.
+    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// T5 tokens of the synthetic text states.
+    #[arg(long, default_value_t = 512)]
     pub text_tokens: usize,
+    /// Accepted for scripts; the output is always one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// The image side and the flag that gave it (a deprecated spelling is named in errors).
+    fn side(&self) -> (usize, &'static str) {
+        match deprecated(self.size, "--size", "--resolution") {
+            Some(s) => (s, "--size"),
+            None => (self.resolution, "--resolution"),
+        }
+    }
+}
+
+pub fn main(a: Args) -> Result<()> {
+    println!("{}", run(&a)?);
+    Ok(())
 }
 
 /// Runs the benchmark; returns one line of JSON.
-pub fn run(a: &BenchStep) -> Result<String> {
-    if a.size == 0 || !a.size.is_multiple_of(16) {
-        bail!("--size {}: a positive multiple of 16 pixels", a.size);
+pub fn run(a: &Args) -> Result<String> {
+    let (size, flag) = a.side();
+    if size == 0 || !size.is_multiple_of(16) {
+        bail!("{flag} {size}: a positive multiple of 16 pixels");
     }
+    let checkpointing = a.checkpointing.get(true);
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -49,7 +91,7 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng)?;
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let opts = EngineOptions { base, checkpointing: a.checkpointing };
+    let opts = EngineOptions { base, checkpointing };
     let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
     engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
     let gt = engine.cuda().context("bench-step runs on the GPU")?;
@@ -58,7 +100,7 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let weights_bytes: usize = gt.m.w.linears().iter().map(|l| l.bytes()).sum();
 
     // One synthetic sample: packed latent noise, T5-like states, pooled CLIP, σ = 0.5.
-    let lat = a.size / 8;
+    let lat = size / 8;
     let n_img = (lat / 2) * (lat / 2);
     let inp = FluxInputs {
         b: 1,
@@ -99,11 +141,11 @@ pub fn run(a: &BenchStep) -> Result<String> {
     };
     let settings = Settings {
         base: plan_base,
-        width: a.size,
-        height: a.size,
+        width: size,
+        height: size,
         batch: 1,
         text_tokens: a.text_tokens,
-        checkpointing: a.checkpointing,
+        checkpointing,
         modulation_on_host: false,
         lora: lc,
     };
@@ -115,11 +157,11 @@ pub fn run(a: &BenchStep) -> Result<String> {
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let j = serde_json::json!({
         "model": a.model,
-        "size": a.size,
+        "size": size,
         "rank": a.rank,
         "targets": a.targets,
         "base": a.base,
-        "checkpointing": a.checkpointing,
+        "checkpointing": checkpointing,
         "steps": a.steps,
         "step_s_median": median,
         "step_s": times,

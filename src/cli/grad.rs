@@ -1,8 +1,8 @@
 //! `flux-kernels grad`: the gradient of mean((out − target)²) with respect to every factor of
 //! one LoRA file (at strength 1), written under that file's own tensor names.
 
-use super::{open_model, ModelSpec};
-use crate::adapters::formats::{load_lora, UnknownKeys};
+use super::{open_model, parse_unknown, ModelSpec};
+use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
 use crate::adapters::AdapterSet;
 use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
@@ -10,7 +10,33 @@ use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `forward`'s model, LoRA and inputs, and the target.
+#[derive(clap::Args)]
+#[group(id = "grad::Args")] // not `Args`, forward's group id
+pub struct Args {
+    #[command(flatten)]
+    pub pass: super::forward::Args,
+    /// A safetensors with `target` [B,N,C_in].
+    #[arg(long)]
+    pub target: PathBuf,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let super::forward::Args { m, inputs, out } = &a.pass;
+    let unknown = parse_unknown(&m.lora_unknown)?;
+    let [lora] = m.lora.as_slice() else {
+        bail!("grad takes exactly one --lora FILE (the adapter to differentiate)");
+    };
+    let (path, scale) = parse_lora_arg(lora)?;
+    if scale != 1.0 {
+        bail!("grad differentiates at strength 1; drop the :{scale} from --lora");
+    }
+    let loss = run(&m.model, inputs, &a.target, &path, out, m.rope_axes.as_deref(), unknown, &m.device)?;
+    println!("loss {loss:.6e}; wrote {}", out.display());
+    Ok(())
+}
 
 pub fn run(
     model: &str,

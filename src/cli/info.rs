@@ -1,6 +1,8 @@
 //! `flux-kernels info`: architecture, parameter counts, storage, and what each LoRA holds.
 
-use super::{open_loras, open_model, ModelSpec};
+use super::args::{AdapterArgs, ModelArgs};
+use super::{open_loras, open_model, parse_unknown, ModelSpec};
+use crate::adapters::config::{resolve_targets, trainable_summary};
 use crate::adapters::formats::{LoraFile, UnknownKeys};
 use crate::model::checkpoint::Layout;
 use crate::model::config::{FluxConfig, ModuleKind};
@@ -8,6 +10,29 @@ use crate::util::thousands;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// With --rank/--targets: print the trainable-parameter line PEFT prints for the same
+    /// adapters on diffusers' FluxTransformer2DModel.
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
+
+/// `flux-kernels info`: the model's description, each LoRA's, and with --rank or --targets the
+/// trainable-parameter line.
+pub fn main(a: Args) -> Result<()> {
+    let m = &a.m;
+    print!("{}", run(&m.model, &m.lora, m.rope_axes.as_deref(), parse_unknown(&m.lora_unknown)?)?);
+    if a.adapter.rank.is_some() || a.adapter.targets.is_some() {
+        let spec = open_model(&m.model, m.rope_axes.as_deref())?;
+        let specs = resolve_targets(spec.cfg(), &a.adapter.config()?)?;
+        println!("{}", trainable_summary(spec.cfg(), &specs));
+    }
+    Ok(())
+}
 
 pub fn run(model: &str, loras: &[String], rope_axes: Option<&str>, unknown: UnknownKeys) -> Result<String> {
     let spec = open_model(model, rope_axes)?;

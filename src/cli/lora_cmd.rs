@@ -1,6 +1,6 @@
 //! `flux-kernels lora convert` and `lora merge`: exact rewrites between LoRA formats.
 
-use super::open_model;
+use super::{open_model, parse_unknown};
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
 use crate::adapters::AdapterSet;
@@ -8,7 +8,65 @@ use crate::io::safetensors::Dtype;
 use crate::util::thousands;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub cmd: LoraCmd,
+}
+
+#[derive(clap::Subcommand)]
+pub enum LoraCmd {
+    /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya.
+    Convert {
+        #[command(flatten)]
+        w: WriteArgs,
+        /// Input LoRA file, any supported dialect; FILE:SCALE folds a strength in (default 1).
+        #[arg(long = "in", value_name = "FILE[:SCALE]")]
+        input: String,
+    },
+    /// Sum several LoRAs with strengths into one file, exactly (ranks concatenate per module).
+    Merge {
+        #[command(flatten)]
+        w: WriteArgs,
+        /// LoRA files with optional strengths (default 1): a.safetensors:0.8 b.safetensors:-0.5
+        #[arg(required = true, value_name = "FILE[:SCALE]")]
+        inputs: Vec<String>,
+    },
+}
+
+/// Where and how `lora convert` / `lora merge` write.
+#[derive(clap::Args)]
+pub struct WriteArgs {
+    /// Model or built-in configuration the LoRA belongs to (for module shapes).
+    #[arg(long)]
+    pub model: String,
+    /// Output LoRA file (.safetensors), written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// peft (diffusers) or kohya.
+    #[arg(long, value_name = "peft|kohya", default_value = "peft")]
+    pub format: String,
+    /// Storage dtype of the factors: f32, bf16, f16.
+    #[arg(long, value_name = "f32|bf16|f16", default_value = "f32")]
+    pub dtype: String,
+    /// What to do with a LoRA key that matches no module of the model: `error` or `warn` (skip it
+    /// with a warning).
+    #[arg(long, value_name = "error|warn", default_value = "error")]
+    pub lora_unknown: String,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    // A conversion is a merge of one file.
+    let (w, inputs) = match a.cmd {
+        LoraCmd::Convert { w, input } => (w, vec![input]),
+        LoraCmd::Merge { w, inputs } => (w, inputs),
+    };
+    let (format, dtype, unknown) = (w.format.parse()?, parse_dtype(&w.dtype)?, parse_unknown(&w.lora_unknown)?);
+    println!("{}", merge(&w.model, &inputs, &w.out, format, dtype, unknown)?);
+    Ok(())
+}
 
 pub fn parse_dtype(s: &str) -> Result<Dtype> {
     match s {

@@ -1,6 +1,10 @@
-//! Subcommands, one file each; main.rs only parses and dispatches.
+//! Subcommands, one file each: its clap `Args` and a `main(Args)` that prints its output. The
+//! command tree ([`Cli`]) is here so that tests can walk it; main.rs parses and dispatches.
+//! Shared argument groups and the flag conventions are in `args`.
 
+pub mod args;
 pub mod bench_step;
+pub mod cache;
 pub mod forward;
 pub mod grad;
 pub mod info;
@@ -8,6 +12,7 @@ pub mod lora_cmd;
 pub mod plan;
 pub mod quantize;
 pub mod sample;
+pub mod synth_data;
 pub mod train;
 
 use crate::adapters::formats::{load_lora, parse_lora_arg, LoraFile, UnknownKeys};
@@ -15,6 +20,48 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{parse_rope_axes, FluxConfig};
 use anyhow::{bail, Result};
 use std::path::Path;
+
+/// LoRA fine-tuning and sampling of FLUX.1-dev: a CPU reference and CUDA kernels.
+#[derive(clap::Parser)]
+#[command(name = "flux-kernels", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Cmd {
+    /// Print the architecture, parameter counts, dtype and size of a model, and what each LoRA holds.
+    Info(info::Args),
+    /// Train a LoRA (flow matching, AdamW) on cached samples; with no --model and no --data, the
+    /// built-in demo: a tiny FLUX and a synthetic set, about a minute on a CPU.
+    Train(Box<train::Args>),
+    /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
+    /// sets switched without reloading the base. Without --model: the built-in tiny model.
+    Sample(sample::Args),
+    /// Encode a folder of images + same-name .txt captions into the trainer's cached samples
+    /// (VAE latents, T5 states, CLIP pooled), skipping those already cached and unchanged.
+    Cache(cache::Args),
+    /// Write a synthetic cached-sample dataset for a model's widths (try the trainer without data).
+    SynthData(synth_data::Args),
+    /// Convert or merge LoRA files.
+    Lora(lora_cmd::Args),
+    /// Run one forward pass of the CPU reference and write `out` [B, N, C] (f32).
+    Forward(forward::Args),
+    /// Quantise a transformer's block linears to 8 bits (int8 per-channel or fp8 e4m3), streamed
+    /// tensor by tensor; forward, train and sample load the result through --model.
+    Quantize(quantize::Args),
+    /// Time full LoRA training steps of the device-resident GPU model on synthetic inputs (one
+    /// JSON line: median step time, peak device memory, the planner's prediction).
+    BenchStep(bench_step::Args),
+    /// Predict the peak GPU memory of a LoRA training step (weights by dtype, LoRA and AdamW
+    /// state, activations, workspace), whether it fits, and which settings would.
+    Plan(plan::Args),
+    /// Gradient of mean((out − target)²), averaged over all elements, with respect to every
+    /// factor of one LoRA file at strength 1, written under the file's own tensor names (f32), the
+    /// loss in the file's metadata.
+    Grad(grad::Args),
+}
 
 /// `--model`: a checkpoint path, or a built-in configuration name for shape-only commands.
 pub enum ModelSpec {

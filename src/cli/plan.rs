@@ -1,6 +1,7 @@
 //! `flux-kernels plan` and the first lines of `train`: predicted peak GPU memory, whether it fits
 //! the card, and which settings would.
 
+use super::args::{deprecated, AdapterArgs, CheckpointingArgs};
 use super::{open_model, ModelSpec};
 use crate::model::checkpoint::Checkpoint;
 use crate::plan::{gib, plan, suggest, table, Base, Settings};
@@ -9,20 +10,66 @@ use crate::train::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use std::fmt::Write;
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// A checkpoint or a built-in configuration name (flux1-dev).
+    #[arg(long)]
+    pub model: String,
+    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
+    /// and the checkpoint has no config.json saying it.
+    #[arg(long, value_name = "A,B,C")]
+    pub rope_axes: Option<String>,
+    /// Base weights on the GPU: bf16, int8, fp8 or fp8-scaled. Default: what the checkpoint
+    /// holds (bf16 for a configuration name).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Image size in pixels: 1024 (square) or 1024x768 (width × height).
+    #[arg(long, default_value = "1024")]
+    pub resolution: String,
+    /// Samples per micro-batch.
+    #[arg(long, default_value_t = 1, conflicts_with = "batch")]
+    pub batch_size: usize,
+    /// Deprecated spelling of --batch-size.
+    #[arg(long, hide = true)]
+    pub batch: Option<usize>,
+    /// T5 tokens (512 for FLUX.1-dev, 256 for schnell).
+    #[arg(long, default_value_t = 512)]
+    pub text_tokens: usize,
+    #[command(flatten)]
+    pub checkpointing: CheckpointingArgs,
+    /// Where the modulation linears' weights live: gpu or host.
+    #[arg(long, value_name = "gpu|host", default_value = "gpu")]
+    pub modulation: String,
+    /// GPU memory in GiB to check the plan against.
+    #[arg(long, default_value_t = 24.0)]
+    pub gpu_memory: f64,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let (width, height) = parse_resolution(&a.resolution)?;
+    let checkpointing = a.checkpointing.get(false);
+    let settings = Settings {
+        base: Base::Bf16,
+        width,
+        height,
+        batch: deprecated(a.batch, "--batch", "--batch-size").unwrap_or(a.batch_size),
+        text_tokens: a.text_tokens,
+        checkpointing,
+        modulation_on_host: parse_modulation(&a.modulation)?,
+        lora: a.adapter.config()?,
+    };
+    print!("{}", run(&a.model, a.rope_axes.as_deref(), a.base.as_deref(), settings, a.gpu_memory)?);
+    Ok(())
+}
+
 /// `--resolution 1024` or `1024x768` (width × height).
 pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
     let num = |x: &str| x.trim().parse::<usize>().with_context(|| format!("--resolution `{s}`: `{x}` is not a number"));
     match s.split_once(['x', 'X']) {
         Some((w, h)) => Ok((num(w)?, num(h)?)),
         None => Ok((num(s)?, num(s)?)),
-    }
-}
-
-pub fn parse_on_off(s: &str, flag: &str) -> Result<bool> {
-    match s {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        _ => bail!("{flag} takes on or off, got `{s}`"),
     }
 }
 
@@ -195,7 +242,6 @@ mod tests {
         assert_eq!(parse_resolution("1024").unwrap(), (1024, 1024));
         assert_eq!(parse_resolution("1024x768").unwrap(), (1024, 768));
         assert!(parse_resolution("big").unwrap_err().to_string().contains("--resolution"));
-        assert!(parse_on_off("maybe", "--checkpointing").unwrap_err().to_string().contains("--checkpointing"));
         assert!(parse_modulation("cpu").unwrap_err().to_string().contains("--modulation"));
         assert!(Base::parse("int4").unwrap_err().to_string().contains("--base"));
     }

@@ -160,6 +160,29 @@ fn human(b: usize) -> String {
     format!("{:.2} {unit}", b as f64 / div as f64)
 }
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// A bf16/f16/f32 transformer: BFL file or diffusers folder.
+    #[arg(long)]
+    pub model: String,
+    /// Output: a .safetensors file for a BFL input, a new folder for a diffusers one.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// int8 (per-output-channel scales), fp8 (plain e4m3 cast, as flux1-dev-fp8 files),
+    /// fp8-scaled (e4m3, one scale per tensor) or fp8-channel (e4m3, per-channel scales).
+    #[arg(long, value_name = "int8|fp8|fp8-scaled|fp8-channel")]
+    pub format: String,
+    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
+    /// and the checkpoint has no config.json saying it.
+    #[arg(long, value_name = "A,B,C")]
+    pub rope_axes: Option<String>,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    println!("{}", run(&a.model, &a.out, &a.format, a.rope_axes.as_deref())?);
+    Ok(())
+}
+
 /// Quantises `model` into `out`; returns the report lines.
 pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Result<String> {
     let scheme = Scheme::parse_format(format)?;

@@ -1,6 +1,8 @@
-//! `flux-kernels sample` and `flux-kernels synth-data`.
+//! `flux-kernels sample`: latents and PNGs of prompts (or a conditioning file) under any number
+//! of LoRA sets, the base loaded once.
 
-use super::{open_loras, open_model, ModelSpec};
+use super::args::ComponentArgs;
+use super::{open_loras, open_model, parse_unknown, ModelSpec};
 use crate::adapters::formats::UnknownKeys;
 use crate::adapters::AdapterSet;
 use crate::engine::{Engine, EngineOptions};
@@ -11,8 +13,114 @@ use crate::sample::preview::write_preview;
 use crate::sample::sampler::{sample, SampleSpec};
 use crate::train::builtin;
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A FLUX transformer or FLUX.1 folder (as for `forward`; a folder's VAE and text encoders are
+    /// used too). Default: the built-in tiny model with random weights.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
+    /// and the checkpoint has no config.json saying it.
+    #[arg(long, value_name = "A,B,C")]
+    pub rope_axes: Option<String>,
+    /// Conditioning: `txt` [L,D] or [B,L,D] (T5 states) and `y` [D] or [B,D] (CLIP pooled).
+    #[arg(long)]
+    pub cond: Option<PathBuf>,
+    /// Output folder: latents[-setK].safetensors and sample[-setK].png.
+    #[arg(long, default_value = "samples")]
+    pub out: PathBuf,
+    /// Image width in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    /// Image height in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Euler steps of the FLUX.1-dev schedule.
+    #[arg(long, default_value_t = 28)]
+    pub steps: usize,
+    /// Guidance fed to the guidance embedding (FLUX.1-dev is guidance-distilled).
+    #[arg(long, default_value_t = 3.5)]
+    pub guidance: f32,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per prompt (or per conditioning entry).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA applied to every set: FILE[:SCALE] (default strength 1), repeatable.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+    /// A LoRA set sampled in its own pass: "a.safetensors:0.8,b.safetensors"; repeat for
+    /// several sets (the base stays loaded; "none" for the base alone).
+    #[arg(long, value_name = "FILE[:SCALE],…")]
+    pub lora_set: Vec<String>,
+    /// What to do with a LoRA key that matches no module of the model: `error` or `warn` (skip it
+    /// with a warning).
+    #[arg(long, value_name = "error|warn", default_value = "error")]
+    pub lora_unknown: String,
+    /// A prompt, encoded by the model folder's T5 and CLIP; repeat for several images.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A file of prompts, one per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[command(flatten)]
+    pub comps: ComponentArgs,
+    /// T5 length in tokens (512 for FLUX.1-dev, 256 as an option).
+    #[arg(long, default_value_t = 512)]
+    pub t5_max_len: usize,
+    /// Where the transformer runs: cpu, cuda, or auto (CUDA when a device and the kernels are
+    /// there, else the CPU).
+    #[arg(long, value_name = "cpu|cuda|auto", default_value = "auto")]
+    pub device: String,
+}
+
+/// `flux-kernels sample`: the prompts of --prompt and --prompts, each --lora-set with the
+/// --lora files added (one set of the --lora files alone without --lora-set), one log line a set.
+pub fn main(a: Args) -> Result<()> {
+    let mut prompts = a.prompt.clone();
+    if let Some(p) = &a.prompts {
+        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+        prompts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+    }
+    let mut sets: Vec<Vec<String>> = a
+        .lora_set
+        .iter()
+        .map(|s| {
+            let mut v: Vec<String> = s.split(',').filter(|x| !x.is_empty() && *x != "none").map(String::from).collect();
+            v.extend(a.lora.iter().cloned());
+            v
+        })
+        .collect();
+    if sets.is_empty() {
+        sets.push(a.lora.clone());
+    }
+    let run_args = SampleArgs {
+        model: a.model.as_deref(),
+        rope_axes: a.rope_axes.as_deref(),
+        cond: a.cond.as_deref(),
+        out: &a.out,
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        batch: a.batch_size,
+        sets,
+        unknown: parse_unknown(&a.lora_unknown)?,
+        prompts,
+        components: a.comps.components(),
+        t5_len: a.t5_max_len,
+        device: &a.device,
+    };
+    for line in run(&run_args)? {
+        println!("{line}");
+    }
+    Ok(())
+}
 
 fn model_or_builtin(model: Option<&str>, rope_axes: Option<&str>) -> Result<(FluxConfig, FluxWeights)> {
     match model {
@@ -31,6 +139,7 @@ fn model_or_builtin(model: Option<&str>, rope_axes: Option<&str>) -> Result<(Flu
     }
 }
 
+/// A `sample` run with its flags resolved: prompts read, LoRA sets assembled.
 pub struct SampleArgs<'a> {
     pub model: Option<&'a str>,
     pub rope_axes: Option<&'a str>,
@@ -180,45 +289,4 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         ));
     }
     Ok(log)
-}
-
-/// Writes a synthetic dataset for a model's widths (or the built-in tiny model's).
-pub fn synth_data(
-    model: Option<&str>,
-    rope_axes: Option<&str>,
-    out: &Path,
-    n: usize,
-    size: usize,
-    n_txt: usize,
-    seed: u64,
-) -> Result<String> {
-    let cfg = match model {
-        None => builtin::tiny_config(),
-        Some(m) => open_model(m, rope_axes)?.cfg().clone(),
-    };
-    if size == 0 || !size.is_multiple_of(2) {
-        bail!("--size must be even");
-    }
-    let s = builtin::synthetic_samples(&cfg, n, size, n_txt, seed);
-    builtin::write_samples(out, &s, cfg.context_in_dim)?;
-    Ok(format!("wrote {n} samples to {}", out.display()))
-}
-
-/// `cache`: encode an image + caption folder into the trainer's cached-sample format.
-pub fn cache(
-    model: &str,
-    data: &Path,
-    out: Option<&Path>,
-    overrides: &crate::pipeline::Components,
-    settings: &crate::train::cache::CacheSettings,
-) -> Result<String> {
-    let spec = open_model(model, None)?;
-    let cfg = spec.cfg().clone();
-    let root = Path::new(model);
-    let comps = if root.is_dir() { crate::pipeline::Components::from_root(root) } else { Default::default() }
-        .with_overrides(overrides);
-    let text = crate::pipeline::TextEncoders::open(&comps, &cfg, settings.t5_len)?;
-    let vae = crate::pipeline::open_vae(&comps, &cfg)?;
-    let out = out.map(Path::to_path_buf).unwrap_or_else(|| data.join(".flux-cache"));
-    Ok(crate::train::cache::cache_images(data, &out, &text, &vae, settings, false)?.to_string())
 }

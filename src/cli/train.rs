@@ -1,6 +1,7 @@
 //! `flux-kernels train`: settings from `--config FILE` (TOML, the same key names), each
 //! overridden by its flag; with no model and no data, the built-in demo.
 
+use super::args::{switch, AdapterArgs};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{train, Outcome};
 use anyhow::Result;
@@ -8,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Every key of the TOML config is also a flag; the flag wins.
-#[derive(clap::Args, Debug, Default)]
-pub struct TrainArgs {
+/// Every key of the TOML config is also a flag; the flag wins. A boolean key is a switch pair,
+/// `--flip` / `--no-flip`: either overrides the file, neither leaves it.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Args {
     /// TOML file with any of the keys below (snake_case, e.g. `batch_size = 4`).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -39,27 +41,9 @@ pub struct TrainArgs {
     /// Storage of the written LoRA: bf16 (default), f16, f32.
     #[arg(long)]
     pub save_dtype: Option<String>,
-    /// LoRA rank. Default 16.
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// LoRA alpha (scale alpha/rank). Default: the rank.
-    #[arg(long)]
-    pub alpha: Option<f32>,
-    /// Targets: attn, attn-mlp (default; demo: all with modulation), all; diffusers or BFL names; globs.
-    #[arg(long)]
-    pub targets: Option<String>,
-    /// With `all`: also the modulation linears.
-    #[arg(long)]
-    pub include_modulation: Option<bool>,
-    /// Per-module ranks: to_q=8,proj_mlp=32
-    #[arg(long)]
-    pub rank_pattern: Option<String>,
-    /// Per-module alphas: to_q=8
-    #[arg(long)]
-    pub alpha_pattern: Option<String>,
-    /// rsLoRA scaling alpha/√rank.
-    #[arg(long)]
-    pub rslora: Option<bool>,
+    /// LoRA rank, alpha, targets and their patterns (as for `info` and `plan`).
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// LoRA dropout on the adapter input. Default 0.
     #[arg(long)]
     pub dropout: Option<f32>,
@@ -87,10 +71,13 @@ pub struct TrainArgs {
     /// Linear warm-up steps. Default 0.
     #[arg(long)]
     pub warmup_steps: Option<usize>,
+    /// AdamW β1, the first moment's decay. Default 0.9.
     #[arg(long)]
     pub adam_beta1: Option<f64>,
+    /// AdamW β2, the second moment's decay. Default 0.999.
     #[arg(long)]
     pub adam_beta2: Option<f64>,
+    /// AdamW ε added to the root of the second moment. Default 1e-8.
     #[arg(long)]
     pub adam_eps: Option<f64>,
     /// AdamW decoupled weight decay. Default 0.01.
@@ -102,10 +89,13 @@ pub struct TrainArgs {
     /// σ sampling: uniform, logit_normal, sigmoid (default), flux_shift, shift.
     #[arg(long)]
     pub timestep_sampling: Option<String>,
+    /// Mean of the normal draw of `logit_normal` sampling (σ = sigmoid(mean + std·N)). Default 0.
     #[arg(long)]
     pub logit_mean: Option<f64>,
+    /// Standard deviation of the normal draw of `logit_normal` sampling. Default 1.
     #[arg(long)]
     pub logit_std: Option<f64>,
+    /// Scale s of sigmoid, flux_shift and shift sampling (σ = sigmoid(s·N) before any shift). Default 1.
     #[arg(long)]
     pub sigmoid_scale: Option<f64>,
     /// Fixed shift for `shift` sampling. Default 3.
@@ -129,8 +119,9 @@ pub struct TrainArgs {
     /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss).
     #[arg(long)]
     pub metrics: Option<String>,
-    /// RoPE axes when the model's head dim is not 128.
-    #[arg(long)]
+    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
+    /// and the checkpoint has no config.json saying it.
+    #[arg(long, value_name = "A,B,C")]
     pub rope_axes: Option<String>,
     /// A log line every N steps (0: about 20 per run).
     #[arg(long)]
@@ -150,33 +141,45 @@ pub struct TrainArgs {
     /// CLIP tokenizer (tokenizer.json, vocab.json + merges.txt, or a folder); default: tokenizer/.
     #[arg(long)]
     pub clip_tokenizer: Option<String>,
-    /// Image datasets: bucket target sides, comma-separated. Default 512.
+    /// Image datasets: bucket target sides in pixels, comma-separated. Default 512.
     #[arg(long)]
     pub resolution: Option<String>,
-    /// Bucket sides are multiples of this. Default 64.
+    /// Bucket sides are multiples of this many pixels. Default 64.
     #[arg(long)]
     pub bucket_step: Option<usize>,
-    /// Also train on horizontal flips of the images.
-    #[arg(long)]
+    /// Also train on horizontal flips of the images. Default off.
+    #[arg(long, overrides_with = "no_flip")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
     pub flip: Option<bool>,
-    /// T5 length: 512 (default) or 256.
+    /// Turn --flip off.
+    #[arg(long, overrides_with = "flip")]
+    pub no_flip: bool,
+    /// T5 length in tokens: 512 (default) or 256.
     #[arg(long)]
     pub t5_max_len: Option<usize>,
-    /// Encode a VAE sample instead of the mean.
-    #[arg(long)]
+    /// Encode a VAE sample instead of the mean. Default off.
+    #[arg(long, overrides_with = "no_vae_sample")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
     pub vae_sample: Option<bool>,
+    /// Turn --vae-sample off.
+    #[arg(long, overrides_with = "vae_sample")]
+    pub no_vae_sample: bool,
     /// Where image datasets are cached. Default <data>/.flux-cache
     #[arg(long)]
     pub cache_dir: Option<String>,
-    /// A prompt sampled every --sample-every steps; repeat for several.
+    /// A prompt sampled every --sample-every steps (PNGs in <out>-samples/); repeat for several.
     #[arg(long = "sample-prompt")]
     pub sample_prompts: Option<Vec<String>>,
+    /// Sample the --sample-prompt prompts every N optimizer steps. Default 0 (never).
     #[arg(long)]
     pub sample_every: Option<usize>,
+    /// Euler steps of each preview sample. Default 20.
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Guidance of the preview samples. Default 3.5.
     #[arg(long)]
     pub sample_guidance: Option<f32>,
+    /// Seed of the preview samples' noise. Default 0.
     #[arg(long)]
     pub sample_seed: Option<u64>,
     /// Sample side in pixels (default: the first resolution side).
@@ -188,18 +191,34 @@ pub struct TrainArgs {
     /// GPU base weights: bf16 (default; 8-bit files keep their codes) or int8 (quantised at load).
     #[arg(long)]
     pub base: Option<String>,
-    /// GPU: recompute each block's activations in the backward instead of keeping them.
-    #[arg(long)]
+    /// GPU: recompute each block's activations in the backward instead of keeping them. Default off.
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
     pub gradient_checkpointing: Option<bool>,
+    /// Turn --gradient-checkpointing off.
+    #[arg(long, overrides_with = "gradient_checkpointing")]
+    pub no_gradient_checkpointing: bool,
 }
 
 macro_rules! apply {
-    ($cfg:ident, $args:ident, $($f:ident),*) => {
+    ($cfg:ident, $args:expr, $($f:ident),*) => {
         $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )*
     };
 }
 
-impl TrainArgs {
+impl Args {
+    /// The flags with each `--no-x` folded into its `x` (Some(false)).
+    fn switched(&self) -> Args {
+        let mut a = self.clone();
+        let ad = &mut a.adapter;
+        ad.include_modulation = switch(ad.include_modulation, ad.no_include_modulation);
+        ad.rslora = switch(ad.rslora, ad.no_rslora);
+        a.flip = switch(a.flip, a.no_flip);
+        a.vae_sample = switch(a.vae_sample, a.no_vae_sample);
+        a.gradient_checkpointing = switch(a.gradient_checkpointing, a.no_gradient_checkpointing);
+        a
+    }
+
     /// The config: checkpoint's (when resuming) or defaults, then --config, then the flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
         let mut c = match &self.resume {
@@ -217,7 +236,7 @@ impl TrainArgs {
             }
             c = serde_json::from_value(merged)?;
         }
-        let a = self;
+        let a = &self.switched();
         apply!(
             c,
             a,
@@ -228,13 +247,6 @@ impl TrainArgs {
             out,
             format,
             save_dtype,
-            rank,
-            alpha,
-            targets,
-            include_modulation,
-            rank_pattern,
-            alpha_pattern,
-            rslora,
             dropout,
             init,
             steps,
@@ -283,6 +295,7 @@ impl TrainArgs {
             base,
             gradient_checkpointing
         );
+        apply!(c, a.adapter, rank, alpha, targets, include_modulation, rank_pattern, alpha_pattern, rslora);
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
             c = c.builtin_demo();
         }
@@ -290,7 +303,15 @@ impl TrainArgs {
     }
 }
 
-pub fn run(args: &TrainArgs) -> Result<Outcome> {
+pub fn main(args: Args) -> Result<()> {
+    let o = run(&args)?;
+    if o.interrupted {
+        println!("interrupted after step {}", o.steps_done);
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> Result<Outcome> {
     let tc = args.resolve()?;
     super::plan::check_before_training(&tc)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -308,7 +329,7 @@ mod tests {
     #[derive(Parser)]
     struct Wrap {
         #[command(flatten)]
-        a: TrainArgs,
+        a: Args,
     }
 
     /// Every config key has a flag that reaches the config: set each through its flag and
@@ -338,5 +359,33 @@ mod tests {
             let c = serde_json::to_value(w.a.resolve().unwrap()).unwrap();
             assert_ne!(c[&k], d[&k], "flag {flag} did not reach `{k}`");
         }
+    }
+
+    /// A switch pair overrides the TOML value either way; neither leaves it; the old value
+    /// form still parses.
+    #[test]
+    fn switch_pairs_override_the_config_either_way() {
+        let dir = std::env::temp_dir().join(format!("fk-train-switch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let on = dir.join("on.toml");
+        std::fs::write(&on, "model = \"m\"\nflip = true\ngradient_checkpointing = true\n").unwrap();
+        let off = dir.join("off.toml");
+        std::fs::write(&off, "model = \"m\"\nflip = false\ngradient_checkpointing = false\n").unwrap();
+        let resolve = |toml: &std::path::Path, flags: &[&str]| {
+            let mut argv = vec!["t", "--config", toml.to_str().unwrap()];
+            argv.extend(flags);
+            let c = Wrap::try_parse_from(argv).unwrap_or_else(|e| panic!("{flags:?}: {e}")).a.resolve().unwrap();
+            (c.flip, c.gradient_checkpointing)
+        };
+        assert_eq!(resolve(&on, &[]), (true, true));
+        assert_eq!(resolve(&off, &[]), (false, false));
+        assert_eq!(resolve(&on, &["--no-flip", "--no-gradient-checkpointing"]), (false, false));
+        assert_eq!(resolve(&off, &["--flip", "--gradient-checkpointing"]), (true, true));
+        assert_eq!(resolve(&off, &["--flip", "true", "--gradient-checkpointing", "false"]), (true, false));
+        assert_eq!(resolve(&on, &["--flip", "false"]), (false, true));
+        // The last of a pair wins.
+        assert_eq!(resolve(&off, &["--flip", "--no-flip"]), (false, false));
+        assert_eq!(resolve(&on, &["--no-flip", "--flip"]), (true, true));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

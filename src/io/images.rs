@@ -108,15 +108,27 @@ pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
 
 /// Writes an image [3, h, w] in [-1, 1] as PNG (clamped), atomically.
 pub fn write_png(path: &Path, img: &[f32], h: usize, w: usize) -> Result<()> {
-    let mut buf = image::RgbImage::new(w as u32, h as u32);
+    let mut rgb = vec![0u8; h * w * 3];
     for y in 0..h {
         for x in 0..w {
-            let px = [0, 1, 2].map(|c| (((img[(c * h + y) * w + x] + 1.0) * 127.5).round().clamp(0.0, 255.0)) as u8);
-            buf.put_pixel(x as u32, y as u32, image::Rgb(px));
+            for c in 0..3 {
+                let v = img[(c * h + y) * w + x];
+                rgb[(y * w + x) * 3 + c] = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+            }
         }
     }
+    write_rgb8_png(path, rgb, h, w)
+}
+
+/// Writes 8-bit RGB pixels, row-major [h, w, 3], as PNG, atomically: the one PNG writer of the
+/// crate (sample and training images, latent previews), through the `image` crate that decoding
+/// needs anyway.
+pub fn write_rgb8_png(path: &Path, rgb: Vec<u8>, h: usize, w: usize) -> Result<()> {
+    let n = rgb.len();
+    let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+        .with_context(|| format!("{}: {n} bytes for a {w}×{h} RGB image", path.display()))?;
     let mut bytes = Vec::new();
-    buf.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
     crate::io::safetensors::atomic_write(path, |w| std::io::Write::write_all(w, &bytes))
 }
 
@@ -155,5 +167,21 @@ mod tests {
         let s = scan(&dir).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[1].caption, "caption");
+    }
+
+    #[test]
+    fn rgb8_png_decodes_to_the_same_pixels() {
+        let dir = std::env::temp_dir().join(format!("fk-rgb8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (h, w) = (5, 7);
+        let rgb: Vec<u8> = (0..h * w * 3).map(|i| (i * 37 % 256) as u8).collect();
+        let p = dir.join("p.png");
+        write_rgb8_png(&p, rgb.clone(), h, w).unwrap();
+        let back = image::open(&p).unwrap().to_rgb8();
+        assert_eq!((back.width(), back.height()), (w as u32, h as u32));
+        assert_eq!(back.into_raw(), rgb);
+        let e = format!("{:#}", write_rgb8_png(&dir.join("q.png"), vec![0; 3], h, w).unwrap_err());
+        assert!(e.contains("q.png") && e.contains("7×5"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

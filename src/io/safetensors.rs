@@ -1,11 +1,12 @@
 //! Memory-mapped safetensors files, validated before any tensor is touched.
 //!
-//! The header is parsed by hand (it is a small JSON object) so that every failure names the
-//! file and the tensor: a truncated file, offsets that run past the end or overlap, a size that
-//! does not match dtype × shape, or a dtype we cannot compute with.
+//! The header is validated entry by entry so that every failure names the file and the tensor: a
+//! truncated file, offsets that run past the end or overlap, a size that does not match
+//! dtype × shape, or a dtype we cannot compute with.
 
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
@@ -226,26 +227,28 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     if 8 + n > buf.len() {
         bail!("header says {n} bytes but the file has only {} after the length (truncated)", buf.len() - 8);
     }
-    let json: serde_json::Value = serde_json::from_slice(&buf[8..8 + n]).context("header is not valid JSON")?;
-    let obj = json.as_object().context("header is not a JSON object")?;
+    // `__metadata__` is a free-form string map (a non-string value is kept as its JSON text);
+    // every other key is a tensor entry.
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&buf[8..8 + n]).context("header is not valid JSON (or not a JSON object)")?;
     let data_len = buf.len() - 8 - n;
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
-    for (name, v) in obj {
+    for (name, v) in json {
         if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
+            if let serde_json::Value::Object(m) = v {
                 for (k, val) in m {
                     let s = match val {
-                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::String(s) => s,
                         other => other.to_string(),
                     };
-                    metadata.insert(k.clone(), s);
+                    metadata.insert(k, s);
                 }
             }
             continue;
         }
-        let info = parse_entry(v, data_len).with_context(|| format!("tensor `{name}`"))?;
-        tensors.insert(name.clone(), info);
+        let info = parse_entry(&v, data_len).with_context(|| format!("tensor `{name}`"))?;
+        tensors.insert(name, info);
     }
     // Tensors must not overlap: overlapping ranges mean the offsets lie.
     let mut ranges: Vec<(&String, &TensorInfo)> = tensors.iter().filter(|(_, t)| t.end > t.begin).collect();
@@ -258,22 +261,33 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     Ok((8 + n, tensors, metadata))
 }
 
-fn parse_entry(v: &serde_json::Value, data_len: usize) -> Result<TensorInfo> {
-    let dt = v.get("dtype").and_then(|d| d.as_str()).context("missing dtype")?;
-    let dtype = Dtype::parse(dt).with_context(|| format!("unknown dtype `{dt}`"))?;
-    let shape: Vec<usize> = v
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .context("missing shape")?
-        .iter()
-        .map(|d| d.as_u64().map(|x| x as usize).context("shape entries must be non-negative integers"))
-        .collect::<Result<_>>()?;
-    let offs = v.get("data_offsets").and_then(|s| s.as_array()).context("missing data_offsets")?;
-    if offs.len() != 2 {
-        bail!("data_offsets must have two entries");
+/// A sharded checkpoint's index (`*.safetensors.index.json`, as HF and diffusers write it):
+/// which shard file holds each tensor.
+#[derive(Deserialize)]
+pub struct ShardIndex {
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    pub fn read(path: &Path) -> Result<ShardIndex> {
+        super::read_json(path)
     }
-    let begin = offs[0].as_u64().context("bad data_offsets")? as usize;
-    let end = offs[1].as_u64().context("bad data_offsets")? as usize;
+}
+
+/// A tensor's header entry as the format defines it.
+#[derive(Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: Vec<usize>,
+}
+
+fn parse_entry(v: &serde_json::Value, data_len: usize) -> Result<TensorInfo> {
+    let RawEntry { dtype: dt, shape, data_offsets: offs } = RawEntry::deserialize(v)?;
+    let dtype = Dtype::parse(&dt).with_context(|| format!("unknown dtype `{dt}`"))?;
+    let [begin, end] = offs[..] else {
+        bail!("data_offsets must have two entries");
+    };
     if begin > end {
         bail!("data_offsets [{begin}, {end}] are reversed");
     }

@@ -2,12 +2,14 @@
 //! validating every tensor before anything is computed.
 
 use super::layout::{diffusers_module, diffusers_param};
-use crate::io::safetensors::{Dtype, SafeTensors};
+use crate::io::read_json;
+use crate::io::safetensors::{Dtype, SafeTensors, ShardIndex};
 use crate::model::config::{infer_from_shapes, FluxConfig, ModuleKind};
 use crate::model::param::{Param, Piece};
 use crate::quant::load::{is_ignored_companion, piece as quant_piece};
 use crate::quant::{Code, QuantParam};
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -198,23 +200,28 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     })
 }
 
+/// The fields of a diffusers `FluxTransformer2DModel` config.json that are read: the RoPE split,
+/// and the sizes checked against what the weights say (the architecture itself is inferred from
+/// the tensor shapes).
+#[derive(Deserialize)]
+struct DiffusersConfig {
+    axes_dims_rope: Option<Vec<usize>>,
+    num_layers: Option<usize>,
+    num_single_layers: Option<usize>,
+    attention_head_dim: Option<usize>,
+    num_attention_heads: Option<usize>,
+    joint_attention_dim: Option<usize>,
+    pooled_projection_dim: Option<usize>,
+    in_channels: Option<usize>,
+    guidance_embeds: Option<bool>,
+}
+
 fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let config: DiffusersConfig = read_json(&cfg_path)?;
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     let shard_names: Vec<String> = if index.exists() {
-        let idx: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?,
-        )
-        .with_context(|| format!("{}: invalid JSON", index.display()))?;
-        let map = idx
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .with_context(|| format!("{}: no weight_map", index.display()))?;
-        let mut v: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+        let mut v: Vec<String> = ShardIndex::read(&index)?.weight_map.into_values().collect();
         v.sort();
         v.dedup();
         v
@@ -271,10 +278,7 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
             }
         })
         .collect();
-    let cfg_axes: Option<Vec<usize>> = config
-        .get("axes_dims_rope")
-        .and_then(|a| a.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64().map(|v| v as usize)).collect());
+    let cfg_axes = config.axes_dims_rope;
     let axes = match (rope_axes, cfg_axes) {
         (Some(a), Some(c)) if a != c => {
             bail!("--rope-axes {a:?} contradicts axes_dims_rope {c:?} in {}", cfg_path.display())
@@ -283,25 +287,21 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
     };
     let cfg = infer_from_shapes(&shape_of, &names, axes).with_context(|| format!("{}", dir.display()))?;
     let cross = [
-        ("num_layers", cfg.depth),
-        ("num_single_layers", cfg.depth_single),
-        ("attention_head_dim", cfg.head_dim),
-        ("num_attention_heads", cfg.num_heads),
-        ("joint_attention_dim", cfg.context_in_dim),
-        ("pooled_projection_dim", cfg.vec_in_dim),
-        ("in_channels", cfg.in_channels),
+        ("num_layers", config.num_layers, cfg.depth),
+        ("num_single_layers", config.num_single_layers, cfg.depth_single),
+        ("attention_head_dim", config.attention_head_dim, cfg.head_dim),
+        ("num_attention_heads", config.num_attention_heads, cfg.num_heads),
+        ("joint_attention_dim", config.joint_attention_dim, cfg.context_in_dim),
+        ("pooled_projection_dim", config.pooled_projection_dim, cfg.vec_in_dim),
+        ("in_channels", config.in_channels, cfg.in_channels),
     ];
-    for (field, got) in cross {
-        if let Some(v) = config.get(field).and_then(|v| v.as_u64()) {
-            if v as usize != got {
-                bail!("{}: {field} = {v} but the weights say {got}", cfg_path.display());
-            }
+    for (field, v, got) in cross {
+        if let Some(v) = v.filter(|&v| v != got) {
+            bail!("{}: {field} = {v} but the weights say {got}", cfg_path.display());
         }
     }
-    if let Some(g) = config.get("guidance_embeds").and_then(|v| v.as_bool()) {
-        if g != cfg.guidance_embed {
-            bail!("{}: guidance_embeds = {g} but the weights say {}", cfg_path.display(), cfg.guidance_embed);
-        }
+    if let Some(g) = config.guidance_embeds.filter(|&g| g != cfg.guidance_embed) {
+        bail!("{}: guidance_embeds = {g} but the weights say {}", cfg_path.display(), cfg.guidance_embed);
     }
 
     let mut used: HashMap<String, ()> = HashMap::new();

@@ -55,12 +55,5 @@ pub fn write_preview(path: &Path, latents: &[Vec<f32>], h: usize, w: usize, zoom
             }
         }
     }
-    crate::io::safetensors::atomic_write(path, |wtr| {
-        let mut enc = png::Encoder::new(wtr, pw as u32, ph as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().map_err(std::io::Error::other)?;
-        wr.write_image_data(&img).map_err(std::io::Error::other)?;
-        wr.finish().map_err(std::io::Error::other)
-    })
+    crate::io::images::write_rgb8_png(path, img, ph, pw)
 }

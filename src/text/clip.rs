@@ -13,12 +13,14 @@
 //! to f32 one layer at a time inside `encode`, so CLIP-L costs about one layer (~28 MB) of f32
 //! beside the map, not the 490 MB of an f32 copy.
 
+use crate::io::read_json;
 use crate::io::safetensors::SafeTensors;
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::matmul::{gemm, linear_forward};
 use crate::ops::norm::layernorm_forward;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rayon::prelude::*;
+use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -171,7 +173,8 @@ impl ClipTextModel {
             None => match st.metadata().get("config") {
                 Some(s) => Some((
                     file.clone(),
-                    serde_json::from_str(s).with_context(|| format!("{fname}: metadata `config` is not JSON"))?,
+                    serde_json::from_str(s)
+                        .with_context(|| format!("{fname}: metadata `config` is not JSON or not a CLIP config"))?,
                 )),
                 None => None,
             },
@@ -381,14 +384,25 @@ fn causal_attention_forward(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], b:
     });
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+/// The fields of an HF CLIP `config.json` that are read: a CLIPTextConfig's, or a full
+/// CLIPModel's whose `text_config` holds them.
+#[derive(Deserialize)]
+struct HfClipConfig {
+    text_config: Option<Box<HfClipConfig>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    num_attention_heads: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    eos_token_id: Option<u64>,
+    hidden_act: Option<String>,
 }
 
 /// The config from `config.json` (or the file's metadata) where given, else from the shapes
 /// (rules in `ClipTextModel::open`). The result is validated against the tensors by the caller.
-fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &serde_json::Value)>) -> Result<ClipConfig> {
+fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &HfClipConfig)>) -> Result<ClipConfig> {
     let shape = |name: &str| -> Result<Vec<usize>> {
         let key = format!("{prefix}{name}");
         let hint = "an HF CLIP text model has `text_model.embeddings.token_embedding.weight`, \
@@ -428,19 +442,18 @@ fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &serde_json
         return Ok(cfg);
     };
     // A full CLIPModel config nests the text tower's.
-    let j = json.get("text_config").unwrap_or(json);
+    let j = json.text_config.as_deref().unwrap_or(json);
     let src = src.display();
-    let get = |k: &str| j.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let fields: [(&str, &mut usize); 6] = [
-        ("vocab_size", &mut cfg.vocab),
-        ("hidden_size", &mut cfg.hidden),
-        ("intermediate_size", &mut cfg.mlp),
-        ("num_hidden_layers", &mut cfg.layers),
-        ("max_position_embeddings", &mut cfg.max_pos),
-        ("num_attention_heads", &mut cfg.heads),
+    let fields: [(Option<usize>, &mut usize); 6] = [
+        (j.vocab_size, &mut cfg.vocab),
+        (j.hidden_size, &mut cfg.hidden),
+        (j.intermediate_size, &mut cfg.mlp),
+        (j.num_hidden_layers, &mut cfg.layers),
+        (j.max_position_embeddings, &mut cfg.max_pos),
+        (j.num_attention_heads, &mut cfg.heads),
     ];
-    for (k, field) in fields {
-        if let Some(v) = get(k) {
+    for (v, field) in fields {
+        if let Some(v) = v {
             *field = v;
         }
     }
@@ -458,14 +471,14 @@ fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &serde_json
         cfg.hidden,
         cfg.heads
     );
-    if let Some(eps) = j.get("layer_norm_eps").and_then(|v| v.as_f64()) {
+    if let Some(eps) = j.layer_norm_eps {
         cfg.eps = eps as f32;
     }
-    cfg.eos_id = match get("eos_token_id") {
+    cfg.eos_id = match j.eos_token_id {
         Some(2) | None => cfg.vocab.saturating_sub(1) as u32,
         Some(e) => e as u32,
     };
-    if let Some(act) = j.get("hidden_act").and_then(|v| v.as_str()) {
+    if let Some(act) = j.hidden_act.as_deref() {
         ensure!(act == "quick_gelu", "{src}: hidden_act `{act}` is not supported (CLIP-L uses quick_gelu)");
     }
     Ok(cfg)
@@ -489,11 +502,28 @@ pub struct ClipTokenizer {
 }
 
 /// `bos_token`/`eos_token`/`pad_token`/`unk_token` of a tokenizer_config.json or
-/// special_tokens_map.json: a string or `{"content": ...}`.
-fn special_token(v: &serde_json::Value, key: &str) -> Option<String> {
-    match v.get(key)? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        o => o.get("content")?.as_str().map(str::to_string),
+/// special_tokens_map.json.
+#[derive(Deserialize)]
+struct SpecialTokens {
+    bos_token: Option<SpecialToken>,
+    eos_token: Option<SpecialToken>,
+    pad_token: Option<SpecialToken>,
+    unk_token: Option<SpecialToken>,
+}
+
+/// A special token: a string, or an AddedToken object `{"content": ..., ...}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SpecialToken {
+    Text(String),
+    Added { content: String },
+}
+
+impl SpecialToken {
+    fn text(&self) -> String {
+        match self {
+            SpecialToken::Text(s) | SpecialToken::Added { content: s } => s.clone(),
+        }
     }
 }
 
@@ -532,19 +562,21 @@ impl ClipTokenizer {
         };
 
         // Special tokens: tokenizer_config.json > special_tokens_map.json > defaults.
-        let configs: Vec<serde_json::Value> = ["tokenizer_config.json", "special_tokens_map.json"]
+        let configs: Vec<SpecialTokens> = ["tokenizer_config.json", "special_tokens_map.json"]
             .iter()
             .map(|n| dir.join(n))
             .filter(|p| p.is_file())
             .map(|p| read_json(&p))
             .collect::<Result<_>>()?;
-        let lookup = |key: &str| configs.iter().find_map(|c| special_token(c, key));
+        let lookup = |field: fn(&SpecialTokens) -> &Option<SpecialToken>| {
+            configs.iter().find_map(|c| field(c).as_ref().map(SpecialToken::text))
+        };
 
         let mut tok = match (&json_file, &vocab_merges) {
             (Some(f), _) => tokenizers::Tokenizer::from_file(f)
                 .map_err(|e| anyhow!("{}: cannot load tokenizer.json: {e}", f.display()))?,
             (None, Some((v, m))) => {
-                let unk = lookup("unk_token").unwrap_or_else(|| "<|endoftext|>".into());
+                let unk = lookup(|c| &c.unk_token).unwrap_or_else(|| "<|endoftext|>".into());
                 build_bpe_tokenizer(v, m, &unk)?
             }
             (None, None) => unreachable!(),
@@ -555,9 +587,9 @@ impl ClipTokenizer {
         tok.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
 
         let src = json_file.as_ref().or(vocab_merges.as_ref().map(|(v, _)| v)).unwrap().display().to_string();
-        let bos_tok = lookup("bos_token").unwrap_or_else(|| "<|startoftext|>".into());
-        let eos_tok = lookup("eos_token").unwrap_or_else(|| "<|endoftext|>".into());
-        let pad_tok = lookup("pad_token").or(file_pad).unwrap_or_else(|| "<|endoftext|>".into());
+        let bos_tok = lookup(|c| &c.bos_token).unwrap_or_else(|| "<|startoftext|>".into());
+        let eos_tok = lookup(|c| &c.eos_token).unwrap_or_else(|| "<|endoftext|>".into());
+        let pad_tok = lookup(|c| &c.pad_token).or(file_pad).unwrap_or_else(|| "<|endoftext|>".into());
         if vocab_merges.is_some() {
             // openai's tokenizer_config marks both as normalized (matched after lowercasing).
             let specials: Vec<tokenizers::AddedToken> = [&bos_tok, &eos_tok]

@@ -15,13 +15,15 @@
 //! converted to f32 when the forward reaches it, so encoding with T5-XXL (4.76 B parameters) needs the page cache
 //! for the file plus one block in f32 (≈ 0.6 GB), not 19 GB.
 
-use crate::io::safetensors::{convert_to_f32, SafeTensors};
+use crate::io::read_json;
+use crate::io::safetensors::{convert_to_f32, SafeTensors, ShardIndex};
 use crate::ops::activation::gelu_tanh;
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::matmul::{gemm, linear_forward};
 use crate::ops::norm::rmsnorm_forward;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -40,6 +42,21 @@ pub struct T5Config {
     pub max_distance: usize,
     /// `layer_norm_epsilon` (1e-6).
     pub eps: f32,
+}
+
+/// The fields of an HF T5 `config.json` that are read.
+#[derive(Deserialize)]
+struct HfT5Config {
+    vocab_size: Option<usize>,
+    d_model: Option<usize>,
+    d_kv: Option<usize>,
+    num_heads: Option<usize>,
+    d_ff: Option<usize>,
+    num_layers: Option<usize>,
+    relative_attention_num_buckets: Option<usize>,
+    relative_attention_max_distance: Option<usize>,
+    feed_forward_proj: Option<String>,
+    layer_norm_epsilon: Option<f64>,
 }
 
 impl T5Config {
@@ -65,21 +82,11 @@ impl T5Config {
 
     /// Reads an HF `config.json`. Only the gated-GELU feed-forward of T5 v1.1 is supported.
     fn from_hf_json(path: &Path) -> Result<T5Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let get = |k: &str, default: Option<u64>| -> Result<usize> {
-            match v.get(k) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|x| x as usize)
-                    .with_context(|| format!("{}: `{k}` must be a non-negative integer", path.display())),
-                None => default
-                    .map(|d| d as usize)
-                    .with_context(|| format!("{}: missing `{k}` (not a T5 config?)", path.display())),
-            }
+        let v: HfT5Config = read_json(path)?;
+        let need = |x: Option<usize>, k: &str| -> Result<usize> {
+            x.with_context(|| format!("{}: missing `{k}` (not a T5 config?)", path.display()))
         };
-        let ffp = v.get("feed_forward_proj").and_then(|x| x.as_str()).unwrap_or("relu");
+        let ffp = v.feed_forward_proj.as_deref().unwrap_or("relu");
         if ffp != "gated-gelu" && ffp != "gated-gelu_new" {
             bail!(
                 "{}: feed_forward_proj is `{ffp}`; only T5 v1.1's `gated-gelu` is supported (FLUX uses \
@@ -88,15 +95,15 @@ impl T5Config {
             );
         }
         let cfg = T5Config {
-            vocab: get("vocab_size", None)?,
-            d_model: get("d_model", None)?,
-            d_kv: get("d_kv", None)?,
-            num_heads: get("num_heads", None)?,
-            d_ff: get("d_ff", None)?,
-            num_layers: get("num_layers", None)?,
-            num_buckets: get("relative_attention_num_buckets", Some(32))?,
-            max_distance: get("relative_attention_max_distance", Some(128))?,
-            eps: v.get("layer_norm_epsilon").and_then(|x| x.as_f64()).unwrap_or(1e-6) as f32,
+            vocab: need(v.vocab_size, "vocab_size")?,
+            d_model: need(v.d_model, "d_model")?,
+            d_kv: need(v.d_kv, "d_kv")?,
+            num_heads: need(v.num_heads, "num_heads")?,
+            d_ff: need(v.d_ff, "d_ff")?,
+            num_layers: need(v.num_layers, "num_layers")?,
+            num_buckets: v.relative_attention_num_buckets.unwrap_or(32),
+            max_distance: v.relative_attention_max_distance.unwrap_or(128),
+            eps: v.layer_norm_epsilon.unwrap_or(1e-6) as f32,
         };
         cfg.check().with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
@@ -330,16 +337,9 @@ fn resolve_files(path: &Path) -> Result<(Vec<SafeTensors>, Option<PathBuf>)> {
     };
     let config = Some(dir.join("config.json")).filter(|c| c.is_file());
     if let Some(index) = index {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let map = ShardIndex::read(&index)?.weight_map;
         let mut shards: BTreeMap<String, SafeTensors> = BTreeMap::new();
-        for (key, shard) in map {
-            let shard = shard.as_str().with_context(|| format!("{}: `{key}` maps to a non-string", index.display()))?;
+        for (key, shard) in &map {
             if !shards.contains_key(shard) {
                 let st = SafeTensors::open(&dir.join(shard))
                     .with_context(|| format!("shard `{shard}` listed in {}", index.display()))?;

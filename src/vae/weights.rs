@@ -5,8 +5,10 @@
 //! before any is converted.
 
 use super::{AutoEncoder, VaeConfig, FLUX_GROUPS, FLUX_SCALE_FACTOR, FLUX_SHIFT_FACTOR};
+use crate::io::read_json;
 use crate::io::safetensors::{Dtype, SafeTensors};
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -193,11 +195,10 @@ fn infer_bfl_config(file: &SafeTensors) -> Result<VaeConfig> {
 
 fn open_diffusers(dir: &Path) -> Result<AutoEncoder> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("cannot read {} (a diffusers AutoencoderKL folder needs one)", cfg_path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-    let cfg = diffusers_config(&json).with_context(|| format!("{}", cfg_path.display()))?;
+    if !cfg_path.is_file() {
+        bail!("cannot read {} (a diffusers AutoencoderKL folder needs one)", cfg_path.display());
+    }
+    let cfg = diffusers_config(read_json(&cfg_path)?).with_context(|| format!("{}", cfg_path.display()))?;
     let weights = dir.join(DIFFUSERS_WEIGHTS);
     if !weights.exists() {
         bail!(
@@ -210,55 +211,61 @@ fn open_diffusers(dir: &Path) -> Result<AutoEncoder> {
     load_checked(&file, cfg, &|n| diffusers_name(n, levels))
 }
 
+/// The fields of a diffusers `AutoencoderKL` config.json that are read; absent (or null) ones take
+/// diffusers' defaults.
+#[derive(Deserialize)]
+struct DiffusersVaeConfig {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    in_channels: Option<usize>,
+    out_channels: Option<usize>,
+    block_out_channels: Option<Vec<usize>>,
+    down_block_types: Option<Vec<String>>,
+    up_block_types: Option<Vec<String>>,
+    act_fn: Option<String>,
+    use_quant_conv: Option<bool>,
+    use_post_quant_conv: Option<bool>,
+    mid_block_add_attention: Option<bool>,
+    layers_per_block: Option<usize>,
+    latent_channels: Option<usize>,
+    norm_num_groups: Option<usize>,
+    scaling_factor: Option<f64>,
+    shift_factor: Option<f64>,
+}
+
 /// VaeConfig from an `AutoencoderKL` config.json, with diffusers' own defaults for absent keys; the
 /// features FLUX's autoencoder does not have (quant convs, other block types, no mid attention) are
 /// errors rather than silently ignored.
-fn diffusers_config(j: &serde_json::Value) -> Result<VaeConfig> {
-    let class = j.get("_class_name").and_then(|v| v.as_str()).unwrap_or("AutoencoderKL");
+fn diffusers_config(j: DiffusersVaeConfig) -> Result<VaeConfig> {
+    let class = j.class_name.as_deref().unwrap_or("AutoencoderKL");
     if class != "AutoencoderKL" {
         bail!("_class_name is `{class}`, expected `AutoencoderKL`");
     }
-    let uint = |k: &str, default: usize| -> Result<usize> {
-        match j.get(k) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_u64().map(|x| x as usize).with_context(|| format!("`{k}` must be a non-negative integer")),
-        }
-    };
-    let float = |k: &str, default: f32| -> Result<f32> {
-        match j.get(k) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).with_context(|| format!("`{k}` must be a number")),
-        }
-    };
-    let flag = |k: &str, default: bool| j.get(k).and_then(|v| v.as_bool()).unwrap_or(default);
-    let boc: Vec<usize> = j
-        .get("block_out_channels")
-        .and_then(|v| v.as_array())
-        .context("missing `block_out_channels`")?
-        .iter()
-        .map(|v| v.as_u64().map(|x| x as usize).context("`block_out_channels` must hold integers"))
-        .collect::<Result<_>>()?;
+    let boc = j.block_out_channels.context("missing `block_out_channels`")?;
     let ch = *boc.first().context("`block_out_channels` is empty")?;
     if ch == 0 || boc.iter().any(|&c| !c.is_multiple_of(ch)) {
         bail!("`block_out_channels` {boc:?} must be multiples of the first entry");
     }
-    for (key, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
-        let types = j.get(key).and_then(|v| v.as_array()).with_context(|| format!("missing `{key}`"))?;
-        if types.len() != boc.len() || types.iter().any(|t| t.as_str() != Some(want)) {
+    for (key, types, want) in [
+        ("down_block_types", &j.down_block_types, "DownEncoderBlock2D"),
+        ("up_block_types", &j.up_block_types, "UpDecoderBlock2D"),
+    ] {
+        let types = types.as_ref().with_context(|| format!("missing `{key}`"))?;
+        if types.len() != boc.len() || types.iter().any(|t| t != want) {
             bail!("`{key}` must be {} × \"{want}\" (one per block_out_channels entry)", boc.len());
         }
     }
-    if let Some(act) = j.get("act_fn").and_then(|v| v.as_str()).filter(|&a| a != "silu") {
+    if let Some(act) = j.act_fn.as_deref().filter(|&a| a != "silu") {
         bail!("`act_fn` is `{act}`; the FLUX autoencoder uses silu");
     }
-    if flag("use_quant_conv", true) || flag("use_post_quant_conv", true) {
+    if j.use_quant_conv.unwrap_or(true) || j.use_post_quant_conv.unwrap_or(true) {
         bail!("`use_quant_conv` / `use_post_quant_conv` are set: not a FLUX autoencoder (FLUX has no quant convs)");
     }
-    if !flag("mid_block_add_attention", true) {
+    if !j.mid_block_add_attention.unwrap_or(true) {
         bail!("`mid_block_add_attention` is false: the FLUX autoencoder has a mid attention block");
     }
-    let in_channels = uint("in_channels", 3)?;
-    let out_channels = uint("out_channels", 3)?;
+    let in_channels = j.in_channels.unwrap_or(3);
+    let out_channels = j.out_channels.unwrap_or(3);
     if in_channels != out_channels {
         bail!("`in_channels` {in_channels} ≠ `out_channels` {out_channels}: the autoencoder maps images to images");
     }
@@ -266,12 +273,12 @@ fn diffusers_config(j: &serde_json::Value) -> Result<VaeConfig> {
         in_channels,
         ch,
         ch_mult: boc.iter().map(|&c| c / ch).collect(),
-        num_res_blocks: uint("layers_per_block", 1)?,
-        z_channels: uint("latent_channels", 4)?,
+        num_res_blocks: j.layers_per_block.unwrap_or(1),
+        z_channels: j.latent_channels.unwrap_or(4),
         // diffusers' defaults for the scale (SD's 0.18215) and a missing shift (none); FLUX's config sets both.
-        scale_factor: float("scaling_factor", 0.18215)?,
-        shift_factor: float("shift_factor", 0.0)?,
-        groups: uint("norm_num_groups", 32)?,
+        scale_factor: j.scaling_factor.map_or(0.18215, |x| x as f32),
+        shift_factor: j.shift_factor.map_or(0.0, |x| x as f32),
+        groups: j.norm_num_groups.unwrap_or(32),
     })
 }
 
