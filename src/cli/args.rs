@@ -69,10 +69,8 @@ pub struct ModelArgs {
     /// PyTorch-default random weights generated on read, no file needed.
     #[arg(long)]
     pub model: String,
-    /// RoPE split of the head dim over the three position axes (FLUX.1: 16,56,56). Needed only
-    /// when the head dim is not 128 and the checkpoint has no config.json saying it.
-    #[arg(long, value_name = "A,B,C")]
-    pub rope_axes: Option<String>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
     /// A LoRA file (diffusers/PEFT, kohya, ComfyUI or OneTrainer keys), optionally with a
     /// strength after a colon: style.safetensors:0.8 (default strength 1). Repeat to stack adapters.
     #[arg(long, value_name = "FILE[:SCALE]")]
@@ -202,4 +200,13 @@ mod tests {
         assert!(!ck(None, false, None).get(false));
         assert!(!ck(Some(true), true, None).get(true));
     }
+}
+
+/// `--rope-axes`, shared by every command that opens a model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RopeArgs {
+    /// RoPE split of the head dim over the three position axes (FLUX.1: 16,56,56). Needed only
+    /// when the head dim is not 128 and the checkpoint has no config.json saying it.
+    #[arg(long, value_name = "A,B,C")]
+    pub rope_axes: Option<String>,
 }

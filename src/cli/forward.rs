@@ -31,7 +31,7 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let m = &a.m;
     let unknown = parse_unknown(&m.lora_unknown)?;
-    run(&m.model, &a.inputs, &a.out, &m.lora, m.rope_axes.as_deref(), unknown, &m.device)?;
+    run(&m.model, &a.inputs, &a.out, &m.lora, m.rope.rope_axes.as_deref(), unknown, &m.device)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }

@@ -33,7 +33,7 @@ pub fn main(a: Args) -> Result<()> {
     if scale != 1.0 {
         bail!("grad differentiates at strength 1; drop the :{scale} from --lora");
     }
-    let loss = run(&m.model, inputs, &a.target, &path, out, m.rope_axes.as_deref(), unknown, &m.device)?;
+    let loss = run(&m.model, inputs, &a.target, &path, out, m.rope.rope_axes.as_deref(), unknown, &m.device)?;
     println!("loss {loss:.6e}; wrote {}", out.display());
     Ok(())
 }

@@ -25,9 +25,9 @@ pub struct Args {
 /// trainable-parameter line.
 pub fn main(a: Args) -> Result<()> {
     let m = &a.m;
-    print!("{}", run(&m.model, &m.lora, m.rope_axes.as_deref(), parse_unknown(&m.lora_unknown)?)?);
+    print!("{}", run(&m.model, &m.lora, m.rope.rope_axes.as_deref(), parse_unknown(&m.lora_unknown)?)?);
     if a.adapter.rank.is_some() || a.adapter.targets.is_some() {
-        let spec = open_model(&m.model, m.rope_axes.as_deref())?;
+        let spec = open_model(&m.model, m.rope.rope_axes.as_deref())?;
         let specs = resolve_targets(spec.cfg(), &a.adapter.config()?)?;
         println!("{}", trainable_summary(spec.cfg(), &specs));
     }

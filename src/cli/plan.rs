@@ -1,6 +1,7 @@
 //! `flux-kernels plan` and the first lines of `train`: predicted peak GPU memory, whether it fits
 //! the card, and which settings would.
 
+use super::args::RopeArgs;
 use super::args::{deprecated, AdapterArgs, CheckpointingArgs};
 use super::{open_model, ModelSpec};
 use crate::model::checkpoint::Checkpoint;
@@ -15,10 +16,8 @@ pub struct Args {
     /// A checkpoint or a built-in configuration name (flux1-dev).
     #[arg(long)]
     pub model: String,
-    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
-    /// and the checkpoint has no config.json saying it.
-    #[arg(long, value_name = "A,B,C")]
-    pub rope_axes: Option<String>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
     /// Base weights on the GPU: bf16, int8, fp8 or fp8-scaled. Default: what the checkpoint
     /// holds (bf16 for a configuration name).
     #[arg(long)]
@@ -60,7 +59,7 @@ pub fn main(a: Args) -> Result<()> {
         modulation_on_host: parse_modulation(&a.modulation)?,
         lora: a.adapter.config()?,
     };
-    print!("{}", run(&a.model, a.rope_axes.as_deref(), a.base.as_deref(), settings, a.gpu_memory)?);
+    print!("{}", run(&a.model, a.rope.rope_axes.as_deref(), a.base.as_deref(), settings, a.gpu_memory)?);
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! memory map, written atomically under the input's own keys. Which tensors are quantised and
 //! why: `quant::quantised_by_default`.
 
+use super::args::RopeArgs;
 use crate::io::safetensors::{write_streamed, Dtype, SafeTensors};
 use crate::model::checkpoint::{Checkpoint, Layout};
 use crate::model::config::parse_rope_axes;
@@ -172,14 +173,12 @@ pub struct Args {
     /// fp8-scaled (e4m3, one scale per tensor) or fp8-channel (e4m3, per-channel scales).
     #[arg(long, value_name = "int8|fp8|fp8-scaled|fp8-channel")]
     pub format: String,
-    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
-    /// and the checkpoint has no config.json saying it.
-    #[arg(long, value_name = "A,B,C")]
-    pub rope_axes: Option<String>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
 }
 
 pub fn main(a: Args) -> Result<()> {
-    println!("{}", run(&a.model, &a.out, &a.format, a.rope_axes.as_deref())?);
+    println!("{}", run(&a.model, &a.out, &a.format, a.rope.rope_axes.as_deref())?);
     Ok(())
 }
 

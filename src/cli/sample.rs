@@ -2,6 +2,7 @@
 //! of LoRA sets, the base loaded once.
 
 use super::args::ComponentArgs;
+use super::args::RopeArgs;
 use super::{open_loras, open_model, parse_unknown, ModelSpec};
 use crate::adapters::formats::UnknownKeys;
 use crate::adapters::AdapterSet;
@@ -22,10 +23,8 @@ pub struct Args {
     /// used too). Default: the built-in tiny model with random weights.
     #[arg(long)]
     pub model: Option<String>,
-    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
-    /// and the checkpoint has no config.json saying it.
-    #[arg(long, value_name = "A,B,C")]
-    pub rope_axes: Option<String>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
     /// Conditioning: `txt` [L,D] or [B,L,D] (T5 states) and `y` [D] or [B,D] (CLIP pooled).
     #[arg(long)]
     pub cond: Option<PathBuf>,
@@ -100,7 +99,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     let run_args = SampleArgs {
         model: a.model.as_deref(),
-        rope_axes: a.rope_axes.as_deref(),
+        rope_axes: a.rope.rope_axes.as_deref(),
         cond: a.cond.as_deref(),
         out: &a.out,
         width: a.width,

@@ -1,5 +1,6 @@
 //! `flux-kernels synth-data`: a synthetic cached-sample dataset for a model's widths.
 
+use super::args::RopeArgs;
 use super::open_model;
 use crate::train::builtin;
 use anyhow::{bail, Result};
@@ -11,10 +12,8 @@ pub struct Args {
     /// built-in tiny model.
     #[arg(long)]
     pub model: Option<String>,
-    /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
-    /// and the checkpoint has no config.json saying it.
-    #[arg(long, value_name = "A,B,C")]
-    pub rope_axes: Option<String>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
     /// Output folder of the samples (synthetic-NNN.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -33,7 +32,7 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    println!("{}", synth_data(a.model.as_deref(), a.rope_axes.as_deref(), &a.out, a.n, a.size, a.n_txt, a.seed)?);
+    println!("{}", synth_data(a.model.as_deref(), a.rope.rope_axes.as_deref(), &a.out, a.n, a.size, a.n_txt, a.seed)?);
     Ok(())
 }
 

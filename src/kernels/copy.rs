@@ -4,22 +4,17 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{grid_blocks, launch, DevMat, Family, View};
+use super::launch::{DevMat, OneKernel, View};
 use anyhow::{ensure, Result};
-use cudarc::driver::CudaFunction;
 use half::bf16;
 
-const THREADS: usize = FK_MODEL_THREADS as usize;
-
 pub struct GpuCopy {
-    fam: Family,
-    copy2d: CudaFunction,
+    k: OneKernel,
 }
 
 impl GpuCopy {
     pub fn new(gpu: &Gpu) -> Result<GpuCopy> {
-        let fam = Family::load(gpu, "copy")?;
-        Ok(GpuCopy { copy2d: fam.function(FK_MODEL_COPY2D)?, fam })
+        Ok(GpuCopy { k: OneKernel::load(gpu, "copy", FK_MODEL_COPY2D)? })
     }
 
     /// dst[r, c] = src[r, c] over a [rows, cols] window, either side f32 or bf16 (bf16 stores
@@ -30,7 +25,7 @@ impl GpuCopy {
             return Ok(());
         }
         ensure!(!(accumulate && dst.is_bf16()), "copy2d: accumulation needs an f32 destination");
-        let st = &self.fam.stream;
+        let st = &self.k.fam.stream;
         let p = FkModelCopyParams {
             src: src.window(rows, cols, "copy2d source", st)?,
             dst: dst.window(rows, cols, "copy2d destination", st)?,
@@ -44,9 +39,7 @@ impl GpuCopy {
             ..Default::default()
         };
         // SAFETY: both windows were checked to hold [rows, cols] at their strides.
-        unsafe {
-            launch(st, &self.copy2d, &p, (grid_blocks(rows * cols, THREADS), 1, 1), THREADS, 0, "fk_model_copy2d")
-        }
+        unsafe { self.k.run(&p, rows * cols, "fk_model_copy2d") }
     }
 
     /// dst[i] = bf16(src[i]) for i < n (round to nearest even).

@@ -3,21 +3,16 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{grid_blocks, launch, Family, View};
+use super::launch::{OneKernel, View};
 use anyhow::Result;
-use cudarc::driver::CudaFunction;
-
-const THREADS: usize = FK_MODEL_THREADS as usize;
 
 pub struct GpuEmbedding {
-    fam: Family,
-    temb: CudaFunction,
+    k: OneKernel,
 }
 
 impl GpuEmbedding {
     pub fn new(gpu: &Gpu) -> Result<GpuEmbedding> {
-        let fam = Family::load(gpu, "embedding")?;
-        Ok(GpuEmbedding { temb: fam.function(FK_MODEL_TIMESTEP_EMB)?, fam })
+        Ok(GpuEmbedding { k: OneKernel::load(gpu, "embedding", FK_MODEL_TIMESTEP_EMB)? })
     }
 
     /// out [b, dim] = the sinusoidal embedding of t [b], as
@@ -36,7 +31,7 @@ impl GpuEmbedding {
         }
         t.need(b, "timestep_embedding: t")?;
         out.need(b * dim, "timestep_embedding: out")?;
-        let st = &self.fam.stream;
+        let st = &self.k.fam.stream;
         let p = FkModelTimestepParams {
             t: t.addr(st),
             out: out.addr(st),
@@ -47,8 +42,6 @@ impl GpuEmbedding {
             neg_log_max_period: -((max_period as f64).ln() as f32),
         };
         // SAFETY: t holds b values and out b·dim.
-        unsafe {
-            launch(st, &self.temb, &p, (grid_blocks(b * dim, THREADS), 1, 1), THREADS, 0, "fk_model_timestep_emb")
-        }
+        unsafe { self.k.run(&p, b * dim, "fk_model_timestep_emb") }
     }
 }

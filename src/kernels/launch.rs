@@ -45,6 +45,30 @@ impl Family {
     }
 }
 
+/// A family of one grid-stride kernel of FK_MODEL_THREADS-thread blocks (copy, embedding,
+/// random): its module and its function.
+pub(crate) struct OneKernel {
+    pub fam: Family,
+    f: CudaFunction,
+}
+
+impl OneKernel {
+    pub fn load(gpu: &Gpu, module: &'static str, kernel: &str) -> Result<OneKernel> {
+        let fam = Family::load(gpu, module)?;
+        Ok(OneKernel { f: fam.function(kernel)?, fam })
+    }
+
+    /// Launches the kernel over `n` elements.
+    ///
+    /// # Safety
+    /// As `launch`.
+    pub unsafe fn run<P: DeviceRepr>(&self, p: &P, n: usize, name: &str) -> Result<()> {
+        let threads = super::abi::FK_MODEL_THREADS as usize;
+        // SAFETY: the caller's contract.
+        unsafe { launch(&self.fam.stream, &self.f, p, (grid_blocks(n, threads), 1, 1), threads, 0, name) }
+    }
+}
+
 /// Launches `f` on `stream` with its one argument, the FK_GRID_PARAMS struct `p`, on a grid of
 /// `threads`-thread blocks.
 ///

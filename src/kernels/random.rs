@@ -4,11 +4,8 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{grid_blocks, launch, Elem, Family, View};
+use super::launch::{Elem, OneKernel, View};
 use anyhow::{ensure, Result};
-use cudarc::driver::CudaFunction;
-
-const THREADS: usize = FK_MODEL_THREADS as usize;
 
 /// A tensor whose every element is a hash of (stream, index), as the CPU's random parameters
 /// generate it (`model::random`): what `fill` reproduces bit for bit.
@@ -28,14 +25,12 @@ pub enum Fill {
 }
 
 pub struct GpuRandom {
-    fam: Family,
-    fill: CudaFunction,
+    k: OneKernel,
 }
 
 impl GpuRandom {
     pub fn new(gpu: &Gpu) -> Result<GpuRandom> {
-        let fam = Family::load(gpu, "random")?;
-        Ok(GpuRandom { fill: fam.function(FK_MODEL_RANDOM_FILL)?, fam })
+        Ok(GpuRandom { k: OneKernel::load(gpu, "random", FK_MODEL_RANDOM_FILL)? })
     }
 
     /// dst[k] = element `offset + k` of the tensor `p`, for every k < dst.len(), as f32 or
@@ -56,7 +51,7 @@ impl GpuRandom {
             Fill::Uniform(bound) => (1, bound, 0.0),
             Fill::Const(v) => (0, 0.0, v),
         };
-        let st = &self.fam.stream;
+        let st = &self.k.fam.stream;
         let params = FkModelRandomParams {
             dst: dst.addr(st),
             stream: p.stream,
@@ -68,6 +63,6 @@ impl GpuRandom {
             dst_bf16: T::BF16 as i32,
         };
         // SAFETY: the kernel writes dst's n elements and reads nothing else.
-        unsafe { launch(st, &self.fill, &params, (grid_blocks(n, THREADS), 1, 1), THREADS, 0, "fk_model_random_fill") }
+        unsafe { self.k.run(&params, n, "fk_model_random_fill") }
     }
 }
