@@ -107,7 +107,8 @@ fn bench_step_names_bad_settings_and_a_missing_gpu() {
     assert!(e.contains("--base `fp4`"), "{e}");
     if flux_kernels::engine::Device::parse("cuda").is_err() {
         let e = run(&["--model", "random:tiny", "--size", "64", "--text-tokens", "8"]);
-        assert!(e.contains("--device cuda") && !e.contains("panicked"), "{e}");
+        // bench-step has no --device flag, so the error must not name one.
+        assert!(e.contains("CUDA GPU") && !e.contains("--device") && !e.contains("panicked"), "{e}");
     }
 }
 
@@ -167,4 +168,110 @@ fn old_flag_spellings_still_work_with_a_note() {
     // Hidden: `--help` shows one spelling per concept.
     let help = String::from_utf8(bin().args(["plan", "--help"]).output().unwrap().stdout).unwrap();
     assert!(help.contains("--batch-size") && !help.contains("--batch ") && !help.contains("--checkpointing"), "{help}");
+}
+
+/// `train --model X` without `--data` is an error naming the flag (it used to train the built-in
+/// set for 1000 steps); `--data builtin` asks for that set explicitly.
+#[test]
+fn train_needs_data_with_a_model_unless_builtin_is_asked_for() {
+    let dir = tmpdir("cli-train-data");
+    let out = dir.join("l.safetensors");
+    let model = fixture("tiny-bfl.safetensors");
+    let base = |cmd: &mut Command| {
+        cmd.args(["train", "--device", "cpu", "--rope-axes", "4,6,6", "--steps", "2", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out);
+    };
+    let mut c = bin();
+    base(&mut c);
+    let r = c.output().unwrap();
+    assert!(!r.status.success());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains("--data FOLDER") && e.contains("--data builtin") && !e.contains("panicked"), "{e}");
+    assert!(!out.exists());
+
+    let mut c = bin();
+    base(&mut c);
+    let r = c.args(["--data", "builtin", "--rank", "2"]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let so = String::from_utf8_lossy(&r.stdout);
+    assert!(so.contains("wrote") && so.contains("l.safetensors"), "the result goes to stdout: {so}");
+    assert!(out.exists());
+}
+
+/// Outputs: a missing parent folder is created (one rule for every command), and a folder output
+/// is never named like a file.
+#[test]
+fn outputs_create_parent_folders_and_folders_are_not_named_like_files() {
+    let dir = tmpdir("cli-outputs");
+    let out = dir.join("missing/dir/f.safetensors");
+    let r = bin()
+        .args(["lora", "convert", "--format", "kohya", "--model"])
+        .arg(fixture("tiny-diffusers"))
+        .arg("--in")
+        .arg(fixture("lora-peft.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.is_file());
+
+    let r = bin()
+        .args(["quantize", "--format", "int8", "--model"])
+        .arg(fixture("tiny-diffusers"))
+        .arg("--out")
+        .arg(dir.join("q.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains("q.safetensors") && e.contains("folder") && !e.contains("panicked"), "{e}");
+    assert!(!dir.join("q.safetensors").exists());
+}
+
+/// `cache --flip true` copies `train`'s syntax and is accepted like `--flip`.
+#[test]
+fn switches_take_an_optional_true_or_false() {
+    use clap::Parser;
+    use flux_kernels::cli::Cli;
+    for args in [&["--flip", "true"][..], &["--flip"], &["--flip", "false"], &["--no-flip"]] {
+        let mut argv = vec!["flux-kernels", "cache", "--model", "m", "--data", "d"];
+        argv.extend_from_slice(args);
+        assert!(Cli::try_parse_from(&argv).is_ok(), "cache {args:?} was refused");
+    }
+}
+
+/// Errors that stop short of the fix: an empty data folder names what `train` looks for, and a
+/// failed `sample` leaves no output folder behind.
+#[test]
+fn empty_data_and_failed_sample_say_what_is_missing_and_leave_nothing() {
+    let dir = tmpdir("cli-empty");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let r = bin()
+        .args(["train", "--device", "cpu", "--rope-axes", "4,6,6", "--steps", "1", "--model"])
+        .arg(fixture("tiny-bfl.safetensors"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("l.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains("no images") && e.contains(".txt captions") && !e.contains("panicked"), "{e}");
+
+    let out = dir.join("samples");
+    let r = bin()
+        .args(["sample", "--device", "cpu", "--steps", "1", "--width", "32", "--height", "32", "--lora"])
+        .arg(dir.join("no-such-lora.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no-such-lora"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(!out.exists(), "a failed sample left {}", out.display());
 }

@@ -18,14 +18,15 @@ fn convert_round_trips_every_dialect_to_both_formats() {
         let want = run_forward(&model, None, &[(src.clone(), 1.0)]).unwrap();
         for fmt in [LoraFormatOut::Peft, LoraFormatOut::Kohya] {
             let out = dir.join(format!("{name}-{fmt:?}.safetensors"));
-            convert(model.to_str().unwrap(), src.to_str().unwrap(), &out, fmt, Dtype::F32, UnknownKeys::Error).unwrap();
+            convert(model.to_str().unwrap(), src.to_str().unwrap(), &out, fmt, Some(Dtype::F32), UnknownKeys::Error)
+                .unwrap();
             let got = run_forward(&model, None, &[(out.clone(), 1.0)]).unwrap();
             let err = rel_l2(&got, &want);
             assert!(err < 1e-6, "{name} → {fmt:?}: rel L2 {err:e}");
             // Converting back gives the same again (kohya → peft splits fused terms, and back).
             let back = dir.join(format!("{name}-{fmt:?}-back.safetensors"));
             let other = if fmt == LoraFormatOut::Peft { LoraFormatOut::Kohya } else { LoraFormatOut::Peft };
-            convert(model.to_str().unwrap(), out.to_str().unwrap(), &back, other, Dtype::F32, UnknownKeys::Error)
+            convert(model.to_str().unwrap(), out.to_str().unwrap(), &back, other, Some(Dtype::F32), UnknownKeys::Error)
                 .unwrap();
             assert!(rel_l2(&run_forward(&model, None, &[(back, 1.0)]).unwrap(), &want) < 1e-6);
         }
@@ -42,7 +43,7 @@ fn merge_is_exact_and_written_files_carry_their_format() {
         .collect();
     for fmt in [LoraFormatOut::Peft, LoraFormatOut::Kohya] {
         let out = dir.join(format!("merged-{fmt:?}.safetensors"));
-        merge(model.to_str().unwrap(), &inputs, &out, fmt, Dtype::F32, UnknownKeys::Error).unwrap();
+        merge(model.to_str().unwrap(), &inputs, &out, fmt, Some(Dtype::F32), UnknownKeys::Error).unwrap();
         let got = run_forward(&model, None, &[(out.clone(), 1.0)]).unwrap();
         let err = rel_l2(&got, &expected("stack"));
         assert!(err < 1e-4, "{fmt:?}: rel L2 {err:e}");
@@ -57,7 +58,7 @@ fn merge_is_exact_and_written_files_carry_their_format() {
         &inputs,
         &dir.join("x.safetensors"),
         LoraFormatOut::Peft,
-        Dtype::F32,
+        Some(Dtype::F32),
         UnknownKeys::Error,
     ));
     assert!(e.contains("lora-peft.safetensors") || e.contains("shape"), "{e}");

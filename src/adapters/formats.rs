@@ -267,8 +267,10 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let (sb, mut b) = st.read_f32(up)?;
         if sa.len() != 2 || sa[1] != d_in {
             bail!(
-                "{p}: LoRA key `{down}` has shape {sa:?}, but `{}` takes {d_in} inputs (expected [rank, {d_in}])",
-                target.module
+                "{p}: LoRA key `{down}` has shape {sa:?}, but `{}` takes {d_in} inputs (expected [rank, {d_in}]): \
+                 the LoRA was made for a different model than this one (hidden size {})",
+                target.module,
+                cfg.hidden_size
             );
         }
         let rank = sa[0];

@@ -4,7 +4,7 @@
 //! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
 
 use super::args::{deprecated, CheckpointingArgs};
-use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
+use crate::engine::{BaseDtype, CudaBackend, Engine, EngineOptions};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::flux::FluxInputs;
 use crate::model::packing::img_ids;
@@ -80,7 +80,7 @@ pub fn run(a: &Args) -> Result<String> {
         bail!("--steps must be at least 1");
     }
     let base = BaseDtype::parse(&a.base)?;
-    let (dev, _) = Device::parse("cuda")?;
+    let dev = CudaBackend::device().context("bench-step times the step on a CUDA GPU")?;
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(Path::new(&a.model), None)?;
     let cfg = ckpt.cfg.clone();

@@ -137,24 +137,19 @@ fn fold_targets(names: impl Iterator<Item = String>) -> Vec<String> {
 
 fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     let formats: Vec<&str> = f.formats.iter().map(|x| x.name()).collect();
-    let mut ranks: Vec<usize> = f.modules.values().map(|(r, _)| *r).collect();
-    ranks.sort();
-    ranks.dedup();
-    let mut alphas: Vec<String> = f.modules.values().map(|(_, a)| format!("{a}")).collect();
-    alphas.sort();
-    alphas.dedup();
+    // (rank, alpha) pairs, so a rank reads next to its own alpha.
+    let mut pairs: Vec<(usize, String)> = f.modules.values().map(|(r, a)| (*r, format!("{a}"))).collect();
+    pairs.sort();
+    pairs.dedup();
     writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
     writeln!(s, "  format: {}", formats.join(" + "))?;
-    writeln!(s, "  rank: {}, alpha: {} (from {})", join(&ranks), alphas.join(", "), f.alpha_source)?;
+    let ra: Vec<String> = pairs.iter().map(|(r, a)| format!("rank: {r}, alpha: {a}")).collect();
+    writeln!(s, "  {} (from {})", ra.join("; "), f.alpha_source)?;
     writeln!(s, "  modules: {}, parameters: {}", f.modules.len(), thousands(f.param_count()))?;
     for t in fold_targets(f.modules.keys().cloned()) {
         writeln!(s, "    {t}")?;
     }
     Ok(())
-}
-
-fn join(v: &[usize]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

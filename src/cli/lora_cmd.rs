@@ -4,7 +4,7 @@ use super::{open_model, parse_unknown};
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
 use crate::adapters::AdapterSet;
-use crate::io::safetensors::Dtype;
+use crate::io::safetensors::{Dtype, SafeTensors};
 use crate::util::thousands;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -48,8 +48,9 @@ pub struct WriteArgs {
     /// peft (diffusers) or kohya.
     #[arg(long, value_name = "peft|kohya", default_value = "peft")]
     pub format: String,
-    /// Storage dtype of the factors: f32, bf16, f16.
-    #[arg(long, value_name = "f32|bf16|f16", default_value = "f32")]
+    /// Storage dtype of the factors: f32, bf16, f16, or source (the first input's, so a
+    /// conversion does not grow the file).
+    #[arg(long, value_name = "source|f32|bf16|f16", default_value = "source")]
     pub dtype: String,
     /// What to do with a LoRA key that matches no module of the model: `error` or `warn` (skip it
     /// with a warning).
@@ -68,13 +69,26 @@ pub fn main(a: Args) -> Result<()> {
     Ok(())
 }
 
-pub fn parse_dtype(s: &str) -> Result<Dtype> {
+/// `--dtype`: None for `source`.
+pub fn parse_dtype(s: &str) -> Result<Option<Dtype>> {
     match s {
-        "f32" | "fp32" => Ok(Dtype::F32),
-        "bf16" => Ok(Dtype::BF16),
-        "f16" | "fp16" => Ok(Dtype::F16),
-        _ => bail!("--dtype takes f32, bf16 or f16, got `{s}`"),
+        "source" => Ok(None),
+        "f32" | "fp32" => Ok(Some(Dtype::F32)),
+        "bf16" => Ok(Some(Dtype::BF16)),
+        "f16" | "fp16" => Ok(Some(Dtype::F16)),
+        _ => bail!("--dtype takes source, f32, bf16 or f16, got `{s}`"),
     }
+}
+
+/// The float dtype most of a file's tensor bytes are stored in (f32 when it holds none).
+fn stored_dtype(path: &Path) -> Result<Dtype> {
+    let st = SafeTensors::open(path)?;
+    let mut by: BTreeMap<&str, (usize, Dtype)> = BTreeMap::new();
+    for i in st.tensors().values().filter(|i| i.dtype.is_float()) {
+        let e = by.entry(i.dtype.name()).or_insert((0, i.dtype));
+        e.0 += i.numel();
+    }
+    Ok(by.into_values().max_by_key(|(n, _)| *n).map_or(Dtype::F32, |(_, d)| d))
 }
 
 /// Converts one file (at `FILE[:SCALE]`'s strength, folded in) to `format`.
@@ -83,7 +97,7 @@ pub fn convert(
     input: &str,
     out: &Path,
     format: LoraFormatOut,
-    dtype: Dtype,
+    dtype: Option<Dtype>,
     unknown: UnknownKeys,
 ) -> Result<String> {
     merge(model, &[input.to_string()], out, format, dtype, unknown)
@@ -96,7 +110,7 @@ pub fn merge(
     inputs: &[String],
     out: &Path,
     format: LoraFormatOut,
-    dtype: Dtype,
+    dtype: Option<Dtype>,
     unknown: UnknownKeys,
 ) -> Result<String> {
     if inputs.is_empty() {
@@ -106,6 +120,10 @@ pub fn merge(
     let cfg = spec.cfg();
     let mut set = AdapterSet::new();
     let mut sources = Vec::new();
+    let dtype = match dtype {
+        Some(d) => d,
+        None => stored_dtype(&parse_lora_arg(&inputs[0])?.0)?,
+    };
     for a in inputs {
         let (p, s) = parse_lora_arg(a)?;
         set.add(&load_lora(&p, cfg, unknown)?.terms, s);
@@ -113,5 +131,5 @@ pub fn merge(
     }
     let meta = BTreeMap::from([("flux_kernels.sources".to_string(), sources.join(", "))]);
     let size = write_lora(out, cfg, set.terms(), format, dtype, meta)?;
-    Ok(format!("wrote {} ({} bytes)", out.display(), thousands(size as usize)))
+    Ok(format!("wrote {} ({} bytes, {} factors)", out.display(), thousands(size as usize), dtype.name()))
 }

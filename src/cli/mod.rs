@@ -33,8 +33,9 @@ pub struct Cli {
 pub enum Cmd {
     /// Print the architecture, parameter counts, dtype and size of a model, and what each LoRA holds.
     Info(info::Args),
-    /// Train a LoRA (flow matching, AdamW) on cached samples; with no --model and no --data, the
-    /// built-in demo: a tiny FLUX and a synthetic set, about a minute on a CPU.
+    /// Train a LoRA (flow matching, AdamW) on images with captions or cached samples; with no
+    /// --model and no --data, the built-in demo: a tiny FLUX and a synthetic set, about 30 s on a
+    /// 2-core CPU.
     Train(Box<train::Args>),
     /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
     /// sets switched without reloading the base. Without --model: the built-in tiny model.

@@ -136,7 +136,15 @@ fn write_folder(ckpt: &Checkpoint, scheme: Scheme, entries: &[Entry], out: &Path
     if out.exists() {
         bail!("{} already exists; remove it or choose another --out folder", out.display());
     }
+    if out.extension().is_some_and(|e| e == "safetensors") {
+        bail!(
+            "--out {}: a diffusers model quantises to a folder (config.json + weights), and this name \
+             reads as a file; give a folder name without .safetensors",
+            out.display()
+        );
+    }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create the output folder {}", parent.display()))?;
     let name = out.file_name().with_context(|| format!("--out {}: not a folder path", out.display()))?;
     let tmp = parent.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;

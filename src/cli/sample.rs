@@ -11,7 +11,7 @@ use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::model::config::FluxConfig;
 use crate::model::weights::FluxWeights;
 use crate::sample::preview::write_preview;
-use crate::sample::sampler::{sample, SampleSpec};
+use crate::sample::sampler::{sample_progress, SampleSpec};
 use crate::train::builtin;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -31,12 +31,13 @@ pub struct Args {
     /// Output folder: latents[-setK].safetensors and sample[-setK].png.
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
-    /// Image width in pixels (a multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub width: usize,
-    /// Image height in pixels (a multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    pub height: usize,
+    /// Image width in pixels, a multiple of twice the VAE's factor. Default: 128 latent cells,
+    /// 1024 px with FLUX.1's 8× VAE.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, as --width. Default: 128 latent cells (1024 px with FLUX.1's VAE).
+    #[arg(long)]
+    pub height: Option<usize>,
     /// Euler steps of the FLUX.1-dev schedule.
     #[arg(long, default_value_t = 28)]
     pub steps: usize,
@@ -144,8 +145,9 @@ pub struct SampleArgs<'a> {
     pub rope_axes: Option<&'a str>,
     pub cond: Option<&'a Path>,
     pub out: &'a Path,
-    pub width: usize,
-    pub height: usize,
+    /// Pixels; None: 128 latent cells.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
     pub steps: usize,
     pub guidance: f32,
     pub seed: u64,
@@ -221,20 +223,14 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     // Decode through the VAE when there is one; otherwise latents and a linear preview.
     let vae = if comps.vae.is_some() { Some(crate::pipeline::open_vae(&comps, &cfg)?) } else { None };
     let f = vae.as_ref().map_or(8, |v| v.factor());
-    if !a.width.is_multiple_of(2 * f) || !a.height.is_multiple_of(2 * f) || a.width == 0 || a.height == 0 {
-        bail!("--width and --height must be positive multiples of {}, got {}×{}", 2 * f, a.width, a.height);
+    // The default is in latent cells, so a small test VAE does not turn 1024 px into 512² cells.
+    let (width, height) = (a.width.unwrap_or(128 * f), a.height.unwrap_or(128 * f));
+    if !width.is_multiple_of(2 * f) || !height.is_multiple_of(2 * f) || width == 0 || height == 0 {
+        bail!("--width and --height must be positive multiples of {}, got {width}×{height}", 2 * f);
     }
-    std::fs::create_dir_all(a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    let spec = SampleSpec {
-        txt,
-        y,
-        n_txt,
-        h: a.height / f,
-        w: a.width / f,
-        steps: a.steps,
-        guidance: a.guidance,
-        seed: a.seed,
-    };
+    // Outputs (and their folder) are written only once a set is sampled: a failed run leaves none.
+    let spec =
+        SampleSpec { txt, y, n_txt, h: height / f, w: width / f, steps: a.steps, guidance: a.guidance, seed: a.seed };
     let c = cfg.in_channels / 4;
     // Every file is read once; switching sets only rebuilds the term lists.
     let sets = if a.sets.is_empty() { vec![vec![]] } else { a.sets.clone() };
@@ -252,7 +248,14 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         engine.set_adapters(&set)?;
         let switch = t.elapsed();
         let t = Instant::now();
-        let lats = sample(&mut engine, &spec)?;
+        let pb = indicatif::ProgressBar::new(spec.steps as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} step {pos}/{len} [{per_sec}, ETA {eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_message(format!("set {k}, {} images", spec.txt.len()));
+        let lats = sample_progress(&mut engine, &spec, &mut |s| pb.set_position(s as u64))?;
+        pb.finish_and_clear();
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };
         let flat: Vec<f32> = lats.concat();
         let lp = a.out.join(format!("latents{tag}.safetensors"));

@@ -20,10 +20,12 @@ pub struct Args {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Base model (BFL file, diffusers folder, FLUX.1 repository, or random:flux1-dev[:SEED] for
-    /// random weights). Omit with --data for the demo.
+    /// random weights). Omit both --model and --data for the built-in demo.
     #[arg(long)]
     pub model: Option<String>,
-    /// Folder of cached samples: .safetensors with latent [16,h,w], txt [L,4096], y [768].
+    /// Training data: a folder of images with same-name .txt captions (encoded and cached first),
+    /// a folder of cached samples (.safetensors with latent [16,h,w], txt [L,4096], y [768]), or
+    /// `builtin` for the built-in synthetic set. Required with --model.
     #[arg(long)]
     pub data: Option<String>,
     /// Prior preservation: folder of class samples (same format).

@@ -404,9 +404,22 @@ pub fn write_streamed(
     }
 }
 
+/// The folder an output file goes to, created when missing (every command follows this rule).
+/// An output never replaces a folder, a device or anything else that is not a regular file.
+pub fn output_folder(path: &Path) -> Result<&Path> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.is_file() {
+            bail!("{} exists and is not a regular file; choose another output path", path.display());
+        }
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Runs `f` against a temp file beside `path`, syncs it and renames it over `path`.
 pub fn atomic_write(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = output_folder(path)?;
     let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| -> Result<()> {

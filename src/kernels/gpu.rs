@@ -14,7 +14,10 @@ pub struct Gpu {
 impl Gpu {
     pub fn new() -> Result<Gpu> {
         if !super::COMPILED {
-            bail!("no CUDA kernels in this build (nvcc was not found when it was compiled)");
+            bail!(
+                "no CUDA kernels in this build (nvcc was not found when it was compiled): install nvcc with \
+                 tools/install-nvcc.sh, then rebuild with NVCC=$(tools/install-nvcc.sh) cargo build --release"
+            );
         }
         // SAFETY: only probes whether libcuda can be dlopen'ed.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {

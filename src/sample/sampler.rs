@@ -60,8 +60,23 @@ pub fn noise(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<Vec<f32>>
 /// Runs the Euler loop on `engine` with its current adapters; returns one latent [c, h, w] per
 /// image (c = in_channels / 4).
 pub fn sample(engine: &mut Engine, spec: &SampleSpec) -> Result<Vec<Vec<f32>>> {
+    sample_progress(engine, spec, &mut |_| {})
+}
+
+/// `sample`, calling `on_step(k)` after Euler step k (1-based) of `spec.steps`.
+pub fn sample_progress(
+    engine: &mut Engine,
+    spec: &SampleSpec,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<f32>>> {
     let cfg = engine.cfg().clone();
-    sample_with(&cfg, spec, &mut |inp| engine.forward(inp))
+    let mut k = 0;
+    sample_with(&cfg, spec, &mut |inp| {
+        let v = engine.forward(inp)?;
+        k += 1;
+        on_step(k);
+        Ok(v)
+    })
 }
 
 /// The Euler loop around any forward (velocity of `FluxInputs`).

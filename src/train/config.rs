@@ -170,6 +170,9 @@ impl Default for TrainConfig {
     }
 }
 
+/// `--data builtin`: the built-in synthetic set, for any model's widths.
+pub const BUILTIN_DATA: &str = "builtin";
+
 impl TrainConfig {
     pub fn from_toml(path: &Path) -> Result<TrainConfig> {
         let s = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -177,7 +180,7 @@ impl TrainConfig {
     }
 
     /// The defaults of the built-in demo: the tiny model and synthetic set, sized to train on a
-    /// CPU in about a minute.
+    /// CPU in about 30 s (600 steps, 27–29 s measured on 2 loaded cores).
     pub fn builtin_demo(mut self) -> TrainConfig {
         let d = TrainConfig::default();
         let keep = |v: &mut usize, dv: usize, demo: usize| {
@@ -221,6 +224,13 @@ impl TrainConfig {
             &["uniform", "logit_normal", "sigmoid", "flux_shift", "shift"],
         )?;
         one_of("loss_weighting", &self.loss_weighting, &["none", "sigma_sqrt", "cosmap"])?;
+        if self.data.is_empty() && !self.model.is_empty() {
+            bail!(
+                "train --model {}: give --data FOLDER (images with same-name .txt captions, or cached \
+                 .safetensors samples); `--data builtin` trains on the built-in synthetic set instead",
+                self.model
+            );
+        }
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             bail!("steps, batch_size and grad_accum must be at least 1");
         }
@@ -231,6 +241,12 @@ impl TrainConfig {
             bail!("caption_dropout and dropout must be in [0, 1)");
         }
         Ok(())
+    }
+
+    /// True when the run trains on the built-in synthetic set (`--data builtin`, or the demo
+    /// with neither a model nor data).
+    pub fn builtin_data(&self) -> bool {
+        self.data.is_empty() || self.data == BUILTIN_DATA
     }
 
     pub fn checkpoint_path(&self) -> String {

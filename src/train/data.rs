@@ -48,7 +48,11 @@ impl Dataset {
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("{}: no .safetensors samples", dir.display());
+            bail!(
+                "{}: no training data: no images (.png, .jpg, .jpeg, .webp with same-name .txt captions) and no \
+                 cached .safetensors samples",
+                dir.display()
+            );
         }
         let c = cfg.in_channels / 4;
         let mut samples = Vec::new();

@@ -245,6 +245,15 @@ impl Log {
         }
         self.lines.push(s);
     }
+
+    /// A result a script would want (the file written, the demo's verdict): stdout, not stderr,
+    /// so `train ... > result.txt` keeps it apart from the progress chatter.
+    fn result(&mut self, s: String) {
+        if !self.quiet {
+            println!("{s}");
+        }
+        self.lines.push(s);
+    }
 }
 
 /// A training run between its phases: opened (model, data, adapters, resumed state, engine),
@@ -280,7 +289,7 @@ impl Run {
         let (model, weights) = open_model(&tc)?;
         let mut pipe = Pipeline::new(&tc, &model.cfg);
         let ds =
-            if tc.data.is_empty() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
+            if tc.builtin_data() { builtin::synthetic_dataset(&model.cfg)? } else { pipe.dataset(&tc.data, quiet)? };
         let class = if tc.class_data.is_empty() {
             None
         } else {
@@ -520,7 +529,7 @@ impl Run {
             self.out.display(),
             crate::util::thousands(size as usize)
         );
-        self.log.say(line, None);
+        self.log.result(line);
         Ok(())
     }
 }
@@ -528,7 +537,7 @@ impl Run {
 /// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
 pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
     tc.validate()?;
-    let builtin_demo = tc.model.is_empty() && tc.data.is_empty();
+    let builtin_demo = tc.model.is_empty() && tc.builtin_data();
     let mut run = Run::open(tc, resume, quiet)?;
     let mut demo_before = None;
     if builtin_demo && run.start == 0 {
@@ -553,11 +562,13 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     if let (Some(before), false) = (demo_before, end.interrupted) {
         let after = run.demo_preview("-after.png")?;
         let line = format!(
-            "after training: samples' colour is {after:.3} from the style colour (before: {before:.3}); previews: {} and {}",
+            "after training: samples' colour is {after:.3} from the style colour (before: {before:.3}); \
+             previews: {} (training data), {} and {}",
+            sibling(&run.out, "-data.png").display(),
             sibling(&run.out, "-before.png").display(),
             sibling(&run.out, "-after.png").display()
         );
-        run.log.say(line, None);
+        run.log.result(line);
         demo = Some((before, after));
     }
     let Run { out, log, .. } = run;
