@@ -1,32 +1,17 @@
 //! GPU kernels against their CPU twins. Where no GPU (or no nvcc at build time) is present each
 //! test prints why it is skipped; a run on a lent GPU is recorded in docs/gpu-runs.md.
 
+mod common;
+use common::{gpu_or_skip, skip};
 use flux_kernels::kernels::activation::GpuActivation;
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::launch::DevMat;
 use flux_kernels::ops::activation::gelu_tanh_forward;
 use flux_kernels::util::{rel_l2, Rng};
 
-/// Writes straight to stderr: libtest captures print!/eprintln!, so a skip line written that
-/// way would never reach the CI log.
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    match Gpu::new() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            skip(test, &format!("{e:#}"));
-            None
-        }
-    }
-}
-
 #[test]
 fn gpu_gelu_tanh_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("gpu_gelu_tanh_matches_cpu") else {
+    let Some(gpu) = gpu_or_skip("gpu_gelu_tanh_matches_cpu", Gpu::new()) else {
         return;
     };
     let mut rng = Rng::new(11);

@@ -50,6 +50,9 @@ if [ "${1:-}" = "--emulate" ]; then
   g++ "${flags[@]}" -o "$emu/libcuda.so" "$emu/driver.cpp"
   g++ "${flags[@]}" -o "$emu/libcublas.so" "$emu/cublas.cpp"
   echo "emulated libcuda.so / libcublas.so in $emu"
+  # Every GPU test must run here: a skip (kernels missing, the emulator not found) fails the test
+  # instead of passing silently (tests/common/mod.rs, skip).
+  export FK_REQUIRE_GPU=1
   cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
     --test gpu_model_ops --test gpu_flux_step
   LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention \

@@ -82,9 +82,14 @@ pub fn err_string<T>(r: anyhow::Result<T>) -> String {
 // ---- GPU tests ---------------------------------------------------------------------------------
 
 /// Writes straight to stderr: libtest captures print!/eprintln!, so a skip line written that
-/// way would never reach the CI log (the GPU check counts these lines as failures).
+/// way would never reach the CI log (the GPU check counts these lines as failures). Under
+/// FK_REQUIRE_GPU=1 (the emulated run in CI, `tools/gpu-check.sh --emulate`) a skip is a failure,
+/// so a GPU test that silently stopped running cannot count as passed there.
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
+    if std::env::var_os("FK_REQUIRE_GPU").is_some_and(|v| v == "1") {
+        panic!("{test} would be SKIPPED, but FK_REQUIRE_GPU=1 asks for every GPU test to run: {why}");
+    }
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
