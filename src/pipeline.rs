@@ -64,6 +64,7 @@ pub const CLIP_LEN: usize = 77;
 
 impl TextEncoders {
     pub fn open(c: &Components, cfg: &FluxConfig, t5_len: usize) -> Result<TextEncoders> {
+        crate::text::t5::check_max_len(t5_len)?;
         let t5 = T5Encoder::open(Components::need(&c.t5, "T5 encoder", "t5")?)?;
         let t5_tokenizer = T5Tokenizer::open(Components::need(&c.t5_tokenizer, "T5 tokenizer", "t5-tokenizer")?)?;
         let clip = ClipTextModel::open(Components::need(&c.clip, "CLIP text model", "clip")?)?;

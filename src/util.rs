@@ -17,6 +17,38 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// How many numbered blocks the keys `{prefix}N.…` hold, N counting from 0: every index must
+/// parse, be below `max`, and the indices must run 0..n without a gap. A block count read off
+/// untrusted key names is then bounded by the keys really present, never by the largest index one
+/// key claims (`double_blocks.100000000.x` would otherwise size a 10⁸-block model).
+/// `keys` yields (name to parse, name to report in an error: the key as stored).
+pub fn count_indexed_blocks<'a>(
+    keys: impl IntoIterator<Item = (&'a str, &'a str)>,
+    prefix: &str,
+    max: usize,
+) -> anyhow::Result<usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for (name, stored) in keys {
+        let Some(rest) = name.strip_prefix(prefix) else { continue };
+        let idx = rest.split('.').next().unwrap_or("");
+        let Ok(i) = idx.parse::<usize>() else {
+            anyhow::bail!("tensor `{stored}`: `{idx}` is not a block index");
+        };
+        if i >= max {
+            anyhow::bail!("tensor `{stored}`: block index {i} is beyond the {max} blocks supported");
+        }
+        seen.entry(i).or_insert(stored);
+    }
+    let n = seen.len();
+    if let Some((i, stored)) = seen.iter().find(|(&i, _)| i >= n) {
+        anyhow::bail!(
+            "tensor `{stored}`: block index {i}, but only {n} `{prefix}N` blocks are stored (indices must run \
+             0..{n} without gaps)"
+        );
+    }
+    Ok(n)
+}
+
 /// 11901408320 → "11,901,408,320"
 pub fn thousands(n: usize) -> String {
     let s = n.to_string();
@@ -94,4 +126,21 @@ pub fn fd_check(x: &[f32], grad: &[f32], dy: &[f32], f: impl Fn(&[f32]) -> Vec<f
     }
     let err = rel_l2(grad, &num);
     assert!(err < tol, "finite differences: rel L2 {err:.3e} ≥ {tol:e}\nanalytic {grad:?}\nnumeric  {num:?}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_counts_come_from_keys_present_not_from_the_largest_index() {
+        let keys = |v: &[&'static str]| v.iter().map(|k| (*k, *k)).collect::<Vec<_>>();
+        assert_eq!(count_indexed_blocks(keys(&["b.0.x", "b.1.x", "b.1.y", "c.5"]), "b.", 10).unwrap(), 2);
+        assert_eq!(count_indexed_blocks(keys(&["c.5"]), "b.", 10).unwrap(), 0);
+        let e = count_indexed_blocks(keys(&["b.0.x", "b.100000000.x"]), "b.", 1024).unwrap_err().to_string();
+        assert!(e.contains("b.100000000.x") && e.contains("1024"), "{e}");
+        let e = count_indexed_blocks(keys(&["b.0.x", "b.2.x"]), "b.", 10).unwrap_err().to_string();
+        assert!(e.contains("b.2.x") && e.contains("gaps"), "{e}");
+        assert!(count_indexed_blocks(keys(&["b.x.y"]), "b.", 10).unwrap_err().to_string().contains("b.x.y"));
+    }
 }

@@ -197,6 +197,24 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
     if let Some(s) = out.iter().find(|s| s.rank == 0) {
         bail!("rank 0 for `{}` (from --rank-pattern)", s.name);
     }
+    // A rank above the module's width adds no expressiveness, only memory: rank × (in + out)
+    // parameters and as many AdamW moments. Refused before any factor is allocated.
+    for s in &out {
+        let width = s.d_in.min(s.target.rows.len());
+        if s.rank > width {
+            let from = match lc.rank_pattern.iter().find(|(k, _)| suffix_match(&s.name, k)) {
+                Some((k, r)) => format!("rank_pattern (--rank-pattern) `{k}={r}`"),
+                None => format!("rank (--rank) {}", lc.rank),
+            };
+            bail!(
+                "{from}: rank {} for `{}` exceeds the module's width {width} ({} inputs, {} outputs)",
+                s.rank,
+                s.name,
+                s.d_in,
+                s.target.rows.len()
+            );
+        }
+    }
     Ok(out)
 }
 

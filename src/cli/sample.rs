@@ -182,6 +182,10 @@ fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<Cond> {
         [b, l, d] if *d == cfg.context_in_dim => (*b, *l),
         _ => bail!("{p}: `txt` has shape {ts:?}, expected [L, {0}] or [B, L, {0}]", cfg.context_in_dim),
     };
+    // A batch or length of 0 would leave nothing to sample (and `i % b` below would divide by 0).
+    if b == 0 || l == 0 {
+        bail!("{p}: `txt` has shape {ts:?}: the batch and the token count must be at least 1");
+    }
     if ys != [cfg.vec_in_dim] && ys != [b, cfg.vec_in_dim] {
         bail!("{p}: `y` has shape {ys:?}, expected [{}] or [{b}, {}]", cfg.vec_in_dim, cfg.vec_in_dim);
     }
@@ -193,7 +197,24 @@ fn load_cond(path: &Path, cfg: &FluxConfig, batch: usize) -> Result<Cond> {
     Ok(Cond { txt: tx, y: yy, n_txt: l })
 }
 
+/// The largest image side in pixels `sample` takes (FLUX.1 works at 0.25–2 MP; 4096² is 16 MP).
+pub const MAX_SIDE: usize = 4096;
+/// The most images per prompt or conditioning entry: each is a latent and a set of activations.
+pub const MAX_BATCH: usize = 1024;
+
 pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
+    // Settings that size allocations are checked before anything is loaded.
+    if a.batch == 0 || a.batch > MAX_BATCH {
+        bail!("--batch-size {}: must be between 1 and {MAX_BATCH}", a.batch);
+    }
+    for (flag, v) in [("--width", a.width), ("--height", a.height)] {
+        if let Some(v) = v.filter(|&v| v == 0 || v > MAX_SIDE) {
+            bail!("{flag} {v}: must be between 1 and {MAX_SIDE} pixels");
+        }
+    }
+    if !a.prompts.is_empty() {
+        crate::text::t5::check_max_len(a.t5_len)?;
+    }
     let (cfg, w) = model_or_builtin(a.model, a.rope_axes)?;
     let comps = match a.model {
         Some(m) if Path::new(m).is_dir() => crate::pipeline::Components::from_root(Path::new(m)),

@@ -8,6 +8,25 @@ use std::path::{Path, PathBuf};
 
 pub const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
+/// The most bytes of a caption file read. T5 keeps 512 tokens and CLIP 77; 64 KiB is over 100
+/// bytes per T5 token, more than any real caption, and the text past it would be truncated away
+/// by the tokenizers anyway (which see at most `text::MAX_PROMPT_BYTES`, the same size). A 50 MB
+/// caption read and tokenised whole took 3.3 GiB.
+pub const CAPTION_BYTES: usize = 64 * 1024;
+
+/// The largest image side decoded: past any camera (a 100 MP sensor is about 12,000 px wide),
+/// and 16384² RGB8 is 768 MiB. Checked on the header, before decoding.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
+/// What the decoder may allocate for one image (the `image` crate's `Limits::max_alloc`).
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
+/// The most elongated image taken, long side over short side: twice the most elongated bucket
+/// (4:1). Past it, the centre crop to a bucket would cut away more than half the picture, and
+/// what is left no longer shows what the caption says. (A 1×65535 PNG of 339 bytes used to be
+/// resized to cover a bucket: 12.9 GB.)
+pub const MAX_ASPECT: f64 = 8.0;
+
 /// One image found in a dataset folder, with its caption (empty when there is no .txt).
 #[derive(Clone, Debug)]
 pub struct ImageEntry {
@@ -15,27 +34,120 @@ pub struct ImageEntry {
     pub caption: String,
 }
 
-/// Lists the images of `dir` (sorted by name) with their captions.
-pub fn scan(dir: &Path) -> Result<Vec<ImageEntry>> {
-    let mut out = Vec::new();
+/// A dataset folder as found: the usable images, the entries skipped (each `path: why`), and
+/// warnings about entries that are used (a caption read lossily or truncated).
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    pub entries: Vec<ImageEntry>,
+    pub skipped: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+fn is_image(p: &Path) -> bool {
+    let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    EXTENSIONS.contains(&ext.as_str())
+}
+
+/// True when `dir` lists at least one file named like an image (nothing is opened).
+pub fn has_images(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| rd.filter_map(|e| e.ok()).any(|e| is_image(&e.path())))
+}
+
+/// A caption: at most [`CAPTION_BYTES`] read, non-UTF-8 bytes replaced. Err: why it cannot be
+/// used (a folder, a broken link, unreadable); Ok with a warning when it was cut or not UTF-8.
+fn read_caption(txt: &Path) -> std::result::Result<(String, Option<String>), String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(txt).map_err(|e| format!("caption {}: {e}", txt.display()))?;
+    if !meta.is_file() {
+        return Err(format!("caption {} is not a regular file", txt.display()));
+    }
+    let f = std::fs::File::open(txt).map_err(|e| format!("caption {}: {e}", txt.display()))?;
+    let mut bytes = Vec::new();
+    f.take(CAPTION_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(|e| format!("caption {}: {e}", txt.display()))?;
+    let mut notes = Vec::new();
+    if bytes.len() > CAPTION_BYTES {
+        bytes.truncate(CAPTION_BYTES);
+        // Drop a UTF-8 sequence cut in the middle rather than turning it into U+FFFD.
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            if e.error_len().is_none() {
+                bytes.truncate(e.valid_up_to());
+            }
+        }
+        notes.push(format!("truncated to its first {CAPTION_BYTES} bytes ({} bytes on disk)", meta.len()));
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            notes.push("not valid UTF-8, read with U+FFFD for the invalid bytes".into());
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        }
+    };
+    let warning = (!notes.is_empty()).then(|| format!("caption {}: {}", txt.display(), notes.join("; ")));
+    Ok((text.trim().to_string(), warning))
+}
+
+/// Lists the images of `dir` (sorted by name) with their captions. A bad entry (unreadable, a
+/// broken link, not a file, a caption that cannot be read) is skipped and named in `skipped`;
+/// the folder itself unreadable, or two images sharing a stem, is an error.
+pub fn scan(dir: &Path) -> Result<Scan> {
+    let mut out = Scan::default();
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read image folder {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut paths = Vec::new();
+    for e in rd {
+        match e {
+            Ok(e) => paths.push(e.path()),
+            Err(err) => out.skipped.push(format!("{}: unreadable entry ({err})", dir.display())),
+        }
+    }
     paths.sort();
+    // The caption and the cached sample are both named by the stem: two images sharing one
+    // (x.png, x.jpg) would share a caption and overwrite each other's sample.
+    let mut stems: std::collections::BTreeMap<std::ffi::OsString, Vec<&PathBuf>> = Default::default();
+    for p in paths.iter().filter(|p| is_image(p)) {
+        stems.entry(p.file_stem().unwrap_or_default().to_os_string()).or_default().push(p);
+    }
+    if let Some((stem, ps)) = stems.iter().find(|(_, ps)| ps.len() > 1) {
+        let names: Vec<String> = ps.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "{}: share the stem `{}`, so they would share the caption {}.txt and one cached sample; rename or \
+             remove all but one",
+            names.join(" and "),
+            stem.to_string_lossy(),
+            stem.to_string_lossy()
+        );
+    }
     for p in paths {
-        let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if !EXTENSIONS.contains(&ext.as_str()) {
+        if !is_image(&p) {
             continue;
         }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                out.skipped.push(format!("{}: not a regular file", p.display()));
+                continue;
+            }
+            Err(e) => {
+                let why = if std::fs::symlink_metadata(&p).is_ok() { "broken link" } else { "unreadable" };
+                out.skipped.push(format!("{}: {why} ({e})", p.display()));
+                continue;
+            }
+        }
         let txt = p.with_extension("txt");
-        let caption = if txt.exists() {
-            std::fs::read_to_string(&txt)
-                .with_context(|| format!("cannot read caption {}", txt.display()))?
-                .trim()
-                .to_string()
+        let caption = if std::fs::symlink_metadata(&txt).is_ok() {
+            match read_caption(&txt) {
+                Ok((c, warning)) => {
+                    out.warnings.extend(warning);
+                    c
+                }
+                Err(why) => {
+                    out.skipped.push(format!("{}: {why}", p.display()));
+                    continue;
+                }
+            }
         } else {
             String::new()
         };
-        out.push(ImageEntry { path: p, caption });
+        out.entries.push(ImageEntry { path: p, caption });
     }
     Ok(out)
 }
@@ -75,17 +187,39 @@ pub fn pick_bucket(w: usize, h: usize, sides: &[usize], step: usize) -> (usize, 
     best
 }
 
-/// Decodes an image, resizes it to cover (bw, bh) and centre-crops: [3, bh, bw] in [-1, 1].
+/// Decodes an image within the limits ([`MAX_IMAGE_SIDE`], [`MAX_DECODE_BYTES`], [`MAX_ASPECT`]),
+/// crops it to the bucket's aspect, resizes that to cover (bw, bh) and centre-crops the last
+/// pixel of rounding: [3, bh, bw] in [-1, 1]. Cropping before resizing keeps the resized image
+/// the bucket's size whatever the source's aspect, so memory follows the source and the bucket.
 pub fn load_bucketed(path: &Path, bw: usize, bh: usize, flip: bool) -> Result<Vec<f32>> {
-    let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?.to_rgb8();
+    dimensions(path)?;
+    let mut reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    reader.limits(decode_limits());
+    let img = reader.decode().with_context(|| format!("cannot decode image {}", path.display()))?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    if w == 0 || h == 0 {
+    if w == 0 || h == 0 || bw == 0 || bh == 0 {
         bail!("{}: empty image", path.display());
     }
-    let scale = (bw as f64 / w as f64).max(bh as f64 / h as f64);
+    // The largest centred region of the bucket's aspect.
+    let (cw, ch) = if w * bh > h * bw {
+        (((h * bw) as f64 / bh as f64).round().max(1.0) as usize, h)
+    } else {
+        (w, ((w * bh) as f64 / bw as f64).round().max(1.0) as usize)
+    };
+    let (cw, ch) = (cw.min(w), ch.min(h));
+    let cropped =
+        image::imageops::crop_imm(&img, ((w - cw) / 2) as u32, ((h - ch) / 2) as u32, cw as u32, ch as u32).to_image();
+    let scale = (bw as f64 / cw as f64).max(bh as f64 / ch as f64);
     let (rw, rh) =
-        (((w as f64 * scale).round() as u32).max(bw as u32), ((h as f64 * scale).round() as u32).max(bh as u32));
-    let resized = image::imageops::resize(&img, rw, rh, FilterType::Lanczos3);
+        (((cw as f64 * scale).round() as u32).max(bw as u32), ((ch as f64 * scale).round() as u32).max(bh as u32));
+    let resized = if (rw as usize, rh as usize) == (cw, ch) {
+        cropped
+    } else {
+        image::imageops::resize(&cropped, rw, rh, FilterType::Lanczos3)
+    };
     let (x0, y0) = ((rw as usize - bw) / 2, (rh as usize - bh) / 2);
     let mut out = vec![0f32; 3 * bw * bh];
     for y in 0..bh {
@@ -100,9 +234,32 @@ pub fn load_bucketed(path: &Path, bw: usize, bh: usize, flip: bool) -> Result<Ve
     Ok(out)
 }
 
-/// Image size without decoding the pixels.
+fn decode_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_DECODE_BYTES);
+    l
+}
+
+/// Image size from the header, without decoding the pixels; an image past [`MAX_IMAGE_SIDE`] or
+/// more elongated than [`MAX_ASPECT`] is an error naming the file.
 pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
     let (w, h) = image::image_dimensions(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    if w == 0 || h == 0 {
+        bail!("{}: empty image ({w}×{h})", path.display());
+    }
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        bail!("{}: {w}×{h} pixels; at most {MAX_IMAGE_SIDE} on a side are read (downscale it first)", path.display());
+    }
+    let aspect = w.max(h) as f64 / w.min(h) as f64;
+    if aspect > MAX_ASPECT {
+        bail!(
+            "{}: {w}×{h} pixels is {aspect:.1}:1; at most {MAX_ASPECT}:1 is taken (the buckets reach 4:1, and a \
+             centre crop would cut most of it away)",
+            path.display()
+        );
+    }
     Ok((w as usize, h as usize))
 }
 
@@ -164,7 +321,7 @@ mod tests {
         std::fs::write(dir.join("bad.txt"), "caption").unwrap();
         let e = format!("{:#}", load_bucketed(&dir.join("bad.png"), 4, 4, false).unwrap_err());
         assert!(e.contains("bad.png"), "{e}");
-        let s = scan(&dir).unwrap();
+        let s = scan(&dir).unwrap().entries;
         assert_eq!(s.len(), 2);
         assert_eq!(s[1].caption, "caption");
     }

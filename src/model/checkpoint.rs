@@ -150,8 +150,8 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
         );
     }
     stored.retain(|name, _| !is_ignored_companion(name));
-    let names: Vec<String> = stored.keys().cloned().collect();
-    let shape_of = |n: &str| stored.get(n).map(|k| file.info(k).unwrap().shape.clone());
+    let names: Vec<(String, String)> = stored.iter().map(|(n, k)| (n.clone(), k.clone())).collect();
+    let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(stored.get(n).map(|k| file.info(k).unwrap().shape.clone())) };
     // Scale companions are looked up by stored key and removed from `stored` once used.
     let stored_keys: std::collections::HashSet<String> = stored.values().cloned().collect();
     let lookup = |k: &str| stored_keys.contains(k).then(|| file.clone());
@@ -243,39 +243,60 @@ fn open_diffusers(dir: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoin
         }
         files.push(f);
     }
-    let shape_dif = |k: &str| key_file.get(k).map(|&i| files[i].info(k).unwrap().shape.clone());
+    let shape_dif = |k: &str| key_file.get(k).map(|&i| (files[i].path(), files[i].info(k).unwrap().shape.clone()));
     // Infer the architecture through the same BFL-named rules as a BFL file: a BFL tensor's shape
-    // is its diffusers parts' rows stacked.
+    // is its diffusers parts' rows stacked. Every part must have the rank of the BFL tensor
+    // (a 0-d `to_q.weight` is an error naming it, not an index out of bounds) and the same
+    // trailing dims as the first part; the row sum is checked.
     let probe = FluxConfig::flux1_dev();
-    let shape_of = |bfl_key: &str| -> Option<Vec<usize>> {
-        let (module, param) = bfl_key.rsplit_once('.')?;
-        let kind = if param == "scale" {
-            ModuleKind::Norm { dim: 0 }
-        } else {
-            ModuleKind::Linear { d_out: 0, d_in: 0, bias: true }
+    let shape_of = |bfl_key: &str| -> Result<Option<Vec<usize>>> {
+        let Some((module, param)) = bfl_key.rsplit_once('.') else { return Ok(None) };
+        let (kind, rank) = match param {
+            "scale" => (ModuleKind::Norm { dim: 0 }, 1),
+            "bias" => (ModuleKind::Linear { d_out: 0, d_in: 0, bias: true }, 1),
+            _ => (ModuleKind::Linear { d_out: 0, d_in: 0, bias: true }, 2),
         };
-        let d = diffusers_module(module, &probe)?;
+        let Some(d) = diffusers_module(module, &probe) else { return Ok(None) };
         let mut shape: Option<Vec<usize>> = None;
         for p in &d.parts {
-            let s = shape_dif(&format!("{}.{}", p.name, diffusers_param(kind, param)))?;
+            let key = format!("{}.{}", p.name, diffusers_param(kind, param));
+            let Some((file, s)) = shape_dif(&key) else { return Ok(None) };
+            if s.len() != rank || s[0] == 0 {
+                bail!(
+                    "{}: tensor `{key}` has shape {s:?}, expected {rank} dimension(s) with at least one row \
+                     (a part of BFL's `{bfl_key}`)",
+                    file.display()
+                );
+            }
             shape = Some(match shape {
                 None => s,
                 Some(mut acc) => {
-                    acc[0] += s[0];
+                    if acc[1..] != s[1..] {
+                        bail!(
+                            "{}: tensor `{key}` has shape {s:?}, but the other parts of BFL's `{bfl_key}` have \
+                             {:?} after the rows",
+                            file.display(),
+                            &acc[1..]
+                        );
+                    }
+                    acc[0] = acc[0]
+                        .checked_add(s[0])
+                        .with_context(|| format!("{}: tensor `{key}`: row count overflows", file.display()))?;
                     acc
                 }
             });
         }
-        shape
+        Ok(shape)
     };
-    let names: Vec<String> = key_file
+    let names: Vec<(String, String)> = key_file
         .keys()
         .filter_map(|k| {
-            if let Some(r) = k.strip_prefix("transformer_blocks.") {
-                Some(format!("double_blocks.{r}"))
+            let bfl = if let Some(r) = k.strip_prefix("transformer_blocks.") {
+                format!("double_blocks.{r}")
             } else {
-                k.strip_prefix("single_transformer_blocks.").map(|r| format!("single_blocks.{r}"))
-            }
+                format!("single_blocks.{}", k.strip_prefix("single_transformer_blocks.")?)
+            };
+            Some((bfl, format!("{k} (in {})", files[key_file[k]].path().display())))
         })
         .collect();
     let cfg_axes = config.axes_dims_rope;

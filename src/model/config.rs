@@ -3,6 +3,7 @@
 //! Names are BFL's (`double_blocks.N.img_attn.qkv`): the model speaks one vocabulary and the
 //! diffusers layout and LoRA dialects are translated at the edge (`io/`).
 
+use crate::util::count_indexed_blocks;
 use anyhow::{bail, Context, Result};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -83,18 +84,38 @@ impl FluxConfig {
         }
     }
 
+    /// Checks the sizes against each other and against sane bounds, with checked arithmetic: a
+    /// config comes from untrusted files (shapes, config.json) and flags, and release builds do
+    /// not trap on overflow.
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads * self.head_dim != self.hidden_size {
+        let dims = [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("context_in_dim", self.context_in_dim),
+            ("vec_in_dim", self.vec_in_dim),
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("head_dim", self.head_dim),
+            ("mlp_hidden", self.mlp_hidden),
+            ("time_dim", self.time_dim),
+        ];
+        for (name, v) in dims {
+            if v == 0 || v > MAX_WIDTH {
+                bail!("{name} = {v}: must be between 1 and {MAX_WIDTH}");
+            }
+        }
+        for (name, v) in [("double blocks", self.depth), ("single blocks", self.depth_single)] {
+            if v > MAX_BLOCKS {
+                bail!("{v} {name}: at most {MAX_BLOCKS} are supported (FLUX.1 has 19 + 38)");
+            }
+        }
+        if self.depth + self.depth_single == 0 {
+            bail!("no double or single blocks");
+        }
+        if self.num_heads.checked_mul(self.head_dim) != Some(self.hidden_size) {
             bail!("heads {} × head dim {} != hidden size {}", self.num_heads, self.head_dim, self.hidden_size);
         }
-        if self.rope_axes.iter().sum::<usize>() != self.head_dim || self.rope_axes.iter().any(|a| a % 2 != 0) {
-            bail!(
-                "rope axes {:?} must be even and sum to the head dim {} (set them with --rope-axes a,b,c)",
-                self.rope_axes,
-                self.head_dim
-            );
-        }
-        Ok(())
+        check_rope_axes(&self.rope_axes, self.head_dim)
     }
 
     /// Every module of the model in BFL names, in checkpoint order.
@@ -157,8 +178,10 @@ impl FluxConfig {
         out
     }
 
+    /// Saturating: a validated config is far below the bound, but the count is also printed for
+    /// configs that are not (yet) validated.
     pub fn param_count(&self) -> usize {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensors().iter().map(|(_, s)| s.iter().fold(1usize, |a, &d| a.saturating_mul(d))).fold(0, usize::saturating_add)
     }
 }
 
@@ -174,6 +197,28 @@ pub enum ModuleKind {
     Norm { dim: usize },
 }
 
+/// The largest width (hidden size, MLP width, channels …) a config may have: FLUX.1's largest is
+/// 12,288 (the MLP); 2^20 leaves room for any variant while keeping every product of two widths
+/// (a weight's element count) far from overflow.
+pub const MAX_WIDTH: usize = 1 << 20;
+
+/// The most blocks of each kind: FLUX.1 has 19 double and 38 single blocks. A block count comes
+/// from key names, so a bound keeps a single stray key (`double_blocks.100000000.x`) from
+/// sizing the module list.
+pub const MAX_BLOCKS: usize = 1024;
+
+/// RoPE axes: three even sizes whose sum (checked, it may come from a file) is the head dim.
+pub fn check_rope_axes(axes: &[usize], head_dim: usize) -> Result<()> {
+    let sum = axes.iter().try_fold(0usize, |acc, &a| acc.checked_add(a));
+    if axes.len() != 3 || sum != Some(head_dim) || axes.iter().any(|a| a % 2 != 0 || *a == 0) {
+        bail!(
+            "rope axes {axes:?} must be three positive even sizes summing to the head dim {head_dim} (set them \
+             with --rope-axes a,b,c, `rope_axes` in a training config, or axes_dims_rope in config.json)"
+        );
+    }
+    Ok(())
+}
+
 /// Parses `--rope-axes 16,56,56`.
 pub fn parse_rope_axes(s: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
@@ -183,18 +228,22 @@ pub fn parse_rope_axes(s: &str) -> Result<Vec<usize>> {
     if v.len() != 3 {
         bail!("--rope-axes takes three comma-separated sizes (FLUX.1: 16,56,56), got {s}");
     }
+    if let Some(a) = v.iter().find(|&&a| a == 0 || a > MAX_WIDTH || a % 2 != 0) {
+        bail!("--rope-axes {s}: `{a}` must be a positive even size of at most {MAX_WIDTH}");
+    }
     Ok(v)
 }
 
 /// Infers the architecture from BFL-named tensor shapes (`shape_of` returns None for a missing
-/// tensor). `rope_axes` comes from the caller when the checkpoint alone cannot say.
+/// tensor, an error for parts that cannot be put together). `names` pairs every BFL name with
+/// its key as stored. `rope_axes` comes from the caller when the checkpoint alone cannot say.
 pub fn infer_from_shapes(
-    shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
-    names: &[String],
+    shape_of: &dyn Fn(&str) -> Result<Option<Vec<usize>>>,
+    names: &[(String, String)],
     rope_axes: Option<Vec<usize>>,
 ) -> Result<FluxConfig> {
     let need = |n: &str, rank: usize| -> Result<Vec<usize>> {
-        let s = shape_of(n).with_context(|| format!("missing tensor `{n}` (needed to infer the architecture)"))?;
+        let s = shape_of(n)?.with_context(|| format!("missing tensor `{n}` (needed to infer the architecture)"))?;
         if s.len() != rank {
             bail!("tensor `{n}` has shape {s:?}, expected {rank} dimensions");
         }
@@ -206,15 +255,9 @@ pub fn infer_from_shapes(
     let vec_in_dim = need("vector_in.in_layer.weight", 2)?[1];
     let time_dim = need("time_in.in_layer.weight", 2)?[1];
     let out_channels = need("final_layer.linear.weight", 2)?[0];
-    let count = |prefix: &str| {
-        names
-            .iter()
-            .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |m| m + 1)
-    };
-    let depth = count("double_blocks.");
-    let depth_single = count("single_blocks.");
+    let keys = || names.iter().map(|(n, k)| (n.as_str(), k.as_str()));
+    let depth = count_indexed_blocks(keys(), "double_blocks.", MAX_BLOCKS)?;
+    let depth_single = count_indexed_blocks(keys(), "single_blocks.", MAX_BLOCKS)?;
     let head_dim = if depth > 0 {
         need("double_blocks.0.img_attn.norm.query_norm.scale", 1)?[0]
     } else if depth_single > 0 {
@@ -229,9 +272,10 @@ pub fn infer_from_shapes(
         need("double_blocks.0.img_mlp.0.weight", 2)?[0]
     } else {
         let l1 = need("single_blocks.0.linear1.weight", 2)?[0];
-        l1.checked_sub(3 * hidden_size).context("single_blocks.0.linear1.weight is narrower than 3 × hidden")?
+        let qkv = hidden_size.checked_mul(3).context("img_in.weight: the hidden size overflows")?;
+        l1.checked_sub(qkv).context("single_blocks.0.linear1.weight is narrower than 3 × hidden")?
     };
-    let qkv_bias = if depth > 0 { shape_of("double_blocks.0.img_attn.qkv.bias").is_some() } else { true };
+    let qkv_bias = if depth > 0 { shape_of("double_blocks.0.img_attn.qkv.bias")?.is_some() } else { true };
     let rope_axes = match rope_axes {
         Some(a) => a,
         None if head_dim == 128 => vec![16, 56, 56],
@@ -252,7 +296,7 @@ pub fn infer_from_shapes(
         depth,
         depth_single,
         time_dim,
-        guidance_embed: shape_of("guidance_in.in_layer.weight").is_some(),
+        guidance_embed: shape_of("guidance_in.in_layer.weight")?.is_some(),
         qkv_bias,
         rope_axes,
         theta: 10_000.0,
@@ -278,13 +322,13 @@ mod tests {
     fn infers_flux1_dev_from_its_own_shapes() {
         let c = FluxConfig::flux1_dev();
         let t = c.tensors();
-        let names: Vec<String> = t.iter().map(|(n, _)| n.clone()).collect();
-        let shape_of = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
+        let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         assert_eq!(infer_from_shapes(&shape_of, &names, None).unwrap(), c);
         let schnell = FluxConfig::named("flux1-schnell").unwrap();
         let t = schnell.tensors();
-        let names: Vec<String> = t.iter().map(|(n, _)| n.clone()).collect();
-        let shape_of = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
+        let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         assert!(!infer_from_shapes(&shape_of, &names, None).unwrap().guidance_embed);
     }
 
@@ -299,8 +343,8 @@ mod tests {
             ..FluxConfig::flux1_dev()
         };
         let t = c.tensors();
-        let names: Vec<String> = t.iter().map(|(n, _)| n.clone()).collect();
-        let shape_of = |n: &str| t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
+        let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
+        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         let e = infer_from_shapes(&shape_of, &names, None).unwrap_err().to_string();
         assert!(e.contains("--rope-axes"), "{e}");
         assert_eq!(infer_from_shapes(&shape_of, &names, Some(vec![4, 6, 6])).unwrap(), c);

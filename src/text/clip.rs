@@ -414,13 +414,13 @@ fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &HfClipConf
     let pos = shape("embeddings.position_embedding.weight")?;
     ensure!(pos.len() == 2, "tensor `{prefix}embeddings.position_embedding.weight` has shape {pos:?}, expected 2-D");
     let layer_prefix = format!("{prefix}encoder.layers.");
-    let layers = st
-        .tensors()
-        .keys()
-        .filter_map(|k| k.strip_prefix(&layer_prefix)?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |i| i + 1);
+    let layers = crate::util::count_indexed_blocks(
+        st.tensors().keys().map(|k| (k.as_str(), k.as_str())),
+        &layer_prefix,
+        super::MAX_LAYERS,
+    )?;
     let fc1 = if layers > 0 { shape("encoder.layers.0.mlp.fc1.weight")? } else { vec![0, 0] };
+    ensure!(fc1.len() == 2, "tensor `{prefix}encoder.layers.0.mlp.fc1.weight` has shape {fc1:?}, expected 2-D");
     let mut cfg = ClipConfig {
         vocab: tok[0],
         hidden: tok[1],
@@ -439,7 +439,7 @@ fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &HfClipConf
             cfg.hidden
         );
         cfg.heads = cfg.hidden / 64;
-        return Ok(cfg);
+        return bounded(cfg, "the shapes");
     };
     // A full CLIPModel config nests the text tower's.
     let j = json.text_config.as_deref().unwrap_or(json);
@@ -480,6 +480,21 @@ fn infer_config(st: &SafeTensors, prefix: &str, json: Option<(&Path, &HfClipConf
     };
     if let Some(act) = j.hidden_act.as_deref() {
         ensure!(act == "quick_gelu", "{src}: hidden_act `{act}` is not supported (CLIP-L uses quick_gelu)");
+    }
+    bounded(cfg, &src.to_string())
+}
+
+/// Sizes from config.json, metadata or shapes, bounded before the tensor list is built from them.
+fn bounded(cfg: ClipConfig, from: &str) -> Result<ClipConfig> {
+    for (name, v, max) in [
+        ("vocab_size", cfg.vocab, super::MAX_DIM),
+        ("hidden_size", cfg.hidden, super::MAX_DIM),
+        ("intermediate_size", cfg.mlp, super::MAX_DIM),
+        ("num_hidden_layers", cfg.layers, super::MAX_LAYERS),
+        ("max_position_embeddings", cfg.max_pos, super::MAX_DIM),
+        ("num_attention_heads", cfg.heads, super::MAX_DIM),
+    ] {
+        ensure!(v <= max, "{from}: CLIP {name} = {v}: at most {max} is supported (CLIP-L: 12 layers, widths ≤ 49,408)");
     }
     Ok(cfg)
 }
@@ -608,6 +623,7 @@ impl ClipTokenizer {
     /// kept last), then padded to exactly `max_len` with the pad id. FLUX uses max_len 77.
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         ensure!(max_len >= 2, "CLIP tokenizer: max_len {max_len} leaves no room for BOS and EOS");
+        let text = super::bounded_prompt(text);
         let enc = self.tok.encode(text, false).map_err(|e| anyhow!("CLIP tokenizer: cannot encode {text:?}: {e}"))?;
         let mut ids = Vec::with_capacity(max_len);
         ids.push(self.bos);

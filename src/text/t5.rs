@@ -59,6 +59,21 @@ struct HfT5Config {
     layer_norm_epsilon: Option<f64>,
 }
 
+/// The longest T5 sequence: FLUX.1-dev was trained on 512 tokens (schnell on 256), the length of
+/// T5's tokenizer (`model_max_length`). Longer sequences are outside what the transformer learnt,
+/// and the encoder's attention grows with the square of the length (64 heads × L² scores).
+pub const MAX_LEN: usize = 512;
+
+/// `t5_max_len` (`--t5-max-len`, a training config's `t5_max_len`): 1..=[`MAX_LEN`], checked
+/// before anything is sized by it.
+pub fn check_max_len(len: usize) -> Result<()> {
+    ensure!(
+        (1..=MAX_LEN).contains(&len),
+        "t5_max_len (--t5-max-len) = {len}: must be between 1 and {MAX_LEN} (FLUX.1-dev: 512, schnell: 256)"
+    );
+    Ok(())
+}
+
 impl T5Config {
     /// google/t5-v1_1-xxl, as FLUX.1 uses it (docs/flux-model.md §8.1).
     pub fn xxl() -> T5Config {
@@ -114,6 +129,20 @@ impl T5Config {
             self.vocab > 0 && self.d_model > 0 && self.d_kv > 0 && self.num_heads > 0 && self.d_ff > 0,
             "T5 config has a zero dimension: {self:?}"
         );
+        // Sizes come from config.json or shapes: bounded before the tensor list is built from them.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab, super::MAX_DIM),
+            ("d_model", self.d_model, super::MAX_DIM),
+            ("d_kv", self.d_kv, super::MAX_DIM),
+            ("num_heads", self.num_heads, super::MAX_DIM),
+            ("d_ff", self.d_ff, super::MAX_DIM),
+            ("num_layers", self.num_layers, super::MAX_LAYERS),
+            ("relative_attention_num_buckets", self.num_buckets, super::MAX_DIM),
+            ("relative_attention_max_distance", self.max_distance, super::MAX_DIM),
+        ] {
+            ensure!(v <= max, "T5 {name} = {v}: at most {max} is supported (T5-XXL: 24 layers, widths ≤ 32,128)");
+        }
+        ensure!(self.num_heads.checked_mul(self.d_kv).is_some_and(|w| w <= super::MAX_DIM), "T5 num_heads × d_kv overflows");
         ensure!(
             self.num_buckets >= 4 && self.num_buckets.is_multiple_of(2),
             "relative_attention_num_buckets must be even ≥ 4"
@@ -395,11 +424,8 @@ fn infer_config(all: &BTreeMap<String, SafeTensors>, source: &Path) -> Result<T5
     }
     let emb = if all.contains_key("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
     let (vocab, d_model) = dims2(emb)?;
-    let num_layers = all
-        .keys()
-        .filter_map(|k| k.strip_prefix("encoder.block.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |m| m + 1);
+    let num_layers = crate::util::count_indexed_blocks(all.keys().map(|k| (k.as_str(), k.as_str())), "encoder.block.", super::MAX_LAYERS)
+        .with_context(|| format!("{}", source.display()))?;
     ensure!(num_layers > 0, "{}: no `encoder.block.*` tensors: not a T5 encoder", source.display());
     let (num_buckets, num_heads) = dims2("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
     let (inner, _) = dims2("encoder.block.0.layer.0.SelfAttention.q.weight")?;
@@ -842,8 +868,8 @@ impl T5Tokenizer {
     /// Token ids with EOS appended, truncated to `max_len` keeping EOS last (HF `truncation=True`), padded with
     /// the pad id to exactly `max_len` (FLUX.1-dev: 512; schnell: 256).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
-        ensure!(max_len >= 1, "T5 tokenizer: max_len must be at least 1 (room for EOS)");
-        let enc = self.tok.encode(text, false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
+        check_max_len(max_len)?;
+        let enc = self.tok.encode(super::bounded_prompt(text), false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
         let mut ids: Vec<u32> = enc.get_ids().iter().copied().take(max_len - 1).collect();
         ids.push(self.eos);
         ids.resize(max_len, self.pad);

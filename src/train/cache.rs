@@ -2,7 +2,7 @@
 //! states, CLIP pooled), once. A sample already cached from the same file, caption and settings is
 //! skipped; a corrupt image is skipped with a warning naming it and counted.
 
-use crate::io::images::{dimensions, load_bucketed, pick_bucket, scan};
+use crate::io::images::{dimensions, has_images, load_bucketed, pick_bucket, scan};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::pipeline::TextEncoders;
 use crate::util::Rng;
@@ -31,6 +31,9 @@ pub struct CacheReport {
     pub written: usize,
     pub unchanged: usize,
     pub corrupt: Vec<String>,
+    /// Folder entries skipped before decoding (`path: why`): unreadable, broken links, folders,
+    /// captions that cannot be read.
+    pub skipped: Vec<String>,
     pub out: PathBuf,
 }
 
@@ -44,7 +47,11 @@ impl std::fmt::Display for CacheReport {
             self.unchanged,
             self.corrupt.len(),
             if self.corrupt.is_empty() { String::new() } else { format!(" ({})", self.corrupt.join(", ")) }
-        )
+        )?;
+        if !self.skipped.is_empty() {
+            write!(f, "; skipped {} entries ({})", self.skipped.len(), self.skipped.join("; "))?;
+        }
+        Ok(())
     }
 }
 
@@ -63,16 +70,36 @@ pub fn cache_images(
     if s.sides.is_empty() || s.sides.iter().any(|&x| x < s.step) {
         bail!("resolution {:?}: each side must be at least the bucket step {}", s.sides, s.step);
     }
-    let entries = scan(data)?;
+    crate::text::t5::check_max_len(s.t5_len)?;
+    let found = scan(data)?;
+    if !quiet {
+        for w in found.warnings.iter().chain(&found.skipped) {
+            eprintln!("warning: {w}");
+        }
+    }
+    let entries = found.entries;
     if entries.is_empty() {
-        bail!("{}: no images (png, jpg, jpeg, webp)", data.display());
+        bail!(
+            "{}: no usable images (png, jpg, jpeg, webp){}",
+            data.display(),
+            if found.skipped.is_empty() { String::new() } else { format!("; skipped: {}", found.skipped.join("; ")) }
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create cache folder {}", out.display()))?;
     let settings = serde_json::to_string(s)?;
-    let mut rep = CacheReport { out: out.to_path_buf(), ..Default::default() };
+    let mut rep = CacheReport { out: out.to_path_buf(), skipped: found.skipped, ..Default::default() };
     for e in &entries {
         let name = e.path.file_stem().unwrap().to_string_lossy().to_string();
-        let meta_file = std::fs::metadata(&e.path)?;
+        let meta_file = match std::fs::metadata(&e.path) {
+            Ok(m) => m,
+            Err(err) => {
+                if !quiet {
+                    eprintln!("warning: skipping {}: {err}", e.path.display());
+                }
+                rep.skipped.push(format!("{}: {err}", e.path.display()));
+                continue;
+            }
+        };
         let mtime = meta_file
             .modified()
             .ok()
@@ -131,12 +158,19 @@ pub fn cache_images(
         }
     }
     if rep.written + rep.unchanged == 0 {
-        bail!("{}: no usable image ({} corrupt: {})", data.display(), rep.corrupt.len(), rep.corrupt.join(", "));
+        bail!(
+            "{}: no usable image ({} corrupt: {}; {} entries skipped)",
+            data.display(),
+            rep.corrupt.len(),
+            rep.corrupt.join(", "),
+            rep.skipped.len()
+        );
     }
     Ok(rep)
 }
 
-/// True when `dir` holds images rather than cached samples.
+/// True when `dir` holds images rather than cached samples (by file name: a folder whose images
+/// are all bad still goes to `cache_images`, which says why each is skipped).
 pub fn holds_images(dir: &Path) -> bool {
-    scan(dir).map(|v| !v.is_empty()).unwrap_or(false)
+    has_images(dir)
 }

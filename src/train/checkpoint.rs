@@ -21,7 +21,48 @@ pub struct State {
 
 const FILE: &str = "state.safetensors";
 
+/// The first tensor of the state (`param.3`, `adam_v.0`) with a NaN or infinity, if any.
+fn first_non_finite(s: &State) -> Option<String> {
+    let groups = [("param", &s.params), ("adam_m", &s.opt.m), ("adam_v", &s.opt.v)];
+    groups.iter().find_map(|(kind, ts)| {
+        ts.iter().position(|t| t.iter().any(|x| !x.is_finite())).map(|i| format!("{kind}.{i}"))
+    })
+}
+
+/// Moments the same size as their parameters, one pair per parameter.
+fn check_consistent(s: &State, file: &Path) -> Result<()> {
+    let (n, nm, nv) = (s.params.len(), s.opt.m.len(), s.opt.v.len());
+    if nm != n || nv != n {
+        bail!("{}: {n} parameters but {nm} first and {nv} second AdamW moments", file.display());
+    }
+    for (i, p) in s.params.iter().enumerate() {
+        for (kind, t) in [("adam_m", &s.opt.m[i]), ("adam_v", &s.opt.v[i])] {
+            if t.len() != p.len() {
+                bail!(
+                    "{}: tensor `{kind}.{i}` holds {} values but `param.{i}` holds {}: the AdamW state does not \
+                     match the parameters",
+                    file.display(),
+                    t.len(),
+                    p.len()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the state atomically. A state with a NaN or infinity is refused, so the checkpoint on
+/// disk stays the last good one (the trainer points the user to it).
 pub fn save(dir: &Path, s: &State) -> Result<()> {
+    let file = dir.join(FILE);
+    check_consistent(s, &file)?;
+    if let Some(t) = first_non_finite(s) {
+        bail!(
+            "step {}: tensor `{t}` of the training state is not finite; not writing it over the checkpoint in {}",
+            s.step,
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
     let mut names = Vec::new();
     for i in 0..s.params.len() {
@@ -50,7 +91,12 @@ pub fn load(dir: &Path) -> Result<State> {
     let config: TrainConfig = serde_json::from_str(get("config")?).context("config")?;
     let layout: Vec<String> = serde_json::from_str(get("layout")?).context("layout")?;
     let n = st.tensors().keys().filter(|k| k.starts_with("param.")).count();
-    let read = |k: String| st.read_f32(&k).map(|x| x.1);
+    let read = |k: String| {
+        if st.info(&k).is_none() {
+            bail!("{}: tensor `{k}` is missing (a checkpoint holds param.i, adam_m.i and adam_v.i)", path.display());
+        }
+        st.read_f32(&k).map(|x| x.1)
+    };
     let mut params = Vec::new();
     let mut opt = AdamW::new(&[], config.adam_beta1, config.adam_beta2, config.adam_eps, config.weight_decay);
     for i in 0..n {
@@ -62,5 +108,23 @@ pub fn load(dir: &Path) -> Result<State> {
     if params.is_empty() {
         bail!("{}: no parameters in the checkpoint", path.display());
     }
-    Ok(State { step, params, opt, config, layout })
+    let state = State { step, params, opt, config, layout };
+    check_consistent(&state, &path)?;
+    if let Some(t) = first_non_finite(&state) {
+        bail!("{}: tensor `{t}` is not finite (NaN or infinity); this state cannot be resumed", path.display());
+    }
+    // Every tensor was read above; one beyond param/adam_m/adam_v 0..n means a mixed-up file.
+    let expected = 3 * state.params.len();
+    if st.tensors().len() != expected {
+        let extra: Vec<&String> = st
+            .tensors()
+            .keys()
+            .filter(|k| {
+                let (kind, i) = k.split_once('.').unwrap_or((k, ""));
+                !(["param", "adam_m", "adam_v"].contains(&kind) && i.parse::<usize>().is_ok_and(|i| i < state.params.len()))
+            })
+            .collect();
+        bail!("{}: unexpected tensors {extra:?} beside the {} parameters", path.display(), state.params.len());
+    }
+    Ok(state)
 }

@@ -170,12 +170,49 @@ impl Default for TrainConfig {
     }
 }
 
+/// The largest LoRA rank a setting may ask for, before the modules' widths are known (which
+/// bound it again): FLUX.1's widest module input is 12,288, and no LoRA rank comes near it.
+pub const MAX_RANK: usize = 1 << 14;
+
+/// The largest image side in pixels (resolution, sample size): FLUX.1 works at 0.25–2 MP, so
+/// 4096 (16 MP) is well past any side it was trained for, and keeps a bucket's pixel count and
+/// its VAE activations bounded.
+pub const MAX_SIDE: usize = 4096;
+
+/// The bucket step: positive and at most every target side (a side must hold one step).
+pub fn check_bucket_step(step: usize, sides: &[usize]) -> Result<()> {
+    if step == 0 || sides.iter().any(|&s| s < step) {
+        bail!("bucket_step = {step}: must be at least 1 and at most every resolution side {sides:?}");
+    }
+    Ok(())
+}
+
+/// The first non-finite float of a TOML table as (dotted key, value).
+fn non_finite(t: &toml::Table, prefix: &str) -> Option<(String, f64)> {
+    fn walk(v: &toml::Value, key: String) -> Option<(String, f64)> {
+        match v {
+            toml::Value::Float(f) if !f.is_finite() => Some((key, *f)),
+            toml::Value::Table(t) => non_finite(t, &format!("{key}.")),
+            toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| walk(v, format!("{key}[{i}]"))),
+            _ => None,
+        }
+    }
+    t.iter().find_map(|(k, v)| walk(v, format!("{prefix}{k}")))
+}
+
 /// `--data builtin`: the built-in synthetic set, for any model's widths.
 pub const BUILTIN_DATA: &str = "builtin";
 
 impl TrainConfig {
     pub fn from_toml(path: &Path) -> Result<TrainConfig> {
         let s = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        // TOML has `nan` and `inf`; no setting takes them, and once in the config they would reach
+        // JSON (the checkpoint, the LoRA's metadata) as `null`. Refused here, naming key and file.
+        let table: toml::Table =
+            toml::from_str(&s).with_context(|| format!("{}: invalid training config", path.display()))?;
+        if let Some((key, v)) = non_finite(&table, "") {
+            bail!("{}: `{key}` = {v}: settings must be finite numbers", path.display());
+        }
         toml::from_str(&s).with_context(|| format!("{}: invalid training config", path.display()))
     }
 
@@ -234,12 +271,46 @@ impl TrainConfig {
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             bail!("steps, batch_size and grad_accum must be at least 1");
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
+        // The micro-batch index is steps × grad_accum (and must fit the u64 the RNG streams take).
+        if self.steps.checked_mul(self.grad_accum).is_none_or(|n| n > u32::MAX as usize) {
+            bail!("steps × grad_accum = {} × {} is more than 2^32 micro-batches", self.steps, self.grad_accum);
+        }
+        let floats = [
+            ("lr", self.lr),
+            ("prior_weight", self.prior_weight as f64),
+            ("alpha", self.alpha as f64),
+            ("dropout", self.dropout as f64),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("adam_eps", self.adam_eps),
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+            ("logit_mean", self.logit_mean),
+            ("logit_std", self.logit_std),
+            ("sigmoid_scale", self.sigmoid_scale),
+            ("shift", self.shift),
+            ("guidance", self.guidance as f64),
+            ("caption_dropout", self.caption_dropout as f64),
+            ("sample_guidance", self.sample_guidance as f64),
+        ];
+        if let Some((name, v)) = floats.iter().find(|(_, v)| !v.is_finite()) {
+            bail!("{name} = {v}: must be a finite number");
+        }
+        if self.lr <= 0.0 {
             bail!("lr must be positive, got {}", self.lr);
         }
         if !(0.0..1.0).contains(&self.caption_dropout) || !(0.0..1.0).contains(&self.dropout) {
             bail!("caption_dropout and dropout must be in [0, 1)");
         }
+        if self.rank == 0 || self.rank > MAX_RANK {
+            bail!("rank = {}: must be between 1 and {MAX_RANK} (and at most the width of each adapted module)", self.rank);
+        }
+        let sides = super::sources::parse_sides(&self.resolution)?;
+        check_bucket_step(self.bucket_step, &sides)?;
+        if self.sample_size > MAX_SIDE {
+            bail!("sample_size = {}: at most {MAX_SIDE} pixels", self.sample_size);
+        }
+        crate::text::t5::check_max_len(self.t5_max_len)?;
         Ok(())
     }
 

@@ -2,12 +2,12 @@
 //! captions: the pipeline's text encoders and VAE, opened from the model folder or flags.
 
 use super::cache::{cache_images, holds_images, CacheSettings};
-use super::config::TrainConfig;
+use super::config::{TrainConfig, MAX_SIDE};
 use super::data::Dataset;
 use crate::model::config::FluxConfig;
 use crate::pipeline::{open_vae, Components, TextEncoders};
 use crate::vae::AutoEncoder;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The pipeline components named by the config: the model folder's, overridden by each path key.
@@ -25,11 +25,21 @@ pub fn components(tc: &TrainConfig) -> Components {
     })
 }
 
+/// `resolution` (`--resolution 512,1024`): target sides in pixels, each 1..=[`MAX_SIDE`], checked
+/// before any bucket is sized by them.
 pub fn parse_sides(s: &str) -> Result<Vec<usize>> {
-    s.split(',')
+    let sides: Vec<usize> = s
+        .split(',')
         .filter(|x| !x.trim().is_empty())
         .map(|x| x.trim().parse::<usize>().with_context(|| format!("resolution: `{x}` is not a number")))
-        .collect()
+        .collect::<Result<_>>()?;
+    if sides.is_empty() {
+        bail!("resolution `{s}`: give at least one side in pixels (512, or 512,1024)");
+    }
+    if let Some(x) = sides.iter().find(|&&x| x == 0 || x > MAX_SIDE) {
+        bail!("resolution: side {x} must be between 1 and {MAX_SIDE} pixels");
+    }
+    Ok(sides)
 }
 
 /// Text encoders and VAE, opened on first use.

@@ -90,6 +90,7 @@ fn list_some(names: &[String]) -> String {
 /// the model from it.
 fn load_checked(file: &SafeTensors, cfg: VaeConfig, stored_name: &dyn Fn(&str) -> String) -> Result<AutoEncoder> {
     let path = file.path().display().to_string();
+    check_bounds(&cfg).with_context(|| path.clone())?;
     cfg.validate().with_context(|| path.clone())?;
     let mut unused: BTreeSet<&String> = file.tensors().keys().collect();
     let mut missing = Vec::new();
@@ -125,6 +126,36 @@ fn load_checked(file: &SafeTensors, cfg: VaeConfig, stored_name: &dyn Fn(&str) -
         Ok(file.read_f32(key)?.1)
     };
     AutoEncoder::from_params(cfg, &get)
+}
+
+/// The largest channel count of any level: FLUX's autoencoder has 512. Sizes come from a
+/// config.json or from shapes, so they are bounded before the tensor list is built from them.
+const MAX_CHANNELS: usize = 1 << 16;
+/// Resolution levels (FLUX: 4; each halves the image) and ResnetBlocks per level (FLUX: 2).
+const MAX_LEVELS: usize = 16;
+const MAX_RES_BLOCKS: usize = 64;
+
+fn check_bounds(cfg: &VaeConfig) -> Result<()> {
+    if cfg.levels() > MAX_LEVELS || cfg.num_res_blocks > MAX_RES_BLOCKS {
+        bail!(
+            "autoencoder with {} levels of {} ResnetBlocks: at most {MAX_LEVELS} levels of {MAX_RES_BLOCKS} are \
+             supported (FLUX: 4 of 2)",
+            cfg.levels(),
+            cfg.num_res_blocks
+        );
+    }
+    let widest = cfg.ch_mult.iter().map(|&m| cfg.ch.checked_mul(m)).try_fold(cfg.ch, |a, c| c.map(|c| a.max(c)));
+    for (name, v) in [
+        ("channels", widest.unwrap_or(usize::MAX)),
+        ("in_channels", cfg.in_channels),
+        ("z_channels", cfg.z_channels),
+        ("norm_num_groups", cfg.groups),
+    ] {
+        if v > MAX_CHANNELS {
+            bail!("autoencoder {name} {v}: at most {MAX_CHANNELS} are supported (FLUX: 512 channels, 16 latent)");
+        }
+    }
+    Ok(())
 }
 
 fn open_bfl(path: &Path) -> Result<AutoEncoder> {
