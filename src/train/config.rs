@@ -311,6 +311,11 @@ impl TrainConfig {
             bail!("sample_size = {}: at most {MAX_SIDE} pixels", self.sample_size);
         }
         crate::text::t5::check_max_len(self.t5_max_len)?;
+        if !self.rope_axes.is_empty() {
+            // Checked here too: the built-in model does not read it, and a bad value should not
+            // wait for a run with a checkpoint to be found.
+            crate::model::config::parse_rope_axes(&self.rope_axes).context("rope_axes")?;
+        }
         Ok(())
     }
 
