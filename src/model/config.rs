@@ -104,6 +104,14 @@ impl FluxConfig {
                 bail!("{name} = {v}: must be between 1 and {MAX_WIDTH}");
             }
         }
+        // Packed latents: 2×2 patches of the VAE's channels (16 × 4 = 64 for FLUX.1).
+        if !self.in_channels.is_multiple_of(4) || !self.out_channels.is_multiple_of(4) {
+            bail!(
+                "in/out channels {}/{}: must be multiples of 4 (2×2 patches of latent channels)",
+                self.in_channels,
+                self.out_channels
+            );
+        }
         for (name, v) in [("double blocks", self.depth), ("single blocks", self.depth_single)] {
             if v > MAX_BLOCKS {
                 bail!("{v} {name}: at most {MAX_BLOCKS} are supported (FLUX.1 has 19 + 38)");

@@ -69,6 +69,9 @@ impl FluxInputs {
         }
         let (b, n_img) = (s[0], s[1]);
         want("img", &s, &[b, n_img, cfg.in_channels])?;
+        if b == 0 || n_img == 0 {
+            bail!("{p}: tensor `img` has shape {s:?}: the batch and the token count must be at least 1");
+        }
         let (s, txt) = get("txt")?;
         if s.len() != 3 {
             bail!("{p}: tensor `txt` has shape {s:?}, expected [{b}, L, {}]", cfg.context_in_dim);

@@ -74,8 +74,8 @@ impl Dataset {
                 bail!("{pd}: `latent` has shape {ls:?}, expected [{c}, h, w] with h and w even");
             }
             let (ts, txt) = get("txt")?;
-            if ts.len() != 2 || ts[1] != cfg.context_in_dim {
-                bail!("{pd}: `txt` has shape {ts:?}, expected [L, {}]", cfg.context_in_dim);
+            if ts.len() != 2 || ts[0] == 0 || ts[1] != cfg.context_in_dim {
+                bail!("{pd}: `txt` has shape {ts:?}, expected [L, {}] with L ≥ 1", cfg.context_in_dim);
             }
             let (ys, y) = get("y")?;
             if ys != [cfg.vec_in_dim] {
