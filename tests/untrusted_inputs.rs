@@ -88,7 +88,9 @@ fn a_scalar_or_misshaped_qkv_part_is_an_error_naming_it() {
         let d = dir.join(name);
         diffusers_copy(&d);
         let tmp = dir.join(format!("{name}.safetensors"));
-        rewrite(&d.join(shard), &tmp, |t| f(t.iter_mut().find(|e| e.0 == "transformer_blocks.0.attn.to_q.weight").unwrap()));
+        rewrite(&d.join(shard), &tmp, |t| {
+            f(t.iter_mut().find(|e| e.0 == "transformer_blocks.0.attn.to_q.weight").unwrap())
+        });
         std::fs::rename(&tmp, d.join(shard)).unwrap();
         d
     };
@@ -189,7 +191,8 @@ fn elongated_and_oversized_images_are_refused_before_decoding() {
     // Within the bounds, an image of another aspect than its bucket is cropped first, then
     // resized: a 4:1 strip into a square bucket keeps its centre.
     let (w, h) = (64usize, 16usize);
-    let rgb: Vec<u8> = (0..w * h).flat_map(|i| if (24..40).contains(&(i % w)) { [255u8; 3] } else { [0u8; 3] }).collect();
+    let rgb: Vec<u8> =
+        (0..w * h).flat_map(|i| if (24..40).contains(&(i % w)) { [255u8; 3] } else { [0u8; 3] }).collect();
     let p = dir.join("strip.png");
     write_rgb8_png(&p, rgb, h, w).unwrap();
     let px = load_bucketed(&p, 16, 16, false).unwrap();
@@ -351,8 +354,7 @@ fn inconsistent_or_non_finite_resume_state_is_refused() {
     let e = err_string(checkpoint::load(&nan));
     assert!(e.contains(file) && e.contains("param.1") && e.contains("not finite"), "{e}");
     // The trainer's resume goes through the same check.
-    let (ok, out) =
-        run(&["train", "--data", "builtin", "--resume", s(&short), "--out", s(&dir.join("l.safetensors"))]);
+    let (ok, out) = run(&["train", "--data", "builtin", "--resume", s(&short), "--out", s(&dir.join("l.safetensors"))]);
     assert!(!ok && out.contains("adam_m.1"), "{out}");
 
     // A non-finite state is never written over the last good checkpoint.
@@ -368,7 +370,8 @@ fn inconsistent_or_non_finite_resume_state_is_refused() {
 #[test]
 fn nan_or_inf_in_a_training_config_names_the_key_and_the_file() {
     let dir = tmpdir("ui-toml");
-    for (body, key) in [("lr = nan\n", "lr"), ("steps = 3\nguidance = inf\n", "guidance"), ("shift = -inf\n", "shift")] {
+    for (body, key) in [("lr = nan\n", "lr"), ("steps = 3\nguidance = inf\n", "guidance"), ("shift = -inf\n", "shift")]
+    {
         let p = dir.join(format!("{key}.toml"));
         std::fs::write(&p, body).unwrap();
         let e = err_string(TrainConfig::from_toml(&p));
@@ -421,8 +424,7 @@ fn bad_dataset_entries_are_skipped_with_a_warning_and_counted() {
     assert!(out.contains("skipped 3 entries") && out.contains("b.txt"), "{out}");
     assert_eq!(std::fs::read_dir(data.join(".flux-cache")).unwrap().count(), 2);
     // train caches the same folder and goes on.
-    let mut train =
-        vec!["train", "--model", s(&m), "--data", s(&data), "--steps", "1", "--rank", "2", "--out"];
+    let mut train = vec!["train", "--model", s(&m), "--data", s(&data), "--steps", "1", "--rank", "2", "--out"];
     let out_lora = dir.join("lora.safetensors");
     train.push(s(&out_lora));
     train.extend(args);

@@ -151,7 +151,8 @@ fn open_bfl(path: &Path, rope_axes: Option<Vec<usize>>) -> Result<Checkpoint> {
     }
     stored.retain(|name, _| !is_ignored_companion(name));
     let names: Vec<(String, String)> = stored.iter().map(|(n, k)| (n.clone(), k.clone())).collect();
-    let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(stored.get(n).map(|k| file.info(k).unwrap().shape.clone())) };
+    let shape_of =
+        |n: &str| -> Result<Option<Vec<usize>>> { Ok(stored.get(n).map(|k| file.info(k).unwrap().shape.clone())) };
     // Scale companions are looked up by stored key and removed from `stored` once used.
     let stored_keys: std::collections::HashSet<String> = stored.values().cloned().collect();
     let lookup = |k: &str| stored_keys.contains(k).then(|| file.clone());

@@ -189,7 +189,10 @@ impl FluxConfig {
     /// Saturating: a validated config is far below the bound, but the count is also printed for
     /// configs that are not (yet) validated.
     pub fn param_count(&self) -> usize {
-        self.tensors().iter().map(|(_, s)| s.iter().fold(1usize, |a, &d| a.saturating_mul(d))).fold(0, usize::saturating_add)
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1usize, |a, &d| a.saturating_mul(d)))
+            .fold(0, usize::saturating_add)
     }
 }
 
@@ -331,12 +334,14 @@ mod tests {
         let c = FluxConfig::flux1_dev();
         let t = c.tensors();
         let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
-        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
+        let shape_of =
+            |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         assert_eq!(infer_from_shapes(&shape_of, &names, None).unwrap(), c);
         let schnell = FluxConfig::named("flux1-schnell").unwrap();
         let t = schnell.tensors();
         let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
-        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
+        let shape_of =
+            |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         assert!(!infer_from_shapes(&shape_of, &names, None).unwrap().guidance_embed);
     }
 
@@ -352,7 +357,8 @@ mod tests {
         };
         let t = c.tensors();
         let names: Vec<(String, String)> = t.iter().map(|(n, _)| (n.clone(), n.clone())).collect();
-        let shape_of = |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
+        let shape_of =
+            |n: &str| -> Result<Option<Vec<usize>>> { Ok(t.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())) };
         let e = infer_from_shapes(&shape_of, &names, None).unwrap_err().to_string();
         assert!(e.contains("--rope-axes"), "{e}");
         assert_eq!(infer_from_shapes(&shape_of, &names, Some(vec![4, 6, 6])).unwrap(), c);

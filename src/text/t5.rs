@@ -142,7 +142,10 @@ impl T5Config {
         ] {
             ensure!(v <= max, "T5 {name} = {v}: at most {max} is supported (T5-XXL: 24 layers, widths ≤ 32,128)");
         }
-        ensure!(self.num_heads.checked_mul(self.d_kv).is_some_and(|w| w <= super::MAX_DIM), "T5 num_heads × d_kv overflows");
+        ensure!(
+            self.num_heads.checked_mul(self.d_kv).is_some_and(|w| w <= super::MAX_DIM),
+            "T5 num_heads × d_kv overflows"
+        );
         ensure!(
             self.num_buckets >= 4 && self.num_buckets.is_multiple_of(2),
             "relative_attention_num_buckets must be even ≥ 4"
@@ -424,8 +427,12 @@ fn infer_config(all: &BTreeMap<String, SafeTensors>, source: &Path) -> Result<T5
     }
     let emb = if all.contains_key("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
     let (vocab, d_model) = dims2(emb)?;
-    let num_layers = crate::util::count_indexed_blocks(all.keys().map(|k| (k.as_str(), k.as_str())), "encoder.block.", super::MAX_LAYERS)
-        .with_context(|| format!("{}", source.display()))?;
+    let num_layers = crate::util::count_indexed_blocks(
+        all.keys().map(|k| (k.as_str(), k.as_str())),
+        "encoder.block.",
+        super::MAX_LAYERS,
+    )
+    .with_context(|| format!("{}", source.display()))?;
     ensure!(num_layers > 0, "{}: no `encoder.block.*` tensors: not a T5 encoder", source.display());
     let (num_buckets, num_heads) = dims2("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
     let (inner, _) = dims2("encoder.block.0.layer.0.SelfAttention.q.weight")?;
@@ -869,7 +876,8 @@ impl T5Tokenizer {
     /// the pad id to exactly `max_len` (FLUX.1-dev: 512; schnell: 256).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         check_max_len(max_len)?;
-        let enc = self.tok.encode(super::bounded_prompt(text), false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
+        let enc =
+            self.tok.encode(super::bounded_prompt(text), false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
         let mut ids: Vec<u32> = enc.get_ids().iter().copied().take(max_len - 1).collect();
         ids.push(self.eos);
         ids.resize(max_len, self.pad);

@@ -24,9 +24,9 @@ const FILE: &str = "state.safetensors";
 /// The first tensor of the state (`param.3`, `adam_v.0`) with a NaN or infinity, if any.
 fn first_non_finite(s: &State) -> Option<String> {
     let groups = [("param", &s.params), ("adam_m", &s.opt.m), ("adam_v", &s.opt.v)];
-    groups.iter().find_map(|(kind, ts)| {
-        ts.iter().position(|t| t.iter().any(|x| !x.is_finite())).map(|i| format!("{kind}.{i}"))
-    })
+    groups
+        .iter()
+        .find_map(|(kind, ts)| ts.iter().position(|t| t.iter().any(|x| !x.is_finite())).map(|i| format!("{kind}.{i}")))
 }
 
 /// Moments the same size as their parameters, one pair per parameter.
@@ -121,7 +121,8 @@ pub fn load(dir: &Path) -> Result<State> {
             .keys()
             .filter(|k| {
                 let (kind, i) = k.split_once('.').unwrap_or((k, ""));
-                !(["param", "adam_m", "adam_v"].contains(&kind) && i.parse::<usize>().is_ok_and(|i| i < state.params.len()))
+                !(["param", "adam_m", "adam_v"].contains(&kind)
+                    && i.parse::<usize>().is_ok_and(|i| i < state.params.len()))
             })
             .collect();
         bail!("{}: unexpected tensors {extra:?} beside the {} parameters", path.display(), state.params.len());

@@ -303,7 +303,10 @@ impl TrainConfig {
             bail!("caption_dropout and dropout must be in [0, 1)");
         }
         if self.rank == 0 || self.rank > MAX_RANK {
-            bail!("rank = {}: must be between 1 and {MAX_RANK} (and at most the width of each adapted module)", self.rank);
+            bail!(
+                "rank = {}: must be between 1 and {MAX_RANK} (and at most the width of each adapted module)",
+                self.rank
+            );
         }
         let sides = super::sources::parse_sides(&self.resolution)?;
         check_bucket_step(self.bucket_step, &sides)?;
