@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use flux_kernels::adapters::config::{resolve_targets, LoraConfig};
+use flux_kernels::adapters::config::{resolve_targets, resolve_targets_to_train, LoraConfig};
 use flux_kernels::io::images::{dimensions, load_bucketed, scan, write_rgb8_png, CAPTION_BYTES};
 use flux_kernels::io::safetensors::Dtype;
 use flux_kernels::model::checkpoint::Checkpoint;
@@ -218,13 +218,19 @@ fn settings_that_size_allocations_are_bounded_and_named() {
     }
     base.validate().unwrap();
 
-    // Ranks above a module's width, from --rank or a rank_pattern entry.
+    // Ranks above a module's width (for training), from --rank or a rank_pattern entry; and past
+    // any width, even for counting.
     let lc = LoraConfig { rank: 100, ..LoraConfig::default() };
-    let e = err_string(resolve_targets(&cfg, &lc));
+    let e = err_string(resolve_targets_to_train(&cfg, &lc));
     assert!(e.contains("--rank") && e.contains("100") && e.contains("width"), "{e}");
-    let lc = LoraConfig { rank: 4, rank_pattern: vec![("to_q".into(), 1_000_000)], ..LoraConfig::default() };
+    let lc = LoraConfig { rank: 4, rank_pattern: vec![("to_q".into(), 1_000)], ..LoraConfig::default() };
+    let e = err_string(resolve_targets_to_train(&cfg, &lc));
+    assert!(e.contains("rank_pattern") && e.contains("to_q=1000") && e.contains("width"), "{e}");
+    let lc = LoraConfig { rank: 4, rank_pattern: vec![("to_q".into(), 100_000_000)], ..LoraConfig::default() };
     let e = err_string(resolve_targets(&cfg, &lc));
-    assert!(e.contains("rank_pattern") && e.contains("to_q=1000000"), "{e}");
+    assert!(e.contains("rank_pattern") && e.contains("to_q=100000000"), "{e}");
+    let lc = LoraConfig { rank: i64::MAX as usize, ..LoraConfig::default() };
+    assert!(err_string(resolve_targets(&cfg, &lc)).contains("--rank"));
 
     let dir = tmpdir("ui-settings");
     let (m, out) = (fixture("tiny-bfl.safetensors"), dir.join("l.safetensors"));
@@ -232,6 +238,8 @@ fn settings_that_size_allocations_are_bounded_and_named() {
     assert!(!ok && text.contains("rank"), "{text}");
     let (ok, text) = run(&["train", "--data", "builtin", "--rank", "100000000", "--out", s(&out)]);
     assert!(!ok && text.contains("rank"), "{text}");
+    let (ok, text) = run(&["train", "--data", "builtin", "--rank", "1000", "--out", s(&out)]);
+    assert!(!ok && text.contains("width"), "{text}");
     let (ok, text) = run(&["train", "--data", "builtin", "--resolution", "100000000000", "--out", s(&out)]);
     assert!(!ok && text.contains("resolution"), "{text}");
     let (ok, text) = run(&["train", "--data", "builtin", "--t5-max-len", "100000000", "--out", s(&out)]);

@@ -197,17 +197,38 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
     if let Some(s) = out.iter().find(|s| s.rank == 0) {
         bail!("rank 0 for `{}` (from --rank-pattern)", s.name);
     }
-    // A rank above the module's width adds no expressiveness, only memory: rank × (in + out)
-    // parameters and as many AdamW moments. Refused before any factor is allocated.
+    // Ranks are bounded before anything is sized by them (PEFT itself takes any rank, and so does
+    // this count; the factors are only allocated through `resolve_targets_to_train`).
+    if let Some(s) = out.iter().find(|s| s.rank > MAX_RANK) {
+        bail!("{}: rank {} for `{}` is more than {MAX_RANK}", rank_source(lc, &s.name), s.rank, s.name);
+    }
+    Ok(out)
+}
+
+/// The largest LoRA rank any setting may ask for: FLUX.1's widest module input is 12,288, and no
+/// useful LoRA rank comes near it.
+pub const MAX_RANK: usize = 1 << 14;
+
+/// The setting a spec's rank came from, for an error: its rank_pattern entry or --rank.
+fn rank_source(lc: &LoraConfig, name: &str) -> String {
+    match lc.rank_pattern.iter().find(|(k, _)| suffix_match(name, k)) {
+        Some((k, r)) => format!("rank_pattern (--rank-pattern) `{k}={r}`"),
+        None => format!("rank (--rank) {}", lc.rank),
+    }
+}
+
+/// `resolve_targets` for adapters about to be allocated and trained: each rank at most its
+/// module's width (the larger of inputs and outputs). A rank past it adds no expressiveness, only
+/// memory: rank × (in + out) parameters and as many of each AdamW moment, so a rank from a setting
+/// cannot size the factors past a few times the module's own weight.
+pub fn resolve_targets_to_train(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterSpec>> {
+    let out = resolve_targets(cfg, lc)?;
     for s in &out {
-        let width = s.d_in.min(s.target.rows.len());
+        let width = s.d_in.max(s.target.rows.len());
         if s.rank > width {
-            let from = match lc.rank_pattern.iter().find(|(k, _)| suffix_match(&s.name, k)) {
-                Some((k, r)) => format!("rank_pattern (--rank-pattern) `{k}={r}`"),
-                None => format!("rank (--rank) {}", lc.rank),
-            };
             bail!(
-                "{from}: rank {} for `{}` exceeds the module's width {width} ({} inputs, {} outputs)",
+                "{}: rank {} for `{}` exceeds the module's width {width} ({} inputs, {} outputs)",
+                rank_source(lc, &s.name),
                 s.rank,
                 s.name,
                 s.d_in,

@@ -1,5 +1,6 @@
 //! Every training setting, from a TOML file and/or flags (a flag wins over the file).
 
+use crate::adapters::config::MAX_RANK;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -169,10 +170,6 @@ impl Default for TrainConfig {
         }
     }
 }
-
-/// The largest LoRA rank a setting may ask for, before the modules' widths are known (which
-/// bound it again): FLUX.1's widest module input is 12,288, and no LoRA rank comes near it.
-pub const MAX_RANK: usize = 1 << 14;
 
 /// The largest image side in pixels (resolution, sample size): FLUX.1 works at 0.25–2 MP, so
 /// 4096 (16 MP) is well past any side it was trained for, and keeps a bucket's pixel count and

@@ -7,7 +7,7 @@ use super::config::TrainConfig;
 use super::data::{Dataset, Sample};
 use super::objective::{loss_weight, noisy_pair, sample_sigma};
 use super::sources::{parse_sides, Pipeline};
-use crate::adapters::config::{parse_patterns, resolve_targets, AdapterSpec, Init, LoraConfig};
+use crate::adapters::config::{parse_patterns, resolve_targets_to_train, AdapterSpec, Init, LoraConfig};
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::AdapterSet;
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
@@ -78,7 +78,7 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
 /// The adapters of `lc` on `cfg` before training: their specs and a set of fresh terms (PEFT's
 /// initialisation drawn from `rng`, B rows in BFL order).
 pub fn init_adapters(cfg: &FluxConfig, lc: &LoraConfig, rng: &mut Rng) -> Result<AdapterInit> {
-    let specs = resolve_targets(cfg, lc)?;
+    let specs = resolve_targets_to_train(cfg, lc)?;
     let mut set = AdapterSet::new();
     for s in &specs {
         set.push(lc.init_term(s, rng));
