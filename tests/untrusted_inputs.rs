@@ -33,6 +33,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// One tensor of `Tensors`: (name, shape, dtype, values).
+type Entry = (String, Vec<usize>, Dtype, Vec<f32>);
+
 fn tiny_cfg() -> FluxConfig {
     Checkpoint::open(&fixture("tiny-bfl.safetensors"), Some(TINY_AXES.to_vec())).unwrap().cfg
 }
@@ -84,7 +87,7 @@ fn depth_comes_from_the_blocks_present_not_from_a_key_index() {
 fn a_scalar_or_misshaped_qkv_part_is_an_error_naming_it() {
     let dir = tmpdir("ui-scalar");
     let shard = "diffusion_pytorch_model-00001-of-00002.safetensors";
-    let broken = |name: &str, f: &dyn Fn(&mut (String, Vec<usize>, Dtype, Vec<f32>))| -> PathBuf {
+    let broken = |name: &str, f: &dyn Fn(&mut Entry)| -> PathBuf {
         let d = dir.join(name);
         diffusers_copy(&d);
         let tmp = dir.join(format!("{name}.safetensors"));
