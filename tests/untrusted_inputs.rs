@@ -87,44 +87,53 @@ fn depth_comes_from_the_blocks_present_not_from_a_key_index() {
 fn a_scalar_or_misshaped_qkv_part_is_an_error_naming_it() {
     let dir = tmpdir("ui-scalar");
     let shard = "diffusion_pytorch_model-00001-of-00002.safetensors";
-    let broken = |name: &str, f: &dyn Fn(&mut Entry)| -> PathBuf {
+    let broken = |name: &str, tensor: &str, f: &dyn Fn(&mut Entry)| -> PathBuf {
         let d = dir.join(name);
         diffusers_copy(&d);
         let tmp = dir.join(format!("{name}.safetensors"));
-        rewrite(&d.join(shard), &tmp, |t| {
-            f(t.iter_mut().find(|e| e.0 == "transformer_blocks.0.attn.to_q.weight").unwrap())
-        });
+        rewrite(&d.join(shard), &tmp, |t| f(t.iter_mut().find(|e| e.0 == tensor).unwrap()));
         std::fs::rename(&tmp, d.join(shard)).unwrap();
         d
     };
-    let scalar = broken("scalar", &|e| {
+    let to_scalar = |e: &mut Entry| {
         e.1 = vec![];
         e.3 = vec![0.5];
-    });
+    };
+    // The bias parts are read while the architecture is inferred (does qkv have a bias?): a 0-d
+    // part used to be indexed there, a panic in `info`, `forward` and `lora convert`.
+    for (case, tensor) in
+        [("qbias", "transformer_blocks.0.attn.to_q.bias"), ("kbias", "transformer_blocks.0.attn.to_k.bias")]
+    {
+        let d = broken(case, tensor, &to_scalar);
+        let e = err_string(Checkpoint::open(&d, None));
+        assert!(e.contains(tensor) && e.contains(shard) && e.contains("[]"), "{e}");
+        let (ok, out) = run(&["info", "--model", s(&d)]);
+        assert!(!ok && out.contains(tensor), "{out}");
+        let (ok, out) = run(&[
+            "lora",
+            "convert",
+            "--model",
+            s(&d),
+            "--in",
+            s(&fixture("lora-peft.safetensors")),
+            "--out",
+            s(&dir.join("out.safetensors")),
+        ]);
+        assert!(!ok && out.contains(tensor), "{out}");
+        assert!(!dir.join("out.safetensors").exists());
+    }
+    let q = "transformer_blocks.0.attn.to_q.weight";
+    let scalar = broken("scalar", q, &to_scalar);
     let e = err_string(Checkpoint::open(&scalar, None));
-    assert!(e.contains("transformer_blocks.0.attn.to_q.weight") && e.contains(shard) && e.contains("[]"), "{e}");
-    let (ok, out) = run(&["info", "--model", s(&scalar)]);
-    assert!(!ok && out.contains("transformer_blocks.0.attn.to_q.weight"), "{out}");
-    let (ok, out) = run(&[
-        "lora",
-        "convert",
-        "--model",
-        s(&scalar),
-        "--in",
-        s(&fixture("lora-peft.safetensors")),
-        "--out",
-        s(&dir.join("out.safetensors")),
-    ]);
-    assert!(!ok && out.contains("transformer_blocks.0.attn.to_q.weight"), "{out}");
-    assert!(!dir.join("out.safetensors").exists());
+    assert!(e.contains(q) && e.contains(shard) && e.contains("[]"), "{e}");
 
     // 1-D, or 2-D with other columns than its siblings k and v.
-    let flat = broken("flat", &|e| e.1 = vec![e.1.iter().product()]);
+    let flat = broken("flat", q, &|e| e.1 = vec![e.1.iter().product()]);
     let e = err_string(Checkpoint::open(&flat, None));
-    assert!(e.contains("transformer_blocks.0.attn.to_q.weight"), "{e}");
-    let cols = broken("cols", &|e| e.1 = vec![e.1[0] / 2, e.1[1] * 2]);
+    assert!(e.contains(q), "{e}");
+    let cols = broken("cols", q, &|e| e.1 = vec![e.1[0] / 2, e.1[1] * 2]);
     let e = err_string(Checkpoint::open(&cols, None));
-    assert!(e.contains("transformer_blocks.0.attn.to_q.weight") && e.contains("shape"), "{e}");
+    assert!(e.contains(q) && e.contains("shape"), "{e}");
 }
 
 #[test]
