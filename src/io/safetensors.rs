@@ -411,11 +411,20 @@ fn confine(dir: &Path, name: &str) -> Result<()> {
     if std::fs::symlink_metadata(&full).is_ok() {
         let real = full.canonicalize().with_context(|| format!("cannot resolve {}", full.display()))?;
         let root = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
-        if !real.starts_with(&root) {
+        if !real.starts_with(&root) && !is_hub_blob(&real, &root) {
             bail!("is a link to a file outside the model folder {}; copy the shard into the folder", dir.display());
         }
     }
     Ok(())
+}
+
+/// The Hugging Face cache's layout: a snapshot's files (`<repo>/snapshots/<rev>/…`) are links
+/// to `<repo>/blobs/<hash>`, outside the snapshot folder. A link into the `blobs` folder of a
+/// repository holding the model folder is that, and nothing else can be reached that way.
+fn is_hub_blob(real: &Path, root: &Path) -> bool {
+    let Some(blobs) = real.parent() else { return false };
+    let Some(repo) = blobs.parent() else { return false };
+    blobs.file_name().is_some_and(|n| n == "blobs") && root.starts_with(repo.join("snapshots"))
 }
 
 /// A tensor's header entry as the format defines it.
@@ -600,8 +609,9 @@ pub fn atomic_write(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<File>) -
     let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(temp_name(&name.to_string_lossy(), std::process::id()));
     let result = (|| -> Result<()> {
-        // A new file, never an existing one: a link planted under the temp name is not followed.
-        if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_file()) {
+        // A new file, never an existing one: what is under this process's temp name (a file of
+        // an earlier process with the same pid, a planted link) is removed, not written through.
+        if std::fs::symlink_metadata(&tmp).is_ok_and(|m| !m.is_dir()) {
             std::fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
         let file = std::fs::OpenOptions::new()
