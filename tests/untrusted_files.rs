@@ -96,7 +96,8 @@ fn a_header_key_given_twice_is_refused_naming_key_and_file() {
     let e = err_string(SafeTensors::open(&p));
     assert!(e.contains("twice.safetensors") && e.contains("`w` appears twice"), "{e}");
     // Inside the metadata too (PEFT's alpha lives there).
-    let header = r#"{"__metadata__":{"format":"pt","format":"np"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let header =
+        r#"{"__metadata__":{"format":"pt","format":"np"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
     write_raw(&p, header, &[0; 4]);
     let e = err_string(SafeTensors::open(&p));
     assert!(e.contains("`format` appears twice"), "{e}");
@@ -278,9 +279,11 @@ fn resume_truncates_the_metrics_to_the_resumed_step() {
     let text = std::fs::read_to_string(&tc.metrics).unwrap();
     let steps: Vec<u64> = text
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))["step"]
-            .as_u64()
-            .unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5], "each step once, in order:\n{text}");
 }

@@ -215,8 +215,9 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
         Layout::Diffusers => write_folder(&ckpt, scheme, &entries, out)?,
     }
     let t = &tally;
-    let notes = stale.iter().map(|p| format!("note: removed {}, left by a killed run", p.display()));
-    Ok(notes.chain([
+    let mut lines: Vec<String> =
+        stale.iter().map(|p| format!("note: removed {}, left by a killed run", p.display())).collect();
+    lines.extend([
         format!("format: {} ({METADATA_KEY} = {})", format, scheme.name()),
         format!(
             "quantised: {} block linear weights, {} params, {} → {} ({} codes{})",
@@ -234,7 +235,6 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
             human(t.bytes_after + t.kept_bytes),
             out.display()
         ),
-    ])
-    .collect::<Vec<_>>()
-    .join("\n"))
+    ]);
+    Ok(lines.join("\n"))
 }

@@ -370,7 +370,8 @@ fn explain(header: &[u8], data_len: usize) -> Option<String> {
         at = end;
         prev = Some(name);
     }
-    (at != data_len).then(|| format!("{} bytes after the last tensor (tensors end at byte {at} of {data_len})", data_len - at))
+    (at != data_len)
+        .then(|| format!("{} bytes after the last tensor (tensors end at byte {at} of {data_len})", data_len - at))
 }
 
 /// A sharded checkpoint's index (`*.safetensors.index.json`, as HF and diffusers write it):

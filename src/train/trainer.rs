@@ -300,7 +300,10 @@ impl Run {
         let stale = remove_stale_run_temps(&tc, &out, &ckpt_dir)?;
         if !stale.is_empty() {
             let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
-            log.say(format!("note: removed {} temp files left by a killed run: {}", names.len(), names.join(", ")), None);
+            log.say(
+                format!("note: removed {} temp files left by a killed run: {}", names.len(), names.join(", ")),
+                None,
+            );
         }
         let (model, weights) = open_model(&tc)?;
         let mut pipe = Pipeline::new(&tc, &model.cfg);
@@ -379,7 +382,23 @@ impl Run {
             ),
             None,
         );
-        Ok(Run { tc, model, ds, class, previews, lc, specs, set, opt, start, ckpt_dir, out, engine, log, _lock: taken.lock })
+        Ok(Run {
+            tc,
+            model,
+            ds,
+            class,
+            previews,
+            lc,
+            specs,
+            set,
+            opt,
+            start,
+            ckpt_dir,
+            out,
+            engine,
+            log,
+            _lock: taken.lock,
+        })
     }
 
     /// The built-in demo's samples with the engine's current adapters, written next to the
