@@ -11,7 +11,7 @@
 //! most reported failure of other tools is a LoRA that silently does nothing.
 
 use super::Term;
-use crate::io::safetensors::SafeTensors;
+use crate::io::safetensors::{require_float, SafeTensors};
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::model::layout::{diffusers_to_bfl, BflTarget};
 use anyhow::{bail, Context, Result};
@@ -263,6 +263,12 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let (fmt, dif_name, target) = names.resolve(module, down.ends_with(".lora_A.weight")).expect("resolved above");
         formats.insert(fmt);
         let (_, d_in) = names.bfl[&target.module];
+        // An I8/U8 factor would otherwise be integer codes taken for numbers: a LoRA has no scales.
+        for k in [Some(down), Some(up), g.alpha.as_ref()].into_iter().flatten() {
+            if let Some(info) = st.info(k) {
+                require_float(info.dtype).with_context(|| format!("{p}: LoRA tensor `{k}`"))?;
+            }
+        }
         let (sa, a) = st.read_f32(down)?;
         let (sb, mut b) = st.read_f32(up)?;
         if sa.len() != 2 || sa[1] != d_in {

@@ -34,7 +34,8 @@ pub struct Args {
     /// Weight λ of the class (prior) loss. Default 1.
     #[arg(long)]
     pub prior_weight: Option<f32>,
-    /// Output LoRA file. Default lora.safetensors (demo: demo/lora.safetensors).
+    /// Output LoRA file. Default lora.safetensors (demo: demo/lora.safetensors). While the run
+    /// lasts, <out>.lock beside it keeps a second run off the same output.
     #[arg(long)]
     pub out: Option<String>,
     /// peft (diffusers, default) or kohya.
@@ -118,7 +119,8 @@ pub struct Args {
     /// Checkpoint folder. Default <out>.ckpt
     #[arg(long)]
     pub checkpoint_dir: Option<String>,
-    /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss).
+    /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss); lines of steps after the
+    /// run's first (after the resumed step, or all for a new run) are dropped first.
     #[arg(long)]
     pub metrics: Option<String>,
     /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
