@@ -116,9 +116,10 @@ impl View {
 
 /// PEFT's pattern lookup (`(.*\.)?key$`) over a pattern dict of the LoraConfig.
 fn pattern(cfg: &serde_json::Value, field: &str, module: &str) -> Option<f64> {
-    cfg.get(field)?.as_object()?.iter().find_map(|(k, v)| {
-        (module == k || module.ends_with(&format!(".{k}"))).then(|| v.as_f64()).flatten()
-    })
+    cfg.get(field)?
+        .as_object()?
+        .iter()
+        .find_map(|(k, v)| (module == k || module.ends_with(&format!(".{k}"))).then(|| v.as_f64()).flatten())
 }
 
 impl Loader {
@@ -231,7 +232,11 @@ fn agreement(lora: &Path, out_dir: &Path) -> Vec<(Loader, f64)> {
     let engine = run_forward(&model, None, &[(lora.to_path_buf(), 1.0)]).unwrap();
     let base = run_forward(&model, None, &[]).unwrap();
     let effect = rel_l2(&engine, &base);
-    assert!(effect > 1e-3, "{}: the LoRA hardly moves the output ({effect:e}); the check would prove nothing", lora.display());
+    assert!(
+        effect > 1e-3,
+        "{}: the LoRA hardly moves the output ({effect:e}); the check would prove nothing",
+        lora.display()
+    );
     let d = View::open(lora).dialect();
     LOADERS.iter().filter(|l| l.reads(d)).map(|&l| (l, rel_l2(&loader_forward(l, lora, out_dir), &engine))).collect()
 }

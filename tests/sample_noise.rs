@@ -120,7 +120,12 @@ fn a_bad_noise_file_is_refused_naming_file_and_tensor_with_nothing_written() {
     }
     // No `noise` tensor: the error says what the file holds.
     let p = dir.join("named.safetensors");
-    write_tensors(&p, &[OutTensor { name: "latents", shape: vec![1, C, 4, 4], data: &[0.0; 256], dtype: Dtype::F32 }], &Default::default()).unwrap();
+    write_tensors(
+        &p,
+        &[OutTensor { name: "latents", shape: vec![1, C, 4, 4], data: &[0.0; 256], dtype: Dtype::F32 }],
+        &Default::default(),
+    )
+    .unwrap();
     let e = err_string(run(&args(&dir.join("out-named"), Some(&p), None, 1)));
     assert!(e.contains("named.safetensors") && e.contains("no tensor `noise`") && e.contains("[latents]"), "{e}");
     // Non-finite noise.

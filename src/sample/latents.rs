@@ -60,5 +60,9 @@ pub fn read_noise(path: &Path, c: usize) -> Result<Latents> {
 pub fn write_latents(path: &Path, lat: &Latents) -> Result<()> {
     let flat = lat.images.concat();
     let shape = vec![lat.images.len(), lat.c, lat.h, lat.w];
-    write_tensors(path, &[OutTensor { name: LATENTS_TENSOR, shape, data: &flat, dtype: Dtype::F32 }], &Default::default())
+    write_tensors(
+        path,
+        &[OutTensor { name: LATENTS_TENSOR, shape, data: &flat, dtype: Dtype::F32 }],
+        &Default::default(),
+    )
 }
