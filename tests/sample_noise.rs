@@ -99,18 +99,19 @@ fn the_same_noise_gives_the_same_latents_and_another_noise_others() {
 #[test]
 fn a_bad_noise_file_is_refused_naming_file_and_tensor_with_nothing_written() {
     let dir = tmpdir("sample-noise-bad");
-    let cases: Vec<(&str, Vec<usize>, Dtype, Option<usize>, &str)> = vec![
-        ("three-d", vec![C, 4, 4], Dtype::F32, None, "shape [16, 4, 4]"),
-        ("channels", vec![1, 4, 4, 4], Dtype::F32, None, "expected [B, 16"),
-        ("odd", vec![1, C, 3, 4], Dtype::F32, None, "even"),
-        ("batch", vec![2, C, 4, 4], Dtype::F32, None, "has 2 images"),
-        ("size", vec![1, C, 4, 4], Dtype::F32, Some(64), "ask for 64×32"),
-        ("dtype", vec![1, C, 4, 4], Dtype::F64, None, "dtype F64"),
+    // (name, shape, dtype, --width, what the error says)
+    let cases = [
+        ("three-d", &[C, 4, 4][..], Dtype::F32, None, "shape [16, 4, 4]"),
+        ("channels", &[1, 4, 4, 4], Dtype::F32, None, "expected [B, 16"),
+        ("odd", &[1, C, 3, 4], Dtype::F32, None, "even"),
+        ("batch", &[2, C, 4, 4], Dtype::F32, None, "has 2 images"),
+        ("size", &[1, C, 4, 4], Dtype::F32, Some(64), "ask for 64×32"),
+        ("dtype", &[1, C, 4, 4], Dtype::F64, None, "dtype F64"),
     ];
     for (name, shape, dtype, width, want) in cases {
         let p = dir.join(format!("{name}.safetensors"));
         let n: usize = shape.iter().product();
-        write_noise(&p, &shape, &vec![0.5; n], dtype);
+        write_noise(&p, shape, &vec![0.5; n], dtype);
         let (out, lo) = (dir.join(format!("out-{name}")), dir.join(format!("lat-{name}.safetensors")));
         let mut a = args(&out, Some(&p), Some(&lo), 1);
         a.width = width;
