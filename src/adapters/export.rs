@@ -13,7 +13,7 @@
 //! alpha stays in the trainer's `flux_kernels.*` metadata; `--resume` reads the checkpoint folder,
 //! whose factors are never baked.
 
-use super::Term;
+use super::{Kind, Term};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
 use crate::model::config::FluxConfig;
 use crate::model::layout::diffusers_module;
@@ -198,6 +198,13 @@ pub fn write_lora(
     dtype: Dtype,
     mut metadata: BTreeMap<String, String>,
 ) -> Result<u64> {
+    if let Some(t) = terms.iter().find(|t| !matches!(t.kind, Kind::Lora { .. })) {
+        bail!(
+            "`{}` has a {} term: lora convert and merge write LoRA terms only so far (use the file as it is)",
+            t.module,
+            t.kind.name()
+        );
+    }
     metadata.insert(SCALE_IN_UP_KEY.into(), "true".into());
     let tensors = match format {
         LoraFormatOut::Peft => {
