@@ -41,6 +41,20 @@ fn peft_dora_forward_matches_peft_at_any_strength() {
 }
 
 #[test]
+fn info_reports_dora() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
+        .args(["info", "--model"])
+        .arg(fixture("tiny-diffusers"))
+        .arg("--lora")
+        .arg(fixture("lora-peft-dora.safetensors"))
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.contains("kind: DoRA (26 of 26 terms"), "{s}");
+}
+
+#[test]
 fn peft_dora_gradients_match_peft_autograd() {
     let dir = tmpdir("dora-grad");
     let out = dir.join("grad.safetensors");

@@ -143,6 +143,10 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     pairs.dedup();
     writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
     writeln!(s, "  format: {}", formats.join(" + "))?;
+    let dora = f.terms.iter().filter(|t| matches!(t.kind, crate::adapters::Kind::Dora { .. })).count();
+    if dora > 0 {
+        writeln!(s, "  kind: DoRA ({dora} of {} terms carry a magnitude vector; CPU engine only)", f.terms.len())?;
+    }
     let ra: Vec<String> = pairs.iter().map(|(r, a)| format!("rank: {r}, alpha: {a}")).collect();
     writeln!(s, "  {} (from {})", ra.join("; "), f.alpha_source)?;
     writeln!(s, "  modules: {}, parameters: {}", f.modules.len(), thousands(f.param_count()))?;
