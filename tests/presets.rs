@@ -30,6 +30,13 @@ fn each_preset_picks_values_within_the_seed_guidance() {
         assert!(line.starts_with(&format!("preset {name}: rank {}", p.rank)), "{line}");
         assert!(!line.contains("given explicitly"), "{line}");
     }
+    // The built-in demo keeps a preset's choices (concept's lr equals the default 1e-4, style's
+    // targets the default attn-mlp; the demo would otherwise raise the one and widen the other).
+    for name in ["concept", "style"] {
+        let c = TrainArgs { preset: Some(name.into()), ..TrainArgs::default() }.resolve().unwrap();
+        let p = preset(name).unwrap();
+        assert_eq!((c.lr, c.targets.as_str(), c.steps), (p.lr, p.targets, 600), "{name} in the demo");
+    }
     // The presets differ from the defaults and from each other where the guidance says so.
     let d = resolve(TrainArgs::default());
     assert!(d.preset.is_empty() && d.preset_summary().is_none());

@@ -243,13 +243,15 @@ impl TrainConfig {
         };
         keep(&mut self.steps, d.steps, 600);
         keep(&mut self.batch_size, d.batch_size, 4);
-        if self.lr == d.lr {
+        // A preset's learning rate and targets are chosen, not defaults: the demo keeps them.
+        let preset = !self.preset.is_empty();
+        if self.lr == d.lr && !preset {
             self.lr = 5e-3;
         }
         if self.lr_schedule == d.lr_schedule {
             self.lr_schedule = "cosine".into();
         }
-        if self.targets == d.targets {
+        if self.targets == d.targets && !preset {
             self.targets = "all".into();
             self.include_modulation = true;
         }
