@@ -304,6 +304,15 @@ fn every_loader_applies_trained_exports_as_the_engine_does() {
             }
         }
     }
+    // `info --lora` says what the run trained with.
+    let s = flux_kernels::cli::info::run(
+        model.to_str().unwrap(),
+        &[files[0].display().to_string()],
+        None,
+        UnknownKeys::Error,
+    )
+    .unwrap();
+    assert!(s.contains("rank: 4, alpha: 4") && s.contains("trained with alpha 8; the scale is multiplied"), "{s}");
     // `lora merge`: several terms per module (ranks concatenate), strengths folded in.
     let inputs = vec![format!("{}:0.7", files[0].display()), format!("{}:-0.4", files[3].display())];
     for fmt in [LoraFormatOut::Peft, LoraFormatOut::Kohya] {
