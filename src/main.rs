@@ -6,7 +6,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Info(a) => cli::info::main(a),
         Cmd::Train(a) => cli::train::main(*a),
-        Cmd::Sample(a) => cli::sample::main(a),
+        Cmd::Sample(a) => cli::sample::main(*a),
         Cmd::Cache(a) => cli::cache::main(a),
         Cmd::SynthData(a) => cli::synth_data::main(a),
         Cmd::Lora(a) => cli::lora_cmd::main(a),

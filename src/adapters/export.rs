@@ -1,10 +1,19 @@
 //! Writing adapters: diffusers/PEFT (the default, what `load_lora_adapter` and
-//! `FluxPipeline.load_lora_weights` read) or kohya (BFL names with `.alpha`, what ComfyUI and
-//! stable-diffusion.cpp read). Every conversion here is exact: fused ↔ split projections
-//! duplicate A and split B (or concatenate ranks with a block-diagonal B), and a scale that the
-//! target format cannot express is folded into B.
+//! `FluxPipeline.load_lora_weights` read) or kohya (BFL names with `.alpha`, what ComfyUI, Forge,
+//! sd-scripts and stable-diffusion.cpp read). Every conversion here is exact: fused ↔ split
+//! projections duplicate A and split B (or concatenate ranks with a block-diagonal B).
+//!
+//! **Every file is self-describing**: each term's whole scale (alpha/rank, alpha/√rank with
+//! rsLoRA, times any strength) is multiplied into its B (lora_B / lora_up) and the file says
+//! alpha = rank (PEFT's `lora_alpha`/`alpha_pattern` in `lora_adapter_metadata`, kohya's
+//! `<module>.alpha` tensors). Loaders disagree about where alpha lives (docs/lora-formats.md
+//! §3.3): diffusers' `load_lora_adapter(file)` ignores the metadata and ComfyUI and Forge read only
+//! `.alpha` tensors, falling back to a scale of 1. With the scale in B every one of those rules
+//! gives the same ΔW (tests/loader_rules.rs applies each rule to trained exports). The training
+//! alpha stays in the trainer's `flux_kernels.*` metadata; `--resume` reads the checkpoint folder,
+//! whose factors are never baked.
 
-use super::Term;
+use super::{Kind, Term};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
 use crate::model::config::FluxConfig;
 use crate::model::layout::diffusers_module;
@@ -35,8 +44,8 @@ pub type Named = (String, Vec<usize>, Vec<f32>);
 /// (A, B, rank, scale) of one term.
 type Factors = (Vec<f32>, Vec<f32>, usize, f32);
 
-/// Several terms on the same output rows become one: ranks concatenate, each term's scale
-/// folded into its block of B; the result has scale 1 (alpha = total rank).
+/// The terms on the same output rows as one: ranks concatenate, each term's scale folded into its
+/// block of B, so the result has scale 1 (alpha = total rank). One term is its B times its scale.
 fn concat_terms(parts: &[Factors], rows: usize, d_in: usize) -> (Vec<f32>, Vec<f32>, usize) {
     let r_total: usize = parts.iter().map(|p| p.2).sum();
     let mut a = Vec::with_capacity(r_total * d_in);
@@ -89,13 +98,9 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
     for name in &order {
         let (rows, parts) = &by_part[name];
         let d_in = parts[0].0.len() / parts[0].2;
-        let (a, b, r, alpha) = if parts.len() == 1 {
-            let (a, b, r, s) = parts[0].clone();
-            (a, b, r, s * r as f32)
-        } else {
-            let (a, b, r) = concat_terms(parts, *rows, d_in);
-            (a, b, r, r as f32)
-        };
+        let (a, b, r) = concat_terms(parts, *rows, d_in);
+        // The scale is in B: alpha = rank for every loader (module doc).
+        let alpha = r as f32;
         tensors.push((format!("transformer.{name}.lora_A.weight"), vec![r, d_in], a));
         tensors.push((format!("transformer.{name}.lora_B.weight"), vec![*rows, r], b));
         ranks.insert(name.clone(), r);
@@ -157,34 +162,34 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
         let d_out = d_outs[m];
         let d_in = ts[0].d_in;
         let key = format!("lora_unet_{}", m.replace('.', "_"));
-        let (down, up, r, alpha) = if ts.len() == 1 && ts[0].rows == (0..d_out) {
-            let t = ts[0];
-            (t.a().to_vec(), t.b().to_vec(), t.rank(), t.scale * t.rank() as f32)
-        } else {
-            // Block layout over the full output: each term's B sits at its rows and rank columns.
-            let r_total: usize = ts.iter().map(|t| t.rank()).sum();
-            let mut down = Vec::with_capacity(r_total * d_in);
-            let mut up = vec![0f32; d_out * r_total];
-            let mut off = 0;
-            for t in ts {
-                down.extend_from_slice(t.a());
-                for (i, row) in t.rows.clone().enumerate() {
-                    for j in 0..t.rank() {
-                        up[row * r_total + off + j] = t.b()[i * t.rank() + j] * t.scale;
-                    }
+        // Block layout over the full output: each term's B, times its scale, sits at its rows and
+        // rank columns (one term on every row is just B·scale). alpha = rank (module doc).
+        let r: usize = ts.iter().map(|t| t.rank()).sum();
+        let mut down = Vec::with_capacity(r * d_in);
+        let mut up = vec![0f32; d_out * r];
+        let mut off = 0;
+        for t in ts {
+            down.extend_from_slice(t.a());
+            for (i, row) in t.rows.clone().enumerate() {
+                for j in 0..t.rank() {
+                    up[row * r + off + j] = t.b()[i * t.rank() + j] * t.scale;
                 }
-                off += t.rank();
             }
-            (down, up, r_total, r_total as f32)
-        };
+            off += t.rank();
+        }
         out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
         out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
-        out.push((format!("{key}.alpha"), vec![], vec![alpha]));
+        out.push((format!("{key}.alpha"), vec![], vec![r as f32]));
     }
     Ok(out)
 }
 
-/// Writes `terms` in `format` atomically; returns the file size in bytes.
+/// Metadata key saying that every term's scale is multiplied into its up factor and the stored
+/// alpha is the rank (files from before the change lack it and keep their own alpha).
+pub const SCALE_IN_UP_KEY: &str = "flux_kernels.scale_in_up";
+
+/// Writes `terms` in `format` atomically (scales baked into B, alpha = rank); returns the file
+/// size in bytes.
 pub fn write_lora(
     path: &Path,
     cfg: &FluxConfig,
@@ -193,6 +198,14 @@ pub fn write_lora(
     dtype: Dtype,
     mut metadata: BTreeMap<String, String>,
 ) -> Result<u64> {
+    if let Some(t) = terms.iter().find(|t| !matches!(t.kind, Kind::Lora { .. })) {
+        bail!(
+            "`{}` has a {} term: lora convert and merge write LoRA terms only so far (use the file as it is)",
+            t.module,
+            t.kind.name()
+        );
+    }
+    metadata.insert(SCALE_IN_UP_KEY.into(), "true".into());
     let tensors = match format {
         LoraFormatOut::Peft => {
             let (t, meta) = peft_tensors(cfg, terms)?;

@@ -11,7 +11,7 @@
 //! most reported failure of other tools is a LoRA that silently does nothing.
 
 use super::Term;
-use crate::io::safetensors::SafeTensors;
+use crate::io::safetensors::{require_float, SafeTensors};
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::model::layout::{diffusers_to_bfl, BflTarget};
 use anyhow::{bail, Context, Result};
@@ -72,6 +72,8 @@ pub struct FactorKeys {
     pub down: String,
     pub up: String,
     pub alpha: Option<String>,
+    /// DoRA's magnitude vector (PEFT `lora_magnitude_vector`), when the term is DoRA.
+    pub magnitude: Option<String>,
     /// B's rows are stored in diffusers' [scale; shift] order (norm_out.linear).
     pub swap_halves: bool,
 }
@@ -81,6 +83,7 @@ enum Role {
     Down,
     Up,
     Alpha,
+    Magnitude,
 }
 
 fn split_role(key: &str) -> Option<(&str, Role)> {
@@ -90,6 +93,8 @@ fn split_role(key: &str) -> Option<(&str, Role)> {
         (".lora_B.weight", Role::Up),
         (".lora_up.weight", Role::Up),
         (".alpha", Role::Alpha),
+        (".lora_magnitude_vector", Role::Magnitude),
+        (".lora_magnitude_vector.weight", Role::Magnitude),
     ] {
         if let Some(m) = key.strip_suffix(suf) {
             return Some((m, role));
@@ -207,6 +212,7 @@ struct Group {
     down: Option<String>,
     up: Option<String>,
     alpha: Option<String>,
+    magnitude: Option<String>,
 }
 
 pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<LoraFile> {
@@ -230,12 +236,13 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let Some((module, role)) = split_role(key) else {
             reject(
                 key,
-                "is not a LoRA factor or alpha this loader understands (DoRA, biases and LoKr are not supported)"
+                "is not a LoRA factor, alpha or PEFT DoRA magnitude this loader understands (kohya DoRA `dora_scale`, \
+                 biases and LoKr are not supported)"
                     .into(),
             )?;
             continue;
         };
-        if names.resolve(module, role != Role::Alpha).is_none() {
+        if names.resolve(module, matches!(role, Role::Down | Role::Up | Role::Magnitude)).is_none() {
             reject(key, "matches no linear module of this FLUX model".into())?;
             continue;
         }
@@ -244,6 +251,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             Role::Down => g.down = Some(key.clone()),
             Role::Up => g.up = Some(key.clone()),
             Role::Alpha => g.alpha = Some(key.clone()),
+            Role::Magnitude => g.magnitude = Some(key.clone()),
         }
     }
     let meta = peft_meta(&st)?;
@@ -254,7 +262,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     let mut alpha_source = "alpha = rank (no alpha stored)";
     for (module, g) in &groups {
         let (Some(down), Some(up)) = (&g.down, &g.up) else {
-            let have = g.down.as_ref().or(g.up.as_ref()).or(g.alpha.as_ref()).unwrap();
+            let have = g.down.as_ref().or(g.up.as_ref()).or(g.alpha.as_ref()).or(g.magnitude.as_ref()).unwrap();
             bail!(
                 "{p}: LoRA key `{have}` has no matching {} factor",
                 if g.down.is_none() { "down (lora_A)" } else { "up (lora_B)" }
@@ -263,6 +271,12 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let (fmt, dif_name, target) = names.resolve(module, down.ends_with(".lora_A.weight")).expect("resolved above");
         formats.insert(fmt);
         let (_, d_in) = names.bfl[&target.module];
+        // An I8/U8 factor would otherwise be integer codes taken for numbers: a LoRA has no scales.
+        for k in [Some(down), Some(up), g.alpha.as_ref()].into_iter().flatten() {
+            if let Some(info) = st.info(k) {
+                require_float(info.dtype).with_context(|| format!("{p}: LoRA tensor `{k}`"))?;
+            }
+        }
         let (sa, a) = st.read_f32(down)?;
         let (sb, mut b) = st.read_f32(up)?;
         if sa.len() != 2 || sa[1] != d_in {
@@ -313,19 +327,44 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             let half = target.rows.len() / 2 * rank;
             b.rotate_left(half);
         }
+        let magnitude = match &g.magnitude {
+            Some(mk) => Some(read_magnitude(&st, mk, target.rows.len(), target.swap_halves)?),
+            None => None,
+        };
         modules.insert(module.clone(), (rank, alpha));
         keys.push(FactorKeys {
             down: down.clone(),
             up: up.clone(),
             alpha: g.alpha.clone(),
+            magnitude: g.magnitude.clone(),
             swap_halves: target.swap_halves,
         });
-        terms.push(Term::lora(&target.module, target.rows, d_in, rank, scale, a, b));
+        let term = Term::lora(&target.module, target.rows, d_in, rank, scale, a, b);
+        terms.push(match magnitude {
+            Some(m) => term.with_magnitude(m),
+            None => term,
+        });
     }
     if terms.is_empty() {
         bail!("{p}: no LoRA factors found for this model");
     }
     Ok(LoraFile { path: path.to_path_buf(), formats, terms, keys, modules, skipped, alpha_source })
+}
+
+/// A DoRA magnitude: one finite value per output row of its module, in BFL row order.
+fn read_magnitude(st: &SafeTensors, key: &str, rows: usize, swap_halves: bool) -> Result<Vec<f32>> {
+    let p = st.path().display();
+    let (shape, mut m) = st.read_f32(key)?;
+    if shape != [rows] {
+        bail!("{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}] (one per output row of its module)");
+    }
+    if m.iter().any(|x| !x.is_finite()) {
+        bail!("{p}: DoRA magnitude `{key}` has non-finite values");
+    }
+    if swap_halves {
+        m.rotate_left(rows / 2);
+    }
+    Ok(m)
 }
 
 /// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).

@@ -9,6 +9,7 @@
 //! `export.rs`, and its device twin in `engine::cuda::adapters`.
 
 pub mod config;
+pub mod dora;
 pub mod export;
 pub mod formats;
 pub mod lora;
@@ -24,6 +25,18 @@ use std::sync::Arc;
 pub enum Kind {
     /// ΔY = scale · (X·Aᵀ)·Bᵀ with A [rank, d_in] and B [rows, rank] (PEFT's lora_A, lora_B).
     Lora { rank: usize },
+    /// DoRA (PEFT `use_dora`): LoRA's A and B plus a magnitude [rows] that rescales each output
+    /// row of the frozen weight plus the update (`dora.rs`). CPU engine only for now.
+    Dora { rank: usize },
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Lora { .. } => "LoRA",
+            Kind::Dora { .. } => "DoRA",
+        }
+    }
 }
 
 /// One adapter term on (a slice of the output rows of) one linear, before any dropout.
@@ -64,17 +77,26 @@ impl Term {
         }
     }
 
+    /// This LoRA term as a DoRA term with the magnitude [rows] of each of its output rows.
+    pub fn with_magnitude(mut self, magnitude: Vec<f32>) -> Term {
+        self.kind = Kind::Dora { rank: self.rank() };
+        self.params.truncate(2);
+        self.params.push(Arc::new(magnitude));
+        self
+    }
+
     /// The shape of each parameter tensor, in `params` order.
     pub fn param_shapes(&self) -> Vec<Vec<usize>> {
         match self.kind {
             Kind::Lora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank]],
+            Kind::Dora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank], vec![self.rows.len()]],
         }
     }
 
     /// The low-rank width (LoRA's r).
     pub fn rank(&self) -> usize {
         match self.kind {
-            Kind::Lora { rank } => rank,
+            Kind::Lora { rank } | Kind::Dora { rank } => rank,
         }
     }
 
@@ -90,6 +112,11 @@ impl Term {
     /// LoRA's B (lora_up), rows in BFL order.
     pub fn b(&self) -> &[f32] {
         &self.params[1]
+    }
+
+    /// DoRA's magnitude per output row (BFL order); empty for other kinds.
+    pub fn magnitude(&self) -> &[f32] {
+        self.params.get(2).map_or(&[], |p| p.as_slice())
     }
 
     /// True when every parameter has the size its shape says.
@@ -215,11 +242,16 @@ impl LinearAdapters for AdapterSet {
         self.by_module.contains_key(module)
     }
 
+    fn needs_frozen(&self, module: &str) -> bool {
+        self.on_module(module).any(|(_, t)| matches!(t.kind, Kind::Dora { .. }))
+    }
+
     fn forward(&self, call: LinearCall, out: &mut [f32]) {
         for (i, t) in self.on_module(call.module) {
             let drop = self.term_dropout(call.module, i);
             match t.kind {
                 Kind::Lora { .. } => lora::forward(t, drop, call, out),
+                Kind::Dora { .. } => dora::forward(t, drop, call, out),
             }
         }
     }
@@ -232,6 +264,7 @@ impl LinearAdapters for AdapterSet {
             let drop = self.term_dropout(call.module, i);
             match t.kind {
                 Kind::Lora { .. } => lora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
+                Kind::Dora { .. } => dora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
             }
         }
     }

@@ -71,19 +71,25 @@ pub fn run(
     if !loss.is_finite() {
         bail!("the loss is not finite ({loss}); nothing written");
     }
-    // One gradient per factor in the set's order: dA then dB of each term, in file order.
-    let grads = engine.grads()?;
+    // One gradient per parameter in the set's order: dA, dB (and DoRA's dm) of each term, in file order.
+    let mut grads = engine.grads()?.into_iter();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for ((t, k), g) in file.terms.iter().zip(&file.keys).zip(grads.chunks(2)) {
-        let [da, db] = g else { bail!("a LoRA term without two gradients") };
+    for (t, k) in file.terms.iter().zip(&file.keys) {
+        let g: Vec<Vec<f32>> = grads.by_ref().take(t.params.len()).collect();
+        let [da, db, rest @ ..] = g.as_slice() else { bail!("a LoRA term without its gradients") };
         let mut db = db.clone();
+        let mut dm = rest.first().cloned();
         if k.swap_halves {
             // Back to the file's [scale; shift] row order.
-            let half = t.rows.len() / 2 * t.rank();
-            db.rotate_right(half);
+            let half = t.rows.len() / 2;
+            db.rotate_right(half * t.rank());
+            dm.iter_mut().for_each(|v| v.rotate_right(half));
         }
         tensors.push((k.down.clone(), vec![t.rank(), t.d_in], da.clone()));
         tensors.push((k.up.clone(), vec![t.rows.len(), t.rank()], db));
+        if let (Some(name), Some(dm)) = (&k.magnitude, dm) {
+            tensors.push((name.clone(), vec![t.rows.len()], dm));
+        }
     }
     let outs: Vec<OutTensor> =
         tensors.iter().map(|(n, s, v)| OutTensor { name: n, shape: s.clone(), data: v, dtype: Dtype::F32 }).collect();

@@ -3,6 +3,7 @@
 use super::args::{AdapterArgs, ModelArgs};
 use super::{open_loras, open_model, parse_unknown, ModelSpec};
 use crate::adapters::config::{resolve_targets, trainable_summary};
+use crate::adapters::export::SCALE_IN_UP_KEY;
 use crate::adapters::formats::{LoraFile, UnknownKeys};
 use crate::model::checkpoint::Layout;
 use crate::model::config::{FluxConfig, ModuleKind};
@@ -143,8 +144,19 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     pairs.dedup();
     writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
     writeln!(s, "  format: {}", formats.join(" + "))?;
+    let dora = f.terms.iter().filter(|t| matches!(t.kind, crate::adapters::Kind::Dora { .. })).count();
+    if dora > 0 {
+        writeln!(s, "  kind: DoRA ({dora} of {} terms carry a magnitude vector; CPU engine only)", f.terms.len())?;
+    }
     let ra: Vec<String> = pairs.iter().map(|(r, a)| format!("rank: {r}, alpha: {a}")).collect();
     writeln!(s, "  {} (from {})", ra.join("; "), f.alpha_source)?;
+    // This engine's exports store alpha = rank with the scale in B (docs/adapters.md §1): say what
+    // the run trained with, so alpha = rank does not read as a mistake.
+    let meta = crate::io::safetensors::SafeTensors::open(&f.path)?.metadata().clone();
+    if meta.get(SCALE_IN_UP_KEY).is_some_and(|v| v == "true") {
+        let trained = meta.get("flux_kernels.alpha").map_or(String::new(), |a| format!("trained with alpha {a}; "));
+        writeln!(s, "  ({trained}the scale is multiplied into lora_B/lora_up, so every loader applies it alike)")?;
+    }
     writeln!(s, "  modules: {}, parameters: {}", f.modules.len(), thousands(f.param_count()))?;
     for t in fold_targets(f.modules.keys().cloned()) {
         writeln!(s, "    {t}")?;

@@ -80,11 +80,12 @@ pub fn parse_dtype(s: &str) -> Result<Option<Dtype>> {
     }
 }
 
-/// The float dtype most of a file's tensor bytes are stored in (f32 when it holds none).
+/// The dtype most of a file's tensor bytes are stored in, among those a LoRA is written in
+/// (f32 when it holds none: an fp8 or integer source is not written back as such).
 fn stored_dtype(path: &Path) -> Result<Dtype> {
     let st = SafeTensors::open(path)?;
     let mut by: BTreeMap<&str, (usize, Dtype)> = BTreeMap::new();
-    for i in st.tensors().values().filter(|i| i.dtype.is_float()) {
+    for i in st.tensors().values().filter(|i| matches!(i.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)) {
         let e = by.entry(i.dtype.name()).or_insert((0, i.dtype));
         e.0 += i.numel();
     }

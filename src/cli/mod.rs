@@ -39,7 +39,7 @@ pub enum Cmd {
     Train(Box<train::Args>),
     /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
     /// sets switched without reloading the base. Without --model: the built-in tiny model.
-    Sample(sample::Args),
+    Sample(Box<sample::Args>),
     /// Encode a folder of images + same-name .txt captions into the trainer's cached samples
     /// (VAE latents, T5 states, CLIP pooled), skipping those already cached and unchanged.
     Cache(cache::Args),

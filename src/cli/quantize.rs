@@ -3,7 +3,7 @@
 //! why: `quant::quantised_by_default`.
 
 use super::args::RopeArgs;
-use crate::io::safetensors::{write_streamed, Dtype, SafeTensors};
+use crate::io::safetensors::{remove_stale_temps, write_streamed, Dtype, SafeTensors};
 use crate::model::checkpoint::{Checkpoint, Layout};
 use crate::model::config::parse_rope_axes;
 use crate::quant::load::{is_ignored_companion, scale_keys};
@@ -133,7 +133,7 @@ fn write_file(ckpt: &Checkpoint, scheme: Scheme, entries: &[Entry], out: &Path) 
 /// A diffusers folder: config.json and one safetensors file, built in a temp folder beside
 /// `out` and renamed into place, so a failure leaves neither.
 fn write_folder(ckpt: &Checkpoint, scheme: Scheme, entries: &[Entry], out: &Path) -> Result<()> {
-    if out.exists() {
+    if std::fs::symlink_metadata(out).is_ok() {
         bail!("{} already exists; remove it or choose another --out folder", out.display());
     }
     if out.extension().is_some_and(|e| e == "safetensors") {
@@ -204,6 +204,10 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
     if same_path(input, out) || same_path(&ckpt.path, out) || ckpt.files.iter().any(|f| same_path(f.path(), out)) {
         bail!("--out {} is the input model; write the quantised copy elsewhere", out.display());
     }
+    // Temp files (or folders) of this output left by a killed quantize.
+    let out_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stale = remove_stale_temps(out_dir, |o| o == out_name)?;
     let mut tally = Tally::default();
     let entries = plan(&ckpt, scheme, &mut tally);
     match ckpt.layout {
@@ -211,7 +215,9 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
         Layout::Diffusers => write_folder(&ckpt, scheme, &entries, out)?,
     }
     let t = &tally;
-    Ok([
+    let mut lines: Vec<String> =
+        stale.iter().map(|p| format!("note: removed {}, left by a killed run", p.display())).collect();
+    lines.extend([
         format!("format: {} ({METADATA_KEY} = {})", format, scheme.name()),
         format!(
             "quantised: {} block linear weights, {} params, {} → {} ({} codes{})",
@@ -229,6 +235,6 @@ pub fn run(model: &str, out: &Path, format: &str, rope_axes: Option<&str>) -> Re
             human(t.bytes_after + t.kept_bytes),
             out.display()
         ),
-    ]
-    .join("\n"))
+    ]);
+    Ok(lines.join("\n"))
 }

@@ -10,8 +10,9 @@ use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::model::config::FluxConfig;
 use crate::model::weights::FluxWeights;
+use crate::sample::latents::{read_noise, write_latents, Latents};
 use crate::sample::preview::write_preview;
-use crate::sample::sampler::{sample_progress, SampleSpec};
+use crate::sample::sampler::{sample_progress_from, SampleSpec};
 use crate::train::builtin;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,15 @@ pub struct Args {
     /// Images per prompt (or per conditioning entry).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
+    /// Initial noise instead of --seed's: a safetensors file with tensor `noise` [B, 16, H/8, W/8]
+    /// (F32, BF16 or F16), the layout diffusers' FluxPipeline draws before packing; B is the number
+    /// of images, and the size follows from it unless --width/--height say the same.
+    #[arg(long, value_name = "FILE")]
+    pub noise: Option<PathBuf>,
+    /// Also write the final latents here: tensor `latents` [B, 16, H/8, W/8] (f32), the layout of
+    /// --noise (with several --lora-set, `-setK` before the extension).
+    #[arg(long, value_name = "FILE")]
+    pub latents_out: Option<PathBuf>,
     /// LoRA applied to every set: FILE[:SCALE] (default strength 1), repeatable.
     #[arg(long, value_name = "FILE[:SCALE]")]
     pub lora: Vec<String>,
@@ -109,6 +119,8 @@ pub fn main(a: Args) -> Result<()> {
         guidance: a.guidance,
         seed: a.seed,
         batch: a.batch_size,
+        noise: a.noise.as_deref(),
+        latents_out: a.latents_out.as_deref(),
         sets,
         unknown: parse_unknown(&a.lora_unknown)?,
         prompts,
@@ -152,6 +164,10 @@ pub struct SampleArgs<'a> {
     pub guidance: f32,
     pub seed: u64,
     pub batch: usize,
+    /// Initial noise file (tensor `noise` [B, c, h, w]) instead of the seed's.
+    pub noise: Option<&'a Path>,
+    /// Where the final latents [B, c, h, w] also go (`-setK` inserted with several sets).
+    pub latents_out: Option<&'a Path>,
     /// LoRA sets: each a list of FILE[:SCALE]; one run samples every set.
     pub sets: Vec<Vec<String>>,
     pub unknown: UnknownKeys,
@@ -202,6 +218,19 @@ pub const MAX_SIDE: usize = 4096;
 /// The most images per prompt or conditioning entry: each is a latent and a set of activations.
 pub const MAX_BATCH: usize = 1024;
 
+/// `path` with `tag` inserted before its extension (`out.safetensors` → `out-set1.safetensors`).
+fn with_tag(path: &Path, tag: &str) -> PathBuf {
+    if tag.is_empty() {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let name = match path.extension() {
+        Some(e) => format!("{stem}{tag}.{}", e.to_string_lossy()),
+        None => format!("{stem}{tag}"),
+    };
+    path.with_file_name(name)
+}
+
 pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     // Settings that size allocations are checked before anything is loaded.
     if a.batch == 0 || a.batch > MAX_BATCH {
@@ -244,15 +273,40 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
     // Decode through the VAE when there is one; otherwise latents and a linear preview.
     let vae = if comps.vae.is_some() { Some(crate::pipeline::open_vae(&comps, &cfg)?) } else { None };
     let f = vae.as_ref().map_or(8, |v| v.factor());
-    // The default is in latent cells, so a small test VAE does not turn 1024 px into 512² cells.
-    let (width, height) = (a.width.unwrap_or(128 * f), a.height.unwrap_or(128 * f));
+    let c = cfg.in_channels / 4;
+    let noise = a.noise.map(|p| read_noise(p, c)).transpose()?;
+    // The default is in latent cells, so a small test VAE does not turn 1024 px into 512² cells;
+    // with --noise, the noise's size.
+    let (dw, dh) = noise.as_ref().map_or((128 * f, 128 * f), |z| (z.w * f, z.h * f));
+    let (width, height) = (a.width.unwrap_or(dw), a.height.unwrap_or(dh));
     if !width.is_multiple_of(2 * f) || !height.is_multiple_of(2 * f) || width == 0 || height == 0 {
         bail!("--width and --height must be positive multiples of {}, got {width}×{height}", 2 * f);
+    }
+    if let (Some(z), Some(p)) = (&noise, a.noise) {
+        let p = p.display();
+        if (z.w * f, z.h * f) != (width, height) {
+            bail!(
+                "{p}: tensor `noise` is [{}, {c}, {}, {}], a {}×{} image with this VAE (factor {f}), but \
+                 --width/--height ask for {width}×{height}",
+                z.images.len(),
+                z.h,
+                z.w,
+                z.w * f,
+                z.h * f
+            );
+        }
+        if z.images.len() != txt.len() {
+            bail!(
+                "{p}: tensor `noise` has {} images (its first dimension), but this run samples {} \
+                 (prompts or conditioning entries × --batch-size)",
+                z.images.len(),
+                txt.len()
+            );
+        }
     }
     // Outputs (and their folder) are written only once a set is sampled: a failed run leaves none.
     let spec =
         SampleSpec { txt, y, n_txt, h: height / f, w: width / f, steps: a.steps, guidance: a.guidance, seed: a.seed };
-    let c = cfg.in_channels / 4;
     // Every file is read once; switching sets only rebuilds the term lists.
     let sets = if a.sets.is_empty() { vec![vec![]] } else { a.sets.clone() };
     let mut loaded = Vec::new();
@@ -275,9 +329,16 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_message(format!("set {k}, {} images", spec.txt.len()));
-        let lats = sample_progress(&mut engine, &spec, &mut |s| pb.set_position(s as u64))?;
+        let start = noise.as_ref().map(|z| z.images.as_slice());
+        let lats = sample_progress_from(&mut engine, &spec, start, &mut |s| pb.set_position(s as u64))?;
         pb.finish_and_clear();
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };
+        let mut extra = String::new();
+        if let Some(p) = a.latents_out {
+            let p = with_tag(p, &tag);
+            write_latents(&p, &Latents { c, h: spec.h, w: spec.w, images: lats.clone() })?;
+            extra = format!(", {}", p.display());
+        }
         let flat: Vec<f32> = lats.concat();
         let lp = a.out.join(format!("latents{tag}.safetensors"));
         let shape = vec![lats.len(), c, spec.h, spec.w];
@@ -301,13 +362,14 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         }
         let names: Vec<String> = sets[k].clone();
         log.push(format!(
-            "set {k} [{}]: LoRA switch {:.3} ms, sampling {:.2} s ({} steps × {} images) → {}{}",
+            "set {k} [{}]: LoRA switch {:.3} ms, sampling {:.2} s ({} steps × {} images) → {}{}{}",
             if names.is_empty() { "base".into() } else { names.join(", ") },
             switch.as_secs_f64() * 1e3,
             t.elapsed().as_secs_f64(),
             spec.steps,
             lats.len(),
             lp.display(),
+            extra,
             if pngs.is_empty() { String::new() } else { format!(", {}", pngs.join(", ")) }
         ));
     }

@@ -4,7 +4,7 @@
 use super::args::{switch, AdapterArgs};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{train, Outcome};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -34,7 +34,8 @@ pub struct Args {
     /// Weight λ of the class (prior) loss. Default 1.
     #[arg(long)]
     pub prior_weight: Option<f32>,
-    /// Output LoRA file. Default lora.safetensors (demo: demo/lora.safetensors).
+    /// Output LoRA file. Default lora.safetensors (demo: demo/lora.safetensors). While the run
+    /// lasts, <out>.lock beside it keeps a second run off the same output.
     #[arg(long)]
     pub out: Option<String>,
     /// peft (diffusers, default) or kohya.
@@ -43,6 +44,11 @@ pub struct Args {
     /// Storage of the written LoRA: bf16 (default), f16, f32.
     #[arg(long)]
     pub save_dtype: Option<String>,
+    /// Rank, alpha, targets and learning rate for a kind of LoRA: style (rank 16, lr 4e-4),
+    /// character (rank 32, lr 2e-4) or concept (rank 64, all block linears, lr 1e-4). Any of those
+    /// given as a flag or in --config wins; the run prints what it chose.
+    #[arg(long, value_name = "style|character|concept")]
+    pub preset: Option<String>,
     /// LoRA rank, alpha, targets and their patterns (as for `info` and `plan`).
     #[command(flatten)]
     pub adapter: AdapterArgs,
@@ -118,7 +124,8 @@ pub struct Args {
     /// Checkpoint folder. Default <out>.ckpt
     #[arg(long)]
     pub checkpoint_dir: Option<String>,
-    /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss).
+    /// JSON-lines metrics file (step, loss, lr, grad_norm, prior_loss); lines of steps after the
+    /// run's first (after the resumed step, or all for a new run) are dropped first.
     #[arg(long)]
     pub metrics: Option<String>,
     /// RoPE split of the head dim (FLUX.1: 16,56,56); needed only when the head dim is not 128
@@ -221,18 +228,29 @@ impl Args {
         a
     }
 
-    /// The config: checkpoint's (when resuming) or defaults, then --config, then the flags.
+    /// The config: checkpoint's (when resuming) or defaults, then the preset (--preset, or the
+    /// file's `preset` key), then --config, then the flags. A resumed run's config already holds
+    /// its preset's values, so a preset applies only when this command names one.
     pub fn resolve(&self) -> Result<TrainConfig> {
         let mut c = match &self.resume {
             Some(dir) => crate::train::checkpoint::load(dir)?.config,
             None => TrainConfig::default(),
         };
-        if let Some(p) = &self.config {
-            let file = TrainConfig::from_toml(p)?;
-            // Keys present in the file override; parse it again as a table to know which.
-            let table: toml::Table = toml::from_str(&std::fs::read_to_string(p)?)?;
+        // Keys present in the file override; parse it again as a table to know which.
+        let file = match &self.config {
+            Some(p) => Some((TrainConfig::from_toml(p)?, toml::from_str::<toml::Table>(&std::fs::read_to_string(p)?)?)),
+            None => None,
+        };
+        let file_preset = file.as_ref().filter(|(_, t)| t.contains_key("preset")).map(|(f, _)| f.preset.clone());
+        if let Some(name) = self.preset.clone().or(file_preset) {
+            c.apply_preset(&name).with_context(|| match &self.preset {
+                Some(_) => "--preset".to_string(),
+                None => format!("{}: key `preset`", self.config.as_ref().unwrap().display()),
+            })?;
+        }
+        if let Some((file, table)) = &file {
             let mut merged = serde_json::to_value(&c)?;
-            let fv = serde_json::to_value(&file)?;
+            let fv = serde_json::to_value(file)?;
             for k in table.keys() {
                 merged[k] = fv[k].clone();
             }
@@ -249,6 +267,7 @@ impl Args {
             out,
             format,
             save_dtype,
+            preset,
             dropout,
             init,
             steps,
@@ -315,6 +334,9 @@ pub fn main(args: Args) -> Result<()> {
 
 pub fn run(args: &Args) -> Result<Outcome> {
     let tc = args.resolve()?;
+    if let Some(line) = tc.preset_summary() {
+        println!("{line}");
+    }
     super::plan::check_before_training(&tc)?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -347,6 +369,7 @@ mod tests {
                 format!("--{}", k.replace('_', "-"))
             };
             let v = match &d[&k] {
+                _ if k == "preset" => "concept".to_string(),
                 serde_json::Value::Bool(_) => "true".to_string(),
                 serde_json::Value::Number(n) if n.is_u64() => "7".to_string(),
                 serde_json::Value::Number(_) => "0.25".to_string(),

@@ -14,12 +14,29 @@ pub struct LinearCall<'a> {
     pub m: usize,
     pub k: usize,
     pub n: usize,
+    /// The frozen weight and product, given only where an adapter asks for them
+    /// (`LinearAdapters::needs_frozen`).
+    pub frozen: Option<Frozen<'a>>,
+}
+
+/// What an adapter that rescales the frozen linear (DoRA) needs of it: the weight [n, k]
+/// (dequantised to f32) and its product with the input [m, n], without the bias.
+#[derive(Clone, Copy, Debug)]
+pub struct Frozen<'a> {
+    pub weight: &'a [f32],
+    pub out: &'a [f32],
 }
 
 /// The adapters attached to the linears of one forward/backward call.
 pub trait LinearAdapters {
     /// True when some adapter acts on module `module` (its backward has work to do).
     fn on(&self, module: &str) -> bool;
+
+    /// True when an adapter on `module` needs the frozen weight and product (`LinearCall::frozen`);
+    /// the model computes them only then.
+    fn needs_frozen(&self, _module: &str) -> bool {
+        false
+    }
 
     /// out[m, n] += the adapters' output for the call.
     fn forward(&self, call: LinearCall, out: &mut [f32]);

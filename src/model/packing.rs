@@ -53,4 +53,19 @@ mod tests {
         assert_eq!(unpack_latent(&p, c, h, w), lat);
         assert_eq!(&img_ids(4, 6)[3 * 4..3 * 5], &[0.0, 1.0, 1.0]);
     }
+
+    /// diffusers' `FluxPipeline._pack_latents`: `view(B, C, H/2, 2, W/2, 2).permute(0, 2, 4, 1, 3,
+    /// 5).reshape(B, (H/2)·(W/2), 4C)`, worked by hand for C = 2, H = 2, W = 4 with latent[c, y, x]
+    /// = 8c + 4y + x: token 0 is the 2×2 patch at columns 0–1, channel 0's four values then
+    /// channel 1's, each patch row-major; token 1 the patch at columns 2–3.
+    #[test]
+    fn packs_as_diffusers_pack_latents() {
+        let lat: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let want = [0., 1., 4., 5., 8., 9., 12., 13., 2., 3., 6., 7., 10., 11., 14., 15.];
+        assert_eq!(pack_latent(&lat, 2, 2, 4), want);
+        // Two patch rows: the token order is row-major over the (H/2, W/2) grid.
+        let lat: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let want = [0., 1., 4., 5., 2., 3., 6., 7., 8., 9., 12., 13., 10., 11., 14., 15.];
+        assert_eq!(pack_latent(&lat, 1, 4, 4), want);
+    }
 }

@@ -1,6 +1,6 @@
 //! The transformer's frozen parameters, as a tree that mirrors BFL's module tree name for name.
 
-use super::adapt::{AdapterGrads, LinearAdapters, LinearCall};
+use super::adapt::{AdapterGrads, Frozen, LinearAdapters, LinearCall};
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
 use crate::ops::matmul::{linear_backward_input, linear_forward};
@@ -20,7 +20,19 @@ pub struct Linear {
 
 impl Linear {
     fn call<'a>(&'a self, inp: &'a [f32], m: usize) -> LinearCall<'a> {
-        LinearCall { module: &self.name, inp, m, k: self.d_in, n: self.d_out }
+        LinearCall { module: &self.name, inp, m, k: self.d_in, n: self.d_out, frozen: None }
+    }
+
+    /// The frozen weight (dequantised) and its product with `inp` without the bias, for adapters
+    /// that rescale the frozen linear (DoRA); None when no adapter on this module asks.
+    fn frozen_parts(&self, inp: &[f32], m: usize, ad: &dyn LinearAdapters) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if !ad.needs_frozen(&self.name) {
+            return Ok(None);
+        }
+        let w = self.weight.load().with_context(|| self.name.clone())?.into_owned();
+        let mut out = vec![0f32; m * self.d_out];
+        linear_forward(&mut out, inp, &w, None, m, self.d_in, self.d_out);
+        Ok(Some((w, out)))
     }
 
     /// out[m, d_out] = inp[m, d_in]·Wᵀ + b, then whatever `ad` attaches to this module.
@@ -37,7 +49,9 @@ impl Linear {
             let w = self.weight.load()?;
             linear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
         }
-        ad.forward(self.call(inp, m), out);
+        let frozen = self.frozen_parts(inp, m, ad)?;
+        let frozen = frozen.as_ref().map(|(weight, out)| Frozen { weight, out });
+        ad.forward(LinearCall { frozen, ..self.call(inp, m) }, out);
         Ok(())
     }
 
@@ -65,7 +79,9 @@ impl Linear {
                 linear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
             }
         }
-        ad.backward(self.call(inp, m), dout, dinp, grads);
+        let frozen = self.frozen_parts(inp, m, ad)?;
+        let frozen = frozen.as_ref().map(|(weight, out)| Frozen { weight, out });
+        ad.backward(LinearCall { frozen, ..self.call(inp, m) }, dout, dinp, grads);
         Ok(())
     }
 

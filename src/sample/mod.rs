@@ -1,4 +1,5 @@
-//! Sampling: the FLUX.1-dev schedule, the Euler flow-matching loop, previews.
+//! Sampling: the FLUX.1-dev schedule, the Euler flow-matching loop, previews, latents as files.
 
+pub mod latents;
 pub mod preview;
 pub mod sampler;

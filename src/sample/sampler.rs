@@ -69,9 +69,20 @@ pub fn sample_progress(
     spec: &SampleSpec,
     on_step: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<f32>>> {
+    sample_progress_from(engine, spec, None, on_step)
+}
+
+/// `sample_progress` from given initial noise (one latent [c, h, w] per image, the layout
+/// diffusers' FluxPipeline draws before packing) instead of the seed's; None: the seed's.
+pub fn sample_progress_from(
+    engine: &mut Engine,
+    spec: &SampleSpec,
+    noise: Option<&[Vec<f32>]>,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<f32>>> {
     let cfg = engine.cfg().clone();
     let mut k = 0;
-    sample_with(&cfg, spec, &mut |inp| {
+    sample_from(&cfg, spec, noise, &mut |inp| {
         let v = engine.forward(inp)?;
         k += 1;
         on_step(k);
@@ -85,6 +96,18 @@ pub fn sample_with(
     spec: &SampleSpec,
     forward: &mut dyn FnMut(&FluxInputs) -> Result<Vec<f32>>,
 ) -> Result<Vec<Vec<f32>>> {
+    sample_from(cfg, spec, None, forward)
+}
+
+/// `sample_with` from given initial noise (None: drawn from `spec.seed`). Each latent [c, h, w]
+/// is packed into tokens as diffusers' `_pack_latents` packs its [B, c, h, w] draw
+/// (`model::packing`), so the same noise gives the same trajectory in both.
+pub fn sample_from(
+    cfg: &FluxConfig,
+    spec: &SampleSpec,
+    noise: Option<&[Vec<f32>]>,
+    forward: &mut dyn FnMut(&FluxInputs) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
     if !spec.h.is_multiple_of(2) || !spec.w.is_multiple_of(2) || spec.h == 0 || spec.w == 0 {
         bail!("latent size {}×{} must be even and non-zero (image size a multiple of 16)", spec.h, spec.w);
     }
@@ -94,8 +117,27 @@ pub fn sample_with(
     let b = spec.txt.len();
     let c = cfg.in_channels / 4;
     let n_img = (spec.h / 2) * (spec.w / 2);
-    let mut x: Vec<f32> =
-        noise(b, c, spec.h, spec.w, spec.seed).iter().flat_map(|z| pack_latent(z, c, spec.h, spec.w)).collect();
+    let drawn;
+    let start: &[Vec<f32>] = match noise {
+        Some(z) => {
+            if z.len() != b || z.iter().any(|z| z.len() != c * spec.h * spec.w) {
+                bail!(
+                    "initial noise for {} images of [{c}, {}, {}] expected, {} latents of {:?} values given",
+                    b,
+                    spec.h,
+                    spec.w,
+                    z.len(),
+                    z.iter().map(|z| z.len()).collect::<Vec<_>>()
+                );
+            }
+            z
+        }
+        None => {
+            drawn = self::noise(b, c, spec.h, spec.w, spec.seed);
+            &drawn
+        }
+    };
+    let mut x: Vec<f32> = start.iter().flat_map(|z| pack_latent(z, c, spec.h, spec.w)).collect();
     let ids = img_ids(spec.h, spec.w);
     let ts = flux_schedule(spec.steps, n_img, cfg.guidance_embed);
     let mut inp = FluxInputs {

@@ -588,8 +588,14 @@ impl ClipTokenizer {
         };
 
         let mut tok = match (&json_file, &vocab_merges) {
-            (Some(f), _) => tokenizers::Tokenizer::from_file(f)
-                .map_err(|e| anyhow!("{}: cannot load tokenizer.json: {e}", f.display()))?,
+            (Some(f), _) => {
+                let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                super::check_tokenizer_json(&bytes, f)?;
+                super::guarded(f.display(), || {
+                    tokenizers::Tokenizer::from_bytes(&bytes)
+                        .map_err(|e| anyhow!("{}: cannot load tokenizer.json: {e}", f.display()))
+                })?
+            }
             (None, Some((v, m))) => {
                 let unk = lookup(|c| &c.unk_token).unwrap_or_else(|| "<|endoftext|>".into());
                 build_bpe_tokenizer(v, m, &unk)?
@@ -624,7 +630,9 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         ensure!(max_len >= 2, "CLIP tokenizer: max_len {max_len} leaves no room for BOS and EOS");
         let text = super::bounded_prompt(text);
-        let enc = self.tok.encode(text, false).map_err(|e| anyhow!("CLIP tokenizer: cannot encode {text:?}: {e}"))?;
+        let enc = super::guarded("CLIP tokenizer", || {
+            self.tok.encode(text, false).map_err(|e| anyhow!("CLIP tokenizer: cannot encode {text:?}: {e}"))
+        })?;
         let mut ids = Vec::with_capacity(max_len);
         ids.push(self.bos);
         ids.extend(enc.get_ids().iter().take(max_len - 2));

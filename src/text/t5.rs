@@ -800,6 +800,7 @@ fn tokenizer_from_spiece(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokeni
         .map_err(|e| anyhow::anyhow!("{}: cannot build the unigram model: {e}", path.display()))?;
     let mut tok = tokenizers::Tokenizer::new(model);
     if !m.charsmap.is_empty() {
+        super::check_charsmap(&m.charsmap, path)?;
         let norm = Precompiled::from(&m.charsmap)
             .map_err(|e| anyhow::anyhow!("{}: bad precompiled charsmap: {e}", path.display()))?;
         tok.with_normalizer(Some(norm));
@@ -842,10 +843,13 @@ impl T5Tokenizer {
         let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         let is_json = file.extension().is_some_and(|e| e == "json") || bytes.first() == Some(&b'{');
         let mut tok = if is_json {
-            tokenizers::Tokenizer::from_bytes(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", file.display()))?
+            super::check_tokenizer_json(&bytes, &file)?;
+            super::guarded(file.display(), || {
+                tokenizers::Tokenizer::from_bytes(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer.json: {e}", file.display()))
+            })?
         } else {
-            tokenizer_from_spiece(&bytes, &file)?
+            super::guarded(file.display(), || tokenizer_from_spiece(&bytes, &file))?
         };
         // Padding and truncation are done here, whatever the file has baked in.
         tok.with_padding(None);
@@ -876,8 +880,11 @@ impl T5Tokenizer {
     /// the pad id to exactly `max_len` (FLUX.1-dev: 512; schnell: 256).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         check_max_len(max_len)?;
-        let enc =
-            self.tok.encode(super::bounded_prompt(text), false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
+        let text = super::bounded_prompt(text);
+        // A malformed charsmap can make the normaliser index out of bounds (tools/fuzz.sh).
+        let enc = super::guarded("T5 tokenizer", || {
+            self.tok.encode(text, false).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))
+        })?;
         let mut ids: Vec<u32> = enc.get_ids().iter().copied().take(max_len - 1).collect();
         ids.push(self.eos);
         ids.resize(max_len, self.pad);

@@ -20,6 +20,9 @@ pub struct TrainConfig {
     pub format: String,
     /// f32, bf16 or f16 storage of the written LoRA.
     pub save_dtype: String,
+    /// A starting point for rank, alpha, targets and lr (`style`, `character`, `concept`; empty:
+    /// none); any of those keys given by flag or in the TOML file wins over it.
+    pub preset: String,
     pub rank: usize,
     /// 0: alpha = rank.
     pub alpha: f32,
@@ -113,6 +116,7 @@ impl Default for TrainConfig {
             out: "lora.safetensors".into(),
             format: "peft".into(),
             save_dtype: "bf16".into(),
+            preset: String::new(),
             rank: 16,
             alpha: 0.0,
             targets: "attn-mlp".into(),
@@ -197,6 +201,55 @@ fn non_finite(t: &toml::Table, prefix: &str) -> Option<(String, f64)> {
     t.iter().find_map(|(k, v)| walk(v, format!("{prefix}{k}")))
 }
 
+/// What a `--preset` sets. The seed's rank guidance for FLUX LoRAs: rank 8–16 for a style, 32
+/// for a character or subject, 64 for a complex concept; learning rates 1e-4 to 5e-4. alpha =
+/// rank (scale 1, what ai-toolkit forces for FLUX), so the learning rate alone sets the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: &'static str,
+    pub lr: f64,
+    /// Why these values, printed with them.
+    pub why: &'static str,
+}
+
+pub const PRESETS: [Preset; 3] = [
+    Preset {
+        name: "style",
+        rank: 16,
+        alpha: 16.0,
+        targets: "attn-mlp",
+        lr: 4e-4,
+        why: "a look shared by every image: low rank, attention and MLP of both streams, a brisk learning rate",
+    },
+    Preset {
+        name: "character",
+        rank: 32,
+        alpha: 32.0,
+        targets: "attn-mlp",
+        lr: 2e-4,
+        why: "one subject's identity: rank 32 on attention and MLP, a moderate learning rate",
+    },
+    Preset {
+        name: "concept",
+        rank: 64,
+        alpha: 64.0,
+        targets: "all",
+        lr: 1e-4,
+        why: "a complex concept: rank 64 on every linear in the blocks, the cautious learning rate",
+    },
+];
+
+/// The preset called `name`, or an error listing them.
+pub fn preset(name: &str) -> Result<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name).with_context(|| {
+        let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        format!("preset `{name}`: expected one of {}", names.join(", "))
+    })
+}
+
 /// `--data builtin`: the built-in synthetic set, for any model's widths.
 pub const BUILTIN_DATA: &str = "builtin";
 
@@ -224,13 +277,15 @@ impl TrainConfig {
         };
         keep(&mut self.steps, d.steps, 600);
         keep(&mut self.batch_size, d.batch_size, 4);
-        if self.lr == d.lr {
+        // A preset's learning rate and targets are chosen, not defaults: the demo keeps them.
+        let preset = !self.preset.is_empty();
+        if self.lr == d.lr && !preset {
             self.lr = 5e-3;
         }
         if self.lr_schedule == d.lr_schedule {
             self.lr_schedule = "cosine".into();
         }
-        if self.targets == d.targets {
+        if self.targets == d.targets && !preset {
             self.targets = "all".into();
             self.include_modulation = true;
         }
@@ -238,6 +293,43 @@ impl TrainConfig {
             self.out = "demo/lora.safetensors".into();
         }
         self
+    }
+
+    /// Sets `preset` and the keys it picks (rank, alpha, targets, lr); the caller applies the
+    /// TOML keys and flags after, so they win.
+    pub fn apply_preset(&mut self, name: &str) -> Result<()> {
+        let p = preset(name)?;
+        self.preset = p.name.to_string();
+        self.rank = p.rank;
+        self.alpha = p.alpha;
+        self.targets = p.targets.to_string();
+        self.lr = p.lr;
+        Ok(())
+    }
+
+    /// What the preset chose, and which of its keys the flags or the TOML file overrode; None
+    /// without a preset.
+    pub fn preset_summary(&self) -> Option<String> {
+        let p = preset(&self.preset).ok()?;
+        let alpha = if self.alpha > 0.0 { self.alpha } else { self.rank as f32 };
+        let mut kept = Vec::new();
+        let mut over = Vec::new();
+        let mut note = |key: &str, now: String, preset: String| {
+            if now == preset {
+                kept.push(format!("{key} {now}"));
+            } else {
+                over.push(format!("{key} {now} (preset: {preset})"));
+            }
+        };
+        note("rank", self.rank.to_string(), p.rank.to_string());
+        note("alpha", alpha.to_string(), p.alpha.to_string());
+        note("targets", self.targets.clone(), p.targets.to_string());
+        note("lr", format!("{:e}", self.lr), format!("{:e}", p.lr));
+        let mut s = format!("preset {}: {} ({})", p.name, kept.join(", "), p.why);
+        if !over.is_empty() {
+            s += &format!("; given explicitly: {}", over.join(", "));
+        }
+        Some(s)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -248,6 +340,9 @@ impl TrainConfig {
             Ok(())
         };
         one_of("format", &self.format, &["peft", "diffusers", "kohya"])?;
+        if !self.preset.is_empty() {
+            preset(&self.preset)?;
+        }
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
         one_of("base", &self.base, &["bf16", "int8"])?;

@@ -11,7 +11,8 @@ use crate::adapters::config::{parse_patterns, resolve_targets_to_train, AdapterS
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::AdapterSet;
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
-use crate::io::safetensors::Dtype;
+use crate::io::lock::OutputLock;
+use crate::io::safetensors::{atomic_write, output_folder, remove_stale_temps, Dtype};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{parse_rope_axes, FluxConfig};
 use crate::model::flux::FluxInputs;
@@ -273,6 +274,8 @@ struct Run {
     out: PathBuf,
     engine: Engine,
     log: Log,
+    /// Held from the start to the end of the run: one run per `--out`.
+    _lock: OutputLock,
 }
 
 /// Where the step loop ended.
@@ -286,6 +289,22 @@ struct Ended {
 impl Run {
     /// Everything before the first step. `resume`: a checkpoint folder whose config is the base.
     fn open(tc: TrainConfig, resume: Option<&Path>, quiet: bool) -> Result<Run> {
+        let mut log = Log { lines: Vec::new(), quiet };
+        let out = PathBuf::from(&tc.out);
+        let ckpt_dir = PathBuf::from(tc.checkpoint_path());
+        // Before anything is read or written: a second run on this output stops here.
+        let taken = OutputLock::take(&out)?;
+        if let Some(n) = taken.note {
+            log.say(format!("note: {n}"), None);
+        }
+        let stale = remove_stale_run_temps(&tc, &out, &ckpt_dir)?;
+        if !stale.is_empty() {
+            let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
+            log.say(
+                format!("note: removed {} temp files left by a killed run: {}", names.len(), names.join(", ")),
+                None,
+            );
+        }
         let (model, weights) = open_model(&tc)?;
         let mut pipe = Pipeline::new(&tc, &model.cfg);
         let ds =
@@ -331,7 +350,6 @@ impl Run {
         let (device, device_note) = Device::parse(&tc.device)?;
         let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
         let engine = Engine::new(&device, &model.cfg, weights, opts)?;
-        let mut log = Log { lines: Vec::new(), quiet };
         if let Some(n) = device_note {
             log.say(format!("--device auto: {n}"), None);
         }
@@ -364,12 +382,23 @@ impl Run {
             ),
             None,
         );
-        let out = PathBuf::from(&tc.out);
-        if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let ckpt_dir = PathBuf::from(tc.checkpoint_path());
-        Ok(Run { tc, model, ds, class, previews, lc, specs, set, opt, start, ckpt_dir, out, engine, log })
+        Ok(Run {
+            tc,
+            model,
+            ds,
+            class,
+            previews,
+            lc,
+            specs,
+            set,
+            opt,
+            start,
+            ckpt_dir,
+            out,
+            engine,
+            log,
+            _lock: taken.lock,
+        })
     }
 
     /// The built-in demo's samples with the engine's current adapters, written next to the
@@ -388,13 +417,15 @@ impl Run {
         let mut metrics = if tc.metrics.is_empty() {
             None
         } else {
-            Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&tc.metrics)
-                    .with_context(|| format!("cannot open metrics file {}", tc.metrics))?,
-            )
+            let (file, dropped) = open_metrics(Path::new(&tc.metrics), self.start)?;
+            if dropped > 0 {
+                let line = format!(
+                    "metrics: {} lines after step {} dropped from {} (this run writes them again)",
+                    dropped, self.start, tc.metrics
+                );
+                self.log.say(line, None);
+            }
+            Some(file)
         };
         let pb = if self.log.quiet {
             indicatif::ProgressBar::hidden()
@@ -450,7 +481,11 @@ impl Run {
                 if self.class.is_some() {
                     j["prior_loss"] = prior.into();
                 }
-                writeln!(f, "{j}").with_context(|| format!("cannot write {}", tc.metrics))?;
+                // One whole line per write on an append-only file: a line is never split, even
+                // with another writer on the same file.
+                f.write_all(format!("{j}\n").as_bytes())
+                    .and_then(|_| f.flush())
+                    .with_context(|| format!("cannot write {}", tc.metrics))?;
             }
             if step.is_multiple_of(log_every) || step == tc.steps {
                 let pl = if self.class.is_some() { format!(" prior {prior:.4}") } else { String::new() };
@@ -532,6 +567,54 @@ impl Run {
         self.log.result(line);
         Ok(())
     }
+}
+
+/// Temp files of this run's outputs left by a killed run (the LoRA and the demo's previews
+/// beside `out`, the checkpoint folder, the samples folder, the metrics file); removed.
+fn remove_stale_run_temps(tc: &TrainConfig, out: &Path, ckpt_dir: &Path) -> Result<Vec<PathBuf>> {
+    let here = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let (out_name, stem) = (name(out), name(&sibling(out, "")));
+    let mut removed = remove_stale_temps(&here(out), |o| o == out_name || o.starts_with(&format!("{stem}-")))?;
+    removed.extend(remove_stale_temps(ckpt_dir, |_| true)?);
+    removed.extend(remove_stale_temps(&sibling(out, "-samples"), |_| true)?);
+    if !tc.metrics.is_empty() {
+        let m = Path::new(&tc.metrics);
+        let m_name = name(m);
+        removed.extend(remove_stale_temps(&here(m), |o| o == m_name)?);
+    }
+    Ok(removed)
+}
+
+/// The metrics file for a run starting at step `start`: what it holds of steps after `start`
+/// (an earlier run's, or a resumed run's own lines past its checkpoint) is dropped, so that no
+/// step appears twice, and it is opened for appending. Returns the file and the lines dropped.
+fn open_metrics(path: &Path, start: usize) -> Result<(std::fs::File, usize)> {
+    output_folder(path)?;
+    let mut dropped = 0;
+    if let Ok(text) = std::fs::read(path) {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            step: usize,
+        }
+        let mut kept = Vec::new();
+        // Whole lines only: a line without its newline was being written when a run was killed.
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            match serde_json::from_slice::<Line>(line) {
+                Ok(l) if l.step <= start && line.ends_with(b"\n") => kept.extend_from_slice(line),
+                _ => dropped += 1,
+            }
+        }
+        if kept.len() != text.len() {
+            atomic_write(path, |w| w.write_all(&kept))?;
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the metrics file {}", path.display()))?;
+    Ok((file, dropped))
 }
 
 /// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.

@@ -60,7 +60,13 @@ impl DevLora {
         let mut out = DevLora::default();
         let mut tr = DevTrain { params: Vec::new(), grads: Vec::new(), m: Vec::new(), v: Vec::new() };
         for (i, t) in set.terms().iter().enumerate() {
-            let Kind::Lora { rank } = t.kind;
+            let Kind::Lora { rank } = t.kind else {
+                anyhow::bail!(
+                    "adapter on `{}` is {}: the CUDA engine runs LoRA terms only so far; use --device cpu",
+                    t.module,
+                    t.kind.name()
+                );
+            };
             let d_in = d_in_of(&t.module)
                 .ok_or_else(|| anyhow::anyhow!("adapter on `{}`: no such linear in the model", t.module))?;
             ensure!(
