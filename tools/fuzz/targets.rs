@@ -302,8 +302,8 @@ fn diffusers_with(input: &[u8], dir: &Path, file: &str) -> Result<PathBuf> {
         if e.file_name() == file {
             std::fs::write(&to, input)?;
         } else if !to.exists() {
-            // Shards are symlinked, not copied: they are not what this target mutates.
-            std::os::unix::fs::symlink(e.path(), &to)?;
+            // Copied once per scratch folder (a link out of the folder is refused, rightly).
+            std::fs::copy(e.path(), &to)?;
         }
     }
     Ok(dst)
