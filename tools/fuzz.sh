@@ -5,7 +5,8 @@
 #
 # Usage: tools/fuzz.sh [SECONDS_PER_TARGET] [TARGET …]      (default 60 s, every target)
 #   FUZZ_OUT=dir (default target/fuzz) keeps the corpus of crashes under crashes/<target>/;
-#   FUZZ_PROFILE=dev fuzzes the debug build (CI: no release build there).
+#   FUZZ_PROFILE=dev fuzzes the debug build (CI: no release build there);
+#   FUZZ_EXECS=N stops each target after N executions (the budget still caps it).
 # A process that aborts (allocation over the limit, an input past the timeout) is restarted until
 # the budget is spent; its input is saved as a crash. Exit status 1 when any crash was found.
 # Copy crash inputs into tests/fuzz-crashes/<target>/ once fixed: tests/fuzz_regressions.rs
@@ -36,7 +37,7 @@ for t in "${targets[@]}"; do
   while :; do
     left=$(( secs - ($(date +%s) - start) ))
     [ "$left" -gt 0 ] || break
-    line=$("$bin" "$t" --seconds "$left" --seed "$seed" --out "$out" | tail -n 1)
+    line=$("$bin" "$t" --seconds "$left" --seed "$seed" --out "$out" ${FUZZ_EXECS:+--execs "$((FUZZ_EXECS - execs))"} | tail -n 1)
     rc=$?
     if [ $rc -ne 0 ] || [ -z "$line" ]; then
       aborts=$((aborts + 1))   # aborted: its input is saved as a crash at the next start

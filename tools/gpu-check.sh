@@ -24,9 +24,11 @@ if [ -z "${NVCC:-}" ]; then
 fi
 [ -n "${NVCC:-}" ] || NVCC=$(tools/install-nvcc.sh)
 export NVCC FLUX_KERNELS_REQUIRE_CUDA=1
+# cargo's output folder (CARGO_TARGET_DIR when set).
+tdir=${CARGO_TARGET_DIR:-$root/target}
 
 if [ "${1:-}" = "--emulate" ]; then
-  emu=$root/target/emu
+  emu=$tdir/emu
   mkdir -p "$emu/include"
   # ptx_sm80.h includes <cuda_bf16.h> on a GPU; under the emulation host_emulation.h provides it.
   echo '// host emulation: the bf16 helpers come from host_emulation.h' >"$emu/include/cuda_bf16.h"
@@ -60,7 +62,7 @@ if [ "${1:-}" = "--emulate" ]; then
   exit
 fi
 
-pack=${1:-$root/target/gpu-check}
+pack=${1:-$tdir/gpu-check}
 export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 log=$(mktemp)
 cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
@@ -74,7 +76,7 @@ sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p'
   cp "$exe" "$pack/bin/$name"
 done
 rm -f "$log"
-cp target/release/flux-kernels "$pack/bin/"
+cp "$tdir/release/flux-kernels" "$pack/bin/"
 for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step lora_matmul attention flux-kernels; do
   [ -x "$pack/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
 done
