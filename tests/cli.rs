@@ -7,10 +7,6 @@ use flux_kernels::io::safetensors::SafeTensors;
 use flux_kernels::util::rel_l2;
 use std::process::Command;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
-}
-
 #[test]
 fn info_on_flux1_dev_prints_exact_counts() {
     let out = bin().args(["info", "--model", "flux1-dev"]).output().unwrap();

@@ -5,18 +5,6 @@
 mod common;
 use common::*;
 use flux_kernels::io::images::write_png;
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let o = bin().args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("panicked"), "{text}");
-    (o.status.success(), text)
-}
 
 fn image(w: usize, h: usize, seed: usize) -> Vec<f32> {
     (0..3 * w * h).map(|i| (((i * 7 + seed * 13) % 17) as f32 / 8.0 - 1.0) * 0.9).collect()

@@ -19,10 +19,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
-}
-
 /// A safetensors file written byte for byte: `header` as given (so it can say anything), then `data`.
 fn write_raw(path: &Path, header: &str, data: &[u8]) {
     let mut v = (header.len() as u64).to_le_bytes().to_vec();

@@ -14,20 +14,7 @@ use flux_kernels::ops::optim::AdamW;
 use flux_kernels::train::checkpoint::{self, State};
 use flux_kernels::train::config::TrainConfig;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
-}
-
-/// Runs the binary: (exit success, stdout + stderr). A panic is never an acceptable answer.
-fn run(args: &[&str]) -> (bool, String) {
-    let o = bin().args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("panicked"), "{args:?}: {text}");
-    (o.status.success(), text)
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -136,3 +136,18 @@ pub fn check(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) -> f64 
     e
 }
 pub mod gpu;
+
+// ---- the command-line binary -------------------------------------------------------------------
+
+/// The flux-kernels binary of this build.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flux-kernels"))
+}
+
+/// Runs the binary: (exit success, stdout + stderr). A panic is never an acceptable answer.
+pub fn run(args: &[&str]) -> (bool, String) {
+    let o = bin().args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!text.contains("panicked"), "{args:?}: {text}");
+    (o.status.success(), text)
+}
