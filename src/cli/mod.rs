@@ -3,6 +3,7 @@
 //! Shared argument groups and the flag conventions are in `args`.
 
 pub mod args;
+pub mod bench_cpu;
 pub mod bench_step;
 pub mod cache;
 pub mod forward;
@@ -55,6 +56,10 @@ pub enum Cmd {
     /// Time full LoRA training steps of the device-resident GPU model on synthetic inputs (one
     /// JSON line: median step time, peak device memory, the planner's prediction).
     BenchStep(bench_step::Args),
+    /// Time the CPU reference on a model, inputs, target and LoRA in one process (one JSON line:
+    /// median forward, LoRA gradient and training-step times); the engine's side of
+    /// tools/cpu_side_by_side.py.
+    BenchCpu(bench_cpu::Args),
     /// Predict the peak GPU memory of a LoRA training step (weights by dtype, LoRA and AdamW
     /// state, activations, workspace), whether it fits, and which settings would.
     Plan(plan::Args),

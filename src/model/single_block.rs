@@ -9,6 +9,7 @@ use crate::ops::activation::{gelu_tanh, gelu_tanh_grad};
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::modulation::{gated_residual_backward, gated_residual_forward};
 use anyhow::Result;
+use rayon::prelude::*;
 
 /// Shapes: batch, joint tokens, heads, head dim, MLP width.
 #[derive(Clone, Copy)]
@@ -58,10 +59,9 @@ pub fn single_block_forward(
     let w2 = c + mlp;
     let mut cat = vec![0f32; b * l * w2];
     merge_heads(&mut cat, &attn.o, b, l, w2, 0, h, d, l, 0);
-    for t in 0..b * l {
-        let src = &h1[t * w1 + 3 * c..(t + 1) * w1];
-        cat[t * w2 + c..(t + 1) * w2].iter_mut().zip(src).for_each(|(o, &v)| *o = gelu_tanh(v));
-    }
+    cat.par_chunks_mut(w2).zip(h1.par_chunks(w1)).for_each(|(o, src)| {
+        o[c..].iter_mut().zip(&src[3 * c..]).for_each(|(o, &v)| *o = gelu_tanh(v));
+    });
     let out = w.linear2.apply(&cat, b * l, ad)?;
     gated_residual_forward(x, &out, &mods[2], b, l, c);
     Ok(SingleCache { mods, ln, h1, cat, out, attn })
@@ -89,14 +89,9 @@ pub fn single_block_backward(
     let dcat = w.linear2.backward_new(&dout, &cache.cat, b * l, ad, g)?;
 
     let mut dh1 = vec![0f32; b * l * w1];
-    for t in 0..b * l {
-        let (src, dsrc) = (&cache.h1[t * w1 + 3 * c..(t + 1) * w1], &dcat[t * w2 + c..(t + 1) * w2]);
-        dh1[t * w1 + 3 * c..(t + 1) * w1]
-            .iter_mut()
-            .zip(src)
-            .zip(dsrc)
-            .for_each(|((o, &v), &gd)| *o = gd * gelu_tanh_grad(v));
-    }
+    dh1.par_chunks_mut(w1).zip(cache.h1.par_chunks(w1).zip(dcat.par_chunks(w2))).for_each(|(o, (src, dsrc))| {
+        o[3 * c..].iter_mut().zip(&src[3 * c..]).zip(&dsrc[c..]).for_each(|((o, &v), &gd)| *o = gd * gelu_tanh_grad(v));
+    });
     let mut d_o = vec![0f32; b * h * l * d];
     split_heads(&mut d_o, &dcat, b, l, w2, 0, h, d, l, 0);
     let (qn, kn) = (w.q_norm.load()?, w.k_norm.load()?);

@@ -3,7 +3,7 @@
 use super::adapt::{AdapterGrads, Frozen, LinearAdapters, LinearCall};
 use super::config::{FluxConfig, ModuleKind};
 use super::param::Param;
-use crate::ops::matmul::{linear_backward_input, linear_forward};
+use crate::ops::matmul::{linear_backward_input_pieces, linear_forward, linear_forward_pieces};
 use crate::quant::{qlinear_backward_input, qlinear_forward};
 use crate::util::Rng;
 use anyhow::{Context, Result};
@@ -46,8 +46,9 @@ impl Linear {
             let w = q.view().with_context(|| self.name.clone())?;
             qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
         } else {
-            let w = self.weight.load()?;
-            linear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
+            let pieces = self.weight.row_pieces(self.d_out).with_context(|| self.name.clone())?;
+            let pieces: Vec<_> = pieces.iter().map(|(r, w)| (r.clone(), &w[..])).collect();
+            linear_forward_pieces(out, inp, &pieces, b.as_deref(), m, self.d_in, self.d_out);
         }
         let frozen = self.frozen_parts(inp, m, ad)?;
         let frozen = frozen.as_ref().map(|(weight, out)| Frozen { weight, out });
@@ -75,8 +76,9 @@ impl Linear {
                 let w = q.view().with_context(|| self.name.clone())?;
                 qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
             } else {
-                let w = self.weight.load()?;
-                linear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
+                let pieces = self.weight.row_pieces(self.d_out).with_context(|| self.name.clone())?;
+                let pieces: Vec<_> = pieces.iter().map(|(r, w)| (r.clone(), &w[..])).collect();
+                linear_backward_input_pieces(dx, dout, &pieces, m, self.d_in, self.d_out, 0.0);
             }
         }
         let frozen = self.frozen_parts(inp, m, ad)?;

@@ -4,6 +4,13 @@
 use super::matmul::gemm;
 use rayon::prelude::*;
 
+/// Query rows per task of the forward: the scores exist for one tile of queries at a time
+/// (256 × l, not l × l per head: 4.7 MB instead of 85 MB at FLUX's 4608 tokens), and (head,
+/// tile) pairs spread over the cores at any head count. Measured at l = 1152, d = 128, 4 heads,
+/// 2 cores: 256-row tiles 14.9 ms, whole heads 14.6 ms, 64-row tiles 20 ms (K and V are packed
+/// once per tile, so small tiles pay for it).
+const Q_TILE: usize = 256;
+
 /// Softmax of one score row in place (max-subtracted, the sum in f64); returns the row's
 /// log-sum-exp, which the backward pass recomputes P from.
 pub fn softmax_in_place(row: &mut [f32]) -> f32 {
@@ -64,23 +71,30 @@ pub fn attention_forward_masked(
     let scale = 1.0 / (d as f32).sqrt();
     out.par_chunks_mut(n).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (o, lse))| {
         let (qh, kh, vh) = (&q[bh * n..(bh + 1) * n], &k[bh * n..(bh + 1) * n], &v[bh * n..(bh + 1) * n]);
-        let mut s = vec![0f32; l * l];
-        gemm(l, d, l, scale, qh, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
         let mask = mask_row(kv_mask, bh / h, l);
-        for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
-            *lse = match mask {
-                None => softmax_in_place(row),
-                Some(m) if !m.iter().any(|&x| x != 0) => {
-                    row.fill(0.0);
-                    f32::INFINITY
-                }
-                Some(m) => {
-                    row.iter_mut().zip(m).filter(|(_, &keep)| keep == 0).for_each(|(x, _)| *x = f32::NEG_INFINITY);
-                    softmax_in_place(row)
-                }
-            };
-        }
-        gemm(l, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
+        // Query tiles of Q_TILE rows: the tile's scores (Q_TILE × l) stay in the core's cache
+        // between the two products and the softmax, and (head, tile) pairs spread over the
+        // cores at any head count.
+        o.par_chunks_mut(Q_TILE * d).zip(lse.par_chunks_mut(Q_TILE)).enumerate().for_each(|(qt, (o, lse))| {
+            let rows = lse.len();
+            let qt = &qh[qt * Q_TILE * d..(qt * Q_TILE + rows) * d];
+            let mut s = vec![0f32; rows * l];
+            gemm(rows, d, l, scale, qt, (d, 1), kh, (1, d), 0.0, &mut s, (l, 1));
+            for (row, lse) in s.chunks_mut(l).zip(lse.iter_mut()) {
+                *lse = match mask {
+                    None => softmax_in_place(row),
+                    Some(m) if !m.iter().any(|&x| x != 0) => {
+                        row.fill(0.0);
+                        f32::INFINITY
+                    }
+                    Some(m) => {
+                        row.iter_mut().zip(m).filter(|(_, &keep)| keep == 0).for_each(|(x, _)| *x = f32::NEG_INFINITY);
+                        softmax_in_place(row)
+                    }
+                };
+            }
+            gemm(rows, l, d, 1.0, &s, (l, 1), vh, (d, 1), 0.0, o, (d, 1));
+        });
     });
 }
 

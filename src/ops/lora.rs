@@ -1,7 +1,7 @@
 //! The LoRA linear: the frozen base projection plus any number of unmerged low-rank terms,
 //! each on a slice of the output (q, k or v of a fused qkv; the MLP part of linear1).
 
-use super::matmul::{gemm, linear_backward_input, linear_forward};
+use super::matmul::{gemm, gemm_par_cols, gemm_par_rows, linear_backward_input, linear_forward};
 use crate::util::{splitmix64, unit24};
 use std::ops::Range;
 
@@ -143,18 +143,20 @@ pub fn lora_terms_backward(
         let mut s = vec![0f32; m * r];
         linear_forward(&mut s, &x, t.a, None, m, k, r);
         let dy = &dout[t.rows.start..];
+        // Every product split over the cores: serial, these thin products were a fifth of a
+        // small model's LoRA gradient on 2 cores (issue 23).
         let mut gm = vec![0f32; m * r];
-        gemm(m, nr, r, 1.0, dy, (n, 1), t.b, (r, 1), 0.0, &mut gm, (r, 1));
-        gemm(nr, m, r, t.scale, dy, (1, n), &s, (r, 1), 1.0, &mut g.db, (r, 1));
-        gemm(r, m, k, t.scale, &gm, (1, r), &x, (k, 1), 1.0, &mut g.da, (k, 1));
+        gemm_par_rows(m, nr, r, 1.0, dy, (n, 1), t.b, (r, 1), 0.0, &mut gm);
+        gemm_par_rows(nr, m, r, t.scale, dy, (1, n), &s, (r, 1), 1.0, &mut g.db);
+        gemm_par_cols(r, m, k, t.scale, &gm, (1, r), &x, (k, 1), 1.0, &mut g.da);
         if let Some(dx) = dinp.as_deref_mut() {
-            let mut dxl = vec![0f32; m * k];
-            gemm(m, r, k, t.scale, &gm, (r, 1), t.a, (k, 1), 0.0, &mut dxl, (k, 1));
             match t.dropout {
                 Some(d) if d.p > 0.0 => {
+                    let mut dxl = vec![0f32; m * k];
+                    gemm_par_rows(m, r, k, t.scale, &gm, (r, 1), t.a, (k, 1), 0.0, &mut dxl);
                     dx.iter_mut().zip(&dxl).enumerate().for_each(|(i, (o, &v))| *o += v * d.factor(i))
                 }
-                _ => dx.iter_mut().zip(&dxl).for_each(|(o, &v)| *o += v),
+                _ => gemm_par_rows(m, r, k, t.scale, &gm, (r, 1), t.a, (k, 1), 1.0, dx),
             }
         }
     }
