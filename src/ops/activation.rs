@@ -80,9 +80,12 @@ pub fn silu_grad(x: f32) -> f32 {
     s * (1.0 + x * (1.0 - s))
 }
 
-/// out[i] = f(a[i]) over all cores.
+/// out[i] = f(a[i]) over all cores (on one below 4 chunks: waking workers costs more).
 pub fn map_par(out: &mut [f32], a: &[f32], f: impl Fn(f32) -> f32 + Sync) {
     assert_eq!(out.len(), a.len());
+    if out.len() < 4 * CHUNK {
+        return out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x));
+    }
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| {
         o.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x));
     });
@@ -92,6 +95,9 @@ pub fn map_par(out: &mut [f32], a: &[f32], f: impl Fn(f32) -> f32 + Sync) {
 pub fn zip_map_par(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     assert_eq!(out.len(), a.len());
     assert_eq!(out.len(), b.len());
+    if out.len() < 4 * CHUNK {
+        return out.iter_mut().zip(a).zip(b).for_each(|((o, &x), &y)| *o = f(x, y));
+    }
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
         o.iter_mut().zip(a).zip(b).for_each(|((o, &x), &y)| *o = f(x, y));
     });

@@ -8,9 +8,18 @@ use std::ops::Range;
 /// once, so fewer, larger tasks pack it fewer times: at 2 threads, 1152×512×1536 ran at 427
 /// GFLOP/s in two halves against 303 in 64-row blocks (matrixmultiply's AVX-512 kernel, one run
 /// side by side; packing was 18 % of a LoRA gradient's time in 64-row blocks, perf).
-pub fn row_block(m: usize) -> usize {
+/// Below `PAR_MIN_WORK` multiply-adds (about 20 µs on one core) the product runs as one task:
+/// waking the other workers costs more than it saves (the built-in demo's width-64 model spent
+/// 23 % of its time in thread switches and lock contention, perf).
+pub fn row_block(m: usize, work: usize) -> usize {
+    if work < PAR_MIN_WORK {
+        return m.max(1);
+    }
     m.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
+
+/// The smallest product (m·n·k multiply-adds) split over the cores.
+pub const PAR_MIN_WORK: usize = 1 << 22;
 
 /// C[m,n] = alpha · A[m,k] · B[k,n] + beta · C, with explicit (row, column) strides.
 /// # Safety-relevant contract
@@ -101,7 +110,7 @@ pub fn gemm_par_rows(
     if m == 0 || n == 0 {
         return;
     }
-    let rb = row_block(m);
+    let rb = row_block(m, m * n * k);
     c.par_chunks_mut(rb * n).enumerate().for_each(|(blk, c)| {
         let rows = c.len() / n;
         gemm(rows, k, n, alpha, a.get(blk * rb * rsa..).unwrap_or(&[]), (rsa, csa), b, sb, beta, c, (n, 1));
@@ -126,6 +135,9 @@ pub fn gemm_par_cols(
     assert_eq!(c.len(), m * n, "gemm: C");
     if m == 0 || n == 0 {
         return;
+    }
+    if m * n * k < PAR_MIN_WORK {
+        return gemm(m, k, n, alpha, a, sa, b, (rsb, csb), beta, c, (n, 1));
     }
     par_column_blocks(c, m, n, |blk| {
         let b = b.get(blk.cols.start * csb..).unwrap_or(&[]);
@@ -169,7 +181,7 @@ pub fn linear_forward_pieces(
     if n == 0 || m == 0 {
         return;
     }
-    if split_columns(m, n) {
+    if split_columns(m, n, k) {
         out.par_chunks_mut(n).for_each(|r| match bias {
             Some(b) => r.copy_from_slice(b),
             None => r.fill(0.0),
@@ -184,7 +196,7 @@ pub fn linear_forward_pieces(
         });
         return;
     }
-    let rb = row_block(m);
+    let rb = row_block(m, m * n * k);
     out.par_chunks_mut(rb * n).enumerate().for_each(|(blk, o)| {
         let rows = o.len() / n;
         let x = &inp[blk * rb * k..(blk * rb + rows) * k];
@@ -202,9 +214,9 @@ pub fn linear_forward_pieces(
 /// slice of the weight once) rather than its rows (each core packs the whole weight: twice the
 /// weight's memory traffic at 2 threads). Columns when the output is at least as wide as it is
 /// tall, so what is read twice is the activation, the smaller operand.
-fn split_columns(m: usize, n: usize) -> bool {
+fn split_columns(m: usize, n: usize, k: usize) -> bool {
     let t = rayon::current_num_threads();
-    t > 1 && n >= m && n >= 64 * t
+    t > 1 && n >= m && n >= 64 * t && m * n * k >= PAR_MIN_WORK
 }
 
 /// One core's columns `cols` of a row-major [m, n] output that other cores write other
@@ -298,7 +310,7 @@ pub fn linear_backward_input_pieces(
     if k == 0 || m == 0 {
         return;
     }
-    if split_columns(m, k) {
+    if split_columns(m, k, n) {
         if pieces.is_empty() && beta == 0.0 {
             dinp.fill(0.0);
         }
@@ -312,7 +324,7 @@ pub fn linear_backward_input_pieces(
         });
         return;
     }
-    let rb = row_block(m);
+    let rb = row_block(m, m * n * k);
     dinp.par_chunks_mut(rb * k).enumerate().for_each(|(blk, dx)| {
         let rows = dx.len() / k;
         let dy = &dout[blk * rb * n..(blk * rb + rows) * n];
@@ -387,8 +399,9 @@ mod tests {
     #[test]
     fn row_blocks_cover_every_row_in_whole_rounds() {
         for m in [1usize, 2, 63, 64, 65, 320, 1152, 4097] {
-            let rb = row_block(m);
+            let rb = row_block(m, PAR_MIN_WORK);
             assert!(rb >= 1);
+            assert_eq!(row_block(m, PAR_MIN_WORK - 1), m, "small products run as one task");
             let tasks = m.div_ceil(rb);
             assert!(tasks * rb >= m && (tasks - 1) * rb < m);
         }
