@@ -35,7 +35,7 @@ pub enum Cmd {
     /// Print the architecture, parameter counts, dtype and size of a model, and what each LoRA holds.
     Info(info::Args),
     /// Train a LoRA (flow matching, AdamW) on images with captions or cached samples; with no
-    /// --model and no --data, the built-in demo: a tiny FLUX and a synthetic set, about 30 s on a
+    /// --model and no --data, the built-in demo: a tiny FLUX and a synthetic set, about 10 s on a
     /// 2-core CPU.
     Train(Box<train::Args>),
     /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
