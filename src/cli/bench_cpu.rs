@@ -3,13 +3,10 @@
 //! factors), and the training step (gradient + AdamW). One JSON line of medians; the engine's
 //! side of tools/cpu_side_by_side.py (docs/perf.md, issue 23).
 
-use super::{open_model, ModelSpec};
-use crate::adapters::formats::{load_lora, UnknownKeys};
+use super::grad::{open_problem, Problem};
+use crate::adapters::formats::UnknownKeys;
 use crate::adapters::AdapterSet;
 use crate::engine::{Device, Engine, EngineOptions};
-use crate::io::safetensors::SafeTensors;
-use crate::model::flux::FluxInputs;
-use crate::model::weights::FluxWeights;
 use crate::ops::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -74,20 +71,9 @@ pub fn run(a: &Args) -> Result<String> {
         bail!("--repeat must be at least 1");
     }
     let t_load = Instant::now();
-    let ModelSpec::Checkpoint(ckpt) = open_model(&a.model, None)? else {
-        bail!("--model {}: bench-cpu needs a checkpoint, not a built-in configuration", a.model);
-    };
-    let cfg = &ckpt.cfg;
-    let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned())?;
-    let inp = FluxInputs::from_file(&a.inputs, cfg)?;
-    let tf = SafeTensors::open(&a.target)?;
-    let want = [inp.b, inp.n_img, cfg.out_channels];
-    let info = tf.info("target").with_context(|| format!("{}: missing tensor `target`", a.target.display()))?;
-    if info.shape != want {
-        bail!("{}: tensor `target` has shape {:?}, expected {want:?}", a.target.display(), info.shape);
-    }
-    let tgt = tf.read_f32("target")?.1;
-    let file = load_lora(&a.lora, cfg, UnknownKeys::Error)?;
+    let Problem { cfg, weights: w, inp, target: tgt, file } =
+        open_problem(&a.model, &a.inputs, &a.target, &a.lora, None, UnknownKeys::Error)?;
+    let cfg = &cfg;
     let mut set = AdapterSet::new();
     set.add(&file.terms, 1.0);
     let mut engine = Engine::new(&Device::Cpu, cfg, w, EngineOptions::default())?;

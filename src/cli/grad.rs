@@ -2,10 +2,11 @@
 //! one LoRA file (at strength 1), written under that file's own tensor names.
 
 use super::{open_model, parse_unknown, ModelSpec};
-use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
+use crate::adapters::formats::{load_lora, parse_lora_arg, LoraFile, UnknownKeys};
 use crate::adapters::AdapterSet;
 use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
+use crate::model::config::FluxConfig;
 use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
 use anyhow::{bail, Context, Result};
@@ -38,6 +39,41 @@ pub fn main(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// What `grad` and `bench-cpu` differentiate: a checkpoint's weights, inputs, the target and one
+/// LoRA file, each checked against the model.
+pub struct Problem {
+    pub cfg: FluxConfig,
+    pub weights: FluxWeights,
+    pub inp: FluxInputs,
+    pub target: Vec<f32>,
+    pub file: LoraFile,
+}
+
+pub fn open_problem(
+    model: &str,
+    inputs: &Path,
+    target: &Path,
+    lora: &Path,
+    rope_axes: Option<&str>,
+    unknown: UnknownKeys,
+) -> Result<Problem> {
+    let ModelSpec::Checkpoint(ckpt) = open_model(model, rope_axes)? else {
+        bail!("--model {model} is a built-in configuration without weights; grad and bench-cpu need a checkpoint");
+    };
+    let cfg = ckpt.cfg.clone();
+    let weights = FluxWeights::new(&cfg, &|n| ckpt.param(n).cloned())?;
+    let inp = FluxInputs::from_file(inputs, &cfg)?;
+    let tf = SafeTensors::open(target)?;
+    let want = [inp.b, inp.n_img, cfg.out_channels];
+    let info = tf.info("target").with_context(|| format!("{}: missing tensor `target`", target.display()))?;
+    if info.shape != want {
+        bail!("{}: tensor `target` has shape {:?}, expected {want:?}", target.display(), info.shape);
+    }
+    let target = tf.read_f32("target")?.1;
+    let file = load_lora(lora, &cfg, unknown)?;
+    Ok(Problem { cfg, weights, inp, target, file })
+}
+
 pub fn run(
     model: &str,
     inputs: &Path,
@@ -48,20 +84,9 @@ pub fn run(
     unknown: UnknownKeys,
     device: &str,
 ) -> Result<f64> {
-    let ModelSpec::Checkpoint(ckpt) = open_model(model, rope_axes)? else {
-        bail!("--model {model} is a built-in configuration without weights; grad needs a checkpoint");
-    };
-    let cfg = &ckpt.cfg;
-    let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned())?;
-    let inp = FluxInputs::from_file(inputs, cfg)?;
-    let tf = SafeTensors::open(target)?;
-    let want = [inp.b, inp.n_img, cfg.out_channels];
-    let info = tf.info("target").with_context(|| format!("{}: missing tensor `target`", target.display()))?;
-    if info.shape != want {
-        bail!("{}: tensor `target` has shape {:?}, expected {want:?}", target.display(), info.shape);
-    }
-    let tgt = tf.read_f32("target")?.1;
-    let file = load_lora(lora, cfg, unknown)?;
+    let Problem { cfg, weights: w, inp, target: tgt, file } =
+        open_problem(model, inputs, target, lora, rope_axes, unknown)?;
+    let cfg = &cfg;
     let mut set = AdapterSet::new();
     set.add(&file.terms, 1.0);
     // On CUDA this is the device-resident model (bf16 operands), on the CPU the f32 reference.

@@ -47,7 +47,6 @@ impl Linear {
             qlinear_forward(out, inp, &w, b.as_deref(), m, self.d_in, self.d_out);
         } else {
             let pieces = self.weight.row_pieces(self.d_out).with_context(|| self.name.clone())?;
-            let pieces: Vec<_> = pieces.iter().map(|(r, w)| (r.clone(), &w[..])).collect();
             linear_forward_pieces(out, inp, &pieces, b.as_deref(), m, self.d_in, self.d_out);
         }
         let frozen = self.frozen_parts(inp, m, ad)?;
@@ -77,7 +76,6 @@ impl Linear {
                 qlinear_backward_input(dx, dout, &w, m, self.d_in, self.d_out, 0.0);
             } else {
                 let pieces = self.weight.row_pieces(self.d_out).with_context(|| self.name.clone())?;
-                let pieces: Vec<_> = pieces.iter().map(|(r, w)| (r.clone(), &w[..])).collect();
                 linear_backward_input_pieces(dx, dout, &pieces, m, self.d_in, self.d_out, 0.0);
             }
         }

@@ -72,9 +72,6 @@ pub fn attention_forward_masked(
     out.par_chunks_mut(n).zip(lse.par_chunks_mut(l)).enumerate().for_each(|(bh, (o, lse))| {
         let (qh, kh, vh) = (&q[bh * n..(bh + 1) * n], &k[bh * n..(bh + 1) * n], &v[bh * n..(bh + 1) * n]);
         let mask = mask_row(kv_mask, bh / h, l);
-        // Query tiles of Q_TILE rows: the tile's scores (Q_TILE × l) stay in the core's cache
-        // between the two products and the softmax, and (head, tile) pairs spread over the
-        // cores at any head count.
         o.par_chunks_mut(Q_TILE * d).zip(lse.par_chunks_mut(Q_TILE)).enumerate().for_each(|(qt, (o, lse))| {
             let rows = lse.len();
             let qt = &qh[qt * Q_TILE * d..(qt * Q_TILE + rows) * d];

@@ -11,7 +11,7 @@ use std::ops::Range;
 /// Below `PAR_MIN_WORK` multiply-adds (about 20 µs on one core) the product runs as one task:
 /// waking the other workers costs more than it saves (the built-in demo's width-64 model spent
 /// 23 % of its time in thread switches and lock contention, perf).
-pub fn row_block(m: usize, work: usize) -> usize {
+fn row_block(m: usize, work: usize) -> usize {
     if work < PAR_MIN_WORK {
         return m.max(1);
     }
@@ -19,7 +19,7 @@ pub fn row_block(m: usize, work: usize) -> usize {
 }
 
 /// The smallest product (m·n·k multiply-adds) split over the cores.
-pub const PAR_MIN_WORK: usize = 1 << 22;
+const PAR_MIN_WORK: usize = 1 << 22;
 
 /// C[m,n] = alpha · A[m,k] · B[k,n] + beta · C, with explicit (row, column) strides.
 /// # Safety-relevant contract
@@ -163,10 +163,10 @@ pub fn linear_forward(
 
 /// `linear_forward` with the weight in pieces of whole rows, each with its output columns
 /// (`Param::row_pieces`: a fused qkv stored as separate q, k, v, multiplied where they lie).
-pub fn linear_forward_pieces(
+pub fn linear_forward_pieces<W: AsRef<[f32]> + Sync>(
     out: &mut [f32],
     inp: &[f32],
-    pieces: &[(Range<usize>, &[f32])],
+    pieces: &[(Range<usize>, W)],
     bias: Option<&[f32]>,
     m: usize,
     k: usize,
@@ -182,15 +182,12 @@ pub fn linear_forward_pieces(
         return;
     }
     if split_columns(m, n, k) {
-        out.par_chunks_mut(n).for_each(|r| match bias {
-            Some(b) => r.copy_from_slice(b),
-            None => r.fill(0.0),
-        });
+        out.par_chunks_mut(n).for_each(|r| fill_bias(r, bias));
         par_column_blocks(out, m, n, |c| {
             for (pr, w) in pieces {
                 let (a, b) = (pr.start.max(c.cols.start), pr.end.min(c.cols.end));
                 if a < b {
-                    c.gemm(a..b, k, 1.0, inp, (k, 1), &w[(a - pr.start) * k..], (1, k), 1.0);
+                    c.gemm(a..b, k, 1.0, inp, (k, 1), &w.as_ref()[(a - pr.start) * k..], (1, k), 1.0);
                 }
             }
         });
@@ -200,14 +197,19 @@ pub fn linear_forward_pieces(
     out.par_chunks_mut(rb * n).enumerate().for_each(|(blk, o)| {
         let rows = o.len() / n;
         let x = &inp[blk * rb * k..(blk * rb + rows) * k];
-        match bias {
-            Some(b) => o.chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
-            None => o.fill(0.0),
-        }
+        o.chunks_mut(n).for_each(|r| fill_bias(r, bias));
         for (cols, w) in pieces {
-            gemm(rows, k, cols.len(), 1.0, x, (k, 1), w, (1, k), 1.0, &mut o[cols.start..], (n, 1));
+            gemm(rows, k, cols.len(), 1.0, x, (k, 1), w.as_ref(), (1, k), 1.0, &mut o[cols.start..], (n, 1));
         }
     });
+}
+
+/// One output row set to the bias, or to zero without one.
+fn fill_bias(row: &mut [f32], bias: Option<&[f32]>) {
+    match bias {
+        Some(b) => row.copy_from_slice(b),
+        None => row.fill(0.0),
+    }
 }
 
 /// Whether an [m, n] product splits its output columns over the cores (each core packs its own
@@ -264,23 +266,23 @@ impl ColumnBlock<'_> {
 
 /// Calls `f` once per core, in parallel, with one block of `out`'s columns each (multiples of
 /// 16 wide, the AVX-512 kernel's width, the last block taking the rest).
-fn par_column_blocks(out: &mut [f32], m: usize, n: usize, f: impl Fn(&ColumnBlock) + Sync + Send) {
+fn par_column_blocks<'a>(out: &'a mut [f32], m: usize, n: usize, f: impl Fn(&ColumnBlock<'a>) + Sync + Send) {
     assert_eq!(out.len(), m * n, "column blocks: out");
     let t = rayon::current_num_threads().max(1);
     let w = n.div_ceil(t).next_multiple_of(16);
     let ptr = out.as_mut_ptr();
-    let blocks: Vec<ColumnBlock> = (0..n.div_ceil(w))
+    let blocks: Vec<ColumnBlock<'a>> = (0..n.div_ceil(w))
         .map(|i| ColumnBlock { ptr, m, n, cols: i * w..((i + 1) * w).min(n), _out: std::marker::PhantomData })
         .collect();
     blocks.par_iter().for_each(f);
 }
 
 /// The pieces tile 0..n in order, each holding its rows × k values.
-fn check_pieces(pieces: &[(Range<usize>, &[f32])], k: usize, n: usize) {
+fn check_pieces<W: AsRef<[f32]>>(pieces: &[(Range<usize>, W)], k: usize, n: usize) {
     let mut at = 0;
     for (cols, w) in pieces {
         assert_eq!(cols.start, at, "linear: weight pieces out of order");
-        assert_eq!(w.len(), cols.len() * k, "linear: weight piece {cols:?}");
+        assert_eq!(w.as_ref().len(), cols.len() * k, "linear: weight piece {cols:?}");
         at = cols.end;
     }
     assert_eq!(at, n, "linear: weight pieces cover {at} of {n} rows");
@@ -295,10 +297,10 @@ pub fn linear_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], m: 
 }
 
 /// `linear_backward_input` with the weight in row pieces (`linear_forward_pieces`).
-pub fn linear_backward_input_pieces(
+pub fn linear_backward_input_pieces<W: AsRef<[f32]> + Sync>(
     dinp: &mut [f32],
     dout: &[f32],
-    pieces: &[(Range<usize>, &[f32])],
+    pieces: &[(Range<usize>, W)],
     m: usize,
     k: usize,
     n: usize,
@@ -318,7 +320,7 @@ pub fn linear_backward_input_pieces(
             for (i, (pr, w)) in pieces.iter().enumerate() {
                 let beta = if i == 0 { beta } else { 1.0 };
                 // An empty piece multiplies nothing (kk = 0: C = beta·C).
-                let w = w.get(c.cols.start..).unwrap_or(&[]);
+                let w = w.as_ref().get(c.cols.start..).unwrap_or(&[]);
                 c.gemm(c.cols.clone(), pr.len(), 1.0, dout.get(pr.start..).unwrap_or(&[]), (n, 1), w, (k, 1), beta);
             }
         });
@@ -333,7 +335,7 @@ pub fn linear_backward_input_pieces(
         }
         for (i, (cols, w)) in pieces.iter().enumerate() {
             let beta = if i == 0 { beta } else { 1.0 };
-            gemm(rows, cols.len(), k, 1.0, &dy[cols.start..], (n, 1), w, (k, 1), beta, dx, (k, 1));
+            gemm(rows, cols.len(), k, 1.0, &dy[cols.start..], (n, 1), w.as_ref(), (k, 1), beta, dx, (k, 1));
         }
     });
 }
