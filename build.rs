@@ -1,5 +1,5 @@
 //! Compiles every kernels/*.cu with nvcc into a fatbin (sm_80, sm_86, sm_89, sm_90 machine code
-//! plus compute_90 PTX for newer cards) that the binary embeds. Without nvcc the crate builds the
+//! plus compute_90 PTX for newer cards; kernels/*_sm90.cu: sm_90a only) that the binary embeds. Without nvcc the crate builds the
 //! CPU path only, with one warning; FLUX_KERNELS_REQUIRE_CUDA=1 makes that an error.
 //!
 //! It also generates the Rust side of the kernel ABI from kernels/abi.h (OUT_DIR/abi.rs, included
@@ -71,7 +71,12 @@ fn main() {
                 let out = out_dir.join(format!("{stem}.fatbin"));
                 let mut cmd = Command::new(&nvcc);
                 cmd.env("PATH", &path).args(["-fatbin", "-O3", "-std=c++17", "-Ikernels", "-o"]).arg(&out).arg(src);
-                for a in ARCHS {
+                // Files named *_sm90.cu use sm_90a-only instructions (wgmma, setmaxnreg): they are
+                // built for that target alone, and the host loads them only on compute capability 9.0.
+                // The -gencode form: `-arch=sm_90a` also runs a plain sm_90 pass that rejects them
+                // (device/HOPPER.md).
+                let archs: &[&str] = if stem.ends_with("_sm90") { &["arch=compute_90a,code=sm_90a"] } else { ARCHS };
+                for a in archs {
                     cmd.args(["-gencode", a]);
                 }
                 let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
@@ -257,8 +262,18 @@ mod abi_gen {
             let words: Vec<String> = stmt.iter().filter_map(ident).collect();
             if words.first().map(String::as_str) == Some("typedef") {
                 // typedef struct { fields } Name ;
+                // An alignment macro may follow `struct`: FK_ALIGN<n> (abi.h defines it as __align__(n)).
+                let (open, forced_align) = match stmt.get(2).map(|t| &t.0) {
+                    Some(Tok::Ident(a)) if a.starts_with("FK_ALIGN") => {
+                        let n = a["FK_ALIGN".len()..]
+                            .parse::<usize>()
+                            .map_err(|_| format!("line {line}: alignment macro {a} is not FK_ALIGN<number>"))?;
+                        (3, Some(n))
+                    }
+                    _ => (2, None),
+                };
                 if words.get(1).map(String::as_str) != Some("struct")
-                    || stmt.get(2).map(|t| &t.0) != Some(&Tok::Punct('{'))
+                    || stmt.get(open).map(|t| &t.0) != Some(&Tok::Punct('{'))
                 {
                     return Err(format!("line {line}: only `typedef struct {{ ... }} Name;` is supported"));
                 }
@@ -268,7 +283,7 @@ mod abi_gen {
                     _ => return Err(format!("line {line}: expected the struct's name after '}}'")),
                 };
                 let mut fields = Vec::new();
-                for f in stmt[3..close].split(|t| t.0 == Tok::Punct(';')).filter(|f| !f.is_empty()) {
+                for f in stmt[open + 1..close].split(|t| t.0 == Tok::Punct(';')).filter(|f| !f.is_empty()) {
                     let fl = f[0].1;
                     let (decl, count) = match f.iter().position(|t| t.0 == Tok::Punct('[')) {
                         Some(b) => {
@@ -308,7 +323,7 @@ mod abi_gen {
                     fields.push(Field { name: fname.clone(), ty, count });
                 }
                 // C layout: each field at the next multiple of its alignment; no implicit holes.
-                let (mut off, mut align, mut offsets) = (0usize, 1usize, Vec::new());
+                let (mut off, mut align, mut offsets) = (0usize, forced_align.unwrap_or(1), Vec::new());
                 for f in &fields {
                     let (sz, al) = match &f.ty {
                         Ty::Prim(_, s) => (*s, *s),
@@ -362,8 +377,13 @@ mod abi_gen {
             writeln!(o, "pub const {n}: i64 = {v};").unwrap();
         }
         for s in &structs {
-            writeln!(o, "\n#[repr(C)]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {} {{", s.name)
-                .unwrap();
+            let repr = if s.align > 8 { format!("C, align({})", s.align) } else { "C".to_string() };
+            writeln!(
+                o,
+                "\n#[repr({repr})]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {} {{",
+                s.name
+            )
+            .unwrap();
             for f in &s.fields {
                 let t = match &f.ty {
                     Ty::Prim(t, _) => t.to_string(),

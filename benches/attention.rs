@@ -82,9 +82,9 @@ fn main() {
     let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | flash bwd (prep / dK,dV / dQ) | flash fwd+bwd | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
+        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | Hopper fwd (sm_90a: TMA, wgmma, overlapped) | Hopper fwd, serial schedule | flash bwd (prep / dK,dV / dQ) | flash fwd+bwd (default fwd) | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = Rng::new(5);
     for &l in &lens {
         for masked in [false, true] {
@@ -94,7 +94,12 @@ fn main() {
             let dims = AttnDims { b: 1, h: heads, l, d: 128 };
             let mut bufs = attn.alloc(dims, mask.as_deref()).expect("device buffers");
             fill(&attn, &mut bufs, &mut rng);
-            let fwd = median_time(&gpu, warm, reps, &mut || attn.forward(&bufs).unwrap());
+            let fwd = median_time(&gpu, warm, reps, &mut || attn.forward_variant(&bufs, FwdVariant::Rows128).unwrap());
+            let hop = |v: FwdVariant| {
+                attn.has_hopper()
+                    .then(|| median_time(&gpu, warm, reps, &mut || attn.forward_variant(&bufs, v).unwrap()))
+            };
+            let (hopper, hopper_serial) = (hop(FwdVariant::Hopper), hop(FwdVariant::HopperSerial));
             let fwd64 = median_time(&gpu, warm, reps, &mut || attn.forward_variant(&bufs, FwdVariant::Rows64).unwrap());
             attn.forward(&bufs).unwrap();
             let step = |s: BackwardStep| median_time(&gpu, warm, reps, &mut || attn.backward_step(&bufs, s).unwrap());
@@ -113,9 +118,13 @@ fn main() {
             let (ff, bf) = (dims.forward_flops(), dims.backward_flops());
             let naive_txt = naive.map_or("no cuBLAS".into(), |t| format!("{:.3} ({:.0})", t * 1e3, tf(ff, t)));
             let speedup = naive.map_or("—".into(), |t| format!("{:.2}×", t / fwd));
+            let cell = |t: Option<f64>| {
+                t.map_or("not compute capability 9.0".into(), |t| format!("{:.3} ({:.0})", t * 1e3, tf(ff, t)))
+            };
+            let (hopper_txt, serial_txt) = (cell(hopper), cell(hopper_serial));
             let _ = writeln!(
                 table,
-                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
+                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {hopper_txt} | {serial_txt} | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
                 if masked { "77 of 512 text tokens" } else { "none" },
                 fwd * 1e3,
                 tf(ff, fwd),

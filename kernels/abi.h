@@ -193,6 +193,42 @@ FK_KERNEL void fk_attn_bwd_prep(FK_GRID_PARAMS FkAttnParams p);  // delta = rows
 FK_KERNEL void fk_attn_bwd_dkdv(FK_GRID_PARAMS FkAttnParams p);  // dK, dV (grid over key tiles)
 FK_KERNEL void fk_attn_bwd_dq(FK_GRID_PARAMS FkAttnParams p);    // dQ (grid over query tiles)
 
+// The Hopper forward (kernels/attention_sm90.cu, sm_90a only; FlashAttention-3 structure): a
+// producer warp streams Q once and K/V tiles through a shared-memory ring with TMA
+// (cp.async.bulk.tensor), two consumer warpgroups compute S = Q·Kᵀ and O += P·V with wgmma. Q,
+// K and V reach it through TMA descriptors (CUtensorMap, made on the host by
+// cuTensorMapEncodeTiled over the [b·h, l, d] bf16 tensors with 64-element × FK_ATTN90_BLOCK_N-row
+// boxes and 128-byte swizzle), passed by value in the parameter struct; the rest of the problem
+// is the FkAttnParams above. Head dims 64 and 128; the host runs the sm_80 kernels for others.
+// The TMA hardware reads a descriptor only at a 128-byte aligned address (CUDA 13 declares
+// CUtensorMap alignas(128)): FK_ALIGN128 gives the device-side struct that alignment.
+#define FK_ALIGN128 __align__(128)
+typedef struct FK_ALIGN128 {
+    uint64_t opaque[16];
+} FkTensorMap;
+#define FK_SIZEOF_FkTensorMap 128
+
+typedef struct {
+    FkTensorMap tq;  // [b·h][l][d] → boxes of FK_ATTN90_BLOCK_M rows
+    FkTensorMap tk;  // boxes of FK_ATTN90_BLOCK_N rows
+    FkTensorMap tv;
+    FkAttnParams a;
+} FkAttn90Params;
+#define FK_SIZEOF_FkAttn90Params 512
+
+// 3 warpgroups: a producer and two consumers of 64 query rows each; K/V tiles of BLOCK_N keys
+// in FK_ATTN90_STAGES ring slots. The host sizes dynamic shared memory as FK_ATTN90_SMEM_D64 or
+// FK_ATTN90_SMEM_D128 (tiles 1024-byte aligned for the 128-byte swizzle: +1024 slack, + barriers).
+#define FK_ATTN90_THREADS 384
+#define FK_ATTN90_BLOCK_M 128
+#define FK_ATTN90_BLOCK_N 128
+#define FK_ATTN90_STAGES 2
+#define FK_ATTN90_SMEM_D64 83968
+#define FK_ATTN90_SMEM_D128 165888
+
+FK_KERNEL void fk_attn_fwd_sm90(FK_GRID_PARAMS FkAttn90Params p);         // O, LSE (sm_90a), pipelined
+FK_KERNEL void fk_attn_fwd_sm90_serial(FK_GRID_PARAMS FkAttn90Params p);  // the same, one step at a time
+
 // The materialised-softmax baseline's middle step: P = softmax(S) row by row, S f32 [rows, l]
 // (already scaled), P bf16; masked keys get weight 0. One block of FK_ATTN_THREADS per row, with
 // FK_SMEM_SOFTMAX bytes of dynamic shared memory.

@@ -41,12 +41,11 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 static_assert(THREADS == 128 && BLK == 64, "4 warps × 16 rows");
 
-__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
-__device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    return (uint32_t)f32_to_bf16(lo) | ((uint32_t)f32_to_bf16(hi) << 16);
-}
+using fk::neg_inf;
+using fk::pack_bf16;
+using fk::pos_inf;
+using fk::quad_max;
+using fk::quad_sum;
 
 // Rows [r0, r0 + ROWS) of a row-major [l][D] bf16 matrix into shared [ROWS][D + PAD]; rows past
 // the end read as zero, so ragged tiles need no special case in the products.
@@ -131,15 +130,6 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
     for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 }
 
-// Rows of a warp's 16-row accumulator held by this lane: g and g + 8 (element e: row half e/2).
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, shfl_xor_f32(v, 1));
-    return fmaxf(v, shfl_xor_f32(v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-    v += shfl_xor_f32(v, 1);
-    return v + shfl_xor_f32(v, 2);
-}
 
 __device__ __forceinline__ bool key_kept(const FkAttnParams& p, const unsigned char* mask, int64_t n) {
     return n < p.l && (mask == nullptr || mask[n] != 0);

@@ -124,4 +124,21 @@ __device__ __forceinline__ float dropout_factor(uint64_t seed, uint64_t i, float
     return unit24(mix(seed ^ (i * 0x9E3779B97F4A7C15ull))) < p ? 0.0f : keep_scale;
 }
 
+// The attention kernels' shared pieces (attention.cu, attention_sm90.cu): ±∞ without relying on
+// the compiler's INFINITY, two floats as one packed bf16 pair (lo in the low half), and the
+// reductions over the 4 lanes of a quad, which hold one row of an mma/wgmma accumulator.
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
+__device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    return (uint32_t)f32_to_bf16(lo) | ((uint32_t)f32_to_bf16(hi) << 16);
+}
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, shfl_xor_f32(v, 1));
+    return fmaxf(v, shfl_xor_f32(v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += shfl_xor_f32(v, 1);
+    return v + shfl_xor_f32(v, 2);
+}
+
 }  // namespace fk

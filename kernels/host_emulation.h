@@ -31,6 +31,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #define __global__
@@ -65,15 +66,50 @@ struct Copy {
     size_t bytes;
 };
 
+// One issued wgmma.mma_async, computed when its group is waited for (so a kernel that reads
+// the accumulators early, or overwrites the operands' shared memory before the wait, gets
+// visibly wrong results).
+struct WgmmaOp {
+    float* d = nullptr;
+    int n = 0;  // N of m64nNk16: the thread holds N/2 accumulators
+    int scale_d = 0;
+    bool a_regs = false;
+    uint64_t da = 0, db = 0;
+    int trans_b = 0;
+    uint32_t a[32][4];  // register A: the whole warp's fragments
+    uint32_t lo[2] = {0, 0}, hi[2] = {0, 0};  // shared bytes read through da, db
+};
+
 struct Fiber {
     ucontext_t ctx;
     dim3 tid;
     unsigned linear = 0;
     bool done = false;
-    int waiting = 0;  // 0 running, 1 block barrier, 2 warp barrier
+    int waiting = 0;  // 0 running, 1 block barrier, 2 warp barrier, 3 mbarrier phase, 4 named barrier
     unsigned collectives = 0;
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups;
+    uint32_t wait_bar = 0, wait_parity = 0;  // waiting == 3
+    int wait_named = -1;                     // waiting == 4
+    bool wg_fenced = false;                  // a wgmma.fence since the last wgmma wait
+    std::vector<WgmmaOp> wg_open;
+    std::vector<std::vector<WgmmaOp>> wg_groups;
+};
+
+// An mbarrier's state (PTX ISA 9.7.13.15.1): the current phase, arrivals still expected in it,
+// and the transaction bytes still expected (expect_tx adds, complete_tx subtracts).
+struct Mbar {
+    uint32_t expected = 0, pending = 0, phase = 0;
+    int64_t tx = 0;
+};
+// A TMA copy in flight: the box's bytes as they will land (swizzle applied), at dst.
+struct TmaCopy {
+    uint32_t bar;
+    unsigned char* dst;
+    std::vector<unsigned char> bytes;
+};
+struct NamedBar {
+    unsigned arrived = 0, want = 0;
 };
 
 // What a warp's lanes deposit for one collective (double-buffered by the collective's parity:
@@ -94,6 +130,9 @@ struct Block {
     ucontext_t scheduler;
     std::vector<Deposit> deposits;  // 2 per warp
     const std::function<void()>* body = nullptr;
+    std::map<uint32_t, Mbar> mbars;  // by shared address
+    std::vector<TmaCopy> tma;        // issued, not landed
+    NamedBar named[16];
 };
 
 inline thread_local Block* g_block = nullptr;
@@ -272,6 +311,345 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {f32_to_bf16(f)}; }
 using std::tanh;
 inline float tanhf(float x) { return std::tanh(x); }
 
+// ---- ptx_sm90.h (Hopper: mbarrier, TMA, wgmma, named barriers, setmaxnreg) ----------------------
+// Shared addresses: the dynamic window starts at FKEMU_SMEM_BASE, deliberately not 1024-byte
+// aligned (as on a GPU, where nothing promises it), so a kernel must align its swizzled tiles.
+#define FKEMU_SMEM_BASE 0x480u
+inline uint32_t smem_addr(const void* p) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (c < fkemu::g_block->smem || c > fkemu::g_block->smem + fkemu::g_block->smem_bytes)
+        fkemu::fail("smem_addr: pointer outside dynamic shared memory");
+    return FKEMU_SMEM_BASE + (uint32_t)(c - fkemu::g_block->smem);
+}
+
+namespace fkemu {
+
+inline unsigned char* smem_at(uint32_t a, size_t bytes, const char* what) {
+    if (a < FKEMU_SMEM_BASE || a - FKEMU_SMEM_BASE + bytes > g_block->smem_bytes) fail(what);
+    return g_block->smem + (a - FKEMU_SMEM_BASE);
+}
+
+inline Mbar& mbar_at(uint32_t a, const char* what) {
+    if (a % 8) fail("mbarrier: address not 8-byte aligned");
+    auto it = g_block->mbars.find(a);
+    if (it == g_block->mbars.end()) fail(what);
+    return it->second;
+}
+
+// With every arrival of the current phase in, the TMA copies on the barrier land (not before:
+// a reader that skipped the wait sees what was there) and, with no transaction bytes left
+// outstanding, the phase completes.
+inline void mbar_settle(uint32_t a, Mbar& m) {
+    if (m.pending != 0) return;
+    std::vector<TmaCopy>& q = g_block->tma;
+    for (size_t i = 0; i < q.size();) {
+        if (q[i].bar == a) {
+            std::memcpy(q[i].dst, q[i].bytes.data(), q[i].bytes.size());
+            m.tx -= (int64_t)q[i].bytes.size();
+            q.erase(q.begin() + i);
+        } else {
+            ++i;
+        }
+    }
+    if (m.tx < 0) fail("mbarrier: TMA copies completed more bytes than expect_tx announced");
+    if (m.tx == 0) {
+        ++m.phase;
+        m.pending = m.expected;
+    }
+}
+
+// try_wait.parity: true once the phase of that parity has completed.
+inline bool mbar_poll(uint32_t a, uint32_t parity) {
+    Mbar& m = mbar_at(a, "mbarrier.try_wait on a barrier that was never initialised");
+    if ((m.phase & 1) != parity) return true;
+    mbar_settle(a, m);
+    return (m.phase & 1) != parity;
+}
+
+inline bool ready(Fiber& f) {
+    if (f.done) return false;
+    if (f.waiting == 0) return true;
+    if (f.waiting == 3 && mbar_poll(f.wait_bar, f.wait_parity)) {
+        f.waiting = 0;
+        return true;
+    }
+    return false;
+}
+
+// Element (mn, k) of a wgmma operand described by `desc` (PTX ISA 9.7.15.5.1: start address,
+// leading and stride byte offsets, swizzle mode in bits 62–63), as a shared address. K-major:
+// rows along M/N of 16 B (no swizzle: 8×8 core matrices, LBO between core matrices along K, SBO
+// along M/N) or of W = 32/64/128 B (swizzled: 8-row atoms, SBO between atoms along M/N). MN-major
+// (swizzled only): W-byte rows along M/N, one per k, 8 rows an atom; LBO between atoms along M/N,
+// SBO between atoms along K. The swizzle XORs address bits [4, 4+log2(W/16)) with bits [7, …),
+// the same function of the address TMA applies when it writes with that swizzle.
+inline uint32_t desc_addr(uint64_t desc, int mn, int k, bool k_major) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4,
+                   sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    const uint32_t base_off = (uint32_t)(desc >> 49) & 7, mode = (uint32_t)(desc >> 62);
+    if (base_off) fail("wgmma descriptor: base offset is not emulated (align the tile to its swizzle atom)");
+    const uint32_t w = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
+    uint32_t a;
+    if (k_major) {
+        a = w == 0 ? start + (mn % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo + (k % 8) * 2
+                   : start + (mn % 8) * w + (mn / 8) * sbo + k * 2;
+    } else {
+        if (w == 0) fail("wgmma descriptor: MN-major without swizzle is not emulated");
+        const uint32_t e = w / 2;  // bf16 elements per row
+        a = start + (mn % e) * 2 + (mn / e) * lbo + (k % 8) * w + (k / 8) * sbo;
+    }
+    if (w) {
+        // The atom's rows are located through address bits 7..: the descriptor's start must sit
+        // in the first row of an atom (anything else needs the base-offset field).
+        if ((start / w) % 8 != 0 || (start % w) + 32 > w) fail("wgmma descriptor: start not in the first row of a swizzle atom");
+        const uint32_t bits = w == 128 ? 7 : w == 64 ? 3 : 1;
+        a ^= ((a >> 7) & bits) << 4;
+    }
+    return a;
+}
+
+inline float smem_bf16(uint32_t a) {
+    const unsigned char* p = smem_at(a, 2, "wgmma: operand outside dynamic shared memory");
+    for (const TmaCopy& c : g_block->tma)
+        if (p >= c.dst && p < c.dst + c.bytes.size())
+            fail("wgmma reads shared memory that a TMA copy has not completed (wait on its mbarrier first)");
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return bf16_to_f32(v);
+}
+
+inline void wgmma_run(const WgmmaOp& op) {
+    const unsigned lane = me().linear % 32, warp = (me().linear % 128) / 32, g = lane / 4, t = lane % 4;
+    float a_row[2][16];
+    for (int h = 0; h < 2; ++h) {
+        const int row = 16 * warp + g + 8 * h;
+        for (int k = 0; k < 16; ++k) {
+            if (op.a_regs) {
+                const int r16 = row % 16;
+                const uint32_t word = op.a[(r16 % 8) * 4 + (k % 8) / 2][(r16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+                a_row[h][k] = bf16_to_f32((uint16_t)(word >> (16 * (k & 1))));
+            } else {
+                a_row[h][k] = smem_bf16(desc_addr(op.da, row, k, true));
+            }
+        }
+    }
+    for (int i = 0; i < op.n / 2; ++i) {
+        const int c = i / 4, e = i % 4, col = 8 * c + 2 * t + (e & 1);
+        float s = op.scale_d ? op.d[i] : 0.0f;
+        for (int k = 0; k < 16; ++k) s += a_row[e >= 2][k] * smem_bf16(desc_addr(op.db, col, k, op.trans_b == 0));
+        op.d[i] = s;
+    }
+}
+
+// The shared bytes [lo, hi) an operand of rows 0..rows-1 × k 0..15 spans (cached per
+// descriptor: the same few descriptors recur in every thread and tile).
+inline void desc_range(uint64_t desc, int rows, bool k_major, uint32_t& lo, uint32_t& hi) {
+    lo = hi = 0;
+    if (desc == 0) return;
+    static thread_local std::map<std::tuple<uint64_t, int, bool>, std::pair<uint32_t, uint32_t>> cache;
+    auto key = std::make_tuple(desc, rows, k_major);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+        uint32_t l = UINT32_MAX, h = 0;
+        for (int mn = 0; mn < rows; ++mn)
+            for (int k = 0; k < 16; ++k) {
+                const uint32_t a = desc_addr(desc, mn, k, k_major);
+                l = std::min(l, a);
+                h = std::max(h, a + 2);
+            }
+        if (cache.size() > 4096) cache.clear();
+        it = cache.emplace(key, std::make_pair(l, h)).first;
+    }
+    lo = it->second.first;
+    hi = it->second.second;
+}
+
+inline void wgmma_issue(float* d, int n, const uint32_t* a, uint64_t da, uint64_t db, int scale_d, int trans_b) {
+    Fiber& f = me();
+    if (!f.wg_fenced) fail("wgmma.mma_async without a wgmma.fence since its registers were last touched");
+    if (g_block->block_dim.x % 128) fail("wgmma: the block is not a whole number of warpgroups");
+    WgmmaOp op;
+    op.d = d;
+    op.n = n;
+    op.scale_d = scale_d;
+    op.a_regs = a != nullptr;
+    op.da = da;
+    op.db = db;
+    op.trans_b = trans_b;
+    desc_range(da, 64, true, op.lo[0], op.hi[0]);
+    desc_range(db, n, trans_b == 0, op.lo[1], op.hi[1]);
+    // A warp collective (.sync.aligned): every lane takes part; register A travels with it.
+    Deposit& dep = warp_exchange([&](Deposit& dp, unsigned lane) {
+        for (int i = 0; i < 4; ++i) dp.a[lane][i] = a ? a[i] : 0;
+    });
+    std::memcpy(op.a, dep.a, sizeof op.a);
+    f.wg_open.push_back(op);
+}
+
+// The shared bytes a pending wgmma of any thread will still read overlap [lo, hi)?
+inline bool wgmma_reads(const unsigned char* lo, const unsigned char* hi) {
+    for (Fiber& f : *g_block->fibers) {
+        auto hit = [&](const WgmmaOp& op) {
+            for (int i = 0; i < 2; ++i) {
+                if (op.hi[i] == 0) continue;
+                const unsigned char* s = g_block->smem + (op.lo[i] - FKEMU_SMEM_BASE);
+                const unsigned char* e = g_block->smem + (op.hi[i] - FKEMU_SMEM_BASE);
+                if (s < hi && e > lo) return true;
+            }
+            return false;
+        };
+        for (const WgmmaOp& op : f.wg_open)
+            if (hit(op)) return true;
+        for (const auto& grp : f.wg_groups)
+            for (const WgmmaOp& op : grp)
+                if (hit(op)) return true;
+    }
+    return false;
+}
+
+// The emulated driver's CUtensorMap contents (cuTensorMapEncodeTiled fills them).
+struct TensorMapEmu {
+    uint32_t magic;
+    uint8_t dtype, rank, swizzle, elem;
+    uint64_t addr;
+    uint32_t dims[5];
+    uint32_t pad;
+    uint64_t strides[4];  // bytes, of dims 1..rank-1
+    uint16_t box[5];
+};
+static_assert(sizeof(TensorMapEmu) <= 128, "CUtensorMap is 128 bytes");
+constexpr uint32_t TMAP_MAGIC = 0x544d4150u;
+
+}  // namespace fkemu
+
+inline void mbar_init(uint64_t* bar, uint32_t count) {
+    if (count == 0) fkemu::fail("mbarrier.init: count 0");
+    const uint32_t a = smem_addr(bar);
+    fkemu::smem_at(a, 8, "mbarrier.init: outside dynamic shared memory");
+    if (a % 8) fkemu::fail("mbarrier.init: address not 8-byte aligned");
+    fkemu::Mbar m;
+    m.expected = m.pending = count;
+    fkemu::g_block->mbars[a] = m;
+    std::memset(bar, 0, 8);
+}
+inline void mbar_init_fence() {}
+inline void mbar_arrive_at(uint64_t* bar, uint32_t tx) {
+    const uint32_t a = smem_addr(bar);
+    fkemu::Mbar& m = fkemu::mbar_at(a, "mbarrier.arrive on a barrier that was never initialised");
+    if (m.pending == 0) fkemu::fail("mbarrier.arrive: more arrivals than the barrier's count in one phase");
+    m.tx += tx;
+    --m.pending;
+    fkemu::mbar_settle(a, m);
+}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) { mbar_arrive_at(bar, bytes); }
+inline void mbar_arrive(uint64_t* bar) { mbar_arrive_at(bar, 0); }
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+    const uint32_t a = smem_addr(bar);
+    if (fkemu::mbar_poll(a, parity & 1)) return;
+    fkemu::Fiber& f = fkemu::me();
+    f.wait_bar = a;
+    f.wait_parity = parity & 1;
+    fkemu::yield_waiting(3);
+}
+
+inline void tma_load_3d(void* dst, const void* map, uint64_t* bar, int c0, int c1, int c2) {
+    const fkemu::TensorMapEmu& t = *static_cast<const fkemu::TensorMapEmu*>(map);
+    if (t.magic != fkemu::TMAP_MAGIC) fkemu::fail("cp.async.bulk.tensor: not a tensor map made by cuTensorMapEncodeTiled");
+    if (t.rank != 3) fkemu::fail("cp.async.bulk.tensor.3d: the tensor map's rank is not 3");
+    const uint32_t w = t.swizzle == 3 ? 128 : t.swizzle == 2 ? 64 : t.swizzle == 1 ? 32 : 0;
+    if (w && (uint32_t)t.box[0] * t.elem != w)
+        fkemu::fail("cp.async.bulk.tensor: a swizzled box narrower than the swizzle span is not emulated");
+    const uint32_t a = smem_addr(dst);
+    if (a % (w ? 8 * w : 128)) fkemu::fail("cp.async.bulk.tensor: destination not aligned to the swizzle atom (128 B without swizzle)");
+    fkemu::mbar_at(smem_addr(bar), "cp.async.bulk.tensor: completion mbarrier never initialised");
+    const size_t row = (size_t)t.box[0] * t.elem, bytes = row * t.box[1] * t.box[2];
+    unsigned char* d = fkemu::smem_at(a, bytes, "cp.async.bulk.tensor: destination outside dynamic shared memory");
+    if (fkemu::wgmma_reads(d, d + bytes)) fkemu::fail("cp.async.bulk.tensor overwrites shared memory a pending wgmma still reads");
+    for (const fkemu::TmaCopy& c : fkemu::g_block->tma)
+        if (c.dst < d + bytes && d < c.dst + c.bytes.size()) fkemu::fail("cp.async.bulk.tensor: two copies in flight into the same bytes");
+    fkemu::TmaCopy cp{smem_addr(bar), d, std::vector<unsigned char>(bytes, 0)};
+    const int64_t c[3] = {c0, c1, c2};
+    for (uint32_t i2 = 0; i2 < t.box[2]; ++i2)
+        for (uint32_t i1 = 0; i1 < t.box[1]; ++i1)
+            for (uint32_t i0 = 0; i0 < t.box[0]; ++i0) {
+                const int64_t g[3] = {c[0] + i0, c[1] + i1, c[2] + i2};
+                uint32_t off = (uint32_t)(((size_t)i2 * t.box[1] + i1) * row + (size_t)i0 * t.elem);
+                if (w) {
+                    const uint32_t sa = (a + off) ^ ((((a + off) >> 7) & (w == 128 ? 7u : w == 64 ? 3u : 1u)) << 4);
+                    off = sa - a;
+                }
+                bool inside = true;
+                for (int r = 0; r < 3; ++r) inside &= g[r] >= 0 && g[r] < (int64_t)t.dims[r];
+                if (!inside) continue;  // out of bounds: zero fill
+                const unsigned char* src = reinterpret_cast<const unsigned char*>(t.addr) + g[0] * t.elem + g[1] * t.strides[0] +
+                                           g[2] * t.strides[1];
+                fkemu::check_global(src, t.elem, "cp.async.bulk.tensor: source outside every device allocation");
+                std::memcpy(cp.bytes.data() + off, src, t.elem);
+            }
+    fkemu::g_block->tma.push_back(std::move(cp));
+}
+
+inline void fence_proxy_async() {}
+
+inline void named_bar_arrive_impl(int id, int threads, bool wait) {
+    if (id <= 0 || id >= 16) fkemu::fail("bar.sync/arrive: barrier id outside 1..15 (0 is __syncthreads)");
+    if (threads % 32 || threads <= 0 || (unsigned)threads > fkemu::g_block->block_dim.x)
+        fkemu::fail("bar.sync/arrive: thread count not a positive multiple of 32 within the block");
+    fkemu::NamedBar& nb = fkemu::g_block->named[id];
+    if (nb.want && nb.want != (unsigned)threads) fkemu::fail("bar.sync/arrive: arrivals disagree on the thread count");
+    nb.want = threads;
+    if (++nb.arrived == (unsigned)threads) {
+        for (fkemu::Fiber& f : *fkemu::g_block->fibers)
+            if (f.waiting == 4 && f.wait_named == id) f.waiting = 0, f.wait_named = -1;
+        nb.arrived = nb.want = 0;
+        return;
+    }
+    if (wait) {
+        fkemu::me().wait_named = id;
+        fkemu::yield_waiting(4);
+    }
+}
+inline void named_bar_sync(int id, int threads) { named_bar_arrive_impl(id, threads, true); }
+inline void named_bar_arrive(int id, int threads) { named_bar_arrive_impl(id, threads, false); }
+
+template <int N>
+inline void setmaxnreg_inc() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");
+}
+template <int N>
+inline void setmaxnreg_dec() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");
+}
+
+inline void wgmma_fence() { fkemu::me().wg_fenced = true; }
+inline void wgmma_commit() {
+    fkemu::Fiber& f = fkemu::me();
+    f.wg_groups.push_back(std::move(f.wg_open));
+    f.wg_open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+    fkemu::Fiber& f = fkemu::me();
+    while (f.wg_groups.size() > (size_t)N) {
+        for (const fkemu::WgmmaOp& op : f.wg_groups.front()) fkemu::wgmma_run(op);
+        f.wg_groups.erase(f.wg_groups.begin());
+    }
+    f.wg_fenced = false;
+}
+template <int N>
+inline void wgmma_fence_operand(float (&)[N]) {}
+
+template <int N>
+struct Wgmma {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N a multiple of 8 up to 256");
+    static void ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d, int trans_b) {
+        fkemu::wgmma_issue(d, N, nullptr, da, db, scale_d, trans_b);
+    }
+    static void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d, int trans_b) {
+        fkemu::wgmma_issue(d, N, a, 0, db, scale_d, trans_b);
+    }
+};
+
 namespace fkemu {
 
 // Runs one block: every thread a fiber on a 64 KB stack, scheduled round by round.
@@ -281,6 +659,9 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
     const unsigned n = b.block_dim.x * b.block_dim.y * b.block_dim.z;
     b.fibers = &fibers;
     b.deposits.assign(2 * ((n + 31) / 32), Deposit{});
+    b.mbars.clear();
+    b.tma.clear();
+    for (NamedBar& nb : b.named) nb = NamedBar{};
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = fibers[i];
         f = Fiber{};
@@ -306,7 +687,7 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
         std::vector<unsigned> runnable;
         for (unsigned w = 0; w < warps; ++w)
             for (unsigned i = w * 32; i < std::min(n, w * 32 + 32); ++i)
-                if (!fibers[i].done && !fibers[i].waiting) {
+                if (ready(fibers[i])) {
                     runnable.push_back(w);
                     break;
                 }
@@ -316,7 +697,7 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
             for (;;) {
                 lanes.clear();
                 for (unsigned i = lo; i < hi; ++i)
-                    if (!fibers[i].done && !fibers[i].waiting) lanes.push_back(i);
+                    if (ready(fibers[i])) lanes.push_back(i);
                 if (lanes.empty()) break;
                 for (unsigned i = (unsigned)lanes.size(); i > 1; --i) std::swap(lanes[i - 1], lanes[next_rand(i)]);
                 for (unsigned i : lanes) {
@@ -325,26 +706,38 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
                 }
                 b.current = nullptr;
                 // The warp's collective completes when every live lane has reached it.
-                unsigned live = 0, at = 0;
+                unsigned live = 0, at = 0, at_block = 0;
                 for (unsigned i = lo; i < hi; ++i)
-                    if (!fibers[i].done) ++live, at += fibers[i].waiting == 2;
+                    if (!fibers[i].done) ++live, at += fibers[i].waiting == 2, at_block += fibers[i].waiting == 1;
                 if (live && at == live)
                     for (unsigned i = lo; i < hi; ++i) fibers[i].waiting = 0;
-                else if (at)
+                else if (at && at_block)
                     fail("lanes of one warp wait at different points (divergent collective?)");
+                // Lanes still at an mbarrier or named barrier: the warp resumes when they are released.
             }
             continue;
         }
-        unsigned live = 0, at_block = 0;
+        unsigned live = 0, at[5] = {0, 0, 0, 0, 0};
         for (unsigned i = 0; i < n; ++i) {
             if (fibers[i].done) continue;
             ++live;
-            at_block += fibers[i].waiting == 1;
+            ++at[fibers[i].waiting];
         }
         if (live == 0) break;
-        if (at_block != live) fail("deadlock: threads wait at different barriers (divergent __syncthreads?)");
+        if (at[1] != live) {
+            char msg[256];
+            std::snprintf(msg, sizeof msg,
+                          "deadlock: of %u live threads, %u wait at __syncthreads, %u in a warp collective, %u on an "
+                          "mbarrier phase that never completes, %u at a named barrier",
+                          live, at[1], at[2], at[3], at[4]);
+            fail(msg);
+        }
         for (unsigned i = 0; i < n; ++i) fibers[i].waiting = 0;
     }
+    if (!b.tma.empty()) fail("the block ended with a TMA copy that never completed (nobody waited on its mbarrier)");
+    for (unsigned i = 0; i < n; ++i)
+        if (!fibers[i].wg_open.empty() || !fibers[i].wg_groups.empty())
+            fail("a thread exited with wgmma operations it never waited for");
     for (unsigned i = 0; i < n; ++i)
         if (!fibers[i].groups.empty() || !fibers[i].open.empty()) {
             // Copies never waited for: apply them so the result matches hardware, but say so.
@@ -461,7 +854,7 @@ CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     return FK_SUCCESS;
 }
 CUresult cuDeviceGetName(char* name, int len, CUdevice) {
-    std::snprintf(name, len, "fkemu CPU emulation of an sm_80 GPU");
+    std::snprintf(name, len, "fkemu CPU emulation of an sm_90 GPU");
     return FK_SUCCESS;
 }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
@@ -470,9 +863,10 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
 }
 CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice) {
     switch (attrib) {
-        case 75: *v = 8; break;   // compute capability major
+        case 75: *v = 9; break;   // compute capability major (Hopper: the sm_80 kernels run too)
         case 76: *v = 0; break;   // minor
         case 16: *v = 8; break;   // multiprocessors
+        case 97: *v = 232448; break;  // max shared memory per block, opt-in (sm_90: 227 KB)
         case 1: *v = 1024; break; // max threads per block
         case 115: *v = 0; break;  // memory pools: plain cuMemAlloc
         default: *v = 0;
@@ -593,7 +987,7 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
 }
 CUresult cuFuncSetAttribute(void* f, int attrib, int value) {
     if (attrib == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (value > 163 * 1024) return FK_INVALID_VALUE;  // sm_80's limit per block
+        if (value > 227 * 1024) return FK_INVALID_VALUE;  // sm_90's limit per block
         static_cast<fkemu::Function*>(f)->max_dynamic_smem = value;
     }
     return FK_SUCCESS;
@@ -611,6 +1005,41 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     if ((int)smem > fn->max_dynamic_smem) return FK_INVALID_VALUE;
     std::function<void()> body = [fn, params] { fn->entry.call(params); };
     fkemu::launch({gx, gy, gz}, {bx, by, bz}, smem, body);
+    return FK_SUCCESS;
+}
+// A TMA descriptor, with the driver documentation's limits (cuTensorMapEncodeTiled): 16-byte
+// aligned global address, strides multiples of 16 below 2^40, boxes of 1..256 elements per
+// dimension with an inner extent a multiple of 16 bytes and, swizzled, at most the swizzle span.
+// Only what the kernels use is accepted: no interleave, element strides 1, zero fill.
+CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* addr, const uint64_t* dims,
+                                const uint64_t* strides, const unsigned* box, const unsigned* estrides, int interleave,
+                                int swizzle, int, int oob_fill) {
+    static const int elem_of[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};
+    if (!map || reinterpret_cast<uintptr_t>(map) % 64 || rank < 1 || rank > 5 || dtype < 0 || dtype > 12)
+        return FK_INVALID_VALUE;
+    if (interleave != 0 || swizzle < 0 || swizzle > 3 || oob_fill != 0) return FK_INVALID_VALUE;
+    if (reinterpret_cast<uintptr_t>(addr) % 16) return FK_INVALID_VALUE;
+    fkemu::TensorMapEmu t{};
+    t.magic = fkemu::TMAP_MAGIC;
+    t.dtype = (uint8_t)dtype;
+    t.rank = (uint8_t)rank;
+    t.swizzle = (uint8_t)swizzle;
+    t.elem = (uint8_t)elem_of[dtype];
+    t.addr = reinterpret_cast<uint64_t>(addr);
+    for (unsigned i = 0; i < rank; ++i) {
+        if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32) - 1) return FK_INVALID_VALUE;
+        if (box[i] == 0 || box[i] > 256 || estrides[i] != 1) return FK_INVALID_VALUE;
+        t.dims[i] = (uint32_t)dims[i];
+        t.box[i] = (uint16_t)box[i];
+    }
+    for (unsigned i = 0; i + 1 < rank; ++i) {
+        if (strides[i] % 16 || strides[i] >= (uint64_t(1) << 40)) return FK_INVALID_VALUE;
+        t.strides[i] = strides[i];
+    }
+    const uint64_t inner = (uint64_t)box[0] * t.elem, span = swizzle == 3 ? 128 : swizzle == 2 ? 64 : swizzle == 1 ? 32 : 0;
+    if (inner % 16 || (span && inner > span)) return FK_INVALID_VALUE;
+    std::memset(map, 0, 128);
+    std::memcpy(map, &t, sizeof t);
     return FK_SUCCESS;
 }
 CUresult cuGetErrorString(CUresult e, const char** s) {

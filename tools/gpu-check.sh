@@ -42,7 +42,7 @@ if [ "${1:-}" = "--emulate" ]; then
     echo '#include "host_emulation.h"'
   } >"$emu/driver.cpp"
   printf '#define FKEMU_CUBLAS 1\n#include "host_emulation.h"\n' >"$emu/cublas.cpp"
-  flags=(-std=c++17 -O2 -g -fPIC -shared -Wall -Wno-unknown-pragmas -I"$emu/include" -Ikernels)
+  flags=(-std=c++17 -O2 -g -fPIC -shared -Wall -Wno-unknown-pragmas -Wno-psabi -I"$emu/include" -Ikernels)
   preload=""
   if [ "${2:-}" = "--asan" ]; then
     flags+=(-fsanitize=address -fno-omit-frame-pointer)

@@ -40,14 +40,24 @@ fn fwd_smem(d: usize, rows: usize) -> usize {
     (rows + 4 * BLOCK) * (d + PAD) * 2
 }
 
-/// Forward kernel variants (benchmarks compare them; `forward` uses the first).
+/// Forward kernel variants (benchmarks compare them; `forward` picks `Hopper` where it can run,
+/// else `Rows128`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdVariant {
     /// 128 query rows per block, two 16-row groups per warp (fk_attn_fwd).
     Rows128,
     /// 64 query rows per block, one group per warp (fk_attn_fwd_r64), the first version.
     Rows64,
+    /// The sm_90a kernel (kernels/attention_sm90.cu: TMA, wgmma, warp specialisation, the
+    /// softmax overlapped with the products and ping-pong between the consumer warpgroups):
+    /// compute capability 9.0, head dims 64 and 128, Q/K/V 16-byte aligned.
+    Hopper,
+    /// The same without the overlaps (fk_attn_fwd_sm90_serial), for the side-by-side benchmark.
+    HopperSerial,
 }
+
+/// Head dims the Hopper forward is built for.
+pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnDims {
@@ -174,8 +184,53 @@ fn check_dims(dims: AttnDims) -> Result<()> {
     Ok(())
 }
 
+/// The sm_90a forward, loaded only on compute capability 9.0 (its module holds sm_90a code only).
+struct HopperFwd {
+    _fam: Family,
+    pipelined: CudaFunction,
+    serial: CudaFunction,
+}
+
+/// A TMA descriptor over one [b·h, l, d] bf16 tensor at `ptr`, boxes of 64 columns (128 bytes:
+/// the 128-byte swizzle's span) × `box_rows` rows of one (batch, head); rows past l read as zeros.
+fn tensor_map(ptr: u64, dims: AttnDims, box_rows: usize) -> Result<FkTensorMap> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let AttnDims { b, h, l, d } = dims;
+    ensure!(ptr % 16 == 0, "TMA descriptor: tensor address {ptr:#x} is not 16-byte aligned");
+    let gdim: [u64; 3] = [d as u64, l as u64, (b * h) as u64];
+    let gstride: [u64; 2] = [(d * 2) as u64, (l * d * 2) as u64];
+    let boxd: [u32; 3] = [64, box_rows as u32, 1];
+    let estride: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: every array has `rank` (3) entries, strides rank − 1; `map` is a writable,
+    // suitably aligned CUtensorMap; the driver only encodes (it reads no device memory).
+    let r = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            gdim.as_ptr(),
+            gstride.as_ptr(),
+            boxd.as_ptr(),
+            estride.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    ensure!(r == CUresult::CUDA_SUCCESS, "cuTensorMapEncodeTiled for {dims:?}: {r:?}");
+    // SAFETY: initialised by the successful call above (and zeroed before it).
+    Ok(FkTensorMap { opaque: unsafe { map.assume_init() }.opaque })
+}
+
 pub struct GpuAttention {
     fam: Family,
+    hopper: Option<HopperFwd>,
     stream: Arc<CudaStream>,
     fwd: CudaFunction,
     fwd_r64: CudaFunction,
@@ -205,7 +260,17 @@ impl GpuAttention {
         } else {
             None
         };
+        let hopper = if gpu.ctx.compute_capability().context("compute capability")? == (9, 0) {
+            let hfam = Family::load(gpu, "attention_sm90")?;
+            let smem = FK_ATTN90_SMEM_D128 as usize;
+            let pipelined = hfam.function_smem(FK_ATTN_FWD_SM90, smem)?;
+            let serial = hfam.function_smem(FK_ATTN_FWD_SM90_SERIAL, smem)?;
+            Some(HopperFwd { _fam: hfam, pipelined, serial })
+        } else {
+            None
+        };
         Ok(GpuAttention {
+            hopper,
             stream: gpu.stream.clone(),
             fwd: f(FK_ATTN_FWD, fwd_max)?,
             fwd_r64: f(FK_ATTN_FWD_R64, fwd_smem(*HEAD_DIMS.last().unwrap(), BLOCK))?,
@@ -224,6 +289,20 @@ impl GpuAttention {
 
     pub fn has_cublas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// Whether the sm_90a forward is loaded (compute capability 9.0).
+    pub fn has_hopper(&self) -> bool {
+        self.hopper.is_some()
+    }
+
+    /// The forward `forward` and `forward_dev` run for head dim `d`.
+    pub fn default_variant(&self, d: usize) -> FwdVariant {
+        if self.hopper.is_some() && HOPPER_HEAD_DIMS.contains(&d) {
+            FwdVariant::Hopper
+        } else {
+            FwdVariant::Rows128
+        }
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -325,7 +404,7 @@ impl GpuAttention {
 
     /// O and LSE from Q, K, V (and the mask).
     pub fn forward(&self, bufs: &AttnBuffers) -> Result<()> {
-        self.forward_variant(bufs, FwdVariant::Rows128)
+        self.forward_variant(bufs, self.default_variant(bufs.dims.d))
     }
 
     pub fn forward_variant(&self, bufs: &AttnBuffers, v: FwdVariant) -> Result<()> {
@@ -354,8 +433,12 @@ impl GpuAttention {
     /// O and LSE on the caller's device buffers (the device-resident model).
     pub fn forward_dev(&self, dims: AttnDims, t: &AttnViews) -> Result<()> {
         let p = self.checked(dims, t, "attention")?;
+        let mut v = self.default_variant(dims.d);
+        if [p.q, p.k, p.v].iter().any(|a| a % 16 != 0) {
+            v = FwdVariant::Rows128; // TMA needs 16-byte aligned tensors
+        }
         // SAFETY: every tensor was checked against dims.
-        unsafe { self.launch_forward(dims, &params_of(dims, &p), FwdVariant::Rows128) }
+        unsafe { self.launch_forward(dims, &params_of(dims, &p), v) }
     }
 
     /// dQ, dK, dV on the caller's device buffers from dO and the forward's tensors.
@@ -383,6 +466,28 @@ impl GpuAttention {
         let (f, rows, name) = match v {
             FwdVariant::Rows128 => (&self.fwd, FWD_ROWS, "fk_attn_fwd"),
             FwdVariant::Rows64 => (&self.fwd_r64, BLOCK, "fk_attn_fwd_r64"),
+            FwdVariant::Hopper | FwdVariant::HopperSerial => {
+                let hop = self.hopper.as_ref().context("the Hopper attention forward needs compute capability 9.0")?;
+                ensure!(HOPPER_HEAD_DIMS.contains(&d), "the Hopper attention forward: head dim {d} is not 64 or 128");
+                let (bm, bn) = (FK_ATTN90_BLOCK_M as usize, FK_ATTN90_BLOCK_N as usize);
+                let hp = FkAttn90Params {
+                    tq: tensor_map(p.q, dims, bm)?,
+                    tk: tensor_map(p.k, dims, bn)?,
+                    tv: tensor_map(p.v, dims, bn)?,
+                    a: *p,
+                };
+                let smem = if d == 128 { FK_ATTN90_SMEM_D128 } else { FK_ATTN90_SMEM_D64 } as usize;
+                let threads = FK_ATTN90_THREADS as usize;
+                // SAFETY: the caller's contract; the descriptors cover the same tensors as `p`.
+                return unsafe {
+                    let (f, name) = if v == FwdVariant::Hopper {
+                        (&hop.pipelined, "fk_attn_fwd_sm90")
+                    } else {
+                        (&hop.serial, "fk_attn_fwd_sm90_serial")
+                    };
+                    launch(&self.stream, f, &hp, (l.div_ceil(bm), b * h, 1), threads, smem, name)
+                };
+            }
         };
         // SAFETY: the caller's contract.
         unsafe { self.launch(f, p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)) }.context(name)
