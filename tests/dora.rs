@@ -8,7 +8,7 @@
 
 mod common;
 use common::*;
-use flux_kernels::adapters::export::LoraFormatOut;
+use flux_kernels::adapters::export::{kohya_tensors, LoraFormatOut};
 use flux_kernels::adapters::formats::{load_lora, LoraFormat, UnknownKeys};
 use flux_kernels::adapters::Kind;
 use flux_kernels::cli::lora_cmd::{convert, merge};
@@ -112,18 +112,27 @@ fn bad_dora_files_are_refused_naming_file_and_key() {
     let e = err_string(load_lora(&lone, &cfg, UnknownKeys::Error));
     assert!(e.contains("lone.safetensors") && e.contains(key) && e.contains("no matching"), "{e}");
     // kohya's dora_scale covers a whole BFL module: the fixture's add_k_proj alone leaves the rest of
-    // txt_attn.qkv without magnitudes, so a kohya file is refused naming it; nothing written.
-    let out = dir.join("out.safetensors");
-    let e = err_string(convert(
-        model.to_str().unwrap(),
-        fixture("lora-peft-dora.safetensors").to_str().unwrap(),
-        &out,
-        LoraFormatOut::Kohya,
-        None,
-        UnknownKeys::Error,
-    ));
+    // txt_attn.qkv without magnitudes. Without the frozen weights that is refused, naming the module.
+    let f = load_lora(&fixture(PEFT_DORA), &cfg, UnknownKeys::Error).unwrap();
+    let e = err_string(kohya_tensors(&cfg, &f.terms, None));
     assert!(e.contains("double_blocks.0.txt_attn.qkv") && e.contains("--format peft"), "{e}");
-    assert!(!out.exists());
+}
+
+#[test]
+fn peft_dora_to_kohya_fills_uncovered_rows_with_their_frozen_norms() {
+    // With a model file, the rows no DoRA term updates take ‖W_row‖ (g = 1): exact.
+    let dir = tmpdir("dora-to-kohya");
+    let model = fixture("tiny-diffusers");
+    let out = dir.join("kohya.safetensors");
+    let src = fixture(PEFT_DORA);
+    convert(model.to_str().unwrap(), src.to_str().unwrap(), &out, LoraFormatOut::Kohya, None, UnknownKeys::Error)
+        .unwrap();
+    let (t, _) = read_all(&out);
+    let ds = t.iter().find(|x| x.0 == "lora_unet_double_blocks_0_txt_attn_qkv.dora_scale").expect("txt qkv");
+    assert_eq!(ds.1, vec![96, 1]);
+    let e = same_output(&out, &[(src, 1.0)]);
+    println!("lora convert PEFT DoRA -> kohya (add_k_proj alone on txt_attn.qkv): rel L2 {e:.2e}");
+    assert!(e < 1e-5, "{e:e}");
 }
 
 // ---- kohya / LyCORIS / ComfyUI DoRA files (`dora_scale`) ----
@@ -261,7 +270,7 @@ fn lora_convert_and_merge_write_dora_exactly() {
         println!("lora convert {name} DoRA -> peft: rel L2 {e:.2e}");
         assert!(e < 1e-5, "{name} -> peft: {e:e}");
     }
-    // kohya → kohya at strength 0.5 (without add_k_proj, which covers only part of txt_attn.qkv).
+    // kohya → kohya at strength 0.5.
     let whole = dir.join("kohya-whole.safetensors");
     kohya_dora(&whole, |m| !m.ends_with("add_k_proj"));
     let out = dir.join("kohya-half.safetensors");

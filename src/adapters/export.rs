@@ -172,9 +172,14 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
     Ok((tensors, meta))
 }
 
+/// The frozen weight's norm per output row of a BFL module (`dora::frozen_row_norms`), from a caller
+/// that has the weights: a kohya `dora_scale` covers the whole module, and a row no DoRA term
+/// updates keeps its output when its magnitude is that norm (g = 1).
+pub type FrozenNorms<'a> = &'a dyn Fn(&str) -> Result<Vec<f32>>;
+
 /// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`, and for DoRA
 /// LyCORIS's `dora_scale` [out, 1] (the form ComfyUI and LyCORIS read for a per-row norm).
-pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
+pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms>) -> Result<Vec<Named>> {
     let d_outs: BTreeMap<String, usize> = cfg
         .modules()
         .into_iter()
@@ -216,7 +221,7 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
             }
             off += t.rank();
         }
-        let scale = dora_scale(m, ts, d_out)?;
+        let scale = dora_scale(m, ts, d_out, norms)?;
         out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
         out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
         out.push((format!("{key}.alpha"), vec![], vec![r as f32]));
@@ -228,10 +233,11 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
 }
 
 /// The `dora_scale` of BFL module `module` from its terms, when they are DoRA: one magnitude per
-/// output row, so the DoRA terms must cover every row once (the block layout of the up factor
-/// keeps each row's update its own term's, so each row's norm is its term's) and no LoRA term may
-/// share the module (its rows would be rescaled too).
-fn dora_scale(module: &str, ts: &[&Term], d_out: usize) -> Result<Option<Vec<f32>>> {
+/// output row. The block layout of the up factor keeps each row's update its own term's, so each
+/// row's norm is its term's; a row no term updates (a DoRA term on diffusers' q/k/v leaves the
+/// rest of a fused linear) takes its frozen norm from `norms`, and is refused without it. No LoRA
+/// term may share the module (its rows would be rescaled too).
+fn dora_scale(module: &str, ts: &[&Term], d_out: usize, norms: Option<FrozenNorms>) -> Result<Option<Vec<f32>>> {
     if !ts.iter().any(|t| matches!(t.kind, Kind::Dora { .. })) {
         return Ok(None);
     }
@@ -242,11 +248,16 @@ fn dora_scale(module: &str, ts: &[&Term], d_out: usize) -> Result<Option<Vec<f32
         }
         scale[t.rows.clone()].copy_from_slice(t.magnitude());
     }
+    if let (Some(_), Some(norms)) = (scale.iter().position(|x| x.is_nan()), norms) {
+        let frozen = norms(module)?;
+        anyhow::ensure!(frozen.len() == d_out, "`{module}`: {} frozen row norms for {d_out} rows", frozen.len());
+        scale.iter_mut().zip(frozen).filter(|(s, _)| s.is_nan()).for_each(|(s, f)| *s = f);
+    }
     if let Some(row) = scale.iter().position(|x| x.is_nan()) {
         bail!(
             "`{module}`: its DoRA terms leave row {row} of {d_out} without a magnitude, and kohya's dora_scale covers \
-             the whole module (its frozen row norms are not known here); write --format peft, which keeps \
-             diffusers' split modules"
+             the whole module and the frozen row norms are not known here (give a model file, not a \
+             configuration name); or write --format peft, which keeps diffusers' split modules"
         );
     }
     Ok(Some(scale))
@@ -257,7 +268,7 @@ fn dora_scale(module: &str, ts: &[&Term], d_out: usize) -> Result<Option<Vec<f32
 pub const SCALE_IN_UP_KEY: &str = "flux_kernels.scale_in_up";
 
 /// Writes `terms` in `format` atomically (scales baked into B, alpha = rank); returns the file
-/// size in bytes.
+/// size in bytes. `norms`: the frozen row norms, for kohya DoRA modules the terms cover in part.
 pub fn write_lora(
     path: &Path,
     cfg: &FluxConfig,
@@ -265,6 +276,7 @@ pub fn write_lora(
     format: LoraFormatOut,
     dtype: Dtype,
     mut metadata: BTreeMap<String, String>,
+    norms: Option<FrozenNorms>,
 ) -> Result<u64> {
     metadata.insert(SCALE_IN_UP_KEY.into(), "true".into());
     let tensors = match format {
@@ -277,7 +289,7 @@ pub fn write_lora(
         LoraFormatOut::Kohya => {
             metadata.insert("ss_network_module".into(), "networks.lora_flux".into());
             metadata.insert("modelspec.architecture".into(), "flux-1-dev/lora".into());
-            kohya_tensors(cfg, terms)?
+            kohya_tensors(cfg, terms, norms)?
         }
     };
     let outs: Vec<OutTensor> = tensors
