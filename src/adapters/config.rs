@@ -10,6 +10,11 @@
 //! - a BFL module name, also by suffix (`img_attn.qkv`, `linear1`): the adapter is then one
 //!   low-rank term on the whole fused projection, as kohya trains it;
 //! - a glob with `*` / `?` over full diffusers or BFL names (`single_transformer_blocks.1*.proj_mlp`).
+//!
+//! Every linear of the model is a candidate, the top-level ones included: `x_embedder` (BFL
+//! `img_in`), `context_embedder` (`txt_in`), the time/guidance/text embedders, `norm_out.linear`
+//! and `proj_out` (`final_layer.linear`; `proj_out` also names every single block's output linear,
+//! as in PEFT, so the BFL name picks the last linear alone). The presets stay inside the blocks.
 
 use super::Term;
 use crate::model::config::{FluxConfig, ModuleKind};
