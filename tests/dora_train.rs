@@ -62,6 +62,9 @@ fn dora_training_step_matches_peft_autograd() {
     };
     let AdapterInit { specs, mut set } = init_adapters(&cfg, &lc, &mut Rng::new(3), Some(&weights)).unwrap();
     assert_eq!(specs.len(), 26);
+    // The count the trainer prints is PEFT's: every trainable tensor, magnitudes included.
+    let peft_count: usize = g.tensors().iter().filter(|(k, _)| k.starts_with("param.")).map(|(_, i)| i.numel()).sum();
+    assert_eq!(specs.iter().map(|s| s.param_count()).sum::<usize>(), peft_count);
     assert!(set.terms().iter().all(|t| matches!(t.kind, Kind::Dora { rank: 4 }) && t.sizes_ok()));
 
     // The initial magnitudes: PEFT's ‖W‖ per output row, in diffusers' row order under its key.
