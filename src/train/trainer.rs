@@ -282,8 +282,8 @@ struct Run {
     lc: LoraConfig,
     specs: Vec<AdapterSpec>,
     set: AdapterSet,
-    /// DoRA: each adapted module's frozen norm per output row, for a kohya export whose
-    /// `dora_scale` must cover rows no term updates (export::FrozenNorms).
+    /// DoRA written as kohya: each adapted module's frozen norm per output row, for a `dora_scale`
+    /// that must cover rows no term updates (export::FrozenNorms).
     frozen_norms: BTreeMap<String, Vec<f32>>,
     opt: AdamW,
     start: usize,
@@ -339,8 +339,11 @@ impl Run {
         let lc = lora_config(&tc)?;
         let mut rng = stream(tc.seed, u64::MAX, 0x1417);
         let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut rng, Some(&weights))?;
+        // Only a kohya file needs them (its dora_scale covers whole BFL modules): each weight is
+        // read once more here, not for a PEFT file.
         let mut frozen_norms = BTreeMap::new();
-        for t in set.terms().iter().filter(|t| matches!(t.kind, Kind::Dora { .. })) {
+        let kohya = matches!(tc.format.parse()?, LoraFormatOut::Kohya);
+        for t in set.terms().iter().filter(|t| kohya && matches!(t.kind, Kind::Dora { .. })) {
             if !frozen_norms.contains_key(&t.module) {
                 let lin = weights.linear(&t.module).ok_or_else(|| anyhow::anyhow!("no linear `{}`", t.module))?;
                 frozen_norms.insert(t.module.clone(), frozen_row_norms(&lin.weight.load()?, lin.d_in));
