@@ -135,7 +135,10 @@ pub fn merge(
     // A kohya DoRA module covered in part needs the frozen row norms: a model file has them.
     let norms = |module: &str| -> Result<Vec<f32>> {
         let ModelSpec::Checkpoint(ckpt) = &spec else {
-            bail!("`{module}`: the frozen weights are needed and --model {model} is a configuration name");
+            bail!(
+                "`{module}`: its DoRA terms cover part of its rows, and kohya's dora_scale needs every row's frozen \
+                 norm, but --model {model} is a configuration name: give the model file, or write --format peft"
+            );
         };
         let d_in = set.terms().iter().find(|t| t.module == module).map_or(1, |t| t.d_in);
         let w = ckpt.param(&format!("{module}.weight"))?.load()?;
