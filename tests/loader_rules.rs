@@ -10,7 +10,8 @@
 //!
 //! The files are the exports of short training runs on the tiny fixture model (alpha ≠ rank,
 //! rsLoRA with rank and alpha patterns, fused BFL targets), in every dialect the engine writes,
-//! plus `lora merge` outputs (several terms per module, ranks concatenated).
+//! plus `lora merge` outputs (several terms per module, ranks concatenated). A DoRA export in kohya
+//! form is merged by LyCORIS's rule and by ComfyUI's, which differ (measured and reported).
 
 mod common;
 use common::*;
@@ -359,4 +360,72 @@ fn files_with_alpha_other_than_rank_still_load_as_written() {
             assert!(e > 1e-2, "{l:?} on the old export: rel L2 {e:e}; the rule no longer tells the files apart");
         }
     }
+}
+
+/// How a reader rescales a kohya DoRA module (`dora_scale` [out, 1]) once W + ΔW is formed.
+#[derive(Clone, Copy, Debug)]
+enum DoraRule {
+    /// LyCORIS (the writer) and PEFT: m / ‖W + ΔW‖ per output row.
+    LyCoris,
+    /// ComfyUI and Forge `weight_decompose` (comfy/weight_adapter/base.py): for a [out, 1] scale
+    /// the norm of the original W, plus finfo(f32).eps.
+    ComfyUi,
+}
+
+/// The forward of the tiny inputs on the BFL base with a kohya DoRA file merged under `rule`.
+fn dora_rule_forward(rule: DoraRule, lora: &Path) -> Vec<f32> {
+    let f = View::open(lora);
+    let mut base = base_for(Dialect::Kohya);
+    for (module, a, b, r) in f.modules() {
+        let s = Loader::ComfyUi.scale(&f, &module, r);
+        let (shape, m) = &f.tensors[&format!("{module}.dora_scale")];
+        let key = weight_key(&base, &module);
+        let w = base.tensors.iter_mut().find(|t| t.0 == key).unwrap();
+        let (d_out, d_in) = (w.1[0], w.1[1]);
+        assert_eq!(shape, &vec![d_out, 1], "{module}");
+        for i in 0..d_out {
+            let row = &mut w.3[i * d_in..(i + 1) * d_in];
+            let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            let frozen = norm(row);
+            for (j, x) in row.iter_mut().enumerate() {
+                *x += s * (0..r).map(|k| b[i * r + k] * a[k * d_in + j]).sum::<f32>();
+            }
+            let n = match rule {
+                DoraRule::LyCoris => norm(row),
+                DoraRule::ComfyUi => frozen + f32::EPSILON as f64,
+            };
+            row.iter_mut().for_each(|x| *x *= (m[i] as f64 / n) as f32);
+        }
+        w.2 = Dtype::F32;
+    }
+    let p = std::env::temp_dir().join(format!("fk-dora-rule-{rule:?}-{}.safetensors", std::process::id()));
+    write_all(&p, &base.tensors, &BTreeMap::new());
+    let out = run_forward(&p, Some(TINY_AXES), &[]).unwrap();
+    let _ = std::fs::remove_file(&p);
+    out
+}
+
+#[test]
+fn kohya_dora_exports_apply_as_lycoris_computes_them_and_comfyui_differs() {
+    // A trained DoRA run written as kohya (dora_scale [out, 1]), merged by the writer's rule
+    // (LyCORIS = PEFT's math): the engine's output. ComfyUI/Forge take the norm of the frozen
+    // weight instead of W + ΔW, so they apply the same file somewhat differently: measured and
+    // reported here, not hidden (docs/adapters.md §3.1).
+    let dir = tmpdir("loader-rules-dora");
+    let cfg = Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap().cfg;
+    let lora = trained(&dir, &cfg, "dora", "kohya", |tc| {
+        tc.adapter = "dora".into();
+        tc.targets = "all,x_embedder,proj_out".into();
+        tc.save_dtype = "f32".into();
+    });
+    let engine = run_forward(&fixture("tiny-diffusers"), None, &[(lora.clone(), 1.0)]).unwrap();
+    let base = run_forward(&fixture("tiny-diffusers"), None, &[]).unwrap();
+    let lycoris = rel_l2(&dora_rule_forward(DoraRule::LyCoris, &lora), &engine);
+    let comfy = rel_l2(&dora_rule_forward(DoraRule::ComfyUi, &lora), &engine);
+    println!(
+        "kohya DoRA export (effect {:.2e} from the base): LyCORIS rule rel L2 {lycoris:.2e}, ComfyUI/Forge rule {comfy:.2e}",
+        rel_l2(&engine, &base)
+    );
+    assert!(lycoris < TOL, "LyCORIS rule: {lycoris:e}");
+    assert!(comfy > lycoris, "the ComfyUI rule should read the file differently: {comfy:e}");
 }

@@ -1,6 +1,7 @@
 //! The trainer end to end on the built-in tiny model: resume is bit-exact (dropout, caption
 //! dropout, accumulation and prior preservation included), Ctrl-C checkpoints, a non-finite loss
-//! stops cleanly, the demo's loss falls, and TOML keys and flags combine as documented.
+//! stops cleanly, the demo's loss falls, TOML keys and flags combine as documented, and the
+//! top-level linears train and export under diffusers' and kohya's names.
 
 mod common;
 use common::*;
@@ -10,6 +11,7 @@ use flux_kernels::model::config::FluxConfig;
 use flux_kernels::train::builtin::{synthetic_samples, tiny_config, write_samples};
 use flux_kernels::train::config::TrainConfig;
 use flux_kernels::train::trainer::train;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -134,4 +136,50 @@ fn toml_keys_and_flags_combine_flag_wins() {
     std::fs::write(&p, "rnak = 8\n").unwrap();
     let e = err_string(TrainArgs { config: Some(p), ..TrainArgs::default() }.resolve());
     assert!(e.contains("rnak") || e.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn top_level_linears_train_and_export_under_diffusers_and_kohya_names() {
+    // x_embedder / context_embedder by diffusers name, the final linear by BFL name (`proj_out`
+    // would also pick every single block's proj_out, as PEFT's suffix rule does).
+    let dir = tmpdir("train-top-level");
+    let model = fixture("tiny-diffusers");
+    let cfg = flux_kernels::model::checkpoint::Checkpoint::open(&model, None).unwrap().cfg;
+    let data = dataset(&dir.join("data"), &cfg, 4);
+    let mut outs = Vec::new();
+    let names = [
+        ("peft", ["transformer.x_embedder", "transformer.context_embedder", "transformer.proj_out"], "lora_B.weight"),
+        ("kohya", ["lora_unet_img_in", "lora_unet_txt_in", "lora_unet_final_layer_linear"], "lora_up.weight"),
+    ];
+    for (format, modules, up) in names {
+        let out = dir.join(format!("{format}.safetensors"));
+        let tc = TrainConfig {
+            model: model.display().to_string(),
+            data: data.clone(),
+            out: out.display().to_string(),
+            format: format.into(),
+            targets: "x_embedder,context_embedder,final_layer.linear".into(),
+            rank: 4,
+            steps: 4,
+            lr: 1e-2,
+            save_dtype: "f32".into(),
+            device: "cpu".into(),
+            ..TrainConfig::default()
+        };
+        train(tc, None, no_stop(), true).unwrap();
+        let (t, _) = read_all(&out);
+        let module = |k: &str| k.split_once(".lora_").map_or(k.trim_end_matches(".alpha"), |(m, _)| m).to_string();
+        let stored: BTreeSet<String> = t.iter().map(|x| module(&x.0)).collect();
+        assert_eq!(stored, modules.iter().map(|m| m.to_string()).collect::<BTreeSet<_>>(), "{format}");
+        for m in modules {
+            let b = &t.iter().find(|x| x.0 == format!("{m}.{up}")).unwrap_or_else(|| panic!("{m}.{up}")).3;
+            assert!(b.iter().any(|&v| v != 0.0), "{m}: the up factor did not train");
+        }
+        outs.push(run_forward(&model, None, &[(out, 1.0)]).unwrap());
+    }
+    let base = run_forward(&model, None, &[]).unwrap();
+    let effect = flux_kernels::util::rel_l2(&outs[0], &base);
+    let e = flux_kernels::util::rel_l2(&outs[1], &outs[0]);
+    println!("top-level adapters: effect {effect:.2e} from the base; kohya file vs PEFT file rel L2 {e:.2e}");
+    assert!(effect > 1e-3 && e < 1e-5, "effect {effect:e}, kohya vs peft {e:e}");
 }

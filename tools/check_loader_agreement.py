@@ -10,9 +10,10 @@ script checks the two diffusers paths with diffusers itself, on the tiny fixture
     (`_fetch_state_dict` takes the non-safetensors branch for a path without `weight_name`), so
     PEFT builds the adapter with alpha = rank.
 
-For each of two training runs (alpha 8 on rank 4; rsLoRA with rank and alpha patterns and a fused
-BFL target) it trains with the engine (PEFT format, bf16 as the default), records the engine's
-`forward --lora` output, loads the file both ways and compares: relative L2 < 1e-4 each.
+For each training run (alpha 8 on rank 4; rsLoRA with rank and alpha patterns and a fused BFL
+target; the top-level linears alone; DoRA, `--adapter dora`) it trains with the engine (PEFT
+format, bf16 as the default), records the engine's `forward --lora` output, loads the file both
+ways and compares: relative L2 < 1e-4 each.
 Exit status 1 on any mismatch.
 
 Run (venv as in tools/make_fixtures.py; tools/.venv is git-ignored):
@@ -41,6 +42,14 @@ RUNS = {
     "rslora": ["--rank", "4", "--alpha", "6", "--rslora", "--rank-pattern", "to_q=2,linear2=8",
                "--alpha-pattern", "to_k=3,txt_attn.qkv=12",
                "--targets", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,txt_attn.qkv,linear2"],
+    # The top-level linears alone (issue 16 §2): x_embedder, context_embedder, and the final linear by its
+    # BFL name (written as diffusers' proj_out).
+    "top-level": ["--rank", "4", "--alpha", "8", "--targets", "x_embedder,context_embedder,final_layer.linear"],
+    # DoRA (issue 16 §2): lora_magnitude_vector and use_dora; a fused BFL target split into add_q/k/v,
+    # top-level linears, norm_out.linear's swapped rows.
+    "dora": ["--adapter", "dora", "--rank", "4", "--alpha", "8",
+             "--targets", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,proj_mlp,proj_out,txt_attn.qkv,x_embedder,"
+                          "context_embedder,norm_out.linear"],
 }
 
 

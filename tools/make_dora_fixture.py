@@ -38,6 +38,43 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_m
 R, ALPHA = 4, 8
 
 
+def randomize(m, gen):
+    """Moves every DoRA module's A, B and magnitude off PEFT's start (B = 0, m = ‖W‖) so that every part of DoRA
+    moves the output: A ~ N(0, 1/in), B scaled so s·B·A is ~0.3 of W, m times 1 + N(0, 0.2²)."""
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, LoraLayer):
+                a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                a.copy_(torch.randn(a.shape, generator=gen) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.3 / ((ALPHA / R) * R ** 0.5))
+                mag = mod.lora_magnitude_vector["default"].weight
+                mag.mul_(1 + 0.2 * torch.randn(mag.shape, generator=gen))
+
+
+def dora_leaves(m):
+    """Every adapter tensor under the key PEFT saves it as (`transformer.<module>.lora_A.weight`, …)."""
+    out = {}
+    for name, p in m.named_parameters():
+        for part, suffix in (("lora_A.weight", ".lora_A.default.weight"), ("lora_B.weight", ".lora_B.default.weight"),
+                             ("lora_magnitude_vector", ".lora_magnitude_vector.default.weight")):
+            if name.endswith(suffix):
+                out[f"transformer.{name[: -len(suffix)]}.{part}"] = p
+    return out
+
+
+def loss_backward(m, leaves, inp, target):
+    """mean((out - target)²) of the model on `inp`, its gradients into the `leaves` alone."""
+    m.requires_grad_(False)
+    for p in leaves.values():
+        p.requires_grad_(True)
+    y = m(hidden_states=inp["img"], encoder_hidden_states=inp["txt"], pooled_projections=inp["y"],
+          timestep=inp["timesteps"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
+          return_dict=False)[0]
+    loss = ((y - target) ** 2).mean()
+    loss.backward()
+    return loss
+
+
 def main():
     torch.manual_seed(1611)
     gen = torch.Generator().manual_seed(1611)
@@ -46,14 +83,7 @@ def main():
     m = FluxTransformer2DModel.from_pretrained(os.path.join(F, "tiny-diffusers"), torch_dtype=torch.float32).eval()
     cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), use_dora=True)
     m.add_adapter(copy.deepcopy(cfg))
-    with torch.no_grad():
-        for name, mod in m.named_modules():
-            if isinstance(mod, LoraLayer):
-                a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-                a.copy_(torch.randn(a.shape, generator=gen) / a.shape[1] ** 0.5)
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.3 / ((ALPHA / R) * R ** 0.5))
-                mag = mod.lora_magnitude_vector["default"].weight
-                mag.mul_(1 + 0.2 * torch.randn(mag.shape, generator=gen))
+    randomize(m, gen)
     m.eval()
     sd = {k: v.detach().clone().float().contiguous() for k, v in get_peft_model_state_dict(m).items()}
     assert any(k.endswith("lora_magnitude_vector") for k in sd), sorted(sd)[:6]
@@ -67,20 +97,9 @@ def main():
     out_half = run_model(m, inp)
     m.set_adapters("default", weights=1.0)
 
-    leaves = {}
-    m.requires_grad_(False)
-    for name, p in m.named_parameters():
-        for part, suffix in (("lora_A.weight", ".lora_A.default.weight"), ("lora_B.weight", ".lora_B.default.weight"),
-                             ("lora_magnitude_vector", ".lora_magnitude_vector.default.weight")):
-            if name.endswith(suffix):
-                p.requires_grad_(True)
-                leaves[f"transformer.{name[: -len(suffix)]}.{part}"] = p
+    leaves = dora_leaves(m)
     assert set(leaves) == {f"transformer.{k}" for k in sd}, sorted(set(leaves) ^ {f"transformer.{k}" for k in sd})
-    y = m(hidden_states=inp["img"], encoder_hidden_states=inp["txt"], pooled_projections=inp["y"],
-          timestep=inp["timesteps"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
-          return_dict=False)[0]
-    loss = ((y - target) ** 2).mean()
-    loss.backward()
+    loss = loss_backward(m, leaves, inp, target)
     res = {"out": out, "out_half": out_half, "loss": loss.detach().reshape(1)}
     res.update({f"grad.{k}": p.grad.detach().clone() for k, p in leaves.items()})
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(F, "lora-peft-dora-expected.safetensors"))

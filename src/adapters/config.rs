@@ -10,6 +10,11 @@
 //! - a BFL module name, also by suffix (`img_attn.qkv`, `linear1`): the adapter is then one
 //!   low-rank term on the whole fused projection, as kohya trains it;
 //! - a glob with `*` / `?` over full diffusers or BFL names (`single_transformer_blocks.1*.proj_mlp`).
+//!
+//! Every linear of the model is a candidate, the top-level ones included: `x_embedder` (BFL
+//! `img_in`), `context_embedder` (`txt_in`), the time/guidance/text embedders, `norm_out.linear`
+//! and `proj_out` (`final_layer.linear`; `proj_out` also names every single block's output linear,
+//! as in PEFT, so the BFL name picks the last linear alone). The presets stay inside the blocks.
 
 use super::Term;
 use crate::model::config::{FluxConfig, ModuleKind};
@@ -32,6 +37,8 @@ pub struct LoraConfig {
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f32)>,
     pub init: Init,
+    /// DoRA (PEFT's `use_dora`): each adapter also trains a magnitude per output row.
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -46,6 +53,7 @@ impl Default for LoraConfig {
             rank_pattern: vec![],
             alpha_pattern: vec![],
             init: Init::KaimingUniform,
+            use_dora: false,
         }
     }
 }
@@ -60,11 +68,14 @@ pub struct AdapterSpec {
     pub d_in: usize,
     pub rank: usize,
     pub alpha: f32,
+    /// DoRA: a magnitude per output row besides A and B.
+    pub dora: bool,
 }
 
 impl AdapterSpec {
     pub fn param_count(&self) -> usize {
-        self.rank * (self.d_in + self.target.rows.len())
+        let rows = self.target.rows.len();
+        self.rank * (self.d_in + rows) + if self.dora { rows } else { 0 }
     }
 }
 
@@ -184,6 +195,7 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
                 d_in: d_in_of(&t.module),
                 rank,
                 alpha,
+                dora: lc.use_dora,
             });
         }
     }
@@ -191,7 +203,8 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
         if bfl_sel.contains(name) {
             let (rank, alpha) = pick(name, lc.rank, lc.alpha);
             let target = BflTarget { module: name.clone(), rows: 0..*d_out, swap_halves: false };
-            out.push(AdapterSpec { name: name.clone(), diffusers: false, target, d_in: *d_in, rank, alpha });
+            let dora = lc.use_dora;
+            out.push(AdapterSpec { name: name.clone(), diffusers: false, target, d_in: *d_in, rank, alpha, dora });
         }
     }
     if let Some(s) = out.iter().find(|s| s.rank == 0) {
@@ -249,9 +262,22 @@ impl LoraConfig {
     }
 
     /// A new term for `spec` with PEFT's initialisation (B = 0, so it starts as the base model).
-    pub fn init_term(&self, spec: &AdapterSpec, rng: &mut Rng) -> Term {
+    /// `frozen` gives a module's frozen weight [d_out, d_in] (f32), which a DoRA term's magnitude
+    /// starts from: PEFT's ‖W + s·B·A‖ per output row with B = 0, so g = 1 at the start.
+    pub fn init_term(
+        &self,
+        spec: &AdapterSpec,
+        rng: &mut Rng,
+        frozen: &dyn Fn(&str) -> Result<Vec<f32>>,
+    ) -> Result<Term> {
         let (a, b) = super::lora::init(self.init, spec.rank, spec.d_in, spec.target.rows.len(), rng);
-        Term::lora(&spec.target.module, spec.target.rows.clone(), spec.d_in, spec.rank, self.scale(spec), a, b)
+        let t = Term::lora(&spec.target.module, spec.target.rows.clone(), spec.d_in, spec.rank, self.scale(spec), a, b);
+        if !spec.dora {
+            return Ok(t);
+        }
+        let w = frozen(&spec.target.module)?;
+        let magnitude = super::dora::row_norms(&t, &w, spec.d_in);
+        Ok(t.with_magnitude(magnitude))
     }
 }
 

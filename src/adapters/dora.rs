@@ -32,6 +32,12 @@ pub fn row_norms(t: &Term, weight: &[f32], k: usize) -> Vec<f32> {
         .collect()
 }
 
+/// ‖W[row]‖ for every row of W [n, k]: the magnitude that leaves a row without an update as it is
+/// (g = 1), the same value `row_norms` gives such a row.
+pub fn frozen_row_norms(weight: &[f32], k: usize) -> Vec<f32> {
+    weight.chunks(k).map(|w| w.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32).collect()
+}
+
 /// The frozen weight and product the model passes to modules with a DoRA term.
 fn frozen<'a>(t: &Term, c: &LinearCall<'a>) -> Frozen<'a> {
     // The set asks for them (`needs_frozen`) on every module with a DoRA term: a missing one is a

@@ -63,10 +63,25 @@ fn concat_terms(parts: &[Factors], rows: usize, d_in: usize) -> (Vec<f32>, Vec<f
     (a, b, r_total)
 }
 
-/// diffusers/PEFT tensors and the PEFT config (`lora_adapter_metadata`) describing them.
+/// Why DoRA terms cannot be written as they are: DoRA rescales the frozen weight plus its own
+/// update, so a DoRA term does not add to another term on the same rows, and a file holds one
+/// magnitude per row.
+fn dora_not_alone(module: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`{module}` would carry a DoRA term together with other terms on the same rows; DoRA rescales the frozen \
+         weight plus its own update, so it does not sum with another adapter exactly: merge the DoRA file alone, \
+         or apply the files side by side (--lora A --lora B)"
+    )
+}
+
+/// diffusers/PEFT tensors and the PEFT config (`lora_adapter_metadata`) describing them. DoRA
+/// terms are written as PEFT writes them (`lora_magnitude_vector` [out], `use_dora`), each
+/// diffusers module either all DoRA or all LoRA across the file (PEFT's config has one `use_dora`).
 pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, serde_json::Value)> {
-    // diffusers module → [(A, B rows of that module in diffusers order, rank, scale)]
-    let mut by_part: BTreeMap<String, (usize, Vec<Factors>)> = BTreeMap::new();
+    // diffusers module → (rows, [(A, B rows of that module in diffusers order, rank, scale)],
+    // magnitude of those rows when the one term is DoRA)
+    type Part = (usize, Vec<Factors>, Option<Vec<f32>>);
+    let mut by_part: BTreeMap<String, Part> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for t in terms {
         let dm = diffusers_module(&t.module, cfg).ok_or_else(|| anyhow::anyhow!("`{}` is not a module", t.module))?;
@@ -82,27 +97,50 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
             }
             let lo = pr.start - t.rows.start;
             let mut b = t.b()[lo * t.rank()..(lo + p.rows) * t.rank()].to_vec();
+            let mut mag = matches!(t.kind, Kind::Dora { .. }).then(|| t.magnitude()[lo..lo + p.rows].to_vec());
             if dm.swap_halves {
                 b.rotate_left(p.rows / 2 * t.rank());
+                if let Some(m) = mag.as_mut() {
+                    m.rotate_left(p.rows / 2);
+                }
             }
             let e = by_part.entry(p.name.clone()).or_insert_with(|| {
                 order.push(p.name.clone());
-                (p.rows, Vec::new())
+                (p.rows, Vec::new(), None)
             });
+            if mag.is_some() || e.2.is_some() {
+                if !e.1.is_empty() {
+                    return Err(dora_not_alone(&p.name));
+                }
+                e.2 = mag;
+            }
             e.1.push((t.a().to_vec(), b, t.rank(), t.scale));
         }
+    }
+    let dora = order.iter().filter(|n| by_part[*n].2.is_some()).count();
+    if dora > 0 && dora < order.len() {
+        let lora = order.iter().find(|n| by_part[*n].2.is_none()).expect("some module is LoRA");
+        bail!(
+            "the terms mix DoRA and plain LoRA modules (`{lora}` is LoRA): PEFT's config has one use_dora for the \
+             whole file, so diffusers would rescale the LoRA modules too; write --format kohya, which marks DoRA \
+             per module"
+        );
     }
     let mut tensors = Vec::new();
     let mut ranks: BTreeMap<String, usize> = BTreeMap::new();
     let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
     for name in &order {
-        let (rows, parts) = &by_part[name];
+        let (rows, parts, mag) = &by_part[name];
         let d_in = parts[0].0.len() / parts[0].2;
         let (a, b, r) = concat_terms(parts, *rows, d_in);
-        // The scale is in B: alpha = rank for every loader (module doc).
+        // The scale is in B: alpha = rank for every loader (module doc). DoRA's rescale depends on
+        // W + s·B·A only, so it is unchanged by moving s into B.
         let alpha = r as f32;
         tensors.push((format!("transformer.{name}.lora_A.weight"), vec![r, d_in], a));
         tensors.push((format!("transformer.{name}.lora_B.weight"), vec![*rows, r], b));
+        if let Some(m) = mag {
+            tensors.push((format!("transformer.{name}.lora_magnitude_vector"), vec![*rows], m.clone()));
+        }
         ranks.insert(name.clone(), r);
         alphas.insert(name.clone(), alpha);
     }
@@ -125,7 +163,7 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
         "transformer.alpha_pattern": alpha_pattern,
         "transformer.lora_dropout": 0.0,
         "transformer.use_rslora": false,
-        "transformer.use_dora": false,
+        "transformer.use_dora": dora > 0,
         "transformer.init_lora_weights": true,
         "transformer.bias": "none",
         "transformer.fan_in_fan_out": false,
@@ -134,8 +172,14 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
     Ok((tensors, meta))
 }
 
-/// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`.
-pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
+/// The frozen weight's norm per output row of a BFL module (`dora::frozen_row_norms`), from a caller
+/// that has the weights: a kohya `dora_scale` covers the whole module, and a row no DoRA term
+/// updates keeps its output when its magnitude is that norm (g = 1).
+pub type FrozenNorms<'a> = &'a dyn Fn(&str) -> Result<Vec<f32>>;
+
+/// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`, and for DoRA
+/// LyCORIS's `dora_scale` [out, 1] (the form ComfyUI and LyCORIS read for a per-row norm).
+pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms>) -> Result<Vec<Named>> {
     let d_outs: BTreeMap<String, usize> = cfg
         .modules()
         .into_iter()
@@ -177,11 +221,46 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
             }
             off += t.rank();
         }
+        let scale = dora_scale(m, ts, d_out, norms)?;
         out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
         out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
         out.push((format!("{key}.alpha"), vec![], vec![r as f32]));
+        if let Some(s) = scale {
+            out.push((format!("{key}.dora_scale"), vec![d_out, 1], s));
+        }
     }
     Ok(out)
+}
+
+/// The `dora_scale` of BFL module `module` from its terms, when they are DoRA: one magnitude per
+/// output row. The block layout of the up factor keeps each row's update its own term's, so each
+/// row's norm is its term's; a row no term updates (a DoRA term on diffusers' q/k/v leaves the
+/// rest of a fused linear) takes its frozen norm from `norms`, and is refused without it. No LoRA
+/// term may share the module (its rows would be rescaled too).
+fn dora_scale(module: &str, ts: &[&Term], d_out: usize, norms: Option<FrozenNorms>) -> Result<Option<Vec<f32>>> {
+    if !ts.iter().any(|t| matches!(t.kind, Kind::Dora { .. })) {
+        return Ok(None);
+    }
+    let mut scale = vec![f32::NAN; d_out];
+    for t in ts {
+        if !matches!(t.kind, Kind::Dora { .. }) || t.rows.clone().any(|row| !scale[row].is_nan()) {
+            return Err(dora_not_alone(module));
+        }
+        scale[t.rows.clone()].copy_from_slice(t.magnitude());
+    }
+    if let (Some(_), Some(norms)) = (scale.iter().position(|x| x.is_nan()), norms) {
+        let frozen = norms(module)?;
+        anyhow::ensure!(frozen.len() == d_out, "`{module}`: {} frozen row norms for {d_out} rows", frozen.len());
+        scale.iter_mut().zip(frozen).filter(|(s, _)| s.is_nan()).for_each(|(s, f)| *s = f);
+    }
+    if let Some(row) = scale.iter().position(|x| x.is_nan()) {
+        bail!(
+            "`{module}`: its DoRA terms leave row {row} of {d_out} without a magnitude, and kohya's dora_scale covers \
+             the whole module and the frozen row norms are not known here (give a model file, not a \
+             configuration name); or write --format peft, which keeps diffusers' split modules"
+        );
+    }
+    Ok(Some(scale))
 }
 
 /// Metadata key saying that every term's scale is multiplied into its up factor and the stored
@@ -189,7 +268,7 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
 pub const SCALE_IN_UP_KEY: &str = "flux_kernels.scale_in_up";
 
 /// Writes `terms` in `format` atomically (scales baked into B, alpha = rank); returns the file
-/// size in bytes.
+/// size in bytes. `norms`: the frozen row norms, for kohya DoRA modules the terms cover in part.
 pub fn write_lora(
     path: &Path,
     cfg: &FluxConfig,
@@ -197,14 +276,8 @@ pub fn write_lora(
     format: LoraFormatOut,
     dtype: Dtype,
     mut metadata: BTreeMap<String, String>,
+    norms: Option<FrozenNorms>,
 ) -> Result<u64> {
-    if let Some(t) = terms.iter().find(|t| !matches!(t.kind, Kind::Lora { .. })) {
-        bail!(
-            "`{}` has a {} term: lora convert and merge write LoRA terms only so far (use the file as it is)",
-            t.module,
-            t.kind.name()
-        );
-    }
     metadata.insert(SCALE_IN_UP_KEY.into(), "true".into());
     let tensors = match format {
         LoraFormatOut::Peft => {
@@ -216,7 +289,7 @@ pub fn write_lora(
         LoraFormatOut::Kohya => {
             metadata.insert("ss_network_module".into(), "networks.lora_flux".into());
             metadata.insert("modelspec.architecture".into(), "flux-1-dev/lora".into());
-            kohya_tensors(cfg, terms)?
+            kohya_tensors(cfg, terms, norms)?
         }
     };
     let outs: Vec<OutTensor> = tensors

@@ -72,7 +72,8 @@ pub struct FactorKeys {
     pub down: String,
     pub up: String,
     pub alpha: Option<String>,
-    /// DoRA's magnitude vector (PEFT `lora_magnitude_vector`), when the term is DoRA.
+    /// DoRA's magnitude vector (PEFT `lora_magnitude_vector` [out], or LyCORIS/kohya `dora_scale`
+    /// [out, 1] as ComfyUI reads it), when the term is DoRA.
     pub magnitude: Option<String>,
     /// B's rows are stored in diffusers' [scale; shift] order (norm_out.linear).
     pub swap_halves: bool,
@@ -84,6 +85,8 @@ enum Role {
     Up,
     Alpha,
     Magnitude,
+    /// LyCORIS's DoRA magnitude as kohya-style files carry it (`<module>.dora_scale`).
+    DoraScale,
 }
 
 fn split_role(key: &str) -> Option<(&str, Role)> {
@@ -95,6 +98,7 @@ fn split_role(key: &str) -> Option<(&str, Role)> {
         (".alpha", Role::Alpha),
         (".lora_magnitude_vector", Role::Magnitude),
         (".lora_magnitude_vector.weight", Role::Magnitude),
+        (".dora_scale", Role::DoraScale),
     ] {
         if let Some(m) = key.strip_suffix(suf) {
             return Some((m, role));
@@ -236,8 +240,8 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let Some((module, role)) = split_role(key) else {
             reject(
                 key,
-                "is not a LoRA factor, alpha or PEFT DoRA magnitude this loader understands (kohya DoRA `dora_scale`, \
-                 biases and LoKr are not supported)"
+                "is not a LoRA factor, alpha or DoRA magnitude (`lora_magnitude_vector`, `dora_scale`) this loader \
+                 understands (biases and LoKr are not supported)"
                     .into(),
             )?;
             continue;
@@ -251,7 +255,12 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             Role::Down => g.down = Some(key.clone()),
             Role::Up => g.up = Some(key.clone()),
             Role::Alpha => g.alpha = Some(key.clone()),
-            Role::Magnitude => g.magnitude = Some(key.clone()),
+            Role::Magnitude | Role::DoraScale => {
+                if let Some(other) = &g.magnitude {
+                    bail!("{p}: DoRA magnitudes `{other}` and `{key}` both act on `{module}`; a module takes one");
+                }
+                g.magnitude = Some(key.clone());
+            }
         }
     }
     let meta = peft_meta(&st)?;
@@ -272,7 +281,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         formats.insert(fmt);
         let (_, d_in) = names.bfl[&target.module];
         // An I8/U8 factor would otherwise be integer codes taken for numbers: a LoRA has no scales.
-        for k in [Some(down), Some(up), g.alpha.as_ref()].into_iter().flatten() {
+        for k in [Some(down), Some(up), g.alpha.as_ref(), g.magnitude.as_ref()].into_iter().flatten() {
             if let Some(info) = st.info(k) {
                 require_float(info.dtype).with_context(|| format!("{p}: LoRA tensor `{k}`"))?;
             }
@@ -328,7 +337,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
             b.rotate_left(half);
         }
         let magnitude = match &g.magnitude {
-            Some(mk) => Some(read_magnitude(&st, mk, target.rows.len(), target.swap_halves)?),
+            Some(mk) => Some(read_magnitude(&st, mk, target.rows.len(), d_in, target.swap_halves)?),
             None => None,
         };
         modules.insert(module.clone(), (rank, alpha));
@@ -351,11 +360,25 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     Ok(LoraFile { path: path.to_path_buf(), formats, terms, keys, modules, skipped, alpha_source })
 }
 
-/// A DoRA magnitude: one finite value per output row of its module, in BFL row order.
-fn read_magnitude(st: &SafeTensors, key: &str, rows: usize, swap_halves: bool) -> Result<Vec<f32>> {
+/// A DoRA magnitude: one finite value per output row of its module, in BFL row order. PEFT's
+/// `lora_magnitude_vector` is [rows]; LyCORIS's `dora_scale` (kohya-style files, ComfyUI) is
+/// [rows, 1] when it decomposes per output row (`wd_on_out`, LyCORIS's default and PEFT's rule)
+/// and [1, d_in] when per input column, which is another decomposition and is refused.
+fn read_magnitude(st: &SafeTensors, key: &str, rows: usize, d_in: usize, swap_halves: bool) -> Result<Vec<f32>> {
     let p = st.path().display();
     let (shape, mut m) = st.read_f32(key)?;
-    if shape != [rows] {
+    if key.ends_with(".dora_scale") {
+        if shape == [1, d_in] && rows != 1 {
+            bail!(
+                "{p}: DoRA magnitude `{key}` has shape {shape:?}: a norm per input column (LyCORIS wd_on_out = \
+                 false), which this engine does not apply; only the per-output-row form [{rows}, 1] (LyCORIS's \
+                 default, PEFT's rule) is supported"
+            );
+        }
+        if shape != [rows, 1] {
+            bail!("{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}, 1] (one per output row of its module)");
+        }
+    } else if shape != [rows] {
         bail!("{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}] (one per output row of its module)");
     }
     if m.iter().any(|x| !x.is_finite()) {

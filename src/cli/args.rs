@@ -97,8 +97,10 @@ pub struct AdapterArgs {
     /// Comma-separated targets: presets attn, attn-mlp (diffusers' default), all (every linear in
     /// the blocks, kohya's set); diffusers names matched as PEFT does, by suffix (to_q hits double
     /// and single blocks); BFL names (img_attn.qkv, linear1) for one adapter on a fused
-    /// projection; or globs over full names (single_transformer_blocks.1?.proj_mlp). Default
-    /// attn-mlp (the built-in training demo: all, with modulation).
+    /// projection; or globs over full names (single_transformer_blocks.1?.proj_mlp). The
+    /// top-level linears too: x_embedder, context_embedder, and final_layer.linear (diffusers'
+    /// proj_out, a name that also hits every single block's proj_out). Default attn-mlp (the
+    /// built-in training demo: all, with modulation).
     #[arg(long)]
     pub targets: Option<String>,
     /// With the `all` preset, also adapt the modulation linears (norm1.linear, norm.linear …).

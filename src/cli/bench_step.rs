@@ -88,7 +88,7 @@ pub fn run(a: &Args) -> Result<String> {
     let tc = TrainConfig { rank: a.rank, targets: a.targets.clone(), ..TrainConfig::default() };
     let lc = lora_config(&tc)?;
     let mut rng = Rng::new(42);
-    let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng)?;
+    let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng, None)?;
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
     let opts = EngineOptions { base, checkpointing };

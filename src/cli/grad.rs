@@ -113,7 +113,9 @@ pub fn run(
         tensors.push((k.down.clone(), vec![t.rank(), t.d_in], da.clone()));
         tensors.push((k.up.clone(), vec![t.rows.len(), t.rank()], db));
         if let (Some(name), Some(dm)) = (&k.magnitude, dm) {
-            tensors.push((name.clone(), vec![t.rows.len()], dm));
+            // In the file's shape: PEFT's [out], LyCORIS's dora_scale [out, 1].
+            let shape = if name.ends_with(".dora_scale") { vec![t.rows.len(), 1] } else { vec![t.rows.len()] };
+            tensors.push((name.clone(), shape, dm));
         }
     }
     let outs: Vec<OutTensor> =

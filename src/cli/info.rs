@@ -146,7 +146,21 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     writeln!(s, "  format: {}", formats.join(" + "))?;
     let dora = f.terms.iter().filter(|t| matches!(t.kind, crate::adapters::Kind::Dora { .. })).count();
     if dora > 0 {
-        writeln!(s, "  kind: DoRA ({dora} of {} terms carry a magnitude vector; CPU engine only)", f.terms.len())?;
+        // Which form the magnitudes have: PEFT's lora_magnitude_vector [out], LyCORIS's dora_scale [out, 1].
+        let mut forms: Vec<&str> = f
+            .keys
+            .iter()
+            .filter_map(|k| k.magnitude.as_deref())
+            .map(|m| if m.ends_with(".dora_scale") { "dora_scale" } else { "lora_magnitude_vector" })
+            .collect();
+        forms.sort();
+        forms.dedup();
+        writeln!(
+            s,
+            "  kind: DoRA ({dora} of {} terms carry a magnitude vector, {}; CPU engine only)",
+            f.terms.len(),
+            forms.join(" + ")
+        )?;
     }
     let ra: Vec<String> = pairs.iter().map(|(r, a)| format!("rank: {r}, alpha: {a}")).collect();
     writeln!(s, "  {} (from {})", ra.join("; "), f.alpha_source)?;

@@ -1,6 +1,7 @@
 //! `flux-kernels lora convert` and `lora merge`: exact rewrites between LoRA formats.
 
-use super::{open_model, parse_unknown};
+use super::{open_model, parse_unknown, ModelSpec};
+use crate::adapters::dora::frozen_row_norms;
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::formats::{load_lora, parse_lora_arg, UnknownKeys};
 use crate::adapters::AdapterSet;
@@ -131,6 +132,18 @@ pub fn merge(
         sources.push(format!("{}:{s}", p.display()));
     }
     let meta = BTreeMap::from([("flux_kernels.sources".to_string(), sources.join(", "))]);
-    let size = write_lora(out, cfg, set.terms(), format, dtype, meta)?;
+    // A kohya DoRA module covered in part needs the frozen row norms: a model file has them.
+    let norms = |module: &str| -> Result<Vec<f32>> {
+        let ModelSpec::Checkpoint(ckpt) = &spec else {
+            bail!(
+                "`{module}`: its DoRA terms cover part of its rows, and kohya's dora_scale needs every row's frozen \
+                 norm, but --model {model} is a configuration name: give the model file, or write --format peft"
+            );
+        };
+        let d_in = set.terms().iter().find(|t| t.module == module).map_or(1, |t| t.d_in);
+        let w = ckpt.param(&format!("{module}.weight"))?.load()?;
+        Ok(frozen_row_norms(&w, d_in))
+    };
+    let size = write_lora(out, cfg, set.terms(), format, dtype, meta, Some(&norms))?;
     Ok(format!("wrote {} ({} bytes, {} factors)", out.display(), thousands(size as usize), dtype.name()))
 }

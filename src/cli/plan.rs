@@ -161,7 +161,8 @@ fn device_memory() -> Result<usize> {
 /// when it exceeds the device's memory. The trainer keeps every block's activations (it has no
 /// checkpointing yet) and the modulation weights on the device, so that is what is planned.
 pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
-    if tc.device == "cpu" {
+    // DoRA trains on the CPU path whatever --device says (the trainer's train_device).
+    if tc.device == "cpu" || tc.adapter == "dora" {
         return Ok(());
     }
     check_against(tc, device_memory())

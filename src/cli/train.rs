@@ -58,6 +58,12 @@ pub struct Args {
     /// A initialisation: kaiming (PEFT default) or gaussian.
     #[arg(long)]
     pub init: Option<String>,
+    /// Adapter kind: lora (default) or dora (PEFT's use_dora: each adapted linear's rows are
+    /// rescaled to a trained magnitude; trains on the CPU path for now, written with
+    /// lora_magnitude_vector, or dora_scale with --format kohya).
+    /// (TOML key `adapter`.)
+    #[arg(long = "adapter", value_name = "lora|dora")]
+    pub adapter_kind: Option<String>,
     /// Optimizer steps. Default 1000 (demo 600).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -316,6 +322,9 @@ impl Args {
             base,
             gradient_checkpointing
         );
+        if let Some(k) = &a.adapter_kind {
+            c.adapter = k.clone();
+        }
         apply!(c, a.adapter, rank, alpha, targets, include_modulation, rank_pattern, alpha_pattern, rslora);
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
             c = c.builtin_demo();

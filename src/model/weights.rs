@@ -208,6 +208,30 @@ impl FluxWeights {
         })
     }
 
+    /// Every linear of the model, in forward order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.img_in, &self.txt_in, &self.time_in.in_layer, &self.time_in.out_layer];
+        if let Some(g) = &self.guidance_in {
+            v.extend([&g.in_layer, &g.out_layer]);
+        }
+        v.extend([&self.vector_in.in_layer, &self.vector_in.out_layer]);
+        for b in &self.double_blocks {
+            for s in [&b.img, &b.txt] {
+                v.extend([&s.modulation, &s.qkv, &s.proj, &s.mlp0, &s.mlp2]);
+            }
+        }
+        for b in &self.single_blocks {
+            v.extend([&b.linear1, &b.linear2, &b.modulation]);
+        }
+        v.extend([&self.final_mod, &self.final_linear]);
+        v
+    }
+
+    /// The linear named `name` (BFL module name), when the model has it.
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        self.linears().into_iter().find(|l| l.name == name)
+    }
+
     /// Random weights for tests and shape-only runs: linears N(0, 1/fan_in), biases N(0, 0.02²),
     /// QK-norm scales 1 + N(0, 0.1²). Returned as BFL-named tensors.
     pub fn random_tensors(cfg: &FluxConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {

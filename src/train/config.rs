@@ -34,6 +34,8 @@ pub struct TrainConfig {
     pub dropout: f32,
     /// kaiming (PEFT's default) or gaussian.
     pub init: String,
+    /// lora, or dora (PEFT's use_dora: a trained magnitude per output row; CPU path only).
+    pub adapter: String,
     pub steps: usize,
     pub lr: f64,
     pub batch_size: usize,
@@ -126,6 +128,7 @@ impl Default for TrainConfig {
             rslora: false,
             dropout: 0.0,
             init: "kaiming".into(),
+            adapter: "lora".into(),
             steps: 1000,
             lr: 1e-4,
             batch_size: 1,
@@ -345,6 +348,13 @@ impl TrainConfig {
         }
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
+        one_of("adapter", &self.adapter, &["lora", "dora"])?;
+        if self.adapter == "dora" && self.device == "cuda" {
+            bail!(
+                "adapter = dora with device = cuda: DoRA training runs on the CPU path for now (its rescale is not \
+                 in the CUDA kernels yet); pass --device cpu (or auto, which then picks the CPU)"
+            );
+        }
         one_of("base", &self.base, &["bf16", "int8"])?;
         one_of("lr_schedule", &self.lr_schedule, &["constant", "cosine"])?;
         one_of(

@@ -8,8 +8,9 @@ use super::data::{Dataset, Sample};
 use super::objective::{loss_weight, noisy_pair, sample_sigma};
 use super::sources::{parse_sides, Pipeline};
 use crate::adapters::config::{parse_patterns, resolve_targets_to_train, AdapterSpec, Init, LoraConfig};
+use crate::adapters::dora::frozen_row_norms;
 use crate::adapters::export::{write_lora, LoraFormatOut};
-use crate::adapters::AdapterSet;
+use crate::adapters::{AdapterSet, Kind};
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
 use crate::io::lock::OutputLock;
 use crate::io::safetensors::{atomic_write, output_folder, remove_stale_temps, Dtype};
@@ -73,16 +74,28 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
         rank_pattern: parse_patterns(&tc.rank_pattern, "rank_pattern")?,
         alpha_pattern: parse_patterns(&tc.alpha_pattern, "alpha_pattern")?,
         init: if tc.init == "gaussian" { Init::Gaussian } else { Init::KaimingUniform },
+        use_dora: tc.adapter == "dora",
     })
 }
 
 /// The adapters of `lc` on `cfg` before training: their specs and a set of fresh terms (PEFT's
-/// initialisation drawn from `rng`, B rows in BFL order).
-pub fn init_adapters(cfg: &FluxConfig, lc: &LoraConfig, rng: &mut Rng) -> Result<AdapterInit> {
+/// initialisation drawn from `rng`, B rows in BFL order). DoRA's magnitudes start from the frozen
+/// weights, which `weights` must then give.
+pub fn init_adapters(
+    cfg: &FluxConfig,
+    lc: &LoraConfig,
+    rng: &mut Rng,
+    weights: Option<&FluxWeights>,
+) -> Result<AdapterInit> {
     let specs = resolve_targets_to_train(cfg, lc)?;
+    let frozen = |module: &str| -> Result<Vec<f32>> {
+        let w = weights.ok_or_else(|| anyhow::anyhow!("DoRA adapters need the frozen weights to start from"))?;
+        let lin = w.linear(module).ok_or_else(|| anyhow::anyhow!("`{module}`: no such linear in the model"))?;
+        Ok(lin.weight.load().with_context(|| module.to_string())?.into_owned())
+    };
     let mut set = AdapterSet::new();
     for s in &specs {
-        set.push(lc.init_term(s, rng));
+        set.push(lc.init_term(s, rng, &frozen)?);
     }
     Ok(AdapterInit { specs, set })
 }
@@ -93,9 +106,10 @@ pub struct AdapterInit {
     pub set: AdapterSet,
 }
 
-/// What a checkpoint records of the adapters, to refuse resuming with others.
+/// What a checkpoint records of the adapters, to refuse resuming with others (a LoRA entry reads
+/// as before DoRA existed, so older checkpoints still resume).
 fn layout(specs: &[AdapterSpec]) -> Vec<String> {
-    specs.iter().map(|s| format!("{} r{}", s.name, s.rank)).collect()
+    specs.iter().map(|s| format!("{} r{}{}", s.name, s.rank, if s.dora { " dora" } else { "" })).collect()
 }
 
 /// Builds the inputs of one micro-batch: x_t, target ε − x0 and per-sample loss weights.
@@ -268,6 +282,9 @@ struct Run {
     lc: LoraConfig,
     specs: Vec<AdapterSpec>,
     set: AdapterSet,
+    /// DoRA written as kohya: each adapted module's frozen norm per output row, for a `dora_scale`
+    /// that must cover rows no term updates (export::FrozenNorms).
+    frozen_norms: BTreeMap<String, Vec<f32>>,
     opt: AdamW,
     start: usize,
     ckpt_dir: PathBuf,
@@ -320,7 +337,18 @@ impl Run {
             None
         };
         let lc = lora_config(&tc)?;
-        let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut stream(tc.seed, u64::MAX, 0x1417))?;
+        let mut rng = stream(tc.seed, u64::MAX, 0x1417);
+        let AdapterInit { specs, mut set } = init_adapters(&model.cfg, &lc, &mut rng, Some(&weights))?;
+        // Only a kohya file needs them (its dora_scale covers whole BFL modules): each weight is
+        // read once more here, not for a PEFT file.
+        let mut frozen_norms = BTreeMap::new();
+        let kohya = matches!(tc.format.parse()?, LoraFormatOut::Kohya);
+        for t in set.terms().iter().filter(|t| kohya && matches!(t.kind, Kind::Dora { .. })) {
+            if !frozen_norms.contains_key(&t.module) {
+                let lin = weights.linear(&t.module).ok_or_else(|| anyhow::anyhow!("no linear `{}`", t.module))?;
+                frozen_norms.insert(t.module.clone(), frozen_row_norms(&lin.weight.load()?, lin.d_in));
+            }
+        }
         let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
         let mut opt = AdamW::new(&sizes, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay);
         let mut start = 0;
@@ -347,7 +375,7 @@ impl Run {
             }
         }
 
-        let (device, device_note) = Device::parse(&tc.device)?;
+        let (device, device_note) = train_device(&tc)?;
         let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
         let engine = Engine::new(&device, &model.cfg, weights, opts)?;
         if let Some(n) = device_note {
@@ -391,6 +419,7 @@ impl Run {
             lc,
             specs,
             set,
+            frozen_norms,
             opt,
             start,
             ckpt_dir,
@@ -548,6 +577,7 @@ impl Run {
             ("flux_kernels.rank".to_string(), tc.rank.to_string()),
             ("flux_kernels.alpha".to_string(), self.lc.alpha.to_string()),
             ("flux_kernels.targets".to_string(), tc.targets.clone()),
+            ("flux_kernels.adapter".to_string(), tc.adapter.clone()),
         ]);
         if end.interrupted {
             meta.insert("flux_kernels.interrupted".into(), "true".into());
@@ -558,7 +588,8 @@ impl Run {
             "f16" => Dtype::F16,
             _ => Dtype::BF16,
         };
-        let size = write_lora(&self.out, &self.model.cfg, self.set.terms(), format, dtype, meta)?;
+        let norms = |m: &str| self.frozen_norms.get(m).cloned().ok_or_else(|| anyhow::anyhow!("no DoRA term on `{m}`"));
+        let size = write_lora(&self.out, &self.model.cfg, self.set.terms(), format, dtype, meta, Some(&norms))?;
         let line = format!(
             "wrote {} ({} bytes, {format:?} format)",
             self.out.display(),
@@ -567,6 +598,17 @@ impl Run {
         self.log.result(line);
         Ok(())
     }
+}
+
+/// Where the run trains: `--device` as parsed, except that DoRA trains on the CPU reference only
+/// so far (its rescale is not in the CUDA kernels): `auto` then picks the CPU with a note, and
+/// `cuda` was refused by `TrainConfig::validate`.
+fn train_device(tc: &TrainConfig) -> Result<(Device, Option<String>)> {
+    if tc.adapter == "dora" {
+        let note = (tc.device != "cpu").then(|| "using the CPU (DoRA training runs on the CPU path for now)".into());
+        return Ok((Device::Cpu, note));
+    }
+    Device::parse(&tc.device)
 }
 
 /// Temp files of this run's outputs left by a killed run (the LoRA and the demo's previews

@@ -46,6 +46,21 @@ pub fn run_forward(model: &Path, axes: Option<&[usize]>, loras: &[(PathBuf, f32)
     flux_forward(&ckpt.cfg, &w, &inp, &set)
 }
 
+/// `grad` on the tiny fixture (its inputs, the golden target, the CPU engine) with `lora`,
+/// gradients written to `out`; returns the loss.
+pub fn tiny_grad(lora: &Path, out: &Path) -> anyhow::Result<f64> {
+    flux_kernels::cli::grad::run(
+        fixture("tiny-diffusers").to_str().unwrap(),
+        &fixture("tiny-inputs.safetensors"),
+        &fixture("tiny-grad-target.safetensors"),
+        lora,
+        out,
+        None,
+        UnknownKeys::Error,
+        "cpu",
+    )
+}
+
 /// All tensors of a file as (name, shape, dtype, f32 values), plus its metadata.
 pub type Tensors = Vec<(String, Vec<usize>, Dtype, Vec<f32>)>;
 

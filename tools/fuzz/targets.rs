@@ -331,7 +331,7 @@ fn run_toml(input: &[u8], dir: &Path) -> Result<()> {
     }
     let lc = flux_kernels::train::trainer::lora_config(&tc)?;
     let mut rng = flux_kernels::util::Rng::new(1);
-    flux_kernels::train::trainer::init_adapters(&FluxConfig::tiny(), &lc, &mut rng)?;
+    flux_kernels::train::trainer::init_adapters(&FluxConfig::tiny(), &lc, &mut rng, None)?;
     Ok(())
 }
 
