@@ -199,7 +199,7 @@ fn tensor_map(ptr: u64, dims: AttnDims, box_rows: usize) -> Result<FkTensorMap> 
         CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
     };
     let AttnDims { b, h, l, d } = dims;
-    ensure!(ptr % 16 == 0, "TMA descriptor: tensor address {ptr:#x} is not 16-byte aligned");
+    ensure!(ptr.is_multiple_of(16), "TMA descriptor: tensor address {ptr:#x} is not 16-byte aligned");
     let gdim: [u64; 3] = [d as u64, l as u64, (b * h) as u64];
     let gstride: [u64; 2] = [(d * 2) as u64, (l * d * 2) as u64];
     let boxd: [u32; 3] = [64, box_rows as u32, 1];
@@ -434,7 +434,7 @@ impl GpuAttention {
     pub fn forward_dev(&self, dims: AttnDims, t: &AttnViews) -> Result<()> {
         let p = self.checked(dims, t, "attention")?;
         let mut v = self.default_variant(dims.d);
-        if [p.q, p.k, p.v].iter().any(|a| a % 16 != 0) {
+        if [p.q, p.k, p.v].iter().any(|a| !a.is_multiple_of(16)) {
             v = FwdVariant::Rows128; // TMA needs 16-byte aligned tensors
         }
         // SAFETY: every tensor was checked against dims.
