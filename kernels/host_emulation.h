@@ -735,6 +735,9 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
         for (unsigned i = 0; i < n; ++i) fibers[i].waiting = 0;
     }
     if (!b.tma.empty()) fail("the block ended with a TMA copy that never completed (nobody waited on its mbarrier)");
+    // Conservative: the ISA does not say what a barrier with arrivals pending at exit does.
+    for (const NamedBar& nb : b.named)
+        if (nb.arrived) fail("the block ended with arrivals pending on a named barrier (unbalanced bar.arrive)");
     for (unsigned i = 0; i < n; ++i)
         if (!fibers[i].wg_open.empty() || !fibers[i].wg_groups.empty())
             fail("a thread exited with wgmma operations it never waited for");
