@@ -78,12 +78,41 @@ __device__ __forceinline__ float load(const void* p, int64_t i, bool bf16) {
     return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
+// ops::activation::exp_f32 and tanh_f32, step for step (every product and sum rounded, no
+// contraction), so the GELU kernels give the CPU twins' bits: libm's tanhf differs from tanh_f32
+// by up to 3e-7 absolute, which near GELU's stationary point (x ≈ −0.75, derivative ≈ 0) made the
+// GPU and CPU gradients differ by up to 12 % relative on single elements (tests/gpu_step_ops.rs).
+__device__ __forceinline__ float exp_f32(float x) {
+    const float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+    const float ROUND = 12582912.0f;
+    const float xc = fminf(fmaxf(x, -87.33654f), 88.72283f);
+    const float t = rn_fadd(rn_fmul(xc, LOG2E), ROUND);
+    const float n = rn_fsub(t, ROUND);
+    const float r = rn_fsub(rn_fsub(xc, rn_fmul(n, LN2_HI)), rn_fmul(n, LN2_LO));
+    const float z = rn_fmul(r, r);
+    float p = rn_fadd(rn_fmul(1.9875691e-4f, r), 1.3981999e-3f);
+    p = rn_fadd(rn_fmul(p, r), 8.333452e-3f);
+    p = rn_fadd(rn_fmul(p, r), 4.1665796e-2f);
+    p = rn_fadd(rn_fmul(p, r), 1.6666665e-1f);
+    p = rn_fadd(rn_fmul(p, r), 0.5f);
+    const float y = rn_fadd(rn_fadd(rn_fmul(p, z), r), 1.0f);
+    const int32_t ni = (int32_t)__float_as_uint(t) - 0x4B400000;
+    const int32_t n1 = ni >> 1, n2 = ni - (ni >> 1);
+    const float s1 = __uint_as_float((uint32_t)(n1 + 127) << 23), s2 = __uint_as_float((uint32_t)(n2 + 127) << 23);
+    const float v = rn_fmul(rn_fmul(y, s1), s2);
+    if (x != x) return x;
+    if (x < -87.33654f) return 0.0f;
+    if (x > 88.72283f) return __uint_as_float(0x7f800000u);
+    return v;
+}
+__device__ __forceinline__ float tanh_f32(float u) { return rn_fsub(1.0f, 2.0f / rn_fadd(exp_f32(rn_fmul(2.0f, u)), 1.0f)); }
+
 // ops::activation::gelu_tanh: 0.5·x·(1 + tanh(K·(x + 0.044715·x·x·x))), Rust's left-to-right
 // order, every step rounded.
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float k = 0.7978845608028654f;  // the f32 of SQRT_2_OVER_PI = 0.797_884_6 (0x3f4c422a)
     const float x3 = rn_fmul(rn_fmul(rn_fmul(0.044715f, x), x), x);
-    const float t = tanhf(rn_fmul(k, rn_fadd(x, x3)));
+    const float t = tanh_f32(rn_fmul(k, rn_fadd(x, x3)));
     return rn_fmul(rn_fmul(0.5f, x), rn_fadd(1.0f, t));
 }
 
@@ -91,7 +120,7 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 __device__ __forceinline__ float gelu_tanh_grad(float x) {
     const float k = 0.7978845608028654f;
     const float x3 = rn_fmul(rn_fmul(rn_fmul(0.044715f, x), x), x);
-    const float t = tanhf(rn_fmul(k, rn_fadd(x, x3)));
+    const float t = tanh_f32(rn_fmul(k, rn_fadd(x, x3)));
     const float a = rn_fmul(0.5f, rn_fadd(1.0f, t));
     const float c = rn_fadd(1.0f, rn_fmul(rn_fmul(3.0f * 0.044715f, x), x));
     const float b = rn_fmul(rn_fmul(rn_fmul(rn_fmul(0.5f, x), rn_fsub(1.0f, rn_fmul(t, t))), k), c);

@@ -12,7 +12,10 @@
 //   - ldmatrix and mma.sync are warp collectives: every lane deposits its operands, then each
 //     computes its own result from the deposited ones with the documented lane mapping;
 //   - shared-memory addresses are checked against the launch's dynamic size, cp.async sources
-//     against the allocations of the emulated driver, alignment against the ISA's rules.
+//     against the allocations of the emulated driver, alignment against the ISA's rules;
+//   - the functions of ptx_sm90.h (Hopper): mbarrier phases and transaction bytes, TMA copies that
+//     land only when their phase completes, wgmma computed when its group is waited for, named
+//     barriers; their checks are listed in docs/attention-hopper.md.
 // Part 2 (FKEMU_DRIVER): a libcuda.so exporting the slice of the driver API that cudarc uses,
 // so the unmodified Rust host and tests run their kernels here (tools/gpu-check.sh --emulate
 // builds it and runs the GPU tests with LD_LIBRARY_PATH pointing at it).

@@ -7,6 +7,10 @@
 #pragma once
 #include <stdint.h>
 
+// Orders this thread's earlier ordinary shared-memory accesses before later async-proxy ones
+// (TMA, wgmma operand reads).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 // ---- mbarrier (shared memory, 8 bytes, 8-byte aligned) ------------------------------------------
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -15,7 +19,7 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 // a __syncthreads must follow before any other thread uses them.
 __device__ __forceinline__ void mbar_init_fence() {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    fence_proxy_async();
 }
 // One arrival that also raises the phase's expected transaction bytes by `bytes`.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -49,9 +53,6 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const void* map, uint64_t
         : "memory");
 }
 
-// Orders this thread's earlier ordinary shared-memory accesses before later async-proxy ones
-// (TMA, wgmma operand reads).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---- named barriers (id 0 is __syncthreads) ---------------------------------------------------------
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
