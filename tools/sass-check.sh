@@ -5,8 +5,8 @@
 # (LDL/STL, a stack frame or spills). Prints one markdown row per kernel (registers, spills,
 # stack, instruction counts) for docs/attention-hopper.md.
 #
-# Needs nvcc (as tools/gpu-check.sh finds it) and cuobjdump from NVIDIA's pip wheel
-# (nvidia-cuda-cuobjdump, installed into .toolchain/sass-tools on first use).
+# Needs nvcc (as tools/gpu-check.sh finds it) and cuobjdump + nvdisasm from NVIDIA's pip wheels
+# (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm; installed into .toolchain/sass-tools on first use).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -17,15 +17,21 @@ if [ -z "${NVCC:-}" ]; then
 fi
 [ -n "${NVCC:-}" ] || NVCC=$(tools/install-nvcc.sh)
 tools_dir=$root/.toolchain/sass-tools
-cuobjdump=$(ls "$tools_dir"/lib/python3*/site-packages/nvidia/*/bin/cuobjdump 2>/dev/null | head -1 || true)
-if [ -z "$cuobjdump" ]; then
-  python3 -m venv "$tools_dir" >&2
-  "$tools_dir/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-cuobjdump>=13.2" >&2
-  cuobjdump=$(ls "$tools_dir"/lib/python3*/site-packages/nvidia/*/bin/cuobjdump | head -1)
+# cuobjdump -sass runs nvdisasm (its own wheel) found on PATH: both are needed.
+find_tool() { ls "$tools_dir"/lib/python3*/site-packages/nvidia/*/bin/"$1" 2>/dev/null | head -1 || true; }
+cuobjdump=$(find_tool cuobjdump)
+nvdisasm=$(find_tool nvdisasm)
+if [ -z "$cuobjdump" ] || [ -z "$nvdisasm" ]; then
+  [ -x "$tools_dir/bin/pip" ] || python3 -m venv "$tools_dir" >&2
+  "$tools_dir/bin/pip" install --quiet --disable-pip-version-check \
+    "nvidia-cuda-cuobjdump>=13.2" "nvidia-cuda-nvdisasm>=13.2" >&2
+  cuobjdump=$(find_tool cuobjdump)
+  nvdisasm=$(find_tool nvdisasm)
 fi
+[ -x "$cuobjdump" ] && [ -x "$nvdisasm" ] || { echo "sass-check: cuobjdump or nvdisasm missing in $tools_dir" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-export PATH="$(dirname "$NVCC"):$PATH"
+export PATH="$(dirname "$nvdisasm"):$(dirname "$NVCC"):$PATH"
 fail=0
 echo "| kernel | registers | stack frame | spill stores / loads | HGMMA | UTMALDG | LDL/STL |"
 echo "|---|---|---|---|---|---|---|"
