@@ -291,6 +291,15 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     stream_rows(&out);
+    let mut hopper_rows = vec![
+        "Hopper (sm_90a) kernels: times in ms (TFLOP/s or % of cuBLAS X·Wᵀ's speed); 'base GEMMs' = cuBLAS X·Wᵀ + cuBLAS dY·W; speedups are PEFT-style / accumulate-into-Y / hybrid fwd+bwd time over the Hopper fwd+bwd.".to_string(),
+        String::new(),
+        "| M | d_in×d_out | r | cuBLAS X·Wᵀ | cuBLAS dY·W | Hopper X·Wᵀ alone, 128×256 tiles | 128×128 tiles | Hopper fwd | Hopper bwd | Hopper fwd+bwd | speedup vs PEFT / accumulate / hybrid | rel L2 Hopper vs accumulate Y |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    if lora.has_hopper() && cublas {
+        stream_rows(&hopper_rows);
+    }
     for &m in &ms {
         for &(k, n) in &linears {
             let base_shape = LinearShape::new(m, k, n, false, &[]).unwrap();
@@ -418,11 +427,112 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
                     aall / hall,
                 ));
                 stream_rows(&out[out.len() - 1..]);
+                if lora.has_hopper() && cublas {
+                    hopper_rows.push(hopper_row(&gpu, &mut lora, &mut g, timings, &s, &id));
+                    stream_rows(&hopper_rows[hopper_rows.len() - 1..]);
+                }
             }
         }
     }
     g.finish();
+    if hopper_rows.len() > 2 {
+        out.push(String::new());
+        out.extend(hopper_rows);
+    }
     out
+}
+
+/// The sm_90a kernels (kernels/lora_gemm_sm90.cu) at one shape, beside cuBLAS's bare base GEMMs
+/// and the other paths measured in the same call: one row of the Hopper table.
+fn hopper_row(
+    gpu: &Gpu,
+    lora: &mut GpuLora,
+    g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    timings: &Timings,
+    s: &LinearShape,
+    id: &str,
+) -> String {
+    type Step = fn(&mut GpuLora, &LinearShape);
+    let nothing: Step = |_, _| {};
+    let hop_fwd: Step = |l, s| {
+        l.set_base_gemm(BaseGemm::Hopper).unwrap();
+        l.set_hopper_tile_n(None).unwrap();
+        l.run_forward(s).unwrap()
+    };
+    let (fwd, bwd) = (s.forward_flops(), s.backward_flops());
+    let variants: [(&str, f64, Step, Step); 6] = [
+        ("hopper_base256", s.base_flops(), nothing, |l, s| {
+            l.set_hopper_tile_n(Some(256)).unwrap();
+            l.run_base_hopper(s).unwrap()
+        }),
+        ("hopper_base128", s.base_flops(), nothing, |l, s| {
+            l.set_hopper_tile_n(Some(128)).unwrap();
+            l.run_base_hopper(s).unwrap()
+        }),
+        ("cublas_dx_base", s.base_flops(), nothing, |l, s| l.run_base_cublas_dx(s).unwrap()),
+        ("hopper_fwd", fwd, nothing, hop_fwd),
+        ("hopper_bwd", bwd, hop_fwd, |l, s| {
+            l.set_base_gemm(BaseGemm::Hopper).unwrap();
+            l.run_backward(s, true, true).unwrap()
+        }),
+        ("hopper_fwd_bwd", fwd + bwd, nothing, |l, s| {
+            l.set_base_gemm(BaseGemm::Hopper).unwrap();
+            l.set_hopper_tile_n(None).unwrap();
+            l.run_forward(s).unwrap();
+            l.run_backward(s, true, true).unwrap()
+        }),
+    ];
+    let before = lora.hopper_launches();
+    for (name, flops, setup, f) in variants {
+        setup(lora, s);
+        let key = format!("gpu {name} {id}");
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_function(BenchmarkId::new(name, id), |b| {
+            b.iter_custom(|iters| {
+                let t = device_time(gpu, lora, iters, &mut |l| f(l, s));
+                record(timings, &key, t);
+                Duration::from_secs_f64(t * iters as f64)
+            })
+        });
+    }
+    // The Hopper forward's Y against the accumulate-into-Y baseline's, and whether every timed
+    // call took the Hopper kernels (a fallback would time the sm_80 path under this name).
+    let took = lora.hopper_launches() > before;
+    hop_fwd(lora, s);
+    let hy = lora.download_y(s).unwrap();
+    lora.run_forward_unfused(s, Unfused::Accumulate).unwrap();
+    let check = rel_l2(&hy, &lora.download_y(s).unwrap());
+    let get = |v: &str| median(timings, &format!("gpu {v} {id}")).unwrap_or(f64::NAN);
+    let tf = |flops: f64, t: f64| flops / t / 1e12;
+    let (cb, cdx) = (get("cublas_base"), get("cublas_dx_base"));
+    let (h256, h128) = (get("hopper_base256"), get("hopper_base128"));
+    let (hf, hb, hall) = (get("hopper_fwd"), get("hopper_bwd"), get("hopper_fwd_bwd"));
+    let (pall, aall, yall) = (get("peft_fwd_bwd"), get("accum_fwd_bwd"), get("hybrid_fwd_bwd"));
+    format!(
+        "| {} | {} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {:.3} ({:.0} %) | {:.3} ({:.0} %) | {:.3} ({:.0}) | {:.3} ({:.0}) | {:.3} ({:.2}× base GEMMs) | {:.2}× / {:.2}× / {:.2}× | {:.1e}{} |",
+        s.m,
+        format_args!("{}×{}", s.k, s.n),
+        s.terms.first().map_or(0, |t| t.rank),
+        cb * 1e3,
+        tf(s.base_flops(), cb),
+        cdx * 1e3,
+        tf(s.base_flops(), cdx),
+        h256 * 1e3,
+        100.0 * cb / h256,
+        h128 * 1e3,
+        100.0 * cb / h128,
+        hf * 1e3,
+        tf(fwd, hf),
+        hb * 1e3,
+        tf(bwd, hb),
+        hall * 1e3,
+        hall / (cb + cdx),
+        pall / hall,
+        aall / hall,
+        yall / hall,
+        check,
+        if took { "" } else { " (fell back!)" },
+    )
 }
 
 fn main() {

@@ -229,6 +229,52 @@ typedef struct {
 FK_KERNEL void fk_attn_fwd_sm90(FK_GRID_PARAMS FkAttn90Params p);         // O, LSE (sm_90a), pipelined
 FK_KERNEL void fk_attn_fwd_sm90_serial(FK_GRID_PARAMS FkAttn90Params p);  // the same, one step at a time
 
+// ---------------------------------------------------------------------------------------------
+// The LoRA GEMM on Hopper (kernels/lora_gemm_sm90.cu, sm_90a): the large launch of the LoRA
+// linear, out = alpha · Σ_seg A_seg·B_seg (+ bias) (+ beta · c_in), with the semantics of one
+// FkGemmProblem of fk_gemm_nt_large / fk_gemm_nn_large without masks or 8-bit codes (the host
+// keeps those on the sm_80 kernels). Every operand reaches the kernel through a TMA descriptor:
+// A of segment s is ta[s] over [m][k_s] (64-element × FK_GEMM90_BM-row boxes); B is tb[s], over
+// [n_end − n_begin][k_s] in the NT kernels (64 × BN-row boxes) or [k_s][n_end − n_begin] in the
+// NN kernels (64 × 64 boxes). All boxes 128-byte swizzled; out-of-range elements read as zero.
+// Persistent: the host launches min(tiles, SMs) blocks, block b takes tiles b, b + grid, ….
+// ---------------------------------------------------------------------------------------------
+#define FK_GEMM90_MAX_SEGMENTS 9
+#define FK_GEMM90_THREADS 384
+#define FK_GEMM90_BM 128
+#define FK_GEMM90_BK 64
+
+typedef struct {
+    int64_t k;        // reduction length of this segment
+    int64_t n_begin;  // output columns its B covers (tile columns outside read zero)
+    int64_t n_end;
+} FkGemm90Segment;
+#define FK_SIZEOF_FkGemm90Segment 24
+
+typedef struct FK_ALIGN128 {
+    FkTensorMap ta[FK_GEMM90_MAX_SEGMENTS];
+    FkTensorMap tb[FK_GEMM90_MAX_SEGMENTS];
+    FkGemmProblem pr;  // m, n, out, ldc, bias, alpha, beta, out_f32, c_in (segments unused)
+    FkGemm90Segment seg[FK_GEMM90_MAX_SEGMENTS];
+    int32_t num_segments;
+    int32_t pad0;
+    int64_t pad1[11];
+} FkGemm90Params;
+#define FK_SIZEOF_FkGemm90Params 2688
+
+// Tiles of FK_GEMM90_BM × BN (BN = 256 or 128), a producer and two consumer warpgroups of 64
+// rows each, FK_GEMM90_STAGES_BN* ring slots of BK-deep A and B tiles. Dynamic shared memory
+// FK_GEMM90_SMEM_BN256 / _BN128 (tiles, barriers, 1024-byte alignment slack).
+#define FK_GEMM90_STAGES_BN256 4
+#define FK_GEMM90_STAGES_BN128 6
+#define FK_GEMM90_SMEM_BN256 198656
+#define FK_GEMM90_SMEM_BN128 198656
+
+FK_KERNEL void fk_gemm90_nt_bn256(FK_GRID_PARAMS FkGemm90Params p);  // Y = [X | S']·[W | B]ᵀ
+FK_KERNEL void fk_gemm90_nt_bn128(FK_GRID_PARAMS FkGemm90Params p);
+FK_KERNEL void fk_gemm90_nn_bn256(FK_GRID_PARAMS FkGemm90Params p);  // dX = [dY | G']·[W ; A]
+FK_KERNEL void fk_gemm90_nn_bn128(FK_GRID_PARAMS FkGemm90Params p);
+
 // The materialised-softmax baseline's middle step: P = softmax(S) row by row, S f32 [rows, l]
 // (already scaled), P bf16; masked keys get weight 0. One block of FK_ATTN_THREADS per row, with
 // FK_SMEM_SOFTMAX bytes of dynamic shared memory.

@@ -57,18 +57,8 @@ using fk::pos_inf;
 using fk::quad_max;
 using fk::quad_sum;
 
-// wgmma descriptors (PTX ISA 9.7.15.5.1) for tiles TMA wrote with the 128-byte swizzle:
-// K-major (Q and K: rows of 64 bf16 along K, 8-row atoms 1024 bytes apart = SBO; LBO unused, 1);
-// MN-major (V as the B of P·V: element (key, d) in row `key` of box d/64, boxes `box_bytes`
-// apart = LBO, 8-key atoms 1024 bytes apart = SBO).
-__device__ __forceinline__ uint64_t desc_k_major(const void* p) {
-    return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
-__device__ __forceinline__ uint64_t desc_mn_major(const void* p, uint32_t box_bytes) {
-    return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)(box_bytes >> 4) << 16) |
-           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
+using fk::desc_k_major;
+using fk::desc_mn_major;
 
 // The shared memory of one block and the consumers' view of it.
 template <int D>

@@ -170,4 +170,58 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + shfl_xor_f32(v, 2);
 }
 
+// One output element pair (row, col), (row, col + 1) of an FkGemmProblem from the accumulators
+// (lora_gemm.cu, lora_gemm_sm90.cu): alpha, bias, beta with c_in or the old output, bf16 or f32.
+__device__ __forceinline__ void store_gemm_pair(const FkGemmProblem& pr, int64_t row, int64_t col, float v0, float v1) {
+    if (row >= pr.m || col >= pr.n) return;
+    const bool two = col + 1 < pr.n;
+    v0 *= pr.alpha;
+    v1 *= pr.alpha;
+    if (pr.bias) {
+        v0 += pr.bias[col];
+        if (two) v1 += pr.bias[col + 1];
+    }
+    const int64_t at = row * pr.ldc + col;
+    if (pr.c_in != nullptr && pr.beta != 0.0f) {
+        const float* c = static_cast<const float*>(pr.c_in) + at;
+        v0 += pr.beta * c[0];
+        if (two) v1 += pr.beta * c[1];
+    }
+    if (pr.out_f32) {
+        float* o = static_cast<float*>(pr.out) + at;
+        if (pr.beta != 0.0f && pr.c_in == nullptr) {
+            v0 += pr.beta * o[0];
+            if (two) v1 += pr.beta * o[1];
+        }
+        o[0] = v0;
+        if (two) o[1] = v1;
+    } else {
+        uint16_t* o = static_cast<uint16_t*>(pr.out) + at;
+        if (pr.beta != 0.0f && pr.c_in == nullptr) {
+            v0 += pr.beta * bf16_to_f32(o[0]);
+            if (two) v1 += pr.beta * bf16_to_f32(o[1]);
+        }
+        if (two && (reinterpret_cast<uintptr_t>(o) & 3) == 0) {
+            *reinterpret_cast<uint32_t*>(o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
+        } else {
+            o[0] = f32_to_bf16(v0);
+            if (two) o[1] = f32_to_bf16(v1);
+        }
+    }
+}
+
+// wgmma descriptors (PTX ISA 9.7.15.5.1) for tiles TMA wrote with the 128-byte swizzle
+// (attention_sm90.cu, lora_gemm_sm90.cu): K-major (Q, K, a GEMM's X and W: rows of 64 bf16
+// along K, 8-row atoms 1024 bytes apart = SBO; LBO unused, 1); MN-major (V as the B of P·V, W
+// as the B of dY·W: element (k, n) in row k of box n/64, boxes `box_bytes` apart = LBO, 8-row
+// atoms along K 1024 bytes apart = SBO).
+__device__ __forceinline__ uint64_t desc_k_major(const void* p) {
+    return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+__device__ __forceinline__ uint64_t desc_mn_major(const void* p, uint32_t box_bytes) {
+    return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)(box_bytes >> 4) << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
 }  // namespace fk

@@ -304,45 +304,6 @@ __device__ __forceinline__ void fold_masked(float (&acc)[C::MI][C::NI][4], float
             }
 }
 
-// One output element pair (row, col), (row, col + 1) from the accumulators.
-__device__ __forceinline__ void store_pair(const FkGemmProblem& pr, int64_t row, int64_t col, float v0, float v1) {
-    if (row >= pr.m || col >= pr.n) return;
-    const bool two = col + 1 < pr.n;
-    v0 *= pr.alpha;
-    v1 *= pr.alpha;
-    if (pr.bias) {
-        v0 += pr.bias[col];
-        if (two) v1 += pr.bias[col + 1];
-    }
-    const int64_t at = row * pr.ldc + col;
-    if (pr.c_in != nullptr && pr.beta != 0.0f) {
-        const float* c = static_cast<const float*>(pr.c_in) + at;
-        v0 += pr.beta * c[0];
-        if (two) v1 += pr.beta * c[1];
-    }
-    if (pr.out_f32) {
-        float* o = static_cast<float*>(pr.out) + at;
-        if (pr.beta != 0.0f && pr.c_in == nullptr) {
-            v0 += pr.beta * o[0];
-            if (two) v1 += pr.beta * o[1];
-        }
-        o[0] = v0;
-        if (two) o[1] = v1;
-    } else {
-        uint16_t* o = static_cast<uint16_t*>(pr.out) + at;
-        if (pr.beta != 0.0f && pr.c_in == nullptr) {
-            v0 += pr.beta * bf16_to_f32(o[0]);
-            if (two) v1 += pr.beta * bf16_to_f32(o[1]);
-        }
-        if (two && (reinterpret_cast<uintptr_t>(o) & 3) == 0) {
-            *reinterpret_cast<uint32_t*>(o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
-        } else {
-            o[0] = f32_to_bf16(v0);
-            if (two) o[1] = f32_to_bf16(v1);
-        }
-    }
-}
-
 template <class C>
 __device__ __forceinline__ void gemm_block(const FkGemmParams& p) {
     FK_DYNAMIC_SMEM(smem_raw);
@@ -440,7 +401,7 @@ __device__ __forceinline__ void gemm_block(const FkGemmParams& p) {
             for (int h = 0; h < 2; ++h) {
                 const int64_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
                 const int64_t col = n0 + wn0 + ni * 8 + (lane & 3) * 2;
-                store_pair(pr, row, col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                fk::store_gemm_pair(pr, row, col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
             }
 }
 

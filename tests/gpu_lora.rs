@@ -14,12 +14,45 @@ use flux_kernels::util::{rel_l2, Rng};
 use std::ops::Range;
 
 /// The base-product modes to test: the fused kernel always, cuBLAS + fused adapters where
-/// libcublas is found (the default there).
-fn base_modes(gpu: &GpuLora) -> Vec<BaseGemm> {
+/// libcublas is found, the sm_90a kernels on compute capability 9.0 (the emulation reports 9.0).
+/// The Hopper kernels run at both tile widths (the automatic choice depends on the SM count).
+fn base_modes(gpu: &GpuLora) -> Vec<(BaseGemm, Option<usize>)> {
+    let mut modes = vec![(BaseGemm::Fused, None)];
     if gpu.has_cublas() {
-        vec![BaseGemm::Fused, BaseGemm::Cublas]
-    } else {
-        vec![BaseGemm::Fused]
+        modes.push((BaseGemm::Cublas, None));
+    }
+    if gpu.has_hopper() {
+        modes.push((BaseGemm::Hopper, Some(128)));
+        modes.push((BaseGemm::Hopper, Some(256)));
+    }
+    modes
+}
+
+fn set_mode(gpu: &mut GpuLora, (mode, tile_n): (BaseGemm, Option<usize>)) -> String {
+    gpu.set_base_gemm(mode).unwrap();
+    if gpu.has_hopper() {
+        gpu.set_hopper_tile_n(tile_n).unwrap();
+    }
+    match tile_n {
+        Some(t) => format!("{mode:?} base, {t}-wide tiles"),
+        None => format!("{mode:?} base"),
+    }
+}
+
+/// Whether the Hopper kernels must take this case's forward (Y) or dX launch rather than fall
+/// back (src/kernels/lora.rs `hopper_takes`: TMA row strides a multiple of 8 elements; dX
+/// without dropout). Checked through `hopper_launches`, so a fallback cannot pass for a test of
+/// the new kernels.
+fn hopper_takes_forward(c: &Case) -> bool {
+    c.k % 8 == 0 && c.terms.iter().all(|t| t.0 % 8 == 0)
+}
+fn hopper_takes_dx(c: &Case) -> bool {
+    c.k % 8 == 0 && c.n % 8 == 0 && c.terms.iter().all(|t| t.3.is_none())
+}
+fn check_hopper_ran(gpu: &GpuLora, mode: BaseGemm, before: usize, expected: bool, what: &str) {
+    if mode == BaseGemm::Hopper {
+        let ran = gpu.hopper_launches() > before;
+        assert_eq!(ran, expected, "{what}: the Hopper kernels ran: {ran}, expected {expected}");
     }
 }
 
@@ -88,6 +121,17 @@ fn cases() -> Vec<Case> {
             false,
             vec![(16, 0..260, 1.0, dropout(0.25, 3)), (64, 100..230, 0.3, dropout(0.15, 11)), (8, 0..50, 0.9, None)],
         ),
+        // Hopper: more tiles than the emulation's 8 SMs (persistent blocks take several), both
+        // tile widths (n ≤ 128 runs 128-wide tiles), a slice that starts inside a tile.
+        c(
+            "several tiles per block, slices",
+            300,
+            192,
+            600,
+            true,
+            vec![(16, 0..600, 0.6, None), (32, 200..456, -0.9, None), (8, 590..600, 1.2, None)],
+        ),
+        c("narrow N, K of one box", 260, 64, 120, false, vec![(8, 0..120, 1.0, None)]),
         Case {
             w_scale: 1e-3,
             ..c(
@@ -170,12 +214,14 @@ fn fused_forward_matches_cpu() {
         let t = terms(&c, &inp);
         let mut want = vec![0f32; c.m * c.n];
         lora_linear_forward(&mut want, &inp.x, &inp.w, inp.bias.as_deref(), &t, c.m, c.k, c.n);
-        for mode in base_modes(&gpu) {
-            gpu.set_base_gemm(mode).unwrap();
+        for (mode, tile_n) in base_modes(&gpu) {
+            let label = set_mode(&mut gpu, (mode, tile_n));
+            let before = gpu.hopper_launches();
             let mut got = vec![f32::NAN; c.m * c.n];
             lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::F32(&inp.w), inp.bias.as_deref(), &t, c.m, c.k, c.n)
                 .unwrap();
-            check(&format!("forward [{}] Y ({mode:?} base)", c.name), &got, &want, seed);
+            check(&format!("forward [{}] Y ({label})", c.name), &got, &want, seed);
+            check_hopper_ran(&gpu, mode, before, hopper_takes_forward(&c), &format!("forward [{}]", c.name));
         }
     }
 }
@@ -192,10 +238,11 @@ fn fused_backward_matches_cpu() {
         let mut want = init.clone();
         let mut want_dx = vec![0f32; c.m * c.k];
         lora_linear_backward(Some(&mut want_dx), &mut want, &inp.dy, &inp.x, &inp.w, &t, c.m, c.k, c.n);
-        for mode in base_modes(&gpu) {
-            gpu.set_base_gemm(mode).unwrap();
+        for (mode, tile_n) in base_modes(&gpu) {
+            let label = set_mode(&mut gpu, (mode, tile_n));
             let mut got = init.clone();
             let mut got_dx = vec![f32::NAN; c.m * c.k];
+            let before = gpu.hopper_launches();
             lora_backward(
                 &mut gpu,
                 Some(&mut got_dx),
@@ -209,10 +256,11 @@ fn fused_backward_matches_cpu() {
                 c.n,
             )
             .unwrap();
-            check(&format!("backward [{}] dX ({mode:?} base)", c.name), &got_dx, &want_dx, seed);
+            check(&format!("backward [{}] dX ({label})", c.name), &got_dx, &want_dx, seed);
+            check_hopper_ran(&gpu, mode, before, hopper_takes_dx(&c), &format!("backward [{}]", c.name));
             for (i, ((g, w), s)) in got.iter().zip(&want).zip(&init).enumerate() {
-                check_increment(&format!("backward [{}] dA{i} ({mode:?} base)", c.name), &g.da, &w.da, &s.da, seed);
-                check_increment(&format!("backward [{}] dB{i} ({mode:?} base)", c.name), &g.db, &w.db, &s.db, seed);
+                check_increment(&format!("backward [{}] dA{i} ({label})", c.name), &g.da, &w.da, &s.da, seed);
+                check_increment(&format!("backward [{}] dB{i} ({label})", c.name), &g.db, &w.db, &s.db, seed);
             }
         }
     }

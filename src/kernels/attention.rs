@@ -12,7 +12,7 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{addr, grid_blocks, launch, Family, View};
+use super::launch::{addr, grid_blocks, launch, tensor_map_bf16, Family, View};
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -194,38 +194,9 @@ struct HopperFwd {
 /// A TMA descriptor over one [b·h, l, d] bf16 tensor at `ptr`, boxes of 64 columns (128 bytes:
 /// the 128-byte swizzle's span) × `box_rows` rows of one (batch, head); rows past l read as zeros.
 fn tensor_map(ptr: u64, dims: AttnDims, box_rows: usize) -> Result<FkTensorMap> {
-    use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUresult, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
-    };
     let AttnDims { b, h, l, d } = dims;
-    ensure!(ptr.is_multiple_of(16), "TMA descriptor: tensor address {ptr:#x} is not 16-byte aligned");
-    let gdim: [u64; 3] = [d as u64, l as u64, (b * h) as u64];
-    let gstride: [u64; 2] = [(d * 2) as u64, (l * d * 2) as u64];
-    let boxd: [u32; 3] = [64, box_rows as u32, 1];
-    let estride: [u32; 3] = [1, 1, 1];
-    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
-    // SAFETY: every array has `rank` (3) entries, strides rank − 1; `map` is a writable,
-    // suitably aligned CUtensorMap; the driver only encodes (it reads no device memory).
-    let r = unsafe {
-        cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            3,
-            ptr as *mut std::ffi::c_void,
-            gdim.as_ptr(),
-            gstride.as_ptr(),
-            boxd.as_ptr(),
-            estride.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    ensure!(r == CUresult::CUDA_SUCCESS, "cuTensorMapEncodeTiled for {dims:?}: {r:?}");
-    // SAFETY: initialised by the successful call above (and zeroed before it).
-    Ok(FkTensorMap { opaque: unsafe { map.assume_init() }.opaque })
+    tensor_map_bf16(ptr, [d, l, b * h], [d, l * d], [64, box_rows])
+        .with_context(|| format!("TMA descriptor for attention {dims:?}"))
 }
 
 pub struct GpuAttention {

@@ -3,6 +3,7 @@
 //! `kernels` takes a raw device address: the wrappers take `View`s (a borrowed buffer, an offset
 //! and a length) and check that every view covers what the launch will touch before it goes.
 
+use super::abi::FkTensorMap;
 use super::gpu::Gpu;
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -249,4 +250,54 @@ impl Elem for bf16 {
     fn mat(v: View<'_, bf16>, ld: usize) -> DevMat<'_> {
         DevMat::Bf16(v, ld)
     }
+}
+
+/// A TMA descriptor (cuTensorMapEncodeTiled) over a bf16 tensor of `dims` elements (innermost
+/// first) at device address `ptr`, `strides` elements between consecutive indices of dims 1 and
+/// 2, read in boxes of `boxd` = [columns, rows] × 1, 128-byte swizzled: a box's columns must be
+/// 64 (128 bytes, the swizzle's span). Elements outside the tensor arrive as zeros, which the
+/// Hopper kernels rely on for ragged edges and for LoRA factors narrower than a tile.
+/// The kernels' rank-3 copies (kernels/ptx_sm90.h tma_load_3d) take 2-D tensors as [c, r, 1].
+pub(crate) fn tensor_map_bf16(
+    ptr: u64,
+    dims: [usize; 3],
+    strides: [usize; 2],
+    boxd: [usize; 2],
+) -> Result<FkTensorMap> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    ensure!(ptr.is_multiple_of(16), "TMA descriptor: tensor address {ptr:#x} is not 16-byte aligned");
+    ensure!(boxd[0] == 64 && (1..=256).contains(&boxd[1]), "TMA descriptor: box {boxd:?} is not 64 × 1..256");
+    for (i, s) in strides.iter().enumerate() {
+        ensure!((s * 2).is_multiple_of(16), "TMA descriptor: stride {i} of {s} elements is not a multiple of 16 bytes");
+    }
+    ensure!(dims.iter().all(|&d| d > 0 && d <= u32::MAX as usize), "TMA descriptor: dims {dims:?} out of range");
+    let gdim: [u64; 3] = dims.map(|d| d as u64);
+    let gstride: [u64; 2] = strides.map(|s| (s * 2) as u64);
+    let boxd: [u32; 3] = [boxd[0] as u32, boxd[1] as u32, 1];
+    let estride: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: every array has `rank` (3) entries, strides rank − 1; `map` is a writable,
+    // suitably aligned CUtensorMap; the driver only encodes (it reads no device memory).
+    let r = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            gdim.as_ptr(),
+            gstride.as_ptr(),
+            boxd.as_ptr(),
+            estride.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    ensure!(r == CUresult::CUDA_SUCCESS, "cuTensorMapEncodeTiled over {dims:?}: {r:?}");
+    // SAFETY: initialised by the successful call above (and zeroed before it).
+    Ok(FkTensorMap { opaque: unsafe { map.assume_init() }.opaque })
 }

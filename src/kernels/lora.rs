@@ -21,7 +21,7 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{launch, Family, View};
+use super::launch::{launch, tensor_map_bf16, Family, View};
 use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
 use crate::quant::{Code, QWeight};
 use anyhow::{bail, ensure, Context, Result};
@@ -283,8 +283,16 @@ pub enum BaseGemm {
     /// cuBLAS computes the base product in f32, then the fused kernel adds it to the adapters'
     /// segments and the bias and writes Y (dX): one extra f32 write and read, but cuBLAS's Hopper
     /// GEMM ran 4.6× faster than the fused kernel's base product on an H200 (2026-11-28,
-    /// docs/gpu-runs.md), far more than that pass costs. The default where cuBLAS is present.
+    /// docs/gpu-runs.md), far more than that pass costs. The default where cuBLAS is present
+    /// and the card is not a Hopper.
     Cublas,
+    /// The sm_90a kernels (kernels/lora_gemm_sm90.cu: TMA, wgmma, warp-specialised, persistent)
+    /// run the whole large launch, base and adapter segments and bias, in one pass over Y (dX);
+    /// the thin low-rank GEMMs go to cuBLAS as in `Cublas`. Loaded only on compute capability
+    /// 9.0, and the default there. A call it cannot take (8-bit base weights, dropout in dX, a
+    /// row stride or forward rank that is not a multiple of 8, operands not 16-byte aligned) runs
+    /// as `Cublas` (`Fused` without libcublas); `hopper_launches` counts the calls it took.
+    Hopper,
 }
 
 /// The frozen weight's device address: bf16 [n][k], or 8-bit codes [n][k] (FK_CODE_I8 /
@@ -351,6 +359,70 @@ struct LinearPtrs {
     pub db: Vec<u64>,
 }
 
+/// The Hopper kernels' tile width for an m × n output on `sms` SMs. 128 × 256 tiles need 48 bytes
+/// from L2 per 1024 clocks of tensor work against 64 for 128 × 128 (derived: (128 + 256)·64·2 B
+/// per 2·128·256·64 FLOP at 4096 FLOP/clock/SM), so they are preferred, unless the last wave of
+/// the persistent grid leaves enough SMs idle: at M = 4608, N = 3072 the 432 wide tiles fill
+/// 3.27 waves of 132 SMs (82 % of 4 waves busy), the 864 narrow ones 6.55 (94 % of 7). The 0.9
+/// weight on narrow tiles is a prediction, to be replaced by the benchmark's measured ratio
+/// (it times both widths side by side).
+fn hopper_tile_n(m: usize, n: usize, sms: usize) -> usize {
+    if n <= 128 {
+        return 128;
+    }
+    let fill = |bn: usize| {
+        let waves = (m.div_ceil(FK_GEMM90_BM as usize) * n.div_ceil(bn)) as f64 / sms.max(1) as f64;
+        waves / waves.ceil()
+    };
+    if 0.9 * fill(128) > fill(256) {
+        128
+    } else {
+        256
+    }
+}
+
+/// The sm_90a kernels, loaded only on compute capability 9.0 (their module holds sm_90a code
+/// only), and the SM count that sizes their persistent grids.
+struct HopperGemm {
+    _fam: Family,
+    nt256: CudaFunction,
+    nt128: CudaFunction,
+    nn256: CudaFunction,
+    nn128: CudaFunction,
+    sms: usize,
+}
+
+/// One operand of a Hopper GEMM segment: a bf16 matrix at `ptr` of `rows` × `cols` elements,
+/// `ld` elements between rows.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    ptr: u64,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+/// A K-segment of the Hopper GEMM: A [m, k] row-major (k = its columns); B [n_cols, k] (NT) or
+/// [k, n_cols] (NN) feeding output columns `cols`.
+#[derive(Clone, Debug)]
+struct Seg90 {
+    a: Mat,
+    b: Mat,
+    cols: Range<usize>,
+}
+
+impl Mat {
+    /// A dense row-major matrix (row stride = its columns).
+    fn new(ptr: u64, rows: usize, cols: usize) -> Mat {
+        Mat { ptr, rows, cols, ld: cols }
+    }
+
+    /// Its TMA descriptor: boxes of 64 columns × `box_rows` rows.
+    fn tensor_map(&self, box_rows: usize) -> Result<FkTensorMap> {
+        tensor_map_bf16(self.ptr, [self.cols, self.rows, 1], [self.ld, self.ld * self.rows], [64, box_rows])
+    }
+}
+
 struct Kernels {
     nt_large: CudaFunction,
     nt_small: CudaFunction,
@@ -373,6 +445,10 @@ pub struct GpuLora {
     /// Set while the uploaded base weight is 8-bit (Buf::Wq + Buf::Wscale): (code, codes ptr,
     /// scales ptr). Its product always runs in the fused kernel, which dequantises tile by tile.
     w8: Option<(i32, u64, u64)>,
+    hopper: Option<HopperGemm>,
+    /// Output columns per Hopper tile (128 or 256), None: chosen per call.
+    hopper_bn: Option<usize>,
+    hopper_launches: usize,
 }
 
 fn segment(a: u64, lda: usize, b: u64, ldb: usize, k: usize, cols: Range<usize>) -> FkSegment {
@@ -461,14 +537,50 @@ impl GpuLora {
             u8: HashMap::new(),
             allocations: 0,
         };
-        let base = if blas.is_some() { BaseGemm::Cublas } else { BaseGemm::Fused };
-        Ok(GpuLora { stream, k, blas, arena, poison: false, base, w8: None })
+        let hopper = if gpu.ctx.compute_capability().context("compute capability")? == (9, 0) {
+            let hfam = Family::load(gpu, "lora_gemm_sm90")?;
+            let h = |name: &str, smem: i64| hfam.function_smem(name, smem as usize);
+            let sms = gpu
+                .ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .context("multiprocessor count")?;
+            Some(HopperGemm {
+                nt256: h(FK_GEMM90_NT_BN256, FK_GEMM90_SMEM_BN256)?,
+                nt128: h(FK_GEMM90_NT_BN128, FK_GEMM90_SMEM_BN128)?,
+                nn256: h(FK_GEMM90_NN_BN256, FK_GEMM90_SMEM_BN256)?,
+                nn128: h(FK_GEMM90_NN_BN128, FK_GEMM90_SMEM_BN128)?,
+                sms: (sms.max(1)) as usize,
+                _fam: hfam,
+            })
+        } else {
+            None
+        };
+        let base = match (&hopper, &blas) {
+            (Some(_), _) => BaseGemm::Hopper,
+            (None, Some(_)) => BaseGemm::Cublas,
+            (None, None) => BaseGemm::Fused,
+        };
+        Ok(GpuLora {
+            stream,
+            k,
+            blas,
+            arena,
+            poison: false,
+            base,
+            w8: None,
+            hopper,
+            hopper_bn: None,
+            hopper_launches: 0,
+        })
     }
 
     /// Chooses who computes the base product (tests and benchmarks run both).
     pub fn set_base_gemm(&mut self, base: BaseGemm) -> Result<()> {
         if base == BaseGemm::Cublas && self.blas.is_none() {
             bail!("the cuBLAS base GEMM needs libcublas, which was not found");
+        }
+        if base == BaseGemm::Hopper && self.hopper.is_none() {
+            bail!("the Hopper LoRA GEMM needs a GPU of compute capability 9.0 (H100/H200)");
         }
         self.base = base;
         Ok(())
@@ -481,6 +593,28 @@ impl GpuLora {
     /// Whether the cuBLAS baselines can run (libcublas was found).
     pub fn has_cublas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// Whether the sm_90a kernels are loaded (compute capability 9.0).
+    pub fn has_hopper(&self) -> bool {
+        self.hopper.is_some()
+    }
+
+    /// Fixes the Hopper kernels' tile width (128 or 256 output columns; None: chosen per call)
+    /// for the side-by-side benchmark.
+    pub fn set_hopper_tile_n(&mut self, bn: Option<usize>) -> Result<()> {
+        ensure!(
+            bn.is_none_or(|b| b == 128 || b == 256),
+            "Hopper LoRA GEMM tiles are 128 or 256 columns wide, not {bn:?}"
+        );
+        self.hopper_bn = bn;
+        Ok(())
+    }
+
+    /// Large launches the Hopper kernels have run so far (tests check that a shape they can take
+    /// did not fall back).
+    pub fn hopper_launches(&self) -> usize {
+        self.hopper_launches
     }
 
     /// Fill outputs and intermediates with NaN before each host-slice call (tests).
@@ -657,7 +791,63 @@ impl GpuLora {
     /// output tile, so with N = r one column of 72 blocks walks all of K (or M) serially, which
     /// measured slower than the base GEMM itself on an H200 (docs/gpu-runs.md, run 4).
     fn thin_on_cublas(&self, dropout: Option<Dropout>) -> bool {
-        self.base == BaseGemm::Cublas && dropout.is_none_or(|d| d.p <= 0.0)
+        self.thin_blas() && dropout.is_none_or(|d| d.p <= 0.0)
+    }
+
+    /// The thin low-rank GEMMs without a dropout mask go to cuBLAS in the cuBLAS and Hopper modes.
+    fn thin_blas(&self) -> bool {
+        self.blas.is_some() && matches!(self.base, BaseGemm::Cublas | BaseGemm::Hopper)
+    }
+
+    /// The mode of the sm_80 launches: the chosen one, or for a call the Hopper kernels could
+    /// not take, cuBLAS's base product (the fused kernel's without libcublas).
+    fn base_or_fallback(&self) -> BaseGemm {
+        match self.base {
+            BaseGemm::Hopper if self.blas.is_some() => BaseGemm::Cublas,
+            BaseGemm::Hopper => BaseGemm::Fused,
+            b => b,
+        }
+    }
+
+    /// Whether the Hopper kernels can take these segments: TMA needs 16-byte aligned addresses
+    /// and row strides (a multiple of 8 bf16 elements).
+    fn hopper_takes(segs: &[Seg90]) -> bool {
+        segs.len() <= FK_GEMM90_MAX_SEGMENTS as usize
+            && segs.iter().flat_map(|s| [s.a, s.b]).all(|m| m.ptr.is_multiple_of(16) && m.ld.is_multiple_of(8))
+    }
+
+    /// The large launch on the sm_90a kernels: one problem `pr` (its segment fields unused) over
+    /// the K-segments `segs`, each B stored [columns][k] (NT) or [k][columns] (`nn`).
+    fn launch_hopper(&mut self, nn: bool, pr: FkGemmProblem, segs: &[Seg90]) -> Result<()> {
+        let h = self.hopper.as_ref().context("the Hopper LoRA GEMM is not loaded")?;
+        ensure!(segs.len() <= FK_GEMM90_MAX_SEGMENTS as usize, "Hopper LoRA GEMM: {} K-segments", segs.len());
+        let (m, n) = (pr.m as usize, pr.n as usize);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let bn = self.hopper_bn.unwrap_or_else(|| hopper_tile_n(m, n, h.sms));
+        let bm = FK_GEMM90_BM as usize;
+        let mut hp = FkGemm90Params { pr, num_segments: segs.len() as i32, ..Default::default() };
+        for (i, sg) in segs.iter().enumerate() {
+            let b_rows = if nn { 64 } else { bn };
+            hp.ta[i] = sg.a.tensor_map(bm).context("Hopper LoRA GEMM: A")?;
+            hp.tb[i] = sg.b.tensor_map(b_rows).context("Hopper LoRA GEMM: B")?;
+            hp.seg[i] =
+                FkGemm90Segment { k: sg.a.cols as i64, n_begin: sg.cols.start as i64, n_end: sg.cols.end as i64 };
+        }
+        let (f, smem, name) = match (nn, bn) {
+            (false, 256) => (&h.nt256, FK_GEMM90_SMEM_BN256, "fk_gemm90_nt_bn256"),
+            (false, _) => (&h.nt128, FK_GEMM90_SMEM_BN128, "fk_gemm90_nt_bn128"),
+            (true, 256) => (&h.nn256, FK_GEMM90_SMEM_BN256, "fk_gemm90_nn_bn256"),
+            (true, _) => (&h.nn128, FK_GEMM90_SMEM_BN128, "fk_gemm90_nn_bn128"),
+        };
+        let tiles = m.div_ceil(bm) * n.div_ceil(bn);
+        let grid = (tiles.min(h.sms), 1, 1);
+        // SAFETY: the descriptors cover device buffers checked against the shape (`view_ptrs`,
+        // `backward_dev`) or sized for it (the arena); `pr`'s output and bias likewise.
+        unsafe { launch(&self.stream, f, &hp, grid, FK_GEMM90_THREADS as usize, smem as usize, name) }?;
+        self.hopper_launches += 1;
+        Ok(())
     }
 
     /// The arena's addresses for a host-slice call on shape `s` (forward roles, plus the
@@ -767,8 +957,21 @@ impl GpuLora {
         let mut pr = problem(s.m, s.n, y, s.n);
         pr.out_f32 = p.y_f32 as i32;
         pr.bias = p.bias;
+        if self.base == BaseGemm::Hopper {
+            if let DevWeight::Bf16(wp) = w {
+                let mut segs = vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n }];
+                for (i, t) in s.terms.iter().enumerate() {
+                    let a = Mat { ptr: sp + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
+                    segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone() });
+                }
+                if Self::hopper_takes(&segs) {
+                    return self.launch_hopper(false, pr, &segs);
+                }
+            }
+        }
+        let base = self.base_or_fallback();
         let mut segs = Vec::new();
-        match (self.base, w) {
+        match (base, w) {
             (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => segs.push(base_segment(w, x, s.k, s.k, s.k, 0..s.n)),
             (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() && !s.bias => {
                 return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, p.y_f32));
@@ -780,6 +983,7 @@ impl GpuLora {
                 pr.beta = 1.0;
                 pr.c_in = c;
             }
+            (BaseGemm::Hopper, _) => unreachable!("base_or_fallback never returns Hopper"),
         }
         for (i, t) in s.terms.iter().enumerate() {
             // B [rows, r] is the K-major operand for output columns `rows` only.
@@ -795,6 +999,17 @@ impl GpuLora {
         let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
         let p = params(vec![(problem(s.m, s.n, y, s.n), vec![segment(x, s.k, w, s.k, s.k, 0..s.n)])])?;
         self.launch_large(&self.k.nt_large, &p, s.m, s.n, FK_SMEM_GEMM_NT_LARGE)
+    }
+
+    /// The Hopper kernel on the base GEMM alone (Y = X·Wᵀ, tile width as `set_hopper_tile_n`),
+    /// to compare with cuBLAS.
+    pub fn run_base_hopper(&mut self, s: &LinearShape) -> Result<()> {
+        let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
+        let segs = [Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(w, s.n, s.k), cols: 0..s.n }];
+        ensure!(Self::hopper_takes(&segs), "the Hopper GEMM needs K a multiple of 8, got {}", s.k);
+        self.launch_hopper(false, problem(s.m, s.n, y, s.n), &segs)
     }
 
     /// Fused backward on the uploaded data (X, W, A, B, dY, gradient accumulators): dA and dB
@@ -851,7 +1066,7 @@ impl GpuLora {
             let mut list = Vec::new();
             for (i, t) in s.terms.iter().enumerate() {
                 let (gt, bt, a_op) = (g + 2 * l.s_col[i] as u64, p.b[i], dy + 2 * t.rows.start as u64);
-                if self.base == BaseGemm::Cublas {
+                if self.thin_blas() {
                     self.gemm(
                         s.m,
                         t.rank,
@@ -878,28 +1093,19 @@ impl GpuLora {
             ensure!(dx != 0, "lora gpu: dX missing");
             let mut pr = problem(s.m, s.k, dx, s.k);
             pr.out_f32 = p.dx_f32 as i32;
-            let mut segs = Vec::new();
-            match (self.base, w) {
-                (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => {
-                    segs.push(base_segment(w, dy, s.n, s.k, s.n, 0..s.k))
-                }
-                (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() => {
-                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, p.dx_f32))?;
-                }
-                (BaseGemm::Cublas, DevWeight::Bf16(w)) => {
-                    let c = self.arena.ptr32(Buf::Base32, s.m * s.k)?;
-                    self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (c, s.k, true))?;
-                    pr.beta = 1.0;
-                    pr.c_in = c;
+            let mut hopper_segs = Vec::new();
+            if let (BaseGemm::Hopper, DevWeight::Bf16(wp), false) = (self.base, w, s.has_dropout()) {
+                // dY [m, n] against W read N-major [n][k]; G'ᵢ [m, r] against Aᵢ [r][k].
+                hopper_segs.push(Seg90 { a: Mat::new(dy, s.m, s.n), b: Mat::new(wp, s.n, s.k), cols: 0..s.k });
+                for (i, t) in s.terms.iter().enumerate() {
+                    let a = Mat { ptr: g + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
+                    hopper_segs.push(Seg90 { a, b: Mat::new(p.a[i], t.rank, s.k), cols: 0..s.k });
                 }
             }
-            for (i, t) in s.terms.iter().enumerate() {
-                let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, p.a[i], s.k, t.rank, 0..s.k);
-                segs.push(with_mask(seg, t.dropout, FK_MASK_OUT, s.k));
-            }
-            if !segs.is_empty() {
-                let f = if s.has_dropout() { &self.k.nn_large_mask } else { &self.k.nn_large };
-                self.launch_large(f, &params(vec![(pr, segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
+            if !hopper_segs.is_empty() && Self::hopper_takes(&hopper_segs) {
+                self.launch_hopper(true, pr, &hopper_segs)?;
+            } else {
+                self.dx_large(s, &l, p, pr, g)?;
             }
         }
 
@@ -920,7 +1126,7 @@ impl GpuLora {
                     let seg = segment(gt, l.s_ld, x, s.k, s.m, 0..s.k);
                     list.push((pa, vec![with_mask(seg, t.dropout, FK_MASK_B, s.k)]));
                 }
-                if self.base == BaseGemm::Cublas {
+                if self.thin_blas() {
                     self.gemm(
                         t.rows.len(),
                         t.rank,
@@ -941,6 +1147,36 @@ impl GpuLora {
             let max_m = s.terms.iter().map(|t| t.rank.max(t.rows.len())).max().unwrap();
             let max_n = s.terms.iter().map(|t| t.rank.max(s.k)).max().unwrap();
             self.launch_small(&self.k.tn_small, &params(list)?, max_m, max_n, FK_SMEM_GEMM_TN_SMALL)?;
+        }
+        Ok(())
+    }
+
+    /// dX = [dY | G'₁ …]·[W ; A₁ …] on the sm_80 kernel (with cuBLAS's base product in the
+    /// cuBLAS mode, the mode a call the Hopper kernels cannot take falls back to), dropout terms
+    /// as masked segments.
+    fn dx_large(&mut self, s: &LinearShape, l: &Layout, p: &LinearPtrs, mut pr: FkGemmProblem, g: u64) -> Result<()> {
+        let (dy, dx, w) = (p.dy, p.dx, p.w.expect("checked"));
+        let mut segs = Vec::new();
+        match (self.base_or_fallback(), w) {
+            (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => segs.push(base_segment(w, dy, s.n, s.k, s.n, 0..s.k)),
+            (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() => {
+                self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, p.dx_f32))?;
+            }
+            (BaseGemm::Cublas, DevWeight::Bf16(w)) => {
+                let c = self.arena.ptr32(Buf::Base32, s.m * s.k)?;
+                self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (c, s.k, true))?;
+                pr.beta = 1.0;
+                pr.c_in = c;
+            }
+            (BaseGemm::Hopper, _) => unreachable!("base_or_fallback never returns Hopper"),
+        }
+        for (i, t) in s.terms.iter().enumerate() {
+            let seg = segment(g + 2 * l.s_col[i] as u64, l.s_ld, p.a[i], s.k, t.rank, 0..s.k);
+            segs.push(with_mask(seg, t.dropout, FK_MASK_OUT, s.k));
+        }
+        if !segs.is_empty() {
+            let f = if s.has_dropout() { &self.k.nn_large_mask } else { &self.k.nn_large };
+            self.launch_large(f, &params(vec![(pr, segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
         }
         Ok(())
     }
@@ -1044,6 +1280,14 @@ impl GpuLora {
         let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
         let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
         self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, false))
+    }
+
+    /// cuBLAS's bare dY·W (the backward's base product), the reference point of the benchmarks.
+    pub fn run_base_cublas_dx(&mut self, s: &LinearShape) -> Result<()> {
+        let dy = self.arena.ptr16(Buf::Dy, s.m * s.n)?;
+        let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
+        let dx = self.arena.ptr16(Buf::Dx, s.m * s.k)?;
+        self.gemm(s.m, s.k, s.n, 1.0, (dy, s.n, false), (w, s.k, false), 0.0, (dx, s.k, false))
     }
 
     fn check_unfused(s: &LinearShape) -> Result<()> {
@@ -1172,6 +1416,17 @@ mod tests {
         assert!(LinearShape::new(2, 4, 4, false, &many).is_err());
         let past = LoraTerm { rows: 2..6, ..t };
         assert!(LinearShape::new(2, 4, 4, false, &[past]).is_err());
+    }
+
+    #[test]
+    fn hopper_tiles_follow_the_wave_fill() {
+        // FLUX at 1024²: 4608 tokens on an H100's 132 SMs.
+        assert_eq!(hopper_tile_n(4608, 3072, 132), 128); // 432 wide tiles: 82 % of 4 waves
+        assert_eq!(hopper_tile_n(4608, 9216, 132), 256); // 1296: 98 % of 10
+        assert_eq!(hopper_tile_n(4608, 21504, 132), 256);
+        assert_eq!(hopper_tile_n(4608, 64, 132), 128);
+        // Under a wave, more tiles keep more SMs busy: 5 narrow beat 3 wide on 8 SMs.
+        assert_eq!(hopper_tile_n(100, 600, 8), 128);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! | wrapper          | kernels/         | what it computes                                    |
 //! |------------------|------------------|-----------------------------------------------------|
 //! | `lora`           | `lora_gemm.cu`   | the fused LoRA linear (frozen GEMM + adapters), forward and backward |
+//! |                  | `lora_gemm_sm90.cu` | its large GEMMs (Y, dX) on Hopper: TMA, wgmma, persistent (sm_90a) |
 //! | `attention`      | `attention.cu`   | flash attention, forward and backward; the QK prologue and head merge |
+//! |                  | `attention_sm90.cu` | the flash forward on Hopper (sm_90a)              |
 //! | `norm`           | `norm.cu`        | LayerNorm + modulation, gated residuals              |
 //! | `activation`     | `activation.cu`  | GELU-tanh, SiLU and their backward                   |
 //! | `copy`           | `copy.cu`        | strided copies and f32/bf16 casts                    |
