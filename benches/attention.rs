@@ -82,9 +82,9 @@ fn main() {
     let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | Hopper fwd (sm_90a: TMA, wgmma, overlapped) | Hopper fwd, serial schedule | flash bwd (prep / dK,dV / dQ) | flash fwd+bwd (default fwd) | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
+        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | Hopper fwd (sm_90a: TMA, wgmma, overlapped) | Hopper fwd, serial schedule | flash bwd, sm_80 kernels (prep / dK,dV / dQ) | Hopper bwd (sm_90a dK,dV / dQ; speedup) | flash fwd+bwd (the defaults) | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = Rng::new(5);
     for &l in &lens {
         for masked in [false, true] {
@@ -103,8 +103,23 @@ fn main() {
             let fwd64 = median_time(&gpu, warm, reps, &mut || attn.forward_variant(&bufs, FwdVariant::Rows64).unwrap());
             attn.forward(&bufs).unwrap();
             let step = |s: BackwardStep| median_time(&gpu, warm, reps, &mut || attn.backward_step(&bufs, s).unwrap());
+            let steps = |ss: [BackwardStep; 3]| {
+                median_time(&gpu, warm, reps, &mut || {
+                    for s in ss {
+                        attn.backward_step(&bufs, s).unwrap()
+                    }
+                })
+            };
             let (prep, dkdv, dq) = (step(BackwardStep::Prep), step(BackwardStep::DkDv), step(BackwardStep::Dq));
-            let bwd = median_time(&gpu, warm, reps, &mut || attn.backward(&bufs).unwrap());
+            let bwd = steps([BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq]);
+            // The sm_90a backward: (all three launches, dK/dV, dQ).
+            let hop_bwd = attn.has_hopper().then(|| {
+                (
+                    steps([BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper]),
+                    step(BackwardStep::DkDvHopper),
+                    step(BackwardStep::DqHopper),
+                )
+            });
             let both = median_time(&gpu, warm, reps, &mut || {
                 attn.forward(&bufs).unwrap();
                 attn.backward(&bufs).unwrap();
@@ -122,9 +137,19 @@ fn main() {
                 t.map_or("not compute capability 9.0".into(), |t| format!("{:.3} ({:.0})", t * 1e3, tf(ff, t)))
             };
             let (hopper_txt, serial_txt) = (cell(hopper), cell(hopper_serial));
+            let hop_bwd_txt = hop_bwd.map_or("not compute capability 9.0".into(), |(all, kv, q)| {
+                format!(
+                    "{:.3} ({:.0}) (– / {:.3} / {:.3}; {:.2}× sm_80)",
+                    all * 1e3,
+                    tf(bf, all),
+                    kv * 1e3,
+                    q * 1e3,
+                    bwd / all
+                )
+            });
             let _ = writeln!(
                 table,
-                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {hopper_txt} | {serial_txt} | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
+                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {hopper_txt} | {serial_txt} | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {hop_bwd_txt} | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
                 if masked { "77 of 512 text tokens" } else { "none" },
                 fwd * 1e3,
                 tf(ff, fwd),

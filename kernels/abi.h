@@ -229,6 +229,30 @@ typedef struct {
 FK_KERNEL void fk_attn_fwd_sm90(FK_GRID_PARAMS FkAttn90Params p);         // O, LSE (sm_90a), pipelined
 FK_KERNEL void fk_attn_fwd_sm90_serial(FK_GRID_PARAMS FkAttn90Params p);  // the same, one step at a time
 
+// The Hopper backward (attention_sm90.cu), deterministic like fk_attn_bwd_*: fk_attn_bwd_prep's
+// delta, then one kernel per key block for dK and dV and one per query block for dQ, no atomics.
+// Each block holds FK_ATTN90_BWD_BLOCK rows of a "fixed" pair of tensors (x1, x2: K and V for
+// dK/dV, Q and dO for dQ; boxes of 64 columns × FK_ATTN90_BWD_BLOCK rows) and streams tiles of
+// FK_ATTN90_BWD_TILE rows of the other pair (y1, y2: Q and dO, or K and V; boxes of 64 ×
+// FK_ATTN90_BWD_TILE) through FK_ATTN90_STAGES ring slots (with the tile rows' LSE and delta
+// for dK/dV). Dynamic shared memory:
+// FK_ATTN90_BWD_SMEM_D64 / _D128.
+typedef struct {
+    FkTensorMap x1;
+    FkTensorMap x2;
+    FkTensorMap y1;
+    FkTensorMap y2;
+    FkAttnParams a;
+} FkAttn90BwdParams;
+#define FK_SIZEOF_FkAttn90BwdParams 640
+#define FK_ATTN90_BWD_BLOCK 128
+#define FK_ATTN90_BWD_TILE 64
+#define FK_ATTN90_BWD_SMEM_D64 68608
+#define FK_ATTN90_BWD_SMEM_D128 134144
+
+FK_KERNEL void fk_attn_bwd_dkdv_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);  // dK, dV (sm_90a)
+FK_KERNEL void fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);    // dQ (sm_90a)
+
 // ---------------------------------------------------------------------------------------------
 // The LoRA GEMM on Hopper (kernels/lora_gemm_sm90.cu, sm_90a): the large launch of the LoRA
 // linear, out = alpha · Σ_seg A_seg·B_seg (+ bias) (+ beta · c_in), with the semantics of one

@@ -29,6 +29,7 @@
 
 static_assert(sizeof(FkAttn90Params) == FK_SIZEOF_FkAttn90Params, "abi.h: FkAttn90Params size");
 static_assert(sizeof(FkTensorMap) == FK_SIZEOF_FkTensorMap, "abi.h: FkTensorMap size");
+static_assert(sizeof(FkAttn90BwdParams) == FK_SIZEOF_FkAttn90BwdParams, "abi.h: FkAttn90BwdParams size");
 
 namespace fk_attn90 {
 
@@ -162,8 +163,7 @@ __device__ void fwd(const FkAttn90Params& P) {
     constexpr int BOXES = D / BOX;
     const FkAttnParams& p = P.a;
     FK_DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (uint32_t)L::TOTAL) __trap();
-    unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* smem = fk::smem_1024(smem_raw, (uint32_t)L::TOTAL);
     Tiles<D> tl;
     tl.qs = reinterpret_cast<uint16_t*>(smem + L::Q);
     tl.ks = reinterpret_cast<uint16_t*>(smem + L::K);
@@ -356,6 +356,243 @@ __device__ __forceinline__ void fwd_entry(const FkAttn90Params& p) {
         __trap();
 }
 
+
+// ---- backward ----------------------------------------------------------------------------------
+//
+// Deterministic, as attention.cu's: fk_attn_bwd_prep (sm_80 code, runs here too) writes delta =
+// rowsum(dO ∘ O); then two kernels of one template, each block owning BWD_BLOCK = 128 rows of one
+// (batch, head), 64 per consumer warpgroup, and streaming the other side in BWD_TILE = 64-row
+// tiles. Both compute, per tile, two score-shaped products with both operands in shared memory
+// (SS wgmma m64n64k16, K-major), the softmax recomputed from the saved LSE, and then products
+// with the 64 × 64 result from registers (RS wgmma m64nDk16, the tile read N-major):
+//   DKDV (block rows = keys, tile rows = queries; fixed x1 = K, x2 = V; streamed y1 = Q, y2 = dO):
+//     Sᵀ = K·Qᵀ, Pᵀ = kept(key) ? exp2(Sᵀ·scale·log2e − LSE₂[query]) : 0, dPᵀ = V·dOᵀ,
+//     dSᵀ = Pᵀ ∘ (dPᵀ − delta[query]);  dV += Pᵀ·dO, dK += dSᵀ·Q;  dK ·= scale at the end.
+//   DQ (block rows = queries, tile rows = keys; fixed x1 = Q, x2 = dO; streamed y1 = K, y2 = V):
+//     S = Q·Kᵀ, P = kept(key) ? exp2(S·scale·log2e − LSE₂[query]) : 0, dP = dO·Vᵀ,
+//     dS = P ∘ (dP − delta[query]);  dQ += dS·K;  dQ ·= scale at the end.
+// The same producer as the forward (x1, x2 once; y1, y2 per tile into a two-slot ring with full
+// and empty mbarriers) and each tile's steps one after another (the forward's serial schedule);
+// the overlaps of the pipelined forward are not applied here yet.
+namespace bwd {
+
+constexpr int BLOCK = FK_ATTN90_BWD_BLOCK, TILE = FK_ATTN90_BWD_TILE;
+static_assert(BLOCK == 2 * 64 && TILE == 64, "two consumer warpgroups of 64 rows, 64-row tiles");
+
+// Per slot, besides the y tiles: the tile rows' LSE (log2 units) and delta, written by the
+// producer warp (DKDV reads them per column; loading its 32 from global memory in each consumer
+// thread made ptxas spill 40 bytes).
+template <int D>
+struct Layout {
+    static constexpr int X_BYTES = BLOCK * D * 2, Y_BYTES = TILE * D * 2, STAT_BYTES = 2 * TILE * 4;
+    static constexpr int X1 = 0, X2 = X_BYTES, Y1 = 2 * X_BYTES, Y2 = Y1 + STAGES * Y_BYTES;
+    static constexpr int STATS = Y2 + STAGES * Y_BYTES;
+    static constexpr int BARS = STATS + STAGES * STAT_BYTES;
+    static constexpr int TOTAL = BARS + 1024 + 1024;
+};
+static_assert(Layout<64>::TOTAL == FK_ATTN90_BWD_SMEM_D64, "abi.h: FK_ATTN90_BWD_SMEM_D64");
+static_assert(Layout<128>::TOTAL == FK_ATTN90_BWD_SMEM_D128, "abi.h: FK_ATTN90_BWD_SMEM_D128");
+
+// acc[64 × 64] = x (this warpgroup's 64 rows of a fixed [BOXES][BLOCK][64] tile) · yᵀ (a streamed
+// [BOXES][TILE][64] tile): D/16 SS wgmma, both K-major.
+template <int D>
+__device__ __forceinline__ void issue_xyt(float (&acc)[32], const uint16_t* x, const uint16_t* y, int cw) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const uint16_t* xa = x + (kk / 4) * BLOCK * BOX + cw * 64 * BOX + (kk % 4) * 16;
+        const uint16_t* yb = y + (kk / 4) * TILE * BOX + (kk % 4) * 16;
+        Wgmma<64>::ss(acc, desc_k_major(xa), desc_k_major(yb), kk > 0, 0);
+    }
+}
+// out[64 × D] += a (64 × 64 from registers) · y (the streamed tile, read N-major): 4 RS wgmma.
+template <int D>
+__device__ __forceinline__ void issue_ay(float (&out)[D / 2], const uint32_t (&a)[4][4], const uint16_t* y) {
+#pragma unroll
+    for (int kj = 0; kj < TILE / 16; ++kj)
+        Wgmma<D>::rs(out, a[kj], desc_mn_major(y + kj * 16 * BOX, TILE * BOX * 2), 1, 1);
+}
+
+template <int D, bool DKDV>
+__device__ void kernel(const FkAttn90BwdParams& P) {
+    using L = Layout<D>;
+    constexpr int BOXES = D / BOX;
+    const FkAttnParams& p = P.a;
+    FK_DYNAMIC_SMEM(smem_raw);
+    unsigned char* smem = fk::smem_1024(smem_raw, (uint32_t)L::TOTAL);
+    uint16_t* x1 = reinterpret_cast<uint16_t*>(smem + L::X1);
+    uint16_t* x2 = reinterpret_cast<uint16_t*>(smem + L::X2);
+    uint16_t* y1 = reinterpret_cast<uint16_t*>(smem + L::Y1);
+    uint16_t* y2 = reinterpret_cast<uint16_t*>(smem + L::Y2);
+    float* stats = reinterpret_cast<float*>(smem + L::STATS);  // [STAGES][2][TILE]
+    uint64_t* x_full = reinterpret_cast<uint64_t*>(smem + L::BARS);
+    uint64_t* full = x_full + 1;
+    uint64_t* empty = full + STAGES;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int64_t l = p.l, bh = blockIdx.y, r0 = (int64_t)blockIdx.x * BLOCK;
+    const int tiles = (int)((l + TILE - 1) / TILE);
+
+    if (tid == 0) {
+        mbar_init(x_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, CONSUMERS);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // 32, not the forward's 24: the statistics loop spilled at 24 (28 bytes, ptxas -v);
+        // 240 + 240 + 32 still fits the 64 K-register file across three warpgroups (512 × 128).
+        setmaxnreg_dec<32>();
+        if (tid >= 32) return;
+        // Warp 0: lane 0 issues the copies; for DKDV all 32 lanes write the slot's statistics
+        // first (named barrier 3 orders their stores before lane 0's arrive, which releases them
+        // to the consumers' wait).
+        const float* lse = static_cast<const float*>(p.lse) + bh * l;
+        const float* delta = static_cast<const float*>(p.delta) + bh * l;
+        if (tid == 0) {
+            mbar_arrive_expect_tx(x_full, 2 * L::X_BYTES);
+            for (int c = 0; c < BOXES; ++c) {
+                tma_load_3d(x1 + c * BLOCK * BOX, &P.x1, x_full, c * BOX, (int)r0, (int)bh);
+                tma_load_3d(x2 + c * BLOCK * BOX, &P.x2, x_full, c * BOX, (int)r0, (int)bh);
+            }
+        }
+        for (int j = 0; j < tiles; ++j) {
+            const int s = j % STAGES;
+            mbar_wait(empty + s, ((j / STAGES) & 1) ^ 1);
+            if constexpr (DKDV) {
+                for (int i = tid; i < TILE; i += 32) {
+                    const int64_t c = (int64_t)j * TILE + i;
+                    stats[s * 2 * TILE + i] = c < l ? lse[c] * LOG2E : pos_inf();
+                    stats[s * 2 * TILE + TILE + i] = c < l ? delta[c] : 0.0f;
+                }
+                named_bar_sync(3, 32);
+            }
+            if (tid == 0) {
+                mbar_arrive_expect_tx(full + s, 2 * L::Y_BYTES);
+                for (int c = 0; c < BOXES; ++c) {
+                    tma_load_3d(y1 + (s * BOXES + c) * TILE * BOX, &P.y1, full + s, c * BOX, j * TILE, (int)bh);
+                    tma_load_3d(y2 + (s * BOXES + c) * TILE * BOX, &P.y2, full + s, c * BOX, j * TILE, (int)bh);
+                }
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const float sl2 = p.scale * LOG2E;
+    const unsigned char* mask = p.kv_mask ? static_cast<const unsigned char*>(p.kv_mask) + (bh / p.h) * l : nullptr;
+    const float* lse = static_cast<const float*>(p.lse) + bh * l;
+    const float* delta = static_cast<const float*>(p.delta) + bh * l;
+    auto kept = [&](int64_t key) { return key < l && (mask == nullptr || mask[key] != 0); };
+    // This thread's two block rows (accumulator element i: row g + 8 for i%4 ≥ 2).
+    const int64_t row[2] = {r0 + cw * 64 + warp * 16 + g, r0 + cw * 64 + warp * 16 + g + 8};
+    // Per-row statistics, fixed for the block: DKDV's rows are keys (kept or not); DQ's rows are
+    // queries (LSE in log2 units, +∞ past the end so that P = 0 there, and delta).
+    bool row_kept[2];
+    float row_lse2[2], row_delta[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        row_kept[h] = kept(row[h]);
+        row_lse2[h] = row[h] < l ? lse[row[h]] * LOG2E : pos_inf();
+        row_delta[h] = row[h] < l ? delta[row[h]] : 0.0f;
+    }
+
+    float o1[D / 2], o2[DKDV ? D / 2 : 1];  // dK and dV, or dQ
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o1[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < (DKDV ? D / 2 : 1); ++i) o2[i] = 0.0f;
+    float sc[32], dp[32];
+    uint32_t pa[4][4], da[4][4];
+
+    mbar_wait(x_full, 0);
+#pragma unroll 1
+    for (int j = 0; j < tiles; ++j) {
+        const int s = j % STAGES;
+        const uint16_t* ty1 = y1 + s * BOXES * TILE * BOX;
+        const uint16_t* ty2 = y2 + s * BOXES * TILE * BOX;
+        mbar_wait(full + s, (j / STAGES) & 1);
+        wgmma_fence();
+        issue_xyt<D>(sc, x1, ty1, cw);  // Sᵀ = K·Qᵀ, or S = Q·Kᵀ
+        issue_xyt<D>(dp, x2, ty2, cw);  // dPᵀ = V·dOᵀ, or dP = dO·Vᵀ
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operand(sc);
+        wgmma_fence_operand(dp);
+        // Element i: block row row[(i%4)/2], tile column c = j·TILE + 8·(i/4) + 2t + (i&1).
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            const int h = (i % 4) / 2;
+            const int64_t c = (int64_t)j * TILE + 8 * (i / 4) + 2 * t + (i & 1);
+            float pv;
+            if constexpr (DKDV) {
+                const int ci = (int)(c - (int64_t)j * TILE);
+                const float l2 = stats[s * 2 * TILE + ci], dl = stats[s * 2 * TILE + TILE + ci];
+                pv = row_kept[h] ? fast_exp2(sc[i] * sl2 - l2) : 0.0f;
+                dp[i] = pv * (dp[i] - dl);
+            } else {
+                pv = kept(c) ? fast_exp2(sc[i] * sl2 - row_lse2[h]) : 0.0f;
+                dp[i] = pv * (dp[i] - row_delta[h]);
+            }
+            sc[i] = pv;
+        }
+#pragma unroll
+        for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                pa[kj][e] = pack_bf16(sc[8 * kj + 2 * e], sc[8 * kj + 2 * e + 1]);
+                da[kj][e] = pack_bf16(dp[8 * kj + 2 * e], dp[8 * kj + 2 * e + 1]);
+            }
+        wgmma_fence_operand(o1);
+        if constexpr (DKDV) wgmma_fence_operand(o2);
+        wgmma_fence();
+        if constexpr (DKDV) issue_ay<D>(o2, pa, ty2);  // dV += Pᵀ·dO
+        issue_ay<D>(o1, da, ty1);                      // dK += dSᵀ·Q, or dQ += dS·K
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operand(o1);
+        if constexpr (DKDV) wgmma_fence_operand(o2);
+        fence_frags(pa);
+        fence_frags(da);
+        mbar_arrive(empty + s);
+    }
+
+    // dK (dQ) carries the softmax scale; rows past l are not written.
+    auto store = [&](void* dst, const float (&o)[D / 2], float f) {
+        uint16_t* out = static_cast<uint16_t*>(dst) + bh * l * D;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (row[h] >= l) continue;
+            uint32_t* d32 = reinterpret_cast<uint32_t*>(out + row[h] * D + 2 * t);
+#pragma unroll
+            for (int c = 0; c < D / 8; ++c) d32[c * 4] = pack_bf16(o[4 * c + 2 * h] * f, o[4 * c + 2 * h + 1] * f);
+        }
+    };
+    if constexpr (DKDV) {
+        store(p.dk, o1, p.scale);
+        store(p.dv, o2, 1.0f);
+    } else {
+        store(p.dq, o1, p.scale);
+    }
+}
+
+template <bool DKDV>
+__device__ __forceinline__ void entry(const FkAttn90BwdParams& p) {
+    if (p.a.d == 128)
+        kernel<128, DKDV>(p);
+    else if (p.a.d == 64)
+        kernel<64, DKDV>(p);
+    else
+        __trap();
+}
+
+}  // namespace bwd
+
 }  // namespace fk_attn90
 
 FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_fwd_sm90(FK_GRID_PARAMS FkAttn90Params p) {
@@ -363,4 +600,10 @@ FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_fwd_sm90(FK_GRID_
 }
 FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_fwd_sm90_serial(FK_GRID_PARAMS FkAttn90Params p) {
     fk_attn90::fwd_entry<false>(p);
+}
+FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dkdv_sm90(FK_GRID_PARAMS FkAttn90BwdParams p) {
+    fk_attn90::bwd::entry<true>(p);
+}
+FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p) {
+    fk_attn90::bwd::entry<false>(p);
 }

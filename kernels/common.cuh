@@ -224,4 +224,12 @@ __device__ __forceinline__ uint64_t desc_mn_major(const void* p, uint32_t box_by
            ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
+// The Hopper kernels' dynamic shared memory, aligned up to 1024 bytes (the 128-byte swizzle's
+// atom, which TMA and wgmma locate through address bits); traps when the launch gave less than
+// `total` (which includes 1024 bytes of slack for this alignment).
+__device__ __forceinline__ unsigned char* smem_1024(unsigned char* raw, uint32_t total) {
+    if (dynamic_smem_bytes() < total) __trap();
+    return raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
+}
+
 }  // namespace fk

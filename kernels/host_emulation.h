@@ -88,7 +88,7 @@ struct Fiber {
     dim3 tid;
     unsigned linear = 0;
     bool done = false;
-    int waiting = 0;  // 0 running, 1 block barrier, 2 warp barrier, 3 mbarrier phase, 4 named barrier
+    int waiting = 0;  // 0 running, 1 block barrier, 2 warp barrier, 3 mbarrier phase, 4 named barrier, 5 yielded
     unsigned collectives = 0;
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups;
@@ -545,7 +545,13 @@ inline void mbar_arrive_at(uint64_t* bar, uint32_t tx) {
     fkemu::mbar_settle(a, m);
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) { mbar_arrive_at(bar, bytes); }
-inline void mbar_arrive(uint64_t* bar) { mbar_arrive_at(bar, 0); }
+// A plain arrive hands a resource back (a ring slot to the producer): the arriving warp steps
+// aside here, so the scheduler may run another warp (the producer overwriting the slot) before
+// this one continues, and a hand-back that comes before the last read of the slot is caught.
+inline void mbar_arrive(uint64_t* bar) {
+    mbar_arrive_at(bar, 0);
+    fkemu::yield_waiting(5);
+}
 inline void mbar_wait(uint64_t* bar, uint32_t parity) {
     const uint32_t a = smem_addr(bar);
     if (fkemu::mbar_poll(a, parity & 1)) return;
@@ -690,13 +696,15 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
         std::vector<unsigned> runnable;
         for (unsigned w = 0; w < warps; ++w)
             for (unsigned i = w * 32; i < std::min(n, w * 32 + 32); ++i)
-                if (ready(fibers[i])) {
+                if (ready(fibers[i]) || fibers[i].waiting == 5) {
                     runnable.push_back(w);
                     break;
                 }
         if (!runnable.empty()) {
             const unsigned w = runnable[next_rand((unsigned)runnable.size())];
             const unsigned lo = w * 32, hi = std::min(n, w * 32 + 32);
+            for (unsigned i = lo; i < hi; ++i)
+                if (fibers[i].waiting == 5) fibers[i].waiting = 0;
             for (;;) {
                 lanes.clear();
                 for (unsigned i = lo; i < hi; ++i)
@@ -720,7 +728,7 @@ inline void run_block(Block& b, std::vector<Fiber>& fibers, std::vector<std::vec
             }
             continue;
         }
-        unsigned live = 0, at[5] = {0, 0, 0, 0, 0};
+        unsigned live = 0, at[6] = {0, 0, 0, 0, 0, 0};
         for (unsigned i = 0; i < n; ++i) {
             if (fibers[i].done) continue;
             ++live;

@@ -72,8 +72,7 @@ __device__ void gemm(const FkGemm90Params& P) {
     constexpr int BN = C::BN, STAGES = C::STAGES;
     const FkGemmProblem& pr = P.pr;
     FK_DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (uint32_t)C::TOTAL) __trap();
-    unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* smem = fk::smem_1024(smem_raw, (uint32_t)C::TOTAL);
     auto a_tile = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * C::STAGE_BYTES); };
     auto b_tile = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * C::STAGE_BYTES + C::A_BYTES); };
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::BARS);

@@ -6,9 +6,9 @@
 //! nvcc at build time) each test writes why it is skipped.
 
 mod common;
-use common::gpu::{attention_forward_backward, attention_forward_naive};
+use common::gpu::{attention_forward_backward, attention_forward_backward_steps, attention_forward_naive};
 use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
-use flux_kernels::kernels::attention::{AttnDims, FwdVariant, GpuAttention, HOPPER_HEAD_DIMS};
+use flux_kernels::kernels::attention::{AttnDims, BackwardStep, FwdVariant, GpuAttention, HOPPER_HEAD_DIMS};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::ops::attention::{attention_backward_masked, attention_forward_masked};
 use flux_kernels::util::{rel_l2, Rng};
@@ -109,26 +109,21 @@ fn flash_attention_matches_cpu_forward_and_backward() {
         let n = c.dims.numel();
         let (mut o, mut lse) = (vec![0f32; n], vec![0f32; b * h * l]);
         attention_forward_masked(&mut o, &mut lse, &x.q, &x.k, &x.v, mask.as_deref(), b, h, l, d);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        attention_backward_masked(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &x.dout,
+        let (dq, dk, dv) = cpu_backward(&c, &x, &o, &lse, mask.as_deref());
+        // The sm_80 backward by name: on compute capability 9.0 `backward` takes the sm_90a one
+        // for d 64/128 (tested below and in hopper_forward_and_backward_match_cpu).
+        let got = attention_forward_backward_steps(
+            &attn,
+            FwdVariant::Rows128,
+            Some(SM80_BACKWARD),
+            c.dims,
             &x.q,
             &x.k,
             &x.v,
-            &o,
-            &lse,
+            &x.dout,
             mask.as_deref(),
-            b,
-            h,
-            l,
-            d,
-        );
-        let got =
-            attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref())
-                .unwrap();
+        )
+        .unwrap();
         check(&format!("[{}] O", c.name), &got.o, &o, seed);
         check(&format!("[{}] LSE", c.name), &got.lse, &lse, seed);
         // The 64-row forward variant the benchmark compares against computes the same function.
@@ -140,25 +135,66 @@ fn flash_attention_matches_cpu_forward_and_backward() {
         check(&format!("[{}] dQ", c.name), &got.dq, &dq, seed);
         check(&format!("[{}] dK", c.name), &got.dk, &dk, seed);
         check(&format!("[{}] dV", c.name), &got.dv, &dv, seed);
-        if let Some(m) = &mask {
-            // A masked key takes no part: its gradients are exactly zero, not merely small.
-            for (i, _) in (0..b * h * l).map(|r| (r, m[(r / (h * l)) * l + r % l])).filter(|(_, keep)| *keep == 0) {
-                assert!(got.dk[i * d..(i + 1) * d].iter().chain(&got.dv[i * d..(i + 1) * d]).all(|&x| x == 0.0));
-            }
+        masked_keys_have_zero_gradients(&c, mask.as_deref(), &got.dk, &got.dv);
+        if attn.has_hopper() && HOPPER_HEAD_DIMS.contains(&d) {
+            let hop = attention_forward_backward_steps(
+                &attn,
+                FwdVariant::Hopper,
+                Some(HOPPER_BACKWARD),
+                c.dims,
+                &x.q,
+                &x.k,
+                &x.v,
+                &x.dout,
+                mask.as_deref(),
+            )
+            .unwrap();
+            check(&format!("[{}] dQ (sm_90a)", c.name), &hop.dq, &dq, seed);
+            check(&format!("[{}] dK (sm_90a)", c.name), &hop.dk, &dk, seed);
+            check(&format!("[{}] dV (sm_90a)", c.name), &hop.dv, &dv, seed);
+            masked_keys_have_zero_gradients(&c, mask.as_deref(), &hop.dk, &hop.dv);
         }
     }
 }
 
-/// The sm_90a forward (kernels/attention_sm90.cu) on the shapes that exercise its pipeline: one
-/// and several K/V tiles (the two-slot ring wraps at three), ragged ends inside the query and
-/// key tiles, a key mask that empties whole tiles and whole batch elements (O = 0, LSE = +∞ as
-/// the CPU reference gives), both head dims. Runs wherever the device has compute capability 9.0
-/// (under the emulation always); elsewhere it says so and passes (the kernel cannot load there).
+/// The CPU reference's dQ, dK, dV for a case, from its forward's O and LSE.
+fn cpu_backward(c: &Case, x: &Inputs, o: &[f32], lse: &[f32], mask: Option<&[u8]>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnDims { b, h, l, d } = c.dims;
+    let n = c.dims.numel();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    attention_backward_masked(&mut dq, &mut dk, &mut dv, &x.dout, &x.q, &x.k, &x.v, o, lse, mask, b, h, l, d);
+    (dq, dk, dv)
+}
+
+const SM80_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq];
+const HOPPER_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper];
+
+/// A masked key takes no part: its gradients are exactly zero, not merely small.
+fn masked_keys_have_zero_gradients(c: &Case, mask: Option<&[u8]>, dk: &[f32], dv: &[f32]) {
+    let Some(m) = mask else { return };
+    let AttnDims { b, h, l, d } = c.dims;
+    for (i, _) in (0..b * h * l).map(|r| (r, m[(r / (h * l)) * l + r % l])).filter(|(_, keep)| *keep == 0) {
+        assert!(
+            dk[i * d..(i + 1) * d].iter().chain(&dv[i * d..(i + 1) * d]).all(|&x| x == 0.0),
+            "[{}] a masked key has nonzero dK/dV",
+            c.name
+        );
+    }
+}
+
+/// The sm_90a forward and backward (kernels/attention_sm90.cu) on the shapes that exercise their
+/// pipelines: one and several K/V (Q/dO) tiles (the two-slot rings wrap at three), ragged ends
+/// inside the query and key tiles, a key mask that empties whole tiles and whole batch elements
+/// (O = 0, LSE = +∞, zero gradients, as the CPU reference gives), both head dims; the backward
+/// bitwise reproducible. Runs wherever the device has compute capability 9.0 (under the
+/// emulation always); elsewhere it says so and passes (the kernels cannot load there).
 #[test]
-fn hopper_forward_matches_cpu() {
-    let Some(attn) = attn_or_skip("hopper_forward_matches_cpu") else { return };
+fn hopper_forward_and_backward_match_cpu() {
+    let Some(attn) = attn_or_skip("hopper_forward_and_backward_match_cpu") else { return };
     if !attn.has_hopper() {
-        eprintln!("hopper_forward_matches_cpu: not a compute capability 9.0 device, the sm_90a kernel cannot run");
+        eprintln!(
+            "hopper_forward_and_backward_match_cpu: not a compute capability 9.0 device, the sm_90a kernels cannot run"
+        );
         return;
     }
     let seed = fresh_seed();
@@ -211,6 +247,20 @@ fn hopper_forward_matches_cpu() {
         );
         // On this device the model's attention (forward, forward_dev) takes the pipelined kernel.
         assert_eq!(attn.default_variant(d), FwdVariant::Hopper);
+
+        // The backward: the default launches here are the sm_90a ones; against the CPU, masked
+        // keys exactly zero, the same bits run to run.
+        let (dq, dk, dv) = cpu_backward(&c, &x, &o, &lse, mask.as_deref());
+        assert_eq!(attn.backward_steps(d, &[0, 16, 32, 48]), HOPPER_BACKWARD);
+        let got = run(FwdVariant::Hopper);
+        check(&format!("[{}] dQ (sm_90a)", c.name), &got.dq, &dq, seed);
+        check(&format!("[{}] dK (sm_90a)", c.name), &got.dk, &dk, seed);
+        check(&format!("[{}] dV (sm_90a)", c.name), &got.dv, &dv, seed);
+        masked_keys_have_zero_gradients(&c, mask.as_deref(), &got.dk, &got.dv);
+        let again = run(FwdVariant::Hopper);
+        for (name, a, b) in [("dQ", &got.dq, &again.dq), ("dK", &got.dk, &again.dk), ("dV", &got.dv, &again.dv)] {
+            assert_eq!(bits(a), bits(b), "[{}] {name} differs between runs; seed {seed}", c.name);
+        }
     }
 }
 

@@ -95,6 +95,10 @@ pub enum BackwardStep {
     DkDv,
     /// dQ, one block per query tile
     Dq,
+    /// dK and dV on the sm_90a kernel (TMA, wgmma; compute capability 9.0, head dim 64/128)
+    DkDvHopper,
+    /// dQ on the sm_90a kernel
+    DqHopper,
 }
 
 /// The device tensors of one attention problem.
@@ -189,6 +193,8 @@ struct HopperFwd {
     _fam: Family,
     pipelined: CudaFunction,
     serial: CudaFunction,
+    dkdv: CudaFunction,
+    dq: CudaFunction,
 }
 
 /// A TMA descriptor over one [b·h, l, d] bf16 tensor at `ptr`, boxes of 64 columns (128 bytes:
@@ -236,7 +242,10 @@ impl GpuAttention {
             let smem = FK_ATTN90_SMEM_D128 as usize;
             let pipelined = hfam.function_smem(FK_ATTN_FWD_SM90, smem)?;
             let serial = hfam.function_smem(FK_ATTN_FWD_SM90_SERIAL, smem)?;
-            Some(HopperFwd { _fam: hfam, pipelined, serial })
+            let bsmem = FK_ATTN90_BWD_SMEM_D128 as usize;
+            let dkdv = hfam.function_smem(FK_ATTN_BWD_DKDV_SM90, bsmem)?;
+            let dq = hfam.function_smem(FK_ATTN_BWD_DQ_SM90, bsmem)?;
+            Some(HopperFwd { _fam: hfam, pipelined, serial, dkdv, dq })
         } else {
             None
         };
@@ -423,7 +432,7 @@ impl GpuAttention {
         (p.dout, p.dq, p.dk, p.dv, p.delta) =
             (g.dout.addr(s), g.dq.addr(s), g.dk.addr(s), g.dv.addr(s), g.delta.addr(s));
         let fp = params_of(dims, &p);
-        for step in [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq] {
+        for step in self.backward_steps(dims.d, &[fp.q, fp.k, fp.v, fp.dout]) {
             // SAFETY: every tensor was checked against dims.
             unsafe { self.launch_backward(dims, &fp, step)? };
         }
@@ -464,9 +473,21 @@ impl GpuAttention {
         unsafe { self.launch(f, p, (l.div_ceil(rows), b * h), fwd_smem(d, rows)) }.context(name)
     }
 
+    /// The backward's launches for head dim `d` with these tensor addresses: the sm_90a kernels
+    /// where they can run (compute capability 9.0, d 64/128, every tensor TMA reads 16-byte
+    /// aligned), else the sm_80 ones.
+    pub fn backward_steps(&self, d: usize, addrs: &[u64]) -> [BackwardStep; 3] {
+        if self.hopper.is_some() && HOPPER_HEAD_DIMS.contains(&d) && addrs.iter().all(|a| a.is_multiple_of(16)) {
+            [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper]
+        } else {
+            [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq]
+        }
+    }
+
     /// dQ, dK, dV from dO, Q, K, V, O and LSE (the forward's outputs in the same buffers).
     pub fn backward(&self, bufs: &AttnBuffers) -> Result<()> {
-        for step in [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq] {
+        let p = self.params(bufs);
+        for step in self.backward_steps(bufs.dims.d, &[p.q, p.k, p.v, p.dout]) {
             self.backward_step(bufs, step)?;
         }
         Ok(())
@@ -495,6 +516,31 @@ impl GpuAttention {
                 }
                 BackwardStep::Dq => {
                     self.launch(&self.dq, p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
+                }
+                BackwardStep::DkDvHopper | BackwardStep::DqHopper => {
+                    let hop =
+                        self.hopper.as_ref().context("the Hopper attention backward needs compute capability 9.0")?;
+                    ensure!(
+                        HOPPER_HEAD_DIMS.contains(&d),
+                        "the Hopper attention backward: head dim {d} is not 64 or 128"
+                    );
+                    let (blk, tile) = (FK_ATTN90_BWD_BLOCK as usize, FK_ATTN90_BWD_TILE as usize);
+                    // dK/dV: blocks of keys hold K and V, stream Q and dO; dQ: the reverse.
+                    let dkdv = step == BackwardStep::DkDvHopper;
+                    let ((x1, x2), (y1, y2)) =
+                        if dkdv { ((p.k, p.v), (p.q, p.dout)) } else { ((p.q, p.dout), (p.k, p.v)) };
+                    let hp = FkAttn90BwdParams {
+                        x1: tensor_map(x1, dims, blk)?,
+                        x2: tensor_map(x2, dims, blk)?,
+                        y1: tensor_map(y1, dims, tile)?,
+                        y2: tensor_map(y2, dims, tile)?,
+                        a: *p,
+                    };
+                    let smem = if d == 128 { FK_ATTN90_BWD_SMEM_D128 } else { FK_ATTN90_BWD_SMEM_D64 } as usize;
+                    let (f, name) =
+                        if dkdv { (&hop.dkdv, "fk_attn_bwd_dkdv_sm90") } else { (&hop.dq, "fk_attn_bwd_dq_sm90") };
+                    // SAFETY: the caller's contract; the descriptors cover the same tensors as `p`.
+                    launch(&self.stream, f, &hp, (l.div_ceil(blk), b * h, 1), FK_ATTN90_THREADS as usize, smem, name)
                 }
             }
         }

@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use flux_kernels::kernels::activation::GpuActivation;
 use flux_kernels::kernels::attention::{
-    AttnBuffers, AttnDims, FwdVariant, GpuAttention, HeadsDims, QkGradViews, QkViews,
+    AttnBuffers, AttnDims, BackwardStep, FwdVariant, GpuAttention, HeadsDims, QkGradViews, QkViews,
 };
 use flux_kernels::kernels::copy::GpuCopy;
 use flux_kernels::kernels::embedding::GpuEmbedding;
@@ -460,11 +460,33 @@ pub fn attention_forward_backward(
     dout: &[f32],
     mask: Option<&[u8]>,
 ) -> Result<AttnHostResult> {
+    attention_forward_backward_steps(attn, variant, None, dims, q, k, v, dout, mask)
+}
+
+/// The same with the backward's launches named (`None`: the ones `GpuAttention::backward` picks).
+pub fn attention_forward_backward_steps(
+    attn: &GpuAttention,
+    variant: FwdVariant,
+    steps: Option<[BackwardStep; 3]>,
+    dims: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    mask: Option<&[u8]>,
+) -> Result<AttnHostResult> {
     let mut bufs = attention_inputs(attn, dims, mask, q, k, v)?;
     attn.upload(&mut bufs.dout, dout)?;
     attn.poison(&mut bufs)?;
     attn.forward_variant(&bufs, variant)?;
-    attn.backward(&bufs)?;
+    match steps {
+        None => attn.backward(&bufs)?,
+        Some(steps) => {
+            for s in steps {
+                attn.backward_step(&bufs, s)?;
+            }
+        }
+    }
     Ok(AttnHostResult {
         o: attn.download(&bufs.o)?,
         lse: attn.download_f32(&bufs.lse)?,
