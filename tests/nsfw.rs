@@ -251,3 +251,95 @@ fn vit_b16_time_and_agreement() {
     );
     assert!(e < TOL && ep < 1e-6, "logits {e:e}, pixel_values {ep:e}");
 }
+
+/// A copy of the fixture classifier whose nsfw logit is pushed by `shift`: +50 flags every image,
+/// −50 none.
+fn biased_model(tag: &str, shift: f32) -> PathBuf {
+    let d = copy_model(tag);
+    let w = d.join("model.safetensors");
+    rewrite(&w, &w, |t| t.iter_mut().find(|(n, ..)| n == "classifier.bias").unwrap().3[1] += shift);
+    d
+}
+
+/// `sample` on the tiny FLUX.1 folder (tests/fixtures/pipeline, with its VAE): two prompts, 16².
+fn sample(out: &Path, extra: &[&str]) -> (bool, String) {
+    let m = fixture("pipeline");
+    let mut args = vec![
+        "sample",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--steps",
+        "2",
+        "--t5-max-len",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    common::run(&args)
+}
+
+#[test]
+fn sample_withholds_flagged_images_and_says_so() {
+    let dir = tmpdir("nsfw-sample");
+    let (always, never) = (biased_model("nsfw-always", 50.0), biased_model("nsfw-never", -50.0));
+
+    // Every image flagged: black PNGs named -nsfw-filtered, latents zero, a log line each.
+    let out = dir.join("flagged");
+    let (ok, log) = sample(&out, &["--nsfw-model", always.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    assert!(log.contains("NSFW check: on"), "{log}");
+    for i in 0..2 {
+        let p = out.join(format!("sample-{i}-nsfw-filtered.png"));
+        let img = image::open(&p).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (16, 16));
+        assert!(img.as_raw().iter().all(|&v| v == 0), "{} is not black", p.display());
+        assert!(!out.join(format!("sample-{i}.png")).exists());
+        assert!(log.contains(&format!("image {i}: NSFW check: nsfw probability 1.000")), "{log}");
+    }
+    let lat = SafeTensors::open(&out.join("latents.safetensors")).unwrap().read_f32("latents").unwrap().1;
+    assert!(lat.iter().all(|&v| v == 0.0), "a withheld image's latents are written as zeros");
+
+    // None flagged: the images as the VAE decoded them, under their usual names.
+    let shown = dir.join("shown");
+    let (ok, log) = sample(&shown, &["--nsfw-model", never.to_str().unwrap()]);
+    assert!(ok && !log.contains("withheld"), "{log}");
+    for i in 0..2 {
+        let img = image::open(shown.join(format!("sample-{i}.png"))).unwrap().to_rgb8();
+        assert!(img.as_raw().iter().any(|&v| v != 0));
+    }
+    // The same run without the check writes the same pixels (the check only reads them).
+    let off = dir.join("off");
+    let (ok, log) = sample(&off, &["--no-nsfw-check"]);
+    assert!(ok && log.contains("warning: the NSFW check is off (--no-nsfw-check)"), "{log}");
+    for i in 0..2 {
+        let f = format!("sample-{i}.png");
+        assert_eq!(std::fs::read(shown.join(&f)).unwrap(), std::fs::read(off.join(&f)).unwrap(), "{f}");
+    }
+
+    // No weights and no flag: one line saying the check is off and how to turn it on.
+    let (ok, log) = sample(&dir.join("none"), &[]);
+    assert!(ok, "{log}");
+    let notes: Vec<&str> = log.lines().filter(|l| l.contains("NSFW check is off")).collect();
+    assert_eq!(notes.len(), 1, "{log}");
+    assert!(notes[0].starts_with("note:") && notes[0].contains("--nsfw-model DIR"), "{log}");
+
+    // --nsfw-check without weights, and a broken classifier folder: errors, nothing written.
+    let (ok, log) = sample(&dir.join("required"), &["--nsfw-check"]);
+    assert!(!ok && log.contains("--nsfw-check: no NSFW classifier"), "{log}");
+    let broken = copy_model("nsfw-broken-for-sample");
+    std::fs::remove_file(broken.join("model.safetensors")).unwrap();
+    let (ok, log) = sample(&dir.join("broken"), &["--nsfw-model", broken.to_str().unwrap()]);
+    assert!(!ok && log.contains("no model.safetensors"), "{log}");
+    assert!(!dir.join("required").exists() && !dir.join("broken").exists());
+}

@@ -136,10 +136,11 @@ pub fn black_rgb8(width: usize, height: usize) -> Vec<u8> {
 }
 
 /// Where the check's weights come from when no flag names them: the FLUX.1 folder's
-/// `nsfw_classifier/` (a copy of Falconsai/nsfw_image_detection placed there).
+/// `nsfw_classifier/` (a copy of Falconsai/nsfw_image_detection placed there). A folder of that
+/// name that cannot be loaded is the loader's error, not a silent "off".
 pub fn default_folder(model_root: &Path) -> Option<PathBuf> {
     let p = model_root.join("nsfw_classifier");
-    p.join("config.json").is_file().then_some(p)
+    p.is_dir().then_some(p)
 }
 
 #[cfg(test)]
