@@ -114,7 +114,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     let model_root = a.model.as_deref().map(Path::new).filter(|p| p.is_dir());
     let nsfw = a.nsfw.open(model_root)?;
-    super::args::print_log(std::slice::from_ref(&nsfw.status));
+    super::print_log(std::slice::from_ref(&nsfw.status));
     let run_args = SampleArgs {
         model: a.model.as_deref(),
         rope_axes: a.rope.rope_axes.as_deref(),
@@ -136,7 +136,7 @@ pub fn main(a: Args) -> Result<()> {
         device: &a.device,
         nsfw: nsfw.classifier.as_ref(),
     };
-    super::args::print_log(&run(&run_args)?);
+    super::print_log(&run(&run_args)?);
     Ok(())
 }
 
