@@ -218,8 +218,8 @@ impl NsfwArgs {
         if switch(self.nsfw_check, self.no_nsfw_check) == Some(false) {
             return Ok(NsfwSetting {
                 classifier: None,
-                status: "warning: the NSFW check is off (--no-nsfw-check): images are written without the \
-                         classifier BFL's reference code runs on every image"
+                status: "warning: the NSFW check is off (--no-nsfw-check): generated images are not passed through \
+                         the classifier BFL's reference code runs on every image"
                     .into(),
             });
         }
@@ -241,8 +241,7 @@ impl NsfwArgs {
         };
         let c = NsfwClassifier::load(&dir)?;
         let status = format!(
-            "NSFW check: on ({}); an image with nsfw probability ≥ {NSFW_THRESHOLD} is written black as \
-             *-nsfw-filtered.png",
+            "NSFW check: on ({}); an image with nsfw probability ≥ {NSFW_THRESHOLD} is replaced by a black one",
             dir.display()
         );
         Ok(NsfwSetting { classifier: Some(c), status })
