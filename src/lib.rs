@@ -17,6 +17,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod plan;
 pub mod quant;
+pub mod safety;
 pub mod sample;
 pub mod text;
 pub mod train;

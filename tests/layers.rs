@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("model", 4),
     ("text", 4),
     ("vae", 4),
+    ("safety", 4),
     ("adapters", 5),
     ("engine", 6),
     ("plan", 6),

@@ -36,6 +36,7 @@ fn args<'a>(out: &'a Path, noise: Option<&'a Path>, latents_out: Option<&'a Path
         components: Default::default(),
         t5_len: 512,
         device: "cpu",
+        nsfw: None,
     }
 }
 

@@ -133,3 +133,14 @@ pub fn device(s: &str) -> Result<crate::engine::Device> {
     }
     Ok(d)
 }
+
+/// Prints a command's log lines: `warning:` and `note:` lines to stderr, the rest to stdout.
+pub fn print_log(lines: &[String]) {
+    for l in lines {
+        if l.starts_with("warning:") || l.starts_with("note:") {
+            eprintln!("{l}");
+        } else {
+            println!("{l}");
+        }
+    }
+}

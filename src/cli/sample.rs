@@ -2,6 +2,7 @@
 //! of LoRA sets, the base loaded once.
 
 use super::args::ComponentArgs;
+use super::args::NsfwArgs;
 use super::args::RopeArgs;
 use super::{open_loras, open_model, parse_unknown, ModelSpec};
 use crate::adapters::formats::UnknownKeys;
@@ -10,6 +11,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::model::config::FluxConfig;
 use crate::model::weights::FluxWeights;
+use crate::safety::NsfwClassifier;
 use crate::sample::latents::{read_noise, write_latents, Latents};
 use crate::sample::preview::write_preview;
 use crate::sample::sampler::{sample_progress_from, SampleSpec};
@@ -86,6 +88,8 @@ pub struct Args {
     /// there, else the CPU).
     #[arg(long, value_name = "cpu|cuda|auto", default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub nsfw: NsfwArgs,
 }
 
 /// `flux-kernels sample`: the prompts of --prompt and --prompts, each --lora-set with the
@@ -108,6 +112,9 @@ pub fn main(a: Args) -> Result<()> {
     if sets.is_empty() {
         sets.push(a.lora.clone());
     }
+    let model_root = a.model.as_deref().map(Path::new).filter(|p| p.is_dir());
+    let nsfw = a.nsfw.open(model_root)?;
+    super::print_log(std::slice::from_ref(&nsfw.status));
     let run_args = SampleArgs {
         model: a.model.as_deref(),
         rope_axes: a.rope.rope_axes.as_deref(),
@@ -127,10 +134,9 @@ pub fn main(a: Args) -> Result<()> {
         components: a.comps.components(),
         t5_len: a.t5_max_len,
         device: &a.device,
+        nsfw: nsfw.classifier.as_ref(),
     };
-    for line in run(&run_args)? {
-        println!("{line}");
-    }
+    super::print_log(&run(&run_args)?);
     Ok(())
 }
 
@@ -177,6 +183,8 @@ pub struct SampleArgs<'a> {
     pub components: crate::pipeline::Components,
     pub t5_len: usize,
     pub device: &'a str,
+    /// The NSFW check run on every decoded image (None: off; the caller has said so).
+    pub nsfw: Option<&'a NsfwClassifier>,
 }
 
 /// Conditioning per image: T5 states [L, D] and CLIP pooled, and L.
@@ -330,10 +338,32 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         );
         pb.set_message(format!("set {k}, {} images", spec.txt.len()));
         let start = noise.as_ref().map(|z| z.images.as_slice());
-        let lats = sample_progress_from(&mut engine, &spec, start, &mut |s| pb.set_position(s as u64))?;
+        let mut lats = sample_progress_from(&mut engine, &spec, start, &mut |s| pb.set_position(s as u64))?;
         pb.finish_and_clear();
         let tag = if sets.len() > 1 { format!("-set{k}") } else { String::new() };
         let mut extra = String::new();
+        // Decode and check every image before anything is written: a withheld image's latents
+        // are written as zeros too (they would decode to the image).
+        let mut decoded = Vec::new();
+        if let Some(v) = &vae {
+            let (h, w) = (spec.h * f, spec.w * f);
+            for (i, z) in lats.iter_mut().enumerate() {
+                let rgb = crate::io::images::rgb8_from_unit(&v.decode(z, 1, spec.h, spec.w)?, h, w);
+                let verdict = match a.nsfw {
+                    Some(c) => c.check(&rgb, w, h).with_context(|| format!("NSFW check of set {k}, image {i}"))?,
+                    None => None,
+                };
+                match verdict {
+                    Some(why) => {
+                        let p = a.out.join(format!("sample{tag}-{i}-nsfw-filtered.png"));
+                        log.push(format!("set {k}, image {i}: {why}; {} is black, its latents zero", p.display()));
+                        z.iter_mut().for_each(|x| *x = 0.0);
+                        decoded.push((p, crate::safety::black_rgb8(w, h)));
+                    }
+                    None => decoded.push((a.out.join(format!("sample{tag}-{i}.png")), rgb)),
+                }
+            }
+        }
         if let Some(p) = a.latents_out {
             let p = with_tag(p, &tag);
             write_latents(&p, &Latents { c, h: spec.h, w: spec.w, images: lats.clone() })?;
@@ -349,14 +379,17 @@ pub fn run(a: &SampleArgs) -> Result<Vec<String>> {
         )?;
         let pp = a.out.join(format!("sample{tag}.png"));
         let mut pngs = Vec::new();
-        if let Some(v) = &vae {
-            for (i, z) in lats.iter().enumerate() {
-                let img = v.decode(z, 1, spec.h, spec.w)?;
-                let p = a.out.join(format!("sample{tag}-{i}.png"));
-                crate::io::images::write_png(&p, &img, spec.h * f, spec.w * f)?;
+        if vae.is_some() {
+            for (p, rgb) in decoded {
+                crate::io::images::write_rgb8_png(&p, rgb, spec.h * f, spec.w * f)?;
                 pngs.push(p.display().to_string());
             }
         } else if c == 16 {
+            // Latents only: nothing is decoded, so nothing is classified (a latent preview is a
+            // fixed linear projection at 1/8 of the size, not the image).
+            if a.nsfw.is_some() && k == 0 {
+                log.push("note: no VAE, so no image is decoded and the NSFW check has nothing to classify".into());
+            }
             write_preview(&pp, &lats, spec.h, spec.w, 8usize.max(256 / spec.w.max(1)).min(16))?;
             pngs.push(pp.display().to_string());
         }

@@ -265,6 +265,13 @@ pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
 
 /// Writes an image [3, h, w] in [-1, 1] as PNG (clamped), atomically.
 pub fn write_png(path: &Path, img: &[f32], h: usize, w: usize) -> Result<()> {
+    write_rgb8_png(path, rgb8_from_unit(img, h, w), h, w)
+}
+
+/// 8-bit RGB [h, w, 3] of an image [3, h, w] in [-1, 1] (clamped): the pixels `write_png`
+/// saves, which is also what the NSFW check classifies.
+pub fn rgb8_from_unit(img: &[f32], h: usize, w: usize) -> Vec<u8> {
+    assert_eq!(img.len(), 3 * h * w, "image: {} values for 3×{h}×{w}", img.len());
     let mut rgb = vec![0u8; h * w * 3];
     for y in 0..h {
         for x in 0..w {
@@ -274,7 +281,7 @@ pub fn write_png(path: &Path, img: &[f32], h: usize, w: usize) -> Result<()> {
             }
         }
     }
-    write_rgb8_png(path, rgb, h, w)
+    rgb
 }
 
 /// Writes 8-bit RGB pixels, row-major [h, w, 3], as PNG, atomically: the one PNG writer of the

@@ -1,4 +1,5 @@
-//! LayerNorm without affine (every LN in FLUX) and the per-head RMSNorm of q and k.
+//! LayerNorm without affine (every LN in FLUX), with affine (nn.LayerNorm of the CLIP and ViT
+//! encoders), and the per-head RMSNorm of q and k.
 
 /// out[r, :] = (inp[r, :] − mean) · rstd, over rows of width c. Saves mean and rstd per row
 /// for the backward pass.
@@ -24,6 +25,28 @@ pub fn layernorm_forward(
         }
         mean[r] = mu as f32;
         rstd[r] = rs as f32;
+    }
+}
+
+/// out[r, :] = LN(inp[r, :]) ⊙ weight + bias over rows of width c (nn.LayerNorm with affine), for
+/// the encoders that only run forward (CLIP's text model, the ViT of the NSFW check).
+pub fn layernorm_affine_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    rows: usize,
+    c: usize,
+    eps: f32,
+) {
+    assert_eq!(weight.len(), c, "layernorm: weight");
+    assert_eq!(bias.len(), c, "layernorm: bias");
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    layernorm_forward(out, &mut mean, &mut rstd, inp, rows, c, eps);
+    for row in out.chunks_mut(c) {
+        for ((o, &w), &bb) in row.iter_mut().zip(weight).zip(bias) {
+            *o = *o * w + bb;
+        }
     }
 }
 

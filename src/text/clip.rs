@@ -17,7 +17,7 @@ use crate::io::read_json;
 use crate::io::safetensors::SafeTensors;
 use crate::ops::attention::{merge_heads, split_heads};
 use crate::ops::matmul::{gemm, linear_forward};
-use crate::ops::norm::layernorm_forward;
+use crate::ops::norm::layernorm_affine_forward;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -337,25 +337,6 @@ fn encoder_layer_forward(x: &mut [f32], w: &LayerWeights, b: usize, l: usize, cf
     quick_gelu_forward(&mut mid);
     linear_forward(&mut y, &mid, &w.fc2_w, Some(&w.fc2_b), rows, m, c);
     x.iter_mut().zip(&y).for_each(|(x, &y)| *x += y);
-}
-
-/// out[r, :] = LN(inp[r, :]) ⊙ weight + bias over rows of width c (nn.LayerNorm with affine).
-fn layernorm_affine_forward(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    rows: usize,
-    c: usize,
-    eps: f32,
-) {
-    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    layernorm_forward(out, &mut mean, &mut rstd, inp, rows, c, eps);
-    for row in out.chunks_mut(c) {
-        for ((o, &w), &bb) in row.iter_mut().zip(weight).zip(bias) {
-            *o = *o * w + bb;
-        }
-    }
 }
 
 /// In place: x ← x·σ(1.702x), CLIP's `quick_gelu` (OpenAI's original activation).
