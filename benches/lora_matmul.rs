@@ -434,6 +434,63 @@ fn gpu_benches(c: &mut Criterion, timings: &Timings, size: Size) -> Vec<String> 
             }
         }
     }
+    if lora.has_hopper() && cublas {
+        // An int8 base (`quantize --format int8`) on Hopper: dequantised per call, then the
+        // sm_90a GEMM, beside the bf16 Hopper path and the sm_80 kernel that dequantises tile by
+        // tile. One shape (the largest K×N of the set at r = 32) to keep the device time small.
+        let (k, n) = *linears.iter().max_by_key(|(k, n)| k * n).unwrap();
+        let (m, r) = (*ms.iter().max().unwrap(), 32);
+        let a = rng.normal_vec(r * k, 1.0 / (k as f32).sqrt());
+        let bm = rng.normal_vec(n * r, 1.0 / (r as f32).sqrt());
+        let terms = [LoraTerm { a: &a, b: &bm, rank: r, scale: 0.5, rows: 0..n, dropout: None }];
+        let s = LinearShape::new(m, k, n, false, &terms).unwrap();
+        let q = flux_kernels::quant::QuantParam::from_f32(
+            flux_kernels::quant::Scheme::parse_format("int8").unwrap(),
+            &w[..n * k],
+            n,
+            k,
+        )
+        .unwrap();
+        let mut time = |name: &str, lora: &mut GpuLora, mode: BaseGemm| {
+            lora.set_base_gemm(mode).unwrap();
+            lora.set_hopper_tile_n(None).unwrap();
+            let key = format!("gpu {name} int8");
+            let flops = s.forward_flops() + s.backward_flops();
+            g.throughput(Throughput::Elements(flops as u64));
+            g.bench_function(BenchmarkId::new(name, format!("{m}x{k}x{n}_r{r}")), |b| {
+                b.iter_custom(|iters| {
+                    let t = device_time(&gpu, lora, iters, &mut |l| {
+                        l.run_forward(&s).unwrap();
+                        l.run_backward(&s, true, true).unwrap()
+                    });
+                    record(timings, &key, t);
+                    Duration::from_secs_f64(t * iters as f64)
+                })
+            });
+            median(timings, &key).unwrap_or(f64::NAN)
+        };
+        lora.upload_base(&s, &x[..m * k], &w[..n * k], None).unwrap();
+        lora.upload_dout(&s, &dy[..m * n]).unwrap();
+        lora.upload_terms(&s, &terms).unwrap();
+        lora.upload_grads(&s, None).unwrap();
+        let bf16_hopper = time("hopper_bf16_fwd_bwd", &mut lora, BaseGemm::Hopper);
+        lora.upload_base_q(&s, &x[..m * k], &q.view().unwrap(), None).unwrap();
+        let int8_hopper = time("hopper_int8_fwd_bwd", &mut lora, BaseGemm::Hopper);
+        let int8_sm80 = time("fused_int8_fwd_bwd", &mut lora, BaseGemm::Fused);
+        let flops = s.forward_flops() + s.backward_flops();
+        let tf = |t: f64| flops / t / 1e12;
+        hopper_rows.push(String::new());
+        hopper_rows.push(format!(
+            "int8 base, M = {m}, {k}×{n}, r = {r}, fwd+bwd: Hopper (dequantised per call) {:.3} ms ({:.0} TFLOP/s, {:.2}× the bf16 Hopper path's {:.3} ms); sm_80 kernel dequantising per tile {:.3} ms ({:.0}).",
+            int8_hopper * 1e3,
+            tf(int8_hopper),
+            int8_hopper / bf16_hopper,
+            bf16_hopper * 1e3,
+            int8_sm80 * 1e3,
+            tf(int8_sm80),
+        ));
+        stream_rows(&hopper_rows[hopper_rows.len() - 2..]);
+    }
     g.finish();
     if hopper_rows.len() > 2 {
         out.push(String::new());

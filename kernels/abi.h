@@ -148,6 +148,22 @@ typedef struct {
 
 FK_KERNEL void fk_axpby_bf16(FK_GRID_PARAMS FkAxpbyParams p);
 
+// An 8-bit base weight dequantised to bf16, out[r][c] = bf16(scale[r] · decode(codes[r][c])) —
+// the value lora_gemm.cu's tile loader makes — for the Hopper GEMM, which reads bf16 through TMA
+// (src/kernels/lora.rs runs it before each 8-bit linear on compute capability 9.0).
+typedef struct {
+    void* out;            // bf16 [rows][cols]
+    const void* codes;    // u8 [rows][cols]
+    const float* scales;  // f32 [rows]
+    int64_t rows;
+    int64_t cols;
+    int32_t code;         // FK_CODE_I8 or FK_CODE_E4M3
+    int32_t pad0;
+} FkDequant8Params;
+#define FK_SIZEOF_FkDequant8Params 48
+
+FK_KERNEL void fk_dequant8_bf16(FK_GRID_PARAMS FkDequant8Params p);
+
 // ---------------------------------------------------------------------------------------------
 // Flash attention (kernels/attention.cu), FlashAttention-2 structure: softmax(scale·Q·Kᵀ)·V
 // over one sequence of l tokens per (batch, head), the scores never stored. Head dims 16, 32,

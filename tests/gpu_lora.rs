@@ -28,6 +28,16 @@ fn base_modes(gpu: &GpuLora) -> Vec<(BaseGemm, Option<usize>)> {
     modes
 }
 
+/// An 8-bit base runs in the sm_80 kernel in both the fused and cuBLAS modes; the Hopper mode
+/// dequantises it and runs the sm_90a kernels.
+fn eight_bit_modes(gpu: &GpuLora) -> Vec<(BaseGemm, Option<usize>)> {
+    let mut modes = vec![(BaseGemm::Fused, None)];
+    if gpu.has_hopper() {
+        modes.push((BaseGemm::Hopper, None));
+    }
+    modes
+}
+
 fn set_mode(gpu: &mut GpuLora, (mode, tile_n): (BaseGemm, Option<usize>)) -> String {
     gpu.set_base_gemm(mode).unwrap();
     if gpu.has_hopper() {
@@ -370,34 +380,43 @@ fn eight_bit_base_weights_match_cpu() {
             let w_deq = view.dequantize();
             let mut want = vec![0f32; c.m * c.n];
             lora_linear_forward(&mut want, &inp.x, &w_deq, inp.bias.as_deref(), &t, c.m, c.k, c.n);
-            let mut got = vec![f32::NAN; c.m * c.n];
-            lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::Q(&view), inp.bias.as_deref(), &t, c.m, c.k, c.n)
-                .unwrap();
-            check(&format!("{fmt} forward [{}] Y", c.name), &got, &want, seed);
-
             let init = initial_grads(c, &mut rng);
             let mut want_g = init.clone();
             let mut want_dx = vec![0f32; c.m * c.k];
             lora_linear_backward(Some(&mut want_dx), &mut want_g, &inp.dy, &inp.x, &w_deq, &t, c.m, c.k, c.n);
-            let mut got_g = init.clone();
-            let mut got_dx = vec![f32::NAN; c.m * c.k];
-            lora_backward(
-                &mut gpu,
-                Some(&mut got_dx),
-                &mut got_g,
-                &inp.dy,
-                &inp.x,
-                BaseWeight::Q(&view),
-                &t,
-                c.m,
-                c.k,
-                c.n,
-            )
-            .unwrap();
-            check(&format!("{fmt} backward [{}] dX", c.name), &got_dx, &want_dx, seed);
-            for (i, ((g, w), s)) in got_g.iter().zip(&want_g).zip(&init).enumerate() {
-                check_increment(&format!("{fmt} backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
-                check_increment(&format!("{fmt} backward [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+            // The sm_80 kernel dequantises tile by tile; the Hopper path dequantises the whole
+            // weight to bf16 first, then runs the sm_90a GEMM.
+            for mode in eight_bit_modes(&gpu) {
+                let label = set_mode(&mut gpu, mode);
+                let before = gpu.hopper_launches();
+                let mut got = vec![f32::NAN; c.m * c.n];
+                lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::Q(&view), inp.bias.as_deref(), &t, c.m, c.k, c.n)
+                    .unwrap();
+                check(&format!("{fmt} forward [{}] Y ({label})", c.name), &got, &want, seed);
+                check_hopper_ran(&gpu, mode.0, before, hopper_takes_forward(c), &format!("{fmt} forward [{}]", c.name));
+
+                let mut got_g = init.clone();
+                let mut got_dx = vec![f32::NAN; c.m * c.k];
+                let before = gpu.hopper_launches();
+                lora_backward(
+                    &mut gpu,
+                    Some(&mut got_dx),
+                    &mut got_g,
+                    &inp.dy,
+                    &inp.x,
+                    BaseWeight::Q(&view),
+                    &t,
+                    c.m,
+                    c.k,
+                    c.n,
+                )
+                .unwrap();
+                check(&format!("{fmt} backward [{}] dX ({label})", c.name), &got_dx, &want_dx, seed);
+                check_hopper_ran(&gpu, mode.0, before, hopper_takes_dx(c), &format!("{fmt} backward [{}]", c.name));
+                for (i, ((g, w), s)) in got_g.iter().zip(&want_g).zip(&init).enumerate() {
+                    check_increment(&format!("{fmt} backward [{}] dA{i}", c.name), &g.da, &w.da, &s.da, seed);
+                    check_increment(&format!("{fmt} backward [{}] dB{i}", c.name), &g.db, &w.db, &s.db, seed);
+                }
             }
         }
     }

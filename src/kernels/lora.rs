@@ -164,6 +164,9 @@ enum Buf {
     /// An 8-bit base weight: its codes [n][k] and one f32 scale per row.
     Wq,
     Wscale,
+    /// The 8-bit base weight dequantised to bf16 [n][k] for the Hopper kernels (one linear at a
+    /// time: the largest linear's size, not a bf16 copy of the model).
+    Wdeq,
 }
 
 /// Device buffers by role, grown to the largest request and then reused.
@@ -289,9 +292,10 @@ pub enum BaseGemm {
     /// The sm_90a kernels (kernels/lora_gemm_sm90.cu: TMA, wgmma, warp-specialised, persistent)
     /// run the whole large launch, base and adapter segments and bias, in one pass over Y (dX);
     /// the thin low-rank GEMMs go to cuBLAS as in `Cublas`. Loaded only on compute capability
-    /// 9.0, and the default there. A call it cannot take (8-bit base weights, dropout in dX, a
+    /// 9.0, and the default there. A call it cannot take (dropout in dX, a
     /// row stride or forward rank that is not a multiple of 8, operands not 16-byte aligned) runs
-    /// as `Cublas` (`Fused` without libcublas); `hopper_launches` counts the calls it took.
+    /// as `Cublas` (`Fused` without libcublas); `hopper_launches` counts the calls it took. An
+    /// 8-bit base weight is dequantised to bf16 first (one linear at a time, `Buf::Wdeq`).
     Hopper,
 }
 
@@ -424,6 +428,7 @@ impl Mat {
 }
 
 struct Kernels {
+    dequant8: CudaFunction,
     nt_large: CudaFunction,
     nt_small: CudaFunction,
     nn_large: CudaFunction,
@@ -515,6 +520,7 @@ impl GpuLora {
         let fam = Family::load(gpu, "lora_gemm")?;
         let f = |name: &str, smem: i64| fam.function_smem(name, smem as usize);
         let k = Kernels {
+            dequant8: f(FK_DEQUANT8_BF16, 0)?,
             nt_large: f(FK_GEMM_NT_LARGE, FK_SMEM_GEMM_NT_LARGE)?,
             nt_small: f(FK_GEMM_NT_SMALL, FK_SMEM_GEMM_NT_SMALL)?,
             nn_large: f(FK_GEMM_NN_LARGE, FK_SMEM_GEMM_NN_LARGE)?,
@@ -799,6 +805,30 @@ impl GpuLora {
         self.blas.is_some() && matches!(self.base, BaseGemm::Cublas | BaseGemm::Hopper)
     }
 
+    /// The bf16 weight the Hopper kernels read: W itself, or for an 8-bit W the arena buffer its
+    /// dequantised copy goes to (`dequant_for_hopper` fills it once the call is known to run there).
+    fn hopper_weight(&mut self, w: DevWeight, s: &LinearShape) -> Result<u64> {
+        match w {
+            DevWeight::Bf16(wp) => Ok(wp),
+            DevWeight::Q8 { .. } => self.arena.ptr16(Buf::Wdeq, s.n * s.k),
+        }
+    }
+
+    /// For an 8-bit W: its bf16 values (scale · code, rounded as lora_gemm.cu's tile loader
+    /// rounds them) into `dst` [n][k]. The Hopper GEMM reads operands through TMA, which cannot
+    /// convert; one extra pass over the codes (1 byte read, 2 written per element) costs a few
+    /// percent of the GEMM at FLUX's shapes (derived: docs/lora-hopper.md), against the sm_80
+    /// kernel's 25–28 % of cuBLAS's speed that 8-bit bases ran at before.
+    fn dequant_for_hopper(&mut self, w: DevWeight, dst: u64, s: &LinearShape) -> Result<()> {
+        let DevWeight::Q8 { code, codes, scales } = w else { return Ok(()) };
+        let p = FkDequant8Params { out: dst, codes, scales, rows: s.n as i64, cols: s.k as i64, code, pad0: 0 };
+        let threads = FK_POINTWISE_THREADS as usize;
+        let blocks = (s.n * s.k).div_ceil(4 * threads).clamp(1, 65535);
+        // SAFETY: `codes` [n][k] and `scales` [n] were checked against the shape (`view_ptrs`) or
+        // uploaded for it (`upload_base_q`); `dst` is the arena's Wdeq, sized n·k.
+        unsafe { launch(&self.stream, &self.k.dequant8, &p, (blocks, 1, 1), threads, 0, "fk_dequant8_bf16") }
+    }
+
     /// The mode of the sm_80 launches: the chosen one, or for a call the Hopper kernels could
     /// not take, cuBLAS's base product (the fused kernel's without libcublas).
     fn base_or_fallback(&self) -> BaseGemm {
@@ -958,15 +988,15 @@ impl GpuLora {
         pr.out_f32 = p.y_f32 as i32;
         pr.bias = p.bias;
         if self.base == BaseGemm::Hopper {
-            if let DevWeight::Bf16(wp) = w {
-                let mut segs = vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n }];
-                for (i, t) in s.terms.iter().enumerate() {
-                    let a = Mat { ptr: sp + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
-                    segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone() });
-                }
-                if Self::hopper_takes(&segs) {
-                    return self.launch_hopper(false, pr, &segs);
-                }
+            let wp = self.hopper_weight(w, s)?;
+            let mut segs = vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n }];
+            for (i, t) in s.terms.iter().enumerate() {
+                let a = Mat { ptr: sp + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
+                segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone() });
+            }
+            if Self::hopper_takes(&segs) {
+                self.dequant_for_hopper(w, wp, s)?;
+                return self.launch_hopper(false, pr, &segs);
             }
         }
         let base = self.base_or_fallback();
@@ -1094,7 +1124,8 @@ impl GpuLora {
             let mut pr = problem(s.m, s.k, dx, s.k);
             pr.out_f32 = p.dx_f32 as i32;
             let mut hopper_segs = Vec::new();
-            if let (BaseGemm::Hopper, DevWeight::Bf16(wp), false) = (self.base, w, s.has_dropout()) {
+            if self.base == BaseGemm::Hopper && !s.has_dropout() {
+                let wp = self.hopper_weight(w, s)?;
                 // dY [m, n] against W read N-major [n][k]; G'ᵢ [m, r] against Aᵢ [r][k].
                 hopper_segs.push(Seg90 { a: Mat::new(dy, s.m, s.n), b: Mat::new(wp, s.n, s.k), cols: 0..s.k });
                 for (i, t) in s.terms.iter().enumerate() {
@@ -1103,6 +1134,7 @@ impl GpuLora {
                 }
             }
             if !hopper_segs.is_empty() && Self::hopper_takes(&hopper_segs) {
+                self.dequant_for_hopper(w, hopper_segs[0].b.ptr, s)?;
                 self.launch_hopper(true, pr, &hopper_segs)?;
             } else {
                 self.dx_large(s, &l, p, pr, g)?;

@@ -156,6 +156,7 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
             crate::model::config::ModuleKind::Norm { .. } => None,
         })
         .collect();
+    let largest_linear = shapes.values().map(|(o, i)| o * i).max().unwrap_or(0);
     let mut ranks: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for sp in &specs {
         *ranks.entry(sp.target.module.as_str()).or_default() += sp.rank.div_ceil(8) * 8;
@@ -203,6 +204,14 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "backward working set (one block) + stream", bytes: b * transient, host: false },
         Component { name: "inputs, targets, RoPE tables", bytes: b * inputs, host: false },
         Component { name: "GEMM scratch (largest adapted linear)", bytes: b * lora_scratch, host: false },
+        // On compute capability 9.0 an 8-bit weight is dequantised to bf16 one linear at a time
+        // for the Hopper GEMM (src/kernels/lora.rs, Buf::Wdeq); counted wherever the base is
+        // 8-bit, since the plan does not know the card.
+        Component {
+            name: "8-bit weight dequantised for the Hopper GEMM (largest linear; H100/H200 only)",
+            bytes: if s.base == Base::Bf16 { 0 } else { largest_linear * 2 },
+            host: false,
+        },
         Component { name: "cuBLAS workspace", bytes: CUBLAS_WORKSPACE, host: false },
         Component { name: "CUDA context (assumed, not measured)", bytes: CUDA_CONTEXT, host: false },
     ];
