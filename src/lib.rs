@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod quant;
 pub mod sample;
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod util;
