@@ -180,7 +180,7 @@ fn txt2img_answers_in_a1111_shape_with_seeds_and_loras() {
     assert_ne!(imgs[0].2, imgs[1].2, "two seeds, two images");
     assert_eq!(info["all_seeds"], json!([5, 6]));
     assert_eq!(info["prompt"], "a red cube");
-    assert_eq!(info["loras"], json!([{"name": "peft", "weight": 0.8f32}, {"name": "kohya", "weight": -0.5}]));
+    assert_eq!(info["loras"], json!([{"name": "peft", "weight": 0.8}, {"name": "kohya", "weight": -0.5}]));
     assert_eq!(info["ignored_fields"], json!(["sampler_name"]));
     assert_eq!(info["nsfw"], json!([null, null]));
     assert_eq!(a["parameters"]["width"], 16);

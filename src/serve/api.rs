@@ -75,6 +75,11 @@ pub const MAX_LORA_WEIGHT: f32 = 16.0;
 /// Seeds are taken up to 2^53 (exact in a JSON number, the range A1111's UI produces).
 pub const MAX_SEED: u64 = 1 << 53;
 
+/// An f32 as the JSON number it reads as (0.8, not 0.800000011920929 as a cast to f64 gives).
+pub fn short_number(x: f32) -> Value {
+    x.to_string().parse::<f64>().map_or(Value::Null, Value::from)
+}
+
 /// One `<lora:NAME:WEIGHT>` of a prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraTag {
@@ -121,8 +126,8 @@ impl Txt2Img {
             "seed": self.seed,
             "batch_size": self.batch_size,
             "n_iter": self.n_iter,
-            "distilled_cfg_scale": self.guidance,
-            "cfg_scale": self.cfg_scale,
+            "distilled_cfg_scale": short_number(self.guidance),
+            "cfg_scale": short_number(self.cfg_scale),
         })
     }
 }

@@ -3,7 +3,7 @@
 //! model) and queued, and a thread of its own waits for its images so that the others keep
 //! answering `/progress` and `/health` meanwhile.
 
-use super::api::{parse_txt2img, ApiError};
+use super::api::{parse_txt2img, short_number, ApiError};
 use super::registry::{LookupError, Registry};
 use super::worker::{ImageOut, Job, Shared};
 use crate::adapters::AdapterSet;
@@ -207,7 +207,7 @@ impl Ctx {
             list.into_iter()
                 .map(|r| match r {
                     Ok(i) => json!({
-                        "name": i.name, "alias": i.name, "path": i.path, "rank": i.rank, "alpha": i.alpha,
+                        "name": i.name, "alias": i.name, "path": i.path, "rank": i.rank, "alpha": short_number(i.alpha),
                         "kind": i.kind, "targets": i.targets, "format": i.format, "bytes": i.bytes, "metadata": {},
                     }),
                     Err((name, error)) => json!({ "name": name, "alias": name, "error": error }),
@@ -256,7 +256,8 @@ fn random_seed() -> u64 {
 fn txt2img_response(job: &Job, imgs: &[ImageOut]) -> Value {
     let r = &job.req;
     let seeds: Vec<u64> = imgs.iter().map(|i| i.seed).collect();
-    let loras: Vec<Value> = r.loras.iter().map(|l| json!({ "name": l.name, "weight": l.weight })).collect();
+    let loras: Vec<Value> =
+        r.loras.iter().map(|l| json!({ "name": l.name, "weight": short_number(l.weight) })).collect();
     let lora_text: String = r.loras.iter().map(|l| format!(" <lora:{}:{}>", l.name, l.weight)).collect();
     let infotexts: Vec<String> = seeds
         .iter()
@@ -275,8 +276,8 @@ fn txt2img_response(job: &Job, imgs: &[ImageOut]) -> Value {
         "width": r.width,
         "height": r.height,
         "steps": r.steps,
-        "distilled_cfg_scale": r.guidance,
-        "cfg_scale": r.cfg_scale,
+        "distilled_cfg_scale": short_number(r.guidance),
+        "cfg_scale": short_number(r.cfg_scale),
         "loras": loras,
         "nsfw": imgs.iter().map(|i| i.filtered.clone()).collect::<Vec<_>>(),
         "batch_sizes": imgs.iter().map(|i| i.batch).collect::<Vec<_>>(),
