@@ -392,6 +392,7 @@ fn loras_lists_the_folder_and_notices_new_changed_and_broken_files() {
     // A new file appears; a broken one is listed with its error; a changed one is read again.
     std::fs::copy(fixture("lora-onetrainer.safetensors"), dir.join("fresh.safetensors")).unwrap();
     std::fs::write(dir.join("bad.safetensors"), b"\x08\0\0\0\0\0\0\0{}").unwrap();
+    assert_eq!(post(a, "/sdapi/v1/refresh-loras", &json!({})).0, 200);
     let l = list(a);
     assert!(find(&l, "fresh").is_some(), "{l:?}");
     assert!(find(&l, "bad").unwrap()["error"].as_str().unwrap().contains("bad"), "{l:?}");

@@ -140,6 +140,10 @@ impl Ctx {
             }
             "/health" => respond(req, allowed(Method::Get).map(|()| self.health())),
             "/sdapi/v1/loras" => respond(req, allowed(Method::Get).and_then(|()| self.loras())),
+            // A1111's refresh: the folder is rescanned on every listing and look-up anyway.
+            "/sdapi/v1/refresh-loras" => {
+                respond(req, allowed(Method::Post).and_then(|()| self.loras().map(|_| json!({}))))
+            }
             "/sdapi/v1/progress" => respond(req, allowed(Method::Get).map(|()| self.progress())),
             "/sdapi/v1/interrupt" => {
                 let r = allowed(Method::Post).map(|()| {
@@ -180,8 +184,7 @@ impl Ctx {
                 LookupError::Unknown(m) | LookupError::Broken(m) => ApiError::bad(m),
             })?;
             set.add(&loaded.terms, tag.weight);
-            // The file version is part of the key: Arc identity, kept alive by the job.
-            key.push_str(&format!("{}:{}:{:p};", tag.name, tag.weight, Arc::as_ptr(&loaded)));
+            key.push_str(&format!("{}:{}:{};", tag.name, tag.weight, loaded.version));
         }
         let (job, rx) = Job::new(req, set, key);
         self.shared.submit(&job)?;

@@ -39,6 +39,9 @@ pub struct LoraInfo {
 /// file changes or is evicted before it runs.
 pub struct Loaded {
     pub terms: Vec<Term>,
+    /// Unique per read of a file in this registry: two requests share a version only when they
+    /// use the same bytes (engines that batch one set at a time group by it).
+    pub version: u64,
 }
 
 /// A file's size and modification time: what tells that it changed.
@@ -56,6 +59,8 @@ struct Entry {
 struct State {
     by_name: BTreeMap<String, Entry>,
     clock: u64,
+    /// Reads so far (the next `Loaded::version`).
+    reads: u64,
 }
 
 pub struct Registry {
@@ -84,8 +89,12 @@ impl Registry {
         if !dir.is_dir() {
             bail!("--lora-dir {}: not a folder", dir.display());
         }
-        let reg =
-            Registry { dir, cfg: cfg.clone(), budget, state: Mutex::new(State { by_name: BTreeMap::new(), clock: 0 }) };
+        let reg = Registry {
+            dir,
+            cfg: cfg.clone(),
+            budget,
+            state: Mutex::new(State { by_name: BTreeMap::new(), clock: 0, reads: 0 }),
+        };
         reg.rescan()?;
         Ok(reg)
     }
@@ -188,6 +197,8 @@ impl Registry {
         let meta = std::fs::metadata(&path).map_err(|e| LookupError::Broken(format!("{}: {e}", path.display())))?;
         let loaded = load_lora(&path, &self.cfg, UnknownKeys::Error);
         let mut st = self.lock();
+        st.reads += 1;
+        let version = st.reads;
         let Some(e) = st.by_name.get_mut(name).filter(|e| e.path == path) else {
             return Err(LookupError::Unknown(format!("LoRA `{name}` was removed from --lora-dir while being read")));
         };
@@ -212,7 +223,7 @@ impl Registry {
                     format: f.formats.iter().map(|x| x.name()).collect::<Vec<_>>().join(", "),
                     bytes: meta.len(),
                 }));
-                let loaded = Arc::new(Loaded { terms: f.terms });
+                let loaded = Arc::new(Loaded { terms: f.terms, version });
                 e.terms = Some(loaded.clone());
                 evict(&mut st, self.budget);
                 Ok(loaded)

@@ -456,3 +456,69 @@ fn cfg_forward(engine: &mut Engine, inp: &FluxInputs, cfg_rows: &[(usize, &Cond,
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::api::parse_txt2img;
+
+    fn job(body: &str, key: &str) -> Arc<Job> {
+        let req = parse_txt2img(body.as_bytes(), &Limits::default(), 16, || 0).unwrap();
+        Job::new(req, AdapterSet::new(), key.into()).0
+    }
+
+    fn ids(batch: &[Task], jobs: &[Arc<Job>]) -> Vec<(usize, usize)> {
+        batch.iter().map(|t| (jobs.iter().position(|j| Arc::ptr_eq(j, &t.job)).unwrap(), t.index)).collect()
+    }
+
+    /// The oldest task leads; tasks of its size and steps join whatever their LoRA set (only the
+    /// same set without mixed batching), up to max_batch rows with a CFG image counting twice;
+    /// the others keep their order.
+    #[test]
+    fn batches_group_by_size_and_steps_up_to_the_row_limit() {
+        let shared = Shared::new(Limits { max_batch: 4, ..Limits::default() });
+        let jobs = vec![
+            job(r#"{"width": 16, "height": 16, "steps": 2}"#, "a"),
+            job(r#"{"width": 32, "height": 16, "steps": 2}"#, "a"),
+            job(r#"{"width": 16, "height": 16, "steps": 3}"#, "a"),
+            job(r#"{"width": 16, "height": 16, "steps": 2, "batch_size": 2}"#, "b"),
+            job(r#"{"width": 16, "height": 16, "steps": 2, "cfg_scale": 2}"#, "a"),
+            job(r#"{"width": 16, "height": 16, "steps": 2}"#, "a"),
+        ];
+        jobs.iter().for_each(|j| shared.submit(j).unwrap());
+        assert_eq!(shared.pending(), (7, 0));
+        // Rows: job 0 (1) + job 3's two images (2) = 3; job 4 needs 2 more: over 4; job 5 fits.
+        assert_eq!(ids(&shared.next_batch(true).unwrap(), &jobs), vec![(0, 0), (3, 0), (3, 1), (5, 0)]);
+        assert_eq!(shared.pending(), (3, 4));
+        assert_eq!(ids(&shared.next_batch(true).unwrap(), &jobs), vec![(1, 0)]);
+        assert_eq!(ids(&shared.next_batch(true).unwrap(), &jobs), vec![(2, 0)]);
+        assert_eq!(ids(&shared.next_batch(true).unwrap(), &jobs), vec![(4, 0)]);
+
+        // Without mixed batching only the same set key shares a pass.
+        jobs.iter().for_each(|j| shared.submit(j).unwrap());
+        assert_eq!(ids(&shared.next_batch(false).unwrap(), &jobs), vec![(0, 0), (4, 0), (5, 0)]);
+        assert_eq!(ids(&shared.next_batch(false).unwrap(), &jobs), vec![(1, 0)]);
+        assert_eq!(ids(&shared.next_batch(false).unwrap(), &jobs), vec![(2, 0)]);
+        assert_eq!(ids(&shared.next_batch(false).unwrap(), &jobs), vec![(3, 0), (3, 1)]);
+
+        // A failed job's tasks are dropped unrun; a draining queue ends the worker.
+        let j = job(r#"{"batch_size": 3}"#, "a");
+        shared.submit(&j).unwrap();
+        j.fail(ApiError::new(500, "x"));
+        shared.drain();
+        assert!(shared.next_batch(true).is_none());
+        let e = shared.submit(&jobs[0]).unwrap_err();
+        assert_eq!((e.status, e.retry_after.is_some()), (503, true));
+    }
+
+    #[test]
+    fn a_full_queue_says_how_full() {
+        let shared = Shared::new(Limits { max_queue: 3, ..Limits::default() });
+        shared.submit(&job(r#"{"batch_size": 2}"#, "a")).unwrap();
+        let e = shared.submit(&job(r#"{"batch_size": 2}"#, "a")).unwrap_err();
+        assert_eq!(e.status, 503);
+        assert!(e.message.contains("2 images waiting") && e.message.contains("--max-queue"), "{e:?}");
+        assert!(e.retry_after.unwrap() >= 1);
+        shared.submit(&job("{}", "a")).unwrap();
+    }
+}
