@@ -552,3 +552,27 @@ fn sigterm_finishes_the_running_request_then_exits() {
     assert!(err.contains("--no-nsfw-check") && err.contains("stopped"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn listing_does_not_read_evicted_files_again() {
+    let dir = lora_dir("serve-list-once");
+    let model = fixture("pipeline");
+    let (cfg, _) = flux_kernels::cli::sample::model_or_builtin(Some(model.to_str().unwrap()), None).unwrap();
+    // A budget of one byte keeps only the newest file loaded.
+    let reg = Registry::open(&dir, &cfg, 1).unwrap();
+    let first: Vec<String> = reg.list().unwrap().into_iter().map(|r| r.map_or_else(|e| e.0, |i| i.name)).collect();
+    assert_eq!(first.len(), 6, "{first:?}");
+    let (_, loaded) = reg.loaded();
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert_eq!(reg.reads(), 6);
+    // Listing again answers from what was read: no file is read again.
+    let again = reg.list().unwrap();
+    assert_eq!(again.len(), 6);
+    assert_eq!(reg.reads(), 6);
+    assert_eq!(reg.loaded().1, loaded);
+    // Using an evicted file reads it again.
+    reg.get("comfy").unwrap();
+    assert_eq!(reg.reads(), 7);
+    let huge = again.iter().find_map(|r| r.as_ref().ok().filter(|i| i.name == "huge")).unwrap();
+    assert_eq!(huge.format, "kohya sd-scripts");
+}

@@ -365,6 +365,29 @@ mod tests {
         assert_eq!(parse(r#"{"seed": -1}"#).unwrap().seed, 77);
     }
 
+    /// Mutated bodies (bytes flipped, cut, spliced) answer Ok or a 400, never a panic.
+    #[test]
+    fn mutated_bodies_never_panic() {
+        let good = r#"{"prompt": "a <lora:ink:0.5> cat <lora:b>", "width": 512, "height": 768, "steps": 20, "seed": -1, "batch_size": 2, "n_iter": 2, "cfg_scale": 2.5, "negative_prompt": "é"}"#;
+        let mut rng = crate::util::Rng::new(20);
+        let alphabet = b"<>:{}[]\",-.0123456789eE lora\\u00\xff";
+        for _ in 0..5000 {
+            let mut b = good.as_bytes().to_vec();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let at = (rng.next_u64() % b.len() as u64) as usize;
+                match rng.next_u64() % 3 {
+                    0 => b[at] = alphabet[(rng.next_u64() % alphabet.len() as u64) as usize],
+                    1 => b.truncate(at.max(1)),
+                    _ => b.insert(at, alphabet[(rng.next_u64() % alphabet.len() as u64) as usize]),
+                }
+            }
+            if let Err(e) = parse_txt2img(&b, &Limits::default(), 16, || 1) {
+                assert_eq!(e.status, 400, "{e:?}");
+                assert!(!e.message.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn bad_fields_are_named() {
         for (body, want) in [

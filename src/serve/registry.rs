@@ -146,19 +146,24 @@ impl Registry {
         Ok(())
     }
 
-    /// Every file with what it holds (each read once per version; a file that does not load
-    /// says why in `error`).
+    /// Every file with what it holds, or why it does not load. A file is read for this only
+    /// once per version: what it holds is kept when its terms are evicted.
     pub fn list(&self) -> Result<Vec<Result<LoraInfo, (String, String)>>> {
         self.rescan()?;
-        let names: Vec<String> = self.lock().by_name.keys().cloned().collect();
-        Ok(names
+        let known: Vec<(String, Option<Result<LoraInfo, String>>)> =
+            self.lock().by_name.iter().map(|(n, e)| (n.clone(), e.info.clone())).collect();
+        Ok(known
             .into_iter()
-            .filter_map(|n| match self.get(&n) {
-                Ok(_) => {
-                    self.lock().by_name.get(&n).and_then(|e| e.info.clone()).map(|i| i.map_err(|e| (n.clone(), e)))
-                }
-                Err(LookupError::Broken(e)) => Some(Err((n, e))),
-                Err(LookupError::Unknown(_)) => None,
+            .filter_map(|(n, info)| {
+                let info = match info {
+                    Some(i) => i,
+                    None => match self.get(&n) {
+                        Ok(_) => self.lock().by_name.get(&n).and_then(|e| e.info.clone())?,
+                        Err(LookupError::Broken(e)) => Err(e),
+                        Err(LookupError::Unknown(_)) => return None,
+                    },
+                };
+                Some(info.map_err(|e| (n, e)))
             })
             .collect())
     }
@@ -229,6 +234,11 @@ impl Registry {
                 Ok(loaded)
             }
         }
+    }
+
+    /// Files read so far (each version of each file counts once per read).
+    pub fn reads(&self) -> u64 {
+        self.lock().reads
     }
 
     /// Bytes of parameters loaded now, and the names loaded (least recently used first).
