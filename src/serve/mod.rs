@@ -128,7 +128,7 @@ impl Server {
     /// Refuses new requests (503), finishes and answers every queued one, then stops.
     pub fn shutdown(mut self) -> Result<()> {
         self.ctx.shared.drain();
-        let worker_ok = self.worker.take().map_or(true, |w| w.join().is_ok());
+        let worker_ok = self.worker.take().is_none_or(|w| w.join().is_ok());
         self.join_waiters();
         self.ctx.stop.store(true, Ordering::SeqCst);
         self.http.unblock();
