@@ -48,7 +48,7 @@ fn limits() -> Limits {
     }
 }
 
-fn start_with(dir: &Path, limits: Limits, api_key: Option<&str>, filter: Option<ImageFilter>) -> Server {
+fn start_with(dir: &Path, limits: Limits, api_key: Option<&str>, filter: Option<ImageFilter>, mixed: bool) -> Server {
     let model = fixture("pipeline");
     let (cfg, weights) = flux_kernels::cli::sample::model_or_builtin(Some(model.to_str().unwrap()), None).unwrap();
     Server::start(ServeOptions {
@@ -63,12 +63,13 @@ fn start_with(dir: &Path, limits: Limits, api_key: Option<&str>, filter: Option<
         t5_len: 16,
         lora_budget: 64 << 20,
         image_filter: filter,
+        mixed_batches: mixed,
     })
     .unwrap()
 }
 
 fn start(dir: &Path) -> Server {
-    start_with(dir, limits(), None, None)
+    start_with(dir, limits(), None, None, true)
 }
 
 /// One HTTP/1.1 exchange (Connection: close): (status, headers, body).
@@ -295,6 +296,58 @@ fn mixed_lora_batch_is_bit_identical_to_each_request_alone() {
     s.shutdown().unwrap();
 }
 
+/// With mixing off (what the CUDA engine does until it has per-sample adapters), only requests
+/// with the same LoRA set, names, weights and file, share a pass; images are still those alone.
+#[test]
+fn without_mixed_batches_only_the_same_set_shares_a_pass() {
+    let dir = lora_dir("serve-unmixed");
+    let s = start_with(&dir, limits(), None, None, false);
+    let addr = s.addr();
+    let prompts = [
+        ("a <lora:peft:0.7>", 1),
+        ("b <lora:kohya:1>", 2),
+        ("c <lora:peft:0.7>", 3),
+        ("d", 4),
+        ("e <lora:peft:0.5>", 5),
+    ];
+    let alone: Vec<Vec<u8>> = prompts
+        .iter()
+        .map(|(p, seed)| images(&post(addr, "/sdapi/v1/txt2img", &req(p, *seed, 2)).1).0[0].2.clone())
+        .collect();
+    let blocker = block_worker(addr);
+    let waiting: Vec<_> = prompts
+        .iter()
+        .map(|(p, seed)| {
+            let body = req(p, *seed, 2);
+            // In order: the first of each set leads its batch.
+            let queued = || get(addr, "/health").1["queued_images"].as_u64().unwrap();
+            let n = queued();
+            let h = std::thread::spawn(move || post(addr, "/sdapi/v1/txt2img", &body));
+            let t = Instant::now();
+            while queued() == n {
+                assert!(t.elapsed() < Duration::from_secs(60), "request never queued");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            h
+        })
+        .collect();
+    release(addr, blocker);
+    let sizes: Vec<Value> = waiting
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let (st, a) = h.join().unwrap();
+            assert_eq!(st, 200, "{a}");
+            let (imgs, info) = images(&a);
+            assert!(imgs[0].2 == alone[i], "request {i}: differs from its image alone");
+            info["batch_sizes"][0].clone()
+        })
+        .collect();
+    // peft 0.7 twice together; kohya, no LoRA and peft 0.5 each alone.
+    assert_eq!(sizes, vec![json!(2), json!(1), json!(2), json!(1), json!(1)]);
+    s.shutdown().unwrap();
+}
+
 #[test]
 fn bad_requests_get_4xx_naming_the_field_lora_or_limit() {
     let dir = lora_dir("serve-bad");
@@ -332,7 +385,7 @@ fn bad_requests_get_4xx_naming_the_field_lora_or_limit() {
 #[test]
 fn full_queue_answers_503_with_retry_after_and_others_still_finish() {
     let dir = lora_dir("serve-queue");
-    let s = start_with(&dir, Limits { max_queue: 4, max_batch: 1, ..limits() }, None, None);
+    let s = start_with(&dir, Limits { max_queue: 4, max_batch: 1, ..limits() }, None, None, true);
     let addr = s.addr();
     let blocker = block_worker(addr);
     let body = json!({"width": 16, "height": 16, "steps": 2, "batch_size": 3});
@@ -356,7 +409,7 @@ fn full_queue_answers_503_with_retry_after_and_others_still_finish() {
 #[test]
 fn api_key_guards_the_api_but_not_health_or_page() {
     let dir = lora_dir("serve-key");
-    let s = start_with(&dir, limits(), Some("s3cret"), None);
+    let s = start_with(&dir, limits(), Some("s3cret"), None, true);
     let a = s.addr();
     let (st, h, _) = http(a, "GET", "/sdapi/v1/loras", None, &[]);
     assert!(st == 401 && h.contains("WWW-Authenticate"), "{st} {h}");
@@ -470,7 +523,7 @@ fn post_filter_blacks_out_flagged_images_and_fails_closed() {
             _ => anyhow::bail!("classifier exploded"),
         }
     });
-    let s = start_with(&dir, limits(), None, Some(filter));
+    let s = start_with(&dir, limits(), None, Some(filter), true);
     let mut body = req("x", 3, 2);
     body["batch_size"] = json!(3);
     let (st, a) = post(s.addr(), "/sdapi/v1/txt2img", &body);

@@ -1,7 +1,7 @@
 //! `flux-kernels serve`: the image server (src/serve/) on a FLUX.1 folder and a folder of LoRAs,
 //! until SIGTERM or Ctrl-C, which finish the queued requests first.
 
-use super::args::{ComponentArgs, RopeArgs};
+use super::args::{switch, ComponentArgs, RopeArgs};
 use crate::serve::{ImageFilter, Limits, ServeOptions, Server};
 use anyhow::{bail, Context, Result};
 use std::net::{IpAddr, SocketAddr};
@@ -68,9 +68,21 @@ pub struct Args {
     /// config.json + safetensors) that checks every image.
     #[arg(long, value_name = "DIR")]
     pub nsfw_model: Option<PathBuf>,
-    /// Serve images without the NSFW check.
-    #[arg(long)]
+    /// Check every image with the NSFW classifier (the default; needs --nsfw-model).
+    #[arg(long, overrides_with = "no_nsfw_check")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
+    pub nsfw_check: Option<bool>,
+    /// Serve images without the NSFW check (with a warning).
+    #[arg(long, overrides_with = "nsfw_check")]
     pub no_nsfw_check: bool,
+    /// Put requests with different LoRA sets into one transformer batch (the default, where the
+    /// engine can: the CPU engine). Off: only requests with the same set share a pass, as on CUDA.
+    #[arg(long, overrides_with = "no_mixed_batches")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
+    pub mixed_batches: Option<bool>,
+    /// Turn --mixed-batches off.
+    #[arg(long, overrides_with = "mixed_batches")]
+    pub no_mixed_batches: bool,
 }
 
 /// The post-filter every image passes (`serve::worker::Generator::post_filter`): the one place
@@ -110,7 +122,8 @@ pub fn main(a: Args) -> Result<()> {
         max_loras: a.max_loras,
         max_body: a.max_body,
     };
-    let image_filter = nsfw_filter(a.nsfw_model.as_deref(), a.no_nsfw_check)?;
+    let nsfw_off = switch(a.nsfw_check, a.no_nsfw_check) == Some(false);
+    let image_filter = nsfw_filter(a.nsfw_model.as_deref(), nsfw_off)?;
     let (cfg, weights) = super::sample::model_or_builtin(Some(&a.model), a.rope.rope_axes.as_deref())?;
     let root = Path::new(&a.model);
     let components = if root.is_dir() { crate::pipeline::Components::from_root(root) } else { Default::default() }
@@ -127,6 +140,7 @@ pub fn main(a: Args) -> Result<()> {
         t5_len: a.t5_max_len,
         lora_budget: a.lora_cache_mb.saturating_mul(1 << 20),
         image_filter,
+        mixed_batches: switch(a.mixed_batches, a.no_mixed_batches).unwrap_or(true),
     };
     let auth = if opts.api_key.is_some() { "API key required" } else { "no API key" };
     if !a.listen.is_loopback() && opts.api_key.is_none() {

@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub lora_budget: usize,
     /// The post-filter of every image (the NSFW check); None: off.
     pub image_filter: Option<ImageFilter>,
+    /// Requests with different LoRA sets share a batch where the engine can
+    /// (`Engine::batches_mixed_adapters`); false: only the same set does.
+    pub mixed_batches: bool,
 }
 
 /// A running server.
@@ -85,7 +88,13 @@ impl Server {
         let shared = Arc::new(worker::Shared::new(o.limits));
         let http = Arc::new(tiny_http::Server::http(o.addr).map_err(|e| anyhow!("cannot listen on {}: {e}", o.addr))?);
         let addr = http.server_addr().to_ip().context("the server is not on an IP socket")?;
-        let gen = worker::Generator { engine, text, vae, filter: o.image_filter };
+        if o.mixed_batches && !engine.batches_mixed_adapters() {
+            eprintln!(
+                "serve: the {device} engine batches only requests with the same LoRA set (no per-sample adapters yet)"
+            );
+        }
+        let mixed = o.mixed_batches && engine.batches_mixed_adapters();
+        let gen = worker::Generator { engine, text, vae, filter: o.image_filter, mixed };
         let worker = {
             let shared = shared.clone();
             std::thread::Builder::new().name("serve-worker".into()).spawn(move || worker::run(shared, gen))?

@@ -281,11 +281,13 @@ pub struct Generator {
     pub text: TextEncoders,
     pub vae: AutoEncoder,
     pub filter: Option<ImageFilter>,
+    /// Different LoRA sets share a batch (`Engine::set_batch_adapters`); false: one set a batch.
+    pub mixed: bool,
 }
 
 /// The worker thread's loop: batches until the queue is drained after `Shared::drain`.
 pub fn run(shared: Arc<Shared>, mut gen: Generator) {
-    let mixed = gen.engine.batches_mixed_adapters();
+    let mixed = gen.mixed;
     while let Some(batch) = shared.next_batch(mixed) {
         shared.interrupt.store(false, Ordering::SeqCst);
         let t = Instant::now();
