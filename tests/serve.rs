@@ -150,6 +150,20 @@ fn release(addr: SocketAddr, blocker: std::thread::JoinHandle<(u16, Value)>) {
     assert_eq!(st, 409, "the blocker was interrupted: {a}");
 }
 
+/// Images waiting in the queue.
+fn queued(addr: SocketAddr) -> u64 {
+    get(addr, "/health").1["queued_images"].as_u64().unwrap()
+}
+
+/// Waits (bounded) until at least `n` images wait in the queue.
+fn wait_queued(addr: SocketAddr, n: u64) {
+    let t = Instant::now();
+    while queued(addr) < n {
+        assert!(t.elapsed() < Duration::from_secs(60), "fewer than {n} images ever queued");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits (bounded) until the worker runs a batch of `steps` steps, at step ≥ 1.
 fn wait_running(addr: SocketAddr, steps: u64) {
     let t = Instant::now();
@@ -250,11 +264,7 @@ fn mixed_lora_batch_is_bit_identical_to_each_request_alone() {
         .collect();
     waiting.insert(2, std::thread::spawn(move || post(addr, "/sdapi/v1/txt2img", &req("a cat <lora:huge:1>", 3, 3))));
     // Every request is queued before the blocker ends.
-    let t = Instant::now();
-    while get(addr, "/health").1["queued_images"].as_u64().unwrap() < 6 {
-        assert!(t.elapsed() < Duration::from_secs(60), "requests never queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_queued(addr, 6);
     release(addr, blocker);
     let answers: Vec<(u16, Value)> = waiting.into_iter().map(|h| h.join().unwrap()).collect();
     let (st, bad) = &answers[2];
@@ -280,11 +290,7 @@ fn mixed_lora_batch_is_bit_identical_to_each_request_alone() {
             std::thread::spawn(move || post(addr, "/sdapi/v1/txt2img", &body))
         })
         .collect();
-    let t = Instant::now();
-    while get(addr, "/health").1["queued_images"].as_u64().unwrap() < 5 {
-        assert!(t.elapsed() < Duration::from_secs(60), "requests never queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_queued(addr, 5);
     release(addr, blocker);
     for (i, h) in waiting.into_iter().enumerate() {
         let (st, a) = h.join().unwrap();
@@ -320,14 +326,9 @@ fn without_mixed_batches_only_the_same_set_shares_a_pass() {
         .map(|(p, seed)| {
             let body = req(p, *seed, 2);
             // In order: the first of each set leads its batch.
-            let queued = || get(addr, "/health").1["queued_images"].as_u64().unwrap();
-            let n = queued();
+            let n = queued(addr);
             let h = std::thread::spawn(move || post(addr, "/sdapi/v1/txt2img", &body));
-            let t = Instant::now();
-            while queued() == n {
-                assert!(t.elapsed() < Duration::from_secs(60), "request never queued");
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            wait_queued(addr, n + 1);
             h
         })
         .collect();
@@ -390,11 +391,7 @@ fn full_queue_answers_503_with_retry_after_and_others_still_finish() {
     let blocker = block_worker(addr);
     let body = json!({"width": 16, "height": 16, "steps": 2, "batch_size": 3});
     let queued = std::thread::spawn(move || post(addr, "/sdapi/v1/txt2img", &body));
-    let t = Instant::now();
-    while get(addr, "/health").1["queued_images"].as_u64().unwrap() < 3 {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_queued(addr, 3);
     let (st, headers, b) = http(addr, "POST", "/sdapi/v1/txt2img", Some(&req("one more", 1, 2).to_string()), &[]);
     assert_eq!(st, 503, "{b}");
     assert!(b.contains("queue is full") && b.contains("--max-queue"), "{b}");
