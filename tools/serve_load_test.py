@@ -58,13 +58,14 @@ def main():
     ap.add_argument("--max-growth-mib", type=float, default=64, help="RSS growth that counts as a leak")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="also write the report here")
+    ap.add_argument("--serve-arg", action="append", default=[], help="one more flag for serve (repeatable), e.g. --serve-arg=--no-mixed-batches")
     a = ap.parse_args()
     a.requests = max(1, min(a.requests, 5000))
     a.clients = max(1, min(a.clients, 64))
     tmp = tempfile.mkdtemp(prefix="fk-load-")
     loras = os.path.join(tmp, "loras")
     copy_loras(loras, {name: SOURCES[i % len(SOURCES)] for i, name in enumerate(NAMES)})
-    server, base = start_serve(a.bin, loras, "--max-queue", "32")
+    server, base = start_serve(a.bin, loras, "--max-queue", "32", *a.serve_arg)
     try:
 
         rng = random.Random(a.seed)
@@ -122,6 +123,7 @@ def main():
         mem = [m for _, m in rss if m is not None]
         half = [m for t, m in rss if m is not None and t <= wall / 2] or mem
         report = {
+            "serve_args": a.serve_arg,
             "requests_sent": sum(statuses.values()),
             "ok": done,
             "errors": errors,
