@@ -626,3 +626,25 @@ fn listing_does_not_read_evicted_files_again() {
     let huge = again.iter().find_map(|r| r.as_ref().ok().filter(|i| i.name == "huge")).unwrap();
     assert_eq!(huge.format, "kohya sd-scripts");
 }
+
+/// A panic while making a request's images (here in the post-filter) fails that request with a
+/// 500; the worker lives on and serves the next.
+#[test]
+fn a_panic_fails_only_its_request() {
+    let dir = lora_dir("serve-panic");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let filter: ImageFilter = Box::new(move |_, _, _| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("test filter panics on its first image");
+        }
+        Ok(None)
+    });
+    let s = start_with(&dir, limits(), None, Some(filter), true);
+    let (st, a) = post(s.addr(), "/sdapi/v1/txt2img", &req("first", 1, 2));
+    assert_eq!(st, 500, "{a}");
+    assert!(a["detail"].as_str().unwrap().contains("panicked"), "{a}");
+    let (st, a) = post(s.addr(), "/sdapi/v1/txt2img", &req("second", 1, 2));
+    assert_eq!(st, 200, "{a}");
+    s.shutdown().unwrap();
+}

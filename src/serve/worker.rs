@@ -292,7 +292,14 @@ pub fn run(shared: Arc<Shared>, mut gen: Generator) {
         shared.interrupt.store(false, Ordering::SeqCst);
         let t = Instant::now();
         let n = batch.len();
-        gen.run_batch(&shared, batch, mixed);
+        // `run_batch` catches the model's panics; this catches the rest (text encoding, a
+        // filter), so that no request waits for ever on a worker that is gone.
+        let jobs: Vec<Arc<Job>> = batch.iter().map(|t| t.job.clone()).collect();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gen.run_batch(&shared, batch, mixed))).is_err() {
+            // Answered jobs ignore this: `fail` answers only a job still waiting.
+            jobs.iter()
+                .for_each(|j| j.fail(ApiError::new(500, "the server failed on this request (a panic, in its log)")));
+        }
         let mut p = lock(&shared.progress);
         p.last_batch_s = t.elapsed().as_secs_f64();
         (p.batch, p.step, p.steps, p.started) = (0, 0, 0, None);
