@@ -19,6 +19,7 @@ pub mod plan;
 pub mod quant;
 pub mod safety;
 pub mod sample;
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod util;

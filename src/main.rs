@@ -8,6 +8,7 @@ fn main() -> Result<()> {
         Cmd::Info(a) => cli::info::main(a),
         Cmd::Train(a) => cli::train::main(*a),
         Cmd::Sample(a) => cli::sample::main(*a),
+        Cmd::Serve(a) => cli::serve::main(*a),
         Cmd::Cache(a) => cli::cache::main(a),
         Cmd::SynthData(a) => cli::synth_data::main(a),
         Cmd::Lora(a) => cli::lora_cmd::main(a),

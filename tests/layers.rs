@@ -25,7 +25,8 @@ const LAYERS: &[(&str, u32)] = &[
     ("pipeline", 6),
     ("sample", 7),
     ("train", 8),
-    ("cli", 9),
+    ("serve", 9),
+    ("cli", 10),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

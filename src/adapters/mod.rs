@@ -13,12 +13,15 @@ pub mod dora;
 pub mod export;
 pub mod formats;
 pub mod lora;
+pub mod per_sample;
 
 use crate::model::adapt::{AdapterGrads, LinearAdapters, LinearCall};
 use crate::ops::lora::Dropout;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+
+pub use per_sample::PerSample;
 
 /// What an adapter term computes, with the sizes its parameters need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,6 +13,7 @@ pub mod lora_cmd;
 pub mod plan;
 pub mod quantize;
 pub mod sample;
+pub mod serve;
 pub mod synth_data;
 pub mod train;
 
@@ -41,6 +42,10 @@ pub enum Cmd {
     /// Sample latents (and PNG previews) with the FLUX.1-dev Euler schedule, any number of LoRA
     /// sets switched without reloading the base. Without --model: the built-in tiny model.
     Sample(Box<sample::Args>),
+    /// Serve images over HTTP: the AUTOMATIC1111/Forge txt2img API subset (LoRAs as
+    /// `<lora:NAME:WEIGHT>` in the prompt, from --lora-dir) and a web page at `/`; requests
+    /// with different LoRAs share one transformer pass.
+    Serve(Box<serve::Args>),
     /// Encode a folder of images + same-name .txt captions into the trainer's cached samples
     /// (VAE latents, T5 states, CLIP pooled), skipping those already cached and unchanged.
     Cache(cache::Args),

@@ -140,7 +140,8 @@ pub fn main(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn model_or_builtin(model: Option<&str>, rope_axes: Option<&str>) -> Result<(FluxConfig, FluxWeights)> {
+/// The transformer of `--model` (a checkpoint or FLUX.1 folder), or the built-in tiny model.
+pub fn model_or_builtin(model: Option<&str>, rope_axes: Option<&str>) -> Result<(FluxConfig, FluxWeights)> {
     match model {
         None => {
             let cfg = builtin::tiny_config();

@@ -1,7 +1,7 @@
 //! The engine on the CPU: the f32 reference (`model::flux`) with the adapters of an
 //! `AdapterSet`, gradient accumulators on the host, and AdamW as `ops::optim` computes it.
 
-use crate::adapters::AdapterSet;
+use crate::adapters::{AdapterSet, PerSample};
 use crate::model::config::FluxConfig;
 use crate::model::flux::{flux_backward, flux_forward, flux_forward_train, FluxCache, FluxInputs};
 use crate::model::weights::FluxWeights;
@@ -13,6 +13,8 @@ pub struct CpuEngine {
     pub cfg: FluxConfig,
     weights: FluxWeights,
     set: AdapterSet,
+    /// Inference with one set per sample instead of `set` (`Engine::set_batch_adapters`).
+    per_sample: Option<PerSample>,
     /// One accumulator per trainable tensor (parameter order); None for inference adapters.
     grads: Option<Vec<Vec<f32>>>,
 }
@@ -27,22 +29,42 @@ pub struct CpuForward {
 
 impl CpuEngine {
     pub fn new(cfg: &FluxConfig, weights: FluxWeights) -> CpuEngine {
-        CpuEngine { cfg: cfg.clone(), weights, set: AdapterSet::new(), grads: None }
+        CpuEngine { cfg: cfg.clone(), weights, set: AdapterSet::new(), per_sample: None, grads: None }
     }
 
     pub fn set_adapters(&mut self, set: &AdapterSet, train: bool) -> Result<()> {
         self.set = set.clone();
         self.set.set_dropout(0.0, 0);
+        self.per_sample = None;
         self.grads = train.then(|| self.set.params().map(|p| vec![0.0; p.len()]).collect());
         Ok(())
     }
 
+    /// One set per sample for the following forwards (inference; replaces any adapters before).
+    pub fn set_batch_adapters(&mut self, sets: &[AdapterSet]) -> Result<()> {
+        ensure!(!sets.is_empty(), "per-sample adapters for an empty batch");
+        self.set = AdapterSet::new();
+        self.grads = None;
+        self.per_sample = Some(PerSample::new(sets.to_vec()));
+        Ok(())
+    }
+
     pub fn forward(&mut self, inp: &FluxInputs) -> Result<Vec<f32>> {
+        if let Some(ps) = &self.per_sample {
+            ensure!(
+                inp.b == ps.batch(),
+                "a batch of {} samples given to per-sample adapters for {}",
+                inp.b,
+                ps.batch()
+            );
+            return flux_forward(&self.cfg, &self.weights, inp, ps);
+        }
         self.set.set_dropout(0.0, 0);
         flux_forward(&self.cfg, &self.weights, inp, &self.set)
     }
 
     pub fn forward_train(&mut self, inp: &FluxInputs, dropout: Option<(f32, u64)>) -> Result<CpuForward> {
+        ensure!(self.per_sample.is_none(), "per-sample adapter sets are for inference only");
         let (p, seed) = dropout.unwrap_or((0.0, 0));
         self.set.set_dropout(p, seed);
         let (pred, cache) = flux_forward_train(&self.cfg, &self.weights, inp, &self.set)?;

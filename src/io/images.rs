@@ -263,13 +263,8 @@ pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
     Ok((w as usize, h as usize))
 }
 
-/// Writes an image [3, h, w] in [-1, 1] as PNG (clamped), atomically.
-pub fn write_png(path: &Path, img: &[f32], h: usize, w: usize) -> Result<()> {
-    write_rgb8_png(path, rgb8_from_unit(img, h, w), h, w)
-}
-
-/// 8-bit RGB [h, w, 3] of an image [3, h, w] in [-1, 1] (clamped): the pixels `write_png`
-/// saves, which is also what the NSFW check classifies.
+/// 8-bit RGB [h, w, 3] of an image [3, h, w] in [-1, 1] (clamped, rounded): the pixels
+/// `write_png` saves, what the NSFW check classifies and what `serve` encodes.
 pub fn rgb8_from_unit(img: &[f32], h: usize, w: usize) -> Vec<u8> {
     assert_eq!(img.len(), 3 * h * w, "image: {} values for 3×{h}×{w}", img.len());
     let mut rgb = vec![0u8; h * w * 3];
@@ -284,15 +279,26 @@ pub fn rgb8_from_unit(img: &[f32], h: usize, w: usize) -> Vec<u8> {
     rgb
 }
 
-/// Writes 8-bit RGB pixels, row-major [h, w, 3], as PNG, atomically: the one PNG writer of the
-/// crate (sample and training images, latent previews), through the `image` crate that decoding
-/// needs anyway.
-pub fn write_rgb8_png(path: &Path, rgb: Vec<u8>, h: usize, w: usize) -> Result<()> {
+/// Writes an image [3, h, w] in [-1, 1] as PNG (clamped), atomically.
+pub fn write_png(path: &Path, img: &[f32], h: usize, w: usize) -> Result<()> {
+    write_rgb8_png(path, rgb8_from_unit(img, h, w), h, w)
+}
+
+/// 8-bit RGB pixels, row-major [h, w, 3], as the bytes of a PNG file: the one PNG encoder of the
+/// crate (sample and training images, previews, `serve`'s responses), through the `image` crate
+/// that decoding needs anyway.
+pub fn encode_rgb8_png(rgb: Vec<u8>, h: usize, w: usize) -> Result<Vec<u8>> {
     let n = rgb.len();
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
-        .with_context(|| format!("{}: {n} bytes for a {w}×{h} RGB image", path.display()))?;
+        .with_context(|| format!("{n} bytes for a {w}×{h} RGB image"))?;
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
+/// Writes 8-bit RGB pixels, row-major [h, w, 3], as PNG, atomically.
+pub fn write_rgb8_png(path: &Path, rgb: Vec<u8>, h: usize, w: usize) -> Result<()> {
+    let bytes = encode_rgb8_png(rgb, h, w).with_context(|| path.display().to_string())?;
     crate::io::safetensors::atomic_write(path, |w| std::io::Write::write_all(w, &bytes))
 }
 

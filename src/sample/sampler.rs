@@ -108,6 +108,18 @@ pub fn sample_from(
     noise: Option<&[Vec<f32>]>,
     forward: &mut dyn FnMut(&FluxInputs) -> Result<Vec<f32>>,
 ) -> Result<Vec<Vec<f32>>> {
+    sample_images(cfg, spec, noise, None, forward)
+}
+
+/// `sample_from` with a guidance per image (None: `spec.guidance` for all), for batches that
+/// gather independent requests (`serve`).
+pub fn sample_images(
+    cfg: &FluxConfig,
+    spec: &SampleSpec,
+    noise: Option<&[Vec<f32>]>,
+    guidance: Option<&[f32]>,
+    forward: &mut dyn FnMut(&FluxInputs) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
     if !spec.h.is_multiple_of(2) || !spec.w.is_multiple_of(2) || spec.h == 0 || spec.w == 0 {
         bail!("latent size {}×{} must be even and non-zero (image size a multiple of 16)", spec.h, spec.w);
     }
@@ -115,6 +127,9 @@ pub fn sample_from(
         bail!("--steps must be at least 1");
     }
     let b = spec.txt.len();
+    if let Some(g) = guidance.filter(|g| g.len() != b) {
+        bail!("{} guidance values given for {b} images", g.len());
+    }
     let c = cfg.in_channels / 4;
     let n_img = (spec.h / 2) * (spec.w / 2);
     let drawn;
@@ -150,7 +165,7 @@ pub fn sample_from(
         txt_ids: vec![0.0; b * spec.n_txt * 3],
         y: spec.y.concat(),
         timesteps: vec![0.0; b],
-        guidance: cfg.guidance_embed.then(|| vec![spec.guidance; b]),
+        guidance: cfg.guidance_embed.then(|| guidance.map_or_else(|| vec![spec.guidance; b], <[f32]>::to_vec)),
     };
     for win in ts.windows(2) {
         inp.img = x.clone();
