@@ -171,13 +171,16 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     echo "the median of $steps steps after $warm warm-up; peak is the memory pool's high-water mark of allocated bytes (as torch.cuda.max_memory_allocated), and the prediction is the plan less the CUDA context and cuBLAS workspace;"
     echo "predicted is \`flux-kernels plan\` (a model, not a measurement)."
     echo
-    echo "| base | resolution | checkpointing | step (s, median) | steps (s) | peak (GiB, measured) | predicted by plan, allocated (GiB) | load (s) | wall (s) | status |"
-    echo "|---|---|---|---|---|---|---|---|---|---|"
+    echo "| base | resolution | checkpointing | kernels | step (s, median) | steps (s) | peak (GiB, measured) | predicted by plan, allocated (GiB) | load (s) | wall (s) | status |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
   } >"$smd"
   # The goal configuration first (int8, 1024², checkpointing), then the rest of the side-by-side
   # settings, then 1024² without checkpointing.
-  for cfg in int8:1024:true bf16:1024:true int8:512:true bf16:512:true bf16:1024:false int8:1024:false; do
-    IFS=: read -r b sz ck <<<"$cfg"
+  # kernels: auto = the sm_90a kernels on an H100/H200; sm80 = the same step on the sm_80 kernels
+  # (cuBLAS-base LoRA, FA2-style attention), the side-by-side of what the Hopper kernels bring.
+  for cfg in int8:1024:true:auto bf16:1024:true:auto bf16:1024:true:sm80 int8:512:true:auto bf16:512:true:auto \
+    bf16:1024:false:auto int8:1024:false:auto; do
+    IFS=: read -r b sz ck kern <<<"$cfg"
     if [ "$ck" = true ]; then ck_flag=--gradient-checkpointing; else ck_flag=--no-gradient-checkpointing; fi
     stepv=""; stepsv=""; peak=""; pred=""; load=""; wall=""; line=""
     if [ "${FK_SKIP_SIDE_BY_SIDE:-0}" = 1 ]; then
@@ -185,11 +188,11 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     elif [ "$(left)" -lt "${cost[$sz]}" ]; then
       status="skipped: budget"
     else
-      step "bench-step $b ${sz}² checkpointing $ck" | tee -a "$out/bench_logs.txt"
+      step "bench-step $b ${sz}² checkpointing $ck kernels $kern" | tee -a "$out/bench_logs.txt"
       t0=$(date +%s)
       lim=$(limit "${FK_STEP_TIMEOUT:-240}")
       timeout "$lim" ./flux-kernels bench-step --model random:flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp \
-        --base "$b" "$ck_flag" --steps "$steps" --warmup "$warm" --json >"$tmpd/step.out" 2>"$tmpd/step.err"
+        --base "$b" "$ck_flag" --kernels "$kern" --steps "$steps" --warmup "$warm" --json >"$tmpd/step.out" 2>"$tmpd/step.err"
       rc=$?
       wall=$(( $(date +%s) - t0 ))
       [ "$wall" -gt "${cost[$sz]}" ] && cost[$sz]=$wall
@@ -224,7 +227,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
         "$ck_flag" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
         awk '{ printf "%.2f\n", $1 - 0.53125 }')  # less the CUDA context and cuBLAS workspace
     fi
-    echo "| $b | ${sz}² | $ck | ${stepv:--} | ${stepsv:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
+    echo "| $b | ${sz}² | $ck | $kern | ${stepv:--} | ${stepsv:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
   done
 
   # PyTorch's training step (diffusers + PEFT) at the same settings: bf16, 512² and 1024², with

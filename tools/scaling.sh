@@ -104,6 +104,7 @@ reused() {
     grep -E "\"base\"[[:space:]]*:[[:space:]]*\"$base\"" |
     grep -E "\"checkpointing\"[[:space:]]*:[[:space:]]*$ckpt[,}]" |
     grep -E "\"targets\"[[:space:]]*:[[:space:]]*\"attn-mlp\"" |
+    grep -vE '"kernels"[[:space:]]*:[[:space:]]*"sm80"' |
     grep -E '"step_s_median"' | tail -1 || true
 }
 predicted() {

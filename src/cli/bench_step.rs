@@ -5,6 +5,8 @@
 
 use super::args::{deprecated, CheckpointingArgs};
 use crate::engine::{BaseDtype, CudaBackend, Engine, EngineOptions};
+use crate::kernels::attention::FwdVariant;
+use crate::kernels::lora::BaseGemm;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::flux::FluxInputs;
 use crate::model::packing::img_ids;
@@ -52,6 +54,11 @@ pub struct Args {
     /// Accepted for scripts; the output is always one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Which kernels the step runs where both exist: `auto` (the sm_90a kernels on an H100/H200,
+    /// else sm_80) or `sm80` (the cuBLAS-base LoRA path and the sm_80 flash attention on any
+    /// card): the side-by-side measurement of what the Hopper kernels bring to a whole step.
+    #[arg(long, value_name = "auto|sm80", default_value = "auto")]
+    pub kernels: String,
 }
 
 impl Args {
@@ -81,6 +88,20 @@ pub fn run(a: &Args) -> Result<String> {
     }
     let base = BaseDtype::parse(&a.base)?;
     let dev = CudaBackend::device().context("bench-step times the step on a CUDA GPU")?;
+    let hopper_used = {
+        let crate::engine::Device::Cuda(be) = &dev else { bail!("bench-step needs a CUDA device") };
+        let mut g = CudaBackend::lock(be)?;
+        match a.kernels.as_str() {
+            "auto" => {}
+            "sm80" => {
+                let fallback = if g.has_cublas() { BaseGemm::Cublas } else { BaseGemm::Fused };
+                g.set_base_gemm(fallback)?;
+                g.attn.set_use_hopper(false);
+            }
+            k => bail!("--kernels `{k}`: use auto or sm80"),
+        }
+        (g.base_gemm() == BaseGemm::Hopper, g.attn.default_variant(128) == FwdVariant::Hopper)
+    };
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(Path::new(&a.model), None)?;
     let cfg = ckpt.cfg.clone();
@@ -162,6 +183,9 @@ pub fn run(a: &Args) -> Result<String> {
         "targets": a.targets,
         "base": a.base,
         "checkpointing": checkpointing,
+        "kernels": a.kernels,
+        "hopper_lora_gemm": hopper_used.0,
+        "hopper_attention": hopper_used.1,
         "steps": a.steps,
         "step_s_median": median,
         "step_s": times,

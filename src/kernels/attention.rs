@@ -208,6 +208,9 @@ fn tensor_map(ptr: u64, dims: AttnDims, box_rows: usize) -> Result<FkTensorMap> 
 pub struct GpuAttention {
     fam: Family,
     hopper: Option<HopperFwd>,
+    /// False: `forward`, `forward_dev` and the backward keep the sm_80 kernels even where the
+    /// sm_90a ones are loaded (`bench-step --kernels sm80`, the side-by-side measurement).
+    use_hopper: bool,
     stream: Arc<CudaStream>,
     fwd: CudaFunction,
     fwd_r64: CudaFunction,
@@ -250,6 +253,7 @@ impl GpuAttention {
             None
         };
         Ok(GpuAttention {
+            use_hopper: hopper.is_some(),
             hopper,
             stream: gpu.stream.clone(),
             fwd: f(FK_ATTN_FWD, fwd_max)?,
@@ -276,9 +280,15 @@ impl GpuAttention {
         self.hopper.is_some()
     }
 
+    /// Whether the defaults may take the sm_90a kernels (where they are loaded); off, the model's
+    /// attention runs the sm_80 kernels, for the side-by-side measurement of the whole step.
+    pub fn set_use_hopper(&mut self, on: bool) {
+        self.use_hopper = on && self.hopper.is_some();
+    }
+
     /// The forward `forward` and `forward_dev` run for head dim `d`.
     pub fn default_variant(&self, d: usize) -> FwdVariant {
-        if self.hopper.is_some() && HOPPER_HEAD_DIMS.contains(&d) {
+        if self.use_hopper && HOPPER_HEAD_DIMS.contains(&d) {
             FwdVariant::Hopper
         } else {
             FwdVariant::Rows128
@@ -477,7 +487,7 @@ impl GpuAttention {
     /// where they can run (compute capability 9.0, d 64/128, every tensor TMA reads 16-byte
     /// aligned), else the sm_80 ones.
     pub fn backward_steps(&self, d: usize, addrs: &[u64]) -> [BackwardStep; 3] {
-        if self.hopper.is_some() && HOPPER_HEAD_DIMS.contains(&d) && addrs.iter().all(|a| a.is_multiple_of(16)) {
+        if self.use_hopper && HOPPER_HEAD_DIMS.contains(&d) && addrs.iter().all(|a| a.is_multiple_of(16)) {
             [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper]
         } else {
             [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq]
