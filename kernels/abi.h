@@ -284,12 +284,22 @@ FK_KERNEL void fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);    // dQ
 #define FK_GEMM90_BM 128
 #define FK_GEMM90_BK 64
 
+// mask = 1 (the NN kernels' first segment only): the segment's product is multiplied element by
+// element by the dropout factor of X at the output element, as FK_MASK_OUT in the sm_80 kernel
+// (the dropout term of dX): the consumers finish that segment, scale the accumulators, then add
+// the other segments.
 typedef struct {
     int64_t k;        // reduction length of this segment
     int64_t n_begin;  // output columns its B covers (tile columns outside read zero)
     int64_t n_end;
+    uint64_t mask_seed;     // Dropout::seed
+    int64_t mask_ld;        // row stride of X for the mask index (d_in)
+    float mask_p;           // Dropout::p
+    float mask_keep_scale;  // 1/(1 − p) as the host computes it
+    int32_t mask;           // 1: masked (see above)
+    int32_t pad0;
 } FkGemm90Segment;
-#define FK_SIZEOF_FkGemm90Segment 24
+#define FK_SIZEOF_FkGemm90Segment 56
 
 typedef struct FK_ALIGN128 {
     FkTensorMap ta[FK_GEMM90_MAX_SEGMENTS];
@@ -298,9 +308,9 @@ typedef struct FK_ALIGN128 {
     FkGemm90Segment seg[FK_GEMM90_MAX_SEGMENTS];
     int32_t num_segments;
     int32_t pad0;
-    int64_t pad1[11];
+    int64_t pad1[7];
 } FkGemm90Params;
-#define FK_SIZEOF_FkGemm90Params 2688
+#define FK_SIZEOF_FkGemm90Params 2944
 
 // Tiles of FK_GEMM90_BM × BN (BN = 256 or 128), a producer and two consumer warpgroups of 64
 // rows each, FK_GEMM90_STAGES_BN* ring slots of BK-deep A and B tiles. Dynamic shared memory

@@ -1,6 +1,7 @@
 // The LoRA linear's large GEMM for Hopper (sm_90a): TMA, wgmma, warp specialisation, persistent
 // blocks. Same function as one problem of lora_gemm.cu's fk_gemm_nt_large / fk_gemm_nn_large
-// without dropout masks or 8-bit codes:
+// without 8-bit codes (the host dequantises them first) and with at most one dropout-masked
+// segment (dX's dropout term, taken first):
 //     out[i, n] = alpha · Σ_seg A_seg[i, :]·B_seg[:, n] (+ bias[n]) (+ beta · c_in[i, n])
 // where the segments are the K-concatenation of the LoRA linear (src/kernels/lora.rs builds them):
 //   NT (forward):  Y  = [X | S'₁ | S'₂ …]·[W | B₁ | B₂ …]ᵀ, B_i only on its term's output rows;
@@ -162,6 +163,22 @@ __device__ void gemm(const FkGemm90Params& P) {
                 wgmma_fence_operand(acc);
                 if (prev >= 0) mbar_arrive(empty + prev);
                 prev = s;
+            }
+            if (seg.mask) {
+                // The dropout term of dX (first segment, so the accumulators hold its product
+                // alone): every element times the mask of X at it, fk::dropout_factor as the
+                // sm_80 kernel's FK_MASK_OUT and ops::lora's Dropout::factor.
+                wgmma_wait<0>();
+                wgmma_fence_operand(acc);
+                if (prev >= 0) mbar_arrive(empty + prev);
+                prev = -1;
+                const int64_t r0 = m0 + cw * 64 + warp * 16 + g;
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) {
+                    const int64_t row = r0 + ((i % 4) >= 2 ? 8 : 0), col = n0 + 8 * (i / 4) + 2 * t4 + (i & 1);
+                    acc[i] *= fk::dropout_factor(seg.mask_seed, (uint64_t)(row * seg.mask_ld + col), seg.mask_p,
+                                                 seg.mask_keep_scale);
+                }
             }
         }
         wgmma_wait<0>();

@@ -29,9 +29,9 @@ fn gpu_linears_match_cpu_forward_and_gradients() {
 }
 
 /// Without dropout: on compute capability 9.0 (and under the emulation, which reports it) the
-/// input gradients of every linear go through the sm_90a kernels (kernels/lora_gemm_sm90.cu; a
-/// dropout mask keeps them on the sm_80 kernel; the fixture's rank-4 factors keep the forward
-/// there too).
+/// input gradients of every linear go through the sm_90a kernels (kernels/lora_gemm_sm90.cu;
+/// with dropout, a linear that carries terms of both files has two masked terms and stays on
+/// the sm_80 kernel; the fixture's rank-4 factors keep the forward there too).
 #[test]
 fn gpu_linears_without_dropout_match_cpu() {
     let Some(device) = cuda_or_skip("gpu_linears_without_dropout_match_cpu") else { return };

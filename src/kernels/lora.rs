@@ -292,7 +292,7 @@ pub enum BaseGemm {
     /// The sm_90a kernels (kernels/lora_gemm_sm90.cu: TMA, wgmma, warp-specialised, persistent)
     /// run the whole large launch, base and adapter segments and bias, in one pass over Y (dX);
     /// the thin low-rank GEMMs go to cuBLAS as in `Cublas`. Loaded only on compute capability
-    /// 9.0, and the default there. A call it cannot take (dropout in dX, a
+    /// 9.0, and the default there. A call it cannot take (dX with more than one dropout term, a
     /// row stride or forward rank that is not a multiple of 8, operands not 16-byte aligned) runs
     /// as `Cublas` (`Fused` without libcublas); `hopper_launches` counts the calls it took. An
     /// 8-bit base weight is dequantised to bf16 first (one linear at a time, `Buf::Wdeq`).
@@ -413,6 +413,9 @@ struct Seg90 {
     a: Mat,
     b: Mat,
     cols: Range<usize>,
+    /// dX's dropout term: its product times the mask of X (row stride `.1`) at each output
+    /// element. Only as the first segment of an NN launch.
+    mask: Option<(Dropout, usize)>,
 }
 
 impl Mat {
@@ -857,13 +860,29 @@ impl GpuLora {
         }
         let bn = self.hopper_bn.unwrap_or_else(|| hopper_tile_n(m, n, h.sms));
         let bm = FK_GEMM90_BM as usize;
+        ensure!(
+            segs.iter().skip(1).all(|sg| sg.mask.is_none()) && (nn || segs.iter().all(|sg| sg.mask.is_none())),
+            "Hopper LoRA GEMM: a dropout mask only on the first segment of dX"
+        );
         let mut hp = FkGemm90Params { pr, num_segments: segs.len() as i32, ..Default::default() };
         for (i, sg) in segs.iter().enumerate() {
             let b_rows = if nn { 64 } else { bn };
             hp.ta[i] = sg.a.tensor_map(bm).context("Hopper LoRA GEMM: A")?;
             hp.tb[i] = sg.b.tensor_map(b_rows).context("Hopper LoRA GEMM: B")?;
-            hp.seg[i] =
-                FkGemm90Segment { k: sg.a.cols as i64, n_begin: sg.cols.start as i64, n_end: sg.cols.end as i64 };
+            hp.seg[i] = FkGemm90Segment {
+                k: sg.a.cols as i64,
+                n_begin: sg.cols.start as i64,
+                n_end: sg.cols.end as i64,
+                ..Default::default()
+            };
+            if let Some((d, ld)) = sg.mask {
+                hp.seg[i].mask = 1;
+                hp.seg[i].mask_seed = d.seed;
+                hp.seg[i].mask_p = d.p;
+                // The same f32 expression as Dropout::factor and `with_mask`.
+                hp.seg[i].mask_keep_scale = 1.0 / (1.0 - d.p);
+                hp.seg[i].mask_ld = ld as i64;
+            }
         }
         let (f, smem, name) = match (nn, bn) {
             (false, 256) => (&h.nt256, FK_GEMM90_SMEM_BN256, "fk_gemm90_nt_bn256"),
@@ -989,10 +1008,11 @@ impl GpuLora {
         pr.bias = p.bias;
         if self.base == BaseGemm::Hopper {
             let wp = self.hopper_weight(w, s)?;
-            let mut segs = vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n }];
+            let mut segs =
+                vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n, mask: None }];
             for (i, t) in s.terms.iter().enumerate() {
                 let a = Mat { ptr: sp + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
-                segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone() });
+                segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone(), mask: None });
             }
             if Self::hopper_takes(&segs) {
                 self.dequant_for_hopper(w, wp, s)?;
@@ -1037,7 +1057,7 @@ impl GpuLora {
         let x = self.arena.ptr16(Buf::X, s.m * s.k)?;
         let w = self.arena.ptr16(Buf::W, s.n * s.k)?;
         let y = self.arena.ptr16(Buf::Y, s.m * s.n)?;
-        let segs = [Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(w, s.n, s.k), cols: 0..s.n }];
+        let segs = [Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(w, s.n, s.k), cols: 0..s.n, mask: None }];
         ensure!(Self::hopper_takes(&segs), "the Hopper GEMM needs K a multiple of 8, got {}", s.k);
         self.launch_hopper(false, problem(s.m, s.n, y, s.n), &segs)
     }
@@ -1124,17 +1144,27 @@ impl GpuLora {
             let mut pr = problem(s.m, s.k, dx, s.k);
             pr.out_f32 = p.dx_f32 as i32;
             let mut hopper_segs = Vec::new();
-            if self.base == BaseGemm::Hopper && !s.has_dropout() {
+            let dropped = |t: &TermShape| t.dropout.filter(|d| d.p > 0.0);
+            let n_masked = s.terms.iter().filter(|t| dropped(t).is_some()).count();
+            if self.base == BaseGemm::Hopper && n_masked <= 1 {
                 let wp = self.hopper_weight(w, s)?;
-                // dY [m, n] against W read N-major [n][k]; G'ᵢ [m, r] against Aᵢ [r][k].
-                hopper_segs.push(Seg90 { a: Mat::new(dy, s.m, s.n), b: Mat::new(wp, s.n, s.k), cols: 0..s.k });
-                for (i, t) in s.terms.iter().enumerate() {
-                    let a = Mat { ptr: g + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
-                    hopper_segs.push(Seg90 { a, b: Mat::new(p.a[i], t.rank, s.k), cols: 0..s.k });
-                }
+                // dY [m, n] against W read N-major [n][k]; G'ᵢ [m, r] against Aᵢ [r][k]; a term
+                // with dropout goes first (the kernel masks the first segment's product alone).
+                let term = |i: usize, t: &TermShape| Seg90 {
+                    a: Mat { ptr: g + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld },
+                    b: Mat::new(p.a[i], t.rank, s.k),
+                    cols: 0..s.k,
+                    mask: dropped(t).map(|d| (d, s.k)),
+                };
+                let terms = s.terms.iter().enumerate();
+                hopper_segs.extend(terms.clone().filter(|(_, t)| dropped(t).is_some()).map(|(i, t)| term(i, t)));
+                let base = Seg90 { a: Mat::new(dy, s.m, s.n), b: Mat::new(wp, s.n, s.k), cols: 0..s.k, mask: None };
+                hopper_segs.push(base);
+                hopper_segs.extend(terms.filter(|(_, t)| dropped(t).is_none()).map(|(i, t)| term(i, t)));
             }
             if !hopper_segs.is_empty() && Self::hopper_takes(&hopper_segs) {
-                self.dequant_for_hopper(w, hopper_segs[0].b.ptr, s)?;
+                let wdeq = hopper_segs[n_masked].b.ptr;
+                self.dequant_for_hopper(w, wdeq, s)?;
                 self.launch_hopper(true, pr, &hopper_segs)?;
             } else {
                 self.dx_large(s, &l, p, pr, g)?;
