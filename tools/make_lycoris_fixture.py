@@ -14,6 +14,10 @@ and tests/fixtures/lycoris-<kind>-golden.safetensors:
   golden.loss  [1] mean((out − target)²) with tests/fixtures/tiny-grad-target.safetensors' `target`;
   golden.grad.<key>  d loss / d(every factor) by PyTorch autograd through the LyCORIS modules.
 
+The LoKr golden's metadata `train_shapes` (JSON) holds, for the trainer's check, what LyCORIS's
+`LokrModule(lora_dim=4, alpha=8, factor=F)` builds on each of TRAIN_TARGETS for F in 4 and -1: every
+parameter's shape, its initial values' statistics (w1/w2_a nonzero, w2_b or a whole w2 zero) and its scale.
+
 The modules and settings are chosen to cover every case of the loaders: LoKr with a full w1 and a low-rank w2
 (LyCORIS's default), both factored (`decompose_both`), both full (`full_matrix`: scale forced to 1), an explicit
 `factor`, a module whose rows are a slice of a fused BFL linear (to_q, to_k, add_k_proj, single-block to_v,
@@ -23,6 +27,7 @@ similar modules with different ranks and alphas.
 Run: .toolchain/lyco-venv/bin/python tools/make_lycoris_fixture.py
 (torch, diffusers, safetensors, lycoris-lora 4.1.3; see docs/adapters.md §5 for the venv)
 """
+import json
 import os
 import sys
 
@@ -61,6 +66,25 @@ LOHA = [
     ("norm_out.linear", dict(lora_dim=2, alpha=2.0)),
     ("context_embedder", dict(lora_dim=1, alpha=1.0)),
 ]
+
+
+# Keep in step with tests/lokr_train.rs.
+TRAIN_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.0.proj",
+                 "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.proj_mlp",
+                 "single_transformer_blocks.1.proj_out", "norm_out.linear", "x_embedder", "context_embedder"]
+
+
+def train_shapes():
+    m = FluxTransformer2DModel.from_pretrained(os.path.join(F, "tiny-diffusers"), torch_dtype=torch.float32)
+    mods = dict(m.named_modules())
+    out = {}
+    for factor in (4, -1):
+        for name in TRAIN_TARGETS:
+            lm = LokrModule("x", mods[name], lora_dim=4, alpha=8.0, factor=factor)
+            params = {k: {"shape": list(p.shape), "zero": bool((p == 0).all())}
+                      for k, p in lm.named_parameters(recurse=False)}
+            out[f"{name}|{factor}"] = {"params": params, "scale": float(lm.scale)}
+    return out
 
 
 def wrap(m, cls, specs):
@@ -127,7 +151,8 @@ def make(kind, cls, specs, seed):
     adapters = {k: v.contiguous() for k, v in res.items() if not k.startswith("golden.")}
     save_file(adapters, path, metadata={"format": "pt", "lycoris.algo": kind})
     golden = {k: v.contiguous() for k, v in res.items() if k.startswith("golden.")}
-    save_file(golden, os.path.join(F, f"lycoris-{kind}-golden.safetensors"))
+    meta = {"train_shapes": json.dumps(train_shapes())} if kind == "lokr" else None
+    save_file(golden, os.path.join(F, f"lycoris-{kind}-golden.safetensors"), metadata=meta)
     effect = float((base - res["golden.out"]).norm() / res["golden.out"].norm())
     shapes = {k: tuple(v.shape) for k, v in res.items() if not k.startswith("golden.")}
     print(f"{kind}: {len(mods)} modules, effect vs base {effect:.3f}, loss {loss.item():.6f}, "

@@ -355,7 +355,9 @@ pub fn write_lora(
             t
         }
         LoraFormatOut::Kohya => {
-            metadata.insert("ss_network_module".into(), "networks.lora_flux".into());
+            // LyCORIS's kohya wrapper names itself so; loaders read the keys, not this.
+            let module = if terms.iter().any(|t| t.kind.is_lycoris()) { "lycoris.kohya" } else { "networks.lora_flux" };
+            metadata.insert("ss_network_module".into(), module.into());
             metadata.insert("modelspec.architecture".into(), "flux-1-dev/lora".into());
             kohya_tensors(cfg, terms, norms)?
         }
