@@ -422,6 +422,9 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     Ok(LoraFile { path: path.to_path_buf(), formats, terms, keys, modules, skipped, alpha_source })
 }
 
+/// A stored tensor: its key, shape and values.
+type Stored = (String, Vec<usize>, Vec<f32>);
+
 /// The LoKr or LoHa term of stored module `module` (its tensors in `g`, `first` one of them), with
 /// the keys of its parameters in order and its alpha. Scale as ComfyUI computes it (`lokr.rs`,
 /// `loha.rs`); a module that mixes kinds, lacks a factor, has Tucker cores or factors of the wrong
@@ -462,7 +465,7 @@ fn lycoris_term(
             );
         }
     }
-    let read = |name: &str| -> Result<(String, Vec<usize>, Vec<f32>)> {
+    let read = |name: &str| -> Result<Stored> {
         let key = g.lycoris[name].clone();
         if let Some(info) = st.info(&key) {
             require_float(info.dtype).with_context(|| format!("{p}: LyCORIS tensor `{key}`"))?;
@@ -489,7 +492,7 @@ fn lycoris_term(
     let what = format!("{p}: `{module}` ({})", target.module);
     let (kind, mut tensors) = if lokr.is_some() {
         // w1 and w2: whole, or two factors of one rank.
-        let half = |w: &str| -> Result<([usize; 2], Option<usize>, Vec<(String, Vec<usize>, Vec<f32>)>)> {
+        let half = |w: &str| -> Result<([usize; 2], Option<usize>, Vec<Stored>)> {
             let (whole, a, b) = (format!("lokr_{w}"), format!("lokr_{w}_a"), format!("lokr_{w}_b"));
             let has = |n: &str| g.lycoris.contains_key(n);
             match (has(&whole), has(&a), has(&b)) {

@@ -393,6 +393,7 @@ mod tests {
                 _ if k == "preset" => "concept".to_string(),
                 serde_json::Value::Bool(_) => "true".to_string(),
                 serde_json::Value::Number(n) if n.is_u64() => "7".to_string(),
+                serde_json::Value::Number(n) if n.is_i64() => "5".to_string(),
                 serde_json::Value::Number(_) => "0.25".to_string(),
                 _ => "x".to_string(),
             };
