@@ -94,7 +94,12 @@ fn converted_files_under_bfl_names_match_lycoris() {
         assert!(names.contains(&"lora_unet_final_layer_adaLN_modulation_1.alpha"), "{names:?}");
         assert!(names.iter().any(|n| n.starts_with("lycoris_transformer_blocks_0_attn_to_q.")), "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lora_unet_") || n.starts_with("lycoris_")));
-        // Every alpha is its module's rank: the scale is in the first factor.
+        // Every alpha is its module's rank: the scale is in the first factor. to_out.0's LoKr has
+        // both factors whole (scale 1): alpha 1, which LyCORIS's loader needs present.
+        if kind == "lokr" {
+            let a = t.iter().find(|x| x.0 == "lora_unet_double_blocks_0_img_attn_proj.alpha").unwrap();
+            assert_eq!(a.3, vec![1.0]);
+        }
         check_forward(kind, &out);
         // The peft format has no LoKr/LoHa: refused, nothing written.
         let peft = dir.join(format!("{kind}-peft.safetensors"));

@@ -18,8 +18,8 @@
 //! term covers its whole module and `lycoris_<diffusers module>` when it covers a part (q, k or v of
 //! a fused projection), the names ComfyUI maps for FLUX. Their scale goes into the first factor
 //! (`lokr_w1` / `lokr_w1_a`, `hada_w1_a`) and alpha is the rank the scale divides by, so ComfyUI's
-//! and LyCORIS's rules both give a scale of 1 (a LoKr with both factors whole gets no alpha: both
-//! rules use 1 for it).
+//! and LyCORIS's rules both give a scale of 1 (a LoKr with both factors whole gets alpha 1, which
+//! both rules ignore for it; LyCORIS's loader needs the tensor).
 
 use super::{Kind, Term};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
@@ -293,9 +293,9 @@ fn lycoris_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
             let v = if i == 0 { p.iter().map(|x| x * t.scale).collect() } else { p.to_vec() };
             out.push((format!("{key}.{name}"), shape, v));
         }
-        if t.rank() > 0 {
-            out.push((format!("{key}.alpha"), vec![], vec![t.rank() as f32]));
-        }
+        // A LoKr with both factors whole divides by nothing; both rules then ignore alpha, but
+        // LyCORIS's loader needs the tensor (`float(alpha)`): 1.
+        out.push((format!("{key}.alpha"), vec![], vec![t.rank().max(1) as f32]));
     }
     Ok(out)
 }
