@@ -172,10 +172,6 @@ fn dora_config(dir: &Path) -> TrainConfig {
     }
 }
 
-fn tensors(p: &str) -> BTreeMap<String, Vec<f32>> {
-    read_all(Path::new(p)).0.into_iter().map(|(n, _, _, v)| (n, v)).collect()
-}
-
 /// The tiny fixture's forward on its inputs with `file` loaded at strength 1.
 fn forward_with(file: &str) -> Vec<f32> {
     run_forward(&fixture("tiny-diffusers"), None, &[(PathBuf::from(file), 1.0)]).unwrap()
@@ -188,7 +184,7 @@ fn train_adapter_dora_trains_magnitudes_resumes_bit_for_bit_and_writes_both_form
     full.out = dir.join("full/dora.safetensors").display().to_string();
     let o = train(full.clone(), None, no_stop(), true).unwrap();
     assert!(o.final_loss.is_finite() && o.steps_done == 5);
-    let got = tensors(&full.out);
+    let got = file_tensors(&full.out);
     let (_, meta) = read_all(Path::new(&full.out));
     let config: serde_json::Value = serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
     assert_eq!(config["transformer.use_dora"], true);
@@ -215,15 +211,7 @@ fn train_adapter_dora_trains_magnitudes_resumes_bit_for_bit_and_writes_both_form
     // Stopped after its first step, then resumed: the same file bit for bit.
     let mut part = full.clone();
     part.out = dir.join("part/dora.safetensors").display().to_string();
-    let o = train(part.clone(), None, Arc::new(AtomicBool::new(true)), true).unwrap();
-    assert!(o.interrupted && o.steps_done == 1);
-    let ckpt = PathBuf::from(part.checkpoint_path());
-    assert_eq!(train(part.clone(), Some(&ckpt), no_stop(), true).unwrap().steps_done, 5);
-    let resumed = tensors(&part.out);
-    assert_eq!(got.keys().collect::<Vec<_>>(), resumed.keys().collect::<Vec<_>>());
-    for (k, v) in &got {
-        assert!(v == &resumed[k], "{k}: resumed run differs");
-    }
+    let ckpt = resumes_bit_for_bit(&part, &got);
     // A DoRA checkpoint does not resume as LoRA: the layouts differ.
     let mut lora = part.clone();
     lora.adapter = "lora".into();

@@ -16,7 +16,7 @@
 //! and `proj_out` (`final_layer.linear`; `proj_out` also names every single block's output linear,
 //! as in PEFT, so the BFL name picks the last linear alone). The presets stay inside the blocks.
 
-use super::Term;
+use super::{Kind, Term};
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::model::layout::{diffusers_to_bfl, BflTarget};
 use crate::util::{thousands, Rng};
@@ -39,6 +39,8 @@ pub struct LoraConfig {
     pub init: Init,
     /// DoRA (PEFT's `use_dora`): each adapter also trains a magnitude per output row.
     pub use_dora: bool,
+    /// LoKr (LyCORIS) with this factor instead of LoRA: w1 ⊗ w2 with `rank` for w2's factors.
+    pub lokr_factor: Option<i64>,
 }
 
 impl Default for LoraConfig {
@@ -54,6 +56,7 @@ impl Default for LoraConfig {
             alpha_pattern: vec![],
             init: Init::KaimingUniform,
             use_dora: false,
+            lokr_factor: None,
         }
     }
 }
@@ -70,11 +73,18 @@ pub struct AdapterSpec {
     pub alpha: f32,
     /// DoRA: a magnitude per output row besides A and B.
     pub dora: bool,
+    /// LoKr with this factor (LyCORIS's split, `lokr::lycoris_kind`) instead of LoRA.
+    pub lokr_factor: Option<i64>,
 }
 
 impl AdapterSpec {
     pub fn param_count(&self) -> usize {
         let rows = self.target.rows.len();
+        if let Some(f) = self.lokr_factor {
+            let kind = super::lokr::lycoris_kind(rows, self.d_in, self.rank, f);
+            let t = Term::lycoris(&self.name, self.target.rows.clone(), self.d_in, kind, 1.0, vec![]);
+            return t.param_shapes().iter().map(|s| s.iter().product::<usize>()).sum();
+        }
         self.rank * (self.d_in + rows) + if self.dora { rows } else { 0 }
     }
 }
@@ -196,6 +206,7 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
                 rank,
                 alpha,
                 dora: lc.use_dora,
+                lokr_factor: lc.lokr_factor,
             });
         }
     }
@@ -203,8 +214,17 @@ pub fn resolve_targets(cfg: &FluxConfig, lc: &LoraConfig) -> Result<Vec<AdapterS
         if bfl_sel.contains(name) {
             let (rank, alpha) = pick(name, lc.rank, lc.alpha);
             let target = BflTarget { module: name.clone(), rows: 0..*d_out, swap_halves: false };
-            let dora = lc.use_dora;
-            out.push(AdapterSpec { name: name.clone(), diffusers: false, target, d_in: *d_in, rank, alpha, dora });
+            let (dora, lokr_factor) = (lc.use_dora, lc.lokr_factor);
+            out.push(AdapterSpec {
+                name: name.clone(),
+                diffusers: false,
+                target,
+                d_in: *d_in,
+                rank,
+                alpha,
+                dora,
+                lokr_factor,
+            });
         }
     }
     if let Some(s) = out.iter().find(|s| s.rank == 0) {
@@ -270,6 +290,14 @@ impl LoraConfig {
         rng: &mut Rng,
         frozen: &dyn Fn(&str) -> Result<Vec<f32>>,
     ) -> Result<Term> {
+        if let Some(f) = spec.lokr_factor {
+            // LyCORIS's LokrModule: scale alpha / lora_dim (√ with rs_lora) when w2 is factored;
+            // both factors whole is scale 1 whatever alpha says.
+            let kind = super::lokr::lycoris_kind(spec.target.rows.len(), spec.d_in, spec.rank, f);
+            let scale = if matches!(kind, Kind::Lokr { r2: Some(_), .. }) { self.scale(spec) } else { 1.0 };
+            let params = super::lokr::init(kind, rng);
+            return Ok(Term::lycoris(&spec.target.module, spec.target.rows.clone(), spec.d_in, kind, scale, params));
+        }
         let (a, b) = super::lora::init(self.init, spec.rank, spec.d_in, spec.target.rows.len(), rng);
         let t = Term::lora(&spec.target.module, spec.target.rows.clone(), spec.d_in, spec.rank, self.scale(spec), a, b);
         if !spec.dora {

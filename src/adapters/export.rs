@@ -12,6 +12,14 @@
 //! gives the same ΔW (tests/loader_rules.rs applies each rule to trained exports). The training
 //! alpha stays in the trainer's `flux_kernels.*` metadata; `--resume` reads the checkpoint folder,
 //! whose factors are never baked.
+//!
+//! LyCORIS LoKr and LoHa terms are written in the kohya dialect only, as LyCORIS writes them
+//! (`lokr_w1`, `lokr_w2_a`, … `hada_w1_a`, …, `.alpha`), under `lora_unet_<BFL module>` when the
+//! term covers its whole module and `lycoris_<diffusers module>` when it covers a part (q, k or v of
+//! a fused projection), the names ComfyUI maps for FLUX. Their scale goes into the first factor
+//! (`lokr_w1` / `lokr_w1_a`, `hada_w1_a`) and alpha is the rank the scale divides by, so ComfyUI's
+//! and LyCORIS's rules both give a scale of 1 (a LoKr with both factors whole gets alpha 1, which
+//! both rules ignore for it; LyCORIS's loader needs the tensor).
 
 use super::{Kind, Term};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor};
@@ -32,8 +40,9 @@ impl std::str::FromStr for LoraFormatOut {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "peft" | "diffusers" => Ok(LoraFormatOut::Peft),
-            "kohya" => Ok(LoraFormatOut::Kohya),
-            _ => bail!("--format takes peft (diffusers) or kohya, got `{s}`"),
+            // LoKr and LoHa terms are written with LyCORIS's keys in the kohya dialect.
+            "kohya" | "lycoris" => Ok(LoraFormatOut::Kohya),
+            _ => bail!("--format takes peft (diffusers) or kohya (lycoris: the same), got `{s}`"),
         }
     }
 }
@@ -78,6 +87,14 @@ fn dora_not_alone(module: &str) -> anyhow::Error {
 /// terms are written as PEFT writes them (`lora_magnitude_vector` [out], `use_dora`), each
 /// diffusers module either all DoRA or all LoRA across the file (PEFT's config has one `use_dora`).
 pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, serde_json::Value)> {
+    if let Some(t) = terms.iter().find(|t| t.kind.is_lycoris()) {
+        bail!(
+            "the {} term on `{}` has no diffusers/PEFT LoRA form; write --format kohya (LyCORIS's keys, which ComfyUI \
+             loads)",
+            t.kind.name(),
+            t.module
+        );
+    }
     // diffusers module → (rows, [(A, B rows of that module in diffusers order, rank, scale)],
     // magnitude of those rows when the one term is DoRA)
     type Part = (usize, Vec<Factors>, Option<Vec<f32>>);
@@ -188,9 +205,10 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms
             _ => None,
         })
         .collect();
+    let mut out = lycoris_tensors(cfg, terms)?;
     let mut by_module: BTreeMap<&str, Vec<&Term>> = BTreeMap::new();
     let mut order = Vec::new();
-    for t in terms {
+    for t in terms.iter().filter(|t| !t.kind.is_lycoris()) {
         if !d_outs.contains_key(&t.module) {
             bail!("`{}` is not a linear module", t.module);
         }
@@ -200,7 +218,6 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms
         });
         by_module.get_mut(t.module.as_str()).unwrap().push(t);
     }
-    let mut out = Vec::new();
     for m in order {
         let ts = &by_module[m];
         let d_out = d_outs[m];
@@ -221,6 +238,12 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms
             }
             off += t.rank();
         }
+        if out.iter().any(|(k, ..)| k.starts_with(&format!("{key}.")))
+            || (ts.iter().any(|t| matches!(t.kind, Kind::Dora { .. }))
+                && terms.iter().any(|t| t.kind.is_lycoris() && t.module == m))
+        {
+            return Err(lycoris_not_alone(m));
+        }
         let scale = dora_scale(m, ts, d_out, norms)?;
         out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
         out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
@@ -228,6 +251,51 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms
         if let Some(s) = scale {
             out.push((format!("{key}.dora_scale"), vec![d_out, 1], s));
         }
+    }
+    Ok(out)
+}
+
+/// Why a LyCORIS term cannot share its module's key: a file holds one adapter kind per key (ComfyUI
+/// keeps the last kind it finds under a name), and a DoRA rescale would act on the LyCORIS update too.
+fn lycoris_not_alone(module: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`{module}` would carry a LyCORIS (LoKr/LoHa) term together with another adapter under one name; a file holds \
+         one kind per module: apply the files side by side (--lora A --lora B)"
+    )
+}
+
+/// The LoKr and LoHa terms as LyCORIS tensors (module doc): per term its factors, the first times
+/// the term's scale, and `alpha` = the rank the scale divides by.
+fn lycoris_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
+    let mut out: Vec<Named> = Vec::new();
+    for t in terms.iter().filter(|t| t.kind.is_lycoris()) {
+        let dm = diffusers_module(&t.module, cfg).ok_or_else(|| anyhow::anyhow!("`{}` is not a module", t.module))?;
+        let d_out: usize = dm.parts.iter().map(|p| p.rows).sum();
+        let key = if t.rows == (0..d_out) {
+            format!("lora_unet_{}", t.module.replace('.', "_"))
+        } else {
+            let mut start = 0;
+            let part = dm.parts.iter().find(|p| {
+                start += p.rows;
+                start - p.rows == t.rows.start && start == t.rows.end
+            });
+            let Some(part) = part else {
+                bail!("a {} term on rows {:?} of `{}` is no module of its own", t.kind.name(), t.rows, t.module);
+            };
+            format!("lycoris_{}", part.name.replace('.', "_"))
+        };
+        if out.iter().any(|(k, ..)| k.starts_with(&format!("{key}."))) {
+            return Err(lycoris_not_alone(&t.module));
+        }
+        for (i, ((name, shape), p)) in
+            t.kind.lycoris_names().into_iter().zip(t.param_shapes()).zip(&t.params).enumerate()
+        {
+            let v = if i == 0 { p.iter().map(|x| x * t.scale).collect() } else { p.to_vec() };
+            out.push((format!("{key}.{name}"), shape, v));
+        }
+        // A LoKr with both factors whole divides by nothing; both rules then ignore alpha, but
+        // LyCORIS's loader needs the tensor (`float(alpha)`): 1.
+        out.push((format!("{key}.alpha"), vec![], vec![t.rank().max(1) as f32]));
     }
     Ok(out)
 }
@@ -287,7 +355,9 @@ pub fn write_lora(
             t
         }
         LoraFormatOut::Kohya => {
-            metadata.insert("ss_network_module".into(), "networks.lora_flux".into());
+            // LyCORIS's kohya wrapper names itself so; loaders read the keys, not this.
+            let module = if terms.iter().any(|t| t.kind.is_lycoris()) { "lycoris.kohya" } else { "networks.lora_flux" };
+            metadata.insert("ss_network_module".into(), module.into());
             metadata.insert("modelspec.architecture".into(), "flux-1-dev/lora".into());
             kohya_tensors(cfg, terms, norms)?
         }

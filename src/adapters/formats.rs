@@ -4,13 +4,16 @@
 //!   in the `lora_adapter_metadata` JSON when present, else alpha = rank;
 //! - kohya sd-scripts: `lora_unet_<BFL module, dots as underscores>.lora_down/up.weight`, `.alpha`;
 //! - ComfyUI: `diffusion_model.<BFL module>.lora_{A,B,down,up}.weight`, `.alpha`;
-//! - OneTrainer: `lora_transformer_<diffusers module, dots as underscores>…`, `.alpha`.
+//! - OneTrainer: `lora_transformer_<diffusers module, dots as underscores>…`, `.alpha`;
+//! - LyCORIS LoKr and LoHa (`lokr_w1`, `lokr_w2_a`, … `hada_w1_a`, …, `.alpha`) under the names
+//!   ComfyUI maps for FLUX: `lycoris_<diffusers module, dots as underscores>` (SimpleTuner) and
+//!   `lora_unet_<BFL module, dots as underscores>` (kohya-style), also under the other prefixes.
 //!
 //! A term on diffusers' separate q/k/v lands on rows of BFL's fused qkv (or linear1), so every
 //! dialect works on either base layout. A key that matches nothing is an error by default: the
 //! most reported failure of other tools is a LoRA that silently does nothing.
 
-use super::Term;
+use super::{Kind, Term};
 use crate::io::safetensors::{require_float, SafeTensors};
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::model::layout::{diffusers_to_bfl, BflTarget};
@@ -25,6 +28,8 @@ pub enum LoraFormat {
     Kohya,
     ComfyUi,
     OneTrainer,
+    /// SimpleTuner's LyCORIS names: `lycoris_<diffusers module, dots as underscores>`.
+    Lycoris,
 }
 
 impl LoraFormat {
@@ -34,6 +39,7 @@ impl LoraFormat {
             LoraFormat::Kohya => "kohya sd-scripts",
             LoraFormat::ComfyUi => "ComfyUI",
             LoraFormat::OneTrainer => "OneTrainer",
+            LoraFormat::Lycoris => "LyCORIS (lycoris_ names)",
         }
     }
 }
@@ -69,8 +75,12 @@ impl LoraFile {
 /// The file's own tensor names for one delta.
 #[derive(Clone, Debug)]
 pub struct FactorKeys {
+    /// LoRA's down and up (empty for the LyCORIS kinds, whose names are in `params`).
     pub down: String,
     pub up: String,
+    /// Every stored tensor of the term in its kind's parameter order (LoRA: down, up, then a DoRA
+    /// magnitude; LoKr: `lokr_w1` or `lokr_w1_a`, `lokr_w1_b`, then w2's; LoHa: the four `hada_*`).
+    pub params: Vec<String>,
     pub alpha: Option<String>,
     /// DoRA's magnitude vector (PEFT `lora_magnitude_vector` [out], or LyCORIS/kohya `dora_scale`
     /// [out, 1] as ComfyUI reads it), when the term is DoRA.
@@ -87,7 +97,28 @@ enum Role {
     Magnitude,
     /// LyCORIS's DoRA magnitude as kohya-style files carry it (`<module>.dora_scale`).
     DoraScale,
+    /// A LyCORIS LoKr or LoHa tensor, by its name (`lokr_w1`, `hada_w2_b`, …).
+    Lycoris(&'static str),
 }
+
+/// The LyCORIS tensor names of a linear's LoKr and LoHa (and the Tucker cores, which only
+/// convolutions have and which are refused).
+const LYCORIS_NAMES: [&str; 14] = [
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t1",
+    "lokr_t2",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+];
 
 fn split_role(key: &str) -> Option<(&str, Role)> {
     for (suf, role) in [
@@ -104,7 +135,10 @@ fn split_role(key: &str) -> Option<(&str, Role)> {
             return Some((m, role));
         }
     }
-    None
+    LYCORIS_NAMES.iter().find_map(|n| {
+        let m = key.strip_suffix(n)?.strip_suffix('.')?;
+        Some((m, Role::Lycoris(n)))
+    })
 }
 
 struct Names {
@@ -156,6 +190,8 @@ impl Names {
             (LoraFormat::Kohya, underscored(s, false))
         } else if let Some(s) = module.strip_prefix("lora_transformer_") {
             (LoraFormat::OneTrainer, underscored(s, true))
+        } else if let Some(s) = module.strip_prefix("lycoris_") {
+            (LoraFormat::Lycoris, underscored(s, true))
         } else if let Some(s) =
             module.strip_prefix("model.diffusion_model.").or(module.strip_prefix("diffusion_model."))
         {
@@ -217,6 +253,8 @@ struct Group {
     up: Option<String>,
     alpha: Option<String>,
     magnitude: Option<String>,
+    /// LyCORIS tensors by name (`lokr_w1` → its key).
+    lycoris: BTreeMap<&'static str, String>,
 }
 
 pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<LoraFile> {
@@ -240,13 +278,13 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         let Some((module, role)) = split_role(key) else {
             reject(
                 key,
-                "is not a LoRA factor, alpha or DoRA magnitude (`lora_magnitude_vector`, `dora_scale`) this loader \
-                 understands (biases and LoKr are not supported)"
+                "is not a LoRA factor, alpha, DoRA magnitude (`lora_magnitude_vector`, `dora_scale`) or LyCORIS \
+                 LoKr/LoHa tensor (`lokr_w1`, `hada_w1_a`, …) this loader understands (biases are not supported)"
                     .into(),
             )?;
             continue;
         };
-        if names.resolve(module, matches!(role, Role::Down | Role::Up | Role::Magnitude)).is_none() {
+        if names.resolve(module, matches!(role, Role::Down | Role::Up | Role::Magnitude | Role::Lycoris(_))).is_none() {
             reject(key, "matches no linear module of this FLUX model".into())?;
             continue;
         }
@@ -261,6 +299,9 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
                 }
                 g.magnitude = Some(key.clone());
             }
+            Role::Lycoris(n) => {
+                g.lycoris.insert(n, key.clone());
+            }
         }
     }
     let meta = peft_meta(&st)?;
@@ -270,6 +311,26 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
     let mut modules = BTreeMap::new();
     let mut alpha_source = "alpha = rank (no alpha stored)";
     for (module, g) in &groups {
+        if let Some(lyco) = g.lycoris.values().next() {
+            let (fmt, _, target) = names.resolve(module, true).expect("resolved above");
+            formats.insert(fmt);
+            let (_, d_in) = names.bfl[&target.module];
+            let (term, params, alpha) = lycoris_term(&st, module, g, lyco, &target, d_in)?;
+            if alpha.is_some() {
+                alpha_source = "alpha tensors";
+            }
+            modules.insert(module.clone(), (term.rank(), alpha.unwrap_or(term.rank() as f32)));
+            keys.push(FactorKeys {
+                down: String::new(),
+                up: String::new(),
+                params,
+                alpha: g.alpha.clone(),
+                magnitude: None,
+                swap_halves: target.swap_halves,
+            });
+            terms.push(term);
+            continue;
+        }
         let (Some(down), Some(up)) = (&g.down, &g.up) else {
             let have = g.down.as_ref().or(g.up.as_ref()).or(g.alpha.as_ref()).or(g.magnitude.as_ref()).unwrap();
             bail!(
@@ -344,6 +405,7 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         keys.push(FactorKeys {
             down: down.clone(),
             up: up.clone(),
+            params: [down, up].into_iter().chain(&g.magnitude).cloned().collect(),
             alpha: g.alpha.clone(),
             magnitude: g.magnitude.clone(),
             swap_halves: target.swap_halves,
@@ -358,6 +420,157 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         bail!("{p}: no LoRA factors found for this model");
     }
     Ok(LoraFile { path: path.to_path_buf(), formats, terms, keys, modules, skipped, alpha_source })
+}
+
+/// A stored tensor: its key, shape and values.
+type Stored = (String, Vec<usize>, Vec<f32>);
+
+/// The LoKr or LoHa term of stored module `module` (its tensors in `g`, `first` one of them), with
+/// the keys of its parameters in order and its alpha. Scale as ComfyUI computes it (`lokr.rs`,
+/// `loha.rs`); a module that mixes kinds, lacks a factor, has Tucker cores or factors of the wrong
+/// shapes is refused naming the key.
+fn lycoris_term(
+    st: &SafeTensors,
+    module: &str,
+    g: &Group,
+    first: &str,
+    target: &BflTarget,
+    d_in: usize,
+) -> Result<(Term, Vec<String>, Option<f32>)> {
+    let p = st.path().display();
+    let rows = target.rows.len();
+    if let Some(other) = g.down.as_ref().or(g.up.as_ref()) {
+        bail!("{p}: `{module}` mixes adapter kinds: LoRA key `{other}` and LyCORIS key `{first}`; a module takes one kind per file");
+    }
+    if let Some(m) = &g.magnitude {
+        bail!(
+            "{p}: `{m}`: weight-decomposed (DoRA) LyCORIS modules are not supported; `{first}` is a LoKr/LoHa \
+             tensor of the same module"
+        );
+    }
+    let lokr = g.lycoris.keys().find(|n| n.starts_with("lokr_"));
+    let hada = g.lycoris.keys().find(|n| n.starts_with("hada_"));
+    if let (Some(a), Some(b)) = (lokr, hada) {
+        bail!(
+            "{p}: `{module}` mixes adapter kinds: LoKr key `{}` and LoHa key `{}`; a module takes one kind per file",
+            g.lycoris[a],
+            g.lycoris[b]
+        );
+    }
+    for t in ["lokr_t1", "lokr_t2", "hada_t1", "hada_t2"] {
+        if let Some(k) = g.lycoris.get(t) {
+            bail!(
+                "{p}: `{k}` is a Tucker core, which LyCORIS makes for convolutions only; FLUX's linears take none \
+                 (no loader applies it to a linear)"
+            );
+        }
+    }
+    let read = |name: &str| -> Result<Stored> {
+        let key = g.lycoris[name].clone();
+        if let Some(info) = st.info(&key) {
+            require_float(info.dtype).with_context(|| format!("{p}: LyCORIS tensor `{key}`"))?;
+        }
+        let (shape, v) = st.read_f32(&key)?;
+        if shape.len() != 2 {
+            bail!("{p}: LyCORIS tensor `{key}` has shape {shape:?}, expected a matrix (a linear's factor)");
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            bail!("{p}: LyCORIS tensor `{key}` has non-finite values");
+        }
+        Ok((key, shape, v))
+    };
+    let alpha = match &g.alpha {
+        Some(ak) => {
+            let (s, v) = st.read_f32(ak)?;
+            if v.len() != 1 || !v[0].is_finite() {
+                bail!("{p}: LyCORIS key `{ak}` has shape {s:?} or a non-finite value, expected a finite scalar");
+            }
+            Some(v[0])
+        }
+        None => None,
+    };
+    let what = format!("{p}: `{module}` ({})", target.module);
+    let (kind, mut tensors) = if lokr.is_some() {
+        // w1 and w2: whole, or two factors of one rank.
+        let half = |w: &str| -> Result<([usize; 2], Option<usize>, Vec<Stored>)> {
+            let (whole, a, b) = (format!("lokr_{w}"), format!("lokr_{w}_a"), format!("lokr_{w}_b"));
+            let has = |n: &str| g.lycoris.contains_key(n);
+            match (has(&whole), has(&a), has(&b)) {
+                (true, false, false) => {
+                    let t = read(&whole)?;
+                    Ok(([t.1[0], t.1[1]], None, vec![t]))
+                }
+                (false, true, true) => {
+                    let (ta, tb) = (read(&a)?, read(&b)?);
+                    if ta.1[1] != tb.1[0] || ta.1[1] == 0 {
+                        bail!(
+                            "{p}: LoKr factors `{}` {:?} and `{}` {:?} do not multiply (rank {} against {})",
+                            ta.0,
+                            ta.1,
+                            tb.0,
+                            tb.1,
+                            ta.1[1],
+                            tb.1[0]
+                        );
+                    }
+                    Ok(([ta.1[0], tb.1[1]], Some(ta.1[1]), vec![ta, tb]))
+                }
+                (false, false, false) => bail!(
+                    "{p}: LoKr module `{module}` has no {w}: it needs `{module}.{whole}` or both `{module}.{a}` and \
+                     `{module}.{b}` (found `{first}`)"
+                ),
+                (true, _, _) => bail!("{p}: LoKr module `{module}` has both `{whole}` and its factors `{a}`/`{b}`"),
+                (false, true, false) => bail!("{p}: LoKr key `{}` has no matching `{b}`", g.lycoris[a.as_str()]),
+                (false, false, true) => bail!("{p}: LoKr key `{}` has no matching `{a}`", g.lycoris[b.as_str()]),
+            }
+        };
+        let (w1, r1, mut t1) = half("w1")?;
+        let (w2, r2, t2) = half("w2")?;
+        if w1[0] * w2[0] != rows || w1[1] * w2[1] != d_in {
+            bail!(
+                "{what}: LoKr w1 {w1:?} ⊗ w2 {w2:?} is [{}, {}], but the module is [{rows}, {d_in}] (rows, inputs): \
+                 the LoKr was made for a different model",
+                w1[0] * w2[0],
+                w1[1] * w2[1]
+            );
+        }
+        t1.extend(t2);
+        (Kind::Lokr { w1, w2, r1, r2 }, t1)
+    } else {
+        let mut ts = Vec::new();
+        for n in ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] {
+            if !g.lycoris.contains_key(n) {
+                bail!("{p}: LoHa module `{module}` has no `{module}.{n}` (found `{first}`)");
+            }
+            ts.push(read(n)?);
+        }
+        let (r1, r2) = (ts[0].1[1], ts[2].1[1]);
+        let want = [[rows, r1], [r1, d_in], [rows, r2], [r2, d_in]];
+        for (t, w) in ts.iter().zip(want) {
+            if t.1 != w || r1 == 0 || r2 == 0 {
+                bail!("{what}: LoHa tensor `{}` has shape {:?}, expected {w:?}", t.0, t.1);
+            }
+        }
+        (Kind::Loha { r1, r2 }, ts)
+    };
+    let keys: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+    let mut params: Vec<Vec<f32>> = tensors.iter_mut().map(|t| std::mem::take(&mut t.2)).collect();
+    if target.swap_halves {
+        match kind {
+            Kind::Lokr { .. } => super::lokr::swap_halves(kind, &mut params, &what)?,
+            _ => super::loha::swap_halves(kind, &mut params, rows),
+        }
+    }
+    let scale = match kind {
+        Kind::Lokr { r1, r2, .. } => match (alpha, r2.or(r1)) {
+            (Some(a), Some(dim)) => a / dim as f32,
+            _ => 1.0,
+        },
+        Kind::Loha { r1, .. } => alpha.map_or(1.0, |a| a / r1 as f32),
+        _ => unreachable!("a LyCORIS kind"),
+    };
+    let term = Term::lycoris(&target.module, target.rows.clone(), d_in, kind, scale, params);
+    Ok((term, keys, alpha))
 }
 
 /// A DoRA magnitude: one finite value per output row of its module, in BFL row order. PEFT's

@@ -12,6 +12,8 @@ pub mod config;
 pub mod dora;
 pub mod export;
 pub mod formats;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
 pub mod per_sample;
 
@@ -31,6 +33,13 @@ pub enum Kind {
     /// DoRA (PEFT `use_dora`): LoRA's A and B plus a magnitude [rows] that rescales each output
     /// row of the frozen weight plus the update (`dora.rs`). CPU engine only for now.
     Dora { rank: usize },
+    /// LyCORIS LoKr: ΔY = scale · X·(w1 ⊗ w2)ᵀ, w1 [a, c] and w2 [b, d] with a·b the rows and
+    /// c·d the inputs, each stored whole or as a product of two factors of rank `r1` / `r2`
+    /// (`lokr.rs`). CPU engine only.
+    Lokr { w1: [usize; 2], w2: [usize; 2], r1: Option<usize>, r2: Option<usize> },
+    /// LyCORIS LoHa: ΔY = scale · X·((w1_a·w1_b) ⊙ (w2_a·w2_b))ᵀ, the two products of ranks `r1`,
+    /// `r2` (`loha.rs`). CPU engine only.
+    Loha { r1: usize, r2: usize },
 }
 
 impl Kind {
@@ -38,6 +47,27 @@ impl Kind {
         match self {
             Kind::Lora { .. } => "LoRA",
             Kind::Dora { .. } => "DoRA",
+            Kind::Lokr { .. } => "LoKr",
+            Kind::Loha { .. } => "LoHa",
+        }
+    }
+
+    /// True for the LyCORIS kinds, whose parameters are not LoRA's A and B.
+    pub fn is_lycoris(self) -> bool {
+        matches!(self, Kind::Lokr { .. } | Kind::Loha { .. })
+    }
+
+    /// LyCORIS's names of the parameters in `Term::params` order (`lokr_w1` or `lokr_w1_a`,
+    /// `lokr_w1_b`, then w2's; the four `hada_*`); empty for the LoRA kinds.
+    pub fn lycoris_names(self) -> Vec<&'static str> {
+        match self {
+            Kind::Lokr { r1, r2, .. } => {
+                let mut v = if r1.is_some() { vec!["lokr_w1_a", "lokr_w1_b"] } else { vec!["lokr_w1"] };
+                v.extend(if r2.is_some() { vec!["lokr_w2_a", "lokr_w2_b"] } else { vec!["lokr_w2"] });
+                v
+            }
+            Kind::Loha { .. } => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+            Kind::Lora { .. } | Kind::Dora { .. } => vec![],
         }
     }
 }
@@ -80,6 +110,18 @@ impl Term {
         }
     }
 
+    /// A term of a LyCORIS kind with its parameters in the kind's order (`param_shapes`).
+    pub fn lycoris(
+        module: &str,
+        rows: Range<usize>,
+        d_in: usize,
+        kind: Kind,
+        scale: f32,
+        params: Vec<Vec<f32>>,
+    ) -> Term {
+        Term { module: module.to_string(), rows, d_in, scale, kind, params: params.into_iter().map(Arc::new).collect() }
+    }
+
     /// This LoRA term as a DoRA term with the magnitude [rows] of each of its output rows.
     pub fn with_magnitude(mut self, magnitude: Vec<f32>) -> Term {
         self.kind = Kind::Dora { rank: self.rank() };
@@ -93,13 +135,30 @@ impl Term {
         match self.kind {
             Kind::Lora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank]],
             Kind::Dora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank], vec![self.rows.len()]],
+            Kind::Lokr { w1, w2, r1, r2 } => {
+                let mut v = Vec::new();
+                for (w, r) in [(w1, r1), (w2, r2)] {
+                    match r {
+                        Some(r) => v.extend([vec![w[0], r], vec![r, w[1]]]),
+                        None => v.push(w.to_vec()),
+                    }
+                }
+                v
+            }
+            Kind::Loha { r1, r2 } => {
+                let (n, k) = (self.rows.len(), self.d_in);
+                vec![vec![n, r1], vec![r1, k], vec![n, r2], vec![r2, k]]
+            }
         }
     }
 
-    /// The low-rank width (LoRA's r).
+    /// The low-rank width: LoRA's r; for LoKr the rank its scale divides by (ComfyUI's rule: w2's
+    /// when factored, else w1's, 0 when both are whole); for LoHa w1's.
     pub fn rank(&self) -> usize {
         match self.kind {
             Kind::Lora { rank } | Kind::Dora { rank } => rank,
+            Kind::Lokr { r1, r2, .. } => r2.or(r1).unwrap_or(0),
+            Kind::Loha { r1, .. } => r1,
         }
     }
 
@@ -255,6 +314,8 @@ impl LinearAdapters for AdapterSet {
             match t.kind {
                 Kind::Lora { .. } => lora::forward(t, drop, call, out),
                 Kind::Dora { .. } => dora::forward(t, drop, call, out),
+                Kind::Lokr { .. } => lokr::forward(t, call, out),
+                Kind::Loha { .. } => loha::forward(t, call, out),
             }
         }
     }
@@ -268,6 +329,8 @@ impl LinearAdapters for AdapterSet {
             match t.kind {
                 Kind::Lora { .. } => lora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
                 Kind::Dora { .. } => dora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
+                Kind::Lokr { .. } => lokr::backward(t, call, dout, dinp.as_deref_mut(), g),
+                Kind::Loha { .. } => loha::backward(t, call, dout, dinp.as_deref_mut(), g),
             }
         }
     }
@@ -281,4 +344,53 @@ pub fn term_seed(seed: u64, name: &str, i: usize) -> u64 {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
     h
+}
+
+/// Checks of a kind's backward shared by the kinds' tests.
+#[cfg(test)]
+pub(crate) mod check {
+    use super::{AdapterSet, Term};
+    use crate::model::adapt::{AdapterGrads, LinearAdapters, LinearCall};
+    use crate::util::{fd_check, Rng};
+    use std::sync::Arc;
+
+    /// `t` with every parameter drawn from N(0, σ²).
+    pub fn random_params(t: Term, sigma: f32, rng: &mut Rng) -> Term {
+        let params = t.param_shapes().iter().map(|s| Arc::new(rng.normal_vec(s.iter().product(), sigma))).collect();
+        let t = Term { params, ..t };
+        assert!(t.sizes_ok());
+        t
+    }
+
+    /// The gradients of the input and of every parameter of `t` (a term on module "m" of a linear
+    /// with `n` outputs, no frozen weight) against finite differences of its forward.
+    pub fn term_backward_matches_fd(t: &Term, m: usize, n: usize, tol: f64, rng: &mut Rng) {
+        let k = t.d_in;
+        let x = rng.normal_vec(m * k, 1.0);
+        let dy = rng.normal_vec(m * n, 1.0);
+        let set_of = |t: &Term| {
+            let mut s = AdapterSet::new();
+            s.push(t.clone());
+            s
+        };
+        let run = |t: &Term, x: &[f32]| {
+            let mut out = vec![0f32; m * n];
+            set_of(t).forward(LinearCall { module: "m", inp: x, m, k, n, frozen: None }, &mut out);
+            out
+        };
+        let mut grads = AdapterGrads::default();
+        let mut dx = vec![0f32; m * k];
+        let call = LinearCall { module: "m", inp: &x, m, k, n, frozen: None };
+        set_of(t).backward(call, &dy, Some(&mut dx), &mut grads);
+        fd_check(&x, &dx, &dy, |v| run(t, v), tol);
+        let g = grads.get("m", 0).expect("the backward reached the term");
+        for (i, p) in t.params.iter().enumerate() {
+            let with = |v: &[f32]| {
+                let mut t2 = t.clone();
+                t2.params[i] = Arc::new(v.to_vec());
+                run(&t2, &x)
+            };
+            fd_check(p, &g[i], &dy, with, tol);
+        }
+    }
 }

@@ -71,6 +71,15 @@ pub fn open_problem(
     }
     let target = tf.read_f32("target")?.1;
     let file = load_lora(lora, &cfg, unknown)?;
+    if let Some(t) = file.terms.iter().find(|t| t.kind.is_lycoris()) {
+        bail!(
+            "{}: `{}` is a {} term; `grad` writes LoRA and DoRA gradients under the file's keys only (the LyCORIS \
+             kinds' gradients are checked by tests/lycoris.rs)",
+            lora.display(),
+            t.module,
+            t.kind.name()
+        );
+    }
     Ok(Problem { cfg, weights, inp, target, file })
 }
 

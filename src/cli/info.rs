@@ -5,6 +5,7 @@ use super::{open_loras, open_model, parse_unknown, ModelSpec};
 use crate::adapters::config::{resolve_targets, trainable_summary};
 use crate::adapters::export::SCALE_IN_UP_KEY;
 use crate::adapters::formats::{LoraFile, UnknownKeys};
+use crate::adapters::Kind;
 use crate::model::checkpoint::Layout;
 use crate::model::config::{FluxConfig, ModuleKind};
 use crate::util::thousands;
@@ -162,6 +163,9 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
             forms.join(" + ")
         )?;
     }
+    for line in describe_lycoris(f) {
+        writeln!(s, "  {line}")?;
+    }
     let ra: Vec<String> = pairs.iter().map(|(r, a)| format!("rank: {r}, alpha: {a}")).collect();
     writeln!(s, "  {} (from {})", ra.join("; "), f.alpha_source)?;
     // This engine's exports store alpha = rank with the scale in B (docs/adapters.md §1): say what
@@ -176,6 +180,40 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
         writeln!(s, "    {t}")?;
     }
     Ok(())
+}
+
+/// One line per LyCORIS kind in the file: how many terms, and each distinct shape with its alpha
+/// (`kind: LoKr (3 of 3 terms; …): w1 4×4 whole ⊗ w2 8×8 rank 2, alpha 3 (scale 1.5) ×2; …`).
+fn describe_lycoris(f: &LoraFile) -> Vec<String> {
+    let mut by_kind: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
+    for (t, k) in f.terms.iter().zip(&f.keys) {
+        let alpha = match (&k.alpha, t.rank()) {
+            (Some(_), r) if r > 0 => format!("alpha {} (scale {})", t.scale * r as f32, t.scale),
+            _ => "scale 1".to_string(),
+        };
+        let shape = match t.kind {
+            Kind::Lokr { w1, w2, r1, r2 } => {
+                let half = |w: [usize; 2], r: Option<usize>| {
+                    let r = r.map_or("whole".to_string(), |r| format!("rank {r}"));
+                    format!("{}×{} {r}", w[0], w[1])
+                };
+                format!("w1 {} ⊗ w2 {}", half(w1, r1), half(w2, r2))
+            }
+            Kind::Loha { r1, r2 } if r1 == r2 => format!("rank {r1}"),
+            Kind::Loha { r1, r2 } => format!("ranks {r1} and {r2}"),
+            Kind::Lora { .. } | Kind::Dora { .. } => continue,
+        };
+        *by_kind.entry(t.kind.name()).or_default().entry(format!("{shape}, {alpha}")).or_default() += 1;
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, shapes)| {
+            let n: usize = shapes.values().sum();
+            let list: Vec<String> =
+                shapes.into_iter().map(|(s, c)| if c > 1 { format!("{s} ×{c}") } else { s }).collect();
+            format!("kind: {kind} ({n} of {} terms; CPU engine only): {}", f.terms.len(), list.join("; "))
+        })
+        .collect()
 }
 
 #[cfg(test)]

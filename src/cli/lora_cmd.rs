@@ -19,7 +19,8 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 pub enum LoraCmd {
-    /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya.
+    /// Rewrite a LoRA file in another format (exact): peft (diffusers) or kohya (LyCORIS LoKr/LoHa
+    /// keep LyCORIS's keys).
     Convert {
         #[command(flatten)]
         w: WriteArgs,
@@ -46,7 +47,8 @@ pub struct WriteArgs {
     /// Output LoRA file (.safetensors), written atomically.
     #[arg(long)]
     pub out: PathBuf,
-    /// peft (diffusers) or kohya.
+    /// peft (diffusers) or kohya; LyCORIS LoKr and LoHa terms are written with LyCORIS's keys in
+    /// the kohya dialect (`lycoris` is the same), and peft refuses them.
     #[arg(long, value_name = "peft|kohya", default_value = "peft")]
     pub format: String,
     /// Storage dtype of the factors: f32, bf16, f16, or source (the first input's, so a

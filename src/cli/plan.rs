@@ -162,7 +162,7 @@ fn device_memory() -> Result<usize> {
 /// checkpointing yet) and the modulation weights on the device, so that is what is planned.
 pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
     // DoRA trains on the CPU path whatever --device says (the trainer's train_device).
-    if tc.device == "cpu" || tc.adapter == "dora" {
+    if tc.device == "cpu" || tc.adapter == "dora" || tc.adapter == "lokr" {
         return Ok(());
     }
     check_against(tc, device_memory())

@@ -62,8 +62,14 @@ pub struct Args {
     /// rescaled to a trained magnitude; trains on the CPU path for now, written with
     /// lora_magnitude_vector, or dora_scale with --format kohya).
     /// (TOML key `adapter`.)
-    #[arg(long = "adapter", value_name = "lora|dora")]
+    /// lokr: LyCORIS's LoKr (w1 ⊗ w2, w1 whole, w2 low rank of --rank or whole; CPU path, written
+    /// with LyCORIS keys, so --format kohya, which --adapter lokr picks when --format is not given).
+    #[arg(long = "adapter", value_name = "lora|dora|lokr")]
     pub adapter_kind: Option<String>,
+    /// LoKr's factor (LyCORIS's `factor`): each dimension is split into the divisor nearest it (w1)
+    /// times the rest (w2); -1, the default, splits as evenly as possible. (TOML key `lokr_factor`.)
+    #[arg(long, value_name = "F", allow_hyphen_values = true)]
+    pub lokr_factor: Option<i64>,
     /// Optimizer steps. Default 1000 (demo 600).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -324,6 +330,12 @@ impl Args {
         );
         if let Some(k) = &a.adapter_kind {
             c.adapter = k.clone();
+            if k == "lokr" && a.format.is_none() {
+                c.format = "kohya".into();
+            }
+        }
+        if let Some(f) = a.lokr_factor {
+            c.lokr_factor = f;
         }
         apply!(c, a.adapter, rank, alpha, targets, include_modulation, rank_pattern, alpha_pattern, rslora);
         if c.model.is_empty() && c.data.is_empty() && self.resume.is_none() {
@@ -381,6 +393,7 @@ mod tests {
                 _ if k == "preset" => "concept".to_string(),
                 serde_json::Value::Bool(_) => "true".to_string(),
                 serde_json::Value::Number(n) if n.is_u64() => "7".to_string(),
+                serde_json::Value::Number(n) if n.is_i64() => "5".to_string(),
                 serde_json::Value::Number(_) => "0.25".to_string(),
                 _ => "x".to_string(),
             };

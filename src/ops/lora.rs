@@ -162,10 +162,110 @@ pub fn lora_terms_backward(
     }
 }
 
+/// out[m, n] += scale · inp[m, k]·ΔWᵀ on `rows`, for an update ΔW [rows.len(), k] built whole
+/// (LyCORIS's LoKr and LoHa: a Kronecker or Hadamard product has no thin factorisation to
+/// multiply through). Costs what the frozen product of those rows costs.
+pub fn delta_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    delta: &[f32],
+    scale: f32,
+    rows: Range<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert!(rows.end <= n, "delta: rows {rows:?} past the output width {n}");
+    assert_eq!(delta.len(), rows.len() * k, "delta: ΔW");
+    assert_eq!((inp.len(), out.len()), (m * k, m * n), "delta: inp, out");
+    if m == 0 || rows.is_empty() {
+        return;
+    }
+    gemm(m, k, rows.len(), scale, inp, (k, 1), delta, (1, k), 1.0, &mut out[rows.start..], (n, 1));
+}
+
+/// Backward of `delta_forward`: ddelta [rows.len(), k] += scale · dY[:, rows]ᵀ·inp, and the input
+/// gradient scale · dY[:, rows]·ΔW is added to `dinp` when given.
+pub fn delta_backward(
+    dinp: Option<&mut [f32]>,
+    ddelta: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    delta: &[f32],
+    scale: f32,
+    rows: Range<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert!(rows.end <= n, "delta: rows {rows:?} past the output width {n}");
+    assert_eq!((delta.len(), ddelta.len()), (rows.len() * k, rows.len() * k), "delta: ΔW, dΔW");
+    assert_eq!((inp.len(), dout.len()), (m * k, m * n), "delta: inp, dout");
+    if m == 0 || rows.is_empty() {
+        return;
+    }
+    let dy = &dout[rows.start..];
+    gemm(rows.len(), m, k, scale, dy, (1, n), inp, (k, 1), 1.0, ddelta, (k, 1));
+    if let Some(dx) = dinp {
+        assert_eq!(dx.len(), m * k, "delta: dinp");
+        gemm(m, rows.len(), k, scale, dy, (n, 1), delta, (k, 1), 1.0, dx, (k, 1));
+    }
+}
+
+/// A·B for A [p, r] and B [r, q] (a LyCORIS factor stored as two low-rank halves).
+pub fn low_rank_product(a: &[f32], b: &[f32], p: usize, r: usize, q: usize) -> Vec<f32> {
+    assert_eq!((a.len(), b.len()), (p * r, r * q), "low-rank product: A, B");
+    let mut w = vec![0f32; p * q];
+    gemm(p, r, q, 1.0, a, (r, 1), b, (q, 1), 0.0, &mut w, (q, 1));
+    w
+}
+
+/// Backward of `low_rank_product` from dW [p, q]: dA += dW·Bᵀ, dB += Aᵀ·dW.
+pub fn low_rank_product_backward(
+    da: &mut [f32],
+    db: &mut [f32],
+    dw: &[f32],
+    a: &[f32],
+    b: &[f32],
+    p: usize,
+    r: usize,
+    q: usize,
+) {
+    assert_eq!((da.len(), db.len(), dw.len()), (p * r, r * q, p * q), "low-rank product backward");
+    gemm(p, q, r, 1.0, dw, (q, 1), b, (1, q), 1.0, da, (r, 1));
+    gemm(r, p, q, 1.0, a, (1, r), dw, (q, 1), 1.0, db, (q, 1));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::util::{fd_check, rel_l2, Rng};
+
+    #[test]
+    fn delta_and_low_rank_backward_match_finite_differences() {
+        let (m, k, n, r) = (4, 5, 7, 2);
+        let rows = 2..6;
+        let mut rng = Rng::new(17);
+        let x = rng.normal_vec(m * k, 1.0);
+        let (a, b) = (rng.normal_vec(rows.len() * r, 0.5), rng.normal_vec(r * k, 0.5));
+        let run = |x: &[f32], a: &[f32], b: &[f32]| {
+            let mut out = vec![0.0; m * n];
+            delta_forward(&mut out, x, &low_rank_product(a, b, rows.len(), r, k), -0.8, rows.clone(), m, k, n);
+            out
+        };
+        let dy = rng.normal_vec(m * n, 1.0);
+        let delta = low_rank_product(&a, &b, rows.len(), r, k);
+        let (mut ddelta, mut dx) = (vec![0f32; rows.len() * k], vec![0f32; m * k]);
+        delta_backward(Some(&mut dx), &mut ddelta, &dy, &x, &delta, -0.8, rows.clone(), m, k, n);
+        let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; b.len()]);
+        low_rank_product_backward(&mut da, &mut db, &ddelta, &a, &b, rows.len(), r, k);
+        fd_check(&x, &dx, &dy, |v| run(v, &a, &b), 1e-3);
+        fd_check(&a, &da, &dy, |v| run(&x, v, &b), 1e-3);
+        fd_check(&b, &db, &dy, |v| run(&x, &a, v), 1e-3);
+        // Rows outside the slice are untouched.
+        let out = run(&x, &a, &b);
+        assert!((0..m).all(|i| out[i * n..i * n + 2].iter().chain(&out[i * n + 6..(i + 1) * n]).all(|&v| v == 0.0)));
+    }
 
     #[test]
     fn backward_matches_finite_differences_with_dropout_and_slices() {

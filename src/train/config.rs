@@ -34,8 +34,12 @@ pub struct TrainConfig {
     pub dropout: f32,
     /// kaiming (PEFT's default) or gaussian.
     pub init: String,
-    /// lora, or dora (PEFT's use_dora: a trained magnitude per output row; CPU path only).
+    /// lora, dora (PEFT's use_dora: a trained magnitude per output row; CPU path only) or lokr
+    /// (LyCORIS's LoKr; CPU path only, written with LyCORIS keys in the kohya format).
     pub adapter: String,
+    /// LoKr's split of each dimension (LyCORIS's `factor`): the part of w1 nearest it; −1 the most
+    /// balanced split.
+    pub lokr_factor: i64,
     pub steps: usize,
     pub lr: f64,
     pub batch_size: usize,
@@ -129,6 +133,7 @@ impl Default for TrainConfig {
             dropout: 0.0,
             init: "kaiming".into(),
             adapter: "lora".into(),
+            lokr_factor: -1,
             steps: 1000,
             lr: 1e-4,
             batch_size: 1,
@@ -348,12 +353,36 @@ impl TrainConfig {
         }
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
-        one_of("adapter", &self.adapter, &["lora", "dora"])?;
+        one_of("adapter", &self.adapter, &["lora", "dora", "lokr"])?;
         if self.adapter == "dora" && self.device == "cuda" {
             bail!(
                 "adapter = dora with device = cuda: DoRA training runs on the CPU path for now (its rescale is not \
                  in the CUDA kernels yet); pass --device cpu (or auto, which then picks the CPU)"
             );
+        }
+        if self.adapter == "lokr" {
+            if self.device == "cuda" {
+                bail!(
+                    "adapter = lokr with device = cuda: LoKr training runs on the CPU path for now (the CUDA engine \
+                     has no Kronecker update yet); pass --device cpu (or auto, which then picks the CPU)"
+                );
+            }
+            if self.format != "kohya" {
+                bail!(
+                    "adapter = lokr with format = {}: a LoKr is written with LyCORIS's keys (what ComfyUI loads), \
+                     which only the kohya format holds; pass --format kohya",
+                    self.format
+                );
+            }
+            if self.dropout > 0.0 {
+                bail!("adapter = lokr with dropout = {}: LyCORIS's LoKr has no input dropout", self.dropout);
+            }
+            if self.lokr_factor == 0 || self.lokr_factor < -1 {
+                bail!(
+                    "lokr_factor = {}: expected a positive factor, or -1 for the most balanced split",
+                    self.lokr_factor
+                );
+            }
         }
         one_of("base", &self.base, &["bf16", "int8"])?;
         one_of("lr_schedule", &self.lr_schedule, &["constant", "cosine"])?;

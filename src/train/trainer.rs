@@ -75,6 +75,7 @@ pub fn lora_config(tc: &TrainConfig) -> Result<LoraConfig> {
         alpha_pattern: parse_patterns(&tc.alpha_pattern, "alpha_pattern")?,
         init: if tc.init == "gaussian" { Init::Gaussian } else { Init::KaimingUniform },
         use_dora: tc.adapter == "dora",
+        lokr_factor: (tc.adapter == "lokr").then_some(tc.lokr_factor),
     })
 }
 
@@ -109,7 +110,12 @@ pub struct AdapterInit {
 /// What a checkpoint records of the adapters, to refuse resuming with others (a LoRA entry reads
 /// as before DoRA existed, so older checkpoints still resume).
 fn layout(specs: &[AdapterSpec]) -> Vec<String> {
-    specs.iter().map(|s| format!("{} r{}{}", s.name, s.rank, if s.dora { " dora" } else { "" })).collect()
+    let kind = |s: &AdapterSpec| match (s.dora, s.lokr_factor) {
+        (true, _) => " dora".to_string(),
+        (_, Some(f)) => format!(" lokr {f}"),
+        _ => String::new(),
+    };
+    specs.iter().map(|s| format!("{} r{}{}", s.name, s.rank, kind(s))).collect()
 }
 
 /// Builds the inputs of one micro-batch: x_t, target ε − x0 and per-sample loss weights.
@@ -604,8 +610,10 @@ impl Run {
 /// so far (its rescale is not in the CUDA kernels): `auto` then picks the CPU with a note, and
 /// `cuda` was refused by `TrainConfig::validate`.
 fn train_device(tc: &TrainConfig) -> Result<(Device, Option<String>)> {
-    if tc.adapter == "dora" {
-        let note = (tc.device != "cpu").then(|| "using the CPU (DoRA training runs on the CPU path for now)".into());
+    if tc.adapter == "dora" || tc.adapter == "lokr" {
+        let what = if tc.adapter == "dora" { "DoRA" } else { "LoKr" };
+        let note =
+            (tc.device != "cpu").then(|| format!("using the CPU ({what} training runs on the CPU path for now)"));
         return Ok((Device::Cpu, note));
     }
     Device::parse(&tc.device)

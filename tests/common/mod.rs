@@ -87,6 +87,34 @@ pub fn rewrite(src: &Path, dst: &Path, f: impl FnOnce(&mut Tensors)) {
     write_all(dst, &t, &meta);
 }
 
+/// Every tensor of an adapter file by name.
+pub fn file_tensors(p: &str) -> BTreeMap<String, Vec<f32>> {
+    read_all(Path::new(p)).0.into_iter().map(|(n, _, _, v)| (n, v)).collect()
+}
+
+/// `tc` (a run of `steps` steps that wrote `want` to another path) stopped after its first step,
+/// then resumed from its checkpoint: the file it writes must be `want` bit for bit. Returns the
+/// checkpoint folder.
+pub fn resumes_bit_for_bit(
+    tc: &flux_kernels::train::config::TrainConfig,
+    want: &BTreeMap<String, Vec<f32>>,
+) -> PathBuf {
+    use flux_kernels::train::trainer::train;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let o = train(tc.clone(), None, Arc::new(AtomicBool::new(true)), true).unwrap();
+    assert!(o.interrupted && o.steps_done == 1);
+    let ckpt = PathBuf::from(tc.checkpoint_path());
+    let steps = train(tc.clone(), Some(&ckpt), Arc::new(AtomicBool::new(false)), true).unwrap().steps_done;
+    assert_eq!(steps, tc.steps);
+    let resumed = file_tensors(&tc.out);
+    assert_eq!(want.keys().collect::<Vec<_>>(), resumed.keys().collect::<Vec<_>>());
+    for (k, v) in want {
+        assert!(v == &resumed[k], "{k}: resumed run differs");
+    }
+    ckpt
+}
+
 pub fn err_string<T>(r: anyhow::Result<T>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),
