@@ -54,10 +54,10 @@ fn set_mode(gpu: &mut GpuLora, (mode, tile_n): (BaseGemm, Option<usize>)) -> Str
 /// without dropout). Checked through `hopper_launches`, so a fallback cannot pass for a test of
 /// the new kernels.
 fn hopper_takes_forward(c: &Case) -> bool {
-    c.k % 8 == 0 && c.terms.iter().all(|t| t.0 % 8 == 0)
+    c.k.is_multiple_of(8) && c.terms.iter().all(|t| t.0.is_multiple_of(8))
 }
 fn hopper_takes_dx(c: &Case) -> bool {
-    c.k % 8 == 0 && c.n % 8 == 0 && c.terms.iter().filter(|t| t.3.is_some()).count() <= 1
+    c.k.is_multiple_of(8) && c.n.is_multiple_of(8) && c.terms.iter().filter(|t| t.3.is_some()).count() <= 1
 }
 fn check_hopper_ran(gpu: &GpuLora, mode: BaseGemm, before: usize, expected: bool, what: &str) {
     if mode == BaseGemm::Hopper {

@@ -464,6 +464,7 @@ pub fn attention_forward_backward(
 }
 
 /// The same with the backward's launches named (`None`: the ones `GpuAttention::backward` picks).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward_backward_steps(
     attn: &GpuAttention,
     variant: FwdVariant,
