@@ -6,7 +6,9 @@
 //! nvcc at build time) each test writes why it is skipped.
 
 mod common;
-use common::gpu::{attention_forward_backward, attention_forward_backward_steps, attention_forward_naive};
+use common::gpu::{
+    attention_forward_backward, attention_forward_backward_steps, attention_forward_naive, AttnHostResult,
+};
 use common::{fresh_seed, gpu_or_skip, normal_bf16, skip};
 use flux_kernels::kernels::attention::{AttnDims, BackwardStep, FwdVariant, GpuAttention, HOPPER_HEAD_DIMS};
 use flux_kernels::kernels::gpu::Gpu;
@@ -132,10 +134,7 @@ fn flash_attention_matches_cpu_forward_and_backward() {
                 .unwrap();
         check(&format!("[{}] O (64-row variant)", c.name), &r64.o, &o, seed);
         check(&format!("[{}] LSE (64-row variant)", c.name), &r64.lse, &lse, seed);
-        check(&format!("[{}] dQ", c.name), &got.dq, &dq, seed);
-        check(&format!("[{}] dK", c.name), &got.dk, &dk, seed);
-        check(&format!("[{}] dV", c.name), &got.dv, &dv, seed);
-        masked_keys_have_zero_gradients(&c, mask.as_deref(), &got.dk, &got.dv);
+        check_grads(&c, "", &got, (&dq, &dk, &dv), mask.as_deref(), seed);
         if attn.has_hopper() && HOPPER_HEAD_DIMS.contains(&d) {
             let hop = attention_forward_backward_steps(
                 &attn,
@@ -149,10 +148,7 @@ fn flash_attention_matches_cpu_forward_and_backward() {
                 mask.as_deref(),
             )
             .unwrap();
-            check(&format!("[{}] dQ (sm_90a)", c.name), &hop.dq, &dq, seed);
-            check(&format!("[{}] dK (sm_90a)", c.name), &hop.dk, &dk, seed);
-            check(&format!("[{}] dV (sm_90a)", c.name), &hop.dv, &dv, seed);
-            masked_keys_have_zero_gradients(&c, mask.as_deref(), &hop.dk, &hop.dv);
+            check_grads(&c, " (sm_90a)", &hop, (&dq, &dk, &dv), mask.as_deref(), seed);
         }
     }
 }
@@ -168,6 +164,21 @@ fn cpu_backward(c: &Case, x: &Inputs, o: &[f32], lse: &[f32], mask: Option<&[u8]
 
 const SM80_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq];
 const HOPPER_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper];
+
+/// dQ, dK, dV against the CPU's, and masked keys' gradients exactly zero.
+fn check_grads(
+    c: &Case,
+    tag: &str,
+    got: &AttnHostResult,
+    want: (&[f32], &[f32], &[f32]),
+    mask: Option<&[u8]>,
+    seed: u64,
+) {
+    check(&format!("[{}] dQ{tag}", c.name), &got.dq, want.0, seed);
+    check(&format!("[{}] dK{tag}", c.name), &got.dk, want.1, seed);
+    check(&format!("[{}] dV{tag}", c.name), &got.dv, want.2, seed);
+    masked_keys_have_zero_gradients(c, mask, &got.dk, &got.dv);
+}
 
 /// A masked key takes no part: its gradients are exactly zero, not merely small.
 fn masked_keys_have_zero_gradients(c: &Case, mask: Option<&[u8]>, dk: &[f32], dv: &[f32]) {
@@ -253,10 +264,7 @@ fn hopper_forward_and_backward_match_cpu() {
         let (dq, dk, dv) = cpu_backward(&c, &x, &o, &lse, mask.as_deref());
         assert_eq!(attn.backward_steps(d, &[0, 16, 32, 48]), HOPPER_BACKWARD);
         let got = run(FwdVariant::Hopper);
-        check(&format!("[{}] dQ (sm_90a)", c.name), &got.dq, &dq, seed);
-        check(&format!("[{}] dK (sm_90a)", c.name), &got.dk, &dk, seed);
-        check(&format!("[{}] dV (sm_90a)", c.name), &got.dv, &dv, seed);
-        masked_keys_have_zero_gradients(&c, mask.as_deref(), &got.dk, &got.dv);
+        check_grads(&c, " (sm_90a)", &got, (&dq, &dk, &dv), mask.as_deref(), seed);
         let again = run(FwdVariant::Hopper);
         for (name, a, b) in [("dQ", &got.dq, &again.dq), ("dK", &got.dk, &again.dk), ("dV", &got.dv, &again.dv)] {
             assert_eq!(bits(a), bits(b), "[{}] {name} differs between runs; seed {seed}", c.name);
