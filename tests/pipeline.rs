@@ -118,3 +118,39 @@ fn only_corrupt_images_is_an_error_naming_them() {
         run(&["cache", "--model", m.to_str().unwrap(), "--data", dir.to_str().unwrap(), "--bucket-step", "6"]);
     assert!(!ok && out.contains("multiple of 4"), "{out}");
 }
+
+/// The shipped tiny FLUX.1 folder is a diffusers pipeline folder: model_index.json names every
+/// component folder present (and only those), the scheduler is FLUX.1-dev's shifted flow-matching
+/// Euler, and the CLIP tokenizer pads to no more positions than the CLIP model has (FluxPipeline
+/// pads to `model_max_length`). tools/compare_diffusers_pipeline.py runs FluxPipeline on it.
+#[test]
+fn the_tiny_pipeline_folder_is_what_diffusers_loads() {
+    let root = fixture("pipeline");
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))).unwrap()
+    };
+    let index = read("model_index.json");
+    assert_eq!(index["_class_name"], "FluxPipeline");
+    let mut named: Vec<String> = index
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| !k.starts_with('_') && v.is_array())
+        .map(|(k, _)| k.clone())
+        .collect();
+    named.sort();
+    let mut present: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    assert_eq!(named, present, "model_index.json and the component folders disagree");
+    let sched = read("scheduler/scheduler_config.json");
+    assert_eq!(sched["_class_name"], "FlowMatchEulerDiscreteScheduler");
+    assert_eq!((sched["shift"].as_f64(), sched["use_dynamic_shifting"].as_bool()), (Some(3.0), Some(true)));
+    let tok_len = read("tokenizer/tokenizer_config.json")["model_max_length"].as_u64().unwrap();
+    let positions = read("text_encoder/config.json")["max_position_embeddings"].as_u64().unwrap();
+    assert!(tok_len <= positions, "CLIP tokenizer pads to {tok_len} but the model has {positions} positions");
+}

@@ -157,7 +157,9 @@ def write_tokenizer_folder(d, vocab, merges):
         "do_lower_case": True,
         "eos_token": "<|endoftext|>",
         "errors": "replace",
-        "model_max_length": 77,
+        # The text encoder's positions (MAX_LEN), so that diffusers' FluxPipeline, which pads
+        # CLIP prompts to model_max_length, can run the tiny folder (FLUX.1-dev's has 77 and 77).
+        "model_max_length": MAX_LEN,
         "pad_token": "<|endoftext|>",
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": "<|endoftext|>",
