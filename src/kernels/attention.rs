@@ -240,7 +240,7 @@ impl GpuAttention {
         } else {
             None
         };
-        let hopper = if gpu.ctx.compute_capability().context("compute capability")? == (9, 0) {
+        let hopper = if super::gpu::sm90_enabled(gpu)? {
             let hfam = Family::load(gpu, "attention_sm90")?;
             let smem = FK_ATTN90_SMEM_D128 as usize;
             let pipelined = hfam.function_smem(FK_ATTN_FWD_SM90, smem)?;

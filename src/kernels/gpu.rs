@@ -32,3 +32,13 @@ impl Gpu {
         Ok(Gpu { ctx, stream })
     }
 }
+
+/// Whether the sm_90a kernels may be loaded on this device: compute capability 9.0, unless
+/// `FLUX_KERNELS_NO_SM90=1` asks for the sm_80 kernels everywhere (the safety valve while the
+/// Hopper kernels have not yet run on a card: docs/gpu-runs.md).
+pub fn sm90_enabled(gpu: &Gpu) -> Result<bool> {
+    if std::env::var("FLUX_KERNELS_NO_SM90").is_ok_and(|v| v == "1") {
+        return Ok(false);
+    }
+    Ok(gpu.ctx.compute_capability().context("compute capability")? == (9, 0))
+}

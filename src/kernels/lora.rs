@@ -546,7 +546,7 @@ impl GpuLora {
             u8: HashMap::new(),
             allocations: 0,
         };
-        let hopper = if gpu.ctx.compute_capability().context("compute capability")? == (9, 0) {
+        let hopper = if super::gpu::sm90_enabled(gpu)? {
             let hfam = Family::load(gpu, "lora_gemm_sm90")?;
             let h = |name: &str, smem: i64| hfam.function_smem(name, smem as usize);
             let sms = gpu
