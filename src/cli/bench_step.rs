@@ -169,6 +169,7 @@ pub fn run(a: &Args) -> Result<String> {
         checkpointing,
         modulation_on_host: false,
         lora: lc,
+        hopper: hopper_used.0,
     };
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.

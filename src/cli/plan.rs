@@ -44,6 +44,10 @@ pub struct Args {
     pub gpu_memory: f64,
     #[command(flatten)]
     pub adapter: AdapterArgs,
+    /// Plan for an H100/H200, whose sm_90a LoRA GEMM needs no f32 base-product scratch (ranks
+    /// that are multiples of 8) and dequantises an 8-bit base one linear at a time.
+    #[arg(long)]
+    pub hopper: bool,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -58,6 +62,7 @@ pub fn main(a: Args) -> Result<()> {
         checkpointing,
         modulation_on_host: parse_modulation(&a.modulation)?,
         lora: a.adapter.config()?,
+        hopper: a.hopper,
     };
     print!("{}", run(&a.model, a.rope.rope_axes.as_deref(), a.base.as_deref(), settings, a.gpu_memory)?);
     Ok(())
@@ -193,6 +198,9 @@ fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
         checkpointing: tc.gradient_checkpointing,
         modulation_on_host: false,
         lora: crate::train::trainer::lora_config(tc)?,
+        // The cuBLAS-base path's f32 scratch is counted on every card: an over-estimate by one
+        // linear's f32 output on an H100/H200, never an under-estimate.
+        hopper: false,
     };
     match total {
         Ok(total) => {

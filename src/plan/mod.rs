@@ -74,6 +74,11 @@ pub struct Settings {
     /// kept in host memory.
     pub modulation_on_host: bool,
     pub lora: LoraConfig,
+    /// An H100/H200 running the sm_90a LoRA GEMM (src/kernels/lora.rs `BaseGemm::Hopper`): no f32
+    /// base-product scratch where every rank is a multiple of 8 (TMA's row strides), and an
+    /// 8-bit base dequantised to bf16 one linear at a time. False: the cuBLAS-base path of other
+    /// cards (and of the Hopper kernels' fallbacks).
+    pub hopper: bool,
 }
 
 /// One row of the table.
@@ -161,12 +166,13 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
     for sp in &specs {
         *ranks.entry(sp.target.module.as_str()).or_default() += sp.rank.div_ceil(8) * 8;
     }
+    let f32_base_product = !(s.hopper && specs.iter().all(|sp| sp.rank.is_multiple_of(8)));
     let lora_scratch = ranks
         .iter()
         .map(|(module, r)| {
             let n = module_tokens(module, t);
             let (d_out, d_in) = shapes.get(*module).copied().unwrap_or((0, 0));
-            n * d_out.max(d_in) * 4 + 2 * n * r * 2
+            usize::from(f32_base_product) * n * d_out.max(d_in) * 4 + 2 * n * r * 2
         })
         .max()
         .unwrap_or(0);
@@ -204,12 +210,11 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "backward working set (one block) + stream", bytes: b * transient, host: false },
         Component { name: "inputs, targets, RoPE tables", bytes: b * inputs, host: false },
         Component { name: "GEMM scratch (largest adapted linear)", bytes: b * lora_scratch, host: false },
-        // On compute capability 9.0 an 8-bit weight is dequantised to bf16 one linear at a time
-        // for the Hopper GEMM (src/kernels/lora.rs, Buf::Wdeq); counted wherever the base is
-        // 8-bit, since the plan does not know the card.
+        // On an H100/H200 an 8-bit weight is dequantised to bf16 one linear at a time for the
+        // Hopper GEMM (src/kernels/lora.rs, Buf::Wdeq).
         Component {
-            name: "8-bit weight dequantised for the Hopper GEMM (largest linear; H100/H200 only)",
-            bytes: if s.base == Base::Bf16 { 0 } else { largest_linear * 2 },
+            name: "8-bit weight dequantised for the Hopper GEMM (largest linear)",
+            bytes: if s.hopper && s.base != Base::Bf16 { largest_linear * 2 } else { 0 },
             host: false,
         },
         Component { name: "cuBLAS workspace", bytes: CUBLAS_WORKSPACE, host: false },

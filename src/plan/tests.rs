@@ -10,6 +10,7 @@ fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: 
         checkpointing,
         modulation_on_host: false,
         lora: LoraConfig { rank, targets: targets.split(',').map(String::from).collect(), ..LoraConfig::default() },
+        hopper: false,
     }
 }
 
@@ -127,4 +128,24 @@ fn flux1_dev_totals_are_in_a_sane_range_and_suggestions_fit() {
     }
     assert!(fits.iter().any(|(w, _)| w.contains("checkpointing")), "{fits:?}");
     assert!(plan(&cfg, &Settings { width: 1000, ..goal.clone() }).is_err());
+}
+
+/// On an H100/H200 the sm_90a LoRA GEMM needs no f32 base-product scratch when every rank is a
+/// multiple of 8 (a rank-4 adapter falls back to the cuBLAS-base path and keeps it), and an int8
+/// base adds one linear's bf16 copy (FLUX.1-dev: single blocks' linear1, 3072 × 21504).
+#[test]
+fn the_hopper_gemm_changes_the_scratch_not_the_rest() {
+    let cfg = FluxConfig::flux1_dev();
+    let scratch = |base, rank, hopper| {
+        let s = Settings { hopper, ..settings(base, 1024, rank, "attn-mlp", true) };
+        let p = plan(&cfg, &s).unwrap();
+        (row(&p, "GEMM scratch"), row(&p, "8-bit weight dequantised"), p.gpu_total())
+    };
+    let (other, _, total_other) = scratch(Base::Bf16, 32, false);
+    let (hop, deq, total_hop) = scratch(Base::Bf16, 32, true);
+    assert!(hop < other / 10, "rank 32 on Hopper keeps {hop} of {other} bytes of scratch");
+    assert_eq!((deq, total_other - total_hop), (0, other - hop));
+    assert_eq!(scratch(Base::Bf16, 4, true).0, scratch(Base::Bf16, 4, false).0, "rank 4 falls back");
+    assert_eq!(scratch(Base::Int8, 32, true).1, 3072 * 21504 * 2);
+    assert_eq!(scratch(Base::Int8, 32, false).1, 0);
 }
