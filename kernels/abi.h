@@ -379,9 +379,12 @@ typedef struct {
     int64_t c;
     int64_t chunk;        // tokens per partial (FK_STEP_CHUNK_TOKENS); chunks = ceil(l / chunk)
     float eps;            // 1e-6 in FLUX
-    int32_t pad0;
+    int32_t normed_bf16;  // 1 = normed is bf16 (written rounded; out is then computed from the
+                          // rounded n, so `modulate_only` reproduces it bit for bit)
+    int32_t out_bf16;     // 1 = out is bf16
+    int32_t modulate_only;  // forward: 1 = skip the statistics, out from the saved normed (bf16)
 } FkLnModParams;
-#define FK_SIZEOF_FkLnModParams 120
+#define FK_SIZEOF_FkLnModParams 128
 
 // Gated residual out = x + gate⊙y (out may alias x). Backward: dx = dout (written when dx is
 // not null), dy = gate⊙dout, dgate = Σ_l y⊙dout as partials [1][b][chunks][c] then fk_col_sum.
@@ -398,8 +401,10 @@ typedef struct {
     int64_t l;
     int64_t c;
     int64_t chunk;
+    int32_t y_bf16;       // 1 = y is bf16 (a linear's rounded output)
+    int32_t pad0;
 } FkGatedParams;
-#define FK_SIZEOF_FkGatedParams 96
+#define FK_SIZEOF_FkGatedParams 104
 
 // out_s[bi, j] = Σ_k partial[s, bi, k, j] in ascending k, for s < gridDim.z (at most 2).
 typedef struct {
@@ -538,14 +543,14 @@ typedef struct {
 } FkModelCopyParams;
 #define FK_SIZEOF_FkModelCopyParams 64
 
-// The attention prologue of one token stream: qkv (f32, token-major [b·ls, ld], q in columns
+// The attention prologue of one token stream: qkv (f32 or bf16, token-major [b·ls, ld], q in columns
 // [0, h·d), k in [h·d, 2h·d), v in [2h·d, 3h·d), head j at j·d) → per head RMSNorm of q and k
 // (weight per head dim, rstd saved), RoPE on q and k (pairs (2i, 2i+1), tables [b, l, d/2] of
 // the joint sequence), q, k, v bf16 [b, h, l, d] at tokens t0..t0+ls. The backward takes dq, dk,
 // dv bf16 at those tokens and writes dqkv f32 columns [0, 3h·d) (overwrite); the norm weights are
 // frozen (no weight gradient). One warp per (sample, token, head).
 typedef struct {
-    const void* qkv;      // f32 [b·ls, ld]
+    const void* qkv;      // f32 or bf16 (qkv_bf16) [b·ls, ld]
     const void* q_scale;  // f32 [d]: the query norm's weight
     const void* k_scale;  // f32 [d]
     const void* cos;      // f32 [b, l, d/2]
@@ -567,7 +572,7 @@ typedef struct {
     int64_t t0;           // first joint token of this stream
     int64_t ld;           // row stride of qkv and dqkv (≥ 3h·d)
     float eps;            // QK_NORM_EPS
-    int32_t pad0;
+    int32_t qkv_bf16;     // 1 = qkv is bf16
 } FkModelQkParams;
 #define FK_SIZEOF_FkModelQkParams 176
 
@@ -587,19 +592,19 @@ typedef struct {
 } FkModelHeadsParams;
 #define FK_SIZEOF_FkModelHeadsParams 72
 
-// GELU-tanh on a [rows, cols] window: out = gelu(x) (f32 or bf16 out); backward dx = dy⊙gelu'(x)
-// (f32). x, dy f32.
+// GELU-tanh on a [rows, cols] window: out = gelu(x); backward dx = dy⊙gelu'(x). x f32 or bf16,
+// out (dx) f32 or bf16, dy f32.
 typedef struct {
-    const void* x;        // f32 [rows, ld_x]
+    const void* x;        // f32 or bf16 [rows, ld_x]
     const void* dy;       // f32 [rows, ld_dy] (backward)
-    void* out;            // forward: f32 or bf16 [rows, ld_out]; backward: dx f32 [rows, ld_out]
+    void* out;            // forward: out, backward: dx; f32 or bf16 [rows, ld_out]
     int64_t rows;
     int64_t cols;
     int64_t ld_x;
     int64_t ld_dy;
     int64_t ld_out;
-    int32_t out_bf16;     // forward only: 1 = bf16 out
-    int32_t pad0;
+    int32_t out_bf16;     // 1 = out (dx) bf16
+    int32_t x_bf16;       // 1 = x bf16
 } FkModelGeluParams;
 #define FK_SIZEOF_FkModelGeluParams 72
 

@@ -11,23 +11,20 @@ static_assert(sizeof(FkPointwiseParams) == FK_SIZEOF_FkPointwiseParams, "abi.h: 
 // ---- GELU-tanh (strided rows; f32 in, f32 or bf16 out) -----------------------------------------
 
 FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_gelu_fwd(FK_GRID_PARAMS FkModelGeluParams p) {
-    const float* x = static_cast<const float*>(p.x);
-    const bool bf16 = p.out_bf16 != 0;
+    const bool x16 = p.x_bf16 != 0, o16 = p.out_bf16 != 0;
     fk::grid_stride<FK_MODEL_THREADS>(p.rows * p.cols, [&](int64_t i) {
         const int64_t r = i / p.cols, c = i % p.cols;
-        const float y = fk::gelu_tanh(x[r * p.ld_x + c]);
-        if (bf16) static_cast<uint16_t*>(p.out)[r * p.ld_out + c] = f32_to_bf16(y);
-        else static_cast<float*>(p.out)[r * p.ld_out + c] = y;
+        fk::store(p.out, r * p.ld_out + c, fk::gelu_tanh(fk::load(p.x, r * p.ld_x + c, x16)), o16);
     });
 }
 
 FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_gelu_bwd(FK_GRID_PARAMS FkModelGeluParams p) {
-    const float* x = static_cast<const float*>(p.x);
+    const bool x16 = p.x_bf16 != 0, o16 = p.out_bf16 != 0;
     const float* dy = static_cast<const float*>(p.dy);
-    float* dx = static_cast<float*>(p.out);
     fk::grid_stride<FK_MODEL_THREADS>(p.rows * p.cols, [&](int64_t i) {
         const int64_t r = i / p.cols, c = i % p.cols;
-        dx[r * p.ld_out + c] = fk::rn_fmul(dy[r * p.ld_dy + c], fk::gelu_tanh_grad(x[r * p.ld_x + c]));
+        const float g = fk::gelu_tanh_grad(fk::load(p.x, r * p.ld_x + c, x16));
+        fk::store(p.out, r * p.ld_out + c, fk::rn_fmul(dy[r * p.ld_dy + c], g), o16);
     });
 }
 

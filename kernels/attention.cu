@@ -628,31 +628,34 @@ FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_fwd(FK_GRID_PARAM
     const int64_t h = p.h, d = p.d, hd = h * d, half = d / 2;
     fk::warp_stride<FK_MODEL_THREADS>(p.b * p.ls * h, [&](int64_t item, int lane) {
         const int64_t hi = item % h, r = item / h, bi = r / p.ls, t = p.t0 + r % p.ls;
-        const float* row = static_cast<const float*>(p.qkv) + r * p.ld;
+        const bool q16 = p.qkv_bf16 != 0;
+        const int64_t row = r * p.ld;  // element offset of this token's qkv row
         const int64_t head_row = (bi * h + hi) * p.l + t;  // row of [b, h, l] / [b, h, l, d]
         const float* cs = static_cast<const float*>(p.cos) + (bi * p.l + t) * half;
         const float* sn = static_cast<const float*>(p.sin) + (bi * p.l + t) * half;
         for (int which = 0; which < 2; ++which) {
-            const float* x = row + which * hd + hi * d;
+            const int64_t x0 = row + which * hd + hi * d;
+            auto x = [&](int64_t j) { return fk::load(p.qkv, x0 + j, q16); };
             const float* w = static_cast<const float*>(which == 0 ? p.q_scale : p.k_scale);
             double ss = 0.0;
-            for (int64_t j = lane; j < d; j += 32) ss = fk::rn_dadd(ss, fk::rn_dmul((double)x[j], (double)x[j]));
+            for (int64_t j = lane; j < d; j += 32) ss = fk::rn_dadd(ss, fk::rn_dmul((double)x(j), (double)x(j)));
             ss = fk::warp_sum_f64(ss);
             const double ms = fk::rn_ddiv(ss, (double)d);
             const float rs = (float)fk::rn_ddiv(1.0, fk::rn_dsqrt(fk::rn_dadd(ms, (double)p.eps)));
             uint16_t* out = static_cast<uint16_t*>(which == 0 ? p.q : p.k) + head_row * d;
             for (int64_t i = lane; i < half; i += 32) {
-                const float y0 = fk::rn_fmul(fk::rn_fmul(x[2 * i], rs), w[2 * i]);
-                const float y1 = fk::rn_fmul(fk::rn_fmul(x[2 * i + 1], rs), w[2 * i + 1]);
+                const float y0 = fk::rn_fmul(fk::rn_fmul(x(2 * i), rs), w[2 * i]);
+                const float y1 = fk::rn_fmul(fk::rn_fmul(x(2 * i + 1), rs), w[2 * i + 1]);
                 const float c = cs[i], s = sn[i];
                 out[2 * i] = f32_to_bf16(fk::rn_fsub(fk::rn_fmul(c, y0), fk::rn_fmul(s, y1)));
                 out[2 * i + 1] = f32_to_bf16(fk::rn_fadd(fk::rn_fmul(s, y0), fk::rn_fmul(c, y1)));
             }
             if (lane == 0) static_cast<float*>(which == 0 ? p.rstd_q : p.rstd_k)[head_row] = rs;
         }
-        const float* xv = row + 2 * hd + hi * d;
+        const int64_t xv = row + 2 * hd + hi * d;
         uint16_t* v = static_cast<uint16_t*>(p.v) + head_row * d;
-        for (int64_t j = lane; j < d; j += 32) v[j] = f32_to_bf16(xv[j]);
+        for (int64_t j = lane; j < d; j += 32)
+            v[j] = q16 ? static_cast<const uint16_t*>(p.qkv)[xv + j] : f32_to_bf16(fk::load(p.qkv, xv + j, false));
     });
 }
 
@@ -663,13 +666,15 @@ FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_bwd(FK_GRID_PARAM
     const int64_t h = p.h, d = p.d, hd = h * d, half = d / 2;
     fk::warp_stride<FK_MODEL_THREADS>(p.b * p.ls * h, [&](int64_t item, int lane) {
         const int64_t hi = item % h, r = item / h, bi = r / p.ls, t = p.t0 + r % p.ls;
-        const float* row = static_cast<const float*>(p.qkv) + r * p.ld;
+        const bool q16 = p.qkv_bf16 != 0;
+        const int64_t row = r * p.ld;
         float* drow = static_cast<float*>(p.dqkv) + r * p.ld;
         const int64_t head_row = (bi * h + hi) * p.l + t;
         const float* cs = static_cast<const float*>(p.cos) + (bi * p.l + t) * half;
         const float* sn = static_cast<const float*>(p.sin) + (bi * p.l + t) * half;
         for (int which = 0; which < 2; ++which) {
-            const float* x = row + which * hd + hi * d;
+            const int64_t x0 = row + which * hd + hi * d;
+            auto x = [&](int64_t j) { return fk::load(p.qkv, x0 + j, q16); };
             const float* w = static_cast<const float*>(which == 0 ? p.q_scale : p.k_scale);
             const uint16_t* dy = static_cast<const uint16_t*>(which == 0 ? p.dq : p.dk) + head_row * d;
             const float rs = static_cast<const float*>(which == 0 ? p.rstd_q : p.rstd_k)[head_row];
@@ -681,8 +686,8 @@ FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_bwd(FK_GRID_PARAM
                 const float g1 = fk::rn_fadd(fk::rn_fmul(s, d0), fk::rn_fmul(c, d1));
                 gw0 = fk::rn_fmul(g0, w[2 * i]);
                 gw1 = fk::rn_fmul(g1, w[2 * i + 1]);
-                xh0 = fk::rn_fmul(x[2 * i], rs);
-                xh1 = fk::rn_fmul(x[2 * i + 1], rs);
+                xh0 = fk::rn_fmul(x(2 * i), rs);
+                xh1 = fk::rn_fmul(x(2 * i + 1), rs);
             };
             double acc = 0.0;
             for (int64_t i = lane; i < half; i += 32) {

@@ -78,6 +78,12 @@ __device__ __forceinline__ float load(const void* p, int64_t i, bool bf16) {
     return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
+// Element i of an f32 or bf16 buffer written from f32 (bf16: rounded to nearest even).
+__device__ __forceinline__ void store(void* p, int64_t i, float v, bool bf16) {
+    if (bf16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+    else static_cast<float*>(p)[i] = v;
+}
+
 // ops::activation::exp_f32 and tanh_f32, step for step (every product and sum rounded, no
 // contraction), so the GELU kernels give the CPU twins' bits: libm's tanhf differs from tanh_f32
 // by up to 3e-7 absolute, which near GELU's stationary point (x ≈ −0.75, derivative ≈ 0) made the

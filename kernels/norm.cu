@@ -1,4 +1,5 @@
-// Normalisation and modulation of the training step, f32 in and out. CPU twins:
+// Normalisation and modulation of the training step, f32 in and out except where a flag says
+// bf16 (the saved normalised rows, a linear's input and output). CPU twins:
 //   fk_ln_mod_*   model::double_block::ln_modulate / ln_modulate_backward
 //                 (ops::norm::layernorm_* + ops::modulation::modulate_*)
 //   fk_gated_*    ops::modulation::gated_residual_forward / _backward
@@ -49,11 +50,23 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float* smem) {
 // ---- LayerNorm + modulation -------------------------------------------------------------------
 
 // One block per row: two passes over the row (mean, then the centred variance, as the CPU's
-// two-pass formula), then n and out.
+// two-pass formula), then n and out. With normed_bf16, n is stored rounded and out is computed
+// from the rounded n, so that `modulate_only` (out from the saved n alone: the backward's
+// recompute of a linear's input instead of keeping it) gives the same bits.
 FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_fwd(FK_GRID_PARAMS FkLnModParams p) {
     FK_DYNAMIC_SMEM(smem_raw);
     float* red = reinterpret_cast<float*>(smem_raw);
     const int64_t row = blockIdx.x, c = p.c, bi = row / p.l;
+    const bool n16 = p.normed_bf16 != 0, o16 = p.out_bf16 != 0;
+    const float* sh = static_cast<const float*>(p.shift) + bi * c;
+    const float* sc = static_cast<const float*>(p.scale) + bi * c;
+    if (p.modulate_only) {
+        for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
+            const float n = fk::load(p.normed, row * c + j, n16);
+            fk::store(p.out, row * c + j, fk::rn_fadd(fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), n), sh[j]), o16);
+        }
+        return;
+    }
     const float* x = static_cast<const float*>(p.x) + row * c;
     float s = 0.0f, unused = 0.0f;
     for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) s += x[j];
@@ -67,14 +80,13 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_fwd(FK_GRID_PARAMS F
     }
     fk_norm::block_sum2(var, unused, red);
     const float rs = 1.0f / sqrtf(var / (float)c + p.eps);
-    const float* sh = static_cast<const float*>(p.shift) + bi * c;
-    const float* sc = static_cast<const float*>(p.scale) + bi * c;
-    float* out = static_cast<float*>(p.out) + row * c;
-    float* nrm = p.normed ? static_cast<float*>(p.normed) + row * c : nullptr;
     for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
-        const float n = (x[j] - mu) * rs;
-        if (nrm) nrm[j] = n;
-        out[j] = fk::rn_fadd(fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), n), sh[j]);
+        float n = (x[j] - mu) * rs;
+        if (p.normed) {
+            fk::store(p.normed, row * c + j, n, n16);
+            if (n16) n = bf16_to_f32(f32_to_bf16(n));
+        }
+        fk::store(p.out, row * c + j, fk::rn_fadd(fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), n), sh[j]), o16);
     }
     if (threadIdx.x == 0) {
         if (p.mean) static_cast<float*>(p.mean)[row] = mu;
@@ -88,13 +100,14 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_bwd_dx(FK_GRID_PARAM
     float* red = reinterpret_cast<float*>(smem_raw);
     const int64_t row = blockIdx.x, c = p.c, bi = row / p.l;
     const float* dout = static_cast<const float*>(p.dout) + row * c;
-    const float* n = static_cast<const float*>(p.normed) + row * c;
+    const bool n16 = p.normed_bf16 != 0;
+    const int64_t at = row * c;
     const float* sc = static_cast<const float*>(p.scale) + bi * c;
     float s_dn = 0.0f, s_dnn = 0.0f;
     for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
         const float dn = fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), dout[j]);
         s_dn += dn;
-        s_dnn += dn * n[j];
+        s_dnn += dn * fk::load(p.normed, at + j, n16);
     }
     fk_norm::block_sum2(s_dn, s_dnn, red);
     const float m_dn = s_dn / (float)c, m_dnn = s_dnn / (float)c;
@@ -102,7 +115,7 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_bwd_dx(FK_GRID_PARAM
     float* dx = static_cast<float*>(p.dx) + row * c;
     for (int64_t j = threadIdx.x; j < c; j += FK_STEP_THREADS) {
         const float dn = fk::rn_fmul(fk::rn_fadd(1.0f, sc[j]), dout[j]);
-        dx[j] = rs * (dn - m_dn - n[j] * m_dnn);
+        dx[j] = rs * (dn - m_dn - fk::load(p.normed, at + j, n16) * m_dnn);
     }
 }
 
@@ -114,12 +127,12 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_ln_mod_bwd_partial(FK_GRID_
     const int64_t chunks = (p.l + p.chunk - 1) / p.chunk;
     const int64_t t0 = k * p.chunk, t1 = t0 + p.chunk < p.l ? t0 + p.chunk : p.l;
     const float* dout = static_cast<const float*>(p.dout);
-    const float* n = static_cast<const float*>(p.normed);
+    const bool n16 = p.normed_bf16 != 0;
     float s_sh = 0.0f, s_sc = 0.0f;
     for (int64_t t = t0; t < t1; ++t) {
         const int64_t at = (bi * p.l + t) * p.c + j;
         s_sh += dout[at];
-        s_sc = fk::rn_fadd(s_sc, fk::rn_fmul(n[at], dout[at]));
+        s_sc = fk::rn_fadd(s_sc, fk::rn_fmul(fk::load(p.normed, at, n16), dout[at]));
     }
     float* part = static_cast<float*>(p.partial);
     part[((0 * p.b + bi) * chunks + k) * p.c + j] = s_sh;
@@ -141,12 +154,12 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_col_sum(FK_GRID_PARAMS FkCo
 FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_fwd(FK_GRID_PARAMS FkGatedParams p) {
     const int64_t total = p.b * p.l * p.c, lc = p.l * p.c;
     const float* x = static_cast<const float*>(p.x);
-    const float* y = static_cast<const float*>(p.y);
+    const bool y16 = p.y_bf16 != 0;
     const float* g = static_cast<const float*>(p.gate);
     float* out = static_cast<float*>(p.out);
     fk::grid_stride<FK_STEP_THREADS>(total, [&](int64_t i) {
         const float gv = g[(i / lc) * p.c + i % p.c];
-        out[i] = fk::rn_fadd(x[i], fk::rn_fmul(gv, y[i]));
+        out[i] = fk::rn_fadd(x[i], fk::rn_fmul(gv, fk::load(p.y, i, y16)));
     });
 }
 
@@ -157,7 +170,7 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_bwd(FK_GRID_PARAMS Fk
     const int64_t chunks = (p.l + p.chunk - 1) / p.chunk;
     const int64_t t0 = k * p.chunk, t1 = t0 + p.chunk < p.l ? t0 + p.chunk : p.l;
     const float* dout = static_cast<const float*>(p.dout);
-    const float* y = static_cast<const float*>(p.y);
+    const bool y16 = p.y_bf16 != 0;
     const float gv = static_cast<const float*>(p.gate)[bi * p.c + j];
     float* dx = static_cast<float*>(p.dx);
     float* dy = static_cast<float*>(p.dy);
@@ -167,7 +180,7 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_bwd(FK_GRID_PARAMS Fk
         const float d = dout[at];
         if (dx) dx[at] = d;
         dy[at] = fk::rn_fmul(gv, d);
-        s = fk::rn_fadd(s, fk::rn_fmul(y[at], d));
+        s = fk::rn_fadd(s, fk::rn_fmul(fk::load(p.y, at, y16), d));
     }
     static_cast<float*>(p.partial)[(bi * chunks + k) * p.c + j] = s;
 }

@@ -282,49 +282,60 @@ fn qk_prologue_forward_backward_match_cpu() {
         let ids: Vec<f32> = (0..b * l * 3).map(|_| (rng.next_u64() % 64) as f32).collect();
         let (mut cos, mut sin) = (vec![0f32; b * l * d / 2], vec![0f32; b * l * d / 2]);
         rope_tables(&mut cos, &mut sin, &ids, axes, 10_000.0);
-        let inp = QkHostInputs { qkv: &qkv, q_scale: &q_scale, k_scale: &k_scale, cos: &cos, sin: &sin };
-        let cpu = cpu_qk(s, &inp);
-        let gpu = ops.qk_prologue_host(s, &inp, QK_NORM_EPS).unwrap();
-        let heads = (b * h, l, d);
-        let rows = (b * h, l, 1);
-        let win = (t0, t0 + ls);
-        let nan_b = |x: bf16| x.is_nan();
-        let nan_f = |x: f32| x.is_nan();
-        let pick = |v: &[f32], shape: (usize, usize, usize)| window("cpu", v, shape, win, |_: f32| true, seed);
-        check_bf16("q", &window("q", &gpu.q, heads, win, nan_b, seed), &pick(&cpu.q, heads), seed);
-        check_bf16("k", &window("k", &gpu.k, heads, win, nan_b, seed), &pick(&cpu.k, heads), seed);
-        let v = window("v", &gpu.v, heads, win, nan_b, seed);
-        check_bits("v", &v, &bf16s(&pick(&cpu.v, heads)), |x| x.to_bits() as u32, seed);
-        check("rstd_q", &window("rstd_q", &gpu.rstd_q, rows, win, nan_f, seed), &pick(&cpu.rstd_q, rows), TOL, seed);
-        check("rstd_k", &window("rstd_k", &gpu.rstd_k, rows, win, nan_f, seed), &pick(&cpu.rstd_k, rows), TOL, seed);
+        // qkv as a linear's f32 output, and as its bf16 output (the step's saved form): the CPU
+        // reads the same rounded values.
+        for qkv_bf16 in [false, true] {
+            println!("  qkv {}", if qkv_bf16 { "bf16" } else { "f32" });
+            let qkv_in: Vec<f32> =
+                if qkv_bf16 { qkv.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() } else { qkv.clone() };
+            let inp =
+                QkHostInputs { qkv: &qkv_in, qkv_bf16, q_scale: &q_scale, k_scale: &k_scale, cos: &cos, sin: &sin };
+            let cpu = cpu_qk(s, &inp);
+            let gpu = ops.qk_prologue_host(s, &inp, QK_NORM_EPS).unwrap();
+            let heads = (b * h, l, d);
+            let rows = (b * h, l, 1);
+            let win = (t0, t0 + ls);
+            let nan_b = |x: bf16| x.is_nan();
+            let nan_f = |x: f32| x.is_nan();
+            let pick = |v: &[f32], shape: (usize, usize, usize)| window("cpu", v, shape, win, |_: f32| true, seed);
+            check_bf16("q", &window("q", &gpu.q, heads, win, nan_b, seed), &pick(&cpu.q, heads), seed);
+            check_bf16("k", &window("k", &gpu.k, heads, win, nan_b, seed), &pick(&cpu.k, heads), seed);
+            let v = window("v", &gpu.v, heads, win, nan_b, seed);
+            check_bits("v", &v, &bf16s(&pick(&cpu.v, heads)), |x| x.to_bits() as u32, seed);
+            for (name, g, c) in [("rstd_q", &gpu.rstd_q, &cpu.rstd_q), ("rstd_k", &gpu.rstd_k, &cpu.rstd_k)] {
+                check(name, &window(name, g, rows, win, nan_f, seed), &pick(c, rows), TOL, seed);
+            }
 
-        // The backward from the CPU's rstd, so only the backward's error shows; gradients are
-        // bf16 as the attention kernels give them.
-        let (dq, dk, dv) = (
-            normal_bf16(&mut rng, s.heads_numel(), 1.0),
-            normal_bf16(&mut rng, s.heads_numel(), 1.0),
-            normal_bf16(&mut rng, s.heads_numel(), 1.0),
-        );
-        let want = cpu_qk_backward(s, &inp, &cpu, &dq, &dk, &dv);
-        let (dqb, dkb, dvb) = (bf16s(&dq), bf16s(&dk), bf16s(&dv));
-        let got =
-            ops.qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
-        let toks = (b * ls, ld, 1);
-        let cols = (0, 3 * hd);
-        let g = window("dqkv", &got, toks, cols, nan_f, seed);
-        let w = window("cpu dqkv", &want, toks, cols, |_: f32| true, seed);
-        let per = |v: &[f32], c0: usize| -> Vec<f32> {
-            (0..b * ls).flat_map(|r| v[r * 3 * hd + c0..r * 3 * hd + c0 + hd].to_vec()).collect()
-        };
-        check("dq (qkv columns 0..hd)", &per(&g, 0), &per(&w, 0), TOL, seed);
-        check("dk (qkv columns hd..2hd)", &per(&g, hd), &per(&w, hd), TOL, seed);
-        check_bits("dv (qkv columns 2hd..3hd)", &per(&g, 2 * hd), &per(&w, 2 * hd), |x: f32| x.to_bits(), seed);
-        let again =
-            ops.qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb).unwrap();
-        assert!(
-            again.iter().zip(&got).all(|(a, c)| a.to_bits() == c.to_bits()),
-            "backward not reproducible; seed {seed}"
-        );
+            // The backward from the CPU's rstd, so only the backward's error shows; gradients are
+            // bf16 as the attention kernels give them.
+            let (dq, dk, dv) = (
+                normal_bf16(&mut rng, s.heads_numel(), 1.0),
+                normal_bf16(&mut rng, s.heads_numel(), 1.0),
+                normal_bf16(&mut rng, s.heads_numel(), 1.0),
+            );
+            let want = cpu_qk_backward(s, &inp, &cpu, &dq, &dk, &dv);
+            let (dqb, dkb, dvb) = (bf16s(&dq), bf16s(&dk), bf16s(&dv));
+            let got = ops
+                .qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb)
+                .unwrap();
+            let toks = (b * ls, ld, 1);
+            let cols = (0, 3 * hd);
+            let g = window("dqkv", &got, toks, cols, nan_f, seed);
+            let w = window("cpu dqkv", &want, toks, cols, |_: f32| true, seed);
+            let per = |v: &[f32], c0: usize| -> Vec<f32> {
+                (0..b * ls).flat_map(|r| v[r * 3 * hd + c0..r * 3 * hd + c0 + hd].to_vec()).collect()
+            };
+            check("dq (qkv columns 0..hd)", &per(&g, 0), &per(&w, 0), TOL, seed);
+            check("dk (qkv columns hd..2hd)", &per(&g, hd), &per(&w, hd), TOL, seed);
+            check_bits("dv (qkv columns 2hd..3hd)", &per(&g, 2 * hd), &per(&w, 2 * hd), |x: f32| x.to_bits(), seed);
+            let again = ops
+                .qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb)
+                .unwrap();
+            assert!(
+                again.iter().zip(&got).all(|(a, c)| a.to_bits() == c.to_bits()),
+                "backward not reproducible; seed {seed}"
+            );
+        }
     }
 }
 

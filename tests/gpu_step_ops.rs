@@ -11,12 +11,13 @@ use common::gpu::Twins;
 use common::{check, fresh_seed, gpu_or_skip};
 use flux_kernels::kernels::gpu::Gpu;
 use flux_kernels::kernels::norm::StepDims;
-use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LN_EPS};
-use flux_kernels::ops::activation::{gelu_tanh_backward, silu_backward, silu_forward};
+use flux_kernels::model::double_block::{ln_modulate, ln_modulate_backward, LnMod, LN_EPS};
+use flux_kernels::ops::activation::{gelu_tanh_backward, gelu_tanh_forward, silu_backward, silu_forward};
 use flux_kernels::ops::loss::{mse_backward, mse_forward};
 use flux_kernels::ops::modulation::{gated_residual_backward, gated_residual_forward};
 use flux_kernels::ops::optim::{clip_grad_norm, AdamW};
 use flux_kernels::util::Rng;
+use half::bf16;
 
 /// f32 kernels against f32 (or f64-accumulated) CPU code.
 const TOL: f64 = 1e-5;
@@ -86,6 +87,68 @@ fn gated_residual_forward_backward_match_cpu() {
         check("dgate", &gdg, &dg, TOL, seed);
         let again = ops.gated_residual_backward_host(d, &dout, &y, &gate).unwrap();
         assert!(again.2 == gdg, "dgate not reproducible; seed {seed}");
+    }
+}
+
+/// The forms the device step saves between forward and backward: LayerNorm's n and the
+/// modulated output in bf16 (out computed from the rounded n, and `modulate` from the saved n
+/// giving out's bits again), the gated branch read as a linear's bf16 output, GELU from bf16 to
+/// bf16 both ways. Each against the CPU on the same rounded values.
+#[test]
+fn bf16_saved_forms_match_cpu() {
+    let Some(ops) = ops_or_skip("bf16_saved_forms_match_cpu") else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let round = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+    let wide = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+    for d in shapes() {
+        let StepDims { b, l, c } = d;
+        println!("[b {b}, l {l}, c {c}]");
+        let x: Vec<f32> = rng.normal_vec(b * l * c, 2.0).into_iter().map(|v| v + 3.0).collect();
+        let (shift, scale) = (rng.normal_vec(b * c, 0.5), rng.normal_vec(b * c, 0.5));
+        let dout = rng.normal_vec(b * l * c, 1.0);
+        let cpu = ln_modulate(&x, &shift, &scale, b, l, c);
+        let (n16, out16, rstd, again) = ops.ln_modulate16_host(d, LN_EPS, &x, &shift, &scale).unwrap();
+        // n: the f32 kernel's n is within TOL of the CPU's, so its rounding may differ at a tie.
+        check("n (bf16)", &wide(&n16), &cpu.n, 4e-3, seed);
+        check("rstd", &rstd, &cpu.rstd, TOL, seed);
+        // out from the rounded n, as the CPU computes modulate (f32, then rounded once).
+        let n_r = wide(&n16);
+        let want: Vec<f32> = (0..b * l * c)
+            .map(|i| {
+                let (bi, j) = (i / (l * c), i % c);
+                (1.0 + scale[bi * c + j]) * n_r[i] + shift[bi * c + j]
+            })
+            .collect();
+        assert_eq!(out16, round(&want), "out: not modulate of the rounded n; seed {seed}");
+        assert_eq!(again, out16, "modulate from the saved n: other bits than the forward's out; seed {seed}");
+        let cpu16 = LnMod { n: n_r, ..cpu };
+        let (dx, dsh, dsc) = ln_modulate_backward(&cpu16, &dout, &scale, b, l, c);
+        let (gdx, gdsh, gdsc) = ops.ln_modulate_backward_host(d, &n16, &cpu16.rstd, &dout, &scale).unwrap();
+        check("dx (bf16 n)", &gdx, &dx, TOL, seed);
+        check("dshift (bf16 n)", &gdsh, &dsh, TOL, seed);
+        check("dscale (bf16 n)", &gdsc, &dsc, TOL, seed);
+
+        let y16 = round(&rng.normal_vec(b * l * c, 1.0));
+        let (y, gate) = (wide(&y16), rng.normal_vec(b * c, 0.7));
+        let mut want = x.clone();
+        gated_residual_forward(&mut want, &y, &gate, b, l, c);
+        check("gated out (bf16 y)", &ops.gated_residual_host(d, &x, &y16, &gate).unwrap(), &want, TOL, seed);
+        let (mut dy, mut dg) = (vec![0f32; b * l * c], vec![0f32; b * c]);
+        gated_residual_backward(&mut dy, &mut dg, &dout, &y, &gate, b, l, c);
+        let (_, gdy, gdg) = ops.gated_residual_backward_host(d, &dout, &y16, &gate).unwrap();
+        check("gated dy (bf16 y)", &gdy, &dy, TOL, seed);
+        check("gated dgate (bf16 y)", &gdg, &dg, TOL, seed);
+    }
+    for n in [1usize, 1000, 70_001] {
+        let x16 = round(&rng.normal_vec(n, 3.0));
+        let (x, dy) = (wide(&x16), rng.normal_vec(n, 1.0));
+        let (out, dx) = ops.gelu_tanh16_host(&x16, &dy).unwrap();
+        let mut want = vec![0f32; n];
+        gelu_tanh_forward(&mut want, &x);
+        assert_eq!(out, round(&want), "gelu bf16 → bf16: not the CPU's bits rounded; seed {seed}");
+        gelu_tanh_backward(&mut want, &x, &dy);
+        assert_eq!(dx, round(&want), "gelu backward bf16 x → bf16 dx: not the CPU's bits rounded; seed {seed}");
     }
 }
 

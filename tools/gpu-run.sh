@@ -72,7 +72,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
 # counts as a failure here.
 test_rc=0
 : >"$out/tests.log"
-for t in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step; do
+for t in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step gpu_plan; do
   step "tests: $t" | tee -a "$out/tests.log"
   timeout "$(limit "${FK_TEST_TIMEOUT:-120}")" "./$t" --test-threads 1 --show-output >>"$out/tests.log" 2>&1
   rc=$?

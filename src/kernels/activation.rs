@@ -34,12 +34,11 @@ impl GpuActivation {
         })
     }
 
-    /// out = gelu_tanh(x) on a [rows, cols] window; x f32, out f32 or bf16.
+    /// out = gelu_tanh(x) on a [rows, cols] window; x and out f32 or bf16.
     pub fn gelu_tanh(&self, rows: usize, cols: usize, x: DevMat, out: DevMat) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        ensure!(!x.is_bf16(), "gelu_tanh: x must be f32");
         let st = &self.fam.stream;
         let p = FkModelGeluParams {
             x: x.window(rows, cols, "gelu_tanh: x", st)?,
@@ -49,6 +48,7 @@ impl GpuActivation {
             ld_x: x.ld() as i64,
             ld_out: out.ld() as i64,
             out_bf16: out.is_bf16() as i32,
+            x_bf16: x.is_bf16() as i32,
             ..Default::default()
         };
         let grid = (grid_blocks(rows * cols, GELU_THREADS), 1, 1);
@@ -56,12 +56,12 @@ impl GpuActivation {
         unsafe { launch(st, &self.gelu_fwd, &p, grid, GELU_THREADS, 0, "fk_model_gelu_fwd") }
     }
 
-    /// dx = dy⊙gelu_tanh'(x) on a [rows, cols] window, all f32.
+    /// dx = dy⊙gelu_tanh'(x) on a [rows, cols] window; dy f32, x and dx f32 or bf16.
     pub fn gelu_tanh_backward(&self, rows: usize, cols: usize, x: DevMat, dy: DevMat, dx: DevMat) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        ensure!(!x.is_bf16() && !dy.is_bf16() && !dx.is_bf16(), "gelu_tanh_backward: x, dy and dx must be f32");
+        ensure!(!dy.is_bf16(), "gelu_tanh_backward: dy must be f32");
         let st = &self.fam.stream;
         let p = FkModelGeluParams {
             x: x.window(rows, cols, "gelu_tanh_backward: x", st)?,
@@ -72,7 +72,8 @@ impl GpuActivation {
             ld_x: x.ld() as i64,
             ld_dy: dy.ld() as i64,
             ld_out: dx.ld() as i64,
-            ..Default::default()
+            out_bf16: dx.is_bf16() as i32,
+            x_bf16: x.is_bf16() as i32,
         };
         let grid = (grid_blocks(rows * cols, GELU_THREADS), 1, 1);
         // SAFETY: the three windows were checked to hold [rows, cols] at their strides.

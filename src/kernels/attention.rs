@@ -12,7 +12,7 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{addr, grid_blocks, launch, tensor_map_bf16, Family, View};
+use super::launch::{addr, grid_blocks, launch, tensor_map_bf16, DevMat, Family, View};
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -684,7 +684,8 @@ impl GpuAttention {
     fn qk_params(&self, dims: HeadsDims, t: &QkViews, eps: f32, what: &str) -> Result<FkModelQkParams> {
         dims.check(what, 3 * dims.hd())?;
         ensure!(dims.d.is_multiple_of(2), "{what}: head dim {} is odd (RoPE turns pairs)", dims.d);
-        t.qkv.need(dims.tokens_window(3 * dims.hd()), &format!("{what}: qkv"))?;
+        ensure!(t.qkv.ld() == dims.ld, "{what}: qkv row stride {} is not the dims' {}", t.qkv.ld(), dims.ld);
+        let qkv = t.qkv.window(dims.b * dims.ls, 3 * dims.hd(), &format!("{what}: qkv"), &self.stream)?;
         for (v, name) in [(t.q_scale, "q_scale"), (t.k_scale, "k_scale")] {
             v.need(dims.d, &format!("{what}: {name}"))?;
         }
@@ -696,7 +697,8 @@ impl GpuAttention {
         }
         let s = &self.stream;
         Ok(FkModelQkParams {
-            qkv: t.qkv.addr(s),
+            qkv,
+            qkv_bf16: t.qkv.is_bf16() as i32,
             q_scale: t.q_scale.addr(s),
             k_scale: t.k_scale.addr(s),
             cos: t.cos.addr(s),
@@ -817,7 +819,8 @@ impl HeadsDims {
 /// t0..t0 + ls; the backward reads all but q, k, v.
 #[derive(Clone, Copy, Debug)]
 pub struct QkViews<'a> {
-    pub qkv: View<'a, f32>,
+    /// f32 or bf16 [b·ls, ld] (ld = the dims' ld)
+    pub qkv: DevMat<'a>,
     pub q_scale: View<'a, f32>,
     pub k_scale: View<'a, f32>,
     pub cos: View<'a, f32>,

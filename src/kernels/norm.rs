@@ -1,4 +1,6 @@
-//! Normalisation and modulation on the device (kernels/norm.cu), f32 in and out. CPU twins:
+//! Normalisation and modulation on the device (kernels/norm.cu), f32 in and out except the
+//! tensors typed by their element (`T: Elem`): the saved normalised rows, the modulated output (a
+//! linear's bf16 input) and the gated branch (a linear's bf16 output). CPU twins:
 //!
 //! | GPU                                          | CPU (the specification)                          |
 //! |----------------------------------------------|--------------------------------------------------|
@@ -10,7 +12,7 @@
 
 use super::abi::*;
 use super::gpu::Gpu;
-use super::launch::{addr, grid_blocks, launch, need, Family};
+use super::launch::{addr, grid_blocks, launch, need, Elem, Family};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr};
 
@@ -87,28 +89,29 @@ impl GpuNorm {
         unsafe { launch(&self.fam.stream, f, p, grid, THREADS, FK_SMEM_STEP as usize, name) }
     }
 
-    fn a(&self, s: &CudaSlice<f32>) -> u64 {
+    fn a<T>(&self, s: &CudaSlice<T>) -> u64 {
         addr(s, &self.fam.stream)
     }
 
-    /// out = (1 + scale)⊙LN(x) + shift; saves n (normalised x), mean (optional) and rstd.
+    /// out = (1 + scale)⊙LN(x) + shift; saves n (normalised x), mean (optional) and rstd. With n
+    /// in bf16, out is computed from the rounded n, as `modulate` recomputes it.
     #[allow(clippy::too_many_arguments)]
-    pub fn ln_modulate(
+    pub fn ln_modulate<O: Elem, N: Elem>(
         &self,
         dims: StepDims,
         eps: f32,
         x: &CudaSlice<f32>,
         shift: &CudaSlice<f32>,
         scale: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-        n: &CudaSlice<f32>,
+        out: &CudaSlice<O>,
+        n: &CudaSlice<N>,
         mean: Option<&CudaSlice<f32>>,
         rstd: &CudaSlice<f32>,
     ) -> Result<()> {
         dims.check("ln_modulate")?;
-        for (s, len, what) in [(x, dims.numel(), "x"), (out, dims.numel(), "out"), (n, dims.numel(), "n")] {
-            need(s, len, &format!("ln_modulate: {what}"))?;
-        }
+        need(x, dims.numel(), "ln_modulate: x")?;
+        need(out, dims.numel(), "ln_modulate: out")?;
+        need(n, dims.numel(), "ln_modulate: n")?;
         for (s, what) in [(shift, "shift"), (scale, "scale")] {
             need(s, dims.bc(), &format!("ln_modulate: {what}"))?;
         }
@@ -129,10 +132,46 @@ impl GpuNorm {
             c: dims.c as i64,
             chunk: CHUNK as i64,
             eps,
+            normed_bf16: N::BF16 as i32,
+            out_bf16: O::BF16 as i32,
             ..Default::default()
         };
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.ln_fwd, &p, (dims.rows(), 1, 1), "fk_ln_mod_fwd") }
+    }
+
+    /// out = (1 + scale)⊙n + shift from the n that `ln_modulate` saved: the same bits as its out
+    /// (the backward recomputes a linear's input instead of keeping it).
+    pub fn modulate<O: Elem, N: Elem>(
+        &self,
+        dims: StepDims,
+        n: &CudaSlice<N>,
+        shift: &CudaSlice<f32>,
+        scale: &CudaSlice<f32>,
+        out: &CudaSlice<O>,
+    ) -> Result<()> {
+        dims.check("modulate")?;
+        need(n, dims.numel(), "modulate: n")?;
+        need(out, dims.numel(), "modulate: out")?;
+        for (s, what) in [(shift, "shift"), (scale, "scale")] {
+            need(s, dims.bc(), &format!("modulate: {what}"))?;
+        }
+        let p = FkLnModParams {
+            shift: self.a(shift),
+            scale: self.a(scale),
+            out: self.a(out),
+            normed: self.a(n),
+            b: dims.b as i64,
+            l: dims.l as i64,
+            c: dims.c as i64,
+            chunk: CHUNK as i64,
+            normed_bf16: N::BF16 as i32,
+            out_bf16: O::BF16 as i32,
+            modulate_only: 1,
+            ..Default::default()
+        };
+        // SAFETY: every buffer was checked against dims above.
+        unsafe { self.run(&self.ln_fwd, &p, (dims.rows(), 1, 1), "fk_ln_mod_fwd (modulate)") }
     }
 
     /// Elements of f32 scratch `ln_modulate_backward` needs: [2, b, chunks, c].
@@ -143,11 +182,11 @@ impl GpuNorm {
     /// dx, dshift, dscale from dout, the forward's n and rstd, and scale. `scratch` holds at
     /// least `ln_modulate_scratch(dims)` elements.
     #[allow(clippy::too_many_arguments)]
-    pub fn ln_modulate_backward(
+    pub fn ln_modulate_backward<N: Elem>(
         &self,
         dims: StepDims,
         dout: &CudaSlice<f32>,
-        n: &CudaSlice<f32>,
+        n: &CudaSlice<N>,
         rstd: &CudaSlice<f32>,
         scale: &CudaSlice<f32>,
         dx: &CudaSlice<f32>,
@@ -156,9 +195,9 @@ impl GpuNorm {
         scratch: &CudaSlice<f32>,
     ) -> Result<()> {
         dims.check("ln_modulate_backward")?;
+        need(n, dims.numel(), "ln_modulate_backward: n")?;
         for (s, len, what) in [
             (dout, dims.numel(), "dout"),
-            (n, dims.numel(), "n"),
             (dx, dims.numel(), "dx"),
             (rstd, dims.rows(), "rstd"),
             (scale, dims.bc(), "scale"),
@@ -179,6 +218,7 @@ impl GpuNorm {
             l: dims.l as i64,
             c: dims.c as i64,
             chunk: CHUNK as i64,
+            normed_bf16: N::BF16 as i32,
             ..Default::default()
         };
         let cs = FkColSumParams {
@@ -198,18 +238,19 @@ impl GpuNorm {
     }
 
     /// out = x + gate⊙y (`out` may be `x`'s buffer for the in-place form of the CPU).
-    pub fn gated_residual(
+    pub fn gated_residual<Y: Elem>(
         &self,
         dims: StepDims,
         x: &CudaSlice<f32>,
-        y: &CudaSlice<f32>,
+        y: &CudaSlice<Y>,
         gate: &CudaSlice<f32>,
         out: &CudaSlice<f32>,
     ) -> Result<()> {
         dims.check("gated_residual")?;
-        for (s, len, what) in [(x, dims.numel(), "x"), (y, dims.numel(), "y"), (out, dims.numel(), "out")] {
+        for (s, len, what) in [(x, dims.numel(), "x"), (out, dims.numel(), "out")] {
             need(s, len, &format!("gated_residual: {what}"))?;
         }
+        need(y, dims.numel(), "gated_residual: y")?;
         need(gate, dims.bc(), "gated_residual: gate")?;
         let p = FkGatedParams {
             x: self.a(x),
@@ -220,6 +261,7 @@ impl GpuNorm {
             l: dims.l as i64,
             c: dims.c as i64,
             chunk: CHUNK as i64,
+            y_bf16: Y::BF16 as i32,
             ..Default::default()
         };
         // SAFETY: every buffer was checked against dims above.
@@ -233,11 +275,11 @@ impl GpuNorm {
 
     /// dx = dout (when `dx` is given), dy = gate⊙dout, dgate = Σ_l y⊙dout.
     #[allow(clippy::too_many_arguments)]
-    pub fn gated_residual_backward(
+    pub fn gated_residual_backward<Y: Elem>(
         &self,
         dims: StepDims,
         dout: &CudaSlice<f32>,
-        y: &CudaSlice<f32>,
+        y: &CudaSlice<Y>,
         gate: &CudaSlice<f32>,
         dx: Option<&CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
@@ -245,9 +287,9 @@ impl GpuNorm {
         scratch: &CudaSlice<f32>,
     ) -> Result<()> {
         dims.check("gated_residual_backward")?;
+        need(y, dims.numel(), "gated_residual_backward: y")?;
         for (s, len, what) in [
             (dout, dims.numel(), "dout"),
-            (y, dims.numel(), "y"),
             (dy, dims.numel(), "dy"),
             (gate, dims.bc(), "gate"),
             (dgate, dims.bc(), "dgate"),
@@ -269,6 +311,7 @@ impl GpuNorm {
             l: dims.l as i64,
             c: dims.c as i64,
             chunk: CHUNK as i64,
+            y_bf16: Y::BF16 as i32,
             ..Default::default()
         };
         let cs = FkColSumParams {

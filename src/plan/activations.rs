@@ -1,11 +1,14 @@
 //! What one training step keeps on the GPU between the forward and the backward, per block, as
 //! the device-resident step (src/engine/cuda/) allocates it, in the op order of
-//! docs/flux-model.md §2.7–2.8. Its policy: the residual streams, LayerNorm
-//! outputs and every linear's f32 output that a later backward reads stay f32; each linear's
-//! input is kept once, as the bf16 copy the GEMM read; attention is flash attention (Q, K, V, O
-//! in bf16, the f32 log-sum-exp and the QK RMSNorms' 1/rms per row); the LoRA terms' x·Aᵀ is
-//! recomputed in the backward, not kept. (The CPU reference keeps more, in f32.) Where a count
-//! here and the allocation in src/engine/cuda/ disagree, the code is right and this is a bug.
+//! docs/flux-model.md §2.7–2.8. Its policy: the residual streams and the statistics (1/std,
+//! log-sum-exp, the QK RMSNorms' 1/rms) are f32; every tensor a linear reads or writes inside a
+//! block is kept as the bf16 it was rounded to when produced, and the linears' inputs that can be
+//! rebuilt bit for bit from other saved tensors are not kept (the modulated LayerNorm output from
+//! n and the modulation vectors, GELU's output from its input, the merged attention output from
+//! O); attention is flash attention (Q, K, V, O in bf16); the LoRA terms' x·Aᵀ is recomputed in
+//! the backward. (The CPU reference keeps more, in f32.) tests/gpu_flux_step.rs holds these
+//! counts to the bytes the step allocates per block under the CUDA emulation; where they
+//! disagree, the code is right and this is a bug.
 
 use crate::model::config::FluxConfig;
 
@@ -25,25 +28,22 @@ impl Tokens {
     }
 }
 
-/// Flash attention over `l` tokens: Q, K, V, O and the LSE; the QK RMSNorms' 1/rms per head.
+/// Flash attention over `l` tokens: O in bf16 and the f32 log-sum-exp per (head, row). Q, K, V
+/// and the QK RMSNorms' 1/rms are rebuilt from the saved qkv in the backward.
 pub fn attention_saved(cfg: &FluxConfig, l: usize) -> usize {
-    4 * l * cfg.hidden_size * BF16 + l * cfg.num_heads * F32 + 2 * l * cfg.num_heads * F32
+    l * cfg.hidden_size * BF16 + l * cfg.num_heads * F32
 }
 
 /// One stream of a double block over `n` tokens, attention excluded (`blocks::StreamAct`).
 fn stream_saved(cfg: &FluxConfig, n: usize) -> usize {
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden);
     6 * c * F32               // the six modulation vectors
-        + n * c * F32         // LN1: normalised rows
-        + n * c * BF16        // LN1 → modulate: the qkv input
-        + 3 * n * c * F32     // qkv output: the QK prologue's input, read again by its backward
-        + n * c * BF16        // merged attention output: the proj input
-        + n * c * F32         // proj output: the gate's gradient
-        + n * c * F32         // LN2: normalised rows
-        + n * c * BF16        // LN2 → modulate: the MLP input
-        + n * m * F32         // MLP pre-activation: GELU's backward
-        + n * m * BF16        // GELU output: mlp.2's input
-        + n * c * F32         // MLP output: the second gate's gradient
+        + n * c * BF16        // LN1: normalised rows (its modulated output, the qkv input, is rebuilt)
+        + 3 * n * c * BF16    // qkv output: the QK prologue's input, read again by its backward
+        + n * c * BF16        // proj output: the gate's gradient (its input is re-merged from O)
+        + n * c * BF16        // LN2: normalised rows
+        + n * m * BF16        // MLP pre-activation: GELU's input, forward and backward
+        + n * c * BF16        // MLP output: the second gate's gradient
         + 2 * n * F32 // 1/std of LN1 and LN2
 }
 
@@ -56,11 +56,9 @@ pub fn double_block_saved(cfg: &FluxConfig, t: Tokens) -> usize {
 pub fn single_block_saved(cfg: &FluxConfig, t: Tokens) -> usize {
     let (l, c, m) = (t.joint(), cfg.hidden_size, cfg.mlp_hidden);
     3 * c * F32                   // the three modulation vectors
-        + l * c * F32             // pre-norm: normalised rows
-        + l * c * BF16            // pre-norm → modulate: linear1's input
-        + l * (3 * c + m) * F32   // linear1 output: QK prologue and GELU backwards read it
-        + l * (c + m) * BF16      // [attention | GELU]: linear2's input
-        + l * c * F32             // linear2 output: the gate's gradient
+        + l * c * BF16            // pre-norm: normalised rows
+        + l * (3 * c + m) * BF16  // linear1 output: the QK prologue's and GELU's input
+        + l * c * BF16            // linear2 output: the gate's gradient (its input is rebuilt)
         + l * F32                 // 1/std of the pre-norm
         + attention_saved(cfg, l)
 }
@@ -71,15 +69,22 @@ pub fn block_input(cfg: &FluxConfig, t: Tokens) -> usize {
     t.joint() * cfg.hidden_size * F32
 }
 
-/// Gradients alive inside one block's backward beyond its saved set, at its fullest: in a single
-/// block, d(linear2 input) and d(linear1 output) in f32 with dO and dY in bf16; in a double
-/// block, the MLP's two f32 gradients on the longer stream plus dQ, dK, dV and dO.
+/// Gradients and rebuilt inputs alive inside one block's backward beyond its saved set, at its
+/// fullest. Single block: d(linear2 input) and d(linear1 output) in f32 with dO and dY in bf16.
+/// Double block, the larger of: the MLP backward on the longer stream (GELU's output rebuilt in
+/// bf16, its f32 gradient, d(MLP output) in bf16) and the QK/qkv backward (the rebuilt Q, K, V
+/// and 1/rms and dQ, dK, dV over the joint sequence with, on the longer stream, d qkv in f32 and
+/// bf16 and the qkv linear's dX and rebuilt input).
 pub fn block_backward_transient(cfg: &FluxConfig, t: Tokens, single: bool) -> usize {
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden);
     if single {
         t.joint() * ((c + m) * F32 + (3 * c + m) * F32 + 2 * c * BF16)
     } else {
-        2 * t.img.max(t.txt) * m * F32 + 4 * t.joint() * c * BF16
+        let n = t.img.max(t.txt);
+        let mlp = n * (m * BF16 + m * F32 + c * BF16);
+        let heads = t.joint() * (6 * c * BF16 + 2 * cfg.num_heads * F32);
+        let qkv = heads + n * (3 * c * F32 + 3 * c * BF16 + c * F32 + c * BF16);
+        mlp.max(qkv)
     }
 }
 

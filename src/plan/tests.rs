@@ -35,30 +35,24 @@ fn tiny_activations_counted_tensor_by_tensor() {
     let stream = |n: usize| {
         listed(&[
             (&[6, 64], 4),  // modulation vectors
-            (&[n, 64], 4),  // LN1 normalised rows
-            (&[n, 64], 2),  // LN1 → modulate (qkv input)
-            (&[n, 192], 4), // qkv output (QK prologue input)
-            (&[n, 64], 2),  // merged attention output (proj input)
-            (&[n, 64], 4),  // proj output
-            (&[n, 64], 4),  // LN2 normalised rows
-            (&[n, 64], 2),  // LN2 → modulate (MLP input)
-            (&[n, 256], 4), // MLP pre-activation
-            (&[n, 256], 2), // GELU output (mlp.2 input)
-            (&[n, 64], 4),  // MLP output
+            (&[n, 64], 2),  // LN1 normalised rows (the qkv input is rebuilt from them)
+            (&[n, 192], 2), // qkv output (QK prologue input)
+            (&[n, 64], 2),  // proj output (its input is re-merged from O)
+            (&[n, 64], 2),  // LN2 normalised rows
+            (&[n, 256], 2), // MLP pre-activation (GELU's output is rebuilt from it)
+            (&[n, 64], 2),  // MLP output
             (&[n], 4),      // LN1 1/std
             (&[n], 4),      // LN2 1/std
         ])
     };
-    let attention =
-        |l: usize| listed(&[(&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[l, 64], 2), (&[4, l], 4), (&[2, 4, l], 4)]);
+    // O and the log-sum-exp; Q, K, V and the 1/rms rows are rebuilt from qkv.
+    let attention = |l: usize| listed(&[(&[l, 64], 2), (&[4, l], 4)]);
     let double = stream(32) + stream(8) + attention(40);
     let single = listed(&[
         (&[3, 64], 4),   // modulation vectors
-        (&[40, 64], 4),  // pre-norm normalised rows
-        (&[40, 64], 2),  // linear1 input
-        (&[40, 448], 4), // linear1 output
-        (&[40, 320], 2), // linear2 input
-        (&[40, 64], 4),  // linear2 output
+        (&[40, 64], 2),  // pre-norm normalised rows
+        (&[40, 448], 2), // linear1 output (linear2's input is rebuilt from it and O)
+        (&[40, 64], 2),  // linear2 output
         (&[40], 4),      // pre-norm 1/std
     ]) + attention(40);
     // The LoRA terms' x·Aᵀ is recomputed in the backward: nothing saved for it.

@@ -47,7 +47,9 @@ pub struct LnModHost {
 /// Host slices of the QK prologue's inputs, shaped as in `QkViews`.
 #[derive(Clone, Copy, Debug)]
 pub struct QkHostInputs<'a> {
+    /// f32; the prologue reads it rounded to bf16 when `qkv_bf16`
     pub qkv: &'a [f32],
+    pub qkv_bf16: bool,
     pub q_scale: &'a [f32],
     pub k_scale: &'a [f32],
     pub cos: &'a [f32],
@@ -132,10 +134,35 @@ impl Twins {
     }
 
     /// `model::double_block::ln_modulate_backward`: (dx, dshift, dscale).
-    pub fn ln_modulate_backward_host(
+    /// `ln_modulate` keeping n and out in bf16: (n, out, rstd), then `modulate` from that n
+    /// (which must give out's bits again).
+    #[allow(clippy::type_complexity)]
+    pub fn ln_modulate16_host(
         &self,
         dims: StepDims,
-        n: &[f32],
+        eps: f32,
+        x: &[f32],
+        shift: &[f32],
+        scale: &[f32],
+    ) -> Result<(Vec<bf16>, Vec<bf16>, Vec<f32>, Vec<bf16>)> {
+        let (numel, rows) = (dims.numel(), dims.b * dims.l);
+        let (xd, shd, scd) = (self.upload(x)?, self.upload(shift)?, self.upload(scale)?);
+        let (out, n, rstd) = (self.poisoned::<bf16>(numel)?, self.poisoned::<bf16>(numel)?, self.poisoned(rows)?);
+        self.norm.ln_modulate(dims, eps, &xd, &shd, &scd, &out, &n, None, &rstd)?;
+        let again = self.poisoned::<bf16>(numel)?;
+        self.norm.modulate(dims, &n, &shd, &scd, &again)?;
+        Ok((
+            self.download(&n, numel)?,
+            self.download(&out, numel)?,
+            self.download(&rstd, rows)?,
+            self.download(&again, numel)?,
+        ))
+    }
+
+    pub fn ln_modulate_backward_host<N: Elem>(
+        &self,
+        dims: StepDims,
+        n: &[N],
         rstd: &[f32],
         dout: &[f32],
         scale: &[f32],
@@ -149,7 +176,7 @@ impl Twins {
     }
 
     /// `ops::modulation::gated_residual_forward` (returns the new x).
-    pub fn gated_residual_host(&self, dims: StepDims, x: &[f32], y: &[f32], gate: &[f32]) -> Result<Vec<f32>> {
+    pub fn gated_residual_host<Y: Elem>(&self, dims: StepDims, x: &[f32], y: &[Y], gate: &[f32]) -> Result<Vec<f32>> {
         let numel = dims.numel();
         let (xd, yd, gd, out) = (self.upload(x)?, self.upload(y)?, self.upload(gate)?, self.poisoned(numel)?);
         self.norm.gated_residual(dims, &xd, &yd, &gd, &out)?;
@@ -157,11 +184,11 @@ impl Twins {
     }
 
     /// `ops::modulation::gated_residual_backward` plus x's pass-through: (dx, dy, dgate).
-    pub fn gated_residual_backward_host(
+    pub fn gated_residual_backward_host<Y: Elem>(
         &self,
         dims: StepDims,
         dout: &[f32],
-        y: &[f32],
+        y: &[Y],
         gate: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (numel, bc) = (dims.numel(), dims.b * dims.c);
@@ -200,6 +227,16 @@ impl Twins {
         let (xd, out) = (self.upload(x)?, self.poisoned::<T>(rows * ld_out)?);
         self.act.gelu_tanh(rows, cols, DevMat::f32(&xd, ld_x), DevMat::of(&out, ld_out))?;
         self.download(&out, rows * ld_out)
+    }
+
+    /// `gelu_tanh` and `gelu_tanh_backward` over contiguous bf16 x, both outputs bf16.
+    pub fn gelu_tanh16_host(&self, x: &[bf16], dy: &[f32]) -> Result<(Vec<bf16>, Vec<bf16>)> {
+        let n = x.len();
+        let (xd, dyd) = (self.upload(x)?, self.upload(dy)?);
+        let (out, dx) = (self.poisoned::<bf16>(n)?, self.poisoned::<bf16>(n)?);
+        self.act.gelu_tanh(1, n, DevMat::bf16(&xd, n), DevMat::bf16(&out, n))?;
+        self.act.gelu_tanh_backward(1, n, DevMat::bf16(&xd, n), DevMat::f32(&dyd, n), DevMat::bf16(&dx, n))?;
+        Ok((self.download(&out, n)?, self.download(&dx, n)?))
     }
 
     /// `gelu_tanh_backward` on a window: dx [rows, ld_dx], NaN outside the window.
@@ -342,11 +379,13 @@ impl Twins {
     /// `qk_prologue`; outputs start as NaN.
     pub fn qk_prologue_host(&self, dims: HeadsDims, inp: &QkHostInputs, eps: f32) -> Result<QkHost> {
         let b = self.qk_upload(dims, inp)?;
+        let q16 = self.upload(&inp.qkv.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
+        let qkv = if inp.qkv_bf16 { DevMat::bf16(&q16, dims.ld) } else { DevMat::f32(&b[0], dims.ld) };
         let (nh, nr) = (dims.heads_numel(), dims.rows_numel());
         let (q, k, v) = (self.poisoned::<bf16>(nh)?, self.poisoned::<bf16>(nh)?, self.poisoned::<bf16>(nh)?);
         let (rq, rk) = (self.poisoned::<f32>(nr)?, self.poisoned::<f32>(nr)?);
         let t = QkViews {
-            qkv: (&b[0]).into(),
+            qkv,
             q_scale: (&b[1]).into(),
             k_scale: (&b[2]).into(),
             cos: (&b[3]).into(),
@@ -386,12 +425,14 @@ impl Twins {
             "qk_prologue_backward_host: lengths for {dims:?}"
         );
         let b = self.qk_upload(dims, inp)?;
+        let q16 = self.upload(&inp.qkv.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
+        let qkv = if inp.qkv_bf16 { DevMat::bf16(&q16, dims.ld) } else { DevMat::f32(&b[0], dims.ld) };
         let (rq, rk) = (self.upload(rstd_q)?, self.upload(rstd_k)?);
         let (dqd, dkd, dvd) = (self.upload(dq)?, self.upload(dk)?, self.upload(dv)?);
         let out = self.poisoned::<f32>(dims.tokens_numel())?;
         // q, k, v are not read by the backward: any bf16 buffers of the right size do.
         let t = QkViews {
-            qkv: (&b[0]).into(),
+            qkv,
             q_scale: (&b[1]).into(),
             k_scale: (&b[2]).into(),
             cos: (&b[3]).into(),

@@ -16,39 +16,47 @@ pub(crate) struct Ctx<'a> {
     pub sin: &'a F32,
 }
 
-/// LayerNorm + modulation's saved tensors: normalised rows, rstd, the bf16 output (a linear's
-/// input).
+/// LayerNorm + modulation's saved tensors: the normalised rows in bf16 and 1/std per row. The
+/// modulated output (a linear's bf16 input) is not kept: `Run::ln_out` recomputes its bits from
+/// n and the modulation vectors.
 pub(crate) struct LnSaved {
-    pub n: F32,
+    pub n: B16,
     pub rstd: F32,
-    pub out16: B16,
 }
 
-/// The attention core's tensors over the joint sequence.
+/// What the attention core keeps over the joint sequence: O [b, h, l, d] and the log-sum-exp.
+/// Q, K, V and the QK norms' 1/rms are rebuilt from the saved qkv by the prologue in the backward
+/// (the same kernel on the same bits: the same values), which costs one elementwise pass and
+/// saves 3 of the 4 bf16 [l, c] tensors flash attention would otherwise keep.
 pub(crate) struct AttnAct {
+    o: B16,
+    lse: F32,
+}
+
+/// The QK prologue's outputs: Q, K, V bf16 [b, h, l, d] and 1/rms of q and k per row.
+struct HeadsQkv {
     q: B16,
     k: B16,
     v: B16,
-    o: B16,
-    lse: F32,
     rq: F32,
     rk: F32,
 }
 
+/// One stream of a double block. Every linear's output is kept as the bf16 it was rounded to
+/// (what the next op read); the proj input is re-merged from the attention output and the GELU
+/// output recomputed from the MLP's pre-activation in the backward (same kernels, same bits).
 pub(crate) struct StreamAct {
     /// [shift1, scale1, gate1, shift2, scale2, gate2], each [b, c]
     mods: Vec<F32>,
     ln1: LnSaved,
-    /// qkv output f32 [b·l, 3c] (the QK prologue's input, read again by its backward)
-    qkv: F32,
-    /// merged attention output (proj input) bf16, proj output f32
-    a16: B16,
-    p: F32,
+    /// qkv output [b·l, 3c]: the QK prologue's input, read again by its backward
+    qkv: B16,
+    /// proj output [b·l, c]: the gate's gradient
+    p: B16,
     ln2: LnSaved,
-    /// mlp.0 output f32, GELU of it bf16 (mlp.2 input), mlp.2 output f32
-    h0: F32,
-    act16: B16,
-    mlp_out: F32,
+    /// mlp.0 output [b·l, mlp]: GELU's input (forward and backward), mlp.2 output [b·l, c]
+    h0: B16,
+    mlp_out: B16,
 }
 
 pub(crate) struct DoubleAct {
@@ -61,10 +69,10 @@ pub(crate) struct SingleAct {
     /// [shift, scale, gate]
     mods: Vec<F32>,
     ln: LnSaved,
-    /// linear1 output f32 [b·l, 3c + mlp]; linear2 input bf16 [b·l, c + mlp]; linear2 output f32
-    h1: F32,
-    cat16: B16,
-    out: F32,
+    /// linear1 output [b·l, 3c + mlp] (the QK prologue's and GELU's input), linear2 output
+    /// [b·l, c]; linear2's input [attention | GELU] is rebuilt from `attn.o` and `h1`
+    h1: B16,
+    out: B16,
     attn: AttnAct,
 }
 
@@ -109,25 +117,21 @@ pub(crate) fn modulation_bwd(r: &mut Run, lin: &DevLinear, dmods: &[F32], bx: &C
 }
 
 fn attn_alloc(r: &Run, dm: Dims) -> Result<AttnAct> {
+    Ok(AttnAct { o: r.b16(dm.attn().numel())?, lse: r.f32(dm.attn().rows())? })
+}
+
+fn heads_alloc(r: &Run, dm: Dims) -> Result<HeadsQkv> {
     let (n, rows) = (dm.attn().numel(), dm.attn().rows());
-    Ok(AttnAct {
-        q: r.b16(n)?,
-        k: r.b16(n)?,
-        v: r.b16(n)?,
-        o: r.b16(n)?,
-        lse: r.f32(rows)?,
-        rq: r.f32(rows)?,
-        rk: r.f32(rows)?,
-    })
+    Ok(HeadsQkv { q: r.b16(n)?, k: r.b16(n)?, v: r.b16(n)?, rq: r.f32(rows)?, rk: r.f32(rows)? })
 }
 
 fn heads(dm: Dims, ls: usize, t0: usize, ld: usize) -> HeadsDims {
     HeadsDims { b: dm.b, h: dm.h, d: dm.d, l: dm.l(), ls, t0, ld }
 }
 
-fn qk_views<'a>(a: &'a AttnAct, qkv: &'a F32, qn: &'a F32, kn: &'a F32, bx: &Ctx<'a>) -> QkViews<'a> {
+fn qk_views<'a>(a: &'a HeadsQkv, qkv: &'a B16, ld: usize, qn: &'a F32, kn: &'a F32, bx: &Ctx<'a>) -> QkViews<'a> {
     QkViews {
-        qkv: qkv.into(),
+        qkv: DevMat::bf16(qkv, ld),
         q_scale: qn.into(),
         k_scale: kn.into(),
         cos: bx.cos.into(),
@@ -140,12 +144,12 @@ fn qk_views<'a>(a: &'a AttnAct, qkv: &'a F32, qn: &'a F32, kn: &'a F32, bx: &Ctx
     }
 }
 
-fn attn_views(a: &AttnAct) -> AttnViews<'_> {
-    AttnViews { q: (&a.q).into(), k: (&a.k).into(), v: (&a.v).into(), o: (&a.o).into(), lse: (&a.lse).into() }
+fn attn_views<'a>(h: &'a HeadsQkv, a: &'a AttnAct) -> AttnViews<'a> {
+    AttnViews { q: (&h.q).into(), k: (&h.k).into(), v: (&h.v).into(), o: (&a.o).into(), lse: (&a.lse).into() }
 }
 
 /// dq, dk, dv from dO (bf16 [b, h, l, d]).
-fn attn_bwd(r: &Run, a: &AttnAct, d_o: &B16, dm: Dims) -> Result<(B16, B16, B16)> {
+fn attn_bwd(r: &Run, h: &HeadsQkv, a: &AttnAct, d_o: &B16, dm: Dims) -> Result<(B16, B16, B16)> {
     let (n, rows) = (dm.attn().numel(), dm.attn().rows());
     let (dq, dk, dv, delta) = (r.b16(n)?, r.b16(n)?, r.b16(n)?, r.f32(rows)?);
     let g = AttnGradViews {
@@ -155,17 +159,17 @@ fn attn_bwd(r: &Run, a: &AttnAct, d_o: &B16, dm: Dims) -> Result<(B16, B16, B16)
         dv: (&dv).into(),
         delta: (&delta).into(),
     };
-    r.g.attn.backward_dev(dm.attn(), &attn_views(a), &g)?;
+    r.g.attn.backward_dev(dm.attn(), &attn_views(h, a), &g)?;
     Ok((dq, dk, dv))
 }
 
 /// A stream's first half: modulation vectors, LN + modulate, qkv projection.
-fn stream_first(r: &mut Run, s: &DevStream, x: &F32, ls: usize, bx: &Ctx) -> Result<(Vec<F32>, LnSaved, F32)> {
+fn stream_first(r: &mut Run, s: &DevStream, x: &F32, ls: usize, bx: &Ctx) -> Result<(Vec<F32>, LnSaved, B16)> {
     let (b, c) = (bx.dm.b, bx.dm.c);
     let mods_all = r.lin(&s.modulation, b, bx.svec16.into())?;
     let mods = r.chunks(&mods_all, b, 6, c)?;
-    let ln1 = r.ln_mod(x, &mods[0], &mods[1], b, ls, c)?;
-    let qkv = r.lin(&s.qkv, b * ls, View::from(&ln1.out16))?;
+    let (ln1, x1) = r.ln_mod(x, &mods[0], &mods[1], b, ls, c)?;
+    let qkv = r.lin16(&s.qkv, b * ls, View::from(&x1))?;
     Ok((mods, ln1, qkv))
 }
 
@@ -175,23 +179,24 @@ fn stream_second(
     s: &DevStream,
     x: &F32,
     a16: B16,
-    first: (Vec<F32>, LnSaved, F32),
+    first: (Vec<F32>, LnSaved, B16),
     ls: usize,
     bx: &Ctx,
 ) -> Result<StreamAct> {
     let (b, c) = (bx.dm.b, bx.dm.c);
     let m = b * ls;
     let (mods, ln1, qkv) = first;
-    let p = r.lin(&s.proj, m, View::from(&a16))?;
+    let p = r.lin16(&s.proj, m, View::from(&a16))?;
+    drop(a16);
     r.gated(x, &p, &mods[2], b, ls, c)?;
-    let ln2 = r.ln_mod(x, &mods[3], &mods[4], b, ls, c)?;
-    let h0 = r.lin(&s.mlp0, m, View::from(&ln2.out16))?;
-    let hid = s.mlp0.d_out;
-    let act16 = r.b16(m * hid)?;
-    r.g.act.gelu_tanh(m, hid, DevMat::f32(&h0, hid), DevMat::bf16(&act16, hid))?;
-    let mlp_out = r.lin(&s.mlp2, m, View::from(&act16))?;
+    let (ln2, x2) = r.ln_mod(x, &mods[3], &mods[4], b, ls, c)?;
+    let h0 = r.lin16(&s.mlp0, m, View::from(&x2))?;
+    drop(x2);
+    let act16 = r.gelu16(&h0, m, s.mlp0.d_out)?;
+    let mlp_out = r.lin16(&s.mlp2, m, View::from(&act16))?;
+    drop(act16);
     r.gated(x, &mlp_out, &mods[5], b, ls, c)?;
-    Ok(StreamAct { mods, ln1, qkv, a16, p, ln2, h0, act16, mlp_out })
+    Ok(StreamAct { mods, ln1, qkv, p, ln2, h0, mlp_out })
 }
 
 /// Updates img [b, li, c] and txt [b, lt, c] in place; the activations when `keep`.
@@ -204,39 +209,51 @@ pub(crate) fn double_fwd(
     keep: bool,
 ) -> Result<Option<DoubleAct>> {
     let dm = bx.dm;
-    let (b, lt, li, c) = (dm.b, dm.lt, dm.li, dm.c);
+    let (lt, li) = (dm.lt, dm.li);
     let fi = stream_first(r, &w.img, img, li, bx)?;
     let ft = stream_first(r, &w.txt, txt, lt, bx)?;
     let a = attn_alloc(r, dm)?;
-    // Joint sequence, text first.
-    r.g.attn.qk_prologue(
-        heads(dm, lt, 0, 3 * c),
-        &qk_views(&a, &ft.2, &w.txt.q_norm, &w.txt.k_norm, bx),
-        QK_NORM_EPS,
-    )?;
-    r.g.attn.qk_prologue(
-        heads(dm, li, lt, 3 * c),
-        &qk_views(&a, &fi.2, &w.img.q_norm, &w.img.k_norm, bx),
-        QK_NORM_EPS,
-    )?;
-    r.g.attn.forward_dev(dm.attn(), &attn_views(&a))?;
-    let (ta16, ia16) = (r.b16(b * lt * c)?, r.b16(b * li * c)?);
-    r.g.attn.merge_heads(heads(dm, lt, 0, c), View::from(&a.o), View::from(&ta16))?;
-    r.g.attn.merge_heads(heads(dm, li, lt, c), View::from(&a.o), View::from(&ia16))?;
+    let hq = double_heads(r, w, &fi.2, &ft.2, bx)?;
+    r.g.attn.forward_dev(dm.attn(), &attn_views(&hq, &a))?;
+    drop(hq);
+    let (ta16, ia16) = (merged(r, &a, dm, lt, 0)?, merged(r, &a, dm, li, lt)?);
     let img_a = stream_second(r, &w.img, img, ia16, fi, li, bx)?;
     let txt_a = stream_second(r, &w.txt, txt, ta16, ft, lt, bx)?;
     Ok(keep.then_some(DoubleAct { img: img_a, txt: txt_a, attn: a }))
 }
 
+/// The QK prologue of both streams into the joint sequence, text first (the forward's, and the
+/// backward's rebuild from the saved qkv).
+fn double_heads(r: &Run, w: &DevDouble, qkv_img: &B16, qkv_txt: &B16, bx: &Ctx) -> Result<HeadsQkv> {
+    let (dm, c) = (bx.dm, bx.dm.c);
+    let hq = heads_alloc(r, dm)?;
+    let qk = qk_views(&hq, qkv_txt, 3 * c, &w.txt.q_norm, &w.txt.k_norm, bx);
+    r.g.attn.qk_prologue(heads(dm, dm.lt, 0, 3 * c), &qk, QK_NORM_EPS)?;
+    let qk = qk_views(&hq, qkv_img, 3 * c, &w.img.q_norm, &w.img.k_norm, bx);
+    r.g.attn.qk_prologue(heads(dm, dm.li, dm.lt, 3 * c), &qk, QK_NORM_EPS)?;
+    Ok(hq)
+}
+
+/// The attention output of one stream's tokens t0..t0 + ls, token-major bf16 [b·ls, c]: the
+/// proj input (recomputed from `a.o` in the backward instead of kept).
+fn merged(r: &Run, a: &AttnAct, dm: Dims, ls: usize, t0: usize) -> Result<B16> {
+    let out = r.b16(dm.b * ls * dm.c)?;
+    r.g.attn.merge_heads(heads(dm, ls, t0, dm.c), View::from(&a.o), View::from(&out))?;
+    Ok(out)
+}
+
 /// Backward of `stream_second`: `dx` holds d(stream output) on entry and d(after the attention
 /// residual) on exit; returns d(merged attention output) f32 and the six d mods (0 and 1 are
-/// written by `stream_first_bwd`).
+/// written by `stream_first_bwd`). `t0`: the stream's first joint token.
+#[allow(clippy::too_many_arguments)]
 fn stream_second_bwd(
     r: &mut Run,
     s: &DevStream,
     a: &StreamAct,
+    attn: &AttnAct,
     dx: &F32,
     ls: usize,
+    t0: usize,
     bx: &Ctx,
 ) -> Result<(Vec<F32>, F32)> {
     let (b, c) = (bx.dm.b, bx.dm.c);
@@ -246,20 +263,23 @@ fn stream_second_bwd(
     let dmlp = r.gated_bwd(dx, &a.mlp_out, &a.mods[5], &dmods[5], b, ls, c)?;
     let dmlp16 = r.cast16(&dmlp, m * c)?;
     drop(dmlp);
+    let act16 = r.gelu16(&a.h0, m, hid)?;
     let dact = r.f32(m * hid)?;
-    r.lin_bwd(&s.mlp2, m, View::from(&a.act16), View::from(&dmlp16), Some(&dact))?;
-    let dh0 = r.f32(m * hid)?;
-    r.g.act.gelu_tanh_backward(m, hid, DevMat::f32(&a.h0, hid), DevMat::f32(&dact, hid), DevMat::f32(&dh0, hid))?;
+    r.lin_bwd(&s.mlp2, m, View::from(&act16), View::from(&dmlp16), Some(&dact))?;
+    drop((act16, dmlp16));
+    let dh016 = r.b16(m * hid)?;
+    r.g.act.gelu_tanh_backward(m, hid, DevMat::bf16(&a.h0, hid), DevMat::f32(&dact, hid), DevMat::bf16(&dh016, hid))?;
     drop(dact);
-    let dh016 = r.cast16(&dh0, m * hid)?;
-    drop(dh0);
     let dxm2 = r.f32(m * c)?;
-    r.lin_bwd(&s.mlp0, m, View::from(&a.ln2.out16), View::from(&dh016), Some(&dxm2))?;
+    let x2 = r.ln_out(&a.ln2, &a.mods[3], &a.mods[4], b, ls, c)?;
+    r.lin_bwd(&s.mlp0, m, View::from(&x2), View::from(&dh016), Some(&dxm2))?;
+    drop((x2, dh016));
     r.ln_mod_bwd(&a.ln2, &dxm2, &a.mods[4], dx, &dmods[3], &dmods[4], b, ls, c)?;
     let dp = r.gated_bwd(dx, &a.p, &a.mods[2], &dmods[2], b, ls, c)?;
     let dp16 = r.cast16(&dp, m * c)?;
     let da = r.f32(m * c)?;
-    r.lin_bwd(&s.proj, m, View::from(&a.a16), View::from(&dp16), Some(&da))?;
+    let a16 = merged(r, attn, bx.dm, ls, t0)?;
+    r.lin_bwd(&s.proj, m, View::from(&a16), View::from(&dp16), Some(&da))?;
     Ok((dmods, da))
 }
 
@@ -281,7 +301,9 @@ fn stream_first_bwd(
     let m = b * ls;
     let dqkv16 = r.cast16(dqkv, m * 3 * c)?;
     let dxm1 = r.f32(m * c)?;
-    r.lin_bwd(&s.qkv, m, View::from(&a.ln1.out16), View::from(&dqkv16), Some(&dxm1))?;
+    let x1 = r.ln_out(&a.ln1, &a.mods[0], &a.mods[1], b, ls, c)?;
+    r.lin_bwd(&s.qkv, m, View::from(&x1), View::from(&dqkv16), Some(&dxm1))?;
+    drop((x1, dqkv16));
     r.ln_mod_bwd(&a.ln1, &dxm1, &a.mods[1], dx, &dmods[0], &dmods[1], b, ls, c)?;
     modulation_bwd(r, &s.modulation, &dmods, bx, dsvec)
 }
@@ -299,18 +321,18 @@ pub(crate) fn double_bwd(
 ) -> Result<()> {
     let dm = bx.dm;
     let (lt, li, c) = (dm.lt, dm.li, dm.c);
-    let (dmi, da_img) = stream_second_bwd(r, &w.img, &act.img, d_img, li, bx)?;
-    let (dmt, da_txt) = stream_second_bwd(r, &w.txt, &act.txt, d_txt, lt, bx)?;
+    let (dmi, da_img) = stream_second_bwd(r, &w.img, &act.img, &act.attn, d_img, li, lt, bx)?;
+    let (dmt, da_txt) = stream_second_bwd(r, &w.txt, &act.txt, &act.attn, d_txt, lt, 0, bx)?;
     let d_o = r.b16(dm.attn().numel())?;
     r.g.attn.merge_heads_backward(heads(dm, lt, 0, c), View::from(&da_txt), View::from(&d_o))?;
     r.g.attn.merge_heads_backward(heads(dm, li, lt, c), View::from(&da_img), View::from(&d_o))?;
     drop((da_img, da_txt));
-    let (dq, dk, dv) = attn_bwd(r, &act.attn, &d_o, dm)?;
+    let hq = double_heads(r, w, &act.img.qkv, &act.txt.qkv, bx)?;
+    let (dq, dk, dv) = attn_bwd(r, &hq, &act.attn, &d_o, dm)?;
     drop(d_o);
-    let a = &act.attn;
     for (s, sa, dx, dmods, ls, t0) in [(&w.img, &act.img, d_img, dmi, li, lt), (&w.txt, &act.txt, d_txt, dmt, lt, 0)] {
         let dqkv = r.f32(dm.b * ls * 3 * c)?;
-        let qp = qk_views(a, &sa.qkv, &s.q_norm, &s.k_norm, bx);
+        let qp = qk_views(&hq, &sa.qkv, 3 * c, &s.q_norm, &s.k_norm, bx);
         r.g.attn.qk_prologue_backward(
             heads(dm, ls, t0, 3 * c),
             &qp,
@@ -325,24 +347,43 @@ pub(crate) fn double_bwd(
 /// Updates x [b, l, c] (the joint sequence) in place; the activations when `keep`.
 pub(crate) fn single_fwd(r: &mut Run, w: &DevSingle, x: &F32, bx: &Ctx, keep: bool) -> Result<Option<SingleAct>> {
     let dm = bx.dm;
-    let (b, c, mlp, l) = (dm.b, dm.c, dm.mlp, dm.l());
-    let (w1, w2) = (3 * c + mlp, c + mlp);
+    let (b, c, l) = (dm.b, dm.c, dm.l());
     let m = b * l;
     let mods_all = r.lin(&w.modulation, b, bx.svec16.into())?;
     let mods = r.chunks(&mods_all, b, 3, c)?;
-    let ln = r.ln_mod(x, &mods[0], &mods[1], b, l, c)?;
-    let h1 = r.lin(&w.linear1, m, View::from(&ln.out16))?;
+    let (ln, xm) = r.ln_mod(x, &mods[0], &mods[1], b, l, c)?;
+    let h1 = r.lin16(&w.linear1, m, View::from(&xm))?;
+    drop(xm);
     let a = attn_alloc(r, dm)?;
-    r.g.attn.qk_prologue(heads(dm, l, 0, w1), &qk_views(&a, &h1, &w.q_norm, &w.k_norm, bx), QK_NORM_EPS)?;
-    r.g.attn.forward_dev(dm.attn(), &attn_views(&a))?;
-    // linear2 input: [attention output | GELU(mlp part of linear1)]
-    let cat16 = r.b16(m * w2)?;
-    r.g.attn.merge_heads(heads(dm, l, 0, w2), View::from(&a.o), View::from(&cat16))?;
-    let src = DevMat::f32(View::from(&h1).tail(3 * c)?, w1);
-    r.g.act.gelu_tanh(m, mlp, src, DevMat::bf16(View::from(&cat16).tail(c)?, w2))?;
-    let out = r.lin(&w.linear2, m, View::from(&cat16))?;
+    let hq = single_heads(r, w, &h1, bx)?;
+    r.g.attn.forward_dev(dm.attn(), &attn_views(&hq, &a))?;
+    drop(hq);
+    let cat16 = single_cat(r, &a, &h1, dm)?;
+    let out = r.lin16(&w.linear2, m, View::from(&cat16))?;
+    drop(cat16);
     r.gated(x, &out, &mods[2], b, l, c)?;
-    Ok(keep.then_some(SingleAct { mods, ln, h1, cat16, out, attn: a }))
+    Ok(keep.then_some(SingleAct { mods, ln, h1, out, attn: a }))
+}
+
+/// The QK prologue from linear1's output (the forward's, and the backward's rebuild).
+fn single_heads(r: &Run, w: &DevSingle, h1: &B16, bx: &Ctx) -> Result<HeadsQkv> {
+    let (dm, w1) = (bx.dm, w.linear1.d_out);
+    let hq = heads_alloc(r, dm)?;
+    let qk = qk_views(&hq, h1, w1, &w.q_norm, &w.k_norm, bx);
+    r.g.attn.qk_prologue(heads(dm, dm.l(), 0, w1), &qk, QK_NORM_EPS)?;
+    Ok(hq)
+}
+
+/// linear2's input [attention output | GELU(mlp part of linear1's output)], bf16 [b·l, c + mlp]:
+/// built in the forward and rebuilt (the same bits) in the backward.
+fn single_cat(r: &Run, a: &AttnAct, h1: &B16, dm: Dims) -> Result<B16> {
+    let (c, mlp, m) = (dm.c, dm.mlp, dm.b * dm.l());
+    let (w1, w2) = (3 * c + mlp, c + mlp);
+    let cat16 = r.b16(m * w2)?;
+    r.g.attn.merge_heads(heads(dm, dm.l(), 0, w2), View::from(&a.o), View::from(&cat16))?;
+    let src = DevMat::bf16(View::from(h1).tail(3 * c)?, w1);
+    r.g.act.gelu_tanh(m, mlp, src, DevMat::bf16(View::from(&cat16).tail(c)?, w2))?;
+    Ok(cat16)
 }
 
 /// Backward of `single_fwd`: `dx` holds d(output) on entry and d(input) on exit.
@@ -355,29 +396,34 @@ pub(crate) fn single_bwd(r: &mut Run, w: &DevSingle, act: SingleAct, dx: &F32, b
     let dout = r.gated_bwd(dx, &act.out, &act.mods[2], &dmods[2], b, l, c)?;
     let dout16 = r.cast16(&dout, m * c)?;
     drop(dout);
+    let cat16 = single_cat(r, &act.attn, &act.h1, dm)?;
     let dcat = r.f32(m * w2)?;
-    r.lin_bwd(&w.linear2, m, View::from(&act.cat16), View::from(&dout16), Some(&dcat))?;
+    r.lin_bwd(&w.linear2, m, View::from(&cat16), View::from(&dout16), Some(&dcat))?;
+    drop((cat16, dout16));
     let dh1 = r.f32(m * w1)?;
     r.g.act.gelu_tanh_backward(
         m,
         mlp,
-        DevMat::f32(View::from(&act.h1).tail(3 * c)?, w1),
+        DevMat::bf16(View::from(&act.h1).tail(3 * c)?, w1),
         DevMat::f32(View::from(&dcat).tail(c)?, w2),
         DevMat::f32(View::from(&dh1).tail(3 * c)?, w1),
     )?;
     let d_o = r.b16(dm.attn().numel())?;
     r.g.attn.merge_heads_backward(heads(dm, l, 0, w2), View::from(&dcat), View::from(&d_o))?;
     drop(dcat);
-    let (dq, dk, dv) = attn_bwd(r, &act.attn, &d_o, dm)?;
+    let hq = single_heads(r, w, &act.h1, bx)?;
+    let (dq, dk, dv) = attn_bwd(r, &hq, &act.attn, &d_o, dm)?;
     drop(d_o);
-    let qp = qk_views(&act.attn, &act.h1, &w.q_norm, &w.k_norm, bx);
+    let qp = qk_views(&hq, &act.h1, w1, &w.q_norm, &w.k_norm, bx);
     let g = QkGradViews { dq: (&dq).into(), dk: (&dk).into(), dv: (&dv).into(), dqkv: (&dh1).into() };
     r.g.attn.qk_prologue_backward(heads(dm, l, 0, w1), &qp, QK_NORM_EPS, &g)?;
-    drop((dq, dk, dv));
+    drop((dq, dk, dv, hq));
     let dh116 = r.cast16(&dh1, m * w1)?;
     drop(dh1);
     let dxm = r.f32(m * c)?;
-    r.lin_bwd(&w.linear1, m, View::from(&act.ln.out16), View::from(&dh116), Some(&dxm))?;
+    let xm = r.ln_out(&act.ln, &act.mods[0], &act.mods[1], b, l, c)?;
+    r.lin_bwd(&w.linear1, m, View::from(&xm), View::from(&dh116), Some(&dxm))?;
+    drop((xm, dh116));
     r.ln_mod_bwd(&act.ln, &dxm, &act.mods[1], dx, &dmods[0], &dmods[1], b, l, c)?;
     modulation_bwd(r, &w.modulation, &dmods, bx, dsvec)
 }

@@ -4,9 +4,14 @@
 //! trainer, with optional per-block activation checkpointing (the backward reruns a block's
 //! forward from its saved input).
 //!
-//! Precision: the residual streams, norms, modulation and everything elementwise are f32; every
-//! linear reads bf16 (its input is rounded once, and that bf16 copy is what the backward keeps)
-//! and writes f32; attention reads bf16 Q/K/V in [b, h, l, d] with f32 softmax statistics.
+//! Precision: the residual streams, the norms' statistics, modulation vectors, gradients between
+//! ops and every accumulation are f32. What a linear reads and writes inside a block is bf16,
+//! rounded once where it is produced (LayerNorm + modulate writes the bf16 input, the GEMM's
+//! epilogue the bf16 output), and that is also what the backward keeps: LayerNorm's normalised
+//! rows, qkv, the proj/MLP outputs and the MLP pre-activation in bf16; the linears' inputs are
+//! recomputed from them in the backward (modulate from n, GELU from the pre-activation, the merged
+//! attention output from O), bit for bit what the forward fed the GEMM. Attention reads bf16
+//! Q/K/V in [b, h, l, d] with f32 softmax statistics. src/plan/activations.rs counts it.
 
 pub mod adapters;
 mod blocks;
@@ -107,6 +112,9 @@ pub struct GpuFlux {
     pub poison: bool,
     /// Largest device memory in use seen at block boundaries (total − free, bytes).
     pub peak_used: usize,
+    /// When Some, the memory pool's bytes in use after each block of a forward are pushed here
+    /// (tests hold src/plan's per-block counts to what the step allocates).
+    pub block_memory: Option<Vec<usize>>,
 }
 
 /// The inputs of one batch on the device.
@@ -175,6 +183,7 @@ pub(crate) struct Run<'a> {
     pub st: Arc<CudaStream>,
     pub poison: bool,
     pub peak: &'a mut usize,
+    pub block_memory: Option<&'a mut Vec<usize>>,
 }
 
 impl Run<'_> {
@@ -264,6 +273,27 @@ impl Run<'_> {
         Ok(y)
     }
 
+    /// y [m, d_out] bf16: `lin` with its output rounded once in the GEMM's epilogue (what the
+    /// next op reads and the backward keeps).
+    pub fn lin16(&mut self, l: &DevLinear, m: usize, x16: View<bf16>) -> Result<B16> {
+        let (s, idx) = self.shape(l, m, l.bias.is_some())?;
+        let y = self.b16(m * l.d_out)?;
+        let v = operands(self.lora, l, x16, &idx, true);
+        self.g
+            .lora
+            .forward_dev(&s, &v, OutView::Bf16((&y).into()))
+            .with_context(|| format!("{} on the GPU", l.name))?;
+        Ok(y)
+    }
+
+    /// GELU-tanh of bf16 h [m, cols] to bf16 (the MLP's hidden activation; the backward
+    /// recomputes it from h, the same bits).
+    pub fn gelu16(&self, h: &B16, m: usize, cols: usize) -> Result<B16> {
+        let out = self.b16(m * cols)?;
+        self.g.act.gelu_tanh(m, cols, DevMat::bf16(h, cols), DevMat::bf16(&out, cols))?;
+        Ok(out)
+    }
+
     /// Backward through `l`: the adapters' gradients accumulate, dX (f32 [m, d_in]) is written
     /// when `dx` is given.
     pub fn lin_bwd(
@@ -294,13 +324,28 @@ impl Run<'_> {
         !self.lora.on(&l.name).is_empty()
     }
 
-    /// LayerNorm + modulation of x [b·l, c]: saves n and rstd, returns them with the bf16 output.
-    pub fn ln_mod(&self, x: &F32, shift: &F32, scale: &F32, b: usize, l: usize, c: usize) -> Result<blocks::LnSaved> {
+    /// LayerNorm + modulation of x [b·l, c]: saves n (bf16) and rstd; returns them with the
+    /// bf16 output, which is computed from the rounded n so that `ln_out` gives its bits again.
+    pub fn ln_mod(
+        &self,
+        x: &F32,
+        shift: &F32,
+        scale: &F32,
+        b: usize,
+        l: usize,
+        c: usize,
+    ) -> Result<(blocks::LnSaved, B16)> {
         let dims = StepDims { b, l, c };
-        let (n, rstd, out) = (self.f32(b * l * c)?, self.f32(b * l)?, self.f32(b * l * c)?);
+        let (n, rstd, out) = (self.b16(b * l * c)?, self.f32(b * l)?, self.b16(b * l * c)?);
         self.g.norm.ln_modulate(dims, LN_EPS, x, shift, scale, &out, &n, None, &rstd)?;
-        let out16 = self.cast16(&out, b * l * c)?;
-        Ok(blocks::LnSaved { n, rstd, out16 })
+        Ok((blocks::LnSaved { n, rstd }, out))
+    }
+
+    /// `ln_mod`'s bf16 output again, from what it saved (the backward's linear input).
+    pub fn ln_out(&self, ln: &blocks::LnSaved, shift: &F32, scale: &F32, b: usize, l: usize, c: usize) -> Result<B16> {
+        let out = self.b16(b * l * c)?;
+        self.g.norm.modulate(StepDims { b, l, c }, &ln.n, shift, scale, &out)?;
+        Ok(out)
     }
 
     /// dx += d(input) of `ln_mod`; writes dshift and dscale.
@@ -323,17 +368,26 @@ impl Run<'_> {
         self.acc(dx, &d, b * l * c)
     }
 
-    /// x += gate⊙y
-    pub fn gated(&self, x: &F32, y: &F32, gate: &F32, b: usize, l: usize, c: usize) -> Result<()> {
+    /// x += gate⊙y (y a linear's bf16 output)
+    pub fn gated(&self, x: &F32, y: &B16, gate: &F32, b: usize, l: usize, c: usize) -> Result<()> {
         self.g.norm.gated_residual(StepDims { b, l, c }, x, y, gate, x)
     }
 
     /// For x_out = x + gate⊙y: returns d y; writes d gate (d x is d x_out itself).
-    pub fn gated_bwd(&self, dout: &F32, y: &F32, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<F32> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn gated_bwd(&self, dout: &F32, y: &B16, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<F32> {
         let dims = StepDims { b, l, c };
         let (dy, scratch) = (self.f32(b * l * c)?, self.f32(GpuNorm::gated_residual_scratch(dims))?);
         self.g.norm.gated_residual_backward(dims, dout, y, gate, None, &dy, dgate, &scratch)?;
         Ok(dy)
+    }
+
+    /// After a forward block: `sample_memory`, and the pool's bytes in use when asked for.
+    pub fn block_done(&mut self) {
+        self.sample_memory();
+        if let Some(v) = self.block_memory.as_deref_mut() {
+            v.push(pool_attribute(&self.g.ctx, PoolAttr::UsedNow).unwrap_or(0) as usize);
+        }
     }
 
     /// Records the device memory in use now if it is the most so far.
@@ -412,7 +466,7 @@ fn forward_impl(
         let saved = if ckpt { Some(vec![r.copy(&img, b * li * c)?, r.copy(&txt, b * lt * c)?]) } else { None };
         let act =
             blocks::double_fwd(r, blk, &img, &txt, &bx, keep && !ckpt).with_context(|| format!("double_blocks.{i}"))?;
-        r.sample_memory();
+        r.block_done();
         if keep {
             double.push(match saved {
                 Some(s) => Saved::Inputs(s),
@@ -428,7 +482,7 @@ fn forward_impl(
     for (i, blk) in w.single.iter().enumerate() {
         let saved = if ckpt { Some(vec![r.copy(&x, b * l * c)?]) } else { None };
         let act = blocks::single_fwd(r, blk, &x, &bx, keep && !ckpt).with_context(|| format!("single_blocks.{i}"))?;
-        r.sample_memory();
+        r.block_done();
         if keep {
             single.push(match saved {
                 Some(s) => Saved::Inputs(s),
@@ -441,8 +495,9 @@ fn forward_impl(
     drop(x);
     let fm = r.lin(&w.final_mod, b, bx.svec16.into()).context("final_layer.adaLN_modulation")?;
     let final_mods = r.chunks(&fm, b, 2, c)?;
-    let final_ln = r.ln_mod(&img, &final_mods[0], &final_mods[1], b, li, c)?;
-    let out = r.lin(&w.final_linear, b * li, View::from(&final_ln.out16)).context("final_layer.linear")?;
+    let (final_ln, xf) = r.ln_mod(&img, &final_mods[0], &final_mods[1], b, li, c)?;
+    let out = r.lin(&w.final_linear, b * li, View::from(&xf)).context("final_layer.linear")?;
+    drop(xf);
     r.sample_memory();
     let state = keep.then_some(FwdState { inp, vec, svec16, double, single, final_mods, final_ln });
     Ok((out, state))
@@ -460,7 +515,9 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
     let n_out = b * li * w.final_linear.d_out;
     let dpred16 = r.cast16(dpred, n_out)?;
     let dxm = r.f32(b * li * c)?;
-    r.lin_bwd(&w.final_linear, b * li, View::from(&final_ln.out16), View::from(&dpred16), Some(&dxm))?;
+    let xf = r.ln_out(&final_ln, &final_mods[0], &final_mods[1], b, li, c)?;
+    r.lin_bwd(&w.final_linear, b * li, View::from(&xf), View::from(&dpred16), Some(&dxm))?;
+    drop(xf);
     let dimg = r.zeros(b * li * c)?;
     let (dsh, dsc) = (r.f32(b * c)?, r.f32(b * c)?);
     r.ln_mod_bwd(&final_ln, &dxm, &final_mods[1], &dimg, &dsh, &dsc, b, li, c)?;
@@ -521,7 +578,15 @@ impl GpuFlux {
             let g = CudaBackend::lock(be)?;
             DevWeights::upload(&g, w, base).context("uploading the weights to the GPU")?
         };
-        Ok(GpuFlux { cfg: cfg.clone(), be: be.clone(), w: weights, checkpointing: false, poison: false, peak_used: 0 })
+        Ok(GpuFlux {
+            cfg: cfg.clone(),
+            be: be.clone(),
+            w: weights,
+            checkpointing: false,
+            poison: false,
+            peak_used: 0,
+            block_memory: None,
+        })
     }
 
     fn dims(&self, b: usize, lt: usize, li: usize) -> Dims {
@@ -596,7 +661,8 @@ impl GpuFlux {
         let mut guard = CudaBackend::lock(&be)?;
         let st = guard.stream.clone();
         let mut peak = self.peak_used;
-        let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak };
+        let block_memory = self.block_memory.as_mut();
+        let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak, block_memory };
         let out = f(&mut r, &self.w);
         self.peak_used = peak;
         out
@@ -631,22 +697,36 @@ impl GpuFlux {
     /// from it through cuMemAllocAsync): the comparable of PyTorch's `max_memory_allocated`. The
     /// CUDA context and cuBLAS's workspace are outside it. None where the driver has no pools.
     pub fn pool_peak(&self) -> Option<usize> {
-        use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolGetAttribute, CUmemPool_attribute, CUresult};
         let g = CudaBackend::lock(&self.be).ok()?;
-        let mut pool = std::ptr::null_mut();
-        let mut high: u64 = 0;
-        // SAFETY: plain driver queries into locals; a failure (no pool support) is an error code.
-        unsafe {
-            if cuDeviceGetDefaultMemPool(&mut pool, g.ctx.cu_device()) != CUresult::CUDA_SUCCESS {
-                return None;
-            }
-            let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            if cuMemPoolGetAttribute(pool, attr, &mut high as *mut u64 as *mut _) != CUresult::CUDA_SUCCESS {
-                return None;
-            }
-        }
-        (high > 0).then_some(high as usize)
+        pool_attribute(&g.ctx, PoolAttr::High).filter(|&h| h > 0).map(|h| h as usize)
     }
+}
+
+/// The two memory-pool counters read here.
+enum PoolAttr {
+    UsedNow,
+    High,
+}
+
+/// A counter of the device's default memory pool; None where the driver has no pools.
+fn pool_attribute(ctx: &CudaContext, which: PoolAttr) -> Option<u64> {
+    use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolGetAttribute, CUmemPool_attribute, CUresult};
+    let attr = match which {
+        PoolAttr::UsedNow => CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        PoolAttr::High => CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    };
+    let mut pool = std::ptr::null_mut();
+    let mut v: u64 = 0;
+    // SAFETY: plain driver queries into locals; a failure (no pool support) is an error code.
+    unsafe {
+        if cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        if cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _) != CUresult::CUDA_SUCCESS {
+            return None;
+        }
+    }
+    Some(v)
 }
 
 /// The operands of `l` with input `x16` and the adapters `idx` of `lora` (the bias only with
