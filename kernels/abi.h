@@ -402,7 +402,7 @@ typedef struct {
     int64_t c;
     int64_t chunk;
     int32_t y_bf16;       // 1 = y is bf16 (a linear's rounded output)
-    int32_t pad0;
+    int32_t dy_bf16;      // 1 = dy is written bf16 (the next GEMM's dY)
 } FkGatedParams;
 #define FK_SIZEOF_FkGatedParams 104
 
@@ -563,7 +563,7 @@ typedef struct {
     const void* dq;       // bf16 [b, h, l, d] (backward input)
     const void* dk;
     const void* dv;
-    void* dqkv;           // f32 [b·ls, ld] (backward output, columns [0, 3h·d))
+    void* dqkv;           // f32 or bf16 (dqkv_bf16) [b·ls, ld] (backward output, columns [0, 3h·d))
     int64_t b;
     int64_t h;
     int64_t l;            // tokens of the joint sequence
@@ -573,8 +573,10 @@ typedef struct {
     int64_t ld;           // row stride of qkv and dqkv (≥ 3h·d)
     float eps;            // QK_NORM_EPS
     int32_t qkv_bf16;     // 1 = qkv is bf16
+    int32_t dqkv_bf16;    // 1 = dqkv is written bf16 (the qkv linear's dY)
+    int32_t pad0;
 } FkModelQkParams;
-#define FK_SIZEOF_FkModelQkParams 176
+#define FK_SIZEOF_FkModelQkParams 184
 
 // merge_heads: tokens[r, hi·d + di] (bf16, columns [0, h·d) of [b·ls, ld]) ← heads[bi, hi,
 // t0 + t, di] (bf16), r = bi·ls + t. Its backward moves an f32 token-major gradient the other way,

@@ -666,9 +666,8 @@ FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_bwd(FK_GRID_PARAM
     const int64_t h = p.h, d = p.d, hd = h * d, half = d / 2;
     fk::warp_stride<FK_MODEL_THREADS>(p.b * p.ls * h, [&](int64_t item, int lane) {
         const int64_t hi = item % h, r = item / h, bi = r / p.ls, t = p.t0 + r % p.ls;
-        const bool q16 = p.qkv_bf16 != 0;
-        const int64_t row = r * p.ld;
-        float* drow = static_cast<float*>(p.dqkv) + r * p.ld;
+        const bool q16 = p.qkv_bf16 != 0, d16 = p.dqkv_bf16 != 0;
+        const int64_t row = r * p.ld;  // element offset of this token's qkv and dqkv rows
         const int64_t head_row = (bi * h + hi) * p.l + t;
         const float* cs = static_cast<const float*>(p.cos) + (bi * p.l + t) * half;
         const float* sn = static_cast<const float*>(p.sin) + (bi * p.l + t) * half;
@@ -697,17 +696,22 @@ FK_KERNEL void __launch_bounds__(FK_MODEL_THREADS) fk_model_qk_bwd(FK_GRID_PARAM
                 acc = fk::rn_dadd(acc, fk::rn_dmul((double)gw1, (double)xh1));
             }
             const double m = fk::rn_ddiv(fk::warp_sum_f64(acc), (double)d);
-            float* dx = drow + which * hd + hi * d;
+            const int64_t dx = row + which * hd + hi * d;
             for (int64_t i = lane; i < half; i += 32) {
                 float gw0, gw1, xh0, xh1;
                 pair(i, gw0, gw1, xh0, xh1);
-                dx[2 * i] = (float)fk::rn_dmul((double)rs, fk::rn_dsub((double)gw0, fk::rn_dmul((double)xh0, m)));
-                dx[2 * i + 1] = (float)fk::rn_dmul((double)rs, fk::rn_dsub((double)gw1, fk::rn_dmul((double)xh1, m)));
+                const double e0 = fk::rn_dmul((double)rs, fk::rn_dsub((double)gw0, fk::rn_dmul((double)xh0, m)));
+                const double e1 = fk::rn_dmul((double)rs, fk::rn_dsub((double)gw1, fk::rn_dmul((double)xh1, m)));
+                fk::store(p.dqkv, dx + 2 * i, (float)e0, d16);
+                fk::store(p.dqkv, dx + 2 * i + 1, (float)e1, d16);
             }
         }
         const uint16_t* dv = static_cast<const uint16_t*>(p.dv) + head_row * d;
-        float* dxv = drow + 2 * hd + hi * d;
-        for (int64_t j = lane; j < d; j += 32) dxv[j] = bf16_to_f32(dv[j]);
+        const int64_t dxv = row + 2 * hd + hi * d;
+        for (int64_t j = lane; j < d; j += 32) {
+            if (d16) static_cast<uint16_t*>(p.dqkv)[dxv + j] = dv[j];
+            else static_cast<float*>(p.dqkv)[dxv + j] = bf16_to_f32(dv[j]);
+        }
     });
 }
 

@@ -170,16 +170,15 @@ FK_KERNEL void __launch_bounds__(FK_STEP_THREADS) fk_gated_bwd(FK_GRID_PARAMS Fk
     const int64_t chunks = (p.l + p.chunk - 1) / p.chunk;
     const int64_t t0 = k * p.chunk, t1 = t0 + p.chunk < p.l ? t0 + p.chunk : p.l;
     const float* dout = static_cast<const float*>(p.dout);
-    const bool y16 = p.y_bf16 != 0;
+    const bool y16 = p.y_bf16 != 0, dy16 = p.dy_bf16 != 0;
     const float gv = static_cast<const float*>(p.gate)[bi * p.c + j];
     float* dx = static_cast<float*>(p.dx);
-    float* dy = static_cast<float*>(p.dy);
     float s = 0.0f;
     for (int64_t t = t0; t < t1; ++t) {
         const int64_t at = (bi * p.l + t) * p.c + j;
         const float d = dout[at];
         if (dx) dx[at] = d;
-        dy[at] = fk::rn_fmul(gv, d);
+        fk::store(p.dy, at, fk::rn_fmul(gv, d), dy16);
         s = fk::rn_fadd(s, fk::rn_fmul(fk::load(p.y, at, y16), d));
     }
     static_cast<float*>(p.partial)[(bi * chunks + k) * p.c + j] = s;

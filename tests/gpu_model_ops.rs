@@ -315,9 +315,14 @@ fn qk_prologue_forward_backward_match_cpu() {
             );
             let want = cpu_qk_backward(s, &inp, &cpu, &dq, &dk, &dv);
             let (dqb, dkb, dvb) = (bf16s(&dq), bf16s(&dk), bf16s(&dv));
-            let got = ops
+            let got: Vec<f32> = ops
                 .qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb)
                 .unwrap();
+            // Written in bf16 (the qkv linear's dY): the f32 result rounded once, bit for bit.
+            let got16: Vec<bf16> = ops
+                .qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb)
+                .unwrap();
+            check_bits("dqkv bf16", &got16, &bf16s(&got), |x: bf16| x.to_bits() as u32, seed);
             let toks = (b * ls, ld, 1);
             let cols = (0, 3 * hd);
             let g = window("dqkv", &got, toks, cols, nan_f, seed);
@@ -328,7 +333,7 @@ fn qk_prologue_forward_backward_match_cpu() {
             check("dq (qkv columns 0..hd)", &per(&g, 0), &per(&w, 0), TOL, seed);
             check("dk (qkv columns hd..2hd)", &per(&g, hd), &per(&w, hd), TOL, seed);
             check_bits("dv (qkv columns 2hd..3hd)", &per(&g, 2 * hd), &per(&w, 2 * hd), |x: f32| x.to_bits(), seed);
-            let again = ops
+            let again: Vec<f32> = ops
                 .qk_prologue_backward_host(s, &inp, QK_NORM_EPS, &cpu.rstd_q, &cpu.rstd_k, &dqb, &dkb, &dvb)
                 .unwrap();
             assert!(

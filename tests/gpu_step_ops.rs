@@ -85,7 +85,7 @@ fn gated_residual_forward_backward_match_cpu() {
         check("dx", &gdx, &dout, 0.0, seed);
         check("dy", &gdy, &dy, TOL, seed);
         check("dgate", &gdg, &dg, TOL, seed);
-        let again = ops.gated_residual_backward_host(d, &dout, &y, &gate).unwrap();
+        let again = ops.gated_residual_backward_host::<f32, f32>(d, &dout, &y, &gate).unwrap();
         assert!(again.2 == gdg, "dgate not reproducible; seed {seed}");
     }
 }
@@ -136,9 +136,13 @@ fn bf16_saved_forms_match_cpu() {
         check("gated out (bf16 y)", &ops.gated_residual_host(d, &x, &y16, &gate).unwrap(), &want, TOL, seed);
         let (mut dy, mut dg) = (vec![0f32; b * l * c], vec![0f32; b * c]);
         gated_residual_backward(&mut dy, &mut dg, &dout, &y, &gate, b, l, c);
-        let (_, gdy, gdg) = ops.gated_residual_backward_host(d, &dout, &y16, &gate).unwrap();
+        let (_, gdy, gdg) = ops.gated_residual_backward_host::<bf16, f32>(d, &dout, &y16, &gate).unwrap();
         check("gated dy (bf16 y)", &gdy, &dy, TOL, seed);
         check("gated dgate (bf16 y)", &gdg, &dg, TOL, seed);
+        // dy written in bf16 (the next GEMM's dY): the f32 dy rounded once, bit for bit.
+        let (_, gdy16, gdg16) = ops.gated_residual_backward_host::<bf16, bf16>(d, &dout, &y16, &gate).unwrap();
+        assert_eq!(gdy16, round(&gdy), "gated dy in bf16: not the f32 dy rounded; seed {seed}");
+        assert_eq!(gdg16, gdg, "gated dgate: other bits with a bf16 dy; seed {seed}");
     }
     for n in [1usize, 1000, 70_001] {
         let x16 = round(&rng.normal_vec(n, 3.0));

@@ -667,16 +667,23 @@ impl GpuAttention {
     }
 
     /// Backward of `qk_prologue`: from dq, dk, dv bf16 [b, h, l, d] (tokens t0..t0 + ls) and the
-    /// forward's qkv, rstd, weights and tables (`t`; its q, k, v are not read) to dqkv f32
+    /// forward's qkv, rstd, weights and tables (`t`; its q, k, v are not read) to dqkv f32 or bf16
     /// [b·ls, ld], columns [0, 3hd) overwritten, the others untouched. The weights are frozen.
     pub fn qk_prologue_backward(&self, dims: HeadsDims, t: &QkViews, eps: f32, g: &QkGradViews) -> Result<()> {
         let mut p = self.qk_params(dims, t, eps, "qk_prologue_backward")?;
         for (v, name) in [(g.dq, "dq"), (g.dk, "dk"), (g.dv, "dv")] {
             v.need(dims.heads_numel(), &format!("qk_prologue_backward: {name}"))?;
         }
-        g.dqkv.need(dims.tokens_window(3 * dims.hd()), "qk_prologue_backward: dqkv")?;
+        ensure!(
+            g.dqkv.ld() == dims.ld,
+            "qk_prologue_backward: dqkv row stride {} is not the dims' {}",
+            g.dqkv.ld(),
+            dims.ld
+        );
         let s = &self.stream;
-        (p.dq, p.dk, p.dv, p.dqkv) = (g.dq.addr(s), g.dk.addr(s), g.dv.addr(s), g.dqkv.addr(s));
+        p.dqkv = g.dqkv.window(dims.b * dims.ls, 3 * dims.hd(), "qk_prologue_backward: dqkv", s)?;
+        p.dqkv_bf16 = g.dqkv.is_bf16() as i32;
+        (p.dq, p.dk, p.dv) = (g.dq.addr(s), g.dk.addr(s), g.dv.addr(s));
         // SAFETY: every tensor was checked against dims (qk_params and above).
         unsafe { self.run_model(&self.qk_bwd, &p, dims.rows() * dims.h, true, "fk_model_qk_bwd") }
     }
@@ -832,13 +839,14 @@ pub struct QkViews<'a> {
     pub rstd_k: View<'a, f32>,
 }
 
-/// The QK prologue's backward tensors: dq, dk, dv bf16 [b, h, l, d] in, dqkv f32 [b·ls, ld] out.
+/// The QK prologue's backward tensors: dq, dk, dv bf16 [b, h, l, d] in, dqkv f32 or bf16
+/// [b·ls, ld] out (ld = the dims' ld).
 #[derive(Clone, Copy, Debug)]
 pub struct QkGradViews<'a> {
     pub dq: View<'a, bf16>,
     pub dk: View<'a, bf16>,
     pub dv: View<'a, bf16>,
-    pub dqkv: View<'a, f32>,
+    pub dqkv: DevMat<'a>,
 }
 
 fn heads_params(dims: HeadsDims, heads: u64, tokens: u64) -> FkModelHeadsParams {

@@ -275,22 +275,22 @@ impl GpuNorm {
 
     /// dx = dout (when `dx` is given), dy = gate⊙dout, dgate = Σ_l y⊙dout.
     #[allow(clippy::too_many_arguments)]
-    pub fn gated_residual_backward<Y: Elem>(
+    pub fn gated_residual_backward<Y: Elem, D: Elem>(
         &self,
         dims: StepDims,
         dout: &CudaSlice<f32>,
         y: &CudaSlice<Y>,
         gate: &CudaSlice<f32>,
         dx: Option<&CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
+        dy: &CudaSlice<D>,
         dgate: &CudaSlice<f32>,
         scratch: &CudaSlice<f32>,
     ) -> Result<()> {
         dims.check("gated_residual_backward")?;
         need(y, dims.numel(), "gated_residual_backward: y")?;
+        need(dy, dims.numel(), "gated_residual_backward: dy")?;
         for (s, len, what) in [
             (dout, dims.numel(), "dout"),
-            (dy, dims.numel(), "dy"),
             (gate, dims.bc(), "gate"),
             (dgate, dims.bc(), "dgate"),
             (scratch, Self::gated_residual_scratch(dims), "scratch"),
@@ -312,6 +312,7 @@ impl GpuNorm {
             c: dims.c as i64,
             chunk: CHUNK as i64,
             y_bf16: Y::BF16 as i32,
+            dy_bf16: D::BF16 as i32,
             ..Default::default()
         };
         let cs = FkColSumParams {

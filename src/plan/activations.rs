@@ -70,20 +70,21 @@ pub fn block_input(cfg: &FluxConfig, t: Tokens) -> usize {
 }
 
 /// Gradients and rebuilt inputs alive inside one block's backward beyond its saved set, at its
-/// fullest. Single block: d(linear2 input) and d(linear1 output) in f32 with dO and dY in bf16.
+/// fullest. Single block: d(linear2 input) in f32 (the GEMM's dX) with d(linear1 output) and dO
+/// in bf16.
 /// Double block, the larger of: the MLP backward on the longer stream (GELU's output rebuilt in
 /// bf16, its f32 gradient, d(MLP output) in bf16) and the QK/qkv backward (the rebuilt Q, K, V
-/// and 1/rms and dQ, dK, dV over the joint sequence with, on the longer stream, d qkv in f32 and
-/// bf16 and the qkv linear's dX and rebuilt input).
+/// and 1/rms and dQ, dK, dV over the joint sequence with, on the longer stream, d qkv in bf16
+/// and the qkv linear's dX and rebuilt input).
 pub fn block_backward_transient(cfg: &FluxConfig, t: Tokens, single: bool) -> usize {
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden);
     if single {
-        t.joint() * ((c + m) * F32 + (3 * c + m) * F32 + 2 * c * BF16)
+        t.joint() * ((c + m) * F32 + (3 * c + m) * BF16 + c * BF16)
     } else {
         let n = t.img.max(t.txt);
         let mlp = n * (m * BF16 + m * F32 + c * BF16);
         let heads = t.joint() * (6 * c * BF16 + 2 * cfg.num_heads * F32);
-        let qkv = heads + n * (3 * c * F32 + 3 * c * BF16 + c * F32 + c * BF16);
+        let qkv = heads + n * (3 * c * BF16 + c * F32 + c * BF16);
         mlp.max(qkv)
     }
 }

@@ -183,17 +183,19 @@ impl Twins {
         self.download(&out, numel)
     }
 
-    /// `ops::modulation::gated_residual_backward` plus x's pass-through: (dx, dy, dgate).
-    pub fn gated_residual_backward_host<Y: Elem>(
+    /// `ops::modulation::gated_residual_backward` plus x's pass-through: (dx, dy, dgate), dy
+    /// written as `D`.
+    #[allow(clippy::type_complexity)]
+    pub fn gated_residual_backward_host<Y: Elem, D: Elem>(
         &self,
         dims: StepDims,
         dout: &[f32],
         y: &[Y],
         gate: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<D>, Vec<f32>)> {
         let (numel, bc) = (dims.numel(), dims.b * dims.c);
         let (dod, yd, gd) = (self.upload(dout)?, self.upload(y)?, self.upload(gate)?);
-        let (dx, dy, dg) = (self.poisoned(numel)?, self.poisoned(numel)?, self.poisoned(bc)?);
+        let (dx, dy, dg) = (self.poisoned(numel)?, self.poisoned::<D>(numel)?, self.poisoned(bc)?);
         let scratch = self.poisoned(GpuNorm::gated_residual_scratch(dims))?;
         self.norm.gated_residual_backward(dims, &dod, &yd, &gd, Some(&dx), &dy, &dg, &scratch)?;
         Ok((self.download(&dx, numel)?, self.download(&dy, numel)?, self.download(&dg, bc)?))
@@ -406,9 +408,9 @@ impl Twins {
         })
     }
 
-    /// `qk_prologue_backward`: dqkv [b·ls, ld], NaN outside columns [0, 3hd).
+    /// `qk_prologue_backward`: dqkv [b·ls, ld] written as `D`, NaN outside columns [0, 3hd).
     #[allow(clippy::too_many_arguments)]
-    pub fn qk_prologue_backward_host(
+    pub fn qk_prologue_backward_host<D: Elem>(
         &self,
         dims: HeadsDims,
         inp: &QkHostInputs,
@@ -418,7 +420,7 @@ impl Twins {
         dq: &[bf16],
         dk: &[bf16],
         dv: &[bf16],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<D>> {
         let (nh, nr) = (dims.heads_numel(), dims.rows_numel());
         ensure!(
             rstd_q.len() == nr && rstd_k.len() == nr && dq.len() == nh && dk.len() == nh && dv.len() == nh,
@@ -429,7 +431,7 @@ impl Twins {
         let qkv = if inp.qkv_bf16 { DevMat::bf16(&q16, dims.ld) } else { DevMat::f32(&b[0], dims.ld) };
         let (rq, rk) = (self.upload(rstd_q)?, self.upload(rstd_k)?);
         let (dqd, dkd, dvd) = (self.upload(dq)?, self.upload(dk)?, self.upload(dv)?);
-        let out = self.poisoned::<f32>(dims.tokens_numel())?;
+        let out = self.poisoned::<D>(dims.tokens_numel())?;
         // q, k, v are not read by the backward: any bf16 buffers of the right size do.
         let t = QkViews {
             qkv,
@@ -443,7 +445,8 @@ impl Twins {
             rstd_q: (&rq).into(),
             rstd_k: (&rk).into(),
         };
-        let g = QkGradViews { dq: (&dqd).into(), dk: (&dkd).into(), dv: (&dvd).into(), dqkv: (&out).into() };
+        let g =
+            QkGradViews { dq: (&dqd).into(), dk: (&dkd).into(), dv: (&dvd).into(), dqkv: DevMat::of(&out, dims.ld) };
         self.attn.qk_prologue_backward(dims, &t, eps, &g)?;
         self.download(&out, dims.tokens_numel())
     }

@@ -260,9 +260,7 @@ fn stream_second_bwd(
     let m = b * ls;
     let hid = s.mlp0.d_out;
     let dmods: Vec<F32> = (0..6).map(|_| r.f32(b * c)).collect::<Result<_>>()?;
-    let dmlp = r.gated_bwd(dx, &a.mlp_out, &a.mods[5], &dmods[5], b, ls, c)?;
-    let dmlp16 = r.cast16(&dmlp, m * c)?;
-    drop(dmlp);
+    let dmlp16 = r.gated_bwd(dx, &a.mlp_out, &a.mods[5], &dmods[5], b, ls, c)?;
     let act16 = r.gelu16(&a.h0, m, hid)?;
     let dact = r.f32(m * hid)?;
     r.lin_bwd(&s.mlp2, m, View::from(&act16), View::from(&dmlp16), Some(&dact))?;
@@ -275,22 +273,21 @@ fn stream_second_bwd(
     r.lin_bwd(&s.mlp0, m, View::from(&x2), View::from(&dh016), Some(&dxm2))?;
     drop((x2, dh016));
     r.ln_mod_bwd(&a.ln2, &dxm2, &a.mods[4], dx, &dmods[3], &dmods[4], b, ls, c)?;
-    let dp = r.gated_bwd(dx, &a.p, &a.mods[2], &dmods[2], b, ls, c)?;
-    let dp16 = r.cast16(&dp, m * c)?;
+    let dp16 = r.gated_bwd(dx, &a.p, &a.mods[2], &dmods[2], b, ls, c)?;
     let da = r.f32(m * c)?;
     let a16 = merged(r, attn, bx.dm, ls, t0)?;
     r.lin_bwd(&s.proj, m, View::from(&a16), View::from(&dp16), Some(&da))?;
     Ok((dmods, da))
 }
 
-/// Backward of `stream_first` from d qkv (f32 [b·ls, 3c]): adds into `dx`, d SiLU(vec) into
+/// Backward of `stream_first` from d qkv (bf16 [b·ls, 3c]): adds into `dx`, d SiLU(vec) into
 /// `dsvec`.
 #[allow(clippy::too_many_arguments)]
 fn stream_first_bwd(
     r: &mut Run,
     s: &DevStream,
     a: &StreamAct,
-    dqkv: &F32,
+    dqkv16: &B16,
     dx: &F32,
     dmods: Vec<F32>,
     ls: usize,
@@ -299,11 +296,10 @@ fn stream_first_bwd(
 ) -> Result<()> {
     let (b, c) = (bx.dm.b, bx.dm.c);
     let m = b * ls;
-    let dqkv16 = r.cast16(dqkv, m * 3 * c)?;
     let dxm1 = r.f32(m * c)?;
     let x1 = r.ln_out(&a.ln1, &a.mods[0], &a.mods[1], b, ls, c)?;
-    r.lin_bwd(&s.qkv, m, View::from(&x1), View::from(&dqkv16), Some(&dxm1))?;
-    drop((x1, dqkv16));
+    r.lin_bwd(&s.qkv, m, View::from(&x1), View::from(dqkv16), Some(&dxm1))?;
+    drop(x1);
     r.ln_mod_bwd(&a.ln1, &dxm1, &a.mods[1], dx, &dmods[0], &dmods[1], b, ls, c)?;
     modulation_bwd(r, &s.modulation, &dmods, bx, dsvec)
 }
@@ -331,15 +327,15 @@ pub(crate) fn double_bwd(
     let (dq, dk, dv) = attn_bwd(r, &hq, &act.attn, &d_o, dm)?;
     drop(d_o);
     for (s, sa, dx, dmods, ls, t0) in [(&w.img, &act.img, d_img, dmi, li, lt), (&w.txt, &act.txt, d_txt, dmt, lt, 0)] {
-        let dqkv = r.f32(dm.b * ls * 3 * c)?;
+        let dqkv16 = r.b16(dm.b * ls * 3 * c)?;
         let qp = qk_views(&hq, &sa.qkv, 3 * c, &s.q_norm, &s.k_norm, bx);
         r.g.attn.qk_prologue_backward(
             heads(dm, ls, t0, 3 * c),
             &qp,
             QK_NORM_EPS,
-            &QkGradViews { dq: (&dq).into(), dk: (&dk).into(), dv: (&dv).into(), dqkv: (&dqkv).into() },
+            &QkGradViews { dq: (&dq).into(), dk: (&dk).into(), dv: (&dv).into(), dqkv: DevMat::bf16(&dqkv16, 3 * c) },
         )?;
-        stream_first_bwd(r, s, sa, &dqkv, dx, dmods, ls, bx, dsvec)?;
+        stream_first_bwd(r, s, sa, &dqkv16, dx, dmods, ls, bx, dsvec)?;
     }
     Ok(())
 }
@@ -393,20 +389,20 @@ pub(crate) fn single_bwd(r: &mut Run, w: &DevSingle, act: SingleAct, dx: &F32, b
     let (w1, w2) = (3 * c + mlp, c + mlp);
     let m = b * l;
     let dmods: Vec<F32> = (0..3).map(|_| r.f32(b * c)).collect::<Result<_>>()?;
-    let dout = r.gated_bwd(dx, &act.out, &act.mods[2], &dmods[2], b, l, c)?;
-    let dout16 = r.cast16(&dout, m * c)?;
-    drop(dout);
+    let dout16 = r.gated_bwd(dx, &act.out, &act.mods[2], &dmods[2], b, l, c)?;
     let cat16 = single_cat(r, &act.attn, &act.h1, dm)?;
     let dcat = r.f32(m * w2)?;
     r.lin_bwd(&w.linear2, m, View::from(&cat16), View::from(&dout16), Some(&dcat))?;
     drop((cat16, dout16));
-    let dh1 = r.f32(m * w1)?;
+    // d(linear1 output) in bf16 (linear1's dY), its MLP part from GELU's backward, its qkv part
+    // from the QK prologue's, each rounded once where it is computed.
+    let dh116 = r.b16(m * w1)?;
     r.g.act.gelu_tanh_backward(
         m,
         mlp,
         DevMat::bf16(View::from(&act.h1).tail(3 * c)?, w1),
         DevMat::f32(View::from(&dcat).tail(c)?, w2),
-        DevMat::f32(View::from(&dh1).tail(3 * c)?, w1),
+        DevMat::bf16(View::from(&dh116).tail(3 * c)?, w1),
     )?;
     let d_o = r.b16(dm.attn().numel())?;
     r.g.attn.merge_heads_backward(heads(dm, l, 0, w2), View::from(&dcat), View::from(&d_o))?;
@@ -415,11 +411,9 @@ pub(crate) fn single_bwd(r: &mut Run, w: &DevSingle, act: SingleAct, dx: &F32, b
     let (dq, dk, dv) = attn_bwd(r, &hq, &act.attn, &d_o, dm)?;
     drop(d_o);
     let qp = qk_views(&hq, &act.h1, w1, &w.q_norm, &w.k_norm, bx);
-    let g = QkGradViews { dq: (&dq).into(), dk: (&dk).into(), dv: (&dv).into(), dqkv: (&dh1).into() };
+    let g = QkGradViews { dq: (&dq).into(), dk: (&dk).into(), dv: (&dv).into(), dqkv: DevMat::bf16(&dh116, w1) };
     r.g.attn.qk_prologue_backward(heads(dm, l, 0, w1), &qp, QK_NORM_EPS, &g)?;
     drop((dq, dk, dv, hq));
-    let dh116 = r.cast16(&dh1, m * w1)?;
-    drop(dh1);
     let dxm = r.f32(m * c)?;
     let xm = r.ln_out(&act.ln, &act.mods[0], &act.mods[1], b, l, c)?;
     r.lin_bwd(&w.linear1, m, View::from(&xm), View::from(&dh116), Some(&dxm))?;

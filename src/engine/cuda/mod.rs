@@ -373,11 +373,12 @@ impl Run<'_> {
         self.g.norm.gated_residual(StepDims { b, l, c }, x, y, gate, x)
     }
 
-    /// For x_out = x + gate⊙y: returns d y; writes d gate (d x is d x_out itself).
+    /// For x_out = x + gate⊙y: returns d y in bf16 (the dY of the linear that made y, rounded
+    /// once where it is computed); writes d gate (d x is d x_out itself).
     #[allow(clippy::too_many_arguments)]
-    pub fn gated_bwd(&self, dout: &F32, y: &B16, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<F32> {
+    pub fn gated_bwd(&self, dout: &F32, y: &B16, gate: &F32, dgate: &F32, b: usize, l: usize, c: usize) -> Result<B16> {
         let dims = StepDims { b, l, c };
-        let (dy, scratch) = (self.f32(b * l * c)?, self.f32(GpuNorm::gated_residual_scratch(dims))?);
+        let (dy, scratch) = (self.b16(b * l * c)?, self.f32(GpuNorm::gated_residual_scratch(dims))?);
         self.g.norm.gated_residual_backward(dims, dout, y, gate, None, &dy, dgate, &scratch)?;
         Ok(dy)
     }
