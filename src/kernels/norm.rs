@@ -11,6 +11,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{addr, grid_blocks, launch, need, Family};
+use super::trace::{record, OpFamily::Elementwise};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr};
 
@@ -131,6 +132,9 @@ impl GpuNorm {
             eps,
             ..Default::default()
         };
+        record(Elementwise, "fk_ln_mod_fwd", 0.0, 4.0 * (3 * dims.numel() + 2 * dims.rows()) as f64, || {
+            format!("{dims:?}")
+        });
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.ln_fwd, &p, (dims.rows(), 1, 1), "fk_ln_mod_fwd") }
     }
@@ -189,6 +193,7 @@ impl GpuNorm {
             chunks: dims.chunks() as i64,
             c: dims.c as i64,
         };
+        record(Elementwise, "fk_ln_mod_bwd", 0.0, 4.0 * (5 * dims.numel()) as f64, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe {
             self.run(&self.ln_bwd_dx, &p, (dims.rows(), 1, 1), "fk_ln_mod_bwd_dx")?;
@@ -222,6 +227,7 @@ impl GpuNorm {
             chunk: CHUNK as i64,
             ..Default::default()
         };
+        record(Elementwise, "fk_gated_fwd", 0.0, 4.0 * (3 * dims.numel()) as f64, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.gated_fwd, &p, (grid_blocks(dims.numel(), THREADS), 1, 1), "fk_gated_fwd") }
     }
@@ -279,6 +285,9 @@ impl GpuNorm {
             c: dims.c as i64,
             ..Default::default()
         };
+        record(Elementwise, "fk_gated_bwd", 0.0, 4.0 * ((3 + dx.is_some() as usize) * dims.numel()) as f64, || {
+            format!("{dims:?}")
+        });
         // SAFETY: every buffer was checked against dims above.
         unsafe {
             self.run(&self.gated_bwd, &p, (dims.c_tiles(), dims.chunks(), dims.b), "fk_gated_bwd")?;
