@@ -207,6 +207,9 @@ pub fn run(a: &Args) -> Result<String> {
         sorted.sort_by(|x, y| x.total_cmp(y));
         Some(sorted[sorted.len() / 2])
     };
+    if let (Some(m), Some(p)) = (median, &prediction) {
+        eprintln!("step: measured {m:.3} s (median), predicted {:.3} s (step-time model, a prediction)", p.total);
+    }
     let plan_base = match base {
         BaseDtype::Int8 => Base::Int8,
         BaseDtype::Bf16 => Base::Bf16,

@@ -1543,4 +1543,27 @@ mod tests {
         assert_eq!(s.base_flops(), 48.0);
         assert_eq!(s.forward_flops(), 48.0);
     }
+
+    #[test]
+    fn fused_launch_costs_for_known_shapes() {
+        // The hybrid forward's large launch at FLUX's img qkv (1024²): base product from cuBLAS
+        // (f32 C read), one r 32 adapter on the q rows, bf16 Y, bias.
+        let (m, k, n, r) = (4096, 3072, 9216, 32);
+        let mut pr = problem(m, n, 1, n);
+        (pr.beta, pr.c_in, pr.bias) = (1.0, 2, 3);
+        let p = params(vec![(pr, vec![segment(4, r, 5, r, r, 0..3072)])]).unwrap();
+        let (flops, bytes) = fused_cost(&p);
+        assert_eq!(flops, 2.0 * (m * 3072 * r) as f64);
+        // S' [m, r] and B [3072, r] bf16 read; Y bf16 written; C f32 read; bias f32 read.
+        assert_eq!(bytes, (2 * m * r + 2 * 3072 * r + 2 * m * n + 4 * m * n + 4 * n) as f64);
+        // dA += G'ᵀ·X̃ (f32, accumulating: read and written) with an 8-bit-coded operand's
+        // bytes at one per element.
+        let mut pa = problem(r, k, 6, k);
+        (pa.out_f32, pa.beta) = (1, 1.0);
+        let mut seg = segment(7, r, 8, k, m, 0..k);
+        seg.b_code = FK_CODE_I8 as i32;
+        let (flops, bytes) = fused_cost(&params(vec![(pa, vec![seg])]).unwrap());
+        assert_eq!(flops, 2.0 * (r * k * m) as f64);
+        assert_eq!(bytes, (2 * r * m + k * m + 2 * 4 * r * k) as f64);
+    }
 }
