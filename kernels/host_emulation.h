@@ -901,12 +901,23 @@ CUresult cuCtxSynchronize() { return FK_SUCCESS; }
 CUresult cuStreamSynchronize(void*) { return FK_SUCCESS; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return FK_SUCCESS; }
 
+// FKEMU_DRY=1: for a dry run of the host code (kernels skipped by src/kernels/trace.rs), device
+// memory is never touched: allocations are not filled, memsets and copies do nothing, so a
+// full-size FLUX.1-dev step (tens of GB allocated) walks here in untouched, lazily mapped pages.
+static bool fkemu_dry() {
+    static const bool dry = [] {
+        const char* v = std::getenv("FKEMU_DRY");
+        return v != nullptr && v[0] == '1';
+    }();
+    return dry;
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     // Exactly `bytes` long, so an AddressSanitizer build catches a kernel reading past the end.
     void* m = nullptr;
     if (posix_memalign(&m, 256, bytes ? bytes : 1) != 0) return FK_OUT_OF_MEMORY;
     // Fresh device memory is not zero on a GPU either.
-    std::memset(m, 0xCD, bytes);
+    if (!fkemu_dry()) std::memset(m, 0xCD, bytes);
     fkemu::Allocations& al = fkemu::allocations();
     std::lock_guard<std::mutex> g(al.lock);
     al.live[reinterpret_cast<uintptr_t>(m)] = bytes;
@@ -931,19 +942,23 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAllo
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) {
     fkemu::check_global(reinterpret_cast<void*>(d), n, "cuMemcpyHtoD: destination outside an allocation");
-    std::memcpy(reinterpret_cast<void*>(d), h, n);
+    if (!fkemu_dry()) std::memcpy(reinterpret_cast<void*>(d), h, n);
     return FK_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) {
     fkemu::check_global(reinterpret_cast<void*>(d), n, "cuMemcpyDtoH: source outside an allocation");
-    std::memcpy(h, reinterpret_cast<void*>(d), n);
+    // A dry run reads zeros (defined values for the host, none of them meaningful).
+    if (fkemu_dry()) std::memset(h, 0, n);
+    else std::memcpy(h, reinterpret_cast<void*>(d), n);
     return FK_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) {
+    if (fkemu_dry()) return FK_SUCCESS;
     std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<void*>(s), n);
     return FK_SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
+    if (fkemu_dry()) return FK_SUCCESS;
     std::memset(reinterpret_cast<void*>(d), v, n);
     return FK_SUCCESS;
 }

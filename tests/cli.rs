@@ -101,6 +101,8 @@ fn bench_step_names_bad_settings_and_a_missing_gpu() {
     assert!(e.contains("--steps"), "{e}");
     let e = run(&["--model", "random:tiny", "--base", "fp4"]);
     assert!(e.contains("--base `fp4`"), "{e}");
+    let e = run(&["--model", "random:tiny", "--predict", "--card", "a100"]);
+    assert!(e.contains("--card `a100`"), "{e}");
     if flux_kernels::engine::Device::parse("cuda").is_err() {
         let e = run(&["--model", "random:tiny", "--size", "64", "--text-tokens", "8"]);
         // bench-step has no --device flag, so the error must not name one.

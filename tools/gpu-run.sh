@@ -72,7 +72,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
 # counts as a failure here.
 test_rc=0
 : >"$out/tests.log"
-for t in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step gpu_plan; do
+for t in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step gpu_plan gpu_step_trace; do
   step "tests: $t" | tee -a "$out/tests.log"
   timeout "$(limit "${FK_TEST_TIMEOUT:-120}")" "./$t" --test-threads 1 --show-output >>"$out/tests.log" 2>&1
   rc=$?
@@ -169,10 +169,11 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     echo
     echo "Random FLUX.1-dev weights, batch 1, 512 T5 tokens, LoRA rank 32 on attn-mlp, AdamW; step time is"
     echo "the median of $steps steps after $warm warm-up; peak is the memory pool's high-water mark of allocated bytes (as torch.cuda.max_memory_allocated), and the prediction is the plan less the CUDA context and cuBLAS workspace;"
-    echo "predicted is \`flux-kernels plan\` (a model, not a measurement)."
+    echo "predicted is \`flux-kernels plan\` (a model, not a measurement); the step-time model's prediction is"
+    echo "\`bench-step --predict\` on the trace of one more step (plan::steptime, docs/step-time.md; the breakdown is in bench_logs.txt)."
     echo
-    echo "| base | resolution | checkpointing | kernels | step (s, median) | steps (s) | peak (GiB, measured) | predicted by plan, allocated (GiB) | load (s) | wall (s) | status |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| base | resolution | checkpointing | kernels | step (s, median) | steps (s) | step-time model (s, prediction) | peak (GiB, measured) | predicted by plan, allocated (GiB) | load (s) | wall (s) | status |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   } >"$smd"
   # The goal configuration first (int8, 1024², checkpointing), then the rest of the side-by-side
   # settings, then 1024² without checkpointing.
@@ -182,7 +183,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     bf16:1024:false:auto int8:1024:false:auto; do
     IFS=: read -r b sz ck kern <<<"$cfg"
     if [ "$ck" = true ]; then ck_flag=--gradient-checkpointing; else ck_flag=--no-gradient-checkpointing; fi
-    stepv=""; stepsv=""; peak=""; pred=""; load=""; wall=""; line=""
+    stepv=""; stepsv=""; model=""; peak=""; pred=""; load=""; wall=""; line=""
     if [ "${FK_SKIP_SIDE_BY_SIDE:-0}" = 1 ]; then
       status="skipped: FK_SKIP_SIDE_BY_SIDE=1"
     elif [ "$(left)" -lt "${cost[$sz]}" ]; then
@@ -192,7 +193,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
       t0=$(date +%s)
       lim=$(limit "${FK_STEP_TIMEOUT:-240}")
       timeout "$lim" ./flux-kernels bench-step --model random:flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp \
-        --base "$b" "$ck_flag" --kernels "$kern" --steps "$steps" --warmup "$warm" --json >"$tmpd/step.out" 2>"$tmpd/step.err"
+        --base "$b" "$ck_flag" --kernels "$kern" --steps "$steps" --warmup "$warm" --predict --json >"$tmpd/step.out" 2>"$tmpd/step.err"
       rc=$?
       wall=$(( $(date +%s) - t0 ))
       [ "$wall" -gt "${cost[$sz]}" ] && cost[$sz]=$wall
@@ -215,6 +216,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
         echo "$line" | tee -a "$ejson" >>"$out/bench_logs.txt"
         stepv=$(jnum step_s_median "$line")
         stepsv=$(sed -nE 's/.*"step_s"[[:space:]]*:[[:space:]]*\[([^]]*)\].*/\1/p' <<<"$line" | tr -d ' ' | sed 's/,/, /g')
+        model=$(jnum predicted_step_s "$line")
         peak=$(jnum peak_gib "$line")
         pred=$(jnum predicted_allocated_gib "$line")  # comparable with peak_gib (pool high-water mark)
         load=$(jnum load_s "$line")
@@ -227,7 +229,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
         "$ck_flag" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
         awk '{ printf "%.2f\n", $1 - 0.53125 }')  # less the CUDA context and cuBLAS workspace
     fi
-    echo "| $b | ${sz}² | $ck | $kern | ${stepv:--} | ${stepsv:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
+    echo "| $b | ${sz}² | $ck | $kern | ${stepv:--} | ${stepsv:--} | ${model:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
   done
 
   # PyTorch's training step (diffusers + PEFT) at the same settings: bf16, 512² and 1024², with

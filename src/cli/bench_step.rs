@@ -2,16 +2,21 @@
 //! device-resident GPU model on synthetic inputs, timed one by one after warm-up, with the peak
 //! device memory (the memory pool's high-water mark) and the planner's prediction beside it: the engine's side of
 //! docs/side-by-side.md and the points of docs/scaling.md (tools/scaling.sh drives it).
+//! `--predict` adds the step-time model's prediction (plan::steptime, from the trace of one more
+//! step's launches) beside the measured step; `--dry-run` records that trace without running a
+//! kernel and prints only the prediction (docs/step-time.md).
 
 use super::args::{deprecated, CheckpointingArgs};
 use crate::engine::{BaseDtype, CudaBackend, Engine, EngineOptions};
 use crate::kernels::attention::FwdVariant;
 use crate::kernels::lora::BaseGemm;
+use crate::kernels::trace;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::flux::FluxInputs;
 use crate::model::packing::img_ids;
 use crate::model::weights::FluxWeights;
 use crate::ops::optim::AdamW;
+use crate::plan::steptime::{self, Prediction};
 use crate::plan::{gib, plan, Base, Settings, CUBLAS_WORKSPACE, CUDA_CONTEXT};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{init_adapters, lora_config, AdapterInit};
@@ -59,6 +64,19 @@ pub struct Args {
     /// card): the side-by-side measurement of what the Hopper kernels bring to a whole step.
     #[arg(long, value_name = "auto|sm80", default_value = "auto")]
     pub kernels: String,
+    /// Also trace one more step's launches (kernel, shape, FLOPs, bytes) and print the step-time
+    /// model's prediction per op family beside the measured step (the table on stderr, the
+    /// figures in the JSON).
+    #[arg(long)]
+    pub predict: bool,
+    /// Record the step's launches without running any kernel, and print only the prediction (no
+    /// timing; implies --predict). Under the CUDA emulation set FKEMU_DRY=1 too, so that the
+    /// full-size buffers are never touched (docs/step-time.md).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The card whose rates the prediction uses.
+    #[arg(long, value_name = "CARD", default_value = "h200")]
+    pub card: String,
 }
 
 impl Args {
@@ -87,7 +105,18 @@ pub fn run(a: &Args) -> Result<String> {
         bail!("--steps must be at least 1");
     }
     let base = BaseDtype::parse(&a.base)?;
-    let dev = CudaBackend::device().context("bench-step times the step on a CUDA GPU")?;
+    let card = steptime::card(&a.card)?;
+    if a.dry_run {
+        // From here on nothing runs on the device: not the weights' random fill either.
+        trace::start(true);
+    }
+    let dev = CudaBackend::device().with_context(|| {
+        if a.dry_run {
+            "bench-step --dry-run walks the step on a CUDA GPU or the CUDA emulation (docs/step-time.md)"
+        } else {
+            "bench-step times the step on a CUDA GPU"
+        }
+    })?;
     let hopper_used = {
         let crate::engine::Device::Cuda(be) = &dev else { bail!("bench-step needs a CUDA device") };
         let mut g = CudaBackend::lock(be)?;
@@ -136,26 +165,51 @@ pub fn run(a: &Args) -> Result<String> {
         guidance: cfg.guidance_embed.then(|| vec![1.0]),
     };
     let target = rng.normal_vec(n_img * cfg.out_channels, 1.0);
-    let mut times = Vec::new();
-    let mut last_loss = f64::NAN;
-    for i in 0..a.warmup + a.steps {
-        let t = Instant::now();
+    let mut step = || -> Result<f64> {
         engine.zero_grads()?;
-        last_loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
+        let loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
         engine.optimizer_step(&mut opt, 1e-4, 1.0)?;
         if let Some(g) = engine.cuda() {
             g.m.synchronize()?;
         }
-        if i >= a.warmup {
-            times.push(t.elapsed().as_secs_f64());
+        Ok(loss)
+    };
+    let mut times = Vec::new();
+    let mut last_loss = f64::NAN;
+    if !a.dry_run {
+        for i in 0..a.warmup + a.steps {
+            let t = Instant::now();
+            last_loss = step()?;
+            if i >= a.warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        if !last_loss.is_finite() {
+            bail!("the loss is not finite ({last_loss})");
         }
     }
-    if !last_loss.is_finite() {
-        bail!("the loss is not finite ({last_loss})");
+    // The traced step comes after the timed ones (recording costs host time) or, dry, alone.
+    let prediction: Option<Prediction> = if a.predict || a.dry_run {
+        trace::start(a.dry_run);
+        let r = step();
+        let tr = trace::finish().context("the launch trace")?;
+        r?;
+        let p = steptime::predict(&tr, card);
+        eprintln!("{}\n{}", p.table(), p.kernel_table());
+        Some(p)
+    } else {
+        None
+    };
+    let median = if times.is_empty() {
+        None
+    } else {
+        let mut sorted = times.clone();
+        sorted.sort_by(|x, y| x.total_cmp(y));
+        Some(sorted[sorted.len() / 2])
+    };
+    if let (Some(m), Some(p)) = (median, &prediction) {
+        eprintln!("step: measured {m:.3} s (median), predicted {:.3} s (step-time model, a prediction)", p.total);
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(|x, y| x.total_cmp(y));
-    let median = sorted[sorted.len() / 2];
     let plan_base = match base {
         BaseDtype::Int8 => Base::Int8,
         BaseDtype::Bf16 => Base::Bf16,
@@ -198,7 +252,10 @@ pub fn run(a: &Args) -> Result<String> {
         "predicted_gib": predicted,
         "predicted_allocated_gib": predicted_allocated,
         "trainable": trainable,
-        "loss": last_loss,
+        "loss": if a.dry_run { None } else { Some(last_loss) },
+        "dry_run": a.dry_run,
+        "predicted_step_s": prediction.as_ref().map(|p| p.total),
+        "predicted_step": prediction.as_ref().map(|p| p.json()),
         "load_s": load_s,
     });
     Ok(j.to_string())

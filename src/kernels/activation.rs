@@ -8,6 +8,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{grid_blocks, launch, need, DevMat, Family};
+use super::trace::{elem, record, OpFamily::Elementwise};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaFunction, CudaSlice};
 
@@ -52,6 +53,8 @@ impl GpuActivation {
             ..Default::default()
         };
         let grid = (grid_blocks(rows * cols, GELU_THREADS), 1, 1);
+        let bytes = (rows * cols) as f64 * (elem(!x.is_bf16()) + elem(!out.is_bf16()));
+        record(Elementwise, "fk_model_gelu_fwd", 0.0, bytes, || format!("{rows}x{cols}"));
         // SAFETY: both windows were checked to hold [rows, cols] at their strides.
         unsafe { launch(st, &self.gelu_fwd, &p, grid, GELU_THREADS, 0, "fk_model_gelu_fwd") }
     }
@@ -76,6 +79,8 @@ impl GpuActivation {
             x_bf16: x.is_bf16() as i32,
         };
         let grid = (grid_blocks(rows * cols, GELU_THREADS), 1, 1);
+        let bytes = (rows * cols) as f64 * (elem(!x.is_bf16()) + 4.0 + elem(!dx.is_bf16()));
+        record(Elementwise, "fk_model_gelu_bwd", 0.0, bytes, || format!("{rows}x{cols}"));
         // SAFETY: the three windows were checked to hold [rows, cols] at their strides.
         unsafe { launch(st, &self.gelu_bwd, &p, grid, GELU_THREADS, 0, "fk_model_gelu_bwd") }
     }
@@ -120,6 +125,7 @@ impl GpuActivation {
             out: super::launch::addr(out, st),
             n: n as i64,
         };
+        record(Elementwise, name, 0.0, 4.0 * (n * (2 + dout.is_some() as usize)) as f64, || format!("n={n}"));
         // SAFETY: x, dout and out hold at least n elements each.
         unsafe { launch(st, f, &p, (grid_blocks(n, SILU_THREADS), 1, 1), SILU_THREADS, FK_SMEM_STEP as usize, name) }
     }

@@ -13,6 +13,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{addr, grid_blocks, launch, tensor_map_bf16, DevMat, Family, View};
+use super::trace::{record, OpFamily, DKDV_SHARE};
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -453,6 +454,15 @@ impl GpuAttention {
     /// As `launch`.
     unsafe fn launch_forward(&self, dims: AttnDims, p: &FkAttnParams, v: FwdVariant) -> Result<()> {
         let AttnDims { b, h, l, d } = dims;
+        let kernel = match v {
+            FwdVariant::Rows128 => "fk_attn_fwd",
+            FwdVariant::Rows64 => "fk_attn_fwd_r64",
+            FwdVariant::Hopper => "fk_attn_fwd_sm90",
+            FwdVariant::HopperSerial => "fk_attn_fwd_sm90_serial",
+        };
+        // Q, K, V read, O (bf16) and LSE written.
+        let bytes = (8 * dims.numel() + 4 * dims.rows()) as f64;
+        record(OpFamily::Attention, kernel, dims.forward_flops(), bytes, || format!("{dims:?}"));
         let (f, rows, name) = match v {
             FwdVariant::Rows128 => (&self.fwd, FWD_ROWS, "fk_attn_fwd"),
             FwdVariant::Rows64 => (&self.fwd_r64, BLOCK, "fk_attn_fwd_r64"),
@@ -514,6 +524,21 @@ impl GpuAttention {
     unsafe fn launch_backward(&self, dims: AttnDims, p: &FkAttnParams, step: BackwardStep) -> Result<()> {
         let AttnDims { b, h, l, d } = dims;
         let (_, dkdv_smem, dq_smem) = smem_bytes(d);
+        let (n, rows) = (dims.numel(), dims.rows());
+        // prep: dO, O read, delta written; dK/dV: Q, K, V, dO, LSE, delta read, dK, dV written;
+        // dQ: the same reads, dQ written. The backward's count is split as `DKDV_SHARE` says.
+        let (kernel, flops, bytes) = match step {
+            BackwardStep::Prep => ("fk_attn_bwd_prep", 0.0, 4 * n + 4 * rows),
+            BackwardStep::DkDv => ("fk_attn_bwd_dkdv", dims.backward_flops() * DKDV_SHARE, 12 * n + 8 * rows),
+            BackwardStep::Dq => ("fk_attn_bwd_dq", dims.backward_flops() * (1.0 - DKDV_SHARE), 10 * n + 8 * rows),
+            BackwardStep::DkDvHopper => {
+                ("fk_attn_bwd_dkdv_sm90", dims.backward_flops() * DKDV_SHARE, 12 * n + 8 * rows)
+            }
+            BackwardStep::DqHopper => {
+                ("fk_attn_bwd_dq_sm90", dims.backward_flops() * (1.0 - DKDV_SHARE), 10 * n + 8 * rows)
+            }
+        };
+        record(OpFamily::Attention, kernel, flops, bytes as f64, || format!("{dims:?}"));
         // SAFETY: the caller's contract.
         unsafe {
             match step {
@@ -662,6 +687,9 @@ impl GpuAttention {
             v.need(dims.heads_numel(), &format!("qk_prologue: {name}"))?;
         }
         (p.q, p.k, p.v) = (t.q.addr(s), t.k.addr(s), t.v.addr(s));
+        // qkv read (f32 or bf16), q, k, v written in bf16
+        let bytes = (6.0 + 3.0 * if t.qkv.is_bf16() { 2.0 } else { 4.0 }) * (dims.rows() * dims.hd()) as f64;
+        record(OpFamily::Elementwise, "fk_model_qk_fwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every tensor was checked against dims (qk_params and above).
         unsafe { self.run_model(&self.qk_fwd, &p, dims.rows() * dims.h, true, "fk_model_qk_fwd") }
     }
@@ -684,6 +712,10 @@ impl GpuAttention {
         p.dqkv = g.dqkv.window(dims.b * dims.ls, 3 * dims.hd(), "qk_prologue_backward: dqkv", s)?;
         p.dqkv_bf16 = g.dqkv.is_bf16() as i32;
         (p.dq, p.dk, p.dv) = (g.dq.addr(s), g.dk.addr(s), g.dv.addr(s));
+        // dq, dk, dv bf16 and qkv read, dqkv written (f32 or bf16)
+        let (qkv_b, dqkv_b) = (if t.qkv.is_bf16() { 2.0 } else { 4.0 }, if g.dqkv.is_bf16() { 2.0 } else { 4.0 });
+        let bytes = (6.0 + 3.0 * qkv_b + 3.0 * dqkv_b) * (dims.rows() * dims.hd()) as f64;
+        record(OpFamily::Elementwise, "fk_model_qk_bwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every tensor was checked against dims (qk_params and above).
         unsafe { self.run_model(&self.qk_bwd, &p, dims.rows() * dims.h, true, "fk_model_qk_bwd") }
     }
@@ -731,6 +763,9 @@ impl GpuAttention {
         o.need(dims.heads_numel(), "merge_heads: o")?;
         out.need(dims.tokens_window(dims.hd()), "merge_heads: out")?;
         let p = heads_params(dims, o.addr(&self.stream), out.addr(&self.stream));
+        record(OpFamily::Elementwise, "fk_model_merge_heads", 0.0, 4.0 * (dims.rows() * dims.hd()) as f64, || {
+            format!("{dims:?}")
+        });
         // SAFETY: both tensors were checked against dims.
         unsafe { self.run_model(&self.merge, &p, dims.rows() * dims.hd(), false, "fk_model_merge_heads") }
     }
@@ -742,6 +777,9 @@ impl GpuAttention {
         dout.need(dims.tokens_window(dims.hd()), "merge_heads_backward: dout")?;
         d_o.need(dims.heads_numel(), "merge_heads_backward: d_o")?;
         let p = heads_params(dims, d_o.addr(&self.stream), dout.addr(&self.stream));
+        record(OpFamily::Elementwise, "fk_model_merge_heads_bwd", 0.0, 6.0 * (dims.rows() * dims.hd()) as f64, || {
+            format!("{dims:?}")
+        });
         // SAFETY: both tensors were checked against dims.
         unsafe { self.run_model(&self.merge_bwd, &p, dims.rows() * dims.hd(), false, "fk_model_merge_heads_bwd") }
     }

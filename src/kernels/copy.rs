@@ -5,6 +5,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{DevMat, OneKernel, View};
+use super::trace::{elem, record, OpFamily};
 use anyhow::{ensure, Result};
 use half::bf16;
 
@@ -38,6 +39,9 @@ impl GpuCopy {
             accumulate: accumulate as i32,
             ..Default::default()
         };
+        // Source read, destination written (and read when accumulating).
+        let per = elem(!src.is_bf16()) + elem(!dst.is_bf16()) * if accumulate { 2.0 } else { 1.0 };
+        record(OpFamily::Elementwise, "fk_model_copy2d", 0.0, per * (rows * cols) as f64, || format!("{rows}x{cols}"));
         // SAFETY: both windows were checked to hold [rows, cols] at their strides.
         unsafe { self.k.run(&p, rows * cols, "fk_model_copy2d") }
     }

@@ -4,6 +4,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{OneKernel, View};
+use super::trace::{record, OpFamily};
 use anyhow::Result;
 
 pub struct GpuEmbedding {
@@ -41,6 +42,9 @@ impl GpuEmbedding {
             // The CPU's −(ln(max_period) in f64, rounded to f32).
             neg_log_max_period: -((max_period as f64).ln() as f32),
         };
+        record(OpFamily::Elementwise, "fk_model_timestep_emb", 0.0, 4.0 * (b + b * dim) as f64, || {
+            format!("{b}x{dim}")
+        });
         // SAFETY: t holds b values and out b·dim.
         unsafe { self.k.run(&p, b * dim, "fk_model_timestep_emb") }
     }

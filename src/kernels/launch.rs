@@ -91,6 +91,9 @@ pub(crate) unsafe fn launch<P: DeviceRepr>(
         grid.0 <= u32::MAX as usize && grid.1 <= 65535 && grid.2 <= 65535,
         "{name}: grid {grid:?} exceeds the device's limits"
     );
+    if super::trace::launched(name) {
+        return Ok(()); // a dry run: recorded, not run
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block_dim: (threads as u32, 1, 1),

@@ -22,6 +22,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{launch, tensor_map_bf16, Family, View};
+use super::trace::{self, elem, gemm_bytes, gemm_flops, record, OpFamily::Linear};
 use crate::ops::lora::{Dropout, LoraTerm, TermGrad};
 use crate::quant::{Code, QWeight};
 use anyhow::{bail, ensure, Context, Result};
@@ -499,6 +500,27 @@ fn problem(m: usize, n: usize, out: u64, ldc: usize) -> FkGemmProblem {
     FkGemmProblem { m: m as i64, n: n as i64, out, ldc: ldc as i64, alpha: 1.0, ..Default::default() }
 }
 
+/// FLOPs and bytes of a fused launch: per problem, its segments' products (A [m, k] against
+/// B's columns [n_begin, n_end) × k, bf16 or 8-bit codes) and its output (f32 or bf16, read too
+/// when accumulating into it, plus the f32 C it adds and the bias).
+fn fused_cost(p: &FkGemmParams) -> (f64, f64) {
+    let (mut flops, mut bytes) = (0.0, 0.0);
+    for pr in &p.problem[..p.num_problems as usize] {
+        let (m, n) = (pr.m as usize, pr.n as usize);
+        for sg in &p.segment[pr.seg_begin as usize..pr.seg_end as usize] {
+            let (k, cols) = (sg.k as usize, (sg.n_end - sg.n_begin) as usize);
+            flops += gemm_flops(m, cols, k);
+            let b_elem = if sg.b_code != 0 { 1.0 } else { 2.0 };
+            bytes += 2.0 * (m * k) as f64 + b_elem * (cols * k) as f64;
+        }
+        let out = (m * n) as f64 * elem(pr.out_f32 != 0);
+        bytes += out * if pr.beta != 0.0 && pr.c_in == 0 { 2.0 } else { 1.0 };
+        bytes +=
+            if pr.c_in != 0 { 4.0 * (m * n) as f64 } else { 0.0 } + if pr.bias != 0 { 4.0 * n as f64 } else { 0.0 };
+    }
+    (flops, bytes)
+}
+
 /// Builds an FkGemmParams from (problem, its segments) pairs.
 fn params(list: Vec<(FkGemmProblem, Vec<FkSegment>)>) -> Result<FkGemmParams> {
     let mut p = FkGemmParams::default();
@@ -752,10 +774,21 @@ impl GpuLora {
 
     // ---- fused kernels -----------------------------------------------------------------------
 
-    fn launch(&self, f: &CudaFunction, p: &FkGemmParams, grid: (usize, usize), threads: i64, smem: i64) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        p: &FkGemmParams,
+        grid: (usize, usize),
+        threads: i64,
+        smem: i64,
+    ) -> Result<()> {
         if p.num_problems == 0 || grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
+        let (flops, bytes) = fused_cost(p);
+        record(Linear, name, flops, bytes, || format!("{} problems", p.num_problems));
         let grid = (grid.0, grid.1, p.num_problems as usize);
         // SAFETY: every pointer in `p` is an arena buffer sized for the shape or comes from views
         // checked against it (`view_ptrs`, `backward_dev`); callers are this module's only.
@@ -764,12 +797,12 @@ impl GpuLora {
 
     fn launch_large(&self, f: &CudaFunction, p: &FkGemmParams, m: usize, n: usize, smem: i64) -> Result<()> {
         let grid = (n.div_ceil(FK_GEMM_LARGE_BN as usize), m.div_ceil(FK_GEMM_LARGE_BM as usize));
-        self.launch(f, p, grid, FK_GEMM_LARGE_THREADS, smem)
+        self.launch(f, "fk_gemm_large", p, grid, FK_GEMM_LARGE_THREADS, smem)
     }
 
     fn launch_small(&self, f: &CudaFunction, p: &FkGemmParams, m: usize, n: usize, smem: i64) -> Result<()> {
         let grid = (n.div_ceil(FK_GEMM_SMALL_BN as usize), m.div_ceil(FK_GEMM_SMALL_BM as usize));
-        self.launch(f, p, grid, FK_GEMM_SMALL_THREADS, smem)
+        self.launch(f, "fk_gemm_small", p, grid, FK_GEMM_SMALL_THREADS, smem)
     }
 
     /// S' = s·X̃·Aᵀ for every term into the S buffer (one launch).
@@ -827,6 +860,7 @@ impl GpuLora {
         let p = FkDequant8Params { out: dst, codes, scales, rows: s.n as i64, cols: s.k as i64, code, pad0: 0 };
         let threads = FK_POINTWISE_THREADS as usize;
         let blocks = (s.n * s.k).div_ceil(4 * threads).clamp(1, 65535);
+        record(Linear, "fk_dequant8_bf16", 0.0, (3 * s.n * s.k + 4 * s.n) as f64, || format!("{}x{}", s.n, s.k));
         // SAFETY: `codes` [n][k] and `scales` [n] were checked against the shape (`view_ptrs`) or
         // uploaded for it (`upload_base_q`); `dst` is the arena's Wdeq, sized n·k.
         unsafe { launch(&self.stream, &self.k.dequant8, &p, (blocks, 1, 1), threads, 0, "fk_dequant8_bf16") }
@@ -892,6 +926,11 @@ impl GpuLora {
         };
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let grid = (tiles.min(h.sms), 1, 1);
+        // Each segment: A [m, k] and its B [columns, k] read; Y (dX) written, bias read.
+        let flops: f64 = segs.iter().map(|sg| gemm_flops(m, sg.cols.len(), sg.a.cols)).sum();
+        let reads: f64 = segs.iter().map(|sg| 2.0 * (sg.a.rows * sg.a.cols + sg.cols.len() * sg.a.cols) as f64).sum();
+        let out = (m * n) as f64 * elem(pr.out_f32 != 0) + if pr.bias != 0 { 4.0 * n as f64 } else { 0.0 };
+        record(Linear, name, flops, reads + out, || format!("m={m} n={n} segments={}", segs.len()));
         // SAFETY: the descriptors cover device buffers checked against the shape (`view_ptrs`,
         // `backward_dev`) or sized for it (the arena); `pr`'s output and bias likewise.
         unsafe { launch(&self.stream, f, &hp, grid, FK_GEMM90_THREADS as usize, smem as usize, name) }?;
@@ -1276,6 +1315,12 @@ impl GpuLora {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        record(Linear, "cublasGemmEx", gemm_flops(m, n, k), gemm_bytes(m, n, k, elem(c.2), beta != 0.0), || {
+            format!("m={m} n={n} k={k}")
+        });
+        if trace::launched("cublasGemmEx") {
+            return Ok(()); // a dry run
+        }
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let c_type = if c.2 { cudaDataType_t::CUDA_R_32F } else { cudaDataType_t::CUDA_R_16BF };
         // SAFETY: pointers are arena buffers sized for these shapes; alpha/beta are host f32 as
@@ -1332,6 +1377,7 @@ impl GpuLora {
         };
         let threads = FK_POINTWISE_THREADS as usize;
         let blocks = (rows * cols).div_ceil(threads).clamp(1, 65535);
+        record(Linear, "fk_axpby_bf16", 0.0, 6.0 * (rows * cols) as f64, || format!("{rows}x{cols}"));
         // SAFETY: windows lie inside arena buffers sized for the shape.
         unsafe { launch(&self.stream, &self.k.axpby, &p, (blocks, 1, 1), threads, 0, "fk_axpby_bf16") }
     }
@@ -1496,5 +1542,28 @@ mod tests {
         let s = LinearShape { m: 2, k: 3, n: 4, bias: false, terms: vec![] };
         assert_eq!(s.base_flops(), 48.0);
         assert_eq!(s.forward_flops(), 48.0);
+    }
+
+    #[test]
+    fn fused_launch_costs_for_known_shapes() {
+        // The hybrid forward's large launch at FLUX's img qkv (1024²): base product from cuBLAS
+        // (f32 C read), one r 32 adapter on the q rows, bf16 Y, bias.
+        let (m, k, n, r) = (4096, 3072, 9216, 32);
+        let mut pr = problem(m, n, 1, n);
+        (pr.beta, pr.c_in, pr.bias) = (1.0, 2, 3);
+        let p = params(vec![(pr, vec![segment(4, r, 5, r, r, 0..3072)])]).unwrap();
+        let (flops, bytes) = fused_cost(&p);
+        assert_eq!(flops, 2.0 * (m * 3072 * r) as f64);
+        // S' [m, r] and B [3072, r] bf16 read; Y bf16 written; C f32 read; bias f32 read.
+        assert_eq!(bytes, (2 * m * r + 2 * 3072 * r + 2 * m * n + 4 * m * n + 4 * n) as f64);
+        // dA += G'ᵀ·X̃ (f32, accumulating: read and written) with an 8-bit-coded operand's
+        // bytes at one per element.
+        let mut pa = problem(r, k, 6, k);
+        (pa.out_f32, pa.beta) = (1, 1.0);
+        let mut seg = segment(7, r, 8, k, m, 0..k);
+        seg.b_code = FK_CODE_I8 as i32;
+        let (flops, bytes) = fused_cost(&params(vec![(pa, vec![seg])]).unwrap());
+        assert_eq!(flops, 2.0 * (r * k * m) as f64);
+        assert_eq!(bytes, (2 * r * m + k * m + 2 * 4 * r * k) as f64);
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! Device helpers shared by every .cu live in kernels/common.cuh; the wrappers share `launch`
 //! (module loading, the launch helper, and `View`, the length-checked device views every public
-//! function takes instead of raw addresses). This module uses nothing of the model, the adapters
+//! function takes instead of raw addresses) and `trace` (the record of every launch with its
+//! FLOPs and bytes, and the dry run that skips the kernels: `plan::steptime`). This module uses nothing of the model, the adapters
 //! or the trainer (docs/architecture.md).
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -40,3 +41,4 @@ pub mod lora;
 pub mod norm;
 pub mod optim;
 pub mod random;
+pub mod trace;

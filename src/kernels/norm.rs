@@ -13,6 +13,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{addr, grid_blocks, launch, need, Elem, Family};
+use super::trace::{record, OpFamily::Elementwise};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr};
 
@@ -49,6 +50,15 @@ impl StepDims {
         ensure!(b <= 65535 && self.chunks() <= 65535, "{what}: {self:?} exceeds the grid's 65535 in y or z");
         ensure!(self.rows() <= i32::MAX as usize, "{what}: {} rows exceed the grid", self.rows());
         Ok(())
+    }
+}
+
+/// Bytes of one element of `T` (the launch records' byte counts).
+fn size<T: Elem>() -> f64 {
+    if T::BF16 {
+        2.0
+    } else {
+        4.0
     }
 }
 
@@ -136,6 +146,9 @@ impl GpuNorm {
             out_bf16: O::BF16 as i32,
             ..Default::default()
         };
+        // x read twice (f32), n and out written; rstd
+        let bytes = (8.0 + size::<N>() + size::<O>()) * dims.numel() as f64 + 4.0 * dims.rows() as f64;
+        record(Elementwise, "fk_ln_mod_fwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.ln_fwd, &p, (dims.rows(), 1, 1), "fk_ln_mod_fwd") }
     }
@@ -170,6 +183,8 @@ impl GpuNorm {
             modulate_only: 1,
             ..Default::default()
         };
+        let bytes = (size::<N>() + size::<O>()) * dims.numel() as f64;
+        record(Elementwise, "fk_ln_mod_fwd (modulate)", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.ln_fwd, &p, (dims.rows(), 1, 1), "fk_ln_mod_fwd (modulate)") }
     }
@@ -229,6 +244,9 @@ impl GpuNorm {
             chunks: dims.chunks() as i64,
             c: dims.c as i64,
         };
+        // dout and n read twice (dx pass, partial pass), dx written
+        let bytes = (12.0 + 2.0 * size::<N>()) * dims.numel() as f64;
+        record(Elementwise, "fk_ln_mod_bwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe {
             self.run(&self.ln_bwd_dx, &p, (dims.rows(), 1, 1), "fk_ln_mod_bwd_dx")?;
@@ -264,6 +282,8 @@ impl GpuNorm {
             y_bf16: Y::BF16 as i32,
             ..Default::default()
         };
+        let bytes = (8.0 + size::<Y>()) * dims.numel() as f64;
+        record(Elementwise, "fk_gated_fwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe { self.run(&self.gated_fwd, &p, (grid_blocks(dims.numel(), THREADS), 1, 1), "fk_gated_fwd") }
     }
@@ -323,6 +343,8 @@ impl GpuNorm {
             c: dims.c as i64,
             ..Default::default()
         };
+        let bytes = (4.0 + size::<Y>() + size::<D>() + 4.0 * dx.is_some() as usize as f64) * dims.numel() as f64;
+        record(Elementwise, "fk_gated_bwd", 0.0, bytes, || format!("{dims:?}"));
         // SAFETY: every buffer was checked against dims above.
         unsafe {
             self.run(&self.gated_bwd, &p, (dims.c_tiles(), dims.chunks(), dims.b), "fk_gated_bwd")?;

@@ -12,6 +12,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{addr, launch, need, Family};
+use super::trace::{record, OpFamily::Optimizer};
 use crate::ops::optim::AdamW;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr};
@@ -95,6 +96,8 @@ impl GpuOptim {
             n_f32: n as f32,
             ..Default::default()
         };
+        // pred and target read, grad written (the final sum's launch counts here too).
+        record(Optimizer, "fk_mse", 0.0, 12.0 * n as f64, || format!("n={n}"));
         // SAFETY: pred, target and grad hold n elements, the weights n / per, scratch `blocks`.
         unsafe { self.run(&self.mse_partial, &p, blocks, "fk_mse_partial")? };
         self.sum_f64(scratch, blocks, loss_sum)
@@ -160,6 +163,9 @@ impl GpuOptim {
                 blocks += n.div_ceil(BLOCK_ELEMS);
             }
             base.num_tensors = group.len() as i32;
+            // param, grad, m, v read; param, m, v written
+            let numel: usize = group.iter().map(|&i| params[i].len()).sum();
+            record(Optimizer, "fk_adamw", 0.0, 28.0 * numel as f64, || format!("{} tensors, n={numel}", group.len()));
             // SAFETY: each tensor's gradient and moments hold at least its numel (checked above).
             unsafe { self.run(&self.adamw, &base, blocks, "fk_adamw")? };
         }
@@ -175,6 +181,8 @@ impl GpuOptim {
         if total_blocks == 0 {
             return Ok(0.0);
         }
+        let numel: usize = live.iter().map(|g| g.len()).sum();
+        record(Optimizer, "fk_grad_norm", 0.0, 4.0 * numel as f64, || format!("{} tensors, n={numel}", live.len()));
         let partial = st.clone_htod(&vec![f64::NAN; total_blocks])?;
         let mut offset = 0usize;
         for group in live.chunks(MAX_TENSORS) {

@@ -5,6 +5,7 @@
 use super::abi::*;
 use super::gpu::Gpu;
 use super::launch::{Elem, OneKernel, View};
+use super::trace::{elem, record, OpFamily};
 use anyhow::{ensure, Result};
 
 /// A tensor whose every element is a hash of (stream, index), as the CPU's random parameters
@@ -62,6 +63,7 @@ impl GpuRandom {
             uniform,
             dst_bf16: T::BF16 as i32,
         };
+        record(OpFamily::Elementwise, "fk_model_random_fill", 0.0, elem(!T::BF16) * n as f64, || format!("n={n}"));
         // SAFETY: the kernel writes dst's n elements and reads nothing else.
         unsafe { self.k.run(&params, n, "fk_model_random_fill") }
     }

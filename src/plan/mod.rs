@@ -5,6 +5,7 @@
 //! no measured peak to set beside it (docs/memory.md; `bench-step` measures one).
 
 pub mod activations;
+pub mod steptime;
 pub mod suggest;
 
 use crate::adapters::config::{resolve_targets, LoraConfig};
