@@ -281,3 +281,26 @@ fn ranks_with_different_settings_or_without_nccl_stop_with_the_reason() {
     assert!(!o.status.success());
     assert!(e.contains("cannot be loaded") && e.contains("nvidia-nccl-cu13") && e.contains("the run failed"), "{e}");
 }
+
+#[test]
+fn bench_step_on_two_ranks_reports_the_all_reduce_and_its_efficiency() {
+    let o = Command::new(BIN)
+        .args(["bench-step", "--model", "random:tiny", "--resolution", "64", "--text-tokens", "8", "--rank", "4"])
+        .args(["--steps", "3", "--gpus", "2", "--device", "cpu"])
+        .env("FLUX_KERNELS_NCCL", emulated_nccl())
+        .env("FLUX_KERNELS_DIST_TIMEOUT_S", "60")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let o = ok(o, "bench-step --gpus 2");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "rank 0 alone prints: {text}");
+    let j: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    println!("{j}");
+    assert_eq!(j["ranks"], 2);
+    assert_eq!(j["allreduce_bytes"].as_u64().unwrap(), 4 * j["trainable"].as_u64().unwrap());
+    let eff = j["scaling_efficiency"].as_f64().unwrap();
+    assert!(eff > 0.0 && eff.is_finite(), "{eff}");
+    assert!(j["scaling_note"].as_str().unwrap().contains("not a GPU figure"));
+}

@@ -405,7 +405,8 @@ pub fn run(args: &Args) -> Result<Outcome> {
         e.pin_gpu();
     }
     let tc = args.resolve()?;
-    if let Some(line) = tc.preset_summary() {
+    // One rank speaks for the run.
+    if let Some(line) = tc.preset_summary().filter(|_| env.as_ref().is_none_or(|e| e.rank == 0)) {
         println!("{line}");
     }
     super::plan::check_before_training(&tc)?;

@@ -10,8 +10,11 @@ pub mod nccl;
 pub mod rendezvous;
 
 use anyhow::{bail, Context, Result};
+use nccl::{Comm, Nccl, UniqueId};
+use rendezvous::{Config, Control};
 use std::ffi::OsString;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// This process's place among the ranks, from the variables torchrun (and Slurm or Kubernetes
@@ -76,6 +79,34 @@ impl RankEnv {
             std::env::set_var("CUDA_VISIBLE_DEVICES", dev);
         }
     }
+}
+
+/// A rank joined to the others: the control channel and NCCL's communicator.
+pub struct Joined {
+    pub control: Control,
+    pub comm: Comm,
+}
+
+/// Joins the other ranks (`env`): the rendezvous, then NCCL's communicator. `config(nccl)` is this
+/// rank's configuration given what it found of NCCL; each rank opens NCCL first and shows rank 0
+/// what it found, so a rank without it stops every rank with its reason.
+pub fn join(env: &RankEnv, config: impl FnOnce(&str) -> Result<Config>) -> Result<Joined> {
+    let nccl = Nccl::open().map(Arc::new);
+    let found = match &nccl {
+        Ok(n) if n.emulated => "emulated NCCL".to_string(),
+        Ok(n) => n.describe().split(" (").next().unwrap_or("NCCL").to_string(),
+        Err(e) => format!("missing on rank {}: {e:#}", env.rank),
+    };
+    let cfg = config(&found)?;
+    let make_id = || -> Result<[u8; 128]> {
+        match &nccl {
+            Ok(n) => Ok(n.unique_id()?.to_bytes()),
+            Err(e) => Err(anyhow::anyhow!("rank 0: {e:#}")),
+        }
+    };
+    let (control, id) = rendezvous::join(env, &cfg, make_id, timeout())?;
+    let comm = Comm::init(nccl?, UniqueId::from_bytes(&id), env.world, env.rank)?;
+    Ok(Joined { control, comm })
 }
 
 /// A free TCP port on the loopback for a single-machine launch.

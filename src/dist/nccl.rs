@@ -103,32 +103,28 @@ impl Nccl {
         // have no preconditions.
         let lib = unsafe { libloading::Library::new(&name) }
             .map_err(|e| anyhow!("more than one rank needs NCCL, and `{name}` cannot be loaded ({e}); {HOW_TO_GET}"))?;
-        // SAFETY: each symbol is declared with nccl.h's signature for it.
+        // SAFETY: each symbol is read as the function type nccl.h declares for it (the field's
+        // type in `Api`); the pointers live as long as `lib`, which `Nccl` keeps.
         unsafe {
-            let sym = |n: &str| -> Result<*const c_void> {
-                lib.get::<*const c_void>(n.as_bytes())
+            fn sym<T: Copy>(lib: &libloading::Library, name: &str, n: &str) -> Result<T> {
+                // SAFETY: the caller names the symbol's true type.
+                unsafe { lib.get::<T>(n.as_bytes()) }
                     .map(|s| *s)
                     .map_err(|e| anyhow!("`{name}` has no `{n}` ({e}): not NCCL 2; {HOW_TO_GET}"))
-            };
-            macro_rules! f {
-                ($n:literal) => {
-                    std::mem::transmute::<*const c_void, _>(sym($n)?)
-                };
             }
-            let get_version: unsafe extern "C" fn(*mut c_int) -> c_int = f!("ncclGetVersion");
+            let get_version: unsafe extern "C" fn(*mut c_int) -> c_int = sym(&lib, &name, "ncclGetVersion")?;
             let api = Api {
-                get_unique_id: f!("ncclGetUniqueId"),
-                comm_init_rank: f!("ncclCommInitRank"),
-                comm_destroy: f!("ncclCommDestroy"),
-                comm_abort: f!("ncclCommAbort"),
-                get_error_string: f!("ncclGetErrorString"),
-                get_last_error: sym("ncclGetLastError")
-                    .ok()
-                    .map(|p| std::mem::transmute::<*const c_void, unsafe extern "C" fn(RawComm) -> *const c_char>(p)),
-                comm_get_async_error: f!("ncclCommGetAsyncError"),
-                all_reduce: f!("ncclAllReduce"),
-                broadcast: f!("ncclBroadcast"),
-                all_gather: f!("ncclAllGather"),
+                get_unique_id: sym(&lib, &name, "ncclGetUniqueId")?,
+                comm_init_rank: sym(&lib, &name, "ncclCommInitRank")?,
+                comm_destroy: sym(&lib, &name, "ncclCommDestroy")?,
+                comm_abort: sym(&lib, &name, "ncclCommAbort")?,
+                get_error_string: sym(&lib, &name, "ncclGetErrorString")?,
+                // Since NCCL 2.13; older libraries work without the detail it gives.
+                get_last_error: sym(&lib, &name, "ncclGetLastError").ok(),
+                comm_get_async_error: sym(&lib, &name, "ncclCommGetAsyncError")?,
+                all_reduce: sym(&lib, &name, "ncclAllReduce")?,
+                broadcast: sym(&lib, &name, "ncclBroadcast")?,
+                all_gather: sym(&lib, &name, "ncclAllGather")?,
             };
             let mut version = 0;
             if get_version(&mut version) != NCCL_SUCCESS {

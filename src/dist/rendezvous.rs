@@ -114,18 +114,21 @@ fn serve(
     let mut peers: Vec<Option<TcpStream>> = (0..env.world).map(|_| None).collect();
     let mut problem: Option<String> = None;
     let mut joined = 1;
-    while joined < env.world && problem.is_none() {
+    // A rank whose configuration differs still counts as joined: rank 0 waits for every rank,
+    // so that all of them hear why the run stops rather than waiting for their own timeout.
+    while joined < env.world {
         let (mut s, addr) = match listener.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     let missing: Vec<String> =
                         (1..env.world).filter(|&r| peers[r].is_none()).map(|r| r.to_string()).collect();
-                    problem = Some(format!(
+                    let late = format!(
                         "rank(s) {} did not join within {} s (FLUX_KERNELS_DIST_TIMEOUT_S)",
                         missing.join(", "),
                         timeout.as_secs_f64()
-                    ));
+                    );
+                    problem = Some(problem.map_or(late.clone(), |p| format!("{p}; {late}")));
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -153,26 +156,26 @@ fn serve(
         let mut body = vec![0u8; len as usize];
         read_exact(&mut s, &mut body, &who, timeout)?;
         let theirs: Config = serde_json::from_slice(&body).context("a rank's configuration")?;
-        if world != env.world {
-            problem = Some(format!("rank {rank} was started with WORLD_SIZE={world}, rank 0 with {}", env.world));
-        } else if rank == 0 || rank >= env.world || peers[rank].is_some() {
-            problem = Some(format!("two processes joined as rank {rank}: check RANK on each node"));
-        } else {
-            let d = differences(config, &theirs, rank);
-            if !d.is_empty() {
-                problem = Some(format!(
-                    "rank {rank}'s configuration differs from rank 0's: {}; every rank must run the same binary, \
-                     model, adapters and batch settings",
-                    d.join("; ")
-                ));
+        if world != env.world || rank == 0 || rank >= env.world || peers[rank].is_some() {
+            // The ranks cannot be counted any more: stop now.
+            problem = Some(if world != env.world {
+                format!("rank {rank} was started with WORLD_SIZE={world}, rank 0 with {}", env.world)
             } else {
-                joined += 1;
-            }
+                format!("two processes joined as rank {rank}: check RANK on each node")
+            });
+            peers.push(Some(s));
+            break;
         }
-        match peers.get_mut(rank).filter(|p| p.is_none()) {
-            Some(slot) => *slot = Some(s),
-            None => peers.push(Some(s)),
+        let d = differences(config, &theirs, rank);
+        if !d.is_empty() && problem.is_none() {
+            problem = Some(format!(
+                "rank {rank}'s configuration differs from rank 0's: {}; every rank must run the same binary, \
+                 model, adapters and batch settings",
+                d.join("; ")
+            ));
         }
+        peers[rank] = Some(s);
+        joined += 1;
     }
     let id = match problem {
         None => make_id(),

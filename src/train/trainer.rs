@@ -11,9 +11,9 @@ use crate::adapters::config::{parse_patterns, resolve_targets_to_train, AdapterS
 use crate::adapters::dora::frozen_row_norms;
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::{AdapterSet, Kind};
-use crate::dist::nccl::{Comm, Nccl, UniqueId};
-use crate::dist::rendezvous::{self, Config, Control};
-use crate::dist::{timeout as dist_timeout, RankEnv};
+use crate::dist::nccl::Comm;
+use crate::dist::rendezvous::{Config, Control};
+use crate::dist::{self, timeout as dist_timeout, Joined, RankEnv};
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
 use crate::io::lock::OutputLock;
 use crate::io::safetensors::{atomic_write, output_folder, remove_stale_temps, Dtype};
@@ -440,28 +440,6 @@ fn rank_config(
     Ok(c)
 }
 
-/// Joins the other ranks (`env`): the rendezvous, then NCCL's communicator. Each rank opens NCCL
-/// first and shows rank 0 what it found, so a rank without it stops every rank with its reason.
-fn join_ranks(env: &RankEnv, config: impl Fn(&str) -> Result<Config>) -> Result<Ranks> {
-    let nccl = Nccl::open().map(Arc::new);
-    let found = match &nccl {
-        Ok(n) if n.emulated => "emulated NCCL".to_string(),
-        Ok(n) => format!("NCCL {}", n.describe().split(' ').nth(1).unwrap_or("?")),
-        Err(e) => format!("missing on rank {}: {e:#}", env.rank),
-    };
-    let cfg = config(&found)?;
-    let make_id = || -> Result<[u8; 128]> {
-        match &nccl {
-            Ok(n) => Ok(n.unique_id()?.to_bytes()),
-            Err(e) => Err(anyhow::anyhow!("rank 0: {e:#}")),
-        }
-    };
-    let (control, id) = rendezvous::join(env, &cfg, make_id, dist_timeout())?;
-    let nccl = nccl?;
-    let comm = Comm::init(nccl, UniqueId::from_bytes(&id), env.world, env.rank)?;
-    Ok(Ranks { rank: env.rank, world: env.world, control: Some(control), comm: Some(comm) })
-}
-
 /// Where the step loop ended.
 struct Ended {
     step: usize,
@@ -553,8 +531,9 @@ impl Run {
         let ranks = match env.filter(|e| e.world > 1) {
             Some(e) => {
                 let cfg = |nccl: &str| rank_config(&tc, &model, &ds, &specs, &set, &opt, start, &device, nccl);
-                let r = join_ranks(e, cfg)?;
-                let lib = r.comm.as_ref().map_or(String::new(), |c| c.library());
+                let Joined { control, comm } = dist::join(e, cfg)?;
+                let lib = comm.library();
+                let r = Ranks { rank: e.rank, world: e.world, control: Some(control), comm: Some(comm) };
                 let line = format!(
                     "data parallel: {} ranks over {lib}; each micro-batch is {} × {} samples",
                     e.world, e.world, tc.batch_size
