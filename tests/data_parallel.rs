@@ -304,3 +304,44 @@ fn bench_step_on_two_ranks_reports_the_all_reduce_and_its_efficiency() {
     assert!(eff > 0.0 && eff.is_finite(), "{eff}");
     assert!(j["scaling_note"].as_str().unwrap().contains("not a GPU figure"));
 }
+
+#[test]
+fn a_rank_that_stops_answering_is_a_timeout_not_a_hang() {
+    let dir = tmpdir("dp-stall");
+    let out = dir.join("lora.safetensors");
+    let mut kids = torchrun(2, |_| {
+        let mut c = train_cmd(&out, &["--batch-size", "1", "--steps", "100000"]);
+        c.env("FLUX_KERNELS_DIST_TIMEOUT_S", "5").env("FLUX_KERNELS_NCCL_EMU_TIMEOUT_MS", "5000");
+        c
+    });
+    let logs: Vec<_> = kids.iter_mut().map(|k| collect(k.stderr.take().unwrap())).collect();
+    let t = Instant::now();
+    while !logs[0].lock().unwrap().iter().any(|l| l.starts_with("step 2/")) {
+        assert!(t.elapsed() < Duration::from_secs(60), "rank 0 never reached step 2: {:?}", logs[0].lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Rank 1 stopped, not dead: its sockets stay open, so only the timeouts can see it.
+    // SAFETY: a plain signal to our own child.
+    unsafe { libc::kill(kids[1].id() as i32, libc::SIGSTOP) };
+    let stalled = Instant::now();
+    let st = loop {
+        if let Some(st) = kids[0].try_wait().unwrap() {
+            break st;
+        }
+        if stalled.elapsed() > Duration::from_secs(30) {
+            let _ = kids[0].kill();
+            let _ = kids[1].kill();
+            panic!("rank 0 still running 30 s after rank 1 stopped: {:?}", logs[0].lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let waited = stalled.elapsed().as_secs_f64();
+    unsafe { libc::kill(kids[1].id() as i32, libc::SIGCONT) };
+    let st1 = kids[1].wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let e0 = logs[0].lock().unwrap().join("\n");
+    println!("rank 0 gave up {waited:.1} s after rank 1 stopped (timeout 5 s)");
+    assert!(!st.success() && !st1.success());
+    assert!(e0.contains("rank 1") && (e0.contains("no word") || e0.contains("timed out")), "{e0}");
+    assert!((4.0..20.0).contains(&waited), "{waited}");
+}

@@ -95,16 +95,25 @@ pub fn join(env: &RankEnv, config: impl FnOnce(&str) -> Result<Config>) -> Resul
     let found = match &nccl {
         Ok(n) if n.emulated => "emulated NCCL".to_string(),
         Ok(n) => n.describe().split(" (").next().unwrap_or("NCCL").to_string(),
-        Err(e) => format!("missing on rank {}: {e:#}", env.rank),
+        Err(_) => "missing".to_string(),
     };
     let cfg = config(&found)?;
     let make_id = || -> Result<[u8; 128]> {
         match &nccl {
             Ok(n) => Ok(n.unique_id()?.to_bytes()),
-            Err(e) => Err(anyhow::anyhow!("rank 0: {e:#}")),
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
         }
     };
-    let (control, id) = rendezvous::join(env, &cfg, make_id, timeout())?;
+    let (control, id) = match rendezvous::join(env, &cfg, make_id, timeout()) {
+        Ok(j) => j,
+        // A rank without NCCL says why, after what rank 0 said (unless that was it already).
+        Err(e) => match &nccl {
+            Err(own) if !format!("{e:#}").contains(&format!("{own:#}")) => {
+                bail!("{e:#}; this rank: {own:#}")
+            }
+            _ => return Err(e),
+        },
+    };
     let comm = Comm::init(nccl?, UniqueId::from_bytes(&id), env.world, env.rank)?;
     Ok(Joined { control, comm })
 }

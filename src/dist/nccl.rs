@@ -101,8 +101,10 @@ impl Nccl {
         let name = name.to_string();
         // SAFETY: loading a shared library runs its initialisers; NCCL's (and the emulation's)
         // have no preconditions.
-        let lib = unsafe { libloading::Library::new(&name) }
-            .map_err(|e| anyhow!("more than one rank needs NCCL, and `{name}` cannot be loaded ({e}); {HOW_TO_GET}"))?;
+        let lib = unsafe { libloading::Library::new(&name) }.map_err(|e| {
+            let why = format!("{:#}", anyhow::Error::from(e));
+            anyhow!("more than one rank needs NCCL, and `{name}` cannot be loaded ({why}); {HOW_TO_GET}")
+        })?;
         // SAFETY: each symbol is read as the function type nccl.h declares for it (the field's
         // type in `Api`); the pointers live as long as `lib`, which `Nccl` keeps.
         unsafe {
