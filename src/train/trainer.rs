@@ -873,7 +873,16 @@ pub fn train_ranked(
         run.log.say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
     }
     run.engine.train_adapters(&run.set, Some(&run.opt))?;
-    let end = run.steps(&interrupt)?;
+    let end = match run.steps(&interrupt) {
+        Ok(end) => end,
+        Err(e) => {
+            // Peers may be gone or waiting: NCCL wants an abort here, not a destroy.
+            if let Some(c) = &run.ranks.comm {
+                c.mark_failed();
+            }
+            return Err(e);
+        }
+    };
     run.finish(&end)?;
 
     let mut demo = None;
