@@ -9,6 +9,7 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod dist;
 pub mod engine;
 pub mod io;
 pub mod kernels;

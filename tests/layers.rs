@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("util", 0),
     ("io", 1),
+    ("dist", 1),
     ("ops", 2),
     ("quant", 3),
     ("kernels", 4),

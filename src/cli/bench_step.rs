@@ -7,7 +7,9 @@
 //! kernel and prints only the prediction (docs/step-time.md).
 
 use super::args::{deprecated, CheckpointingArgs};
-use crate::engine::{BaseDtype, CudaBackend, Engine, EngineOptions};
+use crate::dist::rendezvous::{Config, Control};
+use crate::dist::RankEnv;
+use crate::engine::{BaseDtype, CudaBackend, Device, Engine, EngineOptions};
 use crate::kernels::attention::FwdVariant;
 use crate::kernels::lora::BaseGemm;
 use crate::kernels::trace;
@@ -64,6 +66,16 @@ pub struct Args {
     /// card): the side-by-side measurement of what the Hopper kernels bring to a whole step.
     #[arg(long, value_name = "auto|sm80", default_value = "auto")]
     pub kernels: String,
+    /// Data-parallel ranks on this machine (one per GPU, NCCL between them; torchrun's variables
+    /// for several machines, as for `train`): each rank times steps with and without the
+    /// gradients' all-reduce; rank 0 prints the slowest rank's medians and their ratio, the
+    /// scaling efficiency. Default 1.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub gpus: usize,
+    /// Where the step runs: cuda, or cpu (the CPU reference; with --gpus under the emulated NCCL
+    /// of the tests: figures of CPU processes sharing cores, not of GPUs).
+    #[arg(long, value_name = "cuda|cpu", default_value = "cuda")]
+    pub device: String,
     /// Also trace one more step's launches (kernel, shape, FLOPs, bytes) and print the step-time
     /// model's prediction per op family beside the measured step (the table on stderr, the
     /// figures in the JSON).
@@ -90,12 +102,45 @@ impl Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    println!("{}", run(&a)?);
+    let env = RankEnv::from_env()?;
+    match (&env, a.gpus) {
+        (_, 0) => bail!("--gpus 0: at least one"),
+        (None, n) if n > 1 => {
+            let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            return crate::dist::launch(n, &argv);
+        }
+        (Some(e), n) if n > 1 && e.world != n => bail!("--gpus {n}, but WORLD_SIZE={} is set", e.world),
+        _ => {}
+    }
+    if let Some(e) = &env {
+        e.pin_gpu();
+    }
+    let line = run_ranked(&a, env.as_ref().filter(|e| e.world > 1))?;
+    if env.as_ref().is_none_or(|e| e.rank == 0) {
+        println!("{line}");
+    }
     Ok(())
 }
 
 /// Runs the benchmark; returns one line of JSON.
 pub fn run(a: &Args) -> Result<String> {
+    run_ranked(a, None)
+}
+
+/// The slowest rank's median of `times` (every rank's median through the control channel).
+fn slowest_median(times: &[f64], control: Option<&mut Control>) -> Result<f64> {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let median = sorted[sorted.len() / 2];
+    let all = match control {
+        Some(c) => c.gather(&[median])?,
+        None => vec![median],
+    };
+    Ok(all.into_iter().fold(0.0, f64::max))
+}
+
+/// The benchmark as one of several data-parallel ranks (`env`; None: alone).
+fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     let (size, flag) = a.side();
     if size == 0 || !size.is_multiple_of(16) {
         bail!("{flag} {size}: a positive multiple of 16 pixels");
@@ -107,18 +152,24 @@ pub fn run(a: &Args) -> Result<String> {
     let base = BaseDtype::parse(&a.base)?;
     let card = steptime::card(&a.card)?;
     if a.dry_run {
+        if a.device != "cuda" || env.is_some() {
+            bail!("--dry-run walks the step on the CUDA device (a GPU or the CUDA emulation), one rank");
+        }
         // From here on nothing runs on the device: not the weights' random fill either.
         trace::start(true);
     }
-    let dev = CudaBackend::device().with_context(|| {
-        if a.dry_run {
-            "bench-step --dry-run walks the step on a CUDA GPU or the CUDA emulation (docs/step-time.md)"
-        } else {
-            "bench-step times the step on a CUDA GPU"
-        }
-    })?;
-    let hopper_used = {
-        let crate::engine::Device::Cuda(be) = &dev else { bail!("bench-step needs a CUDA device") };
+    let dev = match a.device.as_str() {
+        "cuda" => CudaBackend::device().with_context(|| {
+            if a.dry_run {
+                "bench-step --dry-run walks the step on a CUDA GPU or the CUDA emulation (docs/step-time.md)"
+            } else {
+                "bench-step times the step on a CUDA GPU (--device cpu: the CPU reference)"
+            }
+        })?,
+        "cpu" => Device::Cpu,
+        d => bail!("--device `{d}`: use cuda or cpu"),
+    };
+    let hopper_used = if let Device::Cuda(be) = &dev {
         let mut g = CudaBackend::lock(be)?;
         match a.kernels.as_str() {
             "auto" => {}
@@ -130,6 +181,8 @@ pub fn run(a: &Args) -> Result<String> {
             k => bail!("--kernels `{k}`: use auto or sm80"),
         }
         (g.base_gemm() == BaseGemm::Hopper, g.attn.default_variant(128) == FwdVariant::Hopper)
+    } else {
+        (false, false)
     };
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(Path::new(&a.model), None)?;
@@ -144,10 +197,35 @@ pub fn run(a: &Args) -> Result<String> {
     let opts = EngineOptions { base, checkpointing };
     let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
     engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
-    let gt = engine.cuda().context("bench-step runs on the GPU")?;
-    gt.m.synchronize()?;
+    if let Some(g) = engine.cuda() {
+        g.m.synchronize()?;
+    }
     let load_s = t_load.elapsed().as_secs_f64();
-    let weights_bytes: usize = gt.m.w.linears().iter().map(|l| l.bytes()).sum();
+    let weights_bytes: usize = engine.cuda().map_or(0, |g| g.m.w.linears().iter().map(|l| l.bytes()).sum());
+    let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
+    let mut ranks = match env {
+        Some(e) => {
+            let config = |nccl: &str| -> Result<Config> {
+                let show = [
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("NCCL", nccl.to_string()),
+                    ("device", a.device.clone()),
+                    ("model", format!("{cfg:?}")),
+                    ("adapters", format!("rank {} targets {} ({trainable} parameters)", a.rank, a.targets)),
+                    (
+                        "step",
+                        format!(
+                            "{size}² {} text tokens, base {}, {} + {} steps",
+                            a.text_tokens, a.base, a.warmup, a.steps
+                        ),
+                    ),
+                ];
+                Ok(show.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            };
+            Some(crate::dist::join(e, config)?)
+        }
+        None => None,
+    };
 
     // One synthetic sample: packed latent noise, T5-like states, pooled CLIP, σ = 0.5.
     let lat = size / 8;
@@ -165,23 +243,36 @@ pub fn run(a: &Args) -> Result<String> {
         guidance: cfg.guidance_embed.then(|| vec![1.0]),
     };
     let target = rng.normal_vec(n_img * cfg.out_channels, 1.0);
-    let mut step = || -> Result<f64> {
+    // One training step; with `comm`, the gradients' all-reduce between backward and optimizer.
+    let mut step = |engine: &mut Engine, comm: Option<&crate::dist::nccl::Comm>| -> Result<f64> {
         engine.zero_grads()?;
         let loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
+        if let Some(c) = comm {
+            engine.reduce_grads(c, false, crate::dist::timeout())?;
+        }
         engine.optimizer_step(&mut opt, 1e-4, 1.0)?;
         if let Some(g) = engine.cuda() {
             g.m.synchronize()?;
         }
         Ok(loss)
     };
-    let mut times = Vec::new();
+    // With several ranks, each timed step is run twice, without and with the gradients'
+    // all-reduce, interleaved so that both see the same load.
+    let (mut times, mut times_reduced) = (Vec::new(), Vec::new());
     let mut last_loss = f64::NAN;
     if !a.dry_run {
         for i in 0..a.warmup + a.steps {
-            let t = Instant::now();
-            last_loss = step()?;
-            if i >= a.warmup {
-                times.push(t.elapsed().as_secs_f64());
+            for reduce in [false, true] {
+                let comm = match (&ranks, reduce) {
+                    (Some(j), true) => Some(&j.comm),
+                    (None, true) => continue,
+                    _ => None,
+                };
+                let t = Instant::now();
+                last_loss = step(&mut engine, comm)?;
+                if i >= a.warmup {
+                    if reduce { &mut times_reduced } else { &mut times }.push(t.elapsed().as_secs_f64());
+                }
             }
         }
         if !last_loss.is_finite() {
@@ -191,7 +282,7 @@ pub fn run(a: &Args) -> Result<String> {
     // The traced step comes after the timed ones (recording costs host time) or, dry, alone.
     let prediction: Option<Prediction> = if a.predict || a.dry_run {
         trace::start(a.dry_run);
-        let r = step();
+        let r = step(&mut engine, None);
         let tr = trace::finish().context("the launch trace")?;
         r?;
         let p = steptime::predict(&tr, card);
@@ -200,13 +291,8 @@ pub fn run(a: &Args) -> Result<String> {
     } else {
         None
     };
-    let median = if times.is_empty() {
-        None
-    } else {
-        let mut sorted = times.clone();
-        sorted.sort_by(|x, y| x.total_cmp(y));
-        Some(sorted[sorted.len() / 2])
-    };
+    let median =
+        if times.is_empty() { None } else { Some(slowest_median(&times, ranks.as_mut().map(|j| &mut j.control))?) };
     if let (Some(m), Some(p)) = (median, &prediction) {
         eprintln!("step: measured {m:.3} s (median), predicted {:.3} s (step-time model, a prediction)", p.total);
     }
@@ -228,10 +314,9 @@ pub fn run(a: &Args) -> Result<String> {
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.
     let predicted_allocated = predicted.map(|p| p - gib(CUDA_CONTEXT + CUBLAS_WORKSPACE));
-    let gt = engine.cuda().context("bench-step runs on the GPU")?;
-    let peak = gt.m.pool_peak();
-    let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
-    let j = serde_json::json!({
+    let peak = engine.cuda().and_then(|g| g.m.pool_peak());
+    let in_use = engine.cuda().map(|g| gib(g.m.peak_used));
+    let mut j = serde_json::json!({
         "model": a.model,
         "size": size,
         "rank": a.rank,
@@ -246,7 +331,7 @@ pub fn run(a: &Args) -> Result<String> {
         "step_s": times,
         "peak_gib": peak.map(gib),
         "peak_note": "memory pool high-water mark: bytes allocated at most, as torch.cuda.max_memory_allocated (CUDA context and cuBLAS workspace not included)",
-        "in_use_sampled_gib": gib(gt.m.peak_used),
+        "in_use_sampled_gib": in_use,
         "in_use_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries only",
         "weights_gib": gib(weights_bytes),
         "predicted_gib": predicted,
@@ -257,6 +342,27 @@ pub fn run(a: &Args) -> Result<String> {
         "predicted_step_s": prediction.as_ref().map(|p| p.total),
         "predicted_step": prediction.as_ref().map(|p| p.json()),
         "load_s": load_s,
+        "device": a.device,
     });
+    if let Some(joined) = ranks.as_mut() {
+        let reduced = slowest_median(&times_reduced, Some(&mut joined.control))?;
+        let note = if a.device == "cpu" {
+            "CPU processes sharing this machine's cores, emulated or real NCCL on host memory: not a GPU figure"
+        } else {
+            "each rank on its own GPU: step time with the all-reduce against the same step without it"
+        };
+        j["ranks"] = joined.comm.world.into();
+        j["nccl"] = joined.comm.library().into();
+        j["allreduce_bytes"] = (4 * trainable).into();
+        j["step_s_with_allreduce_median"] = reduced.into();
+        j["step_s_with_allreduce"] = times_reduced.into();
+        j["scaling_efficiency"] = median.map(|m| m / reduced).into();
+        j["scaling_note"] = format!(
+            "scaling efficiency = the slowest rank's median step without the all-reduce / with it (each rank's \
+             batch fixed, so {} ranks do {}x the work per step); {note}",
+            joined.comm.world, joined.comm.world
+        )
+        .into();
+    }
     Ok(j.to_string())
 }

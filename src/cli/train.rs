@@ -2,9 +2,10 @@
 //! overridden by its flag; with no model and no data, the built-in demo.
 
 use super::args::{switch, AdapterArgs};
+use crate::dist::RankEnv;
 use crate::train::config::TrainConfig;
-use crate::train::trainer::{train, Outcome};
-use anyhow::{Context, Result};
+use crate::train::trainer::{train_ranked, Outcome};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -82,6 +83,24 @@ pub struct Args {
     /// Micro-batches per optimizer step. Default 1.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Run each micro-batch as N slices one after another, gradients added in order (less
+    /// activation memory; the arithmetic of N data-parallel ranks). Default 1.
+    #[arg(long, value_name = "N")]
+    pub batch_slices: Option<usize>,
+    /// Data parallelism: add the ranks' gradients in rank order (all-gather, then a sum) rather
+    /// than NCCL's all-reduce, so N ranks equal one with --batch-slices N bit for bit (CPU path).
+    #[arg(long, overrides_with = "no_deterministic_reduce")]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
+    pub deterministic_reduce: Option<bool>,
+    /// Turn --deterministic-reduce off.
+    #[arg(long, overrides_with = "deterministic_reduce")]
+    pub no_deterministic_reduce: bool,
+    /// Data-parallel training on N GPUs of this machine: the program starts itself once per GPU
+    /// (ranks 0..N-1, NCCL between them); each micro-batch is N × --batch-size samples. Several
+    /// machines: start it on each with torchrun's variables instead (RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT; README, docs/multi-gpu.md). Default 1.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
     /// Seed of initialisation, data order, noise, σ and dropout. Default 42.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -237,6 +256,7 @@ impl Args {
         a.flip = switch(a.flip, a.no_flip);
         a.vae_sample = switch(a.vae_sample, a.no_vae_sample);
         a.gradient_checkpointing = switch(a.gradient_checkpointing, a.no_gradient_checkpointing);
+        a.deterministic_reduce = switch(a.deterministic_reduce, a.no_deterministic_reduce);
         a
     }
 
@@ -286,6 +306,8 @@ impl Args {
             lr,
             batch_size,
             grad_accum,
+            batch_slices,
+            deterministic_reduce,
             seed,
             lr_schedule,
             warmup_steps,
@@ -354,8 +376,37 @@ pub fn main(args: Args) -> Result<()> {
 }
 
 pub fn run(args: &Args) -> Result<Outcome> {
+    let env = RankEnv::from_env()?;
+    let gpus = args.gpus.unwrap_or(1);
+    match (&env, gpus) {
+        (_, 0) => bail!("--gpus 0: at least one"),
+        // The launcher: this process starts the ranks and waits for them.
+        (None, n) if n > 1 => {
+            let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            // Ctrl-C reaches every rank (one process group): they agree on a step, checkpoint
+            // and end; the launcher only waits for them.
+            let _ = ctrlc::set_handler(|| {});
+            crate::dist::launch(n, &argv)?;
+            return Ok(Outcome {
+                steps_done: 0,
+                interrupted: false,
+                lora_path: None,
+                final_loss: f64::NAN,
+                demo: None,
+                log: vec![],
+            });
+        }
+        (Some(e), n) if n > 1 && e.world != n => {
+            bail!("--gpus {n}, but WORLD_SIZE={} is set: give one or the other", e.world)
+        }
+        _ => {}
+    }
+    if let Some(e) = &env {
+        e.pin_gpu();
+    }
     let tc = args.resolve()?;
-    if let Some(line) = tc.preset_summary() {
+    // One rank speaks for the run.
+    if let Some(line) = tc.preset_summary().filter(|_| env.as_ref().is_none_or(|e| e.rank == 0)) {
         println!("{line}");
     }
     super::plan::check_before_training(&tc)?;
@@ -363,7 +414,11 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let s = stop.clone();
     // Ctrl-C: finish the current step, save a checkpoint, write the LoRA, exit cleanly.
     let _ = ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst));
-    train(tc, args.resume.as_deref(), stop, false)
+    let r = train_ranked(tc, args.resume.as_deref(), stop, false, env.as_ref());
+    match &env {
+        Some(e) => r.with_context(|| format!("rank {} of {}", e.rank, e.world)),
+        None => r,
+    }
 }
 
 #[cfg(test)]

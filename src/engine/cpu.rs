@@ -2,6 +2,7 @@
 //! `AdapterSet`, gradient accumulators on the host, and AdamW as `ops::optim` computes it.
 
 use crate::adapters::{AdapterSet, PerSample};
+use crate::dist::nccl::Comm;
 use crate::model::config::FluxConfig;
 use crate::model::flux::{flux_backward, flux_forward, flux_forward_train, FluxCache, FluxInputs};
 use crate::model::weights::FluxWeights;
@@ -110,6 +111,31 @@ impl CpuEngine {
 
     pub fn grads(&self) -> Result<Vec<Vec<f32>>> {
         self.grads.clone().ok_or_else(|| anyhow::anyhow!("no trainable adapters"))
+    }
+
+    /// Data parallelism (dist): the accumulators summed over the ranks of `comm`, on the host
+    /// (the emulated NCCL), as one flat buffer. `deterministic`: all-gathered, then added in rank
+    /// order (rank 0's + rank 1's + …), an order real NCCL's all-reduce does not promise.
+    pub fn reduce_grads(&mut self, comm: &Comm, deterministic: bool) -> Result<()> {
+        let grads = self.grads.as_mut().ok_or_else(|| anyhow::anyhow!("no trainable adapters"))?;
+        let mut flat: Vec<f32> = grads.concat();
+        let n = flat.len();
+        if deterministic {
+            let all = comm.all_gather_host(&flat)?;
+            flat.copy_from_slice(&all[..n]);
+            for theirs in all[n..].chunks(n) {
+                flat.iter_mut().zip(theirs).for_each(|(a, b)| *a += b);
+            }
+        } else {
+            comm.all_reduce_host(&mut flat)?;
+        }
+        let mut at = 0;
+        for g in grads.iter_mut() {
+            let n = g.len();
+            g.copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+        Ok(())
     }
 
     pub fn optimizer_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {

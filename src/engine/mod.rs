@@ -6,6 +6,7 @@
 //!   being trained, with gradient accumulators and the optimizer's moments);
 //! - `forward` (inference), `forward_train` (keeping what the backward needs) and `backward_mse`
 //!   (the weighted flow-matching MSE and its backward into the adapters' gradients);
+//! - `reduce_grads` (data parallelism: the gradients summed over the ranks through NCCL);
 //! - `optimizer_step` (global-norm clipping and AdamW over every adapter tensor) and
 //!   `trainable_to_host` (the factors and moments for checkpoints and the exported file).
 //!
@@ -17,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::adapters::AdapterSet;
+use crate::dist::nccl::Comm;
 use crate::model::config::FluxConfig;
 use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
@@ -235,6 +237,21 @@ impl Engine {
         match &self.inner {
             Inner::Cpu(e) => e.grads(),
             Inner::Cuda(e) => e.grads(),
+        }
+    }
+
+    /// Data parallelism: the accumulated gradients summed over the ranks of `comm` (each rank
+    /// scaled its share before the backward, so the sum is the global batch's gradient). CPU:
+    /// on the host through the emulated NCCL, in rank order when `deterministic`; CUDA: NCCL on
+    /// the device, waiting at most `timeout` (deterministic order not there yet: refused).
+    pub fn reduce_grads(&mut self, comm: &Comm, deterministic: bool, timeout: std::time::Duration) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu(e) => e.reduce_grads(comm, deterministic),
+            Inner::Cuda(_) if deterministic => bail!(
+                "deterministic_reduce is implemented on the CPU path only (an all-gather and a rank-order sum on \
+                 the host); on GPUs the ranks' NCCL all-reduce agrees with one GPU within rounding"
+            ),
+            Inner::Cuda(e) => e.all_reduce_grads(comm, timeout),
         }
     }
 

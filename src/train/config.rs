@@ -42,8 +42,18 @@ pub struct TrainConfig {
     pub lokr_factor: i64,
     pub steps: usize,
     pub lr: f64,
+    /// Samples per micro-batch on each rank: with N ranks (`train --gpus N`, or torchrun's
+    /// variables) a micro-batch of the run is N × batch_size samples, rank r takes its slice.
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Each rank's micro-batch runs as this many slices one after another, their gradients added
+    /// in order: less activation memory, and the arithmetic of that many data-parallel ranks (a
+    /// 1-rank run with batch N·B and batch_slices N equals N ranks of batch B with
+    /// deterministic_reduce bit for bit on the CPU path; docs/multi-gpu.md).
+    pub batch_slices: usize,
+    /// Data parallelism: add the ranks' gradients in rank order (an all-gather, then rank 0's +
+    /// rank 1's + …) instead of NCCL's all-reduce, whose order is its own. CPU path only.
+    pub deterministic_reduce: bool,
     pub seed: u64,
     /// constant or cosine, after `warmup_steps` of linear warm-up.
     pub lr_schedule: String,
@@ -138,6 +148,8 @@ impl Default for TrainConfig {
             lr: 1e-4,
             batch_size: 1,
             grad_accum: 1,
+            batch_slices: 1,
+            deterministic_reduce: false,
             seed: 42,
             lr_schedule: "constant".into(),
             warmup_steps: 0,
@@ -399,8 +411,15 @@ impl TrainConfig {
                 self.model
             );
         }
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("steps, batch_size and grad_accum must be at least 1");
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.batch_slices == 0 {
+            bail!("steps, batch_size, grad_accum and batch_slices must be at least 1");
+        }
+        if self.batch_slices > self.batch_size {
+            bail!(
+                "batch_slices = {} is more than batch_size = {}: a slice holds at least one sample",
+                self.batch_slices,
+                self.batch_size
+            );
         }
         // The micro-batch index is steps × grad_accum (and must fit the u64 the RNG streams take).
         if self.steps.checked_mul(self.grad_accum).is_none_or(|n| n > u32::MAX as usize) {

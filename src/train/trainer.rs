@@ -11,6 +11,9 @@ use crate::adapters::config::{parse_patterns, resolve_targets_to_train, AdapterS
 use crate::adapters::dora::frozen_row_norms;
 use crate::adapters::export::{write_lora, LoraFormatOut};
 use crate::adapters::{AdapterSet, Kind};
+use crate::dist::nccl::Comm;
+use crate::dist::rendezvous::{Config, Control};
+use crate::dist::{self, timeout as dist_timeout, Joined, RankEnv};
 use crate::engine::{BaseDtype, Device, Engine, EngineOptions};
 use crate::io::lock::OutputLock;
 use crate::io::safetensors::{atomic_write, output_folder, remove_stale_temps, Dtype};
@@ -118,19 +121,23 @@ fn layout(specs: &[AdapterSpec]) -> Vec<String> {
     specs.iter().map(|s| format!("{} r{}{}", s.name, s.rank, kind(s))).collect()
 }
 
-/// Builds the inputs of one micro-batch: x_t, target ε − x0 and per-sample loss weights.
+/// Builds the inputs of one micro-batch, of the samples at positions `keep` of `idx` (one
+/// data-parallel rank's slice): x_t, target ε − x0 and per-sample loss weights. The random draws
+/// of every sample of `idx` are made in order, kept or not, so a slice's samples get the noise,
+/// σ and caption dropout they get in the whole batch.
 fn make_batch(
     cfg: &FluxConfig,
     tc: &TrainConfig,
     ds: &Dataset,
     idx: &[usize],
+    keep: std::ops::Range<usize>,
     rng: &mut Rng,
 ) -> (FluxInputs, Vec<f32>, Vec<f32>) {
     let s0: &Sample = &ds.samples[idx[0]];
     let (h, w, n_txt) = (s0.h, s0.w, s0.n_txt);
     let c = cfg.in_channels / 4;
     let n_img = (h / 2) * (w / 2);
-    let b = idx.len();
+    let b = keep.len();
     let ids = img_ids(h, w);
     let mut inp = FluxInputs {
         b,
@@ -146,32 +153,66 @@ fn make_batch(
     };
     let mut target = Vec::with_capacity(b * n_img * cfg.in_channels);
     let mut weights = Vec::with_capacity(b);
-    for &i in idx {
+    for (pos, &i) in idx.iter().enumerate() {
         let s = &ds.samples[i];
-        let x0 = pack_latent(&s.latent, c, h, w);
-        let noise = rng.normal_vec(x0.len(), 1.0);
+        let noise = rng.normal_vec(s.latent.len(), 1.0);
         let sigma = sample_sigma(tc, n_img, rng);
+        // Caption dropout: the sample trains unconditioned, its text states zeroed.
+        let drop = tc.caption_dropout > 0.0 && (rng.uniform() as f32) < tc.caption_dropout;
+        if !keep.contains(&pos) {
+            continue;
+        }
+        let x0 = pack_latent(&s.latent, c, h, w);
         let (xt, tgt) = noisy_pair(&x0, &noise, sigma);
         inp.img.extend(xt);
         target.extend(tgt);
         inp.timesteps.push(sigma);
         weights.push(loss_weight(&tc.loss_weighting, sigma));
-        // Caption dropout: the sample trains unconditioned, its text states zeroed.
-        let drop = tc.caption_dropout > 0.0 && (rng.uniform() as f32) < tc.caption_dropout;
         inp.txt.extend(s.txt.iter().map(|&v| if drop { 0.0 } else { v }));
         inp.y.extend(s.y.iter().map(|&v| if drop { 0.0 } else { v }));
     }
     (inp, target, weights)
 }
 
-/// Loss of one micro-batch; its gradients (times `gscale`) accumulate in the engine.
-fn micro_step(engine: &mut Engine, tc: &TrainConfig, ds: &Dataset, k: u64, salt: u64, gscale: f32) -> Result<f64> {
-    let idx = ds.batch(k, tc.batch_size, tc.seed ^ salt);
-    let mut rng = stream(tc.seed, k, salt);
-    let (inp, target, wts) = make_batch(engine.cfg(), tc, ds, &idx, &mut rng);
-    let seed = stream(tc.seed, k, salt ^ 0xD80).next_u64();
-    let dropout = (tc.dropout > 0.0).then_some((tc.dropout, seed));
-    engine.micro_step(&inp, &target, Some(&wts), gscale, dropout)
+/// Slice `s` of `n` samples cut into `slices` (as even as can be; the first ones shorter).
+fn slice_range(n: usize, s: usize, slices: usize) -> std::ops::Range<usize> {
+    s * n / slices..(s + 1) * n / slices
+}
+
+/// One micro-batch of the run, this rank's share of it: the k-th batch of `batch_size × world`
+/// samples cut into `world × batch_slices` slices, this rank's `batch_slices` of them run one
+/// after another. Each slice's loss is its samples' mean, weighted by its share of the batch
+/// (and its gradient scaled likewise), so the ranks' sum is the whole batch's mean. Returns this
+/// rank's weighted loss.
+fn micro_step(
+    engine: &mut Engine,
+    tc: &TrainConfig,
+    ds: &Dataset,
+    (rank, world): (usize, usize),
+    k: u64,
+    salt: u64,
+    gscale: f32,
+) -> Result<f64> {
+    let idx = ds.batch(k, tc.batch_size * world, tc.seed ^ salt);
+    let slices = world * tc.batch_slices;
+    let mut loss = 0.0;
+    for s in rank * tc.batch_slices..(rank + 1) * tc.batch_slices {
+        let keep = slice_range(idx.len(), s, slices);
+        if keep.is_empty() {
+            continue;
+        }
+        let share = keep.len() as f64 / idx.len() as f64;
+        let mut rng = stream(tc.seed, k, salt);
+        let (inp, target, wts) = make_batch(engine.cfg(), tc, ds, &idx, keep, &mut rng);
+        let mut seed = stream(tc.seed, k, salt ^ 0xD80).next_u64();
+        if slices > 1 {
+            // Each slice its own dropout masks (they are drawn per row of a batch).
+            seed ^= (s as u64 + 1).wrapping_mul(0x94D0_49BB_1331_11EB);
+        }
+        let dropout = (tc.dropout > 0.0).then_some((tc.dropout, seed));
+        loss += share * engine.micro_step(&inp, &target, Some(&wts), gscale * share as f32, dropout)?;
+    }
+    Ok(loss)
 }
 
 /// The built-in demo's samples with the engine's current adapters.
@@ -297,8 +338,106 @@ struct Run {
     out: PathBuf,
     engine: Engine,
     log: Log,
-    /// Held from the start to the end of the run: one run per `--out`.
-    _lock: OutputLock,
+    /// This process's place among the data-parallel ranks.
+    ranks: Ranks,
+    /// Held by rank 0 from the start to the end of the run: one run per `--out`.
+    _lock: Option<OutputLock>,
+}
+
+/// The data-parallel ranks as the trainer sees them: this rank, how many, the control channel
+/// (each step's loss and stop flag, in rank order) and the NCCL communicator of the gradients
+/// (None for a single rank). Rank 0 alone writes files.
+struct Ranks {
+    rank: usize,
+    world: usize,
+    control: Option<Control>,
+    comm: Option<Comm>,
+}
+
+impl Ranks {
+    fn single() -> Ranks {
+        Ranks { rank: 0, world: 1, control: None, comm: None }
+    }
+
+    fn writes(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Every rank's (loss, prior loss, stop) summed in rank order; stop when any rank stops.
+    fn agree(&mut self, loss: f64, prior: f64, stop: bool) -> Result<(f64, f64, bool)> {
+        let mine = [loss, prior, if stop { 1.0 } else { 0.0 }];
+        let all = match self.control.as_mut() {
+            Some(c) => c.gather(&mine)?,
+            None => return Ok((loss, prior, stop)),
+        };
+        let sum = |i: usize| all.chunks(3).fold(0.0, |a, c| a + c[i]);
+        Ok((sum(0), sum(1), sum(2) > 0.0))
+    }
+}
+
+/// A digest of f32 tensors (FNV-1a over their bits): the ranks compare their starting weights.
+fn digest(tensors: &[&[f32]]) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for t in tensors {
+        for x in t.iter() {
+            for b in x.to_bits().to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What every rank must share, as (key, value) pairs rank 0 compares: the binary, the settings
+/// (paths left out: each node may mount the files elsewhere), the model, the adapters, the data
+/// and the starting weights and optimizer state.
+#[allow(clippy::too_many_arguments)]
+fn rank_config(
+    tc: &TrainConfig,
+    model: &Model,
+    ds: &Dataset,
+    specs: &[AdapterSpec],
+    set: &AdapterSet,
+    opt: &AdamW,
+    start: usize,
+    device: &Device,
+    nccl: &str,
+) -> Result<Config> {
+    let mut c: Config = vec![
+        ("flux-kernels version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("NCCL".into(), nccl.into()),
+        ("device".into(), device.name().into()),
+        ("model".into(), format!("{:?}", model.cfg)),
+        ("adapters".into(), layout(specs).join(", ")),
+    ];
+    const PATHS: &[&str] = &[
+        "model",
+        "data",
+        "class_data",
+        "out",
+        "checkpoint_dir",
+        "metrics",
+        "cache_dir",
+        "vae",
+        "t5",
+        "t5_tokenizer",
+        "clip",
+        "clip_tokenizer",
+        "log_every",
+    ];
+    if let serde_json::Value::Object(m) = serde_json::to_value(tc)? {
+        c.extend(m.into_iter().filter(|(k, _)| !PATHS.contains(&k.as_str())).map(|(k, v)| (k, v.to_string())));
+    }
+    let names: Vec<String> = ds.samples.iter().map(|s| format!("{} {}x{}x{}", s.name, s.h, s.w, s.n_txt)).collect();
+    let data: Vec<f32> = ds.samples.iter().flat_map(|s| s.latent.iter().take(64).copied()).collect();
+    c.push(("data".into(), format!("{} samples, {:?}, digest {}", ds.len(), names.first(), digest(&[&data]))));
+    let params: Vec<&[f32]> = set.params().map(|p| p.as_slice()).collect();
+    let moments: Vec<&[f32]> = opt.m.iter().chain(&opt.v).map(|v| v.as_slice()).collect();
+    c.push((
+        "start".into(),
+        format!("step {start}, weights {}, AdamW {} t {}", digest(&params), digest(&moments), opt.t),
+    ));
+    Ok(c)
 }
 
 /// Where the step loop ended.
@@ -311,16 +450,23 @@ struct Ended {
 
 impl Run {
     /// Everything before the first step. `resume`: a checkpoint folder whose config is the base.
-    fn open(tc: TrainConfig, resume: Option<&Path>, quiet: bool) -> Result<Run> {
-        let mut log = Log { lines: Vec::new(), quiet };
+    fn open(tc: TrainConfig, resume: Option<&Path>, quiet: bool, env: Option<&RankEnv>) -> Result<Run> {
+        let writes = env.is_none_or(|e| e.rank == 0);
+        let mut log = Log { lines: Vec::new(), quiet: quiet || !writes };
         let out = PathBuf::from(&tc.out);
         let ckpt_dir = PathBuf::from(tc.checkpoint_path());
-        // Before anything is read or written: a second run on this output stops here.
-        let taken = OutputLock::take(&out)?;
-        if let Some(n) = taken.note {
-            log.say(format!("note: {n}"), None);
+        // Before anything is read or written: a second run on this output stops here. Only rank
+        // 0 writes, so only it holds the lock and clears a killed run's temp files.
+        let mut lock = None;
+        let mut stale = Vec::new();
+        if writes {
+            let taken = OutputLock::take(&out)?;
+            if let Some(n) = taken.note {
+                log.say(format!("note: {n}"), None);
+            }
+            lock = Some(taken.lock);
+            stale = remove_stale_run_temps(&tc, &out, &ckpt_dir)?;
         }
-        let stale = remove_stale_run_temps(&tc, &out, &ckpt_dir)?;
         if !stale.is_empty() {
             let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
             log.say(
@@ -382,6 +528,21 @@ impl Run {
         }
 
         let (device, device_note) = train_device(&tc)?;
+        let ranks = match env.filter(|e| e.world > 1) {
+            Some(e) => {
+                let cfg = |nccl: &str| rank_config(&tc, &model, &ds, &specs, &set, &opt, start, &device, nccl);
+                let Joined { control, comm } = dist::join(e, cfg)?;
+                let lib = comm.library();
+                let r = Ranks { rank: e.rank, world: e.world, control: Some(control), comm: Some(comm) };
+                let line = format!(
+                    "data parallel: {} ranks over {lib}; each micro-batch is {} × {} samples",
+                    e.world, e.world, tc.batch_size
+                );
+                log.say(line, None);
+                r
+            }
+            None => Ranks::single(),
+        };
         let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
         let engine = Engine::new(&device, &model.cfg, weights, opts)?;
         if let Some(n) = device_note {
@@ -432,7 +593,8 @@ impl Run {
             out,
             engine,
             log,
-            _lock: taken.lock,
+            ranks,
+            _lock: lock,
         })
     }
 
@@ -449,7 +611,9 @@ impl Run {
     /// check, AdamW, metrics, log lines, previews and checkpoints.
     fn steps(&mut self, interrupt: &AtomicBool) -> Result<Ended> {
         let tc = &self.tc;
-        let mut metrics = if tc.metrics.is_empty() {
+        let at = (self.ranks.rank, self.ranks.world);
+        let writes = self.ranks.writes();
+        let mut metrics = if tc.metrics.is_empty() || !writes {
             None
         } else {
             let (file, dropped) = open_metrics(Path::new(&tc.metrics), self.start)?;
@@ -484,11 +648,17 @@ impl Run {
             self.engine.zero_grads()?;
             for j in 0..tc.grad_accum {
                 let k = (step * tc.grad_accum + j) as u64;
-                loss += micro_step(&mut self.engine, tc, &self.ds, k, 0, gscale)? / tc.grad_accum as f64;
+                loss += micro_step(&mut self.engine, tc, &self.ds, at, k, 0, gscale)? / tc.grad_accum as f64;
                 if let Some(cds) = &self.class {
-                    let l = micro_step(&mut self.engine, tc, cds, k, 0xC1A55, gscale * tc.prior_weight)?;
+                    let l = micro_step(&mut self.engine, tc, cds, at, k, 0xC1A55, gscale * tc.prior_weight)?;
                     prior += l / tc.grad_accum as f64;
                 }
+            }
+            // The ranks' shares add up to the batch's loss; a Ctrl-C seen by any rank stops all
+            // of them after this step, so they checkpoint the same step.
+            let (loss, prior, stop) = self.ranks.agree(loss, prior, interrupt.load(Ordering::SeqCst))?;
+            if let Some(comm) = &self.ranks.comm {
+                self.engine.reduce_grads(comm, tc.deterministic_reduce, dist_timeout())?;
             }
             let total = loss + tc.prior_weight as f64 * prior;
             if !total.is_finite() {
@@ -528,14 +698,13 @@ impl Run {
                     format!("step {step}/{} loss {loss:.4}{pl} (ema {e:.4}) lr {lr:.2e} |g| {gnorm:.3}", tc.steps);
                 self.log.say(line, Some(&pb));
             }
-            if let Some(p) = self.previews.as_ref().filter(|_| step.is_multiple_of(tc.sample_every) || step == tc.steps)
-            {
+            let preview_now = writes && (step.is_multiple_of(tc.sample_every) || step == tc.steps);
+            if let Some(p) = self.previews.as_ref().filter(|_| preview_now) {
                 let files = p.write(&mut self.engine, &sibling(&self.out, "-samples"), step)?;
                 self.log.say(format!("step {step}: samples {}", files.join(", ")), Some(&pb));
             }
             let checkpoint_now = tc.checkpoint_every > 0 && step.is_multiple_of(tc.checkpoint_every);
-            let stop = interrupt.load(Ordering::SeqCst);
-            if checkpoint_now || stop {
+            if writes && (checkpoint_now || stop) {
                 let params = self.engine.trainable_to_host(&mut self.opt)?;
                 let state =
                     State { step, params, opt: self.opt.clone(), config: tc.clone(), layout: layout(&self.specs) };
@@ -559,6 +728,9 @@ impl Run {
     /// and the LoRA file with its metadata.
     fn finish(&mut self, end: &Ended) -> Result<()> {
         let tc = &self.tc;
+        if !self.ranks.writes() {
+            return Ok(());
+        }
         self.set.set_params(self.engine.trainable_to_host(&mut self.opt)?)?;
         if let Some(g) = self.engine.cuda() {
             g.m.synchronize()?;
@@ -669,9 +841,22 @@ fn open_metrics(path: &Path, start: usize) -> Result<(std::fs::File, usize)> {
 
 /// Runs (or resumes) a training run. `resume`: a checkpoint folder whose config is the base.
 pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>, quiet: bool) -> Result<Outcome> {
+    train_ranked(tc, resume, interrupt, quiet, None)
+}
+
+/// `train` as one of several data-parallel ranks (`env`; None: the only one). Every rank runs
+/// this; rank 0 alone writes the LoRA, checkpoints, metrics and previews.
+pub fn train_ranked(
+    tc: TrainConfig,
+    resume: Option<&Path>,
+    interrupt: Arc<AtomicBool>,
+    quiet: bool,
+    env: Option<&RankEnv>,
+) -> Result<Outcome> {
     tc.validate()?;
-    let builtin_demo = tc.model.is_empty() && tc.builtin_data();
-    let mut run = Run::open(tc, resume, quiet)?;
+    let writes = env.is_none_or(|e| e.rank == 0);
+    let builtin_demo = tc.model.is_empty() && tc.builtin_data() && writes;
+    let mut run = Run::open(tc, resume, quiet, env)?;
     let mut demo_before = None;
     if builtin_demo && run.start == 0 {
         let data: Vec<Vec<f32>> = run.ds.samples.iter().take(4).map(|s| s.latent.clone()).collect();
@@ -688,7 +873,16 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
         run.log.say(format!("before training: samples' colour is {d:.3} from the style colour (RGB distance)"), None);
     }
     run.engine.train_adapters(&run.set, Some(&run.opt))?;
-    let end = run.steps(&interrupt)?;
+    let end = match run.steps(&interrupt) {
+        Ok(end) => end,
+        Err(e) => {
+            // Peers may be gone or waiting: NCCL wants an abort here, not a destroy.
+            if let Some(c) = &run.ranks.comm {
+                c.mark_failed();
+            }
+            return Err(e);
+        }
+    };
     run.finish(&end)?;
 
     let mut demo = None;
@@ -708,7 +902,7 @@ pub fn train(tc: TrainConfig, resume: Option<&Path>, interrupt: Arc<AtomicBool>,
     Ok(Outcome {
         steps_done: end.step,
         interrupted: end.interrupted,
-        lora_path: Some(out),
+        lora_path: writes.then_some(out),
         final_loss: end.last_loss,
         demo,
         log: log.lines,
