@@ -59,6 +59,10 @@ pub struct Args {
     /// card): the side-by-side measurement of what the Hopper kernels bring to a whole step.
     #[arg(long, value_name = "auto|sm80", default_value = "auto")]
     pub kernels: String,
+    /// Keep the last N blocks' frozen weights in pinned host memory and stream them in per use
+    /// (block swap, as `train --blocks-to-swap`): measures what the copies cost.
+    #[arg(long, default_value_t = 0)]
+    pub blocks_to_swap: usize,
 }
 
 impl Args {
@@ -112,13 +116,15 @@ pub fn run(a: &Args) -> Result<String> {
     let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng, None)?;
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let opts = EngineOptions { base, checkpointing };
+    let opts = EngineOptions { base, checkpointing, blocks_to_swap: a.blocks_to_swap };
     let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
     engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
     let gt = engine.cuda().context("bench-step runs on the GPU")?;
     gt.m.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let weights_bytes: usize = gt.m.w.linears().iter().map(|l| l.bytes()).sum();
+    let weights_bytes = gt.m.w.device_bytes();
+    let swap_host_bytes = gt.m.w.swap.as_ref().map_or(0, |s| s.host_bytes());
+    let copied_before = gt.m.w.swap.as_ref().map_or(0, |s| s.bytes_copied);
 
     // One synthetic sample: packed latent noise, T5-like states, pooled CLIP, σ = 0.5.
     let lat = size / 8;
@@ -170,12 +176,15 @@ pub fn run(a: &Args) -> Result<String> {
         modulation_on_host: false,
         lora: lc,
         hopper: hopper_used.0,
+        blocks_to_swap: a.blocks_to_swap,
     };
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.
     let predicted_allocated = predicted.map(|p| p - gib(CUDA_CONTEXT + CUBLAS_WORKSPACE));
     let gt = engine.cuda().context("bench-step runs on the GPU")?;
     let peak = gt.m.pool_peak();
+    let copied = gt.m.w.swap.as_ref().map_or(0, |s| s.bytes_copied) - copied_before;
+    let swap_plan = plan(&cfg, &settings).map(|p| p.swap).unwrap_or_default();
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let j = serde_json::json!({
         "model": a.model,
@@ -195,6 +204,10 @@ pub fn run(a: &Args) -> Result<String> {
         "in_use_sampled_gib": gib(gt.m.peak_used),
         "in_use_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries only",
         "weights_gib": gib(weights_bytes),
+        "blocks_to_swap": a.blocks_to_swap,
+        "swap_host_gib": gib(swap_host_bytes),
+        "swap_copied_gib_per_step": gib(copied) / (a.warmup + a.steps) as f64,
+        "swap_predicted_pcie_gib_per_step": gib(swap_plan.pcie_per_step),
         "predicted_gib": predicted,
         "predicted_allocated_gib": predicted_allocated,
         "trainable": trainable,

@@ -11,6 +11,7 @@ fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: 
         modulation_on_host: false,
         lora: LoraConfig { rank, targets: targets.split(',').map(String::from).collect(), ..LoraConfig::default() },
         hopper: false,
+        blocks_to_swap: 0,
     }
 }
 
