@@ -219,10 +219,11 @@ pub fn choose_blocks_to_swap(tc: &mut TrainConfig) -> Result<Option<String>> {
     if tc.max_vram == 0.0 {
         return Ok(None);
     }
-    tc.validate()?;
+    tc.check_block_swap()?;
     let (cfg, s) = train_settings(tc)?;
     let (n, total) = swap::choose(&cfg, &s, max_vram_bytes(tc.max_vram)?)?;
-    tc.blocks_to_swap = n;
+    // The choice replaces the request (a resumed run keeps the blocks, and the pair is refused).
+    (tc.blocks_to_swap, tc.max_vram) = (n, 0.0);
     Ok(Some(format!(
         "--max-vram {} GiB: swapping {n} of {} blocks (the memory plan predicts {:.2} GiB)",
         tc.max_vram,
@@ -311,6 +312,27 @@ mod tests {
         assert!(e.contains("does NOT fit on a 24 GiB GPU"), "{e}");
         check_against(&tc("1024"), Ok(80 << 30)).unwrap();
         check_against(&tc("1024"), Err(anyhow::anyhow!("no CUDA driver"))).unwrap();
+    }
+
+    /// `train --max-vram`: the plan's choice goes into the config, and the check then passes on
+    /// a card of that size; a size nothing fits names the flag.
+    #[test]
+    fn max_vram_chooses_the_blocks_to_swap_for_train() {
+        let mut c =
+            TrainConfig { rank: 16, base: "int8".into(), gradient_checkpointing: true, max_vram: 12.0, ..tc("1024") };
+        let line = choose_blocks_to_swap(&mut c).unwrap().unwrap();
+        assert!(line.contains("swapping 43 of 57 blocks"), "{line}");
+        assert_eq!((c.blocks_to_swap, c.max_vram), (43, 0.0));
+        c.check_block_swap().unwrap();
+        check_against(&c, Ok(12 << 30)).unwrap();
+        assert!(choose_blocks_to_swap(&mut c.clone()).unwrap().is_none(), "no --max-vram: no choice");
+        c.blocks_to_swap = 0;
+        assert!(check_against(&c, Ok(12 << 30)).is_err());
+        let mut small = TrainConfig { max_vram: 4.0, ..c.clone() };
+        let e = format!("{:#}", choose_blocks_to_swap(&mut small).unwrap_err());
+        assert!(e.contains("--max-vram 4.00 GiB: the step does not fit even with all 57 blocks swapped"), "{e}");
+        let mut both = TrainConfig { blocks_to_swap: 3, max_vram: 12.0, ..c };
+        assert!(choose_blocks_to_swap(&mut both).unwrap_err().to_string().contains("give one"));
     }
 
     #[test]

@@ -349,6 +349,24 @@ impl TrainConfig {
         Some(s)
     }
 
+    /// blocks_to_swap and max_vram: one of them, on the GPU, max_vram a size in GiB.
+    pub fn check_block_swap(&self) -> Result<()> {
+        if !(self.max_vram.is_finite() && self.max_vram >= 0.0) {
+            bail!("max_vram = {}: GiB of GPU memory, a positive number (0: off)", self.max_vram);
+        }
+        if (self.max_vram > 0.0 || self.blocks_to_swap > 0) && self.device == "cpu" {
+            bail!("blocks_to_swap / max_vram with device = cpu: block swap is for the GPU; use --device cuda or drop them");
+        }
+        if self.max_vram > 0.0 && self.blocks_to_swap > 0 {
+            bail!(
+                "max_vram = {} and blocks_to_swap = {}: give one (max_vram makes the memory plan choose blocks_to_swap)",
+                self.max_vram,
+                self.blocks_to_swap
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         let one_of = |name: &str, v: &str, ok: &[&str]| -> Result<()> {
             if !ok.contains(&v) {
@@ -363,16 +381,7 @@ impl TrainConfig {
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
         one_of("adapter", &self.adapter, &["lora", "dora", "lokr"])?;
-        if !(self.max_vram.is_finite() && self.max_vram >= 0.0) {
-            bail!("max_vram = {}: GiB of GPU memory, a positive number (0: off)", self.max_vram);
-        }
-        if self.max_vram > 0.0 && self.blocks_to_swap > 0 {
-            bail!(
-                "max_vram = {} and blocks_to_swap = {}: give one (max_vram makes the memory plan choose blocks_to_swap)",
-                self.max_vram,
-                self.blocks_to_swap
-            );
-        }
+        self.check_block_swap()?;
         if self.adapter == "dora" && self.device == "cuda" {
             bail!(
                 "adapter = dora with device = cuda: DoRA training runs on the CPU path for now (its rescale is not \
