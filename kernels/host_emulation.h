@@ -843,6 +843,111 @@ inline std::map<std::string, Entry>& registry() {
     return r;
 }
 
+// Streams and events. The NULL stream (and the legacy/per-thread handles 0x1, 0x2) and streams
+// created blocking run every operation at once, as before. A stream created with
+// CU_STREAM_NON_BLOCKING (flag 1: cudarc's new_stream) defers its copies from or to pinned host
+// memory, its device-to-device copies and memsets until something waits for them (an event
+// recorded after them and waited on or synchronised, a stream or context synchronisation, a
+// free), so a kernel that reads a buffer before waiting for the copy that fills it reads stale
+// data, as it could on a GPU. Kernels and pageable copies on such a stream first run what is
+// pending there, then run at once (a pageable copy is synchronous on a GPU too).
+// A deferred operation with the device and host byte ranges it touches ([lo, hi)), so that a
+// free runs only the queued work on the freed memory (a free does not wait for a stream on a
+// GPU with memory pools either).
+struct Op {
+    std::function<void()> run;
+    uintptr_t dlo = 0, dhi = 0, hlo = 0, hhi = 0;
+    bool touches(uintptr_t lo, uintptr_t hi) const { return (dlo < hi && lo < dhi) || (hlo < hi && lo < hhi); }
+};
+struct Stream {
+    bool deferred = false;
+    std::vector<Op> pending;
+    size_t done = 0;  // operations of `pending` already run
+};
+struct Event {
+    Stream* stream = nullptr;  // where it was last recorded (null: complete)
+    size_t at = 0;             // operations of that stream it covers
+};
+struct Streams {
+    std::recursive_mutex lock;
+    std::map<void*, Stream*> live;
+    std::map<void*, Event*> events;
+    std::map<uintptr_t, size_t> pinned;  // cuMemHostAlloc'ed ranges
+};
+inline Streams& streams() {
+    static Streams s;
+    return s;
+}
+inline bool is_immediate_handle(void* s) {
+    const uintptr_t h = reinterpret_cast<uintptr_t>(s);
+    return h == 0 || h == 1 || h == 2;
+}
+// The deferred stream behind a handle, nullptr for an immediate one; false for a handle that
+// is no live stream.
+inline bool stream_of(void* h, Stream** out) {
+    *out = nullptr;
+    if (is_immediate_handle(h)) return true;
+    Streams& ss = streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.live.find(h);
+    if (it == ss.live.end()) return false;
+    *out = it->second->deferred ? it->second : nullptr;
+    return true;
+}
+inline void flush(Stream* s, size_t upto) {
+    if (!s) return;
+    std::lock_guard<std::recursive_mutex> g(streams().lock);
+    while (s->done < upto && s->done < s->pending.size()) {
+        std::function<void()> op = std::move(s->pending[s->done].run);
+        ++s->done;
+        op();
+    }
+}
+inline void flush_all() {
+    Streams& ss = streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    for (auto& kv : ss.live) flush(kv.second, kv.second->pending.size());
+}
+// Runs, on every stream, the queued work up to the last operation that touches [lo, hi).
+inline void flush_touching(uintptr_t lo, uintptr_t hi) {
+    Streams& ss = streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    for (auto& kv : ss.live) {
+        Stream* s = kv.second;
+        for (size_t i = s->pending.size(); i > s->done; --i)
+            if (s->pending[i - 1].touches(lo, hi)) {
+                flush(s, i);
+                break;
+            }
+    }
+}
+inline bool is_pinned(const void* p, size_t bytes) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    Streams& ss = streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.pinned.upper_bound(a);
+    if (it == ss.pinned.begin()) return false;
+    --it;
+    return a + bytes <= it->first + it->second;
+}
+// Runs `op` on stream handle `h`: deferred when `deferrable` and the stream defers, else after
+// what is pending there. An unknown handle is CUDA_ERROR_INVALID_HANDLE (400).
+// `dev`, `host`: the device and host bytes it touches ({address, bytes}).
+inline int on_stream(void* h, bool deferrable, std::function<void()> op, std::pair<const void*, size_t> dev = {},
+                     std::pair<const void*, size_t> host = {}) {
+    Stream* s;
+    if (!stream_of(h, &s)) return 400;
+    if (s && deferrable) {
+        std::lock_guard<std::recursive_mutex> g(streams().lock);
+        const uintptr_t d = reinterpret_cast<uintptr_t>(dev.first), hp = reinterpret_cast<uintptr_t>(host.first);
+        s->pending.push_back(Op{std::move(op), d, d + dev.second, hp, hp + host.second});
+        return 0;
+    }
+    flush(s, s ? s->pending.size() : 0);
+    op();
+    return 0;
+}
+
 }  // namespace fkemu
 
 extern "C" {
@@ -897,9 +1002,61 @@ CUresult cuCtxGetCurrent(void** ctx) {
     *ctx = &fkemu_ctx_token;
     return FK_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return FK_SUCCESS; }
-CUresult cuStreamSynchronize(void*) { return FK_SUCCESS; }
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { return FK_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    fkemu::flush_all();
+    return FK_SUCCESS;
+}
+enum { FK_INVALID_HANDLE = 400 };
+CUresult cuStreamCreate(void** h, unsigned flags) {
+    fkemu::Stream* s = new fkemu::Stream;
+    s->deferred = (flags & 1) != 0;  // CU_STREAM_NON_BLOCKING
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    ss.live[s] = s;
+    *h = s;
+    return FK_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(void** h, unsigned flags, int) { return cuStreamCreate(h, flags); }
+CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    if (least) *least = 0;
+    if (greatest) *greatest = 0;
+    return FK_SUCCESS;
+}
+CUresult cuStreamDestroy_v2(void* h) {
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.live.find(h);
+    if (it == ss.live.end()) return FK_INVALID_HANDLE;
+    // Work already queued still runs (the driver's documented behaviour); events recorded on it
+    // are complete once it has.
+    fkemu::flush(it->second, it->second->pending.size());
+    for (auto& kv : ss.events)
+        if (kv.second->stream == it->second) kv.second->stream = nullptr;
+    delete it->second;
+    ss.live.erase(it);
+    return FK_SUCCESS;
+}
+CUresult cuStreamSynchronize(void* h) {
+    fkemu::Stream* s;
+    if (!fkemu::stream_of(h, &s)) return FK_INVALID_HANDLE;
+    fkemu::flush(s, s ? s->pending.size() : 0);
+    return FK_SUCCESS;
+}
+static fkemu::Event* fkemu_event(void* e) {
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.events.find(e);
+    return it == ss.events.end() ? nullptr : it->second;
+}
+// The waiting stream's later work runs after the event's: here, by running that work now.
+CUresult cuStreamWaitEvent(void* h, void* e, unsigned) {
+    fkemu::Stream* s;
+    if (!fkemu::stream_of(h, &s)) return FK_INVALID_HANDLE;
+    fkemu::Event* ev = fkemu_event(e);
+    if (!ev) return FK_INVALID_HANDLE;
+    fkemu::flush(ev->stream, ev->at);
+    return FK_SUCCESS;
+}
 
 // FKEMU_DRY=1: for a dry run of the host code (kernels skipped by src/kernels/trace.rs), device
 // memory is never touched: allocations are not filled, memsets and copies do nothing, so a
@@ -928,6 +1085,15 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     fkemu::Allocations& al = fkemu::allocations();
+    size_t bytes = 0;
+    {
+        std::lock_guard<std::mutex> g(al.lock);
+        auto it = al.live.find(p);
+        if (it == al.live.end()) return FK_INVALID_VALUE;
+        bytes = it->second;
+    }
+    // Copies still queued from or into the buffer land first.
+    fkemu::flush_touching(p, p + bytes);
     {
         std::lock_guard<std::mutex> g(al.lock);
         auto it = al.live.find(p);
@@ -940,26 +1106,54 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void* st) {
     fkemu::check_global(reinterpret_cast<void*>(d), n, "cuMemcpyHtoD: destination outside an allocation");
-    if (!fkemu_dry()) std::memcpy(reinterpret_cast<void*>(d), h, n);
-    return FK_SUCCESS;
+    return fkemu::on_stream(
+        st, fkemu::is_pinned(h, n), [=] { if (!fkemu_dry()) std::memcpy(reinterpret_cast<void*>(d), h, n); },
+        {reinterpret_cast<void*>(d), n}, {h, n});
 }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) {
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void* st) {
     fkemu::check_global(reinterpret_cast<void*>(d), n, "cuMemcpyDtoH: source outside an allocation");
     // A dry run reads zeros (defined values for the host, none of them meaningful).
-    if (fkemu_dry()) std::memset(h, 0, n);
-    else std::memcpy(h, reinterpret_cast<void*>(d), n);
+    return fkemu::on_stream(
+        st, fkemu::is_pinned(h, n),
+        [=] {
+            if (fkemu_dry()) std::memset(h, 0, n);
+            else std::memcpy(h, reinterpret_cast<void*>(d), n);
+        },
+        {reinterpret_cast<void*>(d), n}, {h, n});
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    // The source range is recorded as the "host" one: either is checked against a free.
+    return fkemu::on_stream(
+        st, true, [=] { if (!fkemu_dry()) std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<void*>(s), n); },
+                            {reinterpret_cast<void*>(d), n}, {reinterpret_cast<void*>(s), n});
+}
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
+    return fkemu::on_stream(st, true, [=] { if (!fkemu_dry()) std::memset(reinterpret_cast<void*>(d), v, n); },
+                            {reinterpret_cast<void*>(d), n});
+}
+// Page-locked host memory: plain host memory here, remembered so that copies from and to it
+// can be asynchronous.
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    void* m = nullptr;
+    if (posix_memalign(&m, 4096, bytes ? bytes : 1) != 0) return FK_OUT_OF_MEMORY;
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    ss.pinned[reinterpret_cast<uintptr_t>(m)] = bytes ? bytes : 1;
+    *p = m;
     return FK_SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) {
-    if (fkemu_dry()) return FK_SUCCESS;
-    std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<void*>(s), n);
-    return FK_SUCCESS;
-}
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
-    if (fkemu_dry()) return FK_SUCCESS;
-    std::memset(reinterpret_cast<void*>(d), v, n);
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+CUresult cuMemFreeHost(void* p) {
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.pinned.find(reinterpret_cast<uintptr_t>(p));
+    if (it == ss.pinned.end()) return FK_INVALID_VALUE;
+    // As on a GPU (cuMemFreeHost synchronises), queued copies from or to it complete first.
+    fkemu::flush_touching(it->first, it->first + it->second);
+    ss.pinned.erase(it);
+    std::free(p);
     return FK_SUCCESS;
 }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -986,16 +1180,41 @@ CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
 }
 
 CUresult cuEventCreate(void** e, unsigned) {
-    *e = new int(0);
+    fkemu::Event* ev = new fkemu::Event;
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    ss.events[ev] = ev;
+    *e = ev;
     return FK_SUCCESS;
 }
 CUresult cuEventDestroy_v2(void* e) {
-    delete static_cast<int*>(e);
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    auto it = ss.events.find(e);
+    if (it == ss.events.end()) return FK_INVALID_HANDLE;
+    delete it->second;
+    ss.events.erase(it);
     return FK_SUCCESS;
 }
-CUresult cuEventRecord(void*, void*) { return FK_SUCCESS; }
-CUresult cuEventSynchronize(void*) { return FK_SUCCESS; }
-CUresult cuEventQuery(void*) { return FK_SUCCESS; }
+// The event covers the work queued on the stream so far (none pending on an immediate one).
+CUresult cuEventRecord(void* e, void* h) {
+    fkemu::Stream* s;
+    if (!fkemu::stream_of(h, &s)) return FK_INVALID_HANDLE;
+    fkemu::Streams& ss = fkemu::streams();
+    std::lock_guard<std::recursive_mutex> g(ss.lock);
+    fkemu::Event* ev = fkemu_event(e);
+    if (!ev) return FK_INVALID_HANDLE;
+    ev->stream = s;
+    ev->at = s ? s->pending.size() : 0;
+    return FK_SUCCESS;
+}
+CUresult cuEventSynchronize(void* e) {
+    fkemu::Event* ev = fkemu_event(e);
+    if (!ev) return FK_INVALID_HANDLE;
+    fkemu::flush(ev->stream, ev->at);
+    return FK_SUCCESS;
+}
+CUresult cuEventQuery(void* e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, void*, void*) {
     *ms = 0.0f;
     return FK_SUCCESS;
@@ -1026,15 +1245,15 @@ CUresult cuFuncGetAttribute(int* v, int, void*) {
     return FK_SUCCESS;
 }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned smem, void*, void** params, void** extra) {
+                        unsigned smem, void* stream, void** params, void** extra) {
     fkemu::Function* fn = static_cast<fkemu::Function*>(f);
     if (extra) return FK_INVALID_VALUE;
     if (bx * by * bz == 0 || bx * by * bz > 1024 || gx == 0 || gy == 0 || gz == 0) return FK_INVALID_VALUE;
     if (gy > 65535 || gz > 65535) return FK_INVALID_VALUE;
     if ((int)smem > fn->max_dynamic_smem) return FK_INVALID_VALUE;
     std::function<void()> body = [fn, params] { fn->entry.call(params); };
-    fkemu::launch({gx, gy, gz}, {bx, by, bz}, smem, body);
-    return FK_SUCCESS;
+    // Kernels run at once, after what their stream has queued (the parameters are read now).
+    return fkemu::on_stream(stream, false, [&] { fkemu::launch({gx, gy, gz}, {bx, by, bz}, smem, body); });
 }
 // A TMA descriptor, with the driver documentation's limits (cuTensorMapEncodeTiled): 16-byte
 // aligned global address, strides multiples of 16 below 2^40, boxes of 1..256 elements per

@@ -89,6 +89,10 @@ pub struct Args {
     /// The card whose rates the prediction uses.
     #[arg(long, value_name = "CARD", default_value = "h200")]
     pub card: String,
+    /// Keep the last N blocks' frozen weights in pinned host memory and stream them in per use
+    /// (block swap, as `train --blocks-to-swap`): measures what the copies cost.
+    #[arg(long, default_value_t = 0)]
+    pub blocks_to_swap: usize,
 }
 
 impl Args {
@@ -194,14 +198,16 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng, None)?;
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let opts = EngineOptions { base, checkpointing };
+    let opts = EngineOptions { base, checkpointing, blocks_to_swap: a.blocks_to_swap };
     let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
     engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
     if let Some(g) = engine.cuda() {
         g.m.synchronize()?;
     }
     let load_s = t_load.elapsed().as_secs_f64();
-    let weights_bytes: usize = engine.cuda().map_or(0, |g| g.m.w.linears().iter().map(|l| l.bytes()).sum());
+    let weights_bytes: usize = engine.cuda().map_or(0, |g| g.m.w.device_bytes());
+    let swap_of = |e: &Engine| e.cuda().and_then(|g| g.m.w.swap.as_ref()).map(|s| (s.host_bytes(), s.bytes_copied));
+    let (swap_host_bytes, copied_before) = swap_of(&engine).unwrap_or((0, 0));
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let mut ranks = match env {
         Some(e) => {
@@ -310,12 +316,19 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         modulation_on_host: false,
         lora: lc,
         hopper: hopper_used.0,
+        blocks_to_swap: a.blocks_to_swap,
     };
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.
     let predicted_allocated = predicted.map(|p| p - gib(CUDA_CONTEXT + CUBLAS_WORKSPACE));
     let peak = engine.cuda().and_then(|g| g.m.pool_peak());
     let in_use = engine.cuda().map(|g| gib(g.m.peak_used));
+    // Steps run: the timed ones (twice each with several ranks: without and with the all-reduce)
+    // and the traced one.
+    let steps_run = if a.dry_run { 0 } else { (a.warmup + a.steps) * if ranks.is_some() { 2 } else { 1 } }
+        + usize::from(a.predict || a.dry_run);
+    let copied = swap_of(&engine).map_or(0, |s| s.1) - copied_before;
+    let swap_plan = plan(&cfg, &settings).map(|p| p.swap).unwrap_or_default();
     let mut j = serde_json::json!({
         "model": a.model,
         "size": size,
@@ -334,6 +347,10 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         "in_use_sampled_gib": in_use,
         "in_use_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries only",
         "weights_gib": gib(weights_bytes),
+        "blocks_to_swap": a.blocks_to_swap,
+        "swap_host_gib": gib(swap_host_bytes),
+        "swap_copied_gib_per_step": gib(copied) / steps_run.max(1) as f64,
+        "swap_predicted_pcie_gib_per_step": gib(swap_plan.pcie_per_step),
         "predicted_gib": predicted,
         "predicted_allocated_gib": predicted_allocated,
         "trainable": trainable,

@@ -5,7 +5,7 @@ use super::args::RopeArgs;
 use super::args::{deprecated, AdapterArgs, CheckpointingArgs};
 use super::{open_model, ModelSpec};
 use crate::model::checkpoint::Checkpoint;
-use crate::plan::{gib, plan, suggest, table, Base, Settings};
+use crate::plan::{gib, plan, suggest, swap, table, Base, Settings};
 use crate::quant::Code;
 use crate::train::config::TrainConfig;
 use anyhow::{bail, Context, Result};
@@ -48,6 +48,14 @@ pub struct Args {
     /// that are multiples of 8) and dequantises an 8-bit base one linear at a time.
     #[arg(long)]
     pub hopper: bool,
+    /// Keep the last N blocks' frozen weights in pinned host memory (block swap, as `train
+    /// --blocks-to-swap`).
+    #[arg(long, default_value_t = 0, conflicts_with = "max_vram")]
+    pub blocks_to_swap: usize,
+    /// GPU memory in GiB to fit by block swap: chooses the fewest blocks to swap (as `train
+    /// --max-vram`) and checks the plan against this size instead of --gpu-memory.
+    #[arg(long, value_name = "GIB")]
+    pub max_vram: Option<f64>,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -63,9 +71,26 @@ pub fn main(a: Args) -> Result<()> {
         modulation_on_host: parse_modulation(&a.modulation)?,
         lora: a.adapter.config()?,
         hopper: a.hopper,
+        blocks_to_swap: a.blocks_to_swap,
     };
-    print!("{}", run(&a.model, a.rope.rope_axes.as_deref(), a.base.as_deref(), settings, a.gpu_memory)?);
+    let limit = Limit { gib: a.max_vram.unwrap_or(a.gpu_memory), choose_swap: a.max_vram.is_some() };
+    print!("{}", run(&a.model, a.rope.rope_axes.as_deref(), a.base.as_deref(), settings, limit)?);
     Ok(())
+}
+
+/// The GPU memory a plan is checked against, and whether block swap is chosen to fit it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub gib: f64,
+    pub choose_swap: bool,
+}
+
+/// `--max-vram` as bytes, refused unless positive and finite.
+fn max_vram_bytes(gib: f64) -> Result<usize> {
+    if !(gib.is_finite() && gib > 0.0) {
+        bail!("--max-vram {gib}: GiB of GPU memory, a positive number");
+    }
+    Ok((gib * (1u64 << 30) as f64) as usize)
 }
 
 /// `--resolution 1024` or `1024x768` (width × height).
@@ -115,6 +140,21 @@ pub fn report(cfg: &crate::model::config::FluxConfig, s: &Settings, limit_gib: f
         if s.modulation_on_host { "host" } else { "GPU" },
     )?;
     r += &table(&p);
+    if s.blocks_to_swap > 0 {
+        let sw = &p.swap;
+        writeln!(
+            r,
+            "block swap: {} blocks ({} double + {} single) in pinned host memory; {:.2} GiB over PCIe per step once \
+             warm, {:.0} ms at an assumed {:.0} GB/s (PCIe 4.0 x16): a prediction, hidden while a block computes \
+             longer than its copy",
+            s.blocks_to_swap,
+            sw.double,
+            sw.single,
+            gib(sw.pcie_per_step),
+            1e3 * sw.pcie_seconds(swap::PCIE4_X16_BYTES_PER_S),
+            swap::PCIE4_X16_BYTES_PER_S / 1e9
+        )?;
+    }
     let limit = (limit_gib * (1u64 << 30) as f64) as usize;
     let fits = p.gpu_total() <= limit;
     writeln!(
@@ -136,20 +176,20 @@ pub fn report(cfg: &crate::model::config::FluxConfig, s: &Settings, limit_gib: f
 }
 
 /// `flux-kernels plan`.
-pub fn run(
-    model: &str,
-    rope_axes: Option<&str>,
-    base: Option<&str>,
-    mut s: Settings,
-    limit_gib: f64,
-) -> Result<String> {
+pub fn run(model: &str, rope_axes: Option<&str>, base: Option<&str>, mut s: Settings, limit: Limit) -> Result<String> {
     let spec = open_model(model, rope_axes)?;
     s.base = match (base, &spec) {
         (Some(b), _) => Base::parse(b)?,
         (None, ModelSpec::Checkpoint(c)) => base_of(c),
         (None, ModelSpec::Named(..)) => Base::Bf16,
     };
-    Ok(report(spec.cfg(), &s, limit_gib)?.0)
+    let mut head = String::new();
+    if limit.choose_swap {
+        let (n, total) = swap::choose(spec.cfg(), &s, max_vram_bytes(limit.gib)?)?;
+        s.blocks_to_swap = n;
+        writeln!(head, "--max-vram {} GiB: {n} blocks to swap ({:.2} GiB predicted)", limit.gib, gib(total))?;
+    }
+    Ok(head + &report(spec.cfg(), &s, limit.gib)?.0)
 }
 
 /// Total memory of CUDA device 0, if there is one.
@@ -173,8 +213,53 @@ pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
     check_against(tc, device_memory())
 }
 
+/// `train --max-vram`: the fewest blocks to swap for the plan to fit, written into `tc`, with the
+/// line that says what was chosen. None without --max-vram.
+pub fn choose_blocks_to_swap(tc: &mut TrainConfig) -> Result<Option<String>> {
+    if tc.max_vram == 0.0 {
+        return Ok(None);
+    }
+    tc.check_block_swap()?;
+    let (cfg, s) = train_settings(tc)?;
+    let (n, total) = swap::choose(&cfg, &s, max_vram_bytes(tc.max_vram)?)?;
+    // The choice replaces the request (a resumed run keeps the blocks, and the pair is refused).
+    (tc.blocks_to_swap, tc.max_vram) = (n, 0.0);
+    Ok(Some(format!(
+        "--max-vram {} GiB: swapping {n} of {} blocks (the memory plan predicts {:.2} GiB)",
+        tc.max_vram,
+        cfg.depth + cfg.depth_single,
+        gib(total)
+    )))
+}
+
 /// The check against a device of `total` bytes (or none, with why).
 fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
+    let (cfg, s) = train_settings(tc)?;
+    match total {
+        Ok(total) => {
+            let (r, fits) = report(&cfg, &s, gib(total))?;
+            if !fits {
+                bail!("{r}stopping before training: the step is predicted not to fit this GPU");
+            }
+            eprintln!(
+                "memory plan: {:.2} GiB predicted of {:.2} GiB on the GPU",
+                gib(plan(&cfg, &s)?.gpu_total()),
+                gib(total)
+            );
+        }
+        // `--device auto` without a GPU trains on the CPU: no GPU plan to speak of.
+        Err(_) if tc.device != "cuda" => {}
+        Err(e) => eprintln!(
+            "memory plan: {:.2} GiB predicted on a GPU (not checked: {e:#})",
+            gib(plan(&cfg, &s)?.gpu_total())
+        ),
+    }
+    Ok(())
+}
+
+/// What `train` runs, as the plan's settings: its model's configuration (the tiny demo's when
+/// there is no model) and the largest resolution side.
+fn train_settings(tc: &TrainConfig) -> Result<(crate::model::config::FluxConfig, Settings)> {
     let (cfg, base) = if tc.model.is_empty() {
         (crate::model::config::FluxConfig::tiny(), Base::Bf16)
     } else {
@@ -201,27 +286,9 @@ fn check_against(tc: &TrainConfig, total: Result<usize>) -> Result<()> {
         // The cuBLAS-base path's f32 scratch is counted on every card: an over-estimate by one
         // linear's f32 output on an H100/H200, never an under-estimate.
         hopper: false,
+        blocks_to_swap: tc.blocks_to_swap,
     };
-    match total {
-        Ok(total) => {
-            let (r, fits) = report(&cfg, &s, gib(total))?;
-            if !fits {
-                bail!("{r}stopping before training: the step is predicted not to fit this GPU");
-            }
-            eprintln!(
-                "memory plan: {:.2} GiB predicted of {:.2} GiB on the GPU",
-                gib(plan(&cfg, &s)?.gpu_total()),
-                gib(total)
-            );
-        }
-        // `--device auto` without a GPU trains on the CPU: no GPU plan to speak of.
-        Err(_) if tc.device != "cuda" => {}
-        Err(e) => eprintln!(
-            "memory plan: {:.2} GiB predicted on a GPU (not checked: {e:#})",
-            gib(plan(&cfg, &s)?.gpu_total())
-        ),
-    }
-    Ok(())
+    Ok((cfg, s))
 }
 
 #[cfg(test)]
@@ -245,6 +312,27 @@ mod tests {
         assert!(e.contains("does NOT fit on a 24 GiB GPU"), "{e}");
         check_against(&tc("1024"), Ok(80 << 30)).unwrap();
         check_against(&tc("1024"), Err(anyhow::anyhow!("no CUDA driver"))).unwrap();
+    }
+
+    /// `train --max-vram`: the plan's choice goes into the config, and the check then passes on
+    /// a card of that size; a size nothing fits names the flag.
+    #[test]
+    fn max_vram_chooses_the_blocks_to_swap_for_train() {
+        let mut c =
+            TrainConfig { rank: 16, base: "int8".into(), gradient_checkpointing: true, max_vram: 12.0, ..tc("1024") };
+        let line = choose_blocks_to_swap(&mut c).unwrap().unwrap();
+        assert!(line.contains("swapping 43 of 57 blocks"), "{line}");
+        assert_eq!((c.blocks_to_swap, c.max_vram), (43, 0.0));
+        c.check_block_swap().unwrap();
+        check_against(&c, Ok(12 << 30)).unwrap();
+        assert!(choose_blocks_to_swap(&mut c.clone()).unwrap().is_none(), "no --max-vram: no choice");
+        c.blocks_to_swap = 0;
+        assert!(check_against(&c, Ok(12 << 30)).is_err());
+        let mut small = TrainConfig { max_vram: 4.0, ..c.clone() };
+        let e = format!("{:#}", choose_blocks_to_swap(&mut small).unwrap_err());
+        assert!(e.contains("--max-vram 4.00 GiB: the step does not fit even with all 57 blocks swapped"), "{e}");
+        let mut both = TrainConfig { blocks_to_swap: 3, max_vram: 12.0, ..c };
+        assert!(choose_blocks_to_swap(&mut both).unwrap_err().to_string().contains("give one"));
     }
 
     #[test]

@@ -238,6 +238,13 @@ pub struct Args {
     /// Turn --gradient-checkpointing off.
     #[arg(long, overrides_with = "gradient_checkpointing")]
     pub no_gradient_checkpointing: bool,
+    /// GPU: keep the last N blocks' frozen weights in pinned host memory, streamed in per block
+    /// on a second stream (block swap, for small cards). Default 0.
+    #[arg(long)]
+    pub blocks_to_swap: Option<usize>,
+    /// GPU memory to fit, in GiB: the memory plan chooses the fewest blocks to swap that fit.
+    #[arg(long, value_name = "GIB")]
+    pub max_vram: Option<f64>,
 }
 
 macro_rules! apply {
@@ -348,7 +355,9 @@ impl Args {
             sample_size,
             device,
             base,
-            gradient_checkpointing
+            gradient_checkpointing,
+            blocks_to_swap,
+            max_vram
         );
         if let Some(k) = &a.adapter_kind {
             c.adapter = k.clone();
@@ -404,9 +413,12 @@ pub fn run(args: &Args) -> Result<Outcome> {
     if let Some(e) = &env {
         e.pin_gpu();
     }
-    let tc = args.resolve()?;
+    let mut tc = args.resolve()?;
     // One rank speaks for the run.
     if let Some(line) = tc.preset_summary().filter(|_| env.as_ref().is_none_or(|e| e.rank == 0)) {
+        println!("{line}");
+    }
+    if let Some(line) = super::plan::choose_blocks_to_swap(&mut tc)? {
         println!("{line}");
     }
     super::plan::check_before_training(&tc)?;

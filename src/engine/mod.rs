@@ -72,11 +72,14 @@ pub struct EngineOptions {
     pub base: BaseDtype,
     /// Per-block activation checkpointing in `forward_train`.
     pub checkpointing: bool,
+    /// Blocks whose frozen weights stay in pinned host memory and are streamed in per use
+    /// (the chain's last ones: cuda/swap.rs). 0: every block resident.
+    pub blocks_to_swap: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { base: BaseDtype::Bf16, checkpointing: false }
+        EngineOptions { base: BaseDtype::Bf16, checkpointing: false, blocks_to_swap: 0 }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod activations;
 pub mod steptime;
 pub mod suggest;
+pub mod swap;
 
 use crate::adapters::config::{resolve_targets, LoraConfig};
 use crate::model::config::FluxConfig;
@@ -80,6 +81,9 @@ pub struct Settings {
     /// 8-bit base dequantised to bf16 one linear at a time. False: the cuBLAS-base path of other
     /// cards (and of the Hopper kernels' fallbacks).
     pub hopper: bool,
+    /// Blocks whose frozen weights live in pinned host memory and pass through device slots
+    /// (`--blocks-to-swap`; swap.rs).
+    pub blocks_to_swap: usize,
 }
 
 /// One row of the table.
@@ -96,6 +100,7 @@ pub struct Plan {
     pub components: Vec<Component>,
     pub trainable: usize,
     pub tokens: Tokens,
+    pub swap: swap::SwapPlan,
 }
 
 impl Plan {
@@ -128,10 +133,14 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         bail!("--batch must be at least 1");
     }
     let t = Tokens { img: image_tokens(s.width, s.height), txt: s.text_tokens };
+    let sw = swap::swap_plan(cfg, s, |n, sh| s.base.weight_bytes(n, sh))?;
+    let first_swapped = cfg.depth + cfg.depth_single - s.blocks_to_swap;
     let (mut blocks, mut modulation, mut rest) = (0, 0, 0);
     for (name, shape) in cfg.tensors() {
         let b = s.base.weight_bytes(&name, &shape);
-        if is_modulation(&name) {
+        if swap::chain_index(cfg, &name).is_some_and(|k| k >= first_swapped) {
+            continue;
+        } else if is_modulation(&name) {
             modulation += b;
         } else if quantised_by_default(&name, &shape) {
             blocks += b;
@@ -195,6 +204,8 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "base weights: block linears", bytes: blocks, host: false },
         Component { name: "base weights: modulation linears", bytes: modulation, host: s.modulation_on_host },
         Component { name: "base weights: embedders, final, biases, norms", bytes: rest, host: false },
+        Component { name: "block swap: device slots (2 per swapped block kind)", bytes: sw.slots, host: false },
+        Component { name: "block swap: swapped blocks' weights (pinned)", bytes: sw.host, host: true },
         Component { name: "LoRA factors (f32)", bytes: 4 * trainable, host: false },
         Component { name: "LoRA factors (bf16 copies the kernels read)", bytes: 2 * trainable, host: false },
         Component { name: "LoRA gradients (f32)", bytes: 4 * trainable, host: false },
@@ -221,7 +232,7 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "cuBLAS workspace", bytes: CUBLAS_WORKSPACE, host: false },
         Component { name: "CUDA context (assumed, not measured)", bytes: CUDA_CONTEXT, host: false },
     ];
-    Ok(Plan { components, trainable, tokens: t })
+    Ok(Plan { components, trainable, tokens: t, swap: sw })
 }
 
 pub fn gib(b: usize) -> f64 {

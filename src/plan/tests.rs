@@ -11,6 +11,7 @@ fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: 
         modulation_on_host: false,
         lora: LoraConfig { rank, targets: targets.split(',').map(String::from).collect(), ..LoraConfig::default() },
         hopper: false,
+        blocks_to_swap: 0,
     }
 }
 
@@ -142,4 +143,50 @@ fn the_hopper_gemm_changes_the_scratch_not_the_rest() {
     assert_eq!(scratch(Base::Bf16, 4, true).0, scratch(Base::Bf16, 4, false).0, "rank 4 falls back");
     assert_eq!(scratch(Base::Int8, 32, true).1, 3072 * 21504 * 2);
     assert_eq!(scratch(Base::Int8, 32, false).1, 0);
+}
+
+/// Block swap moves whole blocks (the chain's last: single blocks first) from the device to
+/// pinned host memory and adds two device slots per swapped kind; `--max-vram` takes the fewest
+/// swapped blocks that fit; settings that cannot be met name the flag.
+#[test]
+fn block_swap_moves_blocks_to_the_host_and_max_vram_chooses_the_fewest() {
+    let cfg = FluxConfig::flux1_dev();
+    let s = settings(Base::Int8, 1024, 16, "attn-mlp", true);
+    let block = |prefix: &str| -> usize {
+        cfg.tensors().iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, sh)| s.base.weight_bytes(n, sh)).sum()
+    };
+    let (single, double) = (block("single_blocks.0."), block("double_blocks.0."));
+    let with = |n: usize| plan(&cfg, &Settings { blocks_to_swap: n, ..s.clone() }).unwrap();
+    let p0 = with(0);
+    assert_eq!((row(&p0, "block swap"), p0.swap.pcie_per_step), (0, 0));
+    // All 38 single blocks: 36 blocks' worth fewer bytes on the device, every one on the host.
+    let p = with(38);
+    assert_eq!((p.swap.double, p.swap.single), (0, 38));
+    assert_eq!(row(&p, "block swap: device slots"), 2 * single);
+    assert_eq!(row(&p, "block swap: swapped"), 38 * single);
+    assert_eq!(p0.gpu_total() - p.gpu_total(), 36 * single);
+    // Once warm, the two blocks of a kind still in their slots at each turn are not copied.
+    assert_eq!(p.swap.pcie_per_step, 2 * 36 * single);
+    // One double block more: its slot takes what it frees; from the third on each frees one.
+    assert_eq!(with(39).gpu_total(), p.gpu_total());
+    assert_eq!(with(40).gpu_total(), p.gpu_total());
+    assert!(with(41).gpu_total() < p.gpu_total());
+    assert_eq!(with(57).swap.pcie_per_step, 2 * (17 * double + 36 * single));
+
+    // --max-vram: the smallest N whose total fits (N = 20 fits its own total, N = 19 does not).
+    let limit = with(20).gpu_total();
+    assert!(with(19).gpu_total() > limit);
+    assert_eq!(swap::choose(&cfg, &s, limit).unwrap(), (20, limit));
+    assert_eq!(swap::choose(&cfg, &s, p0.gpu_total()).unwrap().0, 0);
+    // The targets, 1024² rank 16 int8 with checkpointing, on 12 GiB and 8 GiB cards.
+    for gib_limit in [12usize, 8] {
+        let (n, total) = swap::choose(&cfg, &s, gib_limit << 30).unwrap();
+        println!("{gib_limit} GiB: {n} blocks swapped, {:.2} GiB predicted", gib(total));
+        assert!(total <= gib_limit << 30);
+    }
+
+    let e = plan(&cfg, &Settings { blocks_to_swap: 58, ..s.clone() }).unwrap_err().to_string();
+    assert!(e.contains("--blocks-to-swap 58: this model has 57 blocks (19 double + 38 single)"), "{e}");
+    let e = swap::choose(&cfg, &s, 1 << 30).unwrap_err().to_string();
+    assert!(e.contains("--max-vram 1.00 GiB: the step does not fit even with all 57 blocks swapped"), "{e}");
 }

@@ -120,6 +120,13 @@ pub struct TrainConfig {
     pub base: String,
     /// GPU: keep only each block's input in the forward and recompute the block in the backward.
     pub gradient_checkpointing: bool,
+    /// GPU: keep the last N transformer blocks' frozen weights in pinned host memory and stream
+    /// each in while the block before it computes (block swap, for cards too small for the
+    /// whole base). 0: every block on the device.
+    pub blocks_to_swap: usize,
+    /// GPU memory in GiB to fit: the memory plan chooses the fewest blocks to swap that fit it
+    /// (replaces blocks_to_swap). 0: off.
+    pub max_vram: f64,
 }
 
 impl Default for TrainConfig {
@@ -191,6 +198,8 @@ impl Default for TrainConfig {
             device: "auto".into(),
             base: "bf16".into(),
             gradient_checkpointing: false,
+            blocks_to_swap: 0,
+            max_vram: 0.0,
         }
     }
 }
@@ -352,6 +361,24 @@ impl TrainConfig {
         Some(s)
     }
 
+    /// blocks_to_swap and max_vram: one of them, on the GPU, max_vram a size in GiB.
+    pub fn check_block_swap(&self) -> Result<()> {
+        if !(self.max_vram.is_finite() && self.max_vram >= 0.0) {
+            bail!("max_vram = {}: GiB of GPU memory, a positive number (0: off)", self.max_vram);
+        }
+        if (self.max_vram > 0.0 || self.blocks_to_swap > 0) && self.device == "cpu" {
+            bail!("blocks_to_swap / max_vram with device = cpu: block swap is for the GPU; use --device cuda or drop them");
+        }
+        if self.max_vram > 0.0 && self.blocks_to_swap > 0 {
+            bail!(
+                "max_vram = {} and blocks_to_swap = {}: give one (max_vram makes the memory plan choose blocks_to_swap)",
+                self.max_vram,
+                self.blocks_to_swap
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         let one_of = |name: &str, v: &str, ok: &[&str]| -> Result<()> {
             if !ok.contains(&v) {
@@ -366,6 +393,7 @@ impl TrainConfig {
         one_of("save_dtype", &self.save_dtype, &["f32", "bf16", "f16"])?;
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
         one_of("adapter", &self.adapter, &["lora", "dora", "lokr"])?;
+        self.check_block_swap()?;
         if self.adapter == "dora" && self.device == "cuda" {
             bail!(
                 "adapter = dora with device = cuda: DoRA training runs on the CPU path for now (its rescale is not \

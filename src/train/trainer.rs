@@ -543,16 +543,34 @@ impl Run {
             }
             None => Ranks::single(),
         };
-        let opts = EngineOptions { base: BaseDtype::parse(&tc.base)?, checkpointing: tc.gradient_checkpointing };
+        let opts = EngineOptions {
+            base: BaseDtype::parse(&tc.base)?,
+            checkpointing: tc.gradient_checkpointing,
+            blocks_to_swap: tc.blocks_to_swap,
+        };
         let engine = Engine::new(&device, &model.cfg, weights, opts)?;
         if let Some(n) = device_note {
             log.say(format!("--device auto: {n}"), None);
         }
         if let Some(g) = engine.cuda() {
-            let bytes: usize = g.m.w.linears().iter().map(|l| l.bytes()).sum();
+            let bytes = g.m.w.device_bytes();
+            let swap = match &g.m.w.swap {
+                Some(s) => {
+                    let (n, nd) = s.swapped();
+                    format!(
+                        "; block swap: {n} blocks ({nd} double + {} single) in pinned host memory ({:.2} GiB), \
+                         streamed through device slots ({:.2} GiB, counted above)",
+                        n - nd,
+                        crate::plan::gib(s.host_bytes()),
+                        crate::plan::gib(s.slot_bytes())
+                    )
+                }
+                None => String::new(),
+            };
             log.say(
                 format!(
-                    "GPU: the whole step on the device; base weights {} ({:.2} GiB), activation checkpointing {}",
+                    "GPU: the whole step on the device; base weights {} ({:.2} GiB on the device), activation \
+                     checkpointing {}{swap}",
                     tc.base,
                     crate::plan::gib(bytes),
                     if tc.gradient_checkpointing { "on" } else { "off" }

@@ -15,6 +15,7 @@
 
 pub mod adapters;
 mod blocks;
+pub mod swap;
 pub mod train;
 pub mod weights;
 
@@ -41,6 +42,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
+use swap::Dir;
 pub use weights::BaseDtype;
 use weights::{DevEmbedder, DevLinear, DevWeights};
 
@@ -435,7 +437,7 @@ fn embed_bwd(r: &mut Run, e: &DevEmbedder, x16: View<bf16>, dvec16: View<bf16>, 
 /// The body of `GpuFlux::run_forward` (the backend locked, `r` its context).
 fn forward_impl(
     r: &mut Run,
-    w: &DevWeights,
+    w: &mut DevWeights,
     inp: DevInputs,
     dm: Dims,
     keep: bool,
@@ -463,10 +465,14 @@ fn forward_impl(
     let bx = blocks::Ctx { dm, svec16: &svec16, cos: &inp.cos, sin: &inp.sin };
 
     let mut double = Vec::new();
-    for (i, blk) in w.double.iter().enumerate() {
+    let nd = w.n_double();
+    for i in 0..nd {
+        w.fetch(&r.st, i, Dir::Forward)?;
+        let blk = w.double_block(i)?;
         let saved = if ckpt { Some(vec![r.copy(&img, b * li * c)?, r.copy(&txt, b * lt * c)?]) } else { None };
         let act =
             blocks::double_fwd(r, blk, &img, &txt, &bx, keep && !ckpt).with_context(|| format!("double_blocks.{i}"))?;
+        w.release(&r.st, i)?;
         r.block_done();
         if keep {
             double.push(match saved {
@@ -480,9 +486,12 @@ fn forward_impl(
     blocks::join(r, &txt, &img, &x, dm)?;
     drop((img, txt));
     let mut single = Vec::new();
-    for (i, blk) in w.single.iter().enumerate() {
+    for i in 0..w.n_single() {
+        w.fetch(&r.st, nd + i, Dir::Forward)?;
+        let blk = w.single_block(i)?;
         let saved = if ckpt { Some(vec![r.copy(&x, b * l * c)?]) } else { None };
         let act = blocks::single_fwd(r, blk, &x, &bx, keep && !ckpt).with_context(|| format!("single_blocks.{i}"))?;
+        w.release(&r.st, nd + i)?;
         r.block_done();
         if keep {
             single.push(match saved {
@@ -505,7 +514,7 @@ fn forward_impl(
 }
 
 /// The body of `GpuFlux::backward`.
-fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims) -> Result<()> {
+fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: Dims) -> Result<()> {
     let FwdState { inp, vec, svec16, double, single, final_mods, final_ln } = s;
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (c, l) = (dm.c, dm.l());
@@ -530,7 +539,10 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
     let dtxt0 = r.zeros(b * lt * c)?;
     blocks::join(r, &dtxt0, &dimg, &dx, dm)?;
     drop((dtxt0, dimg));
-    for (i, (blk, saved)) in w.single.iter().zip(single).enumerate().rev() {
+    let nd = w.n_double();
+    for (i, saved) in single.into_iter().enumerate().rev() {
+        w.fetch(&r.st, nd + i, Dir::Backward)?;
+        let blk = w.single_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
             Saved::Inputs(x) => blocks::single_fwd(r, blk, &x[0], &bx, true)
@@ -538,12 +550,15 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
                 .expect("kept"),
         };
         blocks::single_bwd(r, blk, act, &dx, &bx, &dsvec).with_context(|| format!("single_blocks.{i} backward"))?;
+        w.release(&r.st, nd + i)?;
         r.sample_memory();
     }
     let (dtxt, dimg) = (r.f32(b * lt * c)?, r.f32(b * li * c)?);
     blocks::split(r, &dx, Some(&dtxt), Some(&dimg), dm)?;
     drop(dx);
-    for (i, (blk, saved)) in w.double.iter().zip(double).enumerate().rev() {
+    for (i, saved) in double.into_iter().enumerate().rev() {
+        w.fetch(&r.st, i, Dir::Backward)?;
+        let blk = w.double_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
             Saved::Inputs(x) => blocks::double_fwd(r, blk, &x[0], &x[1], &bx, true)
@@ -552,6 +567,7 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
         };
         blocks::double_bwd(r, blk, act, &dimg, &dtxt, &bx, &dsvec)
             .with_context(|| format!("double_blocks.{i} backward"))?;
+        w.release(&r.st, i)?;
         r.sample_memory();
     }
     let dtxt16 = r.cast16(&dtxt, b * lt * c)?;
@@ -575,9 +591,21 @@ fn backward_impl(r: &mut Run, w: &DevWeights, s: FwdState, dpred: &F32, dm: Dims
 impl GpuFlux {
     /// Uploads the weights to the device of `be`.
     pub fn new(cfg: &FluxConfig, w: &FluxWeights, be: &Arc<Mutex<CudaBackend>>, base: BaseDtype) -> Result<GpuFlux> {
+        GpuFlux::with_swap(cfg, w, be, base, 0)
+    }
+
+    /// As `new`, with the last `blocks_to_swap` blocks' weights in pinned host memory, streamed
+    /// to the device block by block (swap.rs).
+    pub fn with_swap(
+        cfg: &FluxConfig,
+        w: &FluxWeights,
+        be: &Arc<Mutex<CudaBackend>>,
+        base: BaseDtype,
+        blocks_to_swap: usize,
+    ) -> Result<GpuFlux> {
         let weights = {
             let g = CudaBackend::lock(be)?;
-            DevWeights::upload(&g, w, base).context("uploading the weights to the GPU")?
+            DevWeights::upload(&g, w, base, blocks_to_swap).context("uploading the weights to the GPU")?
         };
         Ok(GpuFlux {
             cfg: cfg.clone(),
@@ -604,7 +632,7 @@ impl GpuFlux {
 
     /// d_in of the linear named `name` (adapter validation).
     pub fn d_in_of(&self, name: &str) -> Option<usize> {
-        self.w.linears().into_iter().find(|l| l.name == name).map(|l| l.d_in)
+        self.w.d_in_of(name)
     }
 
     /// Inputs to the device: bf16 copies for the linears, the timestep embeddings computed there,
@@ -657,14 +685,14 @@ impl GpuFlux {
     }
 
     /// Runs `f` with the backend locked, the call context and the weights; keeps the memory peak.
-    fn with_run<T>(&mut self, lora: &DevLora, f: impl FnOnce(&mut Run, &DevWeights) -> Result<T>) -> Result<T> {
+    fn with_run<T>(&mut self, lora: &DevLora, f: impl FnOnce(&mut Run, &mut DevWeights) -> Result<T>) -> Result<T> {
         let be = self.be.clone();
         let mut guard = CudaBackend::lock(&be)?;
         let st = guard.stream.clone();
         let mut peak = self.peak_used;
         let block_memory = self.block_memory.as_mut();
         let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak, block_memory };
-        let out = f(&mut r, &self.w);
+        let out = f(&mut r, &mut self.w);
         self.peak_used = peak;
         out
     }

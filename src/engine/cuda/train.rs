@@ -48,7 +48,7 @@ impl CudaEngine {
         be: &Arc<Mutex<CudaBackend>>,
         opts: EngineOptions,
     ) -> Result<CudaEngine> {
-        let mut m = GpuFlux::new(cfg, w, be, opts.base).map_err(oom_hint)?;
+        let mut m = GpuFlux::with_swap(cfg, w, be, opts.base, opts.blocks_to_swap).map_err(oom_hint)?;
         m.checkpointing = opts.checkpointing;
         Ok(CudaEngine { m, lora: DevLora::default() })
     }

@@ -2,6 +2,7 @@
 //! stores, or generated on the device for `random:` models), or 8-bit codes with their per-row
 //! scales, never expanded. Norm scales and biases stay f32.
 
+use super::swap::{BlockSwap, Dir};
 use crate::engine::CudaBackend;
 use crate::kernels::launch::View;
 use crate::kernels::lora::WeightView;
@@ -11,7 +12,7 @@ use crate::model::random::{Init, RandomParam};
 use crate::model::weights::{FluxWeights, Linear, MlpEmbedder, SingleBlock, StreamWeights};
 use crate::quant::{Code, QuantParam, Scheme};
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 /// How the frozen linear weights are held on the device.
@@ -77,6 +78,122 @@ impl DevLinear {
     }
 }
 
+/// One device tensor of a block, for the block swap's copies (src/engine/cuda/swap.rs).
+pub(crate) enum TensorMut<'a> {
+    Bf16(&'a mut CudaSlice<bf16>),
+    U8(&'a mut CudaSlice<u8>),
+    F32(&'a mut CudaSlice<f32>),
+}
+
+/// Read-only twin of `TensorMut`.
+pub(crate) enum TensorRef<'a> {
+    Bf16(&'a CudaSlice<bf16>),
+    U8(&'a CudaSlice<u8>),
+    F32(&'a CudaSlice<f32>),
+}
+
+impl TensorRef<'_> {
+    pub fn bytes(&self) -> usize {
+        match self {
+            TensorRef::Bf16(t) => t.num_bytes(),
+            TensorRef::U8(t) => t.num_bytes(),
+            TensorRef::F32(t) => t.num_bytes(),
+        }
+    }
+}
+
+impl DevLinear {
+    fn tensors(&self) -> Vec<TensorRef<'_>> {
+        let mut v = match &self.w {
+            DevW::Bf16(w) => vec![TensorRef::Bf16(w)],
+            DevW::Q8 { codes, scales, .. } => vec![TensorRef::U8(codes), TensorRef::F32(scales)],
+        };
+        v.extend(self.bias.as_ref().map(TensorRef::F32));
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<TensorMut<'_>> {
+        let mut v = match &mut self.w {
+            DevW::Bf16(w) => vec![TensorMut::Bf16(w)],
+            DevW::Q8 { codes, scales, .. } => vec![TensorMut::U8(codes), TensorMut::F32(scales)],
+        };
+        v.extend(self.bias.as_mut().map(TensorMut::F32));
+        v
+    }
+
+    /// The 8-bit code, or None for bf16 (a slot and the block copied into it must agree).
+    pub(crate) fn code(&self) -> Option<i32> {
+        match &self.w {
+            DevW::Bf16(_) => None,
+            DevW::Q8 { code, .. } => Some(*code),
+        }
+    }
+}
+
+/// A transformer block whose frozen tensors the block swap copies as a whole: every tensor in a
+/// fixed order, and its linears (their names say which block a slot holds).
+pub(crate) trait SwapBlock {
+    fn linears(&self) -> Vec<&DevLinear>;
+    fn norms(&self) -> Vec<&CudaSlice<f32>>;
+    /// The linears and the norm scales, mutable.
+    fn parts_mut(&mut self) -> (Vec<&mut DevLinear>, Vec<&mut CudaSlice<f32>>);
+
+    fn linears_mut(&mut self) -> Vec<&mut DevLinear> {
+        self.parts_mut().0
+    }
+
+    fn tensors(&self) -> Vec<TensorRef<'_>> {
+        let mut v: Vec<TensorRef> = self.linears().into_iter().flat_map(|l| l.tensors()).collect();
+        v.extend(self.norms().into_iter().map(TensorRef::F32));
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<TensorMut<'_>> {
+        let (linears, norms) = self.parts_mut();
+        let mut v: Vec<TensorMut> = linears.into_iter().flat_map(|l| l.tensors_mut()).collect();
+        v.extend(norms.into_iter().map(TensorMut::F32));
+        v
+    }
+}
+
+impl SwapBlock for DevDouble {
+    fn linears(&self) -> Vec<&DevLinear> {
+        let (i, t) = (&self.img, &self.txt);
+        vec![&i.modulation, &i.qkv, &i.proj, &i.mlp0, &i.mlp2, &t.modulation, &t.qkv, &t.proj, &t.mlp0, &t.mlp2]
+    }
+    fn norms(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.img.q_norm, &self.img.k_norm, &self.txt.q_norm, &self.txt.k_norm]
+    }
+    fn parts_mut(&mut self) -> (Vec<&mut DevLinear>, Vec<&mut CudaSlice<f32>>) {
+        let (i, t) = (&mut self.img, &mut self.txt);
+        let linears = vec![
+            &mut i.modulation,
+            &mut i.qkv,
+            &mut i.proj,
+            &mut i.mlp0,
+            &mut i.mlp2,
+            &mut t.modulation,
+            &mut t.qkv,
+            &mut t.proj,
+            &mut t.mlp0,
+            &mut t.mlp2,
+        ];
+        (linears, vec![&mut i.q_norm, &mut i.k_norm, &mut t.q_norm, &mut t.k_norm])
+    }
+}
+
+impl SwapBlock for DevSingle {
+    fn linears(&self) -> Vec<&DevLinear> {
+        vec![&self.linear1, &self.linear2, &self.modulation]
+    }
+    fn norms(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.q_norm, &self.k_norm]
+    }
+    fn parts_mut(&mut self) -> (Vec<&mut DevLinear>, Vec<&mut CudaSlice<f32>>) {
+        (vec![&mut self.linear1, &mut self.linear2, &mut self.modulation], vec![&mut self.q_norm, &mut self.k_norm])
+    }
+}
+
 pub struct DevEmbedder {
     pub in_layer: DevLinear,
     pub out_layer: DevLinear,
@@ -111,10 +228,14 @@ pub struct DevWeights {
     pub time_in: DevEmbedder,
     pub guidance_in: Option<DevEmbedder>,
     pub vector_in: DevEmbedder,
+    /// The resident double blocks (all of them without block swap).
     pub double: Vec<DevDouble>,
+    /// The resident single blocks: the first ones (the swap takes the chain's tail).
     pub single: Vec<DevSingle>,
     pub final_mod: DevLinear,
     pub final_linear: DevLinear,
+    /// The swapped blocks (`--blocks-to-swap`), if any.
+    pub swap: Option<BlockSwap>,
 }
 
 /// f32 values of a small parameter (norm scales, biases) on the device.
@@ -217,21 +338,48 @@ fn upload_single(g: &CudaBackend, s: &SingleBlock, base: BaseDtype, p: &str) -> 
 }
 
 impl DevWeights {
-    /// Uploads every frozen weight, tensor by tensor (one host tensor at a time).
-    pub fn upload(g: &CudaBackend, w: &FluxWeights, base: BaseDtype) -> Result<DevWeights> {
+    /// Uploads every frozen weight, tensor by tensor (one host tensor at a time); the last
+    /// `blocks_to_swap` blocks of the chain (double then single blocks) go to pinned host memory
+    /// instead, each passing through the device once on the way (swap.rs).
+    pub fn upload(g: &CudaBackend, w: &FluxWeights, base: BaseDtype, blocks_to_swap: usize) -> Result<DevWeights> {
+        let (nd, ns) = (w.double_blocks.len(), w.single_blocks.len());
+        ensure!(
+            blocks_to_swap <= nd + ns,
+            "--blocks-to-swap {blocks_to_swap}: this model has {} blocks ({nd} double + {ns} single)",
+            nd + ns
+        );
+        let first = nd + ns - blocks_to_swap;
+        let mut swap = match blocks_to_swap {
+            0 => None,
+            _ => Some(BlockSwap::new(g, first, nd, nd + ns)?),
+        };
         let mut double = Vec::new();
         for (i, b) in w.double_blocks.iter().enumerate() {
             let p = format!("double_blocks.{i}");
-            double.push(DevDouble {
+            let blk = DevDouble {
                 img: upload_stream(g, &b.img, base, &format!("{p}.img_attn"))?,
                 txt: upload_stream(g, &b.txt, base, &format!("{p}.txt_attn"))?,
-            });
+            };
+            match swap.as_mut() {
+                Some(s) if i >= first => s.add_double(g, i, blk).with_context(|| format!("{p} to host memory"))?,
+                _ => double.push(blk),
+            }
         }
         let mut single = Vec::new();
-        for (i, b) in w.single_blocks.iter().enumerate() {
-            single.push(upload_single(g, b, base, &format!("single_blocks.{i}"))?);
+        for (j, b) in w.single_blocks.iter().enumerate() {
+            let p = format!("single_blocks.{j}");
+            let blk = upload_single(g, b, base, &p)?;
+            match swap.as_mut() {
+                Some(s) if nd + j >= first => s.add_single(g, j, blk).with_context(|| format!("{p} to host memory"))?,
+                _ => single.push(blk),
+            }
+        }
+        if swap.is_some() {
+            // The copy stream's first fills overwrite slots that the compute stream uploaded.
+            g.stream.synchronize()?;
         }
         Ok(DevWeights {
+            swap,
             img_in: upload_linear(g, &w.img_in, base)?,
             txt_in: upload_linear(g, &w.txt_in, base)?,
             time_in: upload_embedder(g, &w.time_in, base)?,
@@ -244,7 +392,58 @@ impl DevWeights {
         })
     }
 
-    /// Every linear, for lookups by name and byte counts.
+    /// Double blocks in the model (resident and swapped).
+    pub fn n_double(&self) -> usize {
+        self.swap.as_ref().map_or(self.double.len(), |s| s.n_double)
+    }
+
+    /// Single blocks in the model (resident and swapped).
+    pub fn n_single(&self) -> usize {
+        self.swap.as_ref().map_or(self.single.len(), |s| s.n_total - s.n_double)
+    }
+
+    /// Before chain block `k` (double blocks, then single blocks) computes: with block swap,
+    /// its weights on the device for `compute`, the next one in `dir` on its way.
+    pub(crate) fn fetch(&mut self, compute: &CudaStream, k: usize, dir: Dir) -> Result<()> {
+        self.swap.as_mut().map_or(Ok(()), |s| s.fetch(compute, k, dir))
+    }
+
+    /// After chain block `k`'s last launch.
+    pub(crate) fn release(&mut self, compute: &CudaStream, k: usize) -> Result<()> {
+        self.swap.as_mut().map_or(Ok(()), |s| s.release(compute, k))
+    }
+
+    /// Double block `i` (fetched first when swapped).
+    pub fn double_block(&self, i: usize) -> Result<&DevDouble> {
+        match (self.double.get(i), &self.swap) {
+            (Some(b), _) => Ok(b),
+            (None, Some(s)) => s.double(i),
+            (None, None) => bail!("double_blocks.{i}: no such block"),
+        }
+    }
+
+    /// Single block `j` (fetched first when swapped).
+    pub fn single_block(&self, j: usize) -> Result<&DevSingle> {
+        match (self.single.get(j), &self.swap) {
+            (Some(b), _) => Ok(b),
+            (None, Some(s)) => s.single(j),
+            (None, None) => bail!("single_blocks.{j}: no such block"),
+        }
+    }
+
+    /// Input width of the linear `name`, resident or swapped.
+    pub fn d_in_of(&self, name: &str) -> Option<usize> {
+        let resident = self.linears().into_iter().find(|l| l.name == name).map(|l| l.d_in);
+        resident.or_else(|| self.swap.as_ref().and_then(|s| s.d_in_of(name)))
+    }
+
+    /// Device bytes of the frozen weights: the resident linears and, with block swap, the slots.
+    pub fn device_bytes(&self) -> usize {
+        let resident: usize = self.linears().iter().map(|l| l.bytes()).sum();
+        resident + self.swap.as_ref().map_or(0, |s| s.slot_bytes())
+    }
+
+    /// Every resident linear (not those of swapped blocks), for lookups by name and byte counts.
     pub fn linears(&self) -> Vec<&DevLinear> {
         let mut v = vec![&self.img_in, &self.txt_in];
         for e in [Some(&self.time_in), self.guidance_in.as_ref(), Some(&self.vector_in)].into_iter().flatten() {
