@@ -180,7 +180,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
   # kernels: auto = the sm_90a kernels on an H100/H200; sm80 = the same step on the sm_80 kernels
   # (cuBLAS-base LoRA, FA2-style attention), the side-by-side of what the Hopper kernels bring.
   # An optional fifth field swaps that many blocks (--blocks-to-swap): the int8 1024² row again
-  # with 55 blocks swapped (what `plan --max-vram 8` chooses at rank 16, docs/memory.md), to
+  # with 55 blocks swapped (what `plan --max-vram 8` chooses at rank 32, the rows' rank, docs/memory.md), to
   # measure block swap's cost against the first row.
   for cfg in int8:1024:true:auto bf16:1024:true:auto bf16:1024:true:sm80 int8:512:true:auto bf16:512:true:auto \
     bf16:1024:false:auto int8:1024:false:auto int8:1024:true:auto:55; do
