@@ -222,11 +222,11 @@ pub fn choose_blocks_to_swap(tc: &mut TrainConfig) -> Result<Option<String>> {
     tc.check_block_swap()?;
     let (cfg, s) = train_settings(tc)?;
     let (n, total) = swap::choose(&cfg, &s, max_vram_bytes(tc.max_vram)?)?;
+    let asked = tc.max_vram;
     // The choice replaces the request (a resumed run keeps the blocks, and the pair is refused).
     (tc.blocks_to_swap, tc.max_vram) = (n, 0.0);
     Ok(Some(format!(
-        "--max-vram {} GiB: swapping {n} of {} blocks (the memory plan predicts {:.2} GiB)",
-        tc.max_vram,
+        "--max-vram {asked} GiB: swapping {n} of {} blocks (the memory plan predicts {:.2} GiB)",
         cfg.depth + cfg.depth_single,
         gib(total)
     )))
@@ -321,8 +321,8 @@ mod tests {
         let mut c =
             TrainConfig { rank: 16, base: "int8".into(), gradient_checkpointing: true, max_vram: 12.0, ..tc("1024") };
         let line = choose_blocks_to_swap(&mut c).unwrap().unwrap();
-        assert!(line.contains("swapping 43 of 57 blocks"), "{line}");
-        assert_eq!((c.blocks_to_swap, c.max_vram), (43, 0.0));
+        assert!(line.contains("--max-vram 12 GiB: swapping 38 of 57 blocks"), "{line}");
+        assert_eq!((c.blocks_to_swap, c.max_vram), (38, 0.0));
         c.check_block_swap().unwrap();
         check_against(&c, Ok(12 << 30)).unwrap();
         assert!(choose_blocks_to_swap(&mut c.clone()).unwrap().is_none(), "no --max-vram: no choice");
