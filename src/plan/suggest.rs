@@ -1,9 +1,10 @@
 //! When a plan does not fit: the same model with one setting changed, then two, then changes
 //! stacked in order of what each costs the user (checkpointing costs a recomputed forward, 8-bit costs a
 //! little accuracy, host modulation costs a transfer per sample, lower resolution and batch cost
-//! the run itself), keeping those that fit.
+//! the run itself), keeping those that fit. Block swap (the fewest blocks that make the setting
+//! fit as it is: it costs PCIe copies, not accuracy) is offered beside the single changes.
 
-use super::{plan, Base, Settings};
+use super::{plan, swap, Base, Settings};
 use crate::model::config::FluxConfig;
 use anyhow::Result;
 
@@ -39,8 +40,24 @@ fn changes(s: &Settings) -> Vec<Change> {
 
 /// Settings that fit in `limit` bytes, each with what changed and its predicted total: every
 /// single change that fits; if none does, every pair that fits; if none does, the shortest
-/// stack of changes (in the order above) that fits.
+/// stack of changes (in the order above) that fits. Then block swap of the settings as they are,
+/// where some number of swapped blocks fits.
 pub fn fitting(cfg: &FluxConfig, s: &Settings, limit: usize) -> Result<Vec<(String, usize)>> {
+    let mut out = changed(cfg, s, limit)?;
+    // Nothing fits even with every block swapped: no swap line (`swap::choose` errs only there).
+    if let Ok((n, total)) = swap::choose(cfg, s, limit) {
+        if n > s.blocks_to_swap {
+            out.push((
+                format!("block swap: {n} blocks' weights in host memory (--blocks-to-swap {n}, or --max-vram)"),
+                total,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `fitting` without block swap.
+fn changed(cfg: &FluxConfig, s: &Settings, limit: usize) -> Result<Vec<(String, usize)>> {
     let all = changes(s);
     let try_set = |idx: &[usize]| -> Result<Option<(String, usize)>> {
         let mut t = s.clone();

@@ -89,10 +89,20 @@ pub fn choose(cfg: &FluxConfig, s: &Settings, limit: usize) -> Result<(usize, us
             return Ok((n, total));
         }
     }
+    // Only what is not set already.
+    let mut tries: Vec<&str> = Vec::new();
+    if !s.checkpointing {
+        tries.push("--gradient-checkpointing");
+    }
+    if s.base == super::Base::Bf16 {
+        tries.push("--base int8");
+    }
+    tries.push("a lower resolution or rank");
     bail!(
         "--max-vram {:.2} GiB: the step does not fit even with all {n_blocks} blocks swapped \
-         ({:.2} GiB predicted); try --gradient-checkpointing, --base int8, a lower resolution or rank",
+         ({:.2} GiB predicted); try {}",
         super::gib(limit),
-        super::gib(total)
+        super::gib(total),
+        tries.join(", ")
     )
 }

@@ -122,6 +122,13 @@ fn flux1_dev_totals_are_in_a_sane_range_and_suggestions_fit() {
         assert!(*total <= 24 << 30, "{what}");
     }
     assert!(fits.iter().any(|(w, _)| w.contains("checkpointing")), "{fits:?}");
+    assert!(fits.iter().any(|(w, _)| w.contains("--blocks-to-swap")), "{fits:?}");
+    // An 8 GiB card: int8 at 1024² rank 16 checkpointed fits only with block swap among the
+    // single changes, and that suggestion fits.
+    let small = settings(Base::Int8, 1024, 16, "attn-mlp", true);
+    let fits = suggest::fitting(&cfg, &small, 8 << 30).unwrap();
+    let swap = fits.iter().find(|(w, _)| w.contains("--blocks-to-swap")).expect("a block-swap suggestion");
+    assert!(swap.1 <= 8 << 30, "{swap:?}");
     assert!(plan(&cfg, &Settings { width: 1000, ..goal.clone() }).is_err());
 }
 
