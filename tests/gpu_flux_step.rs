@@ -13,6 +13,7 @@ use common::*;
 use flux_kernels::adapters::formats::{load_lora, UnknownKeys};
 use flux_kernels::adapters::AdapterSet;
 use flux_kernels::engine::cuda::adapters::DevLora;
+use flux_kernels::engine::cuda::offload::CkptOffload;
 use flux_kernels::engine::cuda::{BaseDtype, GpuFlux};
 use flux_kernels::engine::{CudaBackend, Device, Engine, EngineOptions};
 use flux_kernels::model::adapt::AdapterGrads;
@@ -138,15 +139,22 @@ fn swap_steps(
     base: BaseDtype,
     checkpointing: bool,
     swap: usize,
+    offload: bool,
     steps: usize,
 ) -> Vec<(Vec<f32>, Vec<Vec<f32>>, usize)> {
     let Device::Cuda(be) = device else { unreachable!() };
     let mut m = GpuFlux::with_swap(&s.cfg, &s.w, be, base, swap).unwrap();
     m.poison = true;
     m.checkpointing = checkpointing;
+    if offload {
+        m.offload = Some(CkptOffload::new(&CudaBackend::lock(be).unwrap()).unwrap());
+    }
     let mut lora = m.adapters(&s.set, true).unwrap();
     let dy = CudaBackend::lock(be).unwrap().stream.clone_htod(&s.dy).unwrap();
-    let copied = |m: &GpuFlux| m.w.swap.as_ref().map_or(0, |sw| sw.bytes_copied);
+    // Bytes the second stream copied: the swapped blocks' weights and the offloaded inputs.
+    let copied = |m: &GpuFlux| {
+        m.w.swap.as_ref().map_or(0, |sw| sw.bytes_copied) + m.offload.as_ref().map_or(0, |o| o.bytes_copied)
+    };
     (0..steps)
         .map(|_| {
             lora.zero_grads(&CudaBackend::lock(be).unwrap()).unwrap();
@@ -192,12 +200,16 @@ fn block_swap_gives_the_same_bits() {
     let s = Setup { cfg, w, inp, set, dy };
     // Checkpointing gives the same bits as keeping everything (device_resident_step_matches_cpu),
     // so one reference per base; without dropout every step is the same step.
-    for (base, cases) in [(BaseDtype::Bf16, &[(false, 7), (true, 6)][..]), (BaseDtype::Int8, &[(true, 7)][..])] {
-        let reference = swap_steps(&s, &device, base, false, 0, 1).remove(0);
+    // (checkpointing, blocks swapped, checkpoint offload): the offload's copies go the same way
+    // (a second stream, events), with and without the swap beside it.
+    let bf16_cases = [(false, 7, false), (true, 6, false), (true, 0, true), (true, 6, true)];
+    for (base, cases) in [(BaseDtype::Bf16, &bf16_cases[..]), (BaseDtype::Int8, &[(true, 7, false)][..])] {
+        let reference = swap_steps(&s, &device, base, false, 0, false, 1).remove(0);
         assert!(reference.0.iter().all(|v| v.is_finite()), "{base:?}: non-finite prediction");
-        for &(checkpointing, swap) in cases {
-            let what = format!("{base:?} base, checkpointing {checkpointing}, {swap} blocks swapped");
-            let steps = swap_steps(&s, &device, base, checkpointing, swap, 2);
+        for &(checkpointing, swap, offload) in cases {
+            let what =
+                format!("{base:?} base, checkpointing {checkpointing}, {swap} blocks swapped, offload {offload}");
+            let steps = swap_steps(&s, &device, base, checkpointing, swap, offload, 2);
             for (k, (y, g, _)) in steps.iter().enumerate() {
                 same_bits(&format!("{what}, step {k}: prediction"), y, &reference.0);
                 for (i, (a, b)) in g.iter().zip(&reference.1).enumerate() {

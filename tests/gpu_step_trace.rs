@@ -33,7 +33,7 @@ fn traced_step(device: &Device, checkpointing: bool, dry: bool) -> (FluxConfig, 
     let AdapterInit { set, .. } = init_adapters(&cfg, &lc, &mut rng, None).unwrap();
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let opts = EngineOptions { base: flux_kernels::engine::BaseDtype::Bf16, checkpointing, blocks_to_swap: 0 };
+    let opts = EngineOptions { base: flux_kernels::engine::BaseDtype::Bf16, checkpointing, ..Default::default() };
     let mut engine = Engine::new(device, &cfg, weights, opts).unwrap();
     engine.train_adapters(&set, None).unwrap();
     let lat = SIDE / 8;

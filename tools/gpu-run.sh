@@ -181,11 +181,15 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
   # (cuBLAS-base LoRA, FA2-style attention), the side-by-side of what the Hopper kernels bring.
   # An optional fifth field swaps that many blocks (--blocks-to-swap): the int8 1024² row again
   # with 55 blocks swapped (what `plan --max-vram 8` chooses at rank 32, the rows' rank, docs/memory.md), to
-  # measure block swap's cost against the first row.
+  # measure block swap's cost against the first row. An optional sixth field `offload` keeps the
+  # checkpointed block inputs in pinned host memory (--offload-checkpoints): the bf16 1024² row
+  # again, its cost and memory against the second row.
   for cfg in int8:1024:true:auto bf16:1024:true:auto bf16:1024:true:sm80 int8:512:true:auto bf16:512:true:auto \
-    bf16:1024:false:auto int8:1024:false:auto int8:1024:true:auto:55; do
-    IFS=: read -r b sz ck kern swap <<<"$cfg"
+    bf16:1024:false:auto int8:1024:false:auto int8:1024:true:auto:55 bf16:1024:true:auto:0:offload; do
+    IFS=: read -r b sz ck kern swap off <<<"$cfg"
     swap=${swap:-0}
+    off_flag=()
+    [ "${off:-}" = offload ] && off_flag=(--offload-checkpoints)
     if [ "$ck" = true ]; then ck_flag=--gradient-checkpointing; else ck_flag=--no-gradient-checkpointing; fi
     stepv=""; stepsv=""; model=""; peak=""; pred=""; load=""; wall=""; line=""
     if [ "${FK_SKIP_SIDE_BY_SIDE:-0}" = 1 ]; then
@@ -197,7 +201,7 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
       t0=$(date +%s)
       lim=$(limit "${FK_STEP_TIMEOUT:-240}")
       timeout "$lim" ./flux-kernels bench-step --model random:flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp \
-        --base "$b" "$ck_flag" --kernels "$kern" --blocks-to-swap "$swap" --steps "$steps" --warmup "$warm" --predict --json \
+        --base "$b" "$ck_flag" --kernels "$kern" --blocks-to-swap "$swap" "${off_flag[@]}" --steps "$steps" --warmup "$warm" --predict --json \
         >"$tmpd/step.out" 2>"$tmpd/step.err"
       rc=$?
       wall=$(( $(date +%s) - t0 ))
@@ -231,10 +235,11 @@ if [ "${FK_SKIP_ENGINE:-0}" != 1 ]; then
     fi
     if [ -z "$pred" ] && [ -x ./flux-kernels ]; then
       pred=$(./flux-kernels plan --model flux1-dev --resolution "$sz" --rank 32 --targets attn-mlp --base "$b" \
-        "$ck_flag" --blocks-to-swap "$swap" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
+        "$ck_flag" --blocks-to-swap "$swap" "${off_flag[@]}" 2>/dev/null | sed -nE 's/.*total on the GPU \(predicted\) +([0-9.]+) GiB.*/\1/p' | head -1 |
         awk '{ printf "%.2f\n", $1 - 0.53125 }')  # less the CUDA context and cuBLAS workspace
     fi
     [ "$swap" = 0 ] || b="$b, $swap blocks swapped"
+    [ "${off:-}" = offload ] && b="$b, checkpoints offloaded"
     echo "| $b | ${sz}² | $ck | $kern | ${stepv:--} | ${stepsv:--} | ${model:--} | ${peak:--} | ${pred:--} | ${load:--} | ${wall:--} | $status |" >>"$smd"
   done
 

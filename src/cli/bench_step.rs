@@ -93,6 +93,10 @@ pub struct Args {
     /// (block swap, as `train --blocks-to-swap`): measures what the copies cost.
     #[arg(long, default_value_t = 0)]
     pub blocks_to_swap: usize,
+    /// With checkpointing, keep the block inputs in pinned host memory (as `train
+    /// --offload-checkpoints`): measures what the copies cost.
+    #[arg(long)]
+    pub offload_checkpoints: bool,
 }
 
 impl Args {
@@ -198,7 +202,12 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     let AdapterInit { specs, set } = init_adapters(&cfg, &lc, &mut rng, None)?;
     let sizes: Vec<usize> = set.params().map(|p| p.len()).collect();
     let mut opt = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.01);
-    let opts = EngineOptions { base, checkpointing, blocks_to_swap: a.blocks_to_swap };
+    let opts = EngineOptions {
+        base,
+        checkpointing,
+        blocks_to_swap: a.blocks_to_swap,
+        offload_checkpoints: a.offload_checkpoints,
+    };
     let mut engine = Engine::new(&dev, &cfg, weights, opts).context("loading the model onto the GPU")?;
     engine.train_adapters(&set, None).context("loading the adapters onto the GPU")?;
     if let Some(g) = engine.cuda() {
@@ -208,6 +217,7 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     let weights_bytes: usize = engine.cuda().map_or(0, |g| g.m.w.device_bytes());
     let swap_of = |e: &Engine| e.cuda().and_then(|g| g.m.w.swap.as_ref()).map(|s| (s.host_bytes(), s.bytes_copied));
     let (swap_host_bytes, copied_before) = swap_of(&engine).unwrap_or((0, 0));
+    let offload_of = |e: &Engine| e.cuda().and_then(|g| g.m.offload.as_ref()).map(|o| (o.host_bytes(), o.bytes_copied));
     let trainable: usize = specs.iter().map(|s| s.param_count()).sum();
     let mut ranks = match env {
         Some(e) => {
@@ -317,6 +327,7 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         lora: lc,
         hopper: hopper_used.0,
         blocks_to_swap: a.blocks_to_swap,
+        offload_checkpoints: a.offload_checkpoints,
     };
     let predicted = plan(&cfg, &settings).map(|p| gib(p.gpu_total())).ok();
     // The plan without the parts outside the memory pool: what `peak_gib` measures.
@@ -328,6 +339,8 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     let steps_run = if a.dry_run { 0 } else { (a.warmup + a.steps) * if ranks.is_some() { 2 } else { 1 } }
         + usize::from(a.predict || a.dry_run);
     let copied = swap_of(&engine).map_or(0, |s| s.1) - copied_before;
+    // The offload's pinned buffers are allocated in the first step: everything it copied counts.
+    let (offload_host, offload_copied) = offload_of(&engine).unwrap_or((0, 0));
     let swap_plan = plan(&cfg, &settings).map(|p| p.swap).unwrap_or_default();
     let mut j = serde_json::json!({
         "model": a.model,
@@ -348,6 +361,9 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         "in_use_note": "device memory in use (total - free, CUDA context included), sampled at block boundaries only",
         "weights_gib": gib(weights_bytes),
         "blocks_to_swap": a.blocks_to_swap,
+        "offload_checkpoints": a.offload_checkpoints,
+        "offload_host_gib": gib(offload_host),
+        "offload_copied_gib_per_step": gib(offload_copied) / steps_run.max(1) as f64,
         "swap_host_gib": gib(swap_host_bytes),
         "swap_copied_gib_per_step": gib(copied) / steps_run.max(1) as f64,
         "swap_predicted_pcie_gib_per_step": gib(swap_plan.pcie_per_step),

@@ -56,6 +56,10 @@ pub struct Args {
     /// --max-vram`) and checks the plan against this size instead of --gpu-memory.
     #[arg(long, value_name = "GIB")]
     pub max_vram: Option<f64>,
+    /// With --gradient-checkpointing: the block inputs in pinned host memory (as `train
+    /// --offload-checkpoints`).
+    #[arg(long)]
+    pub offload_checkpoints: bool,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -72,6 +76,7 @@ pub fn main(a: Args) -> Result<()> {
         lora: a.adapter.config()?,
         hopper: a.hopper,
         blocks_to_swap: a.blocks_to_swap,
+        offload_checkpoints: a.offload_checkpoints,
     };
     let limit = Limit { gib: a.max_vram.unwrap_or(a.gpu_memory), choose_swap: a.max_vram.is_some() };
     print!("{}", run(&a.model, a.rope.rope_axes.as_deref(), a.base.as_deref(), settings, limit)?);
@@ -287,6 +292,7 @@ fn train_settings(tc: &TrainConfig) -> Result<(crate::model::config::FluxConfig,
         // linear's f32 output on an H100/H200, never an under-estimate.
         hopper: false,
         blocks_to_swap: tc.blocks_to_swap,
+        offload_checkpoints: tc.offload_checkpoints,
     };
     Ok((cfg, s))
 }

@@ -245,6 +245,11 @@ pub struct Args {
     /// GPU memory to fit, in GiB: the memory plan chooses the fewest blocks to swap that fit.
     #[arg(long, value_name = "GIB")]
     pub max_vram: Option<f64>,
+    /// GPU, with --gradient-checkpointing: keep the block inputs it saves in pinned host memory
+    /// (copied on a second stream, back one block ahead of the backward): the same bits, about
+    /// 3 GiB less device memory at 1024².
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub offload_checkpoints: Option<bool>,
 }
 
 macro_rules! apply {
@@ -357,7 +362,8 @@ impl Args {
             base,
             gradient_checkpointing,
             blocks_to_swap,
-            max_vram
+            max_vram,
+            offload_checkpoints
         );
         if let Some(k) = &a.adapter_kind {
             c.adapter = k.clone();

@@ -75,11 +75,14 @@ pub struct EngineOptions {
     /// Blocks whose frozen weights stay in pinned host memory and are streamed in per use
     /// (the chain's last ones: cuda/swap.rs). 0: every block resident.
     pub blocks_to_swap: usize,
+    /// With `checkpointing`: the block inputs it keeps go to pinned host memory and come back
+    /// one block ahead of the backward (cuda/offload.rs).
+    pub offload_checkpoints: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { base: BaseDtype::Bf16, checkpointing: false, blocks_to_swap: 0 }
+        EngineOptions { base: BaseDtype::Bf16, checkpointing: false, blocks_to_swap: 0, offload_checkpoints: false }
     }
 }
 

@@ -84,6 +84,10 @@ pub struct Settings {
     /// Blocks whose frozen weights live in pinned host memory and pass through device slots
     /// (`--blocks-to-swap`; swap.rs).
     pub blocks_to_swap: usize,
+    /// With `checkpointing`: the block inputs in pinned host memory, at most two blocks' on the
+    /// device at a time (src/engine/cuda/offload.rs: two in flight to the host in the forward;
+    /// the block recomputing and the one arriving in the backward).
+    pub offload_checkpoints: bool,
 }
 
 /// One row of the table.
@@ -153,10 +157,12 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
 
     let (dbl, sgl) = (double_block_saved(cfg, t), single_block_saved(cfg, t));
     let n_blocks = cfg.depth + cfg.depth_single;
+    let offload = s.checkpointing && s.offload_checkpoints;
     let saved = if s.checkpointing {
-        // Every block's input, plus one block's saved set rebuilt for its backward.
+        // Every block's input (two with offload), plus one block's saved set rebuilt for its
+        // backward.
         let largest = if cfg.depth > 0 { dbl } else { 0 }.max(if cfg.depth_single > 0 { sgl } else { 0 });
-        n_blocks * block_input(cfg, t) + largest
+        n_blocks.min(if offload { 2 } else { n_blocks }) * block_input(cfg, t) + largest
     } else {
         cfg.depth * dbl + cfg.depth_single * sgl
     };
@@ -211,13 +217,20 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "LoRA gradients (f32)", bytes: 4 * trainable, host: false },
         Component { name: "AdamW moments (2 × f32)", bytes: 8 * trainable, host: false },
         Component {
-            name: if s.checkpointing {
+            name: if offload {
+                "activations: two blocks' inputs + one block (checkpoints offloaded)"
+            } else if s.checkpointing {
                 "activations: block inputs + one block (checkpointing)"
             } else {
                 "activations: every block's saved set"
             },
             bytes: b * saved,
             host: false,
+        },
+        Component {
+            name: "offloaded checkpoints: every block's input (pinned)",
+            bytes: if offload { b * n_blocks * block_input(cfg, t) } else { 0 },
+            host: true,
         },
         Component { name: "backward working set (one block) + stream", bytes: b * transient, host: false },
         Component { name: "inputs, targets, RoPE tables", bytes: b * inputs, host: false },

@@ -12,6 +12,7 @@ fn settings(base: Base, side: usize, rank: usize, targets: &str, checkpointing: 
         lora: LoraConfig { rank, targets: targets.split(',').map(String::from).collect(), ..LoraConfig::default() },
         hopper: false,
         blocks_to_swap: 0,
+        offload_checkpoints: false,
     }
 }
 
@@ -65,6 +66,13 @@ fn tiny_activations_counted_tensor_by_tensor() {
     let p = plan(&cfg, &s).unwrap();
     let inputs = 4 * listed(&[(&[40, 64], 4)]);
     assert_eq!(row(&p, "activations"), inputs + double.max(single));
+    // Offloaded: two blocks' inputs on the device, all four in pinned host memory (outside the
+    // GPU total).
+    let off = plan(&cfg, &Settings { offload_checkpoints: true, ..s.clone() }).unwrap();
+    assert_eq!(row(&off, "activations"), inputs / 2 + double.max(single));
+    assert_eq!(row(&off, "offloaded checkpoints"), inputs);
+    assert_eq!(p.gpu_total() - off.gpu_total(), inputs / 2);
+    assert_eq!(row(&p, "offloaded checkpoints"), 0);
     s.batch = 3;
     assert_eq!(row(&plan(&cfg, &s).unwrap(), "activations"), 3 * row(&p, "activations"));
     // Rank 4 on 2 × qkv [192, 64]: 4 · (64 + 192) each; f32 factors, their bf16 copies,

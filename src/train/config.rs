@@ -127,6 +127,9 @@ pub struct TrainConfig {
     /// GPU memory in GiB to fit: the memory plan chooses the fewest blocks to swap that fit it
     /// (replaces blocks_to_swap). 0: off.
     pub max_vram: f64,
+    /// GPU, with gradient_checkpointing: the block inputs it keeps go to pinned host memory and
+    /// come back one block ahead of the backward (the same bits, less device memory).
+    pub offload_checkpoints: bool,
 }
 
 impl Default for TrainConfig {
@@ -200,6 +203,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             blocks_to_swap: 0,
             max_vram: 0.0,
+            offload_checkpoints: false,
         }
     }
 }
@@ -368,6 +372,12 @@ impl TrainConfig {
         }
         if (self.max_vram > 0.0 || self.blocks_to_swap > 0) && self.device == "cpu" {
             bail!("blocks_to_swap / max_vram with device = cpu: block swap is for the GPU; use --device cuda or drop them");
+        }
+        if self.offload_checkpoints && !self.gradient_checkpointing {
+            bail!("offload_checkpoints moves what gradient_checkpointing keeps: turn gradient_checkpointing on too");
+        }
+        if self.offload_checkpoints && self.device == "cpu" {
+            bail!("offload_checkpoints with device = cpu: the offload is for the GPU; use --device cuda or drop it");
         }
         if self.max_vram > 0.0 && self.blocks_to_swap > 0 {
             bail!(

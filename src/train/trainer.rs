@@ -547,6 +547,7 @@ impl Run {
             base: BaseDtype::parse(&tc.base)?,
             checkpointing: tc.gradient_checkpointing,
             blocks_to_swap: tc.blocks_to_swap,
+            offload_checkpoints: tc.offload_checkpoints,
         };
         let engine = Engine::new(&device, &model.cfg, weights, opts)?;
         if let Some(n) = device_note {

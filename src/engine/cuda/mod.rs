@@ -15,6 +15,7 @@
 
 pub mod adapters;
 mod blocks;
+pub mod offload;
 pub mod swap;
 pub mod train;
 pub mod weights;
@@ -117,6 +118,8 @@ pub struct GpuFlux {
     /// When Some, the memory pool's bytes in use after each block of a forward are pushed here
     /// (tests hold src/plan's per-block counts to what the step allocates).
     pub block_memory: Option<Vec<usize>>,
+    /// With checkpointing: the block inputs kept in pinned host memory (`--offload-checkpoints`).
+    pub offload: Option<offload::CkptOffload>,
 }
 
 /// The inputs of one batch on the device.
@@ -137,6 +140,8 @@ pub struct DevInputs {
 enum Saved<A> {
     Acts(A),
     Inputs(Vec<F32>),
+    /// The inputs, in the checkpoint offload's pinned host memory (offload.rs).
+    Host,
 }
 
 /// Everything `backward` needs from `forward_train`.
@@ -186,6 +191,7 @@ pub(crate) struct Run<'a> {
     pub poison: bool,
     pub peak: &'a mut usize,
     pub block_memory: Option<&'a mut Vec<usize>>,
+    pub offload: Option<&'a mut offload::CkptOffload>,
 }
 
 impl Run<'_> {
@@ -385,6 +391,28 @@ impl Run<'_> {
         Ok(dy)
     }
 
+    /// Checkpointing: block `k`'s input copies kept for its recompute, on the device or (offload)
+    /// on their way to the host, the copy overlapping the block's compute.
+    fn save<A>(&mut self, k: usize, bufs: Vec<F32>) -> Result<Saved<A>> {
+        match self.offload.as_deref_mut() {
+            Some(o) => {
+                o.put(&self.st, k, bufs)?;
+                Ok(Saved::Host)
+            }
+            None => Ok(Saved::Inputs(bufs)),
+        }
+    }
+
+    /// Backward: block `k`'s saved inputs on the device, from where they were kept; with offload
+    /// the copy of block k − 1's starts.
+    fn saved_inputs(&mut self, k: usize, held: Vec<F32>, host: bool) -> Result<Vec<F32>> {
+        match (host, self.offload.as_deref_mut()) {
+            (false, _) => Ok(held),
+            (true, Some(o)) => o.get(&self.st, k, k.checked_sub(1)),
+            (true, None) => bail!("block {k}: inputs offloaded without the checkpoint offload"),
+        }
+    }
+
     /// After a forward block: `sample_memory`, and the pool's bytes in use when asked for.
     pub fn block_done(&mut self) {
         self.sample_memory();
@@ -469,14 +497,19 @@ fn forward_impl(
     for i in 0..nd {
         w.fetch(&r.st, i, Dir::Forward)?;
         let blk = w.double_block(i)?;
-        let saved = if ckpt { Some(vec![r.copy(&img, b * li * c)?, r.copy(&txt, b * lt * c)?]) } else { None };
+        let saved = if ckpt {
+            let bufs = vec![r.copy(&img, b * li * c)?, r.copy(&txt, b * lt * c)?];
+            Some(r.save(i, bufs)?)
+        } else {
+            None
+        };
         let act =
             blocks::double_fwd(r, blk, &img, &txt, &bx, keep && !ckpt).with_context(|| format!("double_blocks.{i}"))?;
         w.release(&r.st, i)?;
         r.block_done();
         if keep {
             double.push(match saved {
-                Some(s) => Saved::Inputs(s),
+                Some(s) => s,
                 None => Saved::Acts(act.expect("kept")),
             });
         }
@@ -489,13 +522,18 @@ fn forward_impl(
     for i in 0..w.n_single() {
         w.fetch(&r.st, nd + i, Dir::Forward)?;
         let blk = w.single_block(i)?;
-        let saved = if ckpt { Some(vec![r.copy(&x, b * l * c)?]) } else { None };
+        let saved = if ckpt {
+            let bufs = vec![r.copy(&x, b * l * c)?];
+            Some(r.save(nd + i, bufs)?)
+        } else {
+            None
+        };
         let act = blocks::single_fwd(r, blk, &x, &bx, keep && !ckpt).with_context(|| format!("single_blocks.{i}"))?;
         w.release(&r.st, nd + i)?;
         r.block_done();
         if keep {
             single.push(match saved {
-                Some(s) => Saved::Inputs(s),
+                Some(s) => s,
                 None => Saved::Acts(act.expect("kept")),
             });
         }
@@ -508,9 +546,43 @@ fn forward_impl(
     let (final_ln, xf) = r.ln_mod(&img, &final_mods[0], &final_mods[1], b, li, c)?;
     let out = r.lin(&w.final_linear, b * li, View::from(&xf)).context("final_layer.linear")?;
     drop(xf);
+    if let Some(o) = r.offload.as_deref_mut() {
+        o.finish_forward(&r.st)?;
+    }
     r.sample_memory();
     let state = keep.then_some(FwdState { inp, vec, svec16, double, single, final_mods, final_ln });
     Ok((out, state))
+}
+
+/// A checkpointed double block's forward again, from its saved inputs (`host`: offloaded).
+fn double_recompute(
+    r: &mut Run,
+    blk: &weights::DevDouble,
+    i: usize,
+    held: Vec<F32>,
+    host: bool,
+    bx: &blocks::Ctx,
+) -> Result<DoubleAct> {
+    let x = r.saved_inputs(i, held, host).with_context(|| format!("double_blocks.{i}: its saved inputs"))?;
+    let act =
+        blocks::double_fwd(r, blk, &x[0], &x[1], bx, true).with_context(|| format!("double_blocks.{i} recompute"))?;
+    Ok(act.expect("kept"))
+}
+
+/// As `double_recompute` for single block `j` (chain index `k`).
+#[allow(clippy::too_many_arguments)]
+fn single_recompute(
+    r: &mut Run,
+    blk: &weights::DevSingle,
+    j: usize,
+    k: usize,
+    held: Vec<F32>,
+    host: bool,
+    bx: &blocks::Ctx,
+) -> Result<SingleAct> {
+    let x = r.saved_inputs(k, held, host).with_context(|| format!("single_blocks.{j}: its saved inputs"))?;
+    let act = blocks::single_fwd(r, blk, &x[0], bx, true).with_context(|| format!("single_blocks.{j} recompute"))?;
+    Ok(act.expect("kept"))
 }
 
 /// The body of `GpuFlux::backward`.
@@ -545,9 +617,8 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
         let blk = w.single_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
-            Saved::Inputs(x) => blocks::single_fwd(r, blk, &x[0], &bx, true)
-                .with_context(|| format!("single_blocks.{i} recompute"))?
-                .expect("kept"),
+            Saved::Inputs(x) => single_recompute(r, blk, i, nd + i, x, false, &bx)?,
+            Saved::Host => single_recompute(r, blk, i, nd + i, vec![], true, &bx)?,
         };
         blocks::single_bwd(r, blk, act, &dx, &bx, &dsvec).with_context(|| format!("single_blocks.{i} backward"))?;
         w.release(&r.st, nd + i)?;
@@ -561,9 +632,8 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
         let blk = w.double_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
-            Saved::Inputs(x) => blocks::double_fwd(r, blk, &x[0], &x[1], &bx, true)
-                .with_context(|| format!("double_blocks.{i} recompute"))?
-                .expect("kept"),
+            Saved::Inputs(x) => double_recompute(r, blk, i, x, false, &bx)?,
+            Saved::Host => double_recompute(r, blk, i, vec![], true, &bx)?,
         };
         blocks::double_bwd(r, blk, act, &dimg, &dtxt, &bx, &dsvec)
             .with_context(|| format!("double_blocks.{i} backward"))?;
@@ -615,6 +685,7 @@ impl GpuFlux {
             poison: false,
             peak_used: 0,
             block_memory: None,
+            offload: None,
         })
     }
 
@@ -691,7 +762,8 @@ impl GpuFlux {
         let st = guard.stream.clone();
         let mut peak = self.peak_used;
         let block_memory = self.block_memory.as_mut();
-        let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak, block_memory };
+        let offload = self.offload.as_mut();
+        let mut r = Run { g: &mut guard, lora, st, poison: self.poison, peak: &mut peak, block_memory, offload };
         let out = f(&mut r, &mut self.w);
         self.peak_used = peak;
         out

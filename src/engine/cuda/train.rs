@@ -50,6 +50,13 @@ impl CudaEngine {
     ) -> Result<CudaEngine> {
         let mut m = GpuFlux::with_swap(cfg, w, be, opts.base, opts.blocks_to_swap).map_err(oom_hint)?;
         m.checkpointing = opts.checkpointing;
+        if opts.offload_checkpoints {
+            ensure!(
+                opts.checkpointing,
+                "--offload-checkpoints moves the inputs that --gradient-checkpointing keeps: turn that on too"
+            );
+            m.offload = Some(super::offload::CkptOffload::new(&*CudaBackend::lock(be)?)?);
+        }
         Ok(CudaEngine { m, lora: DevLora::default() })
     }
 
