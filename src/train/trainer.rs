@@ -574,7 +574,11 @@ impl Run {
                      checkpointing {}{swap}",
                     tc.base,
                     crate::plan::gib(bytes),
-                    if tc.gradient_checkpointing { "on" } else { "off" }
+                    match (tc.gradient_checkpointing, tc.offload_checkpoints) {
+                        (true, true) => "on, the block inputs offloaded to pinned host memory",
+                        (true, false) => "on",
+                        _ => "off",
+                    }
                 ),
                 None,
             );
