@@ -162,7 +162,8 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         // Every block's input (two with offload), plus one block's saved set rebuilt for its
         // backward.
         let largest = if cfg.depth > 0 { dbl } else { 0 }.max(if cfg.depth_single > 0 { sgl } else { 0 });
-        n_blocks.min(if offload { 2 } else { n_blocks }) * block_input(cfg, t) + largest
+        let inputs_on_device = if offload { n_blocks.min(2) } else { n_blocks };
+        inputs_on_device * block_input(cfg, t) + largest
     } else {
         cfg.depth * dbl + cfg.depth_single * sgl
     };

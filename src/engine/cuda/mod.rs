@@ -403,13 +403,14 @@ impl Run<'_> {
         }
     }
 
-    /// Backward: block `k`'s saved inputs on the device, from where they were kept; with offload
-    /// the copy of block k − 1's starts.
-    fn saved_inputs(&mut self, k: usize, held: Vec<F32>, host: bool) -> Result<Vec<F32>> {
-        match (host, self.offload.as_deref_mut()) {
-            (false, _) => Ok(held),
-            (true, Some(o)) => o.get(&self.st, k, k.checked_sub(1)),
-            (true, None) => bail!("block {k}: inputs offloaded without the checkpoint offload"),
+    /// Backward: a checkpointed block `k`'s saved inputs on the device, from where they were
+    /// kept; with offload the copy of block k − 1's starts.
+    fn saved_inputs<A>(&mut self, k: usize, saved: Saved<A>) -> Result<Vec<F32>> {
+        match (saved, self.offload.as_deref_mut()) {
+            (Saved::Inputs(x), _) => Ok(x),
+            (Saved::Host, Some(o)) => o.get(&self.st, k, k.checked_sub(1)),
+            (Saved::Host, None) => bail!("block {k}: inputs offloaded without the checkpoint offload"),
+            (Saved::Acts(_), _) => bail!("block {k}: kept its activations, not its inputs"),
         }
     }
 
@@ -554,37 +555,6 @@ fn forward_impl(
     Ok((out, state))
 }
 
-/// A checkpointed double block's forward again, from its saved inputs (`host`: offloaded).
-fn double_recompute(
-    r: &mut Run,
-    blk: &weights::DevDouble,
-    i: usize,
-    held: Vec<F32>,
-    host: bool,
-    bx: &blocks::Ctx,
-) -> Result<DoubleAct> {
-    let x = r.saved_inputs(i, held, host).with_context(|| format!("double_blocks.{i}: its saved inputs"))?;
-    let act =
-        blocks::double_fwd(r, blk, &x[0], &x[1], bx, true).with_context(|| format!("double_blocks.{i} recompute"))?;
-    Ok(act.expect("kept"))
-}
-
-/// As `double_recompute` for single block `j` (chain index `k`).
-#[allow(clippy::too_many_arguments)]
-fn single_recompute(
-    r: &mut Run,
-    blk: &weights::DevSingle,
-    j: usize,
-    k: usize,
-    held: Vec<F32>,
-    host: bool,
-    bx: &blocks::Ctx,
-) -> Result<SingleAct> {
-    let x = r.saved_inputs(k, held, host).with_context(|| format!("single_blocks.{j}: its saved inputs"))?;
-    let act = blocks::single_fwd(r, blk, &x[0], bx, true).with_context(|| format!("single_blocks.{j} recompute"))?;
-    Ok(act.expect("kept"))
-}
-
 /// The body of `GpuFlux::backward`.
 fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: Dims) -> Result<()> {
     let FwdState { inp, vec, svec16, double, single, final_mods, final_ln } = s;
@@ -617,8 +587,13 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
         let blk = w.single_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
-            Saved::Inputs(x) => single_recompute(r, blk, i, nd + i, x, false, &bx)?,
-            Saved::Host => single_recompute(r, blk, i, nd + i, vec![], true, &bx)?,
+            inputs => {
+                let x =
+                    r.saved_inputs(nd + i, inputs).with_context(|| format!("single_blocks.{i}: its saved inputs"))?;
+                blocks::single_fwd(r, blk, &x[0], &bx, true)
+                    .with_context(|| format!("single_blocks.{i} recompute"))?
+                    .expect("kept")
+            }
         };
         blocks::single_bwd(r, blk, act, &dx, &bx, &dsvec).with_context(|| format!("single_blocks.{i} backward"))?;
         w.release(&r.st, nd + i)?;
@@ -632,8 +607,12 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
         let blk = w.double_block(i)?;
         let act = match saved {
             Saved::Acts(a) => a,
-            Saved::Inputs(x) => double_recompute(r, blk, i, x, false, &bx)?,
-            Saved::Host => double_recompute(r, blk, i, vec![], true, &bx)?,
+            inputs => {
+                let x = r.saved_inputs(i, inputs).with_context(|| format!("double_blocks.{i}: its saved inputs"))?;
+                blocks::double_fwd(r, blk, &x[0], &x[1], &bx, true)
+                    .with_context(|| format!("double_blocks.{i} recompute"))?
+                    .expect("kept")
+            }
         };
         blocks::double_bwd(r, blk, act, &dimg, &dtxt, &bx, &dsvec)
             .with_context(|| format!("double_blocks.{i} backward"))?;
