@@ -306,7 +306,7 @@ fn bad_dora_scales_are_refused_naming_file_and_key() {
     let cases: [(&str, Vec<usize>, usize, &str); 3] = [
         ("flat", vec![32], 32, "expected [32, 1]"),
         ("wide", vec![32, 2], 64, "expected [32, 1]"),
-        ("columns", vec![1, 32], 32, "per input column"),
+        ("columns", vec![1, 31], 31, "or [1, 32] (one per input column)"),
     ];
     for (name, shape, n, says) in cases {
         let bad = dir.join(format!("{name}.safetensors"));

@@ -362,7 +362,8 @@ fn files_with_alpha_other_than_rank_still_load_as_written() {
     }
 }
 
-/// How a reader rescales a kohya DoRA module (`dora_scale` [out, 1]) once W + ΔW is formed.
+/// How a reader rescales a kohya DoRA module (`dora_scale` [out, 1] or [1, in]) once W + ΔW is
+/// formed.
 #[derive(Clone, Copy, Debug)]
 enum DoraRule {
     /// LyCORIS (the writer) and PEFT: m / ‖W + ΔW‖ per output row.
@@ -382,10 +383,29 @@ fn dora_rule_forward(rule: DoraRule, lora: &Path) -> Vec<f32> {
         let key = weight_key(&base, &module);
         let w = base.tensors.iter_mut().find(|t| t.0 == key).unwrap();
         let (d_out, d_in) = (w.1[0], w.1[1]);
+        let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        if shape == &vec![1, d_in] && d_out != 1 {
+            // Per input column (LyCORIS wd_on_out = false): both readers take the norm of W + ΔW
+            // per column (ComfyUI plus its eps), then scale the columns.
+            for i in 0..d_out {
+                for j in 0..d_in {
+                    w.3[i * d_in + j] += s * (0..r).map(|k| b[i * r + k] * a[k * d_in + j]).sum::<f32>();
+                }
+            }
+            for (j, mj) in m.iter().enumerate() {
+                let col: Vec<f32> = (0..d_out).map(|i| w.3[i * d_in + j]).collect();
+                let n = match rule {
+                    DoraRule::LyCoris => norm(&col),
+                    DoraRule::ComfyUi => norm(&col) + f32::EPSILON as f64,
+                };
+                (0..d_out).for_each(|i| w.3[i * d_in + j] *= (*mj as f64 / n) as f32);
+            }
+            w.2 = Dtype::F32;
+            continue;
+        }
         assert_eq!(shape, &vec![d_out, 1], "{module}");
         for i in 0..d_out {
             let row = &mut w.3[i * d_in..(i + 1) * d_in];
-            let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
             let frozen = norm(row);
             for (j, x) in row.iter_mut().enumerate() {
                 *x += s * (0..r).map(|k| b[i * r + k] * a[k * d_in + j]).sum::<f32>();
@@ -428,4 +448,61 @@ fn kohya_dora_exports_apply_as_lycoris_computes_them_and_comfyui_differs() {
     );
     assert!(lycoris < TOL, "LyCORIS rule: {lycoris:e}");
     assert!(comfy > lycoris, "the ComfyUI rule should read the file differently: {comfy:e}");
+}
+
+#[test]
+fn kohya_dora_scales_per_input_column_apply_as_lycoris_and_comfyui_merge_them() {
+    // LyCORIS with wd_on_out = false writes dora_scale [1, in]: the norm per input column of
+    // W + ΔW. A trained kohya DoRA export with each dora_scale rewritten into that form (values
+    // near the base weight's column norms): the engine's output must be what LyCORIS's and
+    // ComfyUI's merges give (both take the norm of W + ΔW on this axis).
+    let dir = tmpdir("loader-rules-dora-columns");
+    let cfg = Checkpoint::open(&fixture("tiny-diffusers"), None).unwrap().cfg;
+    let rows = trained(&dir, &cfg, "dora", "kohya", |tc| {
+        tc.adapter = "dora".into();
+        tc.save_dtype = "f32".into();
+    });
+    let base = base_for(Dialect::Kohya);
+    let lora = dir.join("dora-columns.safetensors");
+    let mut rewritten = 0;
+    rewrite(&rows, &lora, |t| {
+        for (key, shape, _, v) in t.iter_mut().filter(|e| e.0.ends_with(".dora_scale")) {
+            let module = key.strip_suffix(".dora_scale").unwrap();
+            let w = base.tensors.iter().find(|b| b.0 == weight_key(&base, module)).unwrap();
+            let (d_out, d_in) = (w.1[0], w.1[1]);
+            *shape = vec![1, d_in];
+            *v = (0..d_in)
+                .map(|j| {
+                    let n: f64 = (0..d_out).map(|i| (w.3[i * d_in + j] as f64).powi(2)).sum::<f64>().sqrt();
+                    (n * (1.0 + 0.2 * ((j + 1) as f64).sin())) as f32
+                })
+                .collect();
+            rewritten += 1;
+        }
+    });
+    assert!(rewritten > 0, "the export has no dora_scale to rewrite");
+    let engine = run_forward(&fixture("tiny-diffusers"), None, &[(lora.clone(), 1.0)]).unwrap();
+    let plain = run_forward(&fixture("tiny-diffusers"), None, &[]).unwrap();
+    let effect = rel_l2(&engine, &plain);
+    let lycoris = rel_l2(&dora_rule_forward(DoraRule::LyCoris, &lora), &engine);
+    let comfy = rel_l2(&dora_rule_forward(DoraRule::ComfyUi, &lora), &engine);
+    println!(
+        "kohya DoRA per input column ({rewritten} modules, effect {effect:.2e}): LyCORIS rule rel L2 {lycoris:.2e}, \
+         ComfyUI/Forge rule {comfy:.2e}"
+    );
+    assert!(effect > 1e-3, "the rescale hardly moves the output ({effect:e})");
+    assert!(lycoris < TOL && comfy < TOL, "LyCORIS {lycoris:e}, ComfyUI {comfy:e}");
+    // `lora convert` keeps the form (kohya) and refuses PEFT, which has no per-column magnitude.
+    let again = dir.join("again.safetensors");
+    let model = fixture("tiny-diffusers").display().to_string();
+    merge(&model, &[lora.display().to_string()], &again, LoraFormatOut::Kohya, None, UnknownKeys::Error).unwrap();
+    let f = View::open(&again);
+    assert!(f.tensors.iter().any(|(k, (s, _))| k.ends_with(".dora_scale") && s[0] == 1), "form lost");
+    let e = rel_l2(&run_forward(&fixture("tiny-diffusers"), None, &[(again, 1.0)]).unwrap(), &engine);
+    assert!(e < 1e-6, "after lora convert: rel L2 {e:e}");
+    let peft = dir.join("peft.safetensors");
+    let err = merge(&model, &[lora.display().to_string()], &peft, LoraFormatOut::Peft, None, UnknownKeys::Error)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("per input column") && !peft.exists(), "{err:#}");
 }

@@ -110,87 +110,18 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::adapt::Frozen;
-    use crate::ops::matmul::linear_forward;
-    use crate::util::{fd_check, Rng};
-
-    /// The frozen product plus the term, for the finite differences.
-    fn layer(t: &Term, w: &[f32], x: &[f32], m: usize, k: usize, n: usize, drop: Option<Dropout>) -> Vec<f32> {
-        let mut base = vec![0f32; m * n];
-        linear_forward(&mut base, x, w, None, m, k, n);
-        let mut out = base.clone();
-        let c = LinearCall { module: "m", inp: x, m, k, n, frozen: Some(Frozen { weight: w, out: &base }) };
-        forward(t, drop, c, &mut out);
-        out
-    }
+    use crate::adapters::check::{dora_at_its_norms_is_plain_lora, dora_backward_matches_fd};
 
     #[test]
     fn backward_matches_finite_differences() {
-        let (m, k, n, r) = (3, 5, 7, 2);
-        let rows = 2..6;
-        let mut rng = Rng::new(5);
-        let w = rng.normal_vec(n * k, 0.5);
-        let x = rng.normal_vec(m * k, 1.0);
-        let a = rng.normal_vec(r * k, 0.5);
-        let b = rng.normal_vec(rows.len() * r, 0.5);
-        let mag: Vec<f32> = (0..rows.len()).map(|_| 1.0 + rng.uniform() as f32).collect();
-        let drop = Some(Dropout { p: 0.25, seed: 3 });
-        let term = |a: &[f32], b: &[f32], mag: &[f32]| {
-            let t = Term::lora("m", rows.clone(), k, r, 0.8, a.to_vec(), b.to_vec()).with_magnitude(mag.to_vec());
-            assert!(t.sizes_ok());
-            t
+        let make = |a: &[f32], b: &[f32], m: &[f32]| {
+            Term::lora("m", 2..6, 5, 2, 0.8, a.to_vec(), b.to_vec()).with_magnitude(m.to_vec())
         };
-        let t = term(&a, &b, &mag);
-        let dy = rng.normal_vec(m * n, 1.0);
-        let mut base = vec![0f32; m * n];
-        linear_forward(&mut base, &x, &w, None, m, k, n);
-        let c = LinearCall { module: "m", inp: &x, m, k, n, frozen: Some(Frozen { weight: &w, out: &base }) };
-        let mut g = TermGrads::new();
-        let mut dx = vec![0f32; m * k];
-        crate::ops::matmul::linear_backward_input(&mut dx, &dy, &w, m, k, n, 0.0);
-        backward(&t, drop, c, &dy, Some(&mut dx), &mut g);
-        // The norm is a constant in the backward (PEFT detaches it): hold it at its value while
-        // A and B move, by moving m with it so that g stays m / ‖·‖ at the point.
-        let norms = row_norms(&t, &w, k);
-        let detached = |a: &[f32], b: &[f32]| {
-            let tt = term(a, b, &mag);
-            let now = row_norms(&tt, &w, k);
-            let m2: Vec<f32> = mag.iter().zip(now.iter().zip(&norms)).map(|(m, (n1, n0))| m * n1 / n0).collect();
-            layer(&term(a, b, &m2), &w, &x, m, k, n, drop)
-        };
-        fd_check(&a, &g[0], &dy, |v| detached(v, &b), 2e-2);
-        fd_check(&b, &g[1], &dy, |v| detached(&a, v), 2e-2);
-        fd_check(&mag, &g[2], &dy, |v| layer(&term(&a, &b, v), &w, &x, m, k, n, drop), 2e-2);
-        fd_check(
-            &x,
-            &dx,
-            &dy,
-            |v| {
-                let mut base = vec![0f32; m * n];
-                linear_forward(&mut base, v, &w, None, m, k, n);
-                let mut out = base.clone();
-                let c = LinearCall { module: "m", inp: v, m, k, n, frozen: Some(Frozen { weight: &w, out: &base }) };
-                forward(&t, drop, c, &mut out);
-                out
-            },
-            2e-2,
-        );
+        dora_backward_matches_fd(make, row_norms, 4);
     }
 
     #[test]
     fn magnitude_equal_to_the_norm_is_plain_lora() {
-        // g = 1 on every row: DoRA reduces to its LoRA branch.
-        let (m, k, n, r) = (2, 4, 3, 2);
-        let mut rng = Rng::new(9);
-        let (w, x) = (rng.normal_vec(n * k, 0.5), rng.normal_vec(m * k, 1.0));
-        let (a, b) = (rng.normal_vec(r * k, 0.5), rng.normal_vec(n * r, 0.5));
-        let lora_term = Term::lora("m", 0..n, k, r, 1.5, a.clone(), b.clone());
-        let t = lora_term.clone().with_magnitude(row_norms(&lora_term, &w, k));
-        let got = layer(&t, &w, &x, m, k, n, None);
-        let mut want = vec![0f32; m * n];
-        linear_forward(&mut want, &x, &w, None, m, k, n);
-        let c = LinearCall { module: "m", inp: &x, m, k, n, frozen: None };
-        lora::forward(&lora_term, None, c, &mut want);
-        assert!(crate::util::rel_l2(&got, &want) < 1e-6);
+        dora_at_its_norms_is_plain_lora(Term::with_magnitude, row_norms);
     }
 }

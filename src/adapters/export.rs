@@ -95,6 +95,13 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
             t.module
         );
     }
+    if let Some(t) = terms.iter().find(|t| matches!(t.kind, Kind::DoraColumns { .. })) {
+        bail!(
+            "the DoRA term on `{}` is decomposed per input column (a LyCORIS dora_scale [1, in]), which PEFT's \
+             lora_magnitude_vector cannot hold; write --format kohya",
+            t.module
+        );
+    }
     // diffusers module → (rows, [(A, B rows of that module in diffusers order, rank, scale)],
     // magnitude of those rows when the one term is DoRA)
     type Part = (usize, Vec<Factors>, Option<Vec<f32>>);
@@ -195,7 +202,8 @@ pub fn peft_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<(Vec<Named>, ser
 pub type FrozenNorms<'a> = &'a dyn Fn(&str) -> Result<Vec<f32>>;
 
 /// kohya tensors: per BFL module `lora_down` [R, in], `lora_up` [out, R], `alpha`, and for DoRA
-/// LyCORIS's `dora_scale` [out, 1] (the form ComfyUI and LyCORIS read for a per-row norm).
+/// LyCORIS's `dora_scale` [out, 1] (the form ComfyUI and LyCORIS read for a per-row norm), or
+/// [1, in] for a term decomposed per input column.
 pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms>) -> Result<Vec<Named>> {
     let d_outs: BTreeMap<String, usize> = cfg
         .modules()
@@ -239,17 +247,20 @@ pub fn kohya_tensors(cfg: &FluxConfig, terms: &[Term], norms: Option<FrozenNorms
             off += t.rank();
         }
         if out.iter().any(|(k, ..)| k.starts_with(&format!("{key}.")))
-            || (ts.iter().any(|t| matches!(t.kind, Kind::Dora { .. }))
-                && terms.iter().any(|t| t.kind.is_lycoris() && t.module == m))
+            || (ts.iter().any(|t| t.is_dora()) && terms.iter().any(|t| t.kind.is_lycoris() && t.module == m))
         {
             return Err(lycoris_not_alone(m));
         }
         let scale = dora_scale(m, ts, d_out, norms)?;
+        let scale_shape = match ts[0].kind {
+            Kind::DoraColumns { .. } => vec![1, d_in],
+            _ => vec![d_out, 1],
+        };
         out.push((format!("{key}.lora_down.weight"), vec![r, d_in], down));
         out.push((format!("{key}.lora_up.weight"), vec![d_out, r], up));
         out.push((format!("{key}.alpha"), vec![], vec![r as f32]));
         if let Some(s) = scale {
-            out.push((format!("{key}.dora_scale"), vec![d_out, 1], s));
+            out.push((format!("{key}.dora_scale"), scale_shape, s));
         }
     }
     Ok(out)
@@ -306,8 +317,20 @@ fn lycoris_tensors(cfg: &FluxConfig, terms: &[Term]) -> Result<Vec<Named>> {
 /// rest of a fused linear) takes its frozen norm from `norms`, and is refused without it. No LoRA
 /// term may share the module (its rows would be rescaled too).
 fn dora_scale(module: &str, ts: &[&Term], d_out: usize, norms: Option<FrozenNorms>) -> Result<Option<Vec<f32>>> {
-    if !ts.iter().any(|t| matches!(t.kind, Kind::Dora { .. })) {
+    if !ts.iter().any(|t| t.is_dora()) {
         return Ok(None);
+    }
+    if ts.iter().any(|t| matches!(t.kind, Kind::DoraColumns { .. })) {
+        // Per input column: its norms run over the rows it updates, and the file's [1, in] scale
+        // over the whole module, so the one term must cover every row alone.
+        if ts.len() != 1 || ts[0].rows != (0..d_out) {
+            bail!(
+                "`{module}`: a DoRA term decomposed per input column must be the module's only term and cover all \
+                 {d_out} rows to be written as kohya's dora_scale [1, in]; apply such files side by side \
+                 (--lora A --lora B)"
+            );
+        }
+        return Ok(Some(ts[0].magnitude().to_vec()));
     }
     let mut scale = vec![f32::NAN; d_out];
     for t in ts {

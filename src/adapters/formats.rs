@@ -412,7 +412,8 @@ pub fn load_lora(path: &Path, cfg: &FluxConfig, unknown: UnknownKeys) -> Result<
         });
         let term = Term::lora(&target.module, target.rows, d_in, rank, scale, a, b);
         terms.push(match magnitude {
-            Some(m) => term.with_magnitude(m),
+            Some(Magnitude::Rows(m)) => term.with_magnitude(m),
+            Some(Magnitude::Columns(m)) => term.with_column_magnitude(m),
             None => term,
         });
     }
@@ -573,34 +574,47 @@ fn lycoris_term(
     Ok((term, keys, alpha))
 }
 
-/// A DoRA magnitude: one finite value per output row of its module, in BFL row order. PEFT's
-/// `lora_magnitude_vector` is [rows]; LyCORIS's `dora_scale` (kohya-style files, ComfyUI) is
-/// [rows, 1] when it decomposes per output row (`wd_on_out`, LyCORIS's default and PEFT's rule)
-/// and [1, d_in] when per input column, which is another decomposition and is refused.
-fn read_magnitude(st: &SafeTensors, key: &str, rows: usize, d_in: usize, swap_halves: bool) -> Result<Vec<f32>> {
+/// A DoRA magnitude as read: per output row of the module (`Term::with_magnitude`) or, for a
+/// LyCORIS `dora_scale` [1, d_in], per input column (`Term::with_column_magnitude`).
+enum Magnitude {
+    Rows(Vec<f32>),
+    Columns(Vec<f32>),
+}
+
+/// A DoRA magnitude: finite values, in BFL row order. PEFT's `lora_magnitude_vector` is [rows];
+/// LyCORIS's `dora_scale` (kohya-style files, ComfyUI) is [rows, 1] when it decomposes per output
+/// row (`wd_on_out`, LyCORIS's default and PEFT's rule) and [1, d_in] when per input column
+/// (`wd_on_out = false`, `dora_columns.rs`). A module with one row and one input is read per row.
+fn read_magnitude(st: &SafeTensors, key: &str, rows: usize, d_in: usize, swap_halves: bool) -> Result<Magnitude> {
     let p = st.path().display();
     let (shape, mut m) = st.read_f32(key)?;
-    if key.ends_with(".dora_scale") {
-        if shape == [1, d_in] && rows != 1 {
+    let columns = if key.ends_with(".dora_scale") {
+        if shape == [1, d_in] && shape != [rows, 1] {
+            true
+        } else if shape == [rows, 1] {
+            false
+        } else {
             bail!(
-                "{p}: DoRA magnitude `{key}` has shape {shape:?}: a norm per input column (LyCORIS wd_on_out = \
-                 false), which this engine does not apply; only the per-output-row form [{rows}, 1] (LyCORIS's \
-                 default, PEFT's rule) is supported"
+                "{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}, 1] (one per output row of its \
+                 module) or [1, {d_in}] (one per input column)"
             );
-        }
-        if shape != [rows, 1] {
-            bail!("{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}, 1] (one per output row of its module)");
         }
     } else if shape != [rows] {
         bail!("{p}: DoRA magnitude `{key}` has shape {shape:?}, expected [{rows}] (one per output row of its module)");
-    }
+    } else {
+        false
+    };
     if m.iter().any(|x| !x.is_finite()) {
         bail!("{p}: DoRA magnitude `{key}` has non-finite values");
+    }
+    if columns {
+        // The input columns keep their order when diffusers' [scale; shift] rows are swapped.
+        return Ok(Magnitude::Columns(m));
     }
     if swap_halves {
         m.rotate_left(rows / 2);
     }
-    Ok(m)
+    Ok(Magnitude::Rows(m))
 }
 
 /// Parses `FILE[:SCALE]` (a scale after the last colon, when it parses as a number).

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dora;
+pub mod dora_columns;
 pub mod export;
 pub mod formats;
 pub mod loha;
@@ -33,6 +34,10 @@ pub enum Kind {
     /// DoRA (PEFT `use_dora`): LoRA's A and B plus a magnitude [rows] that rescales each output
     /// row of the frozen weight plus the update (`dora.rs`). CPU engine only for now.
     Dora { rank: usize },
+    /// DoRA decomposed per input column instead (LyCORIS `wd_on_out = false`: kohya-style files
+    /// with `dora_scale` [1, in]): A, B and a magnitude [d_in] (`dora_columns.rs`). Loaded and
+    /// applied, not trained. CPU engine only.
+    DoraColumns { rank: usize },
     /// LyCORIS LoKr: ΔY = scale · X·(w1 ⊗ w2)ᵀ, w1 [a, c] and w2 [b, d] with a·b the rows and
     /// c·d the inputs, each stored whole or as a product of two factors of rank `r1` / `r2`
     /// (`lokr.rs`). CPU engine only.
@@ -46,7 +51,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Lora { .. } => "LoRA",
-            Kind::Dora { .. } => "DoRA",
+            Kind::Dora { .. } | Kind::DoraColumns { .. } => "DoRA",
             Kind::Lokr { .. } => "LoKr",
             Kind::Loha { .. } => "LoHa",
         }
@@ -67,7 +72,7 @@ impl Kind {
                 v
             }
             Kind::Loha { .. } => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
-            Kind::Lora { .. } | Kind::Dora { .. } => vec![],
+            Kind::Lora { .. } | Kind::Dora { .. } | Kind::DoraColumns { .. } => vec![],
         }
     }
 }
@@ -130,11 +135,26 @@ impl Term {
         self
     }
 
+    /// This LoRA term as a DoRA term decomposed per input column, with the magnitude [d_in] of
+    /// each input column of its rows' weight.
+    pub fn with_column_magnitude(mut self, magnitude: Vec<f32>) -> Term {
+        self.kind = Kind::DoraColumns { rank: self.rank() };
+        self.params.truncate(2);
+        self.params.push(Arc::new(magnitude));
+        self
+    }
+
+    /// True for either DoRA form (a magnitude besides LoRA's A and B).
+    pub fn is_dora(&self) -> bool {
+        matches!(self.kind, Kind::Dora { .. } | Kind::DoraColumns { .. })
+    }
+
     /// The shape of each parameter tensor, in `params` order.
     pub fn param_shapes(&self) -> Vec<Vec<usize>> {
         match self.kind {
             Kind::Lora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank]],
             Kind::Dora { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank], vec![self.rows.len()]],
+            Kind::DoraColumns { rank } => vec![vec![rank, self.d_in], vec![self.rows.len(), rank], vec![self.d_in]],
             Kind::Lokr { w1, w2, r1, r2 } => {
                 let mut v = Vec::new();
                 for (w, r) in [(w1, r1), (w2, r2)] {
@@ -156,7 +176,7 @@ impl Term {
     /// when factored, else w1's, 0 when both are whole); for LoHa w1's.
     pub fn rank(&self) -> usize {
         match self.kind {
-            Kind::Lora { rank } | Kind::Dora { rank } => rank,
+            Kind::Lora { rank } | Kind::Dora { rank } | Kind::DoraColumns { rank } => rank,
             Kind::Lokr { r1, r2, .. } => r2.or(r1).unwrap_or(0),
             Kind::Loha { r1, .. } => r1,
         }
@@ -176,7 +196,8 @@ impl Term {
         &self.params[1]
     }
 
-    /// DoRA's magnitude per output row (BFL order); empty for other kinds.
+    /// DoRA's magnitude per output row (BFL order), or per input column for `DoraColumns`; empty
+    /// for other kinds.
     pub fn magnitude(&self) -> &[f32] {
         self.params.get(2).map_or(&[], |p| p.as_slice())
     }
@@ -305,7 +326,7 @@ impl LinearAdapters for AdapterSet {
     }
 
     fn needs_frozen(&self, module: &str) -> bool {
-        self.on_module(module).any(|(_, t)| matches!(t.kind, Kind::Dora { .. }))
+        self.on_module(module).any(|(_, t)| t.is_dora())
     }
 
     fn forward(&self, call: LinearCall, out: &mut [f32]) {
@@ -314,6 +335,7 @@ impl LinearAdapters for AdapterSet {
             match t.kind {
                 Kind::Lora { .. } => lora::forward(t, drop, call, out),
                 Kind::Dora { .. } => dora::forward(t, drop, call, out),
+                Kind::DoraColumns { .. } => dora_columns::forward(t, drop, call, out),
                 Kind::Lokr { .. } => lokr::forward(t, call, out),
                 Kind::Loha { .. } => loha::forward(t, call, out),
             }
@@ -329,6 +351,7 @@ impl LinearAdapters for AdapterSet {
             match t.kind {
                 Kind::Lora { .. } => lora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
                 Kind::Dora { .. } => dora::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
+                Kind::DoraColumns { .. } => dora_columns::backward(t, drop, call, dout, dinp.as_deref_mut(), g),
                 Kind::Lokr { .. } => lokr::backward(t, call, dout, dinp.as_deref_mut(), g),
                 Kind::Loha { .. } => loha::backward(t, call, dout, dinp.as_deref_mut(), g),
             }
@@ -349,10 +372,89 @@ pub fn term_seed(seed: u64, name: &str, i: usize) -> u64 {
 /// Checks of a kind's backward shared by the kinds' tests.
 #[cfg(test)]
 pub(crate) mod check {
-    use super::{AdapterSet, Term};
-    use crate::model::adapt::{AdapterGrads, LinearAdapters, LinearCall};
+    use super::{AdapterSet, Kind, Term};
+    use crate::model::adapt::{AdapterGrads, Frozen, LinearAdapters, LinearCall};
+    use crate::ops::lora::Dropout;
+    use crate::ops::matmul::{linear_backward_input, linear_forward};
     use crate::util::{fd_check, Rng};
     use std::sync::Arc;
+
+    /// The frozen product X·Wᵀ plus a DoRA term's output (either form), the term's own dropout.
+    pub fn frozen_layer(t: &Term, w: &[f32], x: &[f32], m: usize, n: usize, drop: Option<Dropout>) -> Vec<f32> {
+        let k = t.d_in;
+        let mut base = vec![0f32; m * n];
+        linear_forward(&mut base, x, w, None, m, k, n);
+        let mut out = base.clone();
+        let c = LinearCall { module: "m", inp: x, m, k, n, frozen: Some(Frozen { weight: w, out: &base }) };
+        match t.kind {
+            Kind::Dora { .. } => super::dora::forward(t, drop, c, &mut out),
+            Kind::DoraColumns { .. } => super::dora_columns::forward(t, drop, c, &mut out),
+            _ => panic!("frozen_layer: not a DoRA term"),
+        }
+        out
+    }
+
+    /// A DoRA form's backward against finite differences: a term made by `make(A, B, m)` on rows
+    /// 2..6 of a 7 × 5 linear (rank 2) with `mag_len` magnitudes, whose norms `norms` gives; the
+    /// norm held constant as PEFT detaches it (m moves with it while A and B move).
+    pub fn dora_backward_matches_fd(
+        make: impl Fn(&[f32], &[f32], &[f32]) -> Term,
+        norms: fn(&Term, &[f32], usize) -> Vec<f32>,
+        mag_len: usize,
+    ) {
+        let (m, k, n, r) = (3, 5, 7, 2);
+        let mut rng = Rng::new(5);
+        let w = rng.normal_vec(n * k, 0.5);
+        let x = rng.normal_vec(m * k, 1.0);
+        let a = rng.normal_vec(r * k, 0.5);
+        let b = rng.normal_vec(4 * r, 0.5);
+        let mag: Vec<f32> = (0..mag_len).map(|_| 1.0 + rng.uniform() as f32).collect();
+        let drop = Some(Dropout { p: 0.25, seed: 3 });
+        let t = make(&a, &b, &mag);
+        assert!(t.sizes_ok() && t.rows == (2..6) && t.d_in == k);
+        let dy = rng.normal_vec(m * n, 1.0);
+        let mut base = vec![0f32; m * n];
+        linear_forward(&mut base, &x, &w, None, m, k, n);
+        let c = LinearCall { module: "m", inp: &x, m, k, n, frozen: Some(Frozen { weight: &w, out: &base }) };
+        let mut g = Vec::new();
+        let mut dx = vec![0f32; m * k];
+        linear_backward_input(&mut dx, &dy, &w, m, k, n, 0.0);
+        match t.kind {
+            Kind::Dora { .. } => super::dora::backward(&t, drop, c, &dy, Some(&mut dx), &mut g),
+            Kind::DoraColumns { .. } => super::dora_columns::backward(&t, drop, c, &dy, Some(&mut dx), &mut g),
+            _ => panic!("not a DoRA term"),
+        }
+        let at = norms(&t, &w, k);
+        let detached = |a: &[f32], b: &[f32]| {
+            let now = norms(&make(a, b, &mag), &w, k);
+            let m2: Vec<f32> = mag.iter().zip(now.iter().zip(&at)).map(|(m, (n1, n0))| m * n1 / n0).collect();
+            frozen_layer(&make(a, b, &m2), &w, &x, m, n, drop)
+        };
+        fd_check(&a, &g[0], &dy, |v| detached(v, &b), 2e-2);
+        fd_check(&b, &g[1], &dy, |v| detached(&a, v), 2e-2);
+        fd_check(&mag, &g[2], &dy, |v| frozen_layer(&make(&a, &b, v), &w, &x, m, n, drop), 2e-2);
+        fd_check(&x, &dx, &dy, |v| frozen_layer(&t, &w, v, m, n, drop), 2e-2);
+    }
+
+    /// A DoRA form whose magnitudes equal its norms (g = 1) is its LoRA branch alone: `with`
+    /// turns a LoRA term into the form given those magnitudes, which `norms` computes.
+    pub fn dora_at_its_norms_is_plain_lora(
+        with: fn(Term, Vec<f32>) -> Term,
+        norms: fn(&Term, &[f32], usize) -> Vec<f32>,
+    ) {
+        let (m, k, n, r) = (2, 4, 3, 2);
+        let mut rng = Rng::new(9);
+        let (w, x) = (rng.normal_vec(n * k, 0.5), rng.normal_vec(m * k, 1.0));
+        let (a, b) = (rng.normal_vec(r * k, 0.5), rng.normal_vec(n * r, 0.5));
+        let lora_term = Term::lora("m", 0..n, k, r, 1.5, a, b);
+        let t = with(lora_term.clone(), norms(&lora_term, &w, k));
+        let got = frozen_layer(&t, &w, &x, m, n, None);
+        let mut want = vec![0f32; m * n];
+        linear_forward(&mut want, &x, &w, None, m, k, n);
+        super::lora::forward(&lora_term, None, LinearCall { module: "m", inp: &x, m, k, n, frozen: None }, &mut want);
+        let e = crate::util::rel_l2(&got, &want);
+        assert!(e < 1e-6, "rel L2 {e:e}");
+    }
 
     /// `t` with every parameter drawn from N(0, σ²).
     pub fn random_params(t: Term, sigma: f32, rng: &mut Rng) -> Term {

@@ -3,7 +3,7 @@
 
 use super::{open_model, parse_unknown, ModelSpec};
 use crate::adapters::formats::{load_lora, parse_lora_arg, LoraFile, UnknownKeys};
-use crate::adapters::AdapterSet;
+use crate::adapters::{AdapterSet, Kind};
 use crate::engine::{Engine, EngineOptions};
 use crate::io::safetensors::{write_tensors, Dtype, OutTensor, SafeTensors};
 use crate::model::config::FluxConfig;
@@ -117,13 +117,20 @@ pub fn run(
             // Back to the file's [scale; shift] row order.
             let half = t.rows.len() / 2;
             db.rotate_right(half * t.rank());
-            dm.iter_mut().for_each(|v| v.rotate_right(half));
+            // A per-column magnitude keeps its order (it is per input, not per row).
+            if !matches!(t.kind, Kind::DoraColumns { .. }) {
+                dm.iter_mut().for_each(|v| v.rotate_right(half));
+            }
         }
         tensors.push((k.down.clone(), vec![t.rank(), t.d_in], da.clone()));
         tensors.push((k.up.clone(), vec![t.rows.len(), t.rank()], db));
         if let (Some(name), Some(dm)) = (&k.magnitude, dm) {
-            // In the file's shape: PEFT's [out], LyCORIS's dora_scale [out, 1].
-            let shape = if name.ends_with(".dora_scale") { vec![t.rows.len(), 1] } else { vec![t.rows.len()] };
+            // In the file's shape: PEFT's [out], LyCORIS's dora_scale [out, 1] or [1, in].
+            let shape = match t.kind {
+                Kind::DoraColumns { .. } => vec![1, t.d_in],
+                _ if name.ends_with(".dora_scale") => vec![t.rows.len(), 1],
+                _ => vec![t.rows.len()],
+            };
             tensors.push((name.clone(), shape, dm));
         }
     }

@@ -145,14 +145,20 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
     pairs.dedup();
     writeln!(s, "lora: {} (strength {strength})", f.path.display())?;
     writeln!(s, "  format: {}", formats.join(" + "))?;
-    let dora = f.terms.iter().filter(|t| matches!(t.kind, crate::adapters::Kind::Dora { .. })).count();
+    let dora = f.terms.iter().filter(|t| t.is_dora()).count();
     if dora > 0 {
-        // Which form the magnitudes have: PEFT's lora_magnitude_vector [out], LyCORIS's dora_scale [out, 1].
+        // Which form the magnitudes have: PEFT's lora_magnitude_vector [out], LyCORIS's dora_scale
+        // [out, 1], or [1, in] (per input column).
         let mut forms: Vec<&str> = f
             .keys
             .iter()
-            .filter_map(|k| k.magnitude.as_deref())
-            .map(|m| if m.ends_with(".dora_scale") { "dora_scale" } else { "lora_magnitude_vector" })
+            .zip(&f.terms)
+            .filter_map(|(k, t)| k.magnitude.as_deref().map(|m| (m, t)))
+            .map(|(m, t)| match (m.ends_with(".dora_scale"), t.kind) {
+                (true, Kind::DoraColumns { .. }) => "dora_scale per input column",
+                (true, _) => "dora_scale",
+                _ => "lora_magnitude_vector",
+            })
             .collect();
         forms.sort();
         forms.dedup();
@@ -201,7 +207,7 @@ fn describe_lycoris(f: &LoraFile) -> Vec<String> {
             }
             Kind::Loha { r1, r2 } if r1 == r2 => format!("rank {r1}"),
             Kind::Loha { r1, r2 } => format!("ranks {r1} and {r2}"),
-            Kind::Lora { .. } | Kind::Dora { .. } => continue,
+            Kind::Lora { .. } | Kind::Dora { .. } | Kind::DoraColumns { .. } => continue,
         };
         *by_kind.entry(t.kind.name()).or_default().entry(format!("{shape}, {alpha}")).or_default() += 1;
     }

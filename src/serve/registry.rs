@@ -6,7 +6,7 @@
 //! found on the next look-up or listing.
 
 use crate::adapters::formats::{load_lora, UnknownKeys};
-use crate::adapters::{Kind, Term};
+use crate::adapters::Term;
 use crate::model::config::FluxConfig;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -215,7 +215,7 @@ impl Registry {
             }
             Ok(f) => {
                 let first = f.modules.values().next().copied().unwrap_or((0, 0.0));
-                let dora = f.terms.iter().any(|t| matches!(t.kind, Kind::Dora { .. }));
+                let dora = f.terms.iter().any(|t| t.is_dora());
                 let mut targets: Vec<String> = f.terms.iter().map(|t| t.module.clone()).collect();
                 targets.dedup();
                 e.info = Some(Ok(LoraInfo {
