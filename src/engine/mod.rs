@@ -141,20 +141,18 @@ impl Engine {
 
     /// One adapter set per sample of the following forwards (inference): sample i of a batch of
     /// `sets.len()` sees only `sets[i]`, and its output is what it would be in a batch of one with
-    /// `set_adapters(&sets[i])`. The CPU engine only for now: the CUDA engine says so.
+    /// `set_adapters(&sets[i])` (bit for bit on the CPU; on CUDA each linear runs one call per run
+    /// of samples with the same terms, on their rows).
     pub fn set_batch_adapters(&mut self, sets: &[AdapterSet]) -> Result<()> {
         match &mut self.inner {
             Inner::Cpu(e) => e.set_batch_adapters(sets),
-            Inner::Cuda(_) => bail!(
-                "per-sample LoRA sets in one batch are not implemented on the CUDA engine yet; batch only \
-                 requests with the same LoRA set there (Engine::batches_mixed_adapters)"
-            ),
+            Inner::Cuda(e) => e.set_batch_adapters(sets),
         }
     }
 
-    /// True when `set_batch_adapters` works on this engine.
+    /// True when `set_batch_adapters` works on this engine (both engines now).
     pub fn batches_mixed_adapters(&self) -> bool {
-        matches!(self.inner, Inner::Cpu(_))
+        true
     }
 
     /// The adapters to train: their tensors become the trainable parameters, with gradient

@@ -323,7 +323,15 @@ pub enum OutView<'a> {
     Bf16(View<'a, bf16>),
 }
 
-impl OutView<'_> {
+impl<'a> OutView<'a> {
+    /// Elements `r` of this output (a row range of a row-major Y).
+    pub fn slice(self, r: Range<usize>) -> Result<OutView<'a>> {
+        Ok(match self {
+            OutView::F32(v) => OutView::F32(v.slice(r)?),
+            OutView::Bf16(v) => OutView::Bf16(v.slice(r)?),
+        })
+    }
+
     fn check(&self, n: usize, what: &str, st: &Arc<CudaStream>) -> Result<(u64, bool)> {
         match self {
             OutView::F32(v) => v.need(n, what).map(|_| (v.addr(st), true)),

@@ -8,7 +8,7 @@ use crate::adapters::{term_seed, AdapterSet, Kind};
 use crate::engine::CudaBackend;
 use crate::kernels::lora::TermShape;
 use crate::ops::lora::Dropout;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use std::collections::HashMap;
@@ -27,6 +27,9 @@ pub struct DevTerm {
     pub d_in: usize,
     pub a16: CudaSlice<bf16>,
     pub b16: CudaSlice<bf16>,
+    /// The samples of a per-sample batch (`DevLora::per_sample`) that see this term; None: every
+    /// row of every call (one set for the whole batch).
+    pub samples: Option<Vec<usize>>,
 }
 
 /// What training adds: f32 factors [A0, B0, …], gradients and moments in the same order.
@@ -44,6 +47,8 @@ pub struct DevLora {
     /// Dropout probability and this step's seed (training).
     pub dropout: Option<(f32, u64)>,
     pub train: Option<DevTrain>,
+    /// The batch size when each sample has its own set (`per_sample`; inference only).
+    pub batch: Option<usize>,
 }
 
 impl DevLora {
@@ -98,10 +103,65 @@ impl DevLora {
                 d_in,
                 a16: st.clone_htod(&to16(t.a()))?,
                 b16: st.clone_htod(&to16(t.b()))?,
+                samples: None,
             });
         }
         out.train = train.then_some(tr);
         out.dropout = set.dropout();
+        Ok(out)
+    }
+
+    /// One set per sample of a batch (inference, issue 20): sample i's rows of every linear see
+    /// only `sets[i]`'s terms. A set shared by several samples (the same terms, the same
+    /// strengths) is uploaded once and its terms name all of them.
+    pub fn per_sample(
+        g: &CudaBackend,
+        sets: &[AdapterSet],
+        d_in_of: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<DevLora> {
+        ensure!(!sets.is_empty(), "per-sample adapters for an empty batch");
+        let mut out = DevLora { batch: Some(sets.len()), ..DevLora::default() };
+        // (the set, the indices of its terms in `out`), one per distinct set.
+        let mut uploaded: Vec<(&AdapterSet, Vec<usize>)> = Vec::new();
+        for (i, set) in sets.iter().enumerate() {
+            if let Some((_, idx)) = uploaded.iter().find(|(s, _)| same_set(s, set)) {
+                for &t in idx {
+                    out.terms[t].samples.as_mut().expect("per-sample term").push(i);
+                }
+                continue;
+            }
+            let one = DevLora::from_set(g, set, d_in_of, false)
+                .with_context(|| format!("the adapters of sample {i} of the batch"))?;
+            let mut idx = Vec::new();
+            for mut t in one.terms {
+                t.samples = Some(vec![i]);
+                out.by_module.entry(t.module.clone()).or_default().push(out.terms.len());
+                idx.push(out.terms.len());
+                out.terms.push(t);
+            }
+            uploaded.push((set, idx));
+        }
+        Ok(out)
+    }
+
+    /// The calls a linear named `name` with `m` input rows makes: row ranges with the indices of
+    /// the terms on them. One call over every row unless the sets differ per sample; then
+    /// consecutive samples that see the same terms share a call. Every linear takes its input
+    /// sample-major ([b · rows, k]), so sample i's rows are i·m/b .. (i+1)·m/b.
+    pub fn calls(&self, name: &str, m: usize) -> Result<Vec<(Range<usize>, Vec<usize>)>> {
+        let all = self.on(name);
+        let Some(b) = self.batch else { return Ok(vec![(0..m, all.to_vec())]) };
+        ensure!(m.is_multiple_of(b), "{name}: {m} rows do not split into the batch's {b} samples");
+        let rows = m / b;
+        let mut out: Vec<(Range<usize>, Vec<usize>)> = Vec::new();
+        for i in 0..b {
+            let sees = |t: &usize| self.terms[*t].samples.as_ref().is_none_or(|s| s.contains(&i));
+            let idx: Vec<usize> = all.iter().copied().filter(sees).collect();
+            match out.last_mut() {
+                Some((r, last)) if *last == idx => r.end += rows,
+                _ => out.push((i * rows..(i + 1) * rows, idx)),
+            }
+        }
         Ok(out)
     }
 
@@ -171,4 +231,17 @@ impl DevLora {
         }
         Ok(())
     }
+}
+
+/// True when two sets apply the same terms at the same strengths (the same parameter tensors).
+fn same_set(a: &AdapterSet, b: &AdapterSet) -> bool {
+    a.terms().len() == b.terms().len()
+        && a.terms().iter().zip(b.terms()).all(|(x, y)| {
+            x.module == y.module
+                && x.rows == y.rows
+                && x.scale == y.scale
+                && x.kind == y.kind
+                && x.params.len() == y.params.len()
+                && x.params.iter().zip(&y.params).all(|(p, q)| std::sync::Arc::ptr_eq(p, q))
+        })
 }

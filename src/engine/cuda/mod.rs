@@ -257,10 +257,10 @@ impl Run<'_> {
         Ok(out)
     }
 
-    fn shape(&self, l: &DevLinear, m: usize, bias: bool) -> Result<(LinearShape, Vec<usize>)> {
-        let idx = self.lora.on(&l.name).to_vec();
+    /// The shape of a call of `l` on `m` rows with the terms `idx`.
+    fn shape(&self, l: &DevLinear, m: usize, bias: bool, idx: &[usize]) -> Result<LinearShape> {
         let terms = idx.iter().map(|&i| self.lora.shape(i)).collect();
-        for &i in &idx {
+        for &i in idx {
             ensure!(
                 self.lora.terms[i].d_in == l.d_in,
                 "adapter on {}: A has {} inputs, the linear {}",
@@ -269,28 +269,35 @@ impl Run<'_> {
                 l.d_in
             );
         }
-        Ok((LinearShape::of_terms(m, l.d_in, l.d_out, bias, terms).with_context(|| l.name.clone())?, idx))
+        LinearShape::of_terms(m, l.d_in, l.d_out, bias, terms).with_context(|| l.name.clone())
+    }
+
+    /// y = x16·Wᵀ + b + the adapters on `l`, into `y` [m, d_out]: one fused call, or with
+    /// per-sample sets one call per run of samples that see the same terms (`DevLora::calls`), each
+    /// on its rows exactly as in a batch of its own.
+    fn lin_into(&mut self, l: &DevLinear, m: usize, x16: View<bf16>, y: OutView) -> Result<()> {
+        for (rows, idx) in self.lora.calls(&l.name, m)? {
+            let s = self.shape(l, rows.len(), l.bias.is_some(), &idx)?;
+            let x = x16.slice(rows.start * l.d_in..rows.end * l.d_in)?;
+            let v = operands(self.lora, l, x, &idx, true);
+            let y = y.slice(rows.start * l.d_out..rows.end * l.d_out)?;
+            self.g.lora.forward_dev(&s, &v, y).with_context(|| format!("{} on the GPU", l.name))?;
+        }
+        Ok(())
     }
 
     /// y [m, d_out] f32 = x16 [m, d_in]·Wᵀ + b + the adapters on `l`.
     pub fn lin(&mut self, l: &DevLinear, m: usize, x16: View<bf16>) -> Result<F32> {
-        let (s, idx) = self.shape(l, m, l.bias.is_some())?;
         let y = self.f32(m * l.d_out)?;
-        let v = operands(self.lora, l, x16, &idx, true);
-        self.g.lora.forward_dev(&s, &v, OutView::F32((&y).into())).with_context(|| format!("{} on the GPU", l.name))?;
+        self.lin_into(l, m, x16, OutView::F32((&y).into()))?;
         Ok(y)
     }
 
     /// y [m, d_out] bf16: `lin` with its output rounded once in the GEMM's epilogue (what the
     /// next op reads and the backward keeps).
     pub fn lin16(&mut self, l: &DevLinear, m: usize, x16: View<bf16>) -> Result<B16> {
-        let (s, idx) = self.shape(l, m, l.bias.is_some())?;
         let y = self.b16(m * l.d_out)?;
-        let v = operands(self.lora, l, x16, &idx, true);
-        self.g
-            .lora
-            .forward_dev(&s, &v, OutView::Bf16((&y).into()))
-            .with_context(|| format!("{} on the GPU", l.name))?;
+        self.lin_into(l, m, x16, OutView::Bf16((&y).into()))?;
         Ok(y)
     }
 
@@ -312,7 +319,9 @@ impl Run<'_> {
         dy16: View<bf16>,
         dx: Option<&F32>,
     ) -> Result<()> {
-        let (s, idx) = self.shape(l, m, false)?;
+        ensure!(self.lora.batch.is_none(), "{}: per-sample adapter sets are for inference only (no backward)", l.name);
+        let idx = self.lora.on(&l.name).to_vec();
+        let s = self.shape(l, m, false, &idx)?;
         if idx.is_empty() && dx.is_none() {
             return Ok(());
         }
@@ -678,6 +687,12 @@ impl GpuFlux {
     pub fn adapters(&self, set: &crate::adapters::AdapterSet, train: bool) -> Result<DevLora> {
         let g = CudaBackend::lock(&self.be)?;
         DevLora::from_set(&g, set, &|n| self.d_in_of(n), train)
+    }
+
+    /// One set per sample of the following batches (inference; `DevLora::per_sample`).
+    pub fn adapters_per_sample(&self, sets: &[crate::adapters::AdapterSet]) -> Result<DevLora> {
+        let g = CudaBackend::lock(&self.be)?;
+        DevLora::per_sample(&g, sets, &|n| self.d_in_of(n))
     }
 
     /// d_in of the linear named `name` (adapter validation).

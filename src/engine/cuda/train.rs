@@ -68,6 +68,12 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// One set per sample for the following forwards (inference; replaces any adapters before).
+    pub fn set_batch_adapters(&mut self, sets: &[AdapterSet]) -> Result<()> {
+        self.lora = self.m.adapters_per_sample(sets).map_err(oom_hint)?;
+        Ok(())
+    }
+
     /// The optimizer's moments to the device when resuming.
     pub fn upload_moments(&mut self, opt: &AdamW) -> Result<()> {
         if opt.t == 0 {
@@ -78,12 +84,16 @@ impl CudaEngine {
     }
 
     pub fn forward(&mut self, inp: &FluxInputs) -> Result<Vec<f32>> {
+        if let Some(b) = self.lora.batch {
+            ensure!(inp.b == b, "a batch of {} samples given to per-sample adapters for {b}", inp.b);
+        }
         self.lora.dropout = None;
         let y = self.m.forward(inp, &self.lora).map_err(oom_hint)?;
         self.m.download(&y, inp.b * inp.n_img * self.m.cfg.out_channels)
     }
 
     pub fn forward_train(&mut self, inp: &FluxInputs, dropout: Option<(f32, u64)>) -> Result<CudaForward> {
+        ensure!(self.lora.batch.is_none(), "per-sample adapter sets are for inference only");
         self.lora.dropout = dropout.filter(|d| d.0 > 0.0);
         let (pred, state) = self.m.forward_train(inp, &self.lora).map_err(oom_hint)?;
         Ok(CudaForward { pred, state })
