@@ -95,7 +95,7 @@ fn layers_import_one_way() {
         // An inline `mod tests {` adds a level for `super::` (such blocks close the file).
         let mut inline = 0;
         for (n, line) in text.lines().enumerate() {
-            let t = line.trim_start().trim_start_matches("pub ");
+            let t = line.trim_start().trim_start_matches("pub(crate) ").trim_start_matches("pub ");
             if t.starts_with("mod ") && t.trim_end().ends_with('{') {
                 inline += 1;
             }

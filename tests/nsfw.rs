@@ -343,3 +343,82 @@ fn sample_withholds_flagged_images_and_says_so() {
     assert!(!ok && log.contains("no model.safetensors"), "{log}");
     assert!(!dir.join("required").exists() && !dir.join("broken").exists());
 }
+
+/// `train` with preview prompts on the tiny FLUX.1 folder (two 16² images with captions, two
+/// steps, a preview at each).
+fn train_with_previews(dir: &Path, extra: &[&str]) -> (bool, String) {
+    let data = dir.join("images");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..2 {
+        let px: Vec<f32> = (0..3 * 16 * 16).map(|j| (((j * 7 + i * 13) % 17) as f32 / 8.0 - 1.0) * 0.9).collect();
+        flux_kernels::io::images::write_png(&data.join(format!("img{i}.png")), &px, 16, 16).unwrap();
+        std::fs::write(data.join(format!("img{i}.txt")), format!("a photo of thing {i}")).unwrap();
+    }
+    let m = fixture("pipeline");
+    let lora = dir.join("out/lora.safetensors");
+    let mut args = vec![
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--resolution",
+        "16",
+        "--bucket-step",
+        "4",
+        "--t5-max-len",
+        "16",
+        "--steps",
+        "2",
+        "--rank",
+        "2",
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+        "--sample-prompt",
+        "a red cube",
+        "--sample-every",
+        "1",
+        "--sample-size",
+        "16",
+        "--sample-steps",
+        "2",
+        "--out",
+        lora.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    common::run(&args)
+}
+
+#[test]
+fn training_previews_pass_the_nsfw_check() {
+    // Every preview flagged: black PNGs named -nsfw-filtered, the reason in the log.
+    let dir = tmpdir("nsfw-train-flagged");
+    let always = biased_model("nsfw-always-train", 50.0);
+    let (ok, log) = train_with_previews(&dir, &["--nsfw-model", always.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    assert!(log.contains("previews: NSFW check: on"), "{log}");
+    for step in 1..=2 {
+        let p = dir.join(format!("out/lora-samples/step{step:06}-0-nsfw-filtered.png"));
+        let img = image::open(&p).unwrap_or_else(|e| panic!("{}: {e}\n{log}", p.display())).to_rgb8();
+        assert!(img.as_raw().iter().all(|&v| v == 0), "{} is not black", p.display());
+        assert!(!dir.join(format!("out/lora-samples/step{step:06}-0.png")).exists());
+    }
+    assert!(log.contains("nsfw probability 1.000"), "{log}");
+    // None flagged: the previews under their usual names, not black.
+    let dir = tmpdir("nsfw-train-shown");
+    let never = biased_model("nsfw-never-train", -50.0);
+    let (ok, log) = train_with_previews(&dir, &["--nsfw-model", never.to_str().unwrap()]);
+    assert!(ok && !log.contains("withheld"), "{log}");
+    let img = image::open(dir.join("out/lora-samples/step000002-0.png")).unwrap().to_rgb8();
+    assert!(img.as_raw().iter().any(|&v| v != 0));
+    // No weights: the one line saying the check is off and how to turn it on; --nsfw-check
+    // without weights is an error before anything is trained.
+    let (ok, log) = train_with_previews(&tmpdir("nsfw-train-none"), &[]);
+    assert!(ok && log.contains("previews: note: the NSFW check is off"), "{log}");
+    let dir = tmpdir("nsfw-train-required");
+    let (ok, log) = train_with_previews(&dir, &["--nsfw-check"]);
+    assert!(!ok && log.contains("--nsfw-check: no NSFW classifier"), "{log}");
+    assert!(!dir.join("out/lora.safetensors").exists());
+}

@@ -11,8 +11,8 @@
 
 use crate::adapters::config::{parse_patterns, LoraConfig};
 use crate::pipeline::Components;
-use crate::safety::{NsfwClassifier, NSFW_THRESHOLD};
-use anyhow::{bail, Result};
+use crate::safety::NsfwSetting;
+use anyhow::Result;
 use clap::builder::BoolishValueParser;
 use std::path::{Path, PathBuf};
 
@@ -183,7 +183,7 @@ impl ComponentArgs {
     }
 }
 
-/// The NSFW check on generated images (`sample`; `serve` takes the same flags): BFL's reference
+/// The NSFW check on generated images (`sample`, `serve` and `train`'s previews take the same flags): BFL's reference
 /// code classifies every image with Falconsai/nsfw_image_detection and withholds it at an nsfw
 /// probability of 0.85 or more (docs/safety.md).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -204,47 +204,11 @@ pub struct NsfwArgs {
     pub no_nsfw_check: bool,
 }
 
-/// The NSFW classifier to run, or None, and the one line to print about it: where the check runs
-/// from, or (a `warning:` or `note:` line) why it is off and how to turn it on.
-pub struct NsfwSetting {
-    pub classifier: Option<NsfwClassifier>,
-    pub status: String,
-}
-
 impl NsfwArgs {
-    /// Loads the classifier named by --nsfw-model, else `model_root`'s nsfw_classifier/. A folder
-    /// that is named but cannot be loaded is an error, never a silent "off".
+    /// Loads the classifier named by --nsfw-model, else `model_root`'s nsfw_classifier/
+    /// (`safety::NsfwSetting::open`).
     pub fn open(&self, model_root: Option<&Path>) -> Result<NsfwSetting> {
-        if switch(self.nsfw_check, self.no_nsfw_check) == Some(false) {
-            return Ok(NsfwSetting {
-                classifier: None,
-                status: "warning: the NSFW check is off (--no-nsfw-check): generated images are not passed through \
-                         the classifier BFL's reference code runs on every image"
-                    .into(),
-            });
-        }
-        let dir = self.nsfw_model.clone().or_else(|| model_root.and_then(crate::safety::default_folder));
-        let Some(dir) = dir else {
-            if self.nsfw_check == Some(true) {
-                bail!(
-                    "--nsfw-check: no NSFW classifier; pass --nsfw-model DIR (a download of \
-                     Falconsai/nsfw_image_detection) or put it in the model folder as nsfw_classifier/"
-                );
-            }
-            return Ok(NsfwSetting {
-                classifier: None,
-                status: "note: the NSFW check is off: no classifier weights; to turn it on, download \
-                         Falconsai/nsfw_image_detection (config.json, model.safetensors, preprocessor_config.json) \
-                         and pass --nsfw-model DIR, or put it in the model folder as nsfw_classifier/"
-                    .into(),
-            });
-        };
-        let c = NsfwClassifier::load(&dir)?;
-        let status = format!(
-            "NSFW check: on ({}); an image with nsfw probability ≥ {NSFW_THRESHOLD} is replaced by a black one",
-            dir.display()
-        );
-        Ok(NsfwSetting { classifier: Some(c), status })
+        NsfwSetting::open(self.nsfw_model.as_deref(), switch(self.nsfw_check, self.no_nsfw_check), model_root)
     }
 }
 

@@ -1,7 +1,7 @@
 //! `flux-kernels train`: settings from `--config FILE` (TOML, the same key names), each
 //! overridden by its flag; with no model and no data, the built-in demo.
 
-use super::args::{switch, AdapterArgs};
+use super::args::{switch, AdapterArgs, NsfwArgs};
 use crate::dist::RankEnv;
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{train_ranked, Outcome};
@@ -225,6 +225,9 @@ pub struct Args {
     /// Sample side in pixels (default: the first resolution side).
     #[arg(long)]
     pub sample_size: Option<usize>,
+    /// The NSFW check on the preview images, as `sample` runs it.
+    #[command(flatten)]
+    pub nsfw: NsfwArgs,
     /// cpu, cuda or auto (default): where the transformer runs (CUDA: the whole step on the GPU).
     #[arg(long)]
     pub device: Option<String>,
@@ -365,6 +368,12 @@ impl Args {
             max_vram,
             offload_checkpoints
         );
+        if let Some(p) = &a.nsfw.nsfw_model {
+            c.nsfw_model = p.display().to_string();
+        }
+        if let Some(v) = switch(a.nsfw.nsfw_check, a.nsfw.no_nsfw_check) {
+            c.nsfw_check = Some(v);
+        }
         if let Some(k) = &a.adapter_kind {
             c.adapter = k.clone();
             if k == "lokr" && a.format.is_none() {
@@ -464,6 +473,8 @@ mod tests {
             };
             let v = match &d[&k] {
                 _ if k == "preset" => "concept".to_string(),
+                // Absent by default (the check runs when weights are found).
+                _ if k == "nsfw_check" => "true".to_string(),
                 serde_json::Value::Bool(_) => "true".to_string(),
                 serde_json::Value::Number(n) if n.is_u64() => "7".to_string(),
                 serde_json::Value::Number(n) if n.is_i64() => "5".to_string(),

@@ -130,6 +130,53 @@ pub fn black_rgb8(width: usize, height: usize) -> Vec<u8> {
     vec![0u8; width * height * 3]
 }
 
+/// The NSFW classifier to run, or None, and the one line to print about it: where the check runs
+/// from, or (a `warning:` or `note:` line) why it is off and how to turn it on. What `sample`,
+/// `serve` and the training previews share.
+pub struct NsfwSetting {
+    pub classifier: Option<NsfwClassifier>,
+    pub status: String,
+}
+
+impl NsfwSetting {
+    /// The classifier in `dir` (`--nsfw-model`), else `model_root`'s nsfw_classifier/. `check`:
+    /// Some(false) turns the check off (with a warning), Some(true) makes a missing classifier an
+    /// error, None runs it when weights are found. A folder that is named but cannot be loaded is
+    /// an error, never a silent "off".
+    pub fn open(dir: Option<&Path>, check: Option<bool>, model_root: Option<&Path>) -> Result<NsfwSetting> {
+        if check == Some(false) {
+            return Ok(NsfwSetting {
+                classifier: None,
+                status: "warning: the NSFW check is off (--no-nsfw-check): generated images are not passed through \
+                         the classifier BFL's reference code runs on every image"
+                    .into(),
+            });
+        }
+        let dir = dir.map(Path::to_path_buf).or_else(|| model_root.and_then(default_folder));
+        let Some(dir) = dir else {
+            if check == Some(true) {
+                bail!(
+                    "--nsfw-check: no NSFW classifier; pass --nsfw-model DIR (a download of \
+                     Falconsai/nsfw_image_detection) or put it in the model folder as nsfw_classifier/"
+                );
+            }
+            return Ok(NsfwSetting {
+                classifier: None,
+                status: "note: the NSFW check is off: no classifier weights; to turn it on, download \
+                         Falconsai/nsfw_image_detection (config.json, model.safetensors, preprocessor_config.json) \
+                         and pass --nsfw-model DIR, or put it in the model folder as nsfw_classifier/"
+                    .into(),
+            });
+        };
+        let c = NsfwClassifier::load(&dir)?;
+        let status = format!(
+            "NSFW check: on ({}); an image with nsfw probability ≥ {NSFW_THRESHOLD} is replaced by a black one",
+            dir.display()
+        );
+        Ok(NsfwSetting { classifier: Some(c), status })
+    }
+}
+
 /// Where the check's weights come from when no flag names them: the FLUX.1 folder's
 /// `nsfw_classifier/` (a copy of Falconsai/nsfw_image_detection placed there). A folder of that
 /// name that cannot be loaded is the loader's error, not a silent "off".

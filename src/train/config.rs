@@ -113,6 +113,12 @@ pub struct TrainConfig {
     pub sample_seed: u64,
     /// Sample side in pixels; 0: the first resolution side.
     pub sample_size: usize,
+    /// The NSFW classifier the preview images pass (a Falconsai/nsfw_image_detection folder);
+    /// empty: the model folder's nsfw_classifier/ when it has one.
+    pub nsfw_model: String,
+    /// true: a missing classifier is an error; false: previews are not checked (a warning says
+    /// so); absent: checked when a classifier is found.
+    pub nsfw_check: Option<bool>,
     /// cpu, cuda or auto: where the transformer runs (on CUDA: the whole step, device-resident).
     pub device: String,
     /// Frozen base weights on the GPU: bf16 (or the file's own 8-bit codes) or int8 (quantised
@@ -197,6 +203,8 @@ impl Default for TrainConfig {
             sample_steps: 20,
             sample_guidance: 3.5,
             sample_seed: 0,
+            nsfw_model: String::new(),
+            nsfw_check: None,
             sample_size: 0,
             device: "auto".into(),
             base: "bf16".into(),

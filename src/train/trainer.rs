@@ -245,10 +245,17 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 struct Previews {
     spec: SampleSpec,
     vae: crate::vae::AutoEncoder,
+    /// The NSFW check every preview image passes (as `sample`'s), when on.
+    nsfw: Option<crate::safety::NsfwClassifier>,
 }
 
 impl Previews {
-    fn new(pipe: &mut Pipeline, tc: &TrainConfig, cfg: &FluxConfig) -> Result<Previews> {
+    /// The previews of `tc`'s prompts, with the line to print about their NSFW check.
+    fn new(pipe: &mut Pipeline, tc: &TrainConfig, cfg: &FluxConfig) -> Result<(Previews, String)> {
+        let dir = (!tc.nsfw_model.is_empty()).then(|| Path::new(&tc.nsfw_model));
+        let root = Path::new(&tc.model);
+        let nsfw = crate::safety::NsfwSetting::open(dir, tc.nsfw_check, root.is_dir().then_some(root))
+            .context("the NSFW check of the preview images")?;
         let (txt, y) = pipe.text()?.encode(&tc.sample_prompts)?;
         let vae = crate::pipeline::open_vae(&super::sources::components(tc), cfg)?;
         let side = if tc.sample_size > 0 {
@@ -272,7 +279,7 @@ impl Previews {
             guidance: tc.sample_guidance,
             seed: tc.sample_seed,
         };
-        Ok(Previews { spec, vae })
+        Ok((Previews { spec, vae, nsfw: nsfw.classifier }, format!("previews: {}", nsfw.status)))
     }
 
     fn write(&self, engine: &mut Engine, dir: &Path, step: usize) -> Result<Vec<String>> {
@@ -280,11 +287,23 @@ impl Previews {
         let lats = sample(engine, &self.spec)?;
         let f = self.vae.factor();
         let mut files = Vec::new();
+        let (h, w) = (self.spec.h * f, self.spec.w * f);
         for (i, z) in lats.iter().enumerate() {
             let img = self.vae.decode(z, 1, self.spec.h, self.spec.w)?;
-            let p = dir.join(format!("step{step:06}-{i}.png"));
-            crate::io::images::write_png(&p, &img, self.spec.h * f, self.spec.w * f)?;
-            files.push(p.display().to_string());
+            let rgb = crate::io::images::rgb8_from_unit(&img, h, w);
+            let verdict = match &self.nsfw {
+                Some(c) => c.check(&rgb, w, h).with_context(|| format!("NSFW check of preview {i} at step {step}"))?,
+                None => None,
+            };
+            let (p, rgb) = match &verdict {
+                Some(_) => (dir.join(format!("step{step:06}-{i}-nsfw-filtered.png")), crate::safety::black_rgb8(w, h)),
+                None => (dir.join(format!("step{step:06}-{i}.png")), rgb),
+            };
+            crate::io::images::write_rgb8_png(&p, rgb, h, w)?;
+            files.push(match verdict {
+                Some(why) => format!("{} ({why})", p.display()),
+                None => p.display().to_string(),
+            });
         }
         Ok(files)
     }
@@ -483,8 +502,10 @@ impl Run {
         } else {
             Some(pipe.dataset(&tc.class_data, quiet).context("class_data")?)
         };
-        let previews = if tc.sample_every > 0 && !tc.sample_prompts.is_empty() {
-            Some(Previews::new(&mut pipe, &tc, &model.cfg)?)
+        let previews = if tc.sample_every > 0 && !tc.sample_prompts.is_empty() && writes {
+            let (p, line) = Previews::new(&mut pipe, &tc, &model.cfg)?;
+            log.say(line, None);
+            Some(p)
         } else {
             None
         };
