@@ -171,7 +171,7 @@ pub fn report(cfg: &crate::model::config::FluxConfig, s: &Settings, limit_gib: f
     if !fits {
         let alts = suggest::fitting(cfg, s, limit)?;
         if alts.is_empty() {
-            writeln!(r, "no combination of checkpointing, 8-bit base, host modulation, batch 1 and 512 px fits")?;
+            writeln!(r, "no combination of checkpointing, checkpoint offload, 8-bit base, batch 1 and 512 px fits")?;
         }
         for (what, total) in alts {
             writeln!(r, "  would fit with {what}: {:.2} GiB", gib(total))?;

@@ -1,7 +1,7 @@
 //! When a plan does not fit: the same model with one setting changed, then two, then changes
-//! stacked in order of what each costs the user (checkpointing costs a recomputed forward, 8-bit costs a
-//! little accuracy, host modulation costs a transfer per sample, lower resolution and batch cost
-//! the run itself), keeping those that fit. Block swap (the fewest blocks that make the setting
+//! stacked in order of what each costs the user (checkpointing costs a recomputed forward, its
+//! offload PCIe copies that overlap the compute, 8-bit costs a little accuracy, lower resolution
+//! and batch cost the run itself), keeping those that fit. Block swap (the fewest blocks that make the setting
 //! fit as it is: it costs PCIe copies, not accuracy) is offered beside the single changes.
 
 use super::{plan, swap, Base, Settings};
@@ -15,15 +15,17 @@ fn changes(s: &Settings) -> Vec<Change> {
     if !s.checkpointing {
         v.push(("per-block checkpointing on".into(), Box::new(|s| s.checkpointing = true)));
     }
+    if !s.offload_checkpoints {
+        v.push((
+            "checkpointed block inputs in pinned host memory (--offload-checkpoints, with checkpointing)".into(),
+            Box::new(|s| (s.checkpointing, s.offload_checkpoints) = (true, true)),
+        ));
+    }
     if s.base == Base::Bf16 {
         v.push(("int8 base (quantize --format int8)".into(), Box::new(|s| s.base = Base::Int8)));
     }
-    if !s.modulation_on_host {
-        v.push((
-            "modulation weights on the host (--modulation host)".into(),
-            Box::new(|s| s.modulation_on_host = true),
-        ));
-    }
+    // Host-held modulation weights are a what-if of `plan --modulation host` only: the trainer
+    // keeps them on the GPU, so they are not offered as a way to fit.
     if s.batch > 1 {
         v.push(("batch 1".into(), Box::new(|s| s.batch = 1)));
     }
