@@ -67,7 +67,7 @@ export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 log=$(mktemp)
 cargo test --release --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
   --test gpu_model_ops --test gpu_flux_step --test gpu_plan --test gpu_step_trace 2>&1 | tee "$log"
-cargo bench --no-run --bench lora_matmul --bench attention 2>&1 | tee -a "$log"
+cargo bench --no-run --bench lora_matmul --bench attention --bench mixed_lora_batch 2>&1 | tee -a "$log"
 cargo build --release --bin flux-kernels
 rm -rf "$pack"
 mkdir -p "$pack/bin"
@@ -77,7 +77,7 @@ sed -nE 's/.*Executable (tests|benches)\/([a-z_0-9]+)\.rs \(([^)]+)\).*/\2 \3/p'
 done
 rm -f "$log"
 cp "$tdir/release/flux-kernels" "$pack/bin/"
-for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step gpu_plan gpu_step_trace lora_matmul attention flux-kernels; do
+for b in gpu gpu_lora gpu_model gpu_attention gpu_step_ops gpu_model_ops gpu_flux_step gpu_plan gpu_step_trace lora_matmul attention mixed_lora_batch flux-kernels; do
   [ -x "$pack/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
 done
 # xz: about 6× smaller than the loose binaries (gzip: about 3×); where the GPU machine has no xz,

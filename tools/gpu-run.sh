@@ -13,7 +13,7 @@
 # Usage (from the repo root on the device machine):  bash target/gpu-check/gpu-run.sh
 # Limits (seconds, env): FK_BUDGET=330 for the whole run, and per step FK_TEST_TIMEOUT=120,
 # FK_SANITIZER_TIMEOUT=75 (each of 4 runs), FK_BENCH_TIMEOUT=200, FK_ATTN_BENCH_TIMEOUT=90,
-# FK_TORCH_TIMEOUT=120, FK_STEP_TIMEOUT=240 (each bench-step call); FK_SKIP_SANITIZER=1,
+# FK_TORCH_TIMEOUT=120, FK_MIXED_TIMEOUT=90 (FK_MIXED_SIDE=512, FK_SKIP_MIXED=1), FK_STEP_TIMEOUT=240 (each bench-step call); FK_SKIP_SANITIZER=1,
 # FK_SKIP_BENCH=1 (LoRA), FK_SKIP_ATTN_BENCH=1 or FK_SKIP_ENGINE=1 (engine step, PyTorch step
 # and scaling grid) drop a step; FK_SKIP_SIDE_BY_SIDE=1, FK_SKIP_TORCH_STEP=1 and
 # FK_SKIP_SCALING=1 drop one part of it (a second call for the rest of the grid: the first two),
@@ -145,6 +145,23 @@ if [ "${FK_SKIP_ATTN_BENCH:-0}" != 1 ]; then
   torch_rc=$?
   [ -s "$tt" ] && { echo; cat "$tt"; } >>"$out/attn_table.md"
   rm -f "$tt"
+fi
+
+# Mixed-LoRA batches (issue 20, benches/mixed_lora_batch.rs): 8 images with 8 different random
+# LoRAs (r 16–64, every block linear) in one batch, against one LoRA for all 8 and the 8 one after
+# another, FLUX.1-dev's size with random weights. Appended to bench_table.md (the call brings
+# back few files).
+mixed_rc=-
+if [ "${FK_SKIP_MIXED:-0}" != 1 ]; then
+  step "mixed-LoRA batch (8 images, 8 LoRAs, ${FK_MIXED_SIDE:-512}² px, random FLUX.1-dev)"
+  mt=$(mktemp)
+  FK_BENCH_DEVICE=cuda FK_BENCH_MODEL=random:flux1-dev FK_BENCH_SIDE="${FK_MIXED_SIDE:-512}" FK_BENCH_TXT=512 \
+    FK_BENCH_STEPS=2 FK_BENCH_REPS=1 timeout "$(limit "${FK_MIXED_TIMEOUT:-90}")" ./mixed_lora_batch --bench \
+    >"$mt" 2>&1
+  mixed_rc=$?
+  cat "$mt" >>"$out/bench_logs.txt"
+  { echo; echo "## Mixed-LoRA batch (issue 20; exit $mixed_rc)"; echo; grep -E '^\||^mixed' "$mt"; } >>"$out/bench_table.md"
+  rm -f "$mt"
 fi
 
 # Engine step (issue #6): whole training steps of flux-kernels (forward, backward, AdamW) at the
@@ -320,7 +337,7 @@ step "done"
   echo "# GPU check summary ($(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
   echo
   grep -h "^commit" BUILD_INFO 2>/dev/null
-  echo "tests: $( [ $test_rc -eq 0 ] && echo PASS || echo FAIL )  sanitizer: $san_rc  bench exit: $bench_rc  attention bench: $attn_rc  torch: $torch_rc  engine step: $eng_rc  torch step: $torch_step_rc  scaling: $scaling_rc  ($(( $(date +%s) - start )) s)"
+  echo "tests: $( [ $test_rc -eq 0 ] && echo PASS || echo FAIL )  sanitizer: $san_rc  bench exit: $bench_rc  attention bench: $attn_rc  torch: $torch_rc  mixed-LoRA batch: $mixed_rc  engine step: $eng_rc  torch step: $torch_step_rc  scaling: $scaling_rc  ($(( $(date +%s) - start )) s)"
   echo
   echo "| test | result |"
   echo "|---|---|"
