@@ -82,9 +82,9 @@ fn main() {
     let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | Hopper fwd (sm_90a: TMA, wgmma, overlapped) | Hopper fwd, serial schedule | flash bwd, sm_80 kernels (prep / dK,dV / dQ) | Hopper bwd (sm_90a dK,dV / dQ; speedup) | flash fwd+bwd (the defaults) | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
+        "| l | mask | flash fwd (128-row blocks) | flash fwd, 64-row blocks | Hopper fwd (sm_90a: TMA, wgmma, overlapped) | Hopper fwd, serial schedule | flash bwd, sm_80 kernels (prep / dK,dV / dQ) | Hopper bwd (sm_90a dK,dV / dQ, overlapped; speedup) | Hopper bwd, serial schedule (dK,dV / dQ) | flash fwd+bwd (the defaults) | materialised fwd (cuBLAS + softmax) | flash fwd speedup |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = Rng::new(5);
     for &l in &lens {
         for masked in [false, true] {
@@ -112,14 +112,12 @@ fn main() {
             };
             let (prep, dkdv, dq) = (step(BackwardStep::Prep), step(BackwardStep::DkDv), step(BackwardStep::Dq));
             let bwd = steps([BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq]);
-            // The sm_90a backward: (all three launches, dK/dV, dQ).
-            let hop_bwd = attn.has_hopper().then(|| {
-                (
-                    steps([BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper]),
-                    step(BackwardStep::DkDvHopper),
-                    step(BackwardStep::DqHopper),
-                )
-            });
+            // The sm_90a backward: (all three launches, dK/dV, dQ), overlapped and serial.
+            let hop_bwd_of = |kv: BackwardStep, q: BackwardStep| {
+                attn.has_hopper().then(|| (steps([BackwardStep::Prep, kv, q]), step(kv), step(q)))
+            };
+            let hop_bwd = hop_bwd_of(BackwardStep::DkDvHopper, BackwardStep::DqHopper);
+            let hop_bwd_serial = hop_bwd_of(BackwardStep::DkDvHopperSerial, BackwardStep::DqHopperSerial);
             let both = median_time(&gpu, warm, reps, &mut || {
                 attn.forward(&bufs).unwrap();
                 attn.backward(&bufs).unwrap();
@@ -147,9 +145,12 @@ fn main() {
                     bwd / all
                 )
             });
+            let serial_bwd_txt = hop_bwd_serial.map_or("not compute capability 9.0".into(), |(all, kv, q)| {
+                format!("{:.3} ({:.0}) ({:.3} / {:.3})", all * 1e3, tf(bf, all), kv * 1e3, q * 1e3)
+            });
             let _ = writeln!(
                 table,
-                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {hopper_txt} | {serial_txt} | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {hop_bwd_txt} | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
+                "| {l} | {} | {:.3} ({:.0}) | {:.3} ({:.0}) | {hopper_txt} | {serial_txt} | {:.3} ({:.0}) ({:.3} / {:.3} / {:.3}) | {hop_bwd_txt} | {serial_bwd_txt} | {:.3} ({:.0}) | {naive_txt} | {speedup} |",
                 if masked { "77 of 512 text tokens" } else { "none" },
                 fwd * 1e3,
                 tf(ff, fwd),

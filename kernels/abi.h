@@ -266,8 +266,11 @@ typedef struct {
 #define FK_ATTN90_BWD_SMEM_D64 68608
 #define FK_ATTN90_BWD_SMEM_D128 134144
 
-FK_KERNEL void fk_attn_bwd_dkdv_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);  // dK, dV (sm_90a)
-FK_KERNEL void fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);    // dQ (sm_90a)
+FK_KERNEL void fk_attn_bwd_dkdv_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);  // dK, dV (sm_90a), overlapped
+FK_KERNEL void fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p);    // dQ (sm_90a), overlapped
+// The same two, each tile's products one after another (the same bits; the side-by-side benchmark).
+FK_KERNEL void fk_attn_bwd_dkdv_sm90_serial(FK_GRID_PARAMS FkAttn90BwdParams p);
+FK_KERNEL void fk_attn_bwd_dq_sm90_serial(FK_GRID_PARAMS FkAttn90BwdParams p);
 
 // ---------------------------------------------------------------------------------------------
 // The LoRA GEMM on Hopper (kernels/lora_gemm_sm90.cu, sm_90a): the large launch of the LoRA

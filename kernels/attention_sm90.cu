@@ -1,7 +1,8 @@
-// Flash attention forward for Hopper (sm_90a) in the FlashAttention-3 arrangement (arXiv
-// 2407.08608): warp specialisation, TMA, wgmma. Same function as fk_attn_fwd in attention.cu
-// (online softmax in base 2, key-padding mask, O and the natural-log LSE; CPU twin
-// src/ops/attention.rs attention_forward_masked); the backward stays on attention.cu's kernels.
+// Flash attention for Hopper (sm_90a) in the FlashAttention-3 arrangement (arXiv 2407.08608):
+// warp specialisation, TMA, wgmma. The forward computes the function of fk_attn_fwd in
+// attention.cu (online softmax in base 2, key-padding mask, O and the natural-log LSE; CPU twin
+// src/ops/attention.rs attention_forward_masked); the backward (namespace bwd, below) that of
+// fk_attn_bwd_dkdv / fk_attn_bwd_dq.
 //
 // A block owns BM = 128 query rows of one (batch, head) and has three warpgroups:
 //   producer (warpgroup 0, one thread issues): Q once, then K and V tiles of BN = 128 keys into a
@@ -127,10 +128,12 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[BN / 2], RowState& st, 
     for (int h = 0; h < 2; ++h) st.l[h] = st.l[h] * corr[h] + rs[h];
 }
 
-// P (bf16) as the A fragments of BN/16 k-steps: chunks 2kj and 2kj + 1 of the accumulator.
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[BN / 16][4], const float (&sc)[BN / 2]) {
+// P (bf16) as the A fragments of K k-steps: chunks 2kj and 2kj + 1 of the accumulator (the
+// forward's P, K = BN/16; the backward's Pᵀ and dSᵀ, K = 4).
+template <int K>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[K][4], const float (&sc)[8 * K]) {
 #pragma unroll
-    for (int kj = 0; kj < BN / 16; ++kj) {
+    for (int kj = 0; kj < K; ++kj) {
         pa[kj][0] = pack_bf16(sc[8 * kj + 0], sc[8 * kj + 1]);
         pa[kj][1] = pack_bf16(sc[8 * kj + 2], sc[8 * kj + 3]);
         pa[kj][2] = pack_bf16(sc[8 * kj + 4], sc[8 * kj + 5]);
@@ -372,8 +375,10 @@ __device__ __forceinline__ void fwd_entry(const FkAttn90Params& p) {
 //     S = Q·Kᵀ, P = kept(key) ? exp2(S·scale·log2e − LSE₂[query]) : 0, dP = dO·Vᵀ,
 //     dS = P ∘ (dP − delta[query]);  dQ += dS·K;  dQ ·= scale at the end.
 // The same producer as the forward (x1, x2 once; y1, y2 per tile into a two-slot ring with full
-// and empty mbarriers) and each tile's steps one after another (the forward's serial schedule);
-// the overlaps of the pipelined forward are not applied here yet.
+// and empty mbarriers). Two schedules of the consumers (kernel<D, DKDV, PIPE>, below):
+// fk_attn_bwd_*_sm90 overlap each tile's element-wise work with its products inside the
+// warpgroup; fk_attn_bwd_*_sm90_serial run the steps one after another. No ping-pong between the
+// two consumer warpgroups (they overlap each other only as the scheduler lets them).
 namespace bwd {
 
 constexpr int BLOCK = FK_ATTN90_BWD_BLOCK, TILE = FK_ATTN90_BWD_TILE;
@@ -412,7 +417,7 @@ __device__ __forceinline__ void issue_ay(float (&out)[D / 2], const uint32_t (&a
         Wgmma<D>::rs(out, a[kj], desc_mn_major(y + kj * 16 * BOX, TILE * BOX * 2), 1, 1);
 }
 
-template <int D, bool DKDV>
+template <int D, bool DKDV, bool PIPE>
 __device__ void kernel(const FkAttn90BwdParams& P) {
     using L = Layout<D>;
     constexpr int BOXES = D / BOX;
@@ -509,50 +514,87 @@ __device__ void kernel(const FkAttn90BwdParams& P) {
     for (int i = 0; i < (DKDV ? D / 2 : 1); ++i) o2[i] = 0.0f;
     float sc[32], dp[32];
     uint32_t pa[4][4], da[4][4];
+    auto tile_y1 = [&](int s) { return y1 + s * BOXES * TILE * BOX; };
+    auto tile_y2 = [&](int s) { return y2 + s * BOXES * TILE * BOX; };
+    // Element i of a 64 × 64 accumulator: block row row[(i%4)/2], tile column
+    // c = j·TILE + 8·(i/4) + 2t + (i&1).
+    // Pᵀ (P) from the scores in sc, in place.
+    auto probs = [&](int j, int s) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            const int h = (i % 4) / 2, ci = 8 * (i / 4) + 2 * t + (i & 1);
+            if constexpr (DKDV)
+                sc[i] = row_kept[h] ? fast_exp2(sc[i] * sl2 - stats[s * 2 * TILE + ci]) : 0.0f;
+            else
+                sc[i] = kept((int64_t)j * TILE + ci) ? fast_exp2(sc[i] * sl2 - row_lse2[h]) : 0.0f;
+        }
+    };
+    // dSᵀ (dS) = P ∘ (dP − delta), in place in dp.
+    auto dscores = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            const int h = (i % 4) / 2, ci = 8 * (i / 4) + 2 * t + (i & 1);
+            const float dl = DKDV ? stats[s * 2 * TILE + TILE + ci] : row_delta[h];
+            dp[i] = sc[i] * (dp[i] - dl);
+        }
+    };
 
     mbar_wait(x_full, 0);
+    // PIPE = false (the first version, kept for the side-by-side benchmark and as the fallback):
+    // per tile, Sᵀ and dPᵀ in one group, wait, Pᵀ and dSᵀ, dV and dK in one group, wait.
+    // PIPE = true (FA3 §3.2 inside the warpgroup): each product is its own commit group, and the
+    // element-wise work on one product's result runs while the next product is on the tensor
+    // cores:
+    //   issue Sᵀ_j, then dPᵀ_j; wait 1 (Sᵀ_j): Pᵀ_j, its exponentials under dPᵀ_j;
+    //   issue dV_j += Pᵀ_j·dO_j; wait 1 (dPᵀ_j): dSᵀ_j under dV_j; issue dK_j; wait 0.
+    // (DQ: no dV, so dS follows a wait 0.) Pᵀ's fragments (pa) are the A operand of dV_j while
+    // dSᵀ_j is computed: dSᵀ goes to its own fragments (da), and pa is not written again before
+    // the wait 0. Both schedules do the same arithmetic in the same order (the same bits).
+    // Every group is waited for inside its own iteration: issuing Sᵀ_{j+1} before the wait for
+    // dK_j makes ptxas serialise the kernel's wgmma (C7511: Sᵀ's registers live across the back
+    // edge on top of dK, dV), which tools/sass-check.sh refuses.
 #pragma unroll 1
     for (int j = 0; j < tiles; ++j) {
         const int s = j % STAGES;
-        const uint16_t* ty1 = y1 + s * BOXES * TILE * BOX;
-        const uint16_t* ty2 = y2 + s * BOXES * TILE * BOX;
         mbar_wait(full + s, (j / STAGES) & 1);
         wgmma_fence();
-        issue_xyt<D>(sc, x1, ty1, cw);  // Sᵀ = K·Qᵀ, or S = Q·Kᵀ
-        issue_xyt<D>(dp, x2, ty2, cw);  // dPᵀ = V·dOᵀ, or dP = dO·Vᵀ
+        issue_xyt<D>(sc, x1, tile_y1(s), cw);  // Sᵀ = K·Qᵀ, or S = Q·Kᵀ
+        if constexpr (PIPE) wgmma_commit();
+        issue_xyt<D>(dp, x2, tile_y2(s), cw);  // dPᵀ = V·dOᵀ, or dP = dO·Vᵀ
         wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operand(sc);
-        wgmma_fence_operand(dp);
-        // Element i: block row row[(i%4)/2], tile column c = j·TILE + 8·(i/4) + 2t + (i&1).
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            const int h = (i % 4) / 2;
-            const int64_t c = (int64_t)j * TILE + 8 * (i / 4) + 2 * t + (i & 1);
-            float pv;
+        if constexpr (PIPE) {
+            wgmma_wait<1>();  // Sᵀ in; dPᵀ may still run
+            wgmma_fence_operand(sc);
+            probs(j, s);
+            pack_p(pa, sc);
             if constexpr (DKDV) {
-                const int ci = (int)(c - (int64_t)j * TILE);
-                const float l2 = stats[s * 2 * TILE + ci], dl = stats[s * 2 * TILE + TILE + ci];
-                pv = row_kept[h] ? fast_exp2(sc[i] * sl2 - l2) : 0.0f;
-                dp[i] = pv * (dp[i] - dl);
+                wgmma_fence_operand(o2);
+                wgmma_fence();
+                issue_ay<D>(o2, pa, tile_y2(s));  // dV += Pᵀ·dO
+                wgmma_commit();
+                wgmma_wait<1>();  // dPᵀ in; dV may still run
             } else {
-                pv = kept(c) ? fast_exp2(sc[i] * sl2 - row_lse2[h]) : 0.0f;
-                dp[i] = pv * (dp[i] - row_delta[h]);
+                wgmma_wait<0>();
             }
-            sc[i] = pv;
+            wgmma_fence_operand(dp);
+            dscores(s);
+            pack_p(da, dp);
+            wgmma_fence_operand(o1);
+            wgmma_fence();
+        } else {
+            wgmma_wait<0>();
+            wgmma_fence_operand(sc);
+            wgmma_fence_operand(dp);
+            probs(j, s);
+            dscores(s);
+            pack_p(pa, sc);
+            pack_p(da, dp);
+            wgmma_fence_operand(o1);
+            if constexpr (DKDV) wgmma_fence_operand(o2);
+            wgmma_fence();
+            if constexpr (DKDV) issue_ay<D>(o2, pa, tile_y2(s));  // dV += Pᵀ·dO
         }
-#pragma unroll
-        for (int kj = 0; kj < 4; ++kj)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                pa[kj][e] = pack_bf16(sc[8 * kj + 2 * e], sc[8 * kj + 2 * e + 1]);
-                da[kj][e] = pack_bf16(dp[8 * kj + 2 * e], dp[8 * kj + 2 * e + 1]);
-            }
-        wgmma_fence_operand(o1);
-        if constexpr (DKDV) wgmma_fence_operand(o2);
-        wgmma_fence();
-        if constexpr (DKDV) issue_ay<D>(o2, pa, ty2);  // dV += Pᵀ·dO
-        issue_ay<D>(o1, da, ty1);                      // dK += dSᵀ·Q, or dQ += dS·K
+        issue_ay<D>(o1, da, tile_y1(s));  // dK += dSᵀ·Q, or dQ += dS·K
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operand(o1);
@@ -581,12 +623,12 @@ __device__ void kernel(const FkAttn90BwdParams& P) {
     }
 }
 
-template <bool DKDV>
+template <bool DKDV, bool PIPE>
 __device__ __forceinline__ void entry(const FkAttn90BwdParams& p) {
     if (p.a.d == 128)
-        kernel<128, DKDV>(p);
+        kernel<128, DKDV, PIPE>(p);
     else if (p.a.d == 64)
-        kernel<64, DKDV>(p);
+        kernel<64, DKDV, PIPE>(p);
     else
         __trap();
 }
@@ -602,8 +644,14 @@ FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_fwd_sm90_serial(F
     fk_attn90::fwd_entry<false>(p);
 }
 FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dkdv_sm90(FK_GRID_PARAMS FkAttn90BwdParams p) {
-    fk_attn90::bwd::entry<true>(p);
+    fk_attn90::bwd::entry<true, true>(p);
+}
+FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dkdv_sm90_serial(FK_GRID_PARAMS FkAttn90BwdParams p) {
+    fk_attn90::bwd::entry<true, false>(p);
 }
 FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dq_sm90(FK_GRID_PARAMS FkAttn90BwdParams p) {
-    fk_attn90::bwd::entry<false>(p);
+    fk_attn90::bwd::entry<false, true>(p);
+}
+FK_KERNEL void __launch_bounds__(FK_ATTN90_THREADS, 1) fk_attn_bwd_dq_sm90_serial(FK_GRID_PARAMS FkAttn90BwdParams p) {
+    fk_attn90::bwd::entry<false, false>(p);
 }

@@ -69,9 +69,13 @@ struct Copy {
     size_t bytes;
 };
 
-// One issued wgmma.mma_async, computed when its group is waited for (so a kernel that reads
-// the accumulators early, or overwrites the operands' shared memory before the wait, gets
-// visibly wrong results).
+// One issued wgmma.mma_async, computed when its group is waited for (so a kernel that overwrites
+// the operands' shared memory before the wait gets visibly wrong results). PTX ISA 9.7.15.5:
+// accessing the accumulators or the register-A fragments of a wgmma.mma_async before the
+// wgmma.wait_group that covers it is undefined. So while an op is pending its accumulators hold
+// a NaN pattern (their value at issue is kept aside: an early read gives NaN, an early write is
+// reported at the wait), and its A registers are compared at the wait with what was issued (a
+// change is reported: the hardware may read them at any time until then).
 struct WgmmaOp {
     float* d = nullptr;
     int n = 0;  // N of m64nNk16: the thread holds N/2 accumulators
@@ -81,7 +85,14 @@ struct WgmmaOp {
     int trans_b = 0;
     uint32_t a[32][4];  // register A: the whole warp's fragments
     uint32_t lo[2] = {0, 0}, hi[2] = {0, 0};  // shared bytes read through da, db
+    const uint32_t* a_reg = nullptr;          // this thread's A registers, as passed
+    // The accumulators' value at issue, when no earlier pending op of the thread writes them
+    // (else `chained`: the op starts from that op's result).
+    std::vector<float> d_init;
+    bool chained = false;
 };
+// The pattern pending accumulators hold (a quiet NaN no arithmetic produces by itself).
+constexpr uint32_t WGMMA_PENDING_BITS = 0x7fc0dea1u;
 
 struct Fiber {
     ucontext_t ctx;
@@ -423,6 +434,17 @@ inline float smem_bf16(uint32_t a) {
 
 inline void wgmma_run(const WgmmaOp& op) {
     const unsigned lane = me().linear % 32, warp = (me().linear % 128) / 32, g = lane / 4, t = lane % 4;
+    if (op.a_regs && std::memcmp(op.a_reg, op.a[lane], sizeof op.a[lane]) != 0)
+        fail("registers holding the A fragments of a pending wgmma.mma_async were modified before the "
+             "wgmma.wait_group covering it");
+    if (!op.chained)
+        for (int i = 0; i < op.n / 2; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, &op.d[i], 4);
+            if (bits != WGMMA_PENDING_BITS)
+                fail("the accumulators of a pending wgmma.mma_async were written before the wgmma.wait_group "
+                     "covering it");
+        }
     float a_row[2][16];
     for (int h = 0; h < 2; ++h) {
         const int row = 16 * warp + g + 8 * h;
@@ -438,7 +460,7 @@ inline void wgmma_run(const WgmmaOp& op) {
     }
     for (int i = 0; i < op.n / 2; ++i) {
         const int c = i / 4, e = i % 4, col = 8 * c + 2 * t + (e & 1);
-        float s = op.scale_d ? op.d[i] : 0.0f;
+        float s = op.scale_d ? (op.chained ? op.d[i] : op.d_init[i]) : 0.0f;
         for (int k = 0; k < 16; ++k) s += a_row[e >= 2][k] * smem_bf16(desc_addr(op.db, col, k, op.trans_b == 0));
         op.d[i] = s;
     }
@@ -467,6 +489,32 @@ inline void desc_range(uint64_t desc, int rows, bool k_major, uint32_t& lo, uint
     hi = it->second.second;
 }
 
+// Every pending op of the thread, oldest first.
+template <class F>
+inline void wgmma_each_pending(Fiber& f, F fn) {
+    for (auto& grp : f.wg_groups)
+        for (WgmmaOp& op : grp) fn(op);
+    for (WgmmaOp& op : f.wg_open) fn(op);
+}
+// Puts the accumulators of the thread's pending ops out of reach: the oldest op on each set of
+// accumulators keeps their current value aside and fills them with the pending pattern; later
+// ops on the same registers start from its result. Run after each issue and each wait.
+inline void wgmma_hold(Fiber& f) {
+    std::vector<const float*> held;
+    wgmma_each_pending(f, [&](WgmmaOp& op) {
+        const bool seen = std::find(held.begin(), held.end(), op.d) != held.end();
+        if (seen) {
+            op.chained = true;
+            return;
+        }
+        held.push_back(op.d);
+        if (!op.chained && !op.d_init.empty()) return;  // already held
+        op.chained = false;
+        op.d_init.assign(op.d, op.d + op.n / 2);
+        for (int i = 0; i < op.n / 2; ++i) std::memcpy(&op.d[i], &WGMMA_PENDING_BITS, 4);
+    });
+}
+
 inline void wgmma_issue(float* d, int n, const uint32_t* a, uint64_t da, uint64_t db, int scale_d, int trans_b) {
     Fiber& f = me();
     if (!f.wg_fenced) fail("wgmma.mma_async without a wgmma.fence since its registers were last touched");
@@ -486,7 +534,9 @@ inline void wgmma_issue(float* d, int n, const uint32_t* a, uint64_t da, uint64_
         for (int i = 0; i < 4; ++i) dp.a[lane][i] = a ? a[i] : 0;
     });
     std::memcpy(op.a, dep.a, sizeof op.a);
-    f.wg_open.push_back(op);
+    op.a_reg = a;
+    f.wg_open.push_back(std::move(op));
+    wgmma_hold(f);
 }
 
 // The shared bytes a pending wgmma of any thread will still read overlap [lo, hi)?
@@ -643,6 +693,7 @@ inline void wgmma_wait() {
         for (const fkemu::WgmmaOp& op : f.wg_groups.front()) fkemu::wgmma_run(op);
         f.wg_groups.erase(f.wg_groups.begin());
     }
+    fkemu::wgmma_hold(f);
     f.wg_fenced = false;
 }
 template <int N>

@@ -129,8 +129,7 @@ fn flash_attention_matches_cpu_forward_and_backward() {
         check(&format!("[{}] LSE (64-row variant)", c.name), &r64.lse, &lse, seed);
         check_grads(&c, "", &got, (&dq, &dk, &dv), mask.as_deref(), seed);
         if attn.has_hopper() && HOPPER_HEAD_DIMS.contains(&d) {
-            let hop = run(FwdVariant::Hopper, HOPPER_BACKWARD);
-            check_grads(&c, " (sm_90a)", &hop, (&dq, &dk, &dv), mask.as_deref(), seed);
+            hopper_backward_schedules(&attn, &c, &x, mask.as_deref(), (&dq, &dk, &dv), seed);
         }
     }
 }
@@ -146,6 +145,38 @@ fn cpu_backward(c: &Case, x: &Inputs, o: &[f32], lse: &[f32], mask: Option<&[u8]
 
 const SM80_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDv, BackwardStep::Dq];
 const HOPPER_BACKWARD: [BackwardStep; 3] = [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper];
+const HOPPER_BACKWARD_SERIAL: [BackwardStep; 3] =
+    [BackwardStep::Prep, BackwardStep::DkDvHopperSerial, BackwardStep::DqHopperSerial];
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The sm_90a backward in both schedules (after the sm_90a forward, outputs NaN-poisoned first):
+/// each against the CPU's gradients, and the same bits from both (they do the same arithmetic in
+/// the same order; only the overlap of products and element-wise work differs). Returns the
+/// overlapped schedule's result.
+fn hopper_backward_schedules(
+    attn: &GpuAttention,
+    c: &Case,
+    x: &Inputs,
+    mask: Option<&[u8]>,
+    want: (&[f32], &[f32], &[f32]),
+    seed: u64,
+) -> AttnHostResult {
+    let run = |steps| {
+        attention_forward_backward_steps(attn, FwdVariant::Hopper, Some(steps), c.dims, &x.q, &x.k, &x.v, &x.dout, mask)
+            .unwrap()
+    };
+    let over = run(HOPPER_BACKWARD);
+    check_grads(c, " (sm_90a)", &over, want, mask, seed);
+    let serial = run(HOPPER_BACKWARD_SERIAL);
+    check_grads(c, " (sm_90a, serial schedule)", &serial, want, mask, seed);
+    for (name, a, b) in [("dQ", &over.dq, &serial.dq), ("dK", &over.dk, &serial.dk), ("dV", &over.dv, &serial.dv)] {
+        assert_eq!(bits(a), bits(b), "[{}] {name}: the overlapped and serial backward differ; seed {seed}", c.name);
+    }
+    over
+}
 
 /// dQ, dK, dV against the CPU's, and masked keys' gradients exactly zero.
 fn check_grads(
@@ -212,7 +243,6 @@ fn hopper_forward_and_backward_match_cpu() {
         let (mut o, mut lse) = (vec![0f32; c.dims.numel()], vec![0f32; b * h * l]);
         attention_forward_masked(&mut o, &mut lse, &x.q, &x.k, &x.v, mask.as_deref(), b, h, l, d);
         let run = |v| attention_forward_backward(&attn, v, c.dims, &x.q, &x.k, &x.v, &x.dout, mask.as_deref()).unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut first: Option<Vec<u32>> = None;
         for (v, tag) in [(FwdVariant::Hopper, "pipelined"), (FwdVariant::HopperSerial, "serial")] {
             let got = run(v);
@@ -241,12 +271,12 @@ fn hopper_forward_and_backward_match_cpu() {
         // On this device the model's attention (forward, forward_dev) takes the pipelined kernel.
         assert_eq!(attn.default_variant(d), FwdVariant::Hopper);
 
-        // The backward: the default launches here are the sm_90a ones; against the CPU, masked
-        // keys exactly zero, the same bits run to run.
+        // The backward: the default launches here are the sm_90a ones (overlapped schedule);
+        // both schedules against the CPU, masked keys exactly zero, the same bits from both and
+        // run to run (`again` takes the defaults).
         let (dq, dk, dv) = cpu_backward(&c, &x, &o, &lse, mask.as_deref());
         assert_eq!(attn.backward_steps(d, &[0, 16, 32, 48]), HOPPER_BACKWARD);
-        let got = run(FwdVariant::Hopper);
-        check_grads(&c, " (sm_90a)", &got, (&dq, &dk, &dv), mask.as_deref(), seed);
+        let got = hopper_backward_schedules(&attn, &c, &x, mask.as_deref(), (&dq, &dk, &dv), seed);
         let again = run(FwdVariant::Hopper);
         for (name, a, b) in [("dQ", &got.dq, &again.dq), ("dK", &got.dk, &again.dk), ("dV", &got.dv, &again.dv)] {
             assert_eq!(bits(a), bits(b), "[{}] {name} differs between runs; seed {seed}", c.name);
@@ -265,7 +295,6 @@ fn flash_attention_backward_is_deterministic() {
         attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
     let again =
         attention_forward_backward(&attn, FwdVariant::Rows128, c.dims, &x.q, &x.k, &x.v, &x.dout, None).unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (name, a, b) in [
         ("O", &first.o, &again.o),
         ("dQ", &first.dq, &again.dq),

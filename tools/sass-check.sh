@@ -2,7 +2,8 @@
 # Static checks of the sm_90a kernels' machine code, here, without a GPU (issue 17, item 4):
 # compiles every kernels/*_sm90.cu for sm_90a with `ptxas -v`, disassembles it with cuobjdump, and
 # fails unless each has wgmma (HGMMA) and TMA (UTMALDG) instructions and no local-memory traffic
-# (LDL/STL, a stack frame or spills). Prints one markdown row per kernel (registers, spills,
+# (LDL/STL, a stack frame or spills), and that ptxas kept their wgmma asynchronous (no "wgmma.mma_async
+# instructions are serialized" note). Prints one markdown row per kernel (registers, spills,
 # stack, instruction counts) for docs/attention-hopper.md.
 #
 # Needs nvcc (as tools/gpu-check.sh finds it) and cuobjdump + nvdisasm from NVIDIA's pip wheels
@@ -58,6 +59,13 @@ for src in kernels/*_sm90.cu; do
       touch "$work/failed"
     fi
   done
+  # C7510–C7515: ptxas waits for every wgmma right after issuing it (registers of an in-flight
+  # wgmma touched, or too few registers to keep them): the overlaps would be gone, silently.
+  if grep -q 'wgmma.mma_async instructions are serialized' "$work/$stem.ptxas"; then
+    grep 'serialized' "$work/$stem.ptxas" >&2
+    echo "sass-check: ptxas serialised wgmma in $src" >&2
+    touch "$work/failed"
+  fi
   if grep -q 'C7508\|setmaxnreg.*ignored' "$work/$stem.ptxas"; then
     echo "sass-check: ptxas ignored setmaxnreg in $src" >&2
     touch "$work/failed"

@@ -96,10 +96,16 @@ pub enum BackwardStep {
     DkDv,
     /// dQ, one block per query tile
     Dq,
-    /// dK and dV on the sm_90a kernel (TMA, wgmma; compute capability 9.0, head dim 64/128)
+    /// dK and dV on the sm_90a kernel (TMA, wgmma; compute capability 9.0, head dim 64/128),
+    /// each tile's element-wise work overlapped with its products
     DkDvHopper,
-    /// dQ on the sm_90a kernel
+    /// dQ on the sm_90a kernel, overlapped
     DqHopper,
+    /// `DkDvHopper` with each tile's products one after another (fk_attn_bwd_dkdv_sm90_serial):
+    /// the same bits, for the side-by-side benchmark
+    DkDvHopperSerial,
+    /// `DqHopper` one product after another (fk_attn_bwd_dq_sm90_serial)
+    DqHopperSerial,
 }
 
 /// The device tensors of one attention problem.
@@ -196,6 +202,8 @@ struct HopperFwd {
     serial: CudaFunction,
     dkdv: CudaFunction,
     dq: CudaFunction,
+    dkdv_serial: CudaFunction,
+    dq_serial: CudaFunction,
 }
 
 /// A TMA descriptor over one [b·h, l, d] bf16 tensor at `ptr`, boxes of 64 columns (128 bytes:
@@ -249,7 +257,9 @@ impl GpuAttention {
             let bsmem = FK_ATTN90_BWD_SMEM_D128 as usize;
             let dkdv = hfam.function_smem(FK_ATTN_BWD_DKDV_SM90, bsmem)?;
             let dq = hfam.function_smem(FK_ATTN_BWD_DQ_SM90, bsmem)?;
-            Some(HopperFwd { _fam: hfam, pipelined, serial, dkdv, dq })
+            let dkdv_serial = hfam.function_smem(FK_ATTN_BWD_DKDV_SM90_SERIAL, bsmem)?;
+            let dq_serial = hfam.function_smem(FK_ATTN_BWD_DQ_SM90_SERIAL, bsmem)?;
+            Some(HopperFwd { _fam: hfam, pipelined, serial, dkdv, dq, dkdv_serial, dq_serial })
         } else {
             None
         };
@@ -494,8 +504,8 @@ impl GpuAttention {
     }
 
     /// The backward's launches for head dim `d` with these tensor addresses: the sm_90a kernels
-    /// where they can run (compute capability 9.0, d 64/128, every tensor TMA reads 16-byte
-    /// aligned), else the sm_80 ones.
+    /// (overlapped schedule) where they can run (compute capability 9.0, d 64/128, every tensor
+    /// TMA reads 16-byte aligned), else the sm_80 ones.
     pub fn backward_steps(&self, d: usize, addrs: &[u64]) -> [BackwardStep; 3] {
         if self.use_hopper && HOPPER_HEAD_DIMS.contains(&d) && addrs.iter().all(|a| a.is_multiple_of(16)) {
             [BackwardStep::Prep, BackwardStep::DkDvHopper, BackwardStep::DqHopper]
@@ -537,6 +547,12 @@ impl GpuAttention {
             BackwardStep::DqHopper => {
                 ("fk_attn_bwd_dq_sm90", dims.backward_flops() * (1.0 - DKDV_SHARE), 10 * n + 8 * rows)
             }
+            BackwardStep::DkDvHopperSerial => {
+                ("fk_attn_bwd_dkdv_sm90_serial", dims.backward_flops() * DKDV_SHARE, 12 * n + 8 * rows)
+            }
+            BackwardStep::DqHopperSerial => {
+                ("fk_attn_bwd_dq_sm90_serial", dims.backward_flops() * (1.0 - DKDV_SHARE), 10 * n + 8 * rows)
+            }
         };
         record(OpFamily::Attention, kernel, flops, bytes as f64, || format!("{dims:?}"));
         // SAFETY: the caller's contract.
@@ -552,7 +568,10 @@ impl GpuAttention {
                 BackwardStep::Dq => {
                     self.launch(&self.dq, p, (l.div_ceil(BLOCK), b * h), dq_smem).context("fk_attn_bwd_dq")
                 }
-                BackwardStep::DkDvHopper | BackwardStep::DqHopper => {
+                BackwardStep::DkDvHopper
+                | BackwardStep::DqHopper
+                | BackwardStep::DkDvHopperSerial
+                | BackwardStep::DqHopperSerial => {
                     let hop =
                         self.hopper.as_ref().context("the Hopper attention backward needs compute capability 9.0")?;
                     ensure!(
@@ -561,7 +580,7 @@ impl GpuAttention {
                     );
                     let (blk, tile) = (FK_ATTN90_BWD_BLOCK as usize, FK_ATTN90_BWD_TILE as usize);
                     // dK/dV: blocks of keys hold K and V, stream Q and dO; dQ: the reverse.
-                    let dkdv = step == BackwardStep::DkDvHopper;
+                    let dkdv = matches!(step, BackwardStep::DkDvHopper | BackwardStep::DkDvHopperSerial);
                     let ((x1, x2), (y1, y2)) =
                         if dkdv { ((p.k, p.v), (p.q, p.dout)) } else { ((p.q, p.dout), (p.k, p.v)) };
                     let hp = FkAttn90BwdParams {
@@ -572,10 +591,15 @@ impl GpuAttention {
                         a: *p,
                     };
                     let smem = if d == 128 { FK_ATTN90_BWD_SMEM_D128 } else { FK_ATTN90_BWD_SMEM_D64 } as usize;
-                    let (f, name) =
-                        if dkdv { (&hop.dkdv, "fk_attn_bwd_dkdv_sm90") } else { (&hop.dq, "fk_attn_bwd_dq_sm90") };
+                    let f = match step {
+                        BackwardStep::DkDvHopper => &hop.dkdv,
+                        BackwardStep::DqHopper => &hop.dq,
+                        BackwardStep::DkDvHopperSerial => &hop.dkdv_serial,
+                        // DqHopperSerial (the other steps do not reach this arm)
+                        _ => &hop.dq_serial,
+                    };
                     // SAFETY: the caller's contract; the descriptors cover the same tensors as `p`.
-                    launch(&self.stream, f, &hp, (l.div_ceil(blk), b * h, 1), FK_ATTN90_THREADS as usize, smem, name)
+                    launch(&self.stream, f, &hp, (l.div_ceil(blk), b * h, 1), FK_ATTN90_THREADS as usize, smem, kernel)
                 }
             }
         }
