@@ -260,8 +260,12 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     };
     let target = rng.normal_vec(n_img * cfg.out_channels, 1.0);
     // One training step; with `comm`, the gradients' all-reduce between backward and optimizer.
+    // The all-reduce starts bucket by bucket during the backward, as in training.
     let mut step = |engine: &mut Engine, comm: Option<&crate::dist::nccl::Comm>| -> Result<f64> {
         engine.zero_grads()?;
+        if let Some(c) = comm {
+            engine.arm_reduce(c, false)?;
+        }
         let loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
         if let Some(c) = comm {
             engine.reduce_grads(c, false, crate::dist::timeout())?;
