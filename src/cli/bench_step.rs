@@ -391,6 +391,7 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         j["ranks"] = joined.comm.world.into();
         j["nccl"] = joined.comm.library().into();
         j["allreduce_bytes"] = (4 * trainable).into();
+        j["allreduce_buckets"] = engine.reduce_summary().into();
         j["step_s_with_allreduce_median"] = reduced.into();
         j["step_s_with_allreduce"] = times_reduced.into();
         j["scaling_efficiency"] = median.map(|m| m / reduced).into();

@@ -268,6 +268,15 @@ impl Engine {
         }
     }
 
+    /// What the last gradient all-reduce did (CUDA: its buckets and how many overlapped the
+    /// backward); None on the CPU, which reduces everything after the backward.
+    pub fn reduce_summary(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Cpu(_) => None,
+            Inner::Cuda(e) => e.reduce_summary(),
+        }
+    }
+
     /// Global-norm clipping to `max_norm` (0: off), then one AdamW step at `lr` over every
     /// trainable tensor. Returns the gradient norm before clipping.
     pub fn optimizer_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {

@@ -696,6 +696,11 @@ impl Run {
             let (loss, prior, stop) = self.ranks.agree(loss, prior, interrupt.load(Ordering::SeqCst))?;
             if let Some(comm) = &self.ranks.comm {
                 self.engine.reduce_grads(comm, tc.deterministic_reduce, dist_timeout())?;
+                if step == self.start && self.ranks.writes() {
+                    if let Some(line) = self.engine.reduce_summary() {
+                        self.log.say(line, None);
+                    }
+                }
             }
             let total = loss + tc.prior_weight as f64 * prior;
             if !total.is_finite() {

@@ -107,6 +107,8 @@ struct Armed {
     comm: Comm,
     deterministic: bool,
     launched: usize,
+    /// Buckets started before the backward's end (overlapping it).
+    early: usize,
     gathered: Vec<(usize, F32)>,
 }
 
@@ -120,6 +122,8 @@ pub struct GradReduce {
     /// Positions in the backward's order: (double blocks, single blocks).
     blocks: (usize, usize),
     armed: Option<Armed>,
+    /// The last finished step's buckets started during the backward.
+    last_early: Option<usize>,
 }
 
 impl GradReduce {
@@ -168,6 +172,9 @@ impl GradReduce {
             a.gathered.extend(fresh);
         }
         a.launched += ready;
+        if done != GradsDone::All {
+            a.early += ready;
+        }
         Ok(())
     }
 }
@@ -200,7 +207,8 @@ impl CudaEngine {
             };
             let tensors: Vec<(usize, usize)> = sizes.iter().copied().zip(at).collect();
             let buckets = plan_buckets(&tensors, crate::dist::bucket_bytes()?);
-            self.reduce = Some(GradReduce { comm_stream, sizes, buckets, blocks: (nd, ns), armed: None });
+            let r = GradReduce { comm_stream, sizes, buckets, blocks: (nd, ns), armed: None, last_early: None };
+            self.reduce = Some(r);
         }
         Ok(self.reduce.as_mut().expect("made above"))
     }
@@ -210,6 +218,20 @@ impl CudaEngine {
         Ok(self.grad_reduce()?.buckets.clone())
     }
 
+    /// What the last step's reduce did: its buckets and how many of them started during the
+    /// backward (None before the first).
+    pub fn reduce_summary(&self) -> Option<String> {
+        let r = self.reduce.as_ref()?;
+        let early = r.last_early?;
+        let largest = r.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
+        Some(format!(
+            "gradient all-reduce: {} buckets (largest {:.2} MB, FLUX_KERNELS_REDUCE_BUCKET_MB), {early} of them started \
+             during the backward",
+            r.buckets.len(),
+            largest as f64 / 1e6
+        ))
+    }
+
     /// Arms the overlapped reduce: the next backward starts each bucket's collectives as soon as
     /// its gradients are final. Call it before the step's last backward only (a later backward
     /// would add to gradients already on the wire: refused).
@@ -217,7 +239,7 @@ impl CudaEngine {
         check_nccl_reads_this_device(self, comm)?;
         let r = self.grad_reduce()?;
         ensure!(r.armed.is_none(), "the previous step's gradient all-reduce was not waited for");
-        r.armed = Some(Armed { comm: comm.clone(), deterministic, launched: 0, gathered: Vec::new() });
+        r.armed = Some(Armed { comm: comm.clone(), deterministic, launched: 0, early: 0, gathered: Vec::new() });
         Ok(())
     }
 
@@ -278,6 +300,7 @@ impl CudaEngine {
         comm.async_error()?;
         // The optimizer and the next step's zeroing run on the compute stream: after the wire.
         compute.wait(&done)?;
+        reduce.last_early = Some(a.early);
         if a.deterministic {
             let g = super::CudaBackend::lock(&self.m.be)?;
             for (t, all) in &a.gathered {
