@@ -225,7 +225,7 @@ impl CudaEngine {
         let early = r.last_early?;
         let largest = r.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
         Some(format!(
-            "gradient all-reduce: {} buckets (largest {:.2} MB, FLUX_KERNELS_REDUCE_BUCKET_MB), {early} of them started \
+            "gradient all-reduce: {} buckets (largest {:.3} MB, FLUX_KERNELS_REDUCE_BUCKET_MB), {early} of them started \
              during the backward",
             r.buckets.len(),
             largest as f64 / 1e6
