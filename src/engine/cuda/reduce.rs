@@ -137,22 +137,30 @@ impl GradReduce {
         if ready == 0 {
             return Ok(());
         }
-        let written = compute.record_event(None).context("all-reduce: an event on the compute stream")?;
-        self.comm_stream.wait(&written).context("all-reduce: the communication stream's wait")?;
-        let cs = self.comm_stream.cu_stream() as *mut c_void;
+        let batch = &self.buckets[a.launched..a.launched + ready];
+        // Deterministic: each tensor's gathered copies [world × n], allocated on the compute
+        // stream before the event, so that the communication stream uses them after their
+        // allocation (stream-ordered with memory pools).
         let world = a.comm.world;
-        for b in &self.buckets[a.launched..a.launched + ready] {
-            let comm = a.comm.clone();
-            let mut fresh: Vec<(usize, F32)> = Vec::new();
+        let mut fresh: Vec<Vec<(usize, F32)>> = Vec::new();
+        for b in batch {
+            let mut outs = Vec::new();
             if a.deterministic {
                 for &t in &b.tensors {
                     // SAFETY: the all-gather below writes every element before anything reads them.
-                    fresh.push((t, unsafe { compute.alloc::<f32>(world * grads[t].len()) }?));
+                    outs.push((t, unsafe { compute.alloc::<f32>(world * grads[t].len()) }?));
                 }
             }
+            fresh.push(outs);
+        }
+        let written = compute.record_event(None).context("all-reduce: an event on the compute stream")?;
+        self.comm_stream.wait(&written).context("all-reduce: the communication stream's wait")?;
+        let cs = self.comm_stream.cu_stream() as *mut c_void;
+        for (b, outs) in batch.iter().zip(fresh) {
+            let comm = &a.comm;
             comm.group(|| {
                 if a.deterministic {
-                    for (t, out) in &fresh {
+                    for (t, out) in &outs {
                         let (src, _s) = grads[*t].device_ptr(&self.comm_stream);
                         let (dst, _d) = out.device_ptr(&self.comm_stream);
                         // SAFETY: `grads[t]` holds n f32 and `out` world × n, both kept (by the
@@ -169,7 +177,7 @@ impl GradReduce {
                 }
                 Ok(())
             })?;
-            a.gathered.extend(fresh);
+            a.gathered.extend(outs);
         }
         a.launched += ready;
         if done != GradsDone::All {
