@@ -385,6 +385,8 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         let reduced = slowest_median(&times_reduced, Some(&mut joined.control))?;
         let note = if a.device == "cpu" {
             "CPU processes sharing this machine's cores, emulated or real NCCL on host memory: not a GPU figure"
+        } else if joined.comm.emulated() {
+            "the emulated NCCL, so the CUDA emulation's processes sharing this machine's cores: not a GPU figure"
         } else {
             "each rank on its own GPU: step time with the all-reduce against the same step without it"
         };
