@@ -221,11 +221,6 @@ impl CudaEngine {
         Ok(self.reduce.as_mut().expect("made above"))
     }
 
-    /// The buckets of the current adapters (bench-step and docs report them).
-    pub fn reduce_buckets(&mut self) -> Result<Vec<Bucket>> {
-        Ok(self.grad_reduce()?.buckets.clone())
-    }
-
     /// What the last step's reduce did: its buckets and how many of them started during the
     /// backward (None before the first).
     pub fn reduce_summary(&self) -> Option<String> {
