@@ -1109,6 +1109,13 @@ CUresult cuStreamWaitEvent(void* h, void* e, unsigned) {
     return FK_SUCCESS;
 }
 
+// A host function in stream order (the emulated NCCL enqueues its collectives so): deferred on a
+// deferring stream until something waits for that stream's work, else run at once.
+CUresult cuLaunchHostFunc(void* h, void (*fn)(void*), void* data) {
+    if (!fn) return FK_INVALID_VALUE;
+    return fkemu::on_stream(h, true, [fn, data] { fn(data); }) == 0 ? FK_SUCCESS : FK_INVALID_HANDLE;
+}
+
 // FKEMU_DRY=1: for a dry run of the host code (kernels skipped by src/kernels/trace.rs), device
 // memory is never touched: allocations are not filled, memsets and copies do nothing, so a
 // full-size FLUX.1-dev step (tens of GB allocated) walks here in untouched, lazily mapped pages.

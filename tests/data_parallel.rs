@@ -9,32 +9,12 @@ mod common;
 use common::*;
 use flux_kernels::dist::nccl::{Comm, Nccl};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flux-kernels");
-
-/// The emulated libnccl.so.2, compiled once per test binary.
-fn emulated_nccl() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let dir = tmpdir("nccl-emulation");
-        let out = dir.join("libnccl.so.2");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/nccl-emulation/nccl_emulation.c");
-        let st = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-            .args(["-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .arg("-lpthread")
-            .status()
-            .expect("a C compiler (cc) to build the emulated NCCL");
-        assert!(st.success(), "compiling {} failed", src.display());
-        out
-    })
-    .clone()
-}
 
 /// A `train` command on the built-in tiny model (CPU), with the emulated NCCL and short timeouts.
 fn train_cmd(out: &Path, flags: &[&str]) -> Command {
@@ -87,25 +67,6 @@ fn torchrun(world: usize, cmd: impl Fn(usize) -> Command) -> Vec<std::process::C
             c.spawn().unwrap()
         })
         .collect()
-}
-
-fn lora(p: &Path) -> Vec<(String, Vec<f32>)> {
-    read_all(p).0.into_iter().map(|t| (t.0, t.3)).collect()
-}
-
-/// Each step's (loss, gradient norm) from a metrics file.
-fn losses(metrics: &Path) -> Vec<(f64, f64)> {
-    let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap();
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .map(|j| (num(&j, "loss"), num(&j, "grad_norm")))
-        .collect()
-}
-
-fn bits(t: &[(String, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
-    t.iter().map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()
 }
 
 #[test]

@@ -55,10 +55,12 @@ if [ "${1:-}" = "--emulate" ]; then
   # Every GPU test must run here: a skip (kernels missing, the emulator not found) fails the test
   # instead of passing silently (tests/common/mod.rs, skip).
   export FK_REQUIRE_GPU=1
+  # gpu_data_parallel runs only here: two ranks through the emulated NCCL, which reads host memory.
   cargo test --no-run --test gpu --test gpu_lora --test gpu_model --test gpu_attention --test gpu_step_ops \
-    --test gpu_model_ops --test gpu_flux_step --test gpu_plan --test gpu_step_trace
+    --test gpu_model_ops --test gpu_flux_step --test gpu_plan --test gpu_step_trace --test gpu_data_parallel
   LD_PRELOAD=$preload LD_LIBRARY_PATH="$emu" cargo test --test gpu --test gpu_lora --test gpu_model --test gpu_attention \
-    --test gpu_step_ops --test gpu_model_ops --test gpu_flux_step --test gpu_plan --test gpu_step_trace -- --test-threads 2
+    --test gpu_step_ops --test gpu_model_ops --test gpu_flux_step --test gpu_plan --test gpu_step_trace \
+    --test gpu_data_parallel -- --test-threads 2
   exit
 fi
 

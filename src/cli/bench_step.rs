@@ -260,8 +260,12 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
     };
     let target = rng.normal_vec(n_img * cfg.out_channels, 1.0);
     // One training step; with `comm`, the gradients' all-reduce between backward and optimizer.
+    // The all-reduce starts bucket by bucket during the backward, as in training.
     let mut step = |engine: &mut Engine, comm: Option<&crate::dist::nccl::Comm>| -> Result<f64> {
         engine.zero_grads()?;
+        if let Some(c) = comm {
+            engine.arm_reduce(c, false)?;
+        }
         let loss = engine.micro_step(&inp, &target, Some(&[1.0]), 1.0, None)?;
         if let Some(c) = comm {
             engine.reduce_grads(c, false, crate::dist::timeout())?;
@@ -381,12 +385,15 @@ fn run_ranked(a: &Args, env: Option<&RankEnv>) -> Result<String> {
         let reduced = slowest_median(&times_reduced, Some(&mut joined.control))?;
         let note = if a.device == "cpu" {
             "CPU processes sharing this machine's cores, emulated or real NCCL on host memory: not a GPU figure"
+        } else if joined.comm.emulated() {
+            "the emulated NCCL, so the CUDA emulation's processes sharing this machine's cores: not a GPU figure"
         } else {
             "each rank on its own GPU: step time with the all-reduce against the same step without it"
         };
         j["ranks"] = joined.comm.world.into();
         j["nccl"] = joined.comm.library().into();
         j["allreduce_bytes"] = (4 * trainable).into();
+        j["allreduce_buckets"] = engine.reduce_summary().into();
         j["step_s_with_allreduce_median"] = reduced.into();
         j["step_s_with_allreduce"] = times_reduced.into();
         j["scaling_efficiency"] = median.map(|m| m / reduced).into();

@@ -88,7 +88,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub batch_slices: Option<usize>,
     /// Data parallelism: add the ranks' gradients in rank order (all-gather, then a sum) rather
-    /// than NCCL's all-reduce, so N ranks equal one with --batch-slices N bit for bit (CPU path).
+    /// than NCCL's all-reduce, so N ranks equal one with --batch-slices N bit for bit (checked on the
+    /// CPU path and under the CUDA emulation; on GPUs: the same bits run to run).
     #[arg(long, overrides_with = "no_deterministic_reduce")]
     #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", hide_possible_values = true)]
     pub deterministic_reduce: Option<bool>,

@@ -36,6 +36,20 @@ pub fn timeout() -> Duration {
     Duration::from_secs_f64(s.filter(|s| *s > 0.0).unwrap_or(600.0))
 }
 
+/// The gradients' all-reduce on GPUs goes in buckets of at most this many bytes:
+/// FLUX_KERNELS_REDUCE_BUCKET_MB (MB of 10⁶ bytes, default 25: PyTorch DDP's `bucket_cap_mb`).
+/// Smaller buckets start earlier in the backward and overlap more of it; larger ones make fewer,
+/// more efficient NCCL launches. Every rank must use the same value (the rendezvous checks it).
+pub fn bucket_bytes() -> Result<usize> {
+    match std::env::var("FLUX_KERNELS_REDUCE_BUCKET_MB") {
+        Err(_) => Ok(25_000_000),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(mb) if mb > 0.0 && mb.is_finite() => Ok((mb * 1e6).max(4.0) as usize),
+            _ => bail!("FLUX_KERNELS_REDUCE_BUCKET_MB=`{v}`: a positive number of megabytes (default 25)"),
+        },
+    }
+}
+
 impl RankEnv {
     /// The ranks from the environment: None when WORLD_SIZE is not set (a single process);
     /// otherwise every variable is required and checked.
@@ -97,7 +111,9 @@ pub fn join(env: &RankEnv, config: impl FnOnce(&str) -> Result<Config>) -> Resul
         Ok(n) => n.describe().split(" (").next().unwrap_or("NCCL").to_string(),
         Err(_) => "missing".to_string(),
     };
-    let cfg = config(&found)?;
+    let mut cfg = config(&found)?;
+    // The ranks' NCCL calls must match one for one: the same buckets everywhere.
+    cfg.push(("gradient all-reduce bucket bytes".into(), bucket_bytes()?.to_string()));
     let make_id = || -> Result<[u8; 128]> {
         match &nccl {
             Ok(n) => Ok(n.unique_id()?.to_bytes()),

@@ -11,7 +11,8 @@
 
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// nccl.h: `typedef struct { char internal[NCCL_UNIQUE_ID_BYTES]; } ncclUniqueId;` (128 bytes).
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -69,6 +70,8 @@ struct Api {
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, Stream) -> c_int,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, Stream) -> c_int,
     all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, Stream) -> c_int,
+    group_start: unsafe extern "C" fn() -> c_int,
+    group_end: unsafe extern "C" fn() -> c_int,
 }
 
 /// An opened NCCL library.
@@ -127,6 +130,8 @@ impl Nccl {
                 all_reduce: sym(&lib, &name, "ncclAllReduce")?,
                 broadcast: sym(&lib, &name, "ncclBroadcast")?,
                 all_gather: sym(&lib, &name, "ncclAllGather")?,
+                group_start: sym(&lib, &name, "ncclGroupStart")?,
+                group_end: sym(&lib, &name, "ncclGroupEnd")?,
             };
             let mut version = 0;
             if get_version(&mut version) != NCCL_SUCCESS {
@@ -172,12 +177,35 @@ impl Nccl {
 }
 
 /// One rank's communicator. Dropped: destroyed, or aborted after a failure.
-pub struct Comm {
+/// The communicator itself, shared by a `Comm`'s clones (the trainer's and, during a step's
+/// all-reduce, the engine's).
+struct Handle {
     nccl: Arc<Nccl>,
     comm: RawComm,
+    failed: AtomicBool,
+    /// Held for each call: NCCL takes a communicator's calls one at a time.
+    calls: Mutex<()>,
+}
+
+// SAFETY: the communicator is an opaque handle that NCCL lets any thread use (not bound to the
+// thread that made it); `calls` makes the calls on it one at a time, and `failed` is atomic.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    fn one_call(&self) -> MutexGuard<'_, ()> {
+        // A panic while holding it left no state to repair: the guard protects no data.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One rank's communicator; clones share it. Dropped (the last clone): destroyed, or aborted
+/// after a failure.
+#[derive(Clone)]
+pub struct Comm {
+    h: Arc<Handle>,
     pub rank: usize,
     pub world: usize,
-    failed: std::cell::Cell<bool>,
 }
 
 impl Comm {
@@ -189,7 +217,8 @@ impl Comm {
         if r != NCCL_SUCCESS {
             bail!("rank {rank}: ncclCommInitRank ({world} ranks): {}", nccl.error_text(r));
         }
-        Ok(Comm { nccl, comm, rank, world, failed: std::cell::Cell::new(false) })
+        let h = Handle { nccl, comm, failed: AtomicBool::new(false), calls: Mutex::new(()) };
+        Ok(Comm { h: Arc::new(h), rank, world })
     }
 
     /// A failed call's error: NCCL's text, its last-error detail when it has one, and the
@@ -198,11 +227,11 @@ impl Comm {
         if r == NCCL_SUCCESS {
             return Ok(());
         }
-        self.failed.set(true);
-        let mut msg = format!("rank {}: {what}: {}", self.rank, self.nccl.error_text(r));
-        if let Some(last) = self.nccl.api.get_last_error {
+        self.h.failed.store(true, Ordering::SeqCst);
+        let mut msg = format!("rank {}: {what}: {}", self.rank, self.h.nccl.error_text(r));
+        if let Some(last) = self.h.nccl.api.get_last_error {
             // SAFETY: a NUL-terminated string owned by the library (or null).
-            let p = unsafe { last(self.comm) };
+            let p = unsafe { last(self.h.comm) };
             if !p.is_null() {
                 let s = unsafe { CStr::from_ptr(p) }.to_string_lossy();
                 if !s.is_empty() {
@@ -213,21 +242,32 @@ impl Comm {
         Err(anyhow!(msg))
     }
 
+    /// The library is the emulation (host memory): see the module note.
+    pub fn emulated(&self) -> bool {
+        self.h.nccl.emulated
+    }
+
     /// The library behind this communicator, as `Nccl::describe` says it.
     pub fn library(&self) -> String {
-        self.nccl.describe()
+        self.h.nccl.describe()
+    }
+
+    /// Whether `other` is a clone of this communicator.
+    pub fn same(&self, other: &Comm) -> bool {
+        Arc::ptr_eq(&self.h, &other.h)
     }
 
     /// After a failure seen outside NCCL (a timeout): the communicator is aborted when dropped.
     pub fn mark_failed(&self) {
-        self.failed.set(true);
+        self.h.failed.store(true, Ordering::SeqCst);
     }
 
     /// The communicator's asynchronous error (a peer lost, a network failure), if any.
     pub fn async_error(&self) -> Result<()> {
+        let _one = self.h.one_call();
         let mut e = NCCL_SUCCESS;
         // SAFETY: `e` receives the state.
-        let r = unsafe { (self.nccl.api.comm_get_async_error)(self.comm, &mut e) };
+        let r = unsafe { (self.h.nccl.api.comm_get_async_error)(self.h.comm, &mut e) };
         self.check("ncclCommGetAsyncError", r)?;
         if e != NCCL_SUCCESS && e != NCCL_IN_PROGRESS {
             return self.check("asynchronous error", e);
@@ -236,11 +276,11 @@ impl Comm {
     }
 
     fn host_only(&self, what: &str) -> Result<()> {
-        if !self.nccl.emulated {
+        if !self.h.nccl.emulated {
             bail!(
                 "{what} on host memory needs the emulated NCCL (tools/nccl-emulation), and {} is the real \
                  library, which takes device memory: train across ranks with --device cuda",
-                self.nccl.describe()
+                self.h.nccl.describe()
             );
         }
         Ok(())
@@ -249,10 +289,11 @@ impl Comm {
     /// In-place sum over the ranks of host f32 values (emulated NCCL only, see the module note).
     pub fn all_reduce_host(&self, buf: &mut [f32]) -> Result<()> {
         self.host_only("an all-reduce")?;
+        let _one = self.h.one_call();
         let p = buf.as_mut_ptr() as *mut c_void;
         // SAFETY: in place, `buf.len()` f32 values; the emulation is synchronous on host memory.
         let r = unsafe {
-            (self.nccl.api.all_reduce)(p, p, buf.len(), NCCL_FLOAT32, NCCL_SUM, self.comm, std::ptr::null_mut())
+            (self.h.nccl.api.all_reduce)(p, p, buf.len(), NCCL_FLOAT32, NCCL_SUM, self.h.comm, std::ptr::null_mut())
         };
         self.check("ncclAllReduce", r)
     }
@@ -260,15 +301,16 @@ impl Comm {
     /// Every rank's `send` (all the same length), in rank order (emulated NCCL only).
     pub fn all_gather_host<T: Elem>(&self, send: &[T]) -> Result<Vec<T>> {
         self.host_only("an all-gather")?;
+        let _one = self.h.one_call();
         let mut out = vec![T::default(); send.len() * self.world];
         // SAFETY: `out` holds world × send.len() values of the type NCCL is told.
         let r = unsafe {
-            (self.nccl.api.all_gather)(
+            (self.h.nccl.api.all_gather)(
                 send.as_ptr() as *const c_void,
                 out.as_mut_ptr() as *mut c_void,
                 send.len(),
                 T::NCCL,
-                self.comm,
+                self.h.comm,
                 std::ptr::null_mut(),
             )
         };
@@ -279,10 +321,11 @@ impl Comm {
     /// Rank `root`'s values into every rank's `buf` (emulated NCCL only).
     pub fn broadcast_host(&self, buf: &mut [f32], root: usize) -> Result<()> {
         self.host_only("a broadcast")?;
+        let _one = self.h.one_call();
         let p = buf.as_mut_ptr() as *mut c_void;
         // SAFETY: in place, `buf.len()` values on every rank.
         let r = unsafe {
-            (self.nccl.api.broadcast)(p, p, buf.len(), NCCL_FLOAT32, root as c_int, self.comm, std::ptr::null_mut())
+            (self.h.nccl.api.broadcast)(p, p, buf.len(), NCCL_FLOAT32, root as c_int, self.h.comm, std::ptr::null_mut())
         };
         self.check("ncclBroadcast", r)
     }
@@ -293,18 +336,50 @@ impl Comm {
     /// `ptr` is device memory of at least `count` f32 values on this rank's device, live until
     /// the stream has run the collective; `stream` a CUDA stream of that device's context.
     pub unsafe fn all_reduce_device(&self, ptr: u64, count: usize, stream: *mut c_void) -> Result<()> {
+        let _one = self.h.one_call();
         let p = ptr as *mut c_void;
-        let r = (self.nccl.api.all_reduce)(p, p, count, NCCL_FLOAT32, NCCL_SUM, self.comm, stream);
+        let r = (self.h.nccl.api.all_reduce)(p, p, count, NCCL_FLOAT32, NCCL_SUM, self.h.comm, stream);
         self.check("ncclAllReduce", r)
+    }
+
+    /// Every rank's `count` f32 values at `send` into `recv` ([world × count], rank order),
+    /// enqueued on `stream`.
+    ///
+    /// # Safety
+    /// `send` holds `count` and `recv` world × `count` f32 values of this rank's device memory,
+    /// live until the stream has run the collective; `stream` as in `all_reduce_device`.
+    pub unsafe fn all_gather_device(&self, send: u64, recv: u64, count: usize, stream: *mut c_void) -> Result<()> {
+        let _one = self.h.one_call();
+        let r = (self.h.nccl.api.all_gather)(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            NCCL_FLOAT32,
+            self.h.comm,
+            stream,
+        );
+        self.check("ncclAllGather", r)
+    }
+
+    /// The collectives `calls` enqueues as one group (ncclGroupStart … ncclGroupEnd): NCCL launches
+    /// them together, one kernel for a bucket of tensors instead of one per tensor. The group is
+    /// closed even when a call fails (an open group would swallow the next collectives).
+    pub fn group(&self, calls: impl FnOnce() -> Result<()>) -> Result<()> {
+        // SAFETY: no arguments; the group is per thread.
+        self.check("ncclGroupStart", unsafe { (self.h.nccl.api.group_start)() })?;
+        let inner = calls();
+        // SAFETY: closes the group opened above.
+        let end = self.check("ncclGroupEnd", unsafe { (self.h.nccl.api.group_end)() });
+        inner.and(end)
     }
 }
 
-impl Drop for Comm {
+impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: the communicator is live; after a failure NCCL wants ncclCommAbort, which does
         // not wait for peers that may be gone.
         unsafe {
-            if self.failed.get() {
+            if self.failed.load(Ordering::SeqCst) {
                 (self.nccl.api.comm_abort)(self.comm);
             } else {
                 (self.nccl.api.comm_destroy)(self.comm);

@@ -244,18 +244,34 @@ impl Engine {
         }
     }
 
+    /// Data parallelism, overlapped: call before the step's last backward, which then starts the
+    /// gradients' all-reduce bucket by bucket as it finishes them (CUDA; the CPU engine reduces
+    /// everything in `reduce_grads`). `reduce_grads` must follow, with the same arguments.
+    pub fn arm_reduce(&mut self, comm: &Comm, deterministic: bool) -> Result<()> {
+        match &mut self.inner {
+            Inner::Cpu(_) => Ok(()),
+            Inner::Cuda(e) => e.arm_reduce(comm, deterministic),
+        }
+    }
+
     /// Data parallelism: the accumulated gradients summed over the ranks of `comm` (each rank
     /// scaled its share before the backward, so the sum is the global batch's gradient). CPU:
-    /// on the host through the emulated NCCL, in rank order when `deterministic`; CUDA: NCCL on
-    /// the device, waiting at most `timeout` (deterministic order not there yet: refused).
+    /// on the host through the emulated NCCL; CUDA: NCCL on the device in buckets (those the
+    /// armed backward did not start), waiting at most `timeout`. `deterministic`: all-gathered
+    /// and added in rank order.
     pub fn reduce_grads(&mut self, comm: &Comm, deterministic: bool, timeout: std::time::Duration) -> Result<()> {
         match &mut self.inner {
             Inner::Cpu(e) => e.reduce_grads(comm, deterministic),
-            Inner::Cuda(_) if deterministic => bail!(
-                "deterministic_reduce is implemented on the CPU path only (an all-gather and a rank-order sum on \
-                 the host); on GPUs the ranks' NCCL all-reduce agrees with one GPU within rounding"
-            ),
-            Inner::Cuda(e) => e.all_reduce_grads(comm, timeout),
+            Inner::Cuda(e) => e.all_reduce_grads(comm, deterministic, timeout),
+        }
+    }
+
+    /// What the last gradient all-reduce did (CUDA: its buckets and how many overlapped the
+    /// backward); None on the CPU, which reduces everything after the backward.
+    pub fn reduce_summary(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Cpu(_) => None,
+            Inner::Cuda(e) => e.reduce_summary(),
         }
     }
 

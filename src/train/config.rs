@@ -49,10 +49,11 @@ pub struct TrainConfig {
     /// Each rank's micro-batch runs as this many slices one after another, their gradients added
     /// in order: less activation memory, and the arithmetic of that many data-parallel ranks (a
     /// 1-rank run with batch N·B and batch_slices N equals N ranks of batch B with
-    /// deterministic_reduce bit for bit on the CPU path; docs/multi-gpu.md).
+    /// deterministic_reduce bit for bit on the CPU path and the emulated CUDA path; docs/multi-gpu.md).
     pub batch_slices: usize,
     /// Data parallelism: add the ranks' gradients in rank order (an all-gather, then rank 0's +
-    /// rank 1's + …) instead of NCCL's all-reduce, whose order is its own. CPU path only.
+    /// rank 1's + …) instead of NCCL's all-reduce, whose order is its own. CPU and CUDA (per
+    /// gradient bucket on the device: src/engine/cuda/reduce.rs).
     pub deterministic_reduce: bool,
     pub seed: u64,
     /// constant or cosine, after `warmup_steps` of linear warm-up.

@@ -184,6 +184,9 @@ fn slice_range(n: usize, s: usize, slices: usize) -> std::ops::Range<usize> {
 /// after another. Each slice's loss is its samples' mean, weighted by its share of the batch
 /// (and its gradient scaled likewise), so the ranks' sum is the whole batch's mean. Returns this
 /// rank's weighted loss.
+/// `reduce`: this is the step's last micro-batch, so its last backward starts the gradients'
+/// all-reduce bucket by bucket (`Engine::arm_reduce`; the trainer waits in `reduce_grads`).
+#[allow(clippy::too_many_arguments)]
 fn micro_step(
     engine: &mut Engine,
     tc: &TrainConfig,
@@ -192,14 +195,20 @@ fn micro_step(
     k: u64,
     salt: u64,
     gscale: f32,
+    reduce: Option<&Comm>,
 ) -> Result<f64> {
     let idx = ds.batch(k, tc.batch_size * world, tc.seed ^ salt);
     let slices = world * tc.batch_slices;
+    let mine = rank * tc.batch_slices..(rank + 1) * tc.batch_slices;
+    let last = mine.clone().rev().find(|&s| !slice_range(idx.len(), s, slices).is_empty());
     let mut loss = 0.0;
-    for s in rank * tc.batch_slices..(rank + 1) * tc.batch_slices {
+    for s in mine {
         let keep = slice_range(idx.len(), s, slices);
         if keep.is_empty() {
             continue;
+        }
+        if let (Some(comm), true) = (reduce, Some(s) == last) {
+            engine.arm_reduce(comm, tc.deterministic_reduce)?;
         }
         let share = keep.len() as f64 / idx.len() as f64;
         let mut rng = stream(tc.seed, k, salt);
@@ -692,9 +701,14 @@ impl Run {
             self.engine.zero_grads()?;
             for j in 0..tc.grad_accum {
                 let k = (step * tc.grad_accum + j) as u64;
-                loss += micro_step(&mut self.engine, tc, &self.ds, at, k, 0, gscale)? / tc.grad_accum as f64;
+                // The step's last backward starts the all-reduce (the prior's when it has one).
+                let comm = self.ranks.comm.as_ref().filter(|_| j + 1 == tc.grad_accum);
+                let (data_reduce, class_reduce) = if self.class.is_some() { (None, comm) } else { (comm, None) };
+                loss +=
+                    micro_step(&mut self.engine, tc, &self.ds, at, k, 0, gscale, data_reduce)? / tc.grad_accum as f64;
                 if let Some(cds) = &self.class {
-                    let l = micro_step(&mut self.engine, tc, cds, at, k, 0xC1A55, gscale * tc.prior_weight)?;
+                    let l =
+                        micro_step(&mut self.engine, tc, cds, at, k, 0xC1A55, gscale * tc.prior_weight, class_reduce)?;
                     prior += l / tc.grad_accum as f64;
                 }
             }
@@ -703,6 +717,11 @@ impl Run {
             let (loss, prior, stop) = self.ranks.agree(loss, prior, interrupt.load(Ordering::SeqCst))?;
             if let Some(comm) = &self.ranks.comm {
                 self.engine.reduce_grads(comm, tc.deterministic_reduce, dist_timeout())?;
+                if step == self.start && self.ranks.writes() {
+                    if let Some(line) = self.engine.reduce_summary() {
+                        self.log.say(line, None);
+                    }
+                }
             }
             let total = loss + tc.prior_weight as f64 * prior;
             if !total.is_finite() {

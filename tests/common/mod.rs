@@ -194,3 +194,43 @@ pub fn run(args: &[&str]) -> (bool, String) {
     assert!(!text.contains("panicked"), "{args:?}: {text}");
     (o.status.success(), text)
 }
+
+/// The emulated libnccl.so.2, compiled once per test binary.
+pub fn emulated_nccl() -> PathBuf {
+    static LIB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = tmpdir("nccl-emulation");
+        let out = dir.join("libnccl.so.2");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/nccl-emulation/nccl_emulation.c");
+        let st = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+            .args(["-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .arg("-lpthread")
+            .status()
+            .expect("a C compiler (cc) to build the emulated NCCL");
+        assert!(st.success(), "compiling {} failed", src.display());
+        out
+    })
+    .clone()
+}
+
+/// A LoRA file's tensors (name, f32 values).
+pub fn lora(p: &Path) -> Vec<(String, Vec<f32>)> {
+    read_all(p).0.into_iter().map(|t| (t.0, t.3)).collect()
+}
+
+/// Each step's (loss, gradient norm) from a metrics file.
+pub fn losses(metrics: &Path) -> Vec<(f64, f64)> {
+    let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap();
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|j| (num(&j, "loss"), num(&j, "grad_norm")))
+        .collect()
+}
+
+pub fn bits(t: &[(String, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
+    t.iter().map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()
+}

@@ -3,8 +3,16 @@
  * It exports NCCL's C ABI (nccl.h 2.x: the same symbol names, argument types, enum values and
  * ncclResult_t codes) and runs the collectives between the processes of one machine over
  * loopback TCP, on host memory: on the CPU path, and under the CUDA driver emulation
- * (kernels/host_emulation.h), "device" pointers are host pointers. Calls are synchronous; the
- * stream argument is ignored.
+ * (kernels/host_emulation.h), "device" pointers are host pointers.
+ *
+ * Streams: with no stream (NULL, the CPU path) a collective runs at once, synchronously. With a
+ * CUDA stream, it is enqueued there as NCCL does on a GPU: through the driver's cuLaunchHostFunc
+ * (found in the libcuda already loaded, the driver emulation under the tests), so it runs in
+ * stream order, when the emulated driver runs that stream's work (an event on it waited for or
+ * queried, a stream or context synchronisation). A program that reads a reduced buffer without
+ * waiting for the stream reads the values from before the collective, as it could on a GPU. A
+ * failure there becomes the communicator's async error (ncclCommGetAsyncError), as with NCCL.
+ * Without a loaded libcuda exporting cuLaunchHostFunc, collectives on a stream run at once.
  *
  * Topology: a star. ncclGetUniqueId opens a listening socket on 127.0.0.1 and writes its port and
  * a random token into the id; the process that made the id must be rank 0 (the hub: the trainer's
@@ -24,6 +32,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -524,6 +533,60 @@ static ncclResult_t collective(struct ncclComm *c, struct header h, const void *
   return r == ncclSuccess ? ncclSuccess : broken(c, r);
 }
 
+/* A collective enqueued on a CUDA stream (see the note at the top). */
+struct queued {
+  struct ncclComm *comm;
+  struct header h;
+  const void *in;
+  size_t in_n;
+  void *out;
+  size_t out_n;
+};
+
+static void run_queued(void *arg) {
+  struct queued *q = arg;
+  /* A failure marks the communicator (broken() or an earlier failure): its async error says so. */
+  ncclResult_t r = collective(q->comm, q->h, q->in, q->in_n, q->out, q->out_n);
+  if (r != ncclSuccess && q->comm->async_error == ncclSuccess) q->comm->async_error = r;
+  free(q);
+}
+
+typedef int (*launch_host_func_t)(void *stream, void (*fn)(void *), void *arg);
+
+/* The loaded CUDA driver's cuLaunchHostFunc, or NULL (no libcuda in the process). */
+static launch_host_func_t launch_host_func(void) {
+  static launch_host_func_t f;
+  static int looked;
+  if (!looked) {
+    const char *names[] = {"libcuda.so.1", "libcuda.so"};
+    for (int i = 0; i < 2 && !f; i++) {
+      void *lib = dlopen(names[i], RTLD_LAZY | RTLD_NOLOAD);
+      if (lib) f = (launch_host_func_t)dlsym(lib, "cuLaunchHostFunc");
+    }
+    looked = 1;
+  }
+  return f;
+}
+
+/* Runs the collective now (no stream) or enqueues it on `stream`. */
+static ncclResult_t submit(struct ncclComm *c, struct header h, const void *in, size_t in_n, void *out, size_t out_n,
+                           cudaStream_t stream) {
+  launch_host_func_t launch = stream ? launch_host_func() : NULL;
+  if (!launch) return collective(c, h, in, in_n, out, out_n);
+  if (c->async_error != ncclSuccess)
+    return fail(c->async_error, "emulated NCCL: the communicator failed before (%s); abort it",
+                ncclGetErrorString(c->async_error));
+  struct queued *q = malloc(sizeof *q);
+  if (!q) return fail(ncclSystemError, "emulated NCCL: out of memory");
+  *q = (struct queued){c, h, in, in_n, out, out_n};
+  int e = launch(stream, run_queued, q);
+  if (e != 0) {
+    free(q);
+    return fail(ncclUnhandledCudaError, "emulated NCCL: cuLaunchHostFunc on the stream failed (CUDA error %d)", e);
+  }
+  return ncclSuccess;
+}
+
 static ncclResult_t check_args(ncclComm_t comm, const char *what, int type, int op) {
   if (!comm) return fail(ncclInvalidArgument, "%s: comm is NULL", what);
   if (type_size(type) == 0)
@@ -534,18 +597,16 @@ static ncclResult_t check_args(ncclComm_t comm, const char *what, int type, int 
 
 ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
                            ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   ncclResult_t r = check_args(comm, "ncclAllReduce", datatype, op);
   if (r != ncclSuccess) return r;
   if (count && (!sendbuff || !recvbuff)) return fail(ncclInvalidArgument, "ncclAllReduce: NULL buffer");
   struct header h = {OP_ALLREDUCE, datatype, op, 0, count};
   size_t bytes = count * type_size(datatype);
-  return collective(comm, h, sendbuff, bytes, recvbuff, bytes);
+  return submit(comm, h, sendbuff, bytes, recvbuff, bytes, stream);
 }
 
 ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype, int root,
                            ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   ncclResult_t r = check_args(comm, "ncclBroadcast", datatype, ncclSum);
   if (r != ncclSuccess) return r;
   if (root < 0 || root >= comm->nranks)
@@ -555,16 +616,15 @@ ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, n
   struct header h = {OP_BROADCAST, datatype, ncclSum, root, count};
   size_t bytes = count * type_size(datatype);
   int sends = comm->rank == root;
-  return collective(comm, h, sends ? sendbuff : NULL, sends ? bytes : 0, recvbuff, bytes);
+  return submit(comm, h, sends ? sendbuff : NULL, sends ? bytes : 0, recvbuff, bytes, stream);
 }
 
 ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
                            ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   ncclResult_t r = check_args(comm, "ncclAllGather", datatype, ncclSum);
   if (r != ncclSuccess) return r;
   if (sendcount && (!sendbuff || !recvbuff)) return fail(ncclInvalidArgument, "ncclAllGather: NULL buffer");
   struct header h = {OP_ALLGATHER, datatype, ncclSum, 0, sendcount};
   size_t bytes = sendcount * type_size(datatype);
-  return collective(comm, h, sendbuff, bytes, recvbuff, bytes * (size_t)comm->nranks);
+  return submit(comm, h, sendbuff, bytes, recvbuff, bytes * (size_t)comm->nranks, stream);
 }

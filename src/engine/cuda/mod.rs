@@ -16,6 +16,7 @@
 pub mod adapters;
 mod blocks;
 pub mod offload;
+pub mod reduce;
 pub mod swap;
 pub mod train;
 pub mod weights;
@@ -41,6 +42,7 @@ use anyhow::{bail, ensure, Context, Result};
 use blocks::{DoubleAct, SingleAct};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
+use reduce::GradsDone;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use swap::Dir;
@@ -564,8 +566,12 @@ fn forward_impl(
     Ok((out, state))
 }
 
+/// A callback told each time a part of the adapters' gradients is final (`reduce::GradsDone`),
+/// with the compute stream the backward runs on.
+pub type OnGradsDone<'a> = &'a mut dyn FnMut(&Arc<CudaStream>, GradsDone) -> Result<()>;
+
 /// The body of `GpuFlux::backward`.
-fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: Dims) -> Result<()> {
+fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: Dims, done: OnGradsDone) -> Result<()> {
     let FwdState { inp, vec, svec16, double, single, final_mods, final_ln } = s;
     let (b, li, lt) = (inp.b, inp.n_img, inp.n_txt);
     let (c, l) = (dm.c, dm.l());
@@ -584,6 +590,7 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
     r.ln_mod_bwd(&final_ln, &dxm, &final_mods[1], &dimg, &dsh, &dsc, b, li, c)?;
     blocks::modulation_bwd(r, &w.final_mod, &[dsh, dsc], &bx, &dsvec)?;
     drop((dxm, final_ln, final_mods, dpred16));
+    done(&r.st, GradsDone::Head)?;
 
     // Text tokens after the last single block get no gradient from the loss.
     let dx = r.zeros(b * l * c)?;
@@ -605,6 +612,7 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
             }
         };
         blocks::single_bwd(r, blk, act, &dx, &bx, &dsvec).with_context(|| format!("single_blocks.{i} backward"))?;
+        done(&r.st, GradsDone::Single(i))?;
         w.release(&r.st, nd + i)?;
         r.sample_memory();
     }
@@ -625,6 +633,7 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
         };
         blocks::double_bwd(r, blk, act, &dimg, &dtxt, &bx, &dsvec)
             .with_context(|| format!("double_blocks.{i} backward"))?;
+        done(&r.st, GradsDone::Double(i))?;
         w.release(&r.st, i)?;
         r.sample_memory();
     }
@@ -643,7 +652,7 @@ fn backward_impl(r: &mut Run, w: &mut DevWeights, s: FwdState, dpred: &F32, dm: 
     }
     let x16 = View::from(&inp.y16);
     embed_bwd(r, &w.vector_in, x16, d16, b).context("vector_in backward")?;
-    Ok(())
+    done(&r.st, GradsDone::All)
 }
 
 impl GpuFlux {
@@ -772,8 +781,14 @@ impl GpuFlux {
     /// Backward from d(pred) (f32 on the device, [b, n_img, out_channels]) to the adapters'
     /// gradients, which accumulate into `lora`'s gradient buffers.
     pub fn backward(&mut self, s: FwdState, dpred: &F32, lora: &DevLora) -> Result<()> {
+        self.backward_reporting(s, dpred, lora, &mut |_, _| Ok(()))
+    }
+
+    /// `backward`, telling `done` each time a part of the adapters' gradients is final (the
+    /// data-parallel reduce starts its buckets from there: reduce.rs).
+    pub fn backward_reporting(&mut self, s: FwdState, dpred: &F32, lora: &DevLora, done: OnGradsDone) -> Result<()> {
         let dm = self.dims(s.inp.b, s.inp.n_txt, s.inp.n_img);
-        self.with_run(lora, |r, w| backward_impl(r, w, s, dpred, dm))
+        self.with_run(lora, |r, w| backward_impl(r, w, s, dpred, dm, done))
     }
     pub fn synchronize(&self) -> Result<()> {
         let g = CudaBackend::lock(&self.be)?;

@@ -14,7 +14,7 @@ use crate::model::flux::FluxInputs;
 use crate::model::weights::FluxWeights;
 use crate::ops::optim::AdamW;
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::CudaSlice;
 use std::sync::{Arc, Mutex};
 
 /// An out-of-memory error from the device, with what to change and how to predict the peak.
@@ -32,6 +32,8 @@ pub fn oom_hint(e: anyhow::Error) -> anyhow::Error {
 pub struct CudaEngine {
     pub m: GpuFlux,
     pub lora: DevLora,
+    /// Data parallelism: the gradients' bucketed all-reduce (reduce.rs), made on first use.
+    pub(super) reduce: Option<super::reduce::GradReduce>,
 }
 
 /// A device forward kept for the backward.
@@ -57,7 +59,7 @@ impl CudaEngine {
             );
             m.offload = Some(super::offload::CkptOffload::new(&*CudaBackend::lock(be)?)?);
         }
-        Ok(CudaEngine { m, lora: DevLora::default() })
+        Ok(CudaEngine { m, lora: DevLora::default(), reduce: None })
     }
 
     /// Uploads `set`'s adapters (only they move; the base stays), with training state when
@@ -139,7 +141,7 @@ impl CudaEngine {
             return Ok(loss);
         }
         ensure!(self.lora.train.is_some(), "backward without trainable adapters");
-        self.m.backward(f.state, &grad, &self.lora)?;
+        self.backward_reducing(f.state, &grad)?;
         Ok(loss)
     }
 
@@ -150,7 +152,7 @@ impl CudaEngine {
             let g = CudaBackend::lock(&self.m.be)?;
             g.stream.clone_htod(dpred)?
         };
-        self.m.backward(f.state, &d, &self.lora).map_err(oom_hint)
+        self.backward_reducing(f.state, &d).map_err(oom_hint)
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
@@ -161,38 +163,6 @@ impl CudaEngine {
     pub fn grads(&self) -> Result<Vec<Vec<f32>>> {
         let g = CudaBackend::lock(&self.m.be)?;
         self.lora.download_grads(&g)
-    }
-
-    /// Data parallelism (dist): the gradient accumulators summed over the ranks of `comm` in
-    /// place, one ncclAllReduce per tensor on the engine's stream after the whole backward (no
-    /// bucketing or overlap yet: docs/multi-gpu.md). The wait polls the communicator's async
-    /// error and gives up after `timeout`, so a lost rank is an error (the communicator is then
-    /// aborted), not a hang.
-    pub fn all_reduce_grads(&mut self, comm: &crate::dist::nccl::Comm, timeout: std::time::Duration) -> Result<()> {
-        let g = CudaBackend::lock(&self.m.be)?;
-        let t = self.lora.train.as_ref().context("no training state on the device")?;
-        let stream = g.stream.clone();
-        for buf in &t.grads {
-            let (p, _sync) = buf.device_ptr(&stream);
-            // SAFETY: `buf` holds buf.len() f32 of this context's memory and lives in the engine
-            // past the wait below; the stream is the engine's.
-            unsafe { comm.all_reduce_device(p, buf.len(), stream.cu_stream() as *mut std::ffi::c_void)? };
-        }
-        let done = stream.record_event(None)?;
-        let start = std::time::Instant::now();
-        while !done.try_is_complete()? {
-            comm.async_error()?;
-            if start.elapsed() > timeout {
-                comm.mark_failed();
-                anyhow::bail!(
-                    "rank {}: the gradient all-reduce did not finish in {} s (a rank stopped?; FLUX_KERNELS_DIST_TIMEOUT_S)",
-                    comm.rank,
-                    timeout.as_secs_f64()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-        Ok(())
     }
 
     /// Global-norm clipping and one AdamW step on the device; refreshes the bf16 factors.
