@@ -31,7 +31,8 @@ pub enum Kind {
     /// ΔY = scale · (X·Aᵀ)·Bᵀ with A [rank, d_in] and B [rows, rank] (PEFT's lora_A, lora_B).
     Lora { rank: usize },
     /// DoRA (PEFT `use_dora`): LoRA's A and B plus a magnitude [rows] that rescales each output
-    /// row of the frozen weight plus the update (`dora.rs`). CPU engine only for now.
+    /// row of the frozen weight plus the update (`dora.rs`; on the CUDA engine the rescale is
+    /// the fused GEMM's column scale, `engine::cuda::adapters`).
     Dora { rank: usize },
     /// LyCORIS LoKr: ΔY = scale · X·(w1 ⊗ w2)ᵀ, w1 [a, c] and w2 [b, d] with a·b the rows and
     /// c·d the inputs, each stored whole or as a product of two factors of rank `r1` / `r2`
