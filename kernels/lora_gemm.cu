@@ -563,10 +563,16 @@ FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dora_bwd(FK_GRID_PARAM
     double acc = 0.0;
     if (j < p.cols) {
         const float g = p.g[j];
-        for (int64_t i = warp; i < p.m; i += WARPS) {
-            const float d = bf16_to_f32(dy[i * p.ld_dy + j]);
-            acc = fk::rn_dadd(acc, fk::rn_dmul((double)d, (double)bf16_to_f32(yp[i * p.ld_ypre + j])));
-            dys[i * p.ld_dy + j] = f32_to_bf16(g * d);
+        // Row pointers stepped by WARPS rows (indexing i·ld each step spilled a register on
+        // sm_80 under ptxas 13.0).
+        const uint16_t* dyj = dy + j + warp * p.ld_dy;
+        const uint16_t* ypj = yp + j + warp * p.ld_ypre;
+        uint16_t* dysj = dys + j + warp * p.ld_dy;
+        const int64_t sdy = WARPS * p.ld_dy, syp = WARPS * p.ld_ypre;
+        for (int64_t i = warp; i < p.m; i += WARPS, dyj += sdy, ypj += syp, dysj += sdy) {
+            const float d = bf16_to_f32(*dyj);
+            acc = fk::rn_dadd(acc, fk::rn_dmul((double)d, (double)bf16_to_f32(*ypj)));
+            *dysj = f32_to_bf16(g * d);
         }
     }
     part[warp * 32 + lane] = acc;

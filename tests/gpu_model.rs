@@ -122,3 +122,50 @@ fn compare(model: &std::path::Path, device: Device, what: &str, dropout: Option<
     println!("{what}: all LoRA gradients rel L2 {e:.2e}; worst tensor {:.2e} ({})", worst.0, worst.1);
     assert!(e <= 2e-2, "{what}: all gradients: rel L2 {e:e}");
 }
+
+/// Bad adapters on the CUDA engine are errors that name the module, never a panic: LoKr and LoHa
+/// terms (the CPU engine's only), a DoRA magnitude of the wrong length, two DoRA terms on
+/// overlapping rows of one linear (one column scale per row), rows outside the linear.
+#[test]
+fn gpu_refuses_what_it_cannot_run_clearly() {
+    use flux_kernels::adapters::{Kind, Term};
+    let Some(device) = cuda_or_skip("gpu_refuses_what_it_cannot_run_clearly") else { return };
+    let ckpt = Checkpoint::open(&fixture("tiny-diffusers"), Some(vec![4, 6, 6])).unwrap();
+    let cfg = &ckpt.cfg;
+    let w = FluxWeights::new(cfg, &|n| ckpt.param(n).cloned()).unwrap();
+    let mut e = Engine::new(&device, cfg, w, EngineOptions::default()).unwrap();
+    let (c, module) = (cfg.hidden_size, "double_blocks.0.img_attn.qkv");
+    let mut rng = Rng::new(3);
+    let mut lora = |rows: std::ops::Range<usize>| {
+        let (r, n) = (4, rows.len());
+        Term::lora(module, rows, c, r, 1.0, rng.normal_vec(r * c, 0.1), rng.normal_vec(n * r, 0.1))
+    };
+    let dora = |t: Term| {
+        let n = t.rows.len();
+        t.with_magnitude(vec![1.0; n])
+    };
+    let mut err = |terms: Vec<Term>| {
+        let mut set = AdapterSet::new();
+        terms.into_iter().for_each(|t| set.push(t));
+        format!("{:#}", e.set_adapters(&set).expect_err("refused"))
+    };
+    let lokr = Term::lycoris(module, 0..c, c, Kind::Lokr { w1: [1, 1], w2: [c, c], r1: None, r2: None }, 1.0, vec![]);
+    let loha = Term::lycoris(module, 0..c, c, Kind::Loha { r1: 2, r2: 2 }, 1.0, vec![]);
+    for (what, t) in [("LoKr", lokr), ("LoHa", loha)] {
+        let m = err(vec![t]);
+        assert!(m.contains(what) && m.contains(module) && m.contains("--device cpu"), "{m}");
+    }
+    let mut short = dora(lora(0..c));
+    short.params[2] = std::sync::Arc::new(vec![1.0; c - 1]);
+    let m = err(vec![short]);
+    assert!(m.contains(module) && m.contains("magnitude"), "{m}");
+    let m = err(vec![dora(lora(0..c)), dora(lora(c / 2..2 * c))]);
+    assert!(m.contains(module) && m.contains("overlapping"), "{m}");
+    let m = err(vec![dora(lora(2 * c..4 * c))]);
+    assert!(m.contains(module) && m.contains("outside"), "{m}");
+    // Disjoint DoRA terms on one linear (q and k of a fused qkv) are fine.
+    let mut set = AdapterSet::new();
+    set.push(dora(lora(0..c)));
+    set.push(dora(lora(c..2 * c)));
+    e.set_adapters(&set).unwrap();
+}
