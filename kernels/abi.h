@@ -185,7 +185,8 @@ typedef struct {
 #define FK_SIZEOF_FkRowSumSqParams 48
 
 // Per row i < rows of a DoRA term: n² = w_sumsq[i] + 2s·Σ_q B[i,q]·wa[q, i]
-// + s²·Σ_q Σ_p B[i,q]·aa[q, p]·B[i,p] (f64), norm[i] = √max(n², 0), g[i] = magnitude[i] / norm[i].
+// + s²·Σ_q B[i,q]·(Σ_p aa[q, p]·B[i,p]) (inner sums f32, the rest f64), norm[i] = √max(n², 0),
+// g[i] = magnitude[i] / norm[i].
 // One warp per row, FK_POINTWISE_THREADS a block.
 typedef struct {
     void* g;                // f32 [rows]

@@ -519,8 +519,11 @@ FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_row_sumsq(FK_GRID_PARA
 }
 
 // g = m / ‖W_j + s·B_j·A‖ per row from its three parts, one warp per row: the lanes split the
-// rank (cross term B_j·wa[:, j], and the quadratic form's rows B_jq·Σ_p aa[q, p]·B_jp), f64
-// sums. A zero norm gives g = m/0 as the CPU reference does (inf, or NaN for m = 0).
+// rank (cross term B_j·wa[:, j], and the quadratic form's rows B_jq·Σ_p aa[q, p]·B_jp). Each
+// quadratic-form row (r products) is an f32 sum, everything else f64: the r² products per row
+// stay at the f32 rate (f64 runs at 1/64 of it on sm_86/89), and the quadratic term is small
+// against ‖W_j‖², so its f32 rounding is far below the bf16 factors' own. A zero norm gives
+// g = m/0 as the CPU reference does (inf, or NaN for m = 0).
 FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dora_norm(FK_GRID_PARAMS FkDoraNormParams p) {
     const uint16_t* b = static_cast<const uint16_t*>(p.b);
     fk::warp_stride<FK_POINTWISE_THREADS>(p.rows, [&](int64_t i, int lane) {
@@ -529,11 +532,10 @@ FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dora_norm(FK_GRID_PARA
         for (int64_t q = lane; q < p.rank; q += 32) {
             const double bq = bf16_to_f32(bi[q]);
             cross = fk::rn_dadd(cross, fk::rn_dmul(bq, (double)p.wa[q * p.ld_wa + i]));
-            double row = 0.0;
-            for (int64_t t = 0; t < p.rank; ++t) {
-                row = fk::rn_dadd(row, fk::rn_dmul((double)p.aa[q * p.rank + t], (double)bf16_to_f32(bi[t])));
-            }
-            quad = fk::rn_dadd(quad, fk::rn_dmul(bq, row));
+            const float* aq = p.aa + q * p.rank;
+            float row = 0.0f;
+            for (int64_t t = 0; t < p.rank; ++t) row += aq[t] * bf16_to_f32(bi[t]);
+            quad = fk::rn_dadd(quad, fk::rn_dmul(bq, (double)row));
         }
         cross = fk::warp_sum_f64(cross);
         quad = fk::warp_sum_f64(quad);
