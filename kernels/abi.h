@@ -91,8 +91,9 @@ typedef struct {
     int32_t seg_end;
     int32_t pad0;
     const void* c_in;       // f32 [m][ldc] or null: cuBLAS's base product, so Y is rounded once
+    const float* col_scale; // [n] or null: DoRA's g; out = col_scale ⊙ (alpha·Σ + beta·c_in) + bias
 } FkGemmProblem;
-#define FK_SIZEOF_FkGemmProblem 72
+#define FK_SIZEOF_FkGemmProblem 80
 
 typedef struct {
     int32_t num_problems;
@@ -101,7 +102,7 @@ typedef struct {
     FkGemmProblem problem[FK_MAX_PROBLEMS];
     FkSegment segment[FK_MAX_SEGMENTS];
 } FkGemmParams;
-#define FK_SIZEOF_FkGemmParams 2704
+#define FK_SIZEOF_FkGemmParams 2832
 
 // Tile shapes of the two configurations (the host sizes grids from these) and the dynamic shared
 // memory each entry point needs (lora_gemm.cu static_asserts them against its tile layout; the
@@ -163,6 +164,68 @@ typedef struct {
 #define FK_SIZEOF_FkDequant8Params 48
 
 FK_KERNEL void fk_dequant8_bf16(FK_GRID_PARAMS FkDequant8Params p);
+
+// ---------------------------------------------------------------------------------------------
+// DoRA (kernels/lora_gemm.cu; CPU twin src/adapters/dora.rs). The norm of each output row of
+// W + s·B·A is never formed: ‖W_j‖² (once per frozen linear) + 2s·B_j·(A·W_jᵀ) (a thin GEMM
+// that reads W once) + s²·B_j·(A·Aᵀ)·B_jᵀ, and the rescale g = m / ‖·‖ is the column scale
+// of the fused GEMM's epilogue (FkGemmProblem.col_scale).
+// ---------------------------------------------------------------------------------------------
+
+// out[r] = Σ_c W[r, c]² (f64 sums) for r < rows; one warp per row, FK_POINTWISE_THREADS a block.
+typedef struct {
+    void* out;            // f32 [rows]
+    const void* w;        // bf16 [rows][cols], or 8-bit codes [rows][cols] with `scales`
+    const float* scales;  // 8-bit only: f32 per row (element = scale · decode(code))
+    int64_t rows;
+    int64_t cols;
+    int32_t code;         // FK_CODE_*
+    int32_t pad0;
+} FkRowSumSqParams;
+#define FK_SIZEOF_FkRowSumSqParams 48
+
+// Per row i < rows of a DoRA term: n² = w_sumsq[i] + 2s·Σ_q B[i,q]·wa[q, i]
+// + s²·Σ_q B[i,q]·(Σ_p aa[q, p]·B[i,p]) (inner sums f32, the rest f64), norm[i] = √max(n², 0),
+// g[i] = magnitude[i] / norm[i].
+// One warp per row, FK_POINTWISE_THREADS a block.
+typedef struct {
+    void* g;                // f32 [rows]
+    void* norm;             // f32 [rows]
+    const float* w_sumsq;   // f32 [rows]: ‖W_j‖² of the term's rows
+    const float* wa;        // f32 [rank][ld_wa]: A·W[rows]ᵀ
+    const float* aa;        // f32 [rank][rank]: A·Aᵀ
+    const void* b;          // bf16 [rows][rank]
+    const float* magnitude; // f32 [rows]
+    int64_t rows;
+    int64_t rank;
+    int64_t ld_wa;
+    float scale;            // s
+    int32_t pad0;
+} FkDoraNormParams;
+#define FK_SIZEOF_FkDoraNormParams 88
+
+// The backward's column work on a DoRA term's cols output columns (the norm a constant, as PEFT):
+// dm[j] += Σ_i dY[i, j]·Ypre[i, j] / norm[j] (f64 sums in a fixed order) and
+// dy_scaled[i, j] = bf16(g[j]·dY[i, j]). Blocks of FK_POINTWISE_THREADS: 32 columns × 8 row
+// strides, FK_SMEM_DORA_BWD bytes of dynamic shared memory; grid = ceil(cols / 32).
+typedef struct {
+    void* dy_scaled;      // bf16 [m][ld_dy], at the term's first column
+    void* dm;             // f32 [cols], accumulated
+    const void* dy;       // bf16 [m][ld_dy], at the term's first column
+    const void* ypre;     // bf16 [m][ld_ypre]: X·Wᵀ + s·S·Bᵀ on the term's columns
+    const float* g;       // f32 [cols]
+    const float* norm;    // f32 [cols]
+    int64_t m;
+    int64_t cols;
+    int64_t ld_dy;
+    int64_t ld_ypre;
+} FkDoraBwdParams;
+#define FK_SIZEOF_FkDoraBwdParams 80
+#define FK_SMEM_DORA_BWD 2048
+
+FK_KERNEL void fk_row_sumsq(FK_GRID_PARAMS FkRowSumSqParams p);
+FK_KERNEL void fk_dora_norm(FK_GRID_PARAMS FkDoraNormParams p);
+FK_KERNEL void fk_dora_bwd(FK_GRID_PARAMS FkDoraBwdParams p);
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention (kernels/attention.cu), FlashAttention-2 structure: softmax(scale·Q·Kᵀ)·V
@@ -311,7 +374,7 @@ typedef struct FK_ALIGN128 {
     FkGemm90Segment seg[FK_GEMM90_MAX_SEGMENTS];
     int32_t num_segments;
     int32_t pad0;
-    int64_t pad1[7];
+    int64_t pad1[6];
 } FkGemm90Params;
 #define FK_SIZEOF_FkGemm90Params 2944
 

@@ -178,17 +178,30 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // One output element pair (row, col), (row, col + 1) of an FkGemmProblem from the accumulators
 // (lora_gemm.cu, lora_gemm_sm90.cu): alpha, bias, beta with c_in or the old output, bf16 or f32.
+// With col_scale (DoRA's g), the scale multiplies alpha·Σ + beta·c_in (the frozen product and
+// the DoRA branch) and the bias is added after it, unscaled; without it the order is the one
+// every other call has always had (bias before c_in), so their bits do not change.
 __device__ __forceinline__ void store_gemm_pair(const FkGemmProblem& pr, int64_t row, int64_t col, float v0, float v1) {
     if (row >= pr.m || col >= pr.n) return;
     const bool two = col + 1 < pr.n;
     v0 *= pr.alpha;
     v1 *= pr.alpha;
+    const int64_t at = row * pr.ldc + col;
+    const bool add_c = pr.c_in != nullptr && pr.beta != 0.0f;
+    if (pr.col_scale) {
+        if (add_c) {
+            const float* c = static_cast<const float*>(pr.c_in) + at;
+            v0 += pr.beta * c[0];
+            if (two) v1 += pr.beta * c[1];
+        }
+        v0 *= pr.col_scale[col];
+        if (two) v1 *= pr.col_scale[col + 1];
+    }
     if (pr.bias) {
         v0 += pr.bias[col];
         if (two) v1 += pr.bias[col + 1];
     }
-    const int64_t at = row * pr.ldc + col;
-    if (pr.c_in != nullptr && pr.beta != 0.0f) {
+    if (add_c && !pr.col_scale) {
         const float* c = static_cast<const float*>(pr.c_in) + at;
         v0 += pr.beta * c[0];
         if (two) v1 += pr.beta * c[1];

@@ -485,3 +485,104 @@ FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dequant8_bf16(FK_GRID_
         }
     });
 }
+
+// ---- DoRA: row norms without W + s·B·A, and the backward's column work ------------------------
+
+static_assert(sizeof(FkRowSumSqParams) == FK_SIZEOF_FkRowSumSqParams, "abi.h: FkRowSumSqParams size");
+static_assert(sizeof(FkDoraNormParams) == FK_SIZEOF_FkDoraNormParams, "abi.h: FkDoraNormParams size");
+static_assert(sizeof(FkDoraBwdParams) == FK_SIZEOF_FkDoraBwdParams, "abi.h: FkDoraBwdParams size");
+static_assert(FK_SMEM_DORA_BWD == (FK_POINTWISE_THREADS / 32) * 32 * 8, "abi.h: FK_SMEM_DORA_BWD");
+
+// ‖W_r‖² per row, one warp per row: the lanes stride the row (coalesced), f64 sums of the f32
+// element values (the 8-bit ones as scale · decode, unrounded: the CPU's dequantised weight),
+// then the warp's butterfly. Run once per frozen linear (the engine keeps the result).
+FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_row_sumsq(FK_GRID_PARAMS FkRowSumSqParams p) {
+    fk::warp_stride<FK_POINTWISE_THREADS>(p.rows, [&](int64_t r, int lane) {
+        double acc = 0.0;
+        if (p.code == FK_CODE_BF16) {
+            const uint16_t* w = static_cast<const uint16_t*>(p.w) + r * p.cols;
+            for (int64_t c = lane; c < p.cols; c += 32) {
+                const double v = bf16_to_f32(w[c]);
+                acc = fk::rn_dadd(acc, fk::rn_dmul(v, v));
+            }
+        } else {
+            const uint8_t* w = static_cast<const uint8_t*>(p.w) + r * p.cols;
+            const float sc = p.scales[r];
+            for (int64_t c = lane; c < p.cols; c += 32) {
+                const double v = sc * decode8(p.code, w[c]);
+                acc = fk::rn_dadd(acc, fk::rn_dmul(v, v));
+            }
+        }
+        acc = fk::warp_sum_f64(acc);
+        if (lane == 0) static_cast<float*>(p.out)[r] = (float)acc;
+    });
+}
+
+// g = m / ‖W_j + s·B_j·A‖ per row from its three parts, one warp per row: the lanes split the
+// rank (cross term B_j·wa[:, j], and the quadratic form's rows B_jq·Σ_p aa[q, p]·B_jp). Each
+// quadratic-form row (r products) is an f32 sum, everything else f64: the r² products per row
+// stay at the f32 rate (f64 runs at 1/64 of it on sm_86/89), and the quadratic term is small
+// against ‖W_j‖², so its f32 rounding is far below the bf16 factors' own. A zero norm gives
+// g = m/0 as the CPU reference does (inf, or NaN for m = 0).
+FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dora_norm(FK_GRID_PARAMS FkDoraNormParams p) {
+    const uint16_t* b = static_cast<const uint16_t*>(p.b);
+    fk::warp_stride<FK_POINTWISE_THREADS>(p.rows, [&](int64_t i, int lane) {
+        const uint16_t* bi = b + i * p.rank;
+        double cross = 0.0, quad = 0.0;
+        for (int64_t q = lane; q < p.rank; q += 32) {
+            const double bq = bf16_to_f32(bi[q]);
+            cross = fk::rn_dadd(cross, fk::rn_dmul(bq, (double)p.wa[q * p.ld_wa + i]));
+            const float* aq = p.aa + q * p.rank;
+            float row = 0.0f;
+            for (int64_t t = 0; t < p.rank; ++t) row += aq[t] * bf16_to_f32(bi[t]);
+            quad = fk::rn_dadd(quad, fk::rn_dmul(bq, (double)row));
+        }
+        cross = fk::warp_sum_f64(cross);
+        quad = fk::warp_sum_f64(quad);
+        if (lane == 0) {
+            const double s = p.scale;
+            double n2 = fk::rn_dadd((double)p.w_sumsq[i], fk::rn_dmul(2.0 * s, cross));
+            n2 = fk::rn_dadd(n2, fk::rn_dmul(fk::rn_dmul(s, s), quad));
+            const float norm = (float)fk::rn_dsqrt(n2 > 0.0 ? n2 : 0.0);
+            static_cast<float*>(p.norm)[i] = norm;
+            static_cast<float*>(p.g)[i] = p.magnitude[i] / norm;
+        }
+    });
+}
+
+// The backward's column work of a DoRA term: lane = column (coalesced rows), warp w of 8 takes
+// rows w, w + 8, …; the 8 partial dm sums meet in shared memory and warp 0 adds them in warp
+// order (deterministic). Every thread reaches the barrier (columns past `cols` add nothing).
+FK_KERNEL void __launch_bounds__(FK_POINTWISE_THREADS) fk_dora_bwd(FK_GRID_PARAMS FkDoraBwdParams p) {
+    constexpr int WARPS = FK_POINTWISE_THREADS / 32;
+    FK_DYNAMIC_SMEM(smem_raw);
+    double* part = reinterpret_cast<double*>(smem_raw);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t j = (int64_t)blockIdx.x * 32 + lane;
+    const uint16_t* dy = static_cast<const uint16_t*>(p.dy);
+    const uint16_t* yp = static_cast<const uint16_t*>(p.ypre);
+    uint16_t* dys = static_cast<uint16_t*>(p.dy_scaled);
+    double acc = 0.0;
+    if (j < p.cols) {
+        const float g = p.g[j];
+        // Row pointers stepped by WARPS rows (indexing i·ld each step spilled a register on
+        // sm_80 under ptxas 13.0).
+        const uint16_t* dyj = dy + j + warp * p.ld_dy;
+        const uint16_t* ypj = yp + j + warp * p.ld_ypre;
+        uint16_t* dysj = dys + j + warp * p.ld_dy;
+        const int64_t sdy = WARPS * p.ld_dy, syp = WARPS * p.ld_ypre;
+        for (int64_t i = warp; i < p.m; i += WARPS, dyj += sdy, ypj += syp, dysj += sdy) {
+            const float d = bf16_to_f32(*dyj);
+            acc = fk::rn_dadd(acc, fk::rn_dmul((double)d, (double)bf16_to_f32(*ypj)));
+            *dysj = f32_to_bf16(g * d);
+        }
+    }
+    part[warp * 32 + lane] = acc;
+    __syncthreads();
+    if (warp == 0 && j < p.cols) {
+        double sum = 0.0;
+        for (int w = 0; w < WARPS; ++w) sum = fk::rn_dadd(sum, part[w * 32 + lane]);
+        float* dm = static_cast<float*>(p.dm);
+        dm[j] += (float)(sum / (double)p.norm[j]);
+    }
+}

@@ -228,7 +228,7 @@ fn info_reports_kohya_dora() {
     let (ok, s) =
         run(&["info", "--model", fixture("tiny-diffusers").to_str().unwrap(), "--lora", kohya.to_str().unwrap()]);
     assert!(ok, "{s}");
-    assert!(s.contains("kind: DoRA (24 of 24 terms carry a magnitude vector, dora_scale;"), "{s}");
+    assert!(s.contains("kind: DoRA (24 of 24 terms carry a magnitude vector, dora_scale)"), "{s}");
     assert!(s.contains("format: kohya sd-scripts"), "{s}");
 }
 

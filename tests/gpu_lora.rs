@@ -439,3 +439,119 @@ fn eight_bit_base_weights_match_cpu() {
     lora_forward(&mut gpu, &mut got, &inp.x, BaseWeight::F32(&inp.w), inp.bias.as_deref(), &t, c.m, c.k, c.n).unwrap();
     check("bf16 after 8-bit", &got, &want, seed);
 }
+
+/// DoRA's device pieces (issue 16 §2) against the CPU reference (src/adapters/dora.rs) on one
+/// linear in every base mode: ‖W‖² (`row_sumsq`), the row norms and g from ‖W‖², A·Wᵀ and A·Aᵀ
+/// (`dora_norms`), the rescale in the GEMM's epilogue with a LoRA term on the same rows added
+/// after it, unscaled (`forward_dev` with a column scale), and the backward's column work
+/// (`dora_column_grads`: dm and g ⊙ dY). Two DoRA terms on q/k-like row slices, bias on.
+#[test]
+fn dora_linear_matches_cpu() {
+    use flux_kernels::adapters::{dora, AdapterSet, Term};
+    use flux_kernels::kernels::launch::View;
+    use flux_kernels::kernels::lora::{LinearShape, LinearViews, OutView, TermShape, WeightView};
+    use flux_kernels::model::adapt::{Frozen, LinearAdapters, LinearCall};
+    use flux_kernels::ops::matmul::linear_forward;
+    let test = "dora_linear_matches_cpu";
+    let Some(g) = gpu_or_skip(test, Gpu::new()) else { return };
+    let mut gpu = GpuLora::new(&g).unwrap();
+    gpu.set_poison(true);
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let (m, k, n) = (37, 72, 96);
+    let x = normal_bf16(&mut rng, m * k, 1.0);
+    let w = normal_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+    let bias = rng.normal_vec(n, 0.1);
+    // (rows, rank, scale, DoRA?) — the LoRA term overlaps the first DoRA term's rows.
+    let spec = [(0..40, 8, 0.7, true), (48..96, 4, 1.3, true), (16..64, 4, -0.9, false)];
+    let mut set = AdapterSet::new();
+    for (rows, r, s, is_dora) in spec.clone() {
+        let a = normal_bf16(&mut rng, r * k, 0.3);
+        let b = normal_bf16(&mut rng, rows.len() * r, 0.3);
+        let t = Term::lora("m", rows.clone(), k, r, s, a, b);
+        set.push(if is_dora {
+            let mag = dora::row_norms(&t, &w, k).iter().map(|v| v * (0.8 + 0.4 * rng.uniform() as f32)).collect();
+            t.with_magnitude(mag)
+        } else {
+            t
+        });
+    }
+    let mut base = vec![0f32; m * n];
+    linear_forward(&mut base, &x, &w, None, m, k, n);
+    let call = LinearCall { module: "m", inp: &x, m, k, n, frozen: Some(Frozen { weight: &w, out: &base }) };
+    let mut want: Vec<f32> = base.iter().enumerate().map(|(i, v)| v + bias[i % n]).collect();
+    set.forward(call, &mut want);
+
+    let st = &g.stream;
+    let up = |v: &[f32]| st.clone_htod(v).unwrap();
+    let up16 = |v: &[f32]| st.clone_htod(&v.iter().map(|&f| half::bf16::from_f32(f)).collect::<Vec<_>>()).unwrap();
+    let (x16, w16, bias_d) = (up16(&x), up16(&w), up(&bias));
+    let a16: Vec<_> = set.terms().iter().map(|t| up16(t.a())).collect();
+    let b16: Vec<_> = set.terms().iter().map(|t| up16(t.b())).collect();
+    let mags: Vec<_> = set.terms().iter().map(|t| up(t.magnitude())).collect();
+    let terms = spec
+        .iter()
+        .map(|(rows, r, s, d)| TermShape { rank: *r, rows: rows.clone(), scale: *s, dropout: None, col_scaled: *d })
+        .collect();
+    let shape = LinearShape::of_terms(m, k, n, true, terms).unwrap();
+    let (sumsq, gs, norms) = (up(&vec![f32::NAN; n]), up(&vec![1f32; n]), up(&vec![f32::NAN; n]));
+    let views = LinearViews {
+        x: (&x16).into(),
+        w: WeightView::Bf16((&w16).into()),
+        bias: Some((&bias_d).into()),
+        a: a16.iter().map(View::from).collect(),
+        b: b16.iter().map(View::from).collect(),
+        col_scale: Some((&gs).into()),
+    };
+    let wsq: Vec<f64> = w.chunks(k).map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum()).collect();
+    let dy = normal_bf16(&mut rng, m * n, 1.0);
+    for mode in base_modes(&gpu) {
+        let label = set_mode(&mut gpu, mode);
+        gpu.row_sumsq(WeightView::Bf16((&w16).into()), n, k, (&sumsq).into()).unwrap();
+        let got_sq = st.clone_dtoh(&sumsq).unwrap();
+        let wsq32: Vec<f32> = wsq.iter().map(|&v| v as f32).collect();
+        common::check(&format!("DoRA ‖W‖² ({label})"), &got_sq, &wsq32, 1e-6, seed);
+        for (i, t) in set.terms().iter().enumerate().filter(|(_, t)| !t.magnitude().is_empty()) {
+            gpu.dora_norms(&shape, &views, i, (&sumsq).into(), (&mags[i]).into(), (&gs).into(), (&norms).into())
+                .unwrap();
+            let got = st.clone_dtoh(&norms).unwrap()[t.rows.clone()].to_vec();
+            common::check(
+                &format!("DoRA row norms of term {i} ({label})"),
+                &got,
+                &dora::row_norms(t, &w, k),
+                1e-3,
+                seed,
+            );
+        }
+        let y = up(&vec![f32::NAN; m * n]);
+        gpu.forward_dev(&shape, &views, OutView::F32((&y).into())).unwrap();
+        common::check(&format!("DoRA forward ({label})"), &st.clone_dtoh(&y).unwrap(), &want, TOL, seed);
+
+        // The column work of the first DoRA term against the CPU's formulas: Ypre = X·Wᵀ +
+        // s·(X·Aᵀ)·Bᵀ on its rows, dm = Σ dY·Ypre / ‖·‖, g ⊙ dY.
+        let t = &set.terms()[0];
+        let rows = t.rows.clone();
+        let mut lo = vec![0f32; m * n];
+        flux_kernels::adapters::lora::forward(t, None, LinearCall { frozen: None, ..call }, &mut lo);
+        let ypre: Vec<f32> = (0..m * n).map(|i| base[i] + lo[i]).collect();
+        let nrm = dora::row_norms(t, &w, k);
+        let gv: Vec<f32> = nrm.iter().zip(t.magnitude()).map(|(a, b)| b / a).collect();
+        let mut want_dm = vec![0f32; rows.len()];
+        let mut want_dys = dy.clone();
+        for i in 0..m {
+            for (j, c) in rows.clone().enumerate() {
+                want_dm[j] += dy[i * n + c] * ypre[i * n + c] / nrm[j];
+                want_dys[i * n + c] = gv[j] * dy[i * n + c];
+            }
+        }
+        let ypre16 = up16(&ypre);
+        let (dy16, dys16, dm) = (up16(&dy), up16(&dy), up(&vec![0f32; rows.len()]));
+        gpu.dora_norms(&shape, &views, 0, (&sumsq).into(), (&mags[0]).into(), (&gs).into(), (&norms).into()).unwrap();
+        let ypre_v = (View::from(&ypre16).tail(rows.start).unwrap(), n);
+        let (gv_d, nv_d) = ((&gs).into(), (&norms).into());
+        gpu.dora_column_grads(m, n, rows, (&dy16).into(), ypre_v, gv_d, nv_d, (&dm).into(), (&dys16).into()).unwrap();
+        common::check(&format!("DoRA dm ({label})"), &st.clone_dtoh(&dm).unwrap(), &want_dm, 1e-2, seed);
+        let got_dys: Vec<f32> = st.clone_dtoh(&dys16).unwrap().iter().map(|v| v.to_f32()).collect();
+        common::check(&format!("DoRA g ⊙ dY ({label})"), &got_dys, &want_dys, 1e-2, seed);
+    }
+}

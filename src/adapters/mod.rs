@@ -32,7 +32,8 @@ pub enum Kind {
     /// ΔY = scale · (X·Aᵀ)·Bᵀ with A [rank, d_in] and B [rows, rank] (PEFT's lora_A, lora_B).
     Lora { rank: usize },
     /// DoRA (PEFT `use_dora`): LoRA's A and B plus a magnitude [rows] that rescales each output
-    /// row of the frozen weight plus the update (`dora.rs`). CPU engine only for now.
+    /// row of the frozen weight plus the update (`dora.rs`; on the CUDA engine the rescale is
+    /// the fused GEMM's column scale, `engine::cuda::adapters`).
     Dora { rank: usize },
     /// DoRA decomposed per input column instead (LyCORIS `wd_on_out = false`: kohya-style files
     /// with `dora_scale` [1, in]): A, B and a magnitude [d_in] (`dora_columns.rs`). Loaded and

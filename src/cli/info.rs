@@ -164,7 +164,7 @@ fn describe_lora(s: &mut String, f: &LoraFile, strength: f32) -> Result<()> {
         forms.dedup();
         writeln!(
             s,
-            "  kind: DoRA ({dora} of {} terms carry a magnitude vector, {}; CPU engine only)",
+            "  kind: DoRA ({dora} of {} terms carry a magnitude vector, {})",
             f.terms.len(),
             forms.join(" + ")
         )?;

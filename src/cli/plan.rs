@@ -211,8 +211,8 @@ fn device_memory() -> Result<usize> {
 /// when it exceeds the device's memory. The trainer keeps every block's activations (it has no
 /// checkpointing yet) and the modulation weights on the device, so that is what is planned.
 pub fn check_before_training(tc: &TrainConfig) -> Result<()> {
-    // DoRA trains on the CPU path whatever --device says (the trainer's train_device).
-    if tc.device == "cpu" || tc.adapter == "dora" || tc.adapter == "lokr" {
+    // LoKr trains on the CPU path whatever --device says (the trainer's train_device).
+    if tc.device == "cpu" || tc.adapter == "lokr" {
         return Ok(());
     }
     check_against(tc, device_memory())

@@ -60,8 +60,8 @@ pub struct Args {
     #[arg(long)]
     pub init: Option<String>,
     /// Adapter kind: lora (default) or dora (PEFT's use_dora: each adapted linear's rows are
-    /// rescaled to a trained magnitude; trains on the CPU path for now, written with
-    /// lora_magnitude_vector, or dora_scale with --format kohya).
+    /// rescaled to a trained magnitude; CPU or CUDA, written with lora_magnitude_vector, or
+    /// dora_scale with --format kohya).
     /// (TOML key `adapter`.)
     /// lokr: LyCORIS's LoKr (w1 ⊗ w2, w1 whole, w2 low rank of --rank or whole; CPU path, written
     /// with LyCORIS keys, so --format kohya, which --adapter lokr picks when --format is not given).

@@ -36,6 +36,9 @@ mod tests {
             ("FkAdamParams", FK_SIZEOF_FkAdamParams, std::mem::size_of::<FkAdamParams>()),
             ("FkSumSqTensor", FK_SIZEOF_FkSumSqTensor, std::mem::size_of::<FkSumSqTensor>()),
             ("FkSumSqParams", FK_SIZEOF_FkSumSqParams, std::mem::size_of::<FkSumSqParams>()),
+            ("FkRowSumSqParams", FK_SIZEOF_FkRowSumSqParams, std::mem::size_of::<FkRowSumSqParams>()),
+            ("FkDoraNormParams", FK_SIZEOF_FkDoraNormParams, std::mem::size_of::<FkDoraNormParams>()),
+            ("FkDoraBwdParams", FK_SIZEOF_FkDoraBwdParams, std::mem::size_of::<FkDoraBwdParams>()),
         ];
         for (name, want, got) in stated {
             assert_eq!(want as usize, got, "{name}");
@@ -56,8 +59,10 @@ mod tests {
         assert_eq!(std::mem::offset_of!(FkSegment, mask_mode), 80);
         assert_eq!(std::mem::offset_of!(FkGemmProblem, alpha), 40);
         assert_eq!(std::mem::offset_of!(FkGemmParams, problem), 16);
-        assert_eq!(std::mem::offset_of!(FkGemmParams, segment), 16 + 16 * 72);
+        assert_eq!(std::mem::offset_of!(FkGemmParams, segment), 16 + 16 * 80);
         assert_eq!(std::mem::offset_of!(FkGemmProblem, c_in), 64);
+        assert_eq!(std::mem::offset_of!(FkGemmProblem, col_scale), 72);
+        assert_eq!(std::mem::offset_of!(FkDoraNormParams, scale), 80);
         assert_eq!(std::mem::offset_of!(FkSegment, b_code), 84);
         assert_eq!(std::mem::offset_of!(FkSegment, b_scale), 88);
         assert_eq!(std::mem::offset_of!(FkAttnParams, b), 88);

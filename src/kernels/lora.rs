@@ -44,6 +44,10 @@ pub struct TermShape {
     pub rows: Range<usize>,
     pub scale: f32,
     pub dropout: Option<Dropout>,
+    /// Inside the linear's column scale (`LinearViews::col_scale`, DoRA's g): its branch is
+    /// rescaled with the frozen product (a DoRA term's own branch); false: added after the
+    /// rescale (every other term, also on the same rows).
+    pub col_scaled: bool,
 }
 
 /// The shapes of one LoRA linear: X [m, k], W [n, k], terms on rows of the n outputs.
@@ -60,7 +64,13 @@ impl LinearShape {
     pub fn new(m: usize, k: usize, n: usize, bias: bool, terms: &[LoraTerm]) -> Result<LinearShape> {
         let terms: Vec<TermShape> = terms
             .iter()
-            .map(|t| TermShape { rank: t.rank, rows: t.rows.clone(), scale: t.scale, dropout: t.dropout })
+            .map(|t| TermShape {
+                rank: t.rank,
+                rows: t.rows.clone(),
+                scale: t.scale,
+                dropout: t.dropout,
+                col_scaled: false,
+            })
             .collect();
         let s = LinearShape { m, k, n, bias, terms };
         s.check()?;
@@ -160,8 +170,12 @@ enum Buf {
     Bias,
     Da,
     Db,
-    /// f32 base product of the cuBLAS-base path (Y's or dX's), read once by the fused pass.
+    /// f32 base product of the cuBLAS-base path (Y's or dX's), read once by the fused pass; with
+    /// a column scale and unscaled terms, the rescaled part of Y that the second pass adds to.
     Base32,
+    /// DoRA's thin products for one term: A·W[rows]ᵀ [r, rows] and A·Aᵀ [r, r], f32.
+    DoraWa,
+    DoraAa,
     /// An 8-bit base weight: its codes [n][k] and one f32 scale per row.
     Wq,
     Wscale,
@@ -350,6 +364,9 @@ pub struct LinearViews<'a> {
     pub bias: Option<View<'a, f32>>,
     pub a: Vec<View<'a, bf16>>,
     pub b: Vec<View<'a, bf16>>,
+    /// DoRA's g [n] or None: Y = g ⊙ (X·Wᵀ + the `col_scaled` terms) + b + the other terms; in the
+    /// backward the frozen product and the `col_scaled` terms read dY' = g ⊙ dY (`backward_dev`).
+    pub col_scale: Option<View<'a, f32>>,
 }
 
 /// Device addresses of one linear call's operands: the arena's buffers for the host-slice calls,
@@ -370,6 +387,9 @@ struct LinearPtrs {
     pub b: Vec<u64>,
     pub da: Vec<u64>,
     pub db: Vec<u64>,
+    /// DoRA: g [n] (forward) and dY' = g ⊙ dY bf16 [m, n] (backward); 0 when none.
+    pub col_scale: u64,
+    pub dy_scaled: u64,
 }
 
 /// The Hopper kernels' tile width for an m × n output on `sms` SMs. 128 × 256 tiles need 48 bytes
@@ -448,6 +468,9 @@ struct Kernels {
     nn_small: CudaFunction,
     tn_small: CudaFunction,
     axpby: CudaFunction,
+    row_sumsq: CudaFunction,
+    dora_norm: CudaFunction,
+    dora_bwd: CudaFunction,
 }
 
 /// The GPU LoRA linear: kernels loaded once, an arena of device buffers, a cuBLAS handle for
@@ -561,6 +584,9 @@ impl GpuLora {
             nn_small: f(FK_GEMM_NN_SMALL, FK_SMEM_GEMM_NN_SMALL)?,
             tn_small: f(FK_GEMM_TN_SMALL, FK_SMEM_GEMM_TN_SMALL)?,
             axpby: f(FK_AXPBY_BF16, 0)?,
+            row_sumsq: f(FK_ROW_SUMSQ, 0)?,
+            dora_norm: f(FK_DORA_NORM, 0)?,
+            dora_bwd: f(FK_DORA_BWD, FK_SMEM_DORA_BWD)?,
         };
         // SAFETY: only probes whether libcublas can be dlopen'ed.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -1026,7 +1052,15 @@ impl GpuLora {
             v.a[i].need(t.rank * s.k, &format!("lora gpu: A of term {i}"))?;
             v.b[i].need(t.rows.len() * t.rank, &format!("lora gpu: B of term {i}"))?;
         }
+        ensure!(
+            v.col_scale.is_some() || s.terms.iter().all(|t| !t.col_scaled),
+            "lora gpu: a term inside the column scale but no column scale given"
+        );
+        if let Some(c) = v.col_scale {
+            c.need(s.n, "lora gpu: column scale")?;
+        }
         Ok(LinearPtrs {
+            col_scale: v.col_scale.map_or(0, |c| c.addr(st)),
             x: v.x.addr(st),
             w: Some(w),
             bias: v.bias.map_or(0, |b| b.addr(st)),
@@ -1047,17 +1081,60 @@ impl GpuLora {
         Self::check_ptrs(s, p, false)?;
         let l = Layout::of(s);
         self.run_shrink(s, &l, p)?;
-        let (x, y) = (p.x, p.y);
-        let w = p.w.expect("checked");
-        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
-        let mut pr = problem(s.m, s.n, y, s.n);
+        let mut pr = problem(s.m, s.n, p.y, s.n);
         pr.out_f32 = p.y_f32 as i32;
         pr.bias = p.bias;
+        let all: Vec<usize> = (0..s.terms.len()).collect();
+        if p.col_scale == 0 {
+            return self.forward_base(s, &l, p, pr, &all);
+        }
+        // DoRA: g ⊙ (X·Wᵀ + the column-scaled terms) in the base launch's epilogue; the other
+        // terms must not be rescaled, so they follow in a second pass that adds the first one's
+        // f32 result (c_in), rounding Y once. With cuBLAS's base product the first pass reads
+        // and writes the same Base32 buffer: each element is read and then written by one thread.
+        let (inside, after): (Vec<usize>, Vec<usize>) = all.iter().partition(|&&i| s.terms[i].col_scaled);
+        if after.is_empty() {
+            pr.col_scale = p.col_scale;
+            return self.forward_base(s, &l, p, pr, &inside);
+        }
+        let part = self.arena.ptr32(Buf::Base32, s.m * s.n)?;
+        let mut first = problem(s.m, s.n, part, s.n);
+        first.out_f32 = 1;
+        first.col_scale = p.col_scale;
+        self.forward_base(s, &l, p, first, &inside)?;
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
+        pr.c_in = part;
+        pr.beta = 1.0;
+        let segs = after
+            .iter()
+            .map(|&i| {
+                let t = &s.terms[i];
+                segment(sp + 2 * l.s_col[i] as u64, l.s_ld, p.b[i], t.rank, t.rank, t.rows.clone())
+            })
+            .collect();
+        self.launch_large(&self.k.nt_large, &params(vec![(pr, segs)])?, s.m, s.n, FK_SMEM_GEMM_NT_LARGE)
+    }
+
+    /// The large forward launch of problem `pr` (Y, or DoRA's rescaled part): X·Wᵀ plus the
+    /// terms `terms` (their S' already in the arena), on the Hopper kernels, cuBLAS's base
+    /// product or the fused kernel as the mode says.
+    fn forward_base(
+        &mut self,
+        s: &LinearShape,
+        l: &Layout,
+        p: &LinearPtrs,
+        mut pr: FkGemmProblem,
+        terms: &[usize],
+    ) -> Result<()> {
+        let (x, y, y_f32) = (p.x, pr.out, pr.out_f32 != 0);
+        let w = p.w.expect("checked");
+        let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
         if self.base == BaseGemm::Hopper {
             let wp = self.hopper_weight(w, s)?;
             let mut segs =
                 vec![Seg90 { a: Mat::new(x, s.m, s.k), b: Mat::new(wp, s.n, s.k), cols: 0..s.n, mask: None }];
-            for (i, t) in s.terms.iter().enumerate() {
+            for &i in terms {
+                let t = &s.terms[i];
                 let a = Mat { ptr: sp + 2 * l.s_col[i] as u64, rows: s.m, cols: t.rank, ld: l.s_ld };
                 segs.push(Seg90 { a, b: Mat::new(p.b[i], t.rows.len(), t.rank), cols: t.rows.clone(), mask: None });
             }
@@ -1070,8 +1147,8 @@ impl GpuLora {
         let mut segs = Vec::new();
         match (base, w) {
             (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => segs.push(base_segment(w, x, s.k, s.k, s.k, 0..s.n)),
-            (BaseGemm::Cublas, DevWeight::Bf16(w)) if s.terms.is_empty() && !s.bias => {
-                return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, p.y_f32));
+            (BaseGemm::Cublas, DevWeight::Bf16(w)) if terms.is_empty() && pr.bias == 0 && pr.col_scale == 0 => {
+                return self.gemm(s.m, s.n, s.k, 1.0, (x, s.k, false), (w, s.k, true), 0.0, (y, s.n, y_f32));
             }
             (BaseGemm::Cublas, DevWeight::Bf16(w)) => {
                 // f32 base product, so Y is rounded to bf16 once, as in the fused path.
@@ -1082,7 +1159,8 @@ impl GpuLora {
             }
             (BaseGemm::Hopper, _) => unreachable!("base_or_fallback never returns Hopper"),
         }
-        for (i, t) in s.terms.iter().enumerate() {
+        for &i in terms {
+            let t = &s.terms[i];
             // B [rows, r] is the K-major operand for output columns `rows` only.
             segs.push(segment(sp + 2 * l.s_col[i] as u64, l.s_ld, p.b[i], t.rank, t.rank, t.rows.clone()));
         }
@@ -1119,12 +1197,16 @@ impl GpuLora {
 
     /// The fused backward on the caller's device buffers from dY bf16 [m, n]: per term dA f32
     /// [r, k] and dB f32 [rows, r] accumulate (+=), dX [m, k] is overwritten when given. S' is
-    /// recomputed (the arena's S is shared by every linear).
+    /// recomputed (the arena's S is shared by every linear). With `dy_scaled` (DoRA's
+    /// dY' = g ⊙ dY, `dora_column_grads`), the frozen product and the `col_scaled` terms read
+    /// it and the other terms dY.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_dev(
         &mut self,
         s: &LinearShape,
         v: &LinearViews,
         dy: View<bf16>,
+        dy_scaled: Option<View<bf16>>,
         dx: Option<OutView>,
         da: &[View<f32>],
         db: &[View<f32>],
@@ -1133,6 +1215,14 @@ impl GpuLora {
         let st = &self.stream;
         dy.need(s.m * s.n, "lora gpu: dY")?;
         p.dy = dy.addr(st);
+        ensure!(
+            dy_scaled.is_some() || s.terms.iter().all(|t| !t.col_scaled),
+            "lora gpu: a term inside the column scale but no scaled dY given"
+        );
+        if let Some(d) = dy_scaled {
+            d.need(s.m * s.n, "lora gpu: scaled dY")?;
+            p.dy_scaled = d.addr(st);
+        }
         if let Some(d) = dx {
             (p.dx, p.dx_f32) = d.check(s.m * s.k, "lora gpu: dX", st)?;
         }
@@ -1153,7 +1243,10 @@ impl GpuLora {
         if !s_saved {
             self.run_shrink(s, &l, p)?;
         }
-        let (x, dy) = (p.x, p.dy);
+        let x = p.x;
+        // dY as the frozen product sees it (DoRA: g ⊙ dY), and as term `t` does.
+        let dy = if p.dy_scaled != 0 { p.dy_scaled } else { p.dy };
+        let dy_of = |t: &TermShape| if t.col_scaled { dy } else { p.dy };
         let w = p.w.expect("checked");
         let sp = self.arena.ptr16(Buf::S, s.m * l.s_ld)?;
         let g = self.arena.ptr16(Buf::G, s.m * l.s_ld)?;
@@ -1162,7 +1255,7 @@ impl GpuLora {
         if !s.terms.is_empty() {
             let mut list = Vec::new();
             for (i, t) in s.terms.iter().enumerate() {
-                let (gt, bt, a_op) = (g + 2 * l.s_col[i] as u64, p.b[i], dy + 2 * t.rows.start as u64);
+                let (gt, bt, a_op) = (g + 2 * l.s_col[i] as u64, p.b[i], dy_of(t) + 2 * t.rows.start as u64);
                 if self.thin_blas() {
                     self.gemm(
                         s.m,
@@ -1214,7 +1307,7 @@ impl GpuLora {
                 self.dequant_for_hopper(w, wdeq, s)?;
                 self.launch_hopper(true, pr, &hopper_segs)?;
             } else {
-                self.dx_large(s, &l, p, pr, g)?;
+                self.dx_large(s, &l, p, pr, g, dy)?;
             }
         }
 
@@ -1225,7 +1318,7 @@ impl GpuLora {
             for (i, t) in s.terms.iter().enumerate() {
                 let (gt, st) = (g + 2 * l.s_col[i] as u64, sp + 2 * l.s_col[i] as u64);
                 let (dat, dbt) = (p.da[i], p.db[i]);
-                let a_op = dy + 2 * t.rows.start as u64;
+                let a_op = dy_of(t) + 2 * t.rows.start as u64;
                 if self.thin_on_cublas(t.dropout) {
                     self.gemm(t.rank, s.k, s.m, 1.0, (gt, l.s_ld, true), (x, s.k, false), 1.0, (dat, s.k, true))?;
                 } else {
@@ -1263,8 +1356,17 @@ impl GpuLora {
     /// dX = [dY | G'₁ …]·[W ; A₁ …] on the sm_80 kernel (with cuBLAS's base product in the
     /// cuBLAS mode, the mode a call the Hopper kernels cannot take falls back to), dropout terms
     /// as masked segments.
-    fn dx_large(&mut self, s: &LinearShape, l: &Layout, p: &LinearPtrs, mut pr: FkGemmProblem, g: u64) -> Result<()> {
-        let (dy, dx, w) = (p.dy, p.dx, p.w.expect("checked"));
+    /// `dy`: the dY the frozen product reads (DoRA's g ⊙ dY where there is one).
+    fn dx_large(
+        &mut self,
+        s: &LinearShape,
+        l: &Layout,
+        p: &LinearPtrs,
+        mut pr: FkGemmProblem,
+        g: u64,
+        dy: u64,
+    ) -> Result<()> {
+        let (dx, w) = (p.dx, p.w.expect("checked"));
         let mut segs = Vec::new();
         match (self.base_or_fallback(), w) {
             (_, DevWeight::Q8 { .. }) | (BaseGemm::Fused, _) => segs.push(base_segment(w, dy, s.n, s.k, s.n, 0..s.k)),
@@ -1288,6 +1390,156 @@ impl GpuLora {
             self.launch_large(f, &params(vec![(pr, segs)])?, s.m, s.k, FK_SMEM_GEMM_NN_LARGE)?;
         }
         Ok(())
+    }
+
+    // ---- DoRA ------------------------------------------------------------------------------
+
+    /// out[j] = ‖W_j‖² for every row of the frozen weight W [n, k] (f64 sums of the f32 values;
+    /// 8-bit rows as scale · decode, unrounded). W is frozen: the engine runs it once per linear.
+    pub fn row_sumsq(&mut self, w: WeightView, n: usize, k: usize, out: View<f32>) -> Result<()> {
+        let st = &self.stream;
+        out.need(n, "DoRA: ‖W‖² out")?;
+        let (code, wp, scales) = match w {
+            WeightView::Bf16(w) => {
+                w.need(n * k, "DoRA: W")?;
+                (FK_CODE_BF16 as i32, w.addr(st), 0)
+            }
+            WeightView::Q8 { code, codes, scales } => {
+                ensure!(code == FK_CODE_I8 as i32 || code == FK_CODE_E4M3 as i32, "DoRA: unknown 8-bit code {code}");
+                codes.need(n * k, "DoRA: W codes")?;
+                scales.need(n, "DoRA: W scales")?;
+                (code, codes.addr(st), scales.addr(st))
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let p = FkRowSumSqParams { out: out.addr(st), w: wp, scales, rows: n as i64, cols: k as i64, code, pad0: 0 };
+        let threads = FK_POINTWISE_THREADS as usize;
+        let blocks = n.div_ceil(threads / 32).clamp(1, 65535);
+        let wbytes = if code == FK_CODE_BF16 as i32 { 2 } else { 1 };
+        record(Linear, "fk_row_sumsq", 2.0 * (n * k) as f64, (wbytes * n * k + 4 * n) as f64, || format!("{n}x{k}"));
+        // SAFETY: W [n][k] (or its codes and scales) and out [n] were checked above.
+        unsafe { launch(&self.stream, &self.k.row_sumsq, &p, (blocks, 1, 1), threads, 0, "fk_row_sumsq") }
+    }
+
+    /// DoRA's rescale of term `i` of `s` (marked `col_scaled`): g[rows] = m / ‖W + s·B·A‖ and
+    /// norm[rows] = ‖W + s·B·A‖ per output row, never forming W + s·B·A: ‖W_j‖² from `w_sumsq`
+    /// [n], the cross term from the thin GEMM A·W[rows]ᵀ (the one pass over the frozen rows),
+    /// the quadratic term from A·Aᵀ [r, r] (precision: docs/adapters.md). `g` and `norm` are
+    /// [n], written on the term's rows only; `magnitude` is [rows].
+    #[allow(clippy::too_many_arguments)]
+    pub fn dora_norms(
+        &mut self,
+        s: &LinearShape,
+        v: &LinearViews,
+        i: usize,
+        w_sumsq: View<f32>,
+        magnitude: View<f32>,
+        g: View<f32>,
+        norm: View<f32>,
+    ) -> Result<()> {
+        let p = self.view_ptrs(s, v)?;
+        let st = self.stream.clone();
+        let t = s.terms.get(i).context("DoRA: no such term")?;
+        let (r, rows, k) = (t.rank, t.rows.clone(), s.k);
+        w_sumsq.need(s.n, "DoRA: ‖W‖²")?;
+        magnitude.need(rows.len(), "DoRA: magnitude")?;
+        g.need(s.n, "DoRA: g")?;
+        norm.need(s.n, "DoRA: norm")?;
+        // W's rows of the term as the B operand of an NT GEMM (8-bit codes decoded in the tile
+        // loader as in the base product), A [r, k] as its A: A·W[rows]ᵀ [r, rows].
+        let wrows = match p.w.expect("checked") {
+            DevWeight::Bf16(w) => DevWeight::Bf16(w + 2 * (rows.start * k) as u64),
+            DevWeight::Q8 { code, codes, scales } => {
+                DevWeight::Q8 { code, codes: codes + (rows.start * k) as u64, scales: scales + 4 * rows.start as u64 }
+            }
+        };
+        let wa = self.arena.ptr32(Buf::DoraWa, r * rows.len())?;
+        let aa = self.arena.ptr32(Buf::DoraAa, r * r)?;
+        let mut pw = problem(r, rows.len(), wa, rows.len());
+        pw.out_f32 = 1;
+        let mut pa = problem(r, r, aa, r);
+        pa.out_f32 = 1;
+        let list = vec![
+            (pw, vec![base_segment(wrows, p.a[i], k, k, k, 0..rows.len())]),
+            (pa, vec![segment(p.a[i], k, p.a[i], k, k, 0..r)]),
+        ];
+        self.launch_small(&self.k.nt_small, &params(list)?, r, rows.len().max(r), FK_SMEM_GEMM_NT_SMALL)?;
+        let np = FkDoraNormParams {
+            g: g.addr(&st) + 4 * rows.start as u64,
+            norm: norm.addr(&st) + 4 * rows.start as u64,
+            w_sumsq: w_sumsq.addr(&st) + 4 * rows.start as u64,
+            wa,
+            aa,
+            b: p.b[i],
+            magnitude: magnitude.addr(&st),
+            rows: rows.len() as i64,
+            rank: r as i64,
+            ld_wa: rows.len() as i64,
+            scale: t.scale,
+            pad0: 0,
+        };
+        let threads = FK_POINTWISE_THREADS as usize;
+        let blocks = rows.len().div_ceil(threads / 32).clamp(1, 65535);
+        let n = rows.len();
+        record(Linear, "fk_dora_norm", 2.0 * (n * r * (r + 1)) as f64, (4 * (n * r + r * r + 4 * n)) as f64, || {
+            format!("{n} rows, rank {r}")
+        });
+        // SAFETY: wa [r][rows] and aa [r][r] are arena buffers of those sizes; B [rows][r] was
+        // checked by `view_ptrs`; g, norm, ‖W‖² [n] and the magnitude [rows] above.
+        unsafe { launch(&st, &self.k.dora_norm, &np, (blocks, 1, 1), threads, 0, "fk_dora_norm") }
+    }
+
+    /// The DoRA backward's column work on rows `rows` of an m × n linear, the norm a constant
+    /// (as PEFT detaches it): dm [rows] += Σ_i dY[i, j]·Ypre[i, j] / norm[j] and
+    /// dY'[:, rows] = g ⊙ dY[:, rows] (the rest of dY' is the caller's). `ypre` [m, ld_ypre] is
+    /// X·Wᵀ + s·S'·Bᵀ before the rescale, its column 0 the term's first row; g and norm are [n].
+    #[allow(clippy::too_many_arguments)]
+    pub fn dora_column_grads(
+        &mut self,
+        m: usize,
+        n: usize,
+        rows: Range<usize>,
+        dy: View<bf16>,
+        ypre: (View<bf16>, usize),
+        g: View<f32>,
+        norm: View<f32>,
+        dm: View<f32>,
+        dy_scaled: View<bf16>,
+    ) -> Result<()> {
+        let st = self.stream.clone();
+        let (yp, ld_ypre) = ypre;
+        ensure!(rows.start < rows.end && rows.end <= n, "DoRA: rows {rows:?} outside 0..{n}");
+        ensure!(ld_ypre >= rows.len(), "DoRA: Ypre's row stride {ld_ypre} < {} columns", rows.len());
+        dy.need(m * n, "DoRA: dY")?;
+        dy_scaled.need(m * n, "DoRA: scaled dY")?;
+        yp.need(m.saturating_sub(1) * ld_ypre + rows.len(), "DoRA: Ypre")?;
+        g.need(n, "DoRA: g")?;
+        norm.need(n, "DoRA: norm")?;
+        dm.need(rows.len(), "DoRA: dm")?;
+        if m == 0 {
+            return Ok(());
+        }
+        let p = FkDoraBwdParams {
+            dy_scaled: dy_scaled.addr(&st) + 2 * rows.start as u64,
+            dm: dm.addr(&st),
+            dy: dy.addr(&st) + 2 * rows.start as u64,
+            ypre: yp.addr(&st),
+            g: g.addr(&st) + 4 * rows.start as u64,
+            norm: norm.addr(&st) + 4 * rows.start as u64,
+            m: m as i64,
+            cols: rows.len() as i64,
+            ld_dy: n as i64,
+            ld_ypre: ld_ypre as i64,
+        };
+        let cols = rows.len();
+        record(Linear, "fk_dora_bwd", 2.0 * (m * cols) as f64, (6 * m * cols + 12 * cols) as f64, || {
+            format!("{m}x{cols}")
+        });
+        let (blocks, threads) = (cols.div_ceil(32), FK_POINTWISE_THREADS as usize);
+        // SAFETY: every operand was checked above against m, n, the rows and Ypre's stride.
+        unsafe { launch(&st, &self.k.dora_bwd, &p, (blocks, 1, 1), threads, FK_SMEM_DORA_BWD as usize, "fk_dora_bwd") }
     }
 
     /// NaN in Y, dX and the S, G scratch of shape `s` when poisoning is on (tests: whatever

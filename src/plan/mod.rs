@@ -193,6 +193,15 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         })
         .max()
         .unwrap_or(0);
+    // DoRA's backward recomputes the pre-rescale product and forms g ⊙ dY, both bf16
+    // [tokens, d_out], for one linear at a time (engine::cuda `dora_dy`; the product is not kept
+    // from the forward, so nothing more stays for the step).
+    let dora_scratch = specs
+        .iter()
+        .filter(|sp| sp.dora)
+        .map(|sp| 2 * 2 * module_tokens(&sp.target.module, t) * shapes.get(&sp.target.module).map_or(0, |d| d.0))
+        .max()
+        .unwrap_or(0);
     let transient = [(cfg.depth > 0, false), (cfg.depth_single > 0, true)]
         .iter()
         .filter(|(present, _)| *present)
@@ -236,6 +245,11 @@ pub fn plan(cfg: &FluxConfig, s: &Settings) -> Result<Plan> {
         Component { name: "backward working set (one block) + stream", bytes: b * transient, host: false },
         Component { name: "inputs, targets, RoPE tables", bytes: b * inputs, host: false },
         Component { name: "GEMM scratch (largest adapted linear)", bytes: b * lora_scratch, host: false },
+        Component {
+            name: "DoRA backward: Ypre and g ⊙ dY (largest DoRA linear)",
+            bytes: b * dora_scratch,
+            host: false,
+        },
         // On an H100/H200 an 8-bit weight is dequantised to bf16 one linear at a time for the
         // Hopper GEMM (src/kernels/lora.rs, Buf::Wdeq).
         Component {

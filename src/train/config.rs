@@ -34,7 +34,7 @@ pub struct TrainConfig {
     pub dropout: f32,
     /// kaiming (PEFT's default) or gaussian.
     pub init: String,
-    /// lora, dora (PEFT's use_dora: a trained magnitude per output row; CPU path only) or lokr
+    /// lora, dora (PEFT's use_dora: a trained magnitude per output row) or lokr
     /// (LyCORIS's LoKr; CPU path only, written with LyCORIS keys in the kohya format).
     pub adapter: String,
     /// LoKr's split of each dimension (LyCORIS's `factor`): the part of w1 nearest it; −1 the most
@@ -413,12 +413,6 @@ impl TrainConfig {
         one_of("init", &self.init, &["kaiming", "gaussian"])?;
         one_of("adapter", &self.adapter, &["lora", "dora", "lokr"])?;
         self.check_block_swap()?;
-        if self.adapter == "dora" && self.device == "cuda" {
-            bail!(
-                "adapter = dora with device = cuda: DoRA training runs on the CPU path for now (its rescale is not \
-                 in the CUDA kernels yet); pass --device cpu (or auto, which then picks the CPU)"
-            );
-        }
         if self.adapter == "lokr" {
             if self.device == "cuda" {
                 bail!(

@@ -841,14 +841,13 @@ impl Run {
     }
 }
 
-/// Where the run trains: `--device` as parsed, except that DoRA trains on the CPU reference only
-/// so far (its rescale is not in the CUDA kernels): `auto` then picks the CPU with a note, and
+/// Where the run trains: `--device` as parsed, except that LoKr trains on the CPU reference only
+/// so far (the CUDA engine runs LoRA and DoRA terms): `auto` then picks the CPU with a note, and
 /// `cuda` was refused by `TrainConfig::validate`.
 fn train_device(tc: &TrainConfig) -> Result<(Device, Option<String>)> {
-    if tc.adapter == "dora" || tc.adapter == "lokr" {
-        let what = if tc.adapter == "dora" { "DoRA" } else { "LoKr" };
+    if tc.adapter == "lokr" {
         let note =
-            (tc.device != "cpu").then(|| format!("using the CPU ({what} training runs on the CPU path for now)"));
+            (tc.device != "cpu").then(|| "using the CPU (LoKr training runs on the CPU path for now)".to_string());
         return Ok((Device::Cpu, note));
     }
     Device::parse(&tc.device)

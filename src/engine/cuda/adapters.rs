@@ -1,11 +1,16 @@
 //! Adapters on the device: the device twin of an `AdapterSet`. Each term's factors in bf16 (what
 //! the kernels read), and for training the f32 master factors, their gradients and AdamW's
 //! moments, all resident. Terms keep the set's order, so the tensors follow its parameter order
-//! (A0, B0, A1, B1, …); `by_module` finds a linear's.
+//! (A0, B0, A1, B1, …, a DoRA term's magnitude after its B); `by_module` finds a linear's.
+//!
+//! DoRA terms (`Kind::Dora`) add their magnitude and, per linear that carries one, the rescale's
+//! buffers (`DoraLinear`): ‖W_j‖² of the frozen weight (computed on first use, W never changes),
+//! and g and the row norms, rewritten on the DoRA rows by every forward and backward.
 
 use super::to16;
 use crate::adapters::{term_seed, AdapterSet, Kind};
 use crate::engine::CudaBackend;
+use crate::kernels::launch::DevMat;
 use crate::kernels::lora::TermShape;
 use crate::ops::lora::Dropout;
 use anyhow::{ensure, Context, Result};
@@ -13,6 +18,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 
 /// One host vector per tensor, in the adapters' parameter order.
 pub type HostTensors = Vec<Vec<f32>>;
@@ -30,6 +36,24 @@ pub struct DevTerm {
     /// The samples of a per-sample batch (`DevLora::per_sample`) that see this term; None: every
     /// row of every call (one set for the whole batch).
     pub samples: Option<Vec<usize>>,
+    /// Which of a per-sample batch's distinct sets it came from (0 for one set): a linear's DoRA
+    /// state is its set's (`DevLora::dora_of`).
+    pub group: usize,
+    /// DoRA: the magnitude [rows] f32 (the kernels' copy; training refreshes it from the master).
+    pub magnitude: Option<CudaSlice<f32>>,
+    /// Index of its first tensor in the parameter order (A; then B, then a DoRA magnitude).
+    pub param0: usize,
+}
+
+/// The rescale state of one linear with DoRA terms, all [d_out] f32.
+pub struct DoraLinear {
+    /// ‖W_j‖² of the frozen weight, filled on first use (`w_sumsq_ready`).
+    pub w_sumsq: CudaSlice<f32>,
+    pub w_sumsq_ready: AtomicBool,
+    /// g = m / ‖W + s·B·A‖ on the DoRA rows, 1 elsewhere (the GEMM's column scale).
+    pub g: CudaSlice<f32>,
+    /// ‖W + s·B·A‖ on the DoRA rows (the magnitude's gradient divides by it).
+    pub norm: CudaSlice<f32>,
 }
 
 /// What training adds: f32 factors [A0, B0, …], gradients and moments in the same order.
@@ -44,6 +68,9 @@ pub struct DevTrain {
 pub struct DevLora {
     pub terms: Vec<DevTerm>,
     by_module: HashMap<String, Vec<usize>>,
+    /// The linears with DoRA terms, by name and the `group` of the set the terms came from (0
+    /// unless each sample has its own set); `dora_of` finds a call's.
+    pub dora: HashMap<(String, usize), DoraLinear>,
     /// Dropout probability and this step's seed (training).
     pub dropout: Option<(f32, u64)>,
     pub train: Option<DevTrain>,
@@ -53,36 +80,80 @@ pub struct DevLora {
 
 impl DevLora {
     /// The device twin of `set` (its terms in order, factors rounded to bf16); with `train`, also
-    /// the f32 masters, zeroed gradients and moments. `d_in_of` gives each module's input width
-    /// (None: no such linear).
+    /// the f32 masters, zeroed gradients and moments. `dims_of` gives each module's input and
+    /// output widths (None: no such linear).
     pub fn from_set(
         g: &CudaBackend,
         set: &AdapterSet,
-        d_in_of: &dyn Fn(&str) -> Option<usize>,
+        dims_of: &dyn Fn(&str) -> Option<(usize, usize)>,
         train: bool,
     ) -> Result<DevLora> {
         let st = &g.stream;
         let mut out = DevLora::default();
         let mut tr = DevTrain { params: Vec::new(), grads: Vec::new(), m: Vec::new(), v: Vec::new() };
+        let mut param0 = 0;
         for (i, t) in set.terms().iter().enumerate() {
-            let Kind::Lora { rank } = t.kind else {
+            let (Kind::Lora { rank } | Kind::Dora { rank }) = t.kind else {
+                let kind = match t.kind {
+                    Kind::DoraColumns { .. } => "DoRA decomposed per input column (a dora_scale [1, in])",
+                    k => k.name(),
+                };
                 anyhow::bail!(
-                    "adapter on `{}` is {}: the CUDA engine runs LoRA terms only so far; use --device cpu",
-                    t.module,
-                    t.kind.name()
+                    "adapter on `{}` is {kind}: the CUDA engine runs LoRA and per-row DoRA terms only so far; use \
+                     --device cpu",
+                    t.module
                 );
             };
-            let d_in = d_in_of(&t.module)
+            let (d_in, d_out) = dims_of(&t.module)
                 .ok_or_else(|| anyhow::anyhow!("adapter on `{}`: no such linear in the model", t.module))?;
             ensure!(
+                t.rows.start < t.rows.end && t.rows.end <= d_out,
+                "adapter on {}: output rows {:?} outside the linear's 0..{d_out}",
+                t.module,
+                t.rows
+            );
+            ensure!(
                 t.d_in == d_in && t.sizes_ok(),
-                "adapter on {}: A has {} values (expected {}), B {} (expected {})",
+                "adapter on {}: A has {} values (expected {}), B {} (expected {}){}",
                 t.module,
                 t.a().len(),
                 rank * d_in,
                 t.b().len(),
-                t.rows.len() * rank
+                t.rows.len() * rank,
+                match t.kind {
+                    Kind::Dora { .. } => format!(", the magnitude {} (expected {})", t.magnitude().len(), t.rows.len()),
+                    _ => String::new(),
+                }
             );
+            let dora = matches!(t.kind, Kind::Dora { .. });
+            if dora {
+                ensure!(
+                    t.magnitude().iter().all(|m| m.is_finite()),
+                    "DoRA adapter on {}: its magnitude holds a value that is not finite",
+                    t.module
+                );
+                // One column scale per linear: DoRA terms on the same rows would each rescale
+                // the frozen product (the CPU reference adds their (g − 1)·X·Wᵀ), which one
+                // scale cannot express.
+                let overlaps = out.on(&t.module).iter().any(|&j| {
+                    let o = &out.terms[j];
+                    o.magnitude.is_some() && o.rows.start < t.rows.end && t.rows.start < o.rows.end
+                });
+                ensure!(
+                    !overlaps,
+                    "adapter on {}: two DoRA terms on overlapping output rows; the CUDA engine rescales each row \
+                     once (use --device cpu)",
+                    t.module
+                );
+                if let std::collections::hash_map::Entry::Vacant(e) = out.dora.entry((t.module.clone(), 0)) {
+                    e.insert(DoraLinear {
+                        w_sumsq: st.alloc_zeros::<f32>(d_out)?,
+                        w_sumsq_ready: AtomicBool::new(false),
+                        g: st.clone_htod(&vec![1f32; d_out])?,
+                        norm: st.clone_htod(&vec![1f32; d_out])?,
+                    });
+                }
+            }
             let list = out.by_module.entry(t.module.clone()).or_default();
             let index = list.len();
             list.push(i);
@@ -104,7 +175,11 @@ impl DevLora {
                 a16: st.clone_htod(&to16(t.a()))?,
                 b16: st.clone_htod(&to16(t.b()))?,
                 samples: None,
+                group: 0,
+                magnitude: if dora { Some(st.clone_htod(t.magnitude())?) } else { None },
+                param0,
             });
+            param0 += t.params.len();
         }
         out.train = train.then_some(tr);
         out.dropout = set.dropout();
@@ -117,7 +192,7 @@ impl DevLora {
     pub fn per_sample(
         g: &CudaBackend,
         sets: &[AdapterSet],
-        d_in_of: &dyn Fn(&str) -> Option<usize>,
+        dims_of: &dyn Fn(&str) -> Option<(usize, usize)>,
     ) -> Result<DevLora> {
         ensure!(!sets.is_empty(), "per-sample adapters for an empty batch");
         let mut out = DevLora { batch: Some(sets.len()), ..DevLora::default() };
@@ -130,11 +205,16 @@ impl DevLora {
                 }
                 continue;
             }
-            let one = DevLora::from_set(g, set, d_in_of, false)
+            let one = DevLora::from_set(g, set, dims_of, false)
                 .with_context(|| format!("the adapters of sample {i} of the batch"))?;
+            // Each distinct set keeps its own DoRA state (g, the norms): calls of different
+            // samples on one linear must not read another set's rescale.
+            let group = uploaded.len();
+            out.dora.extend(one.dora.into_iter().map(|((m, _), d)| ((m, group), d)));
             let mut idx = Vec::new();
             for mut t in one.terms {
                 t.samples = Some(vec![i]);
+                t.group = group;
                 out.by_module.entry(t.module.clone()).or_default().push(out.terms.len());
                 idx.push(out.terms.len());
                 out.terms.push(t);
@@ -165,6 +245,13 @@ impl DevLora {
         Ok(out)
     }
 
+    /// The DoRA state of linear `name` for a call with the terms `idx` when one of them is DoRA:
+    /// their set's (every term of one call comes from one set).
+    pub fn dora_of(&self, name: &str, idx: &[usize]) -> Option<&DoraLinear> {
+        let t = idx.iter().find(|&&i| self.terms[i].magnitude.is_some())?;
+        self.dora.get(&(name.to_string(), self.terms[*t].group))
+    }
+
     /// Indices of the terms on module `name`.
     pub fn on(&self, name: &str) -> &[usize] {
         self.by_module.get(name).map_or(&[], |v| v.as_slice())
@@ -177,6 +264,7 @@ impl DevLora {
             rows: t.rows.clone(),
             scale: t.scale,
             dropout: self.dropout.map(|(p, seed)| Dropout { p, seed: term_seed(seed, &t.module, t.index) }),
+            col_scaled: t.magnitude.is_some(),
         }
     }
 
@@ -190,13 +278,18 @@ impl DevLora {
         Ok(())
     }
 
-    /// Refreshes the bf16 factors from the f32 masters (after an optimizer step).
+    /// Refreshes the bf16 factors (and DoRA's magnitudes) from the f32 masters (after an
+    /// optimizer step).
     pub fn sync_factors(&mut self, g: &CudaBackend) -> Result<()> {
         let Some(t) = self.train.as_ref() else { return Ok(()) };
-        for (i, term) in self.terms.iter().enumerate() {
-            let (a, b) = (&t.params[2 * i], &t.params[2 * i + 1]);
+        for term in &self.terms {
+            let (a, b) = (&t.params[term.param0], &t.params[term.param0 + 1]);
             g.copy.cast_f32_to_bf16(a.into(), (&term.a16).into(), a.len())?;
             g.copy.cast_f32_to_bf16(b.into(), (&term.b16).into(), b.len())?;
+            if let Some(m) = &term.magnitude {
+                let src = &t.params[term.param0 + 2];
+                g.copy.copy2d(1, m.len(), DevMat::f32(src, m.len()), DevMat::f32(m, m.len()), false)?;
+            }
         }
         Ok(())
     }

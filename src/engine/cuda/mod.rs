@@ -28,7 +28,7 @@ use crate::kernels::copy::GpuCopy;
 use crate::kernels::embedding::GpuEmbedding;
 use crate::kernels::gpu::Gpu;
 use crate::kernels::launch::{DevMat, View};
-use crate::kernels::lora::{GpuLora, LinearShape, LinearViews, OutView};
+use crate::kernels::lora::{GpuLora, LinearShape, LinearViews, OutView, TermShape};
 use crate::kernels::norm::{GpuNorm, StepDims};
 use crate::kernels::optim::GpuOptim;
 use crate::kernels::random::GpuRandom;
@@ -281,7 +281,7 @@ impl Run<'_> {
         for (rows, idx) in self.lora.calls(&l.name, m)? {
             let s = self.shape(l, rows.len(), l.bias.is_some(), &idx)?;
             let x = x16.slice(rows.start * l.d_in..rows.end * l.d_in)?;
-            let v = operands(self.lora, l, x, &idx, true);
+            let v = prepared(self.g, self.lora, l, &s, x, &idx, true).with_context(|| format!("{} DoRA", l.name))?;
             let y = y.slice(rows.start * l.d_out..rows.end * l.d_out)?;
             self.g.lora.forward_dev(&s, &v, y).with_context(|| format!("{} on the GPU", l.name))?;
         }
@@ -332,11 +332,65 @@ impl Run<'_> {
             None if idx.is_empty() => &[],
             None => bail!("{}: backward without gradient buffers (the adapters were loaded for sampling)", l.name),
         };
-        let da: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[2 * i])).collect();
-        let db: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[2 * i + 1])).collect();
-        let v = operands(self.lora, l, x16, &idx, false);
+        let lora = self.lora;
+        let da: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[lora.terms[i].param0])).collect();
+        let db: Vec<View<f32>> = idx.iter().map(|&i| View::from(&grads[lora.terms[i].param0 + 1])).collect();
+        let v = prepared(self.g, lora, l, &s, x16, &idx, false).with_context(|| format!("{} DoRA", l.name))?;
+        let dy_scaled = match lora.dora_of(&l.name, &idx) {
+            Some(d) => Some(self.dora_dy(&s, &idx, &v, d, dy16, grads).with_context(|| format!("{} DoRA", l.name))?),
+            None => None,
+        };
         let dx = dx.map(|d| OutView::F32(d.into()));
-        self.g.lora.backward_dev(&s, &v, dy16, dx, &da, &db).with_context(|| format!("{} backward on the GPU", l.name))
+        let dys = dy_scaled.as_ref().map(View::from);
+        self.g
+            .lora
+            .backward_dev(&s, &v, dy16, dys, dx, &da, &db)
+            .with_context(|| format!("{} backward on the GPU", l.name))
+    }
+
+    /// DoRA's part of the backward of `l` (g and the norms already in `d`, the norm a constant as
+    /// PEFT has it): the magnitudes' gradients accumulate into `grads`, and the returned
+    /// dY' = g ⊙ dY (bf16 [m, d_out], dY itself outside the DoRA rows) is what the frozen
+    /// product and the DoRA terms' own branches read. The pre-rescale product
+    /// Ypre = X·Wᵀ + s·S'·Bᵀ is recomputed here (one forward GEMM of the linear without bias or
+    /// rescale, bf16, freed at once) rather than kept from the forward: keeping it would cost
+    /// m·d_out bf16 per DoRA linear for the whole step (all of them at once without
+    /// checkpointing), recomputing costs one base GEMM per DoRA linear.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_dy(
+        &mut self,
+        s: &LinearShape,
+        idx: &[usize],
+        v: &LinearViews,
+        d: &adapters::DoraLinear,
+        dy16: View<bf16>,
+        grads: &[F32],
+    ) -> Result<B16> {
+        let (m, n) = (s.m, s.n);
+        let dora: Vec<usize> = (0..idx.len()).filter(|&j| s.terms[j].col_scaled).collect();
+        let pre_terms = dora.iter().map(|&j| TermShape { col_scaled: false, ..s.terms[j].clone() }).collect();
+        let pre_shape = LinearShape::of_terms(m, s.k, n, false, pre_terms)?;
+        let pre_views = LinearViews {
+            x: v.x,
+            w: v.w,
+            bias: None,
+            a: dora.iter().map(|&j| v.a[j]).collect(),
+            b: dora.iter().map(|&j| v.b[j]).collect(),
+            col_scale: None,
+        };
+        let ypre = self.b16(m * n)?;
+        self.g.lora.forward_dev(&pre_shape, &pre_views, OutView::Bf16((&ypre).into()))?;
+        let dys = self.b16(m * n)?;
+        self.g.copy.copy2d(m, n, DevMat::bf16(dy16, n), DevMat::bf16(&dys, n), false)?;
+        for &j in &dora {
+            let t = &self.lora.terms[idx[j]];
+            let rows = t.rows.clone();
+            let ypre_rows = (View::from(&ypre).tail(rows.start)?, n);
+            let dm = View::from(&grads[t.param0 + 2]);
+            let (g, norm) = ((&d.g).into(), (&d.norm).into());
+            self.g.lora.dora_column_grads(m, n, rows, dy16, ypre_rows, g, norm, dm, (&dys).into())?;
+        }
+        Ok(dys)
     }
 
     pub fn has_terms(&self, l: &DevLinear) -> bool {
@@ -695,18 +749,13 @@ impl GpuFlux {
     /// gradient buffers too.
     pub fn adapters(&self, set: &crate::adapters::AdapterSet, train: bool) -> Result<DevLora> {
         let g = CudaBackend::lock(&self.be)?;
-        DevLora::from_set(&g, set, &|n| self.d_in_of(n), train)
+        DevLora::from_set(&g, set, &|n| self.w.dims_of(n), train)
     }
 
     /// One set per sample of the following batches (inference; `DevLora::per_sample`).
     pub fn adapters_per_sample(&self, sets: &[crate::adapters::AdapterSet]) -> Result<DevLora> {
         let g = CudaBackend::lock(&self.be)?;
-        DevLora::per_sample(&g, sets, &|n| self.d_in_of(n))
-    }
-
-    /// d_in of the linear named `name` (adapter validation).
-    pub fn d_in_of(&self, name: &str) -> Option<usize> {
-        self.w.d_in_of(name)
+        DevLora::per_sample(&g, sets, &|n| self.w.dims_of(n))
     }
 
     /// Inputs to the device: bf16 copies for the linears, the timestep embeddings computed there,
@@ -839,6 +888,33 @@ fn pool_attribute(ctx: &CudaContext, which: PoolAttr) -> Option<u64> {
     Some(v)
 }
 
+/// `operands`, and for a linear with DoRA terms their rescale computed on the device (‖W‖² on
+/// first use, then g and the row norms of each DoRA term, `GpuLora::dora_norms`) and given as
+/// the GEMM's column scale.
+fn prepared<'b>(
+    g: &mut CudaBackend,
+    lora: &'b DevLora,
+    l: &'b DevLinear,
+    s: &LinearShape,
+    x16: View<'b, bf16>,
+    idx: &[usize],
+    bias: bool,
+) -> Result<LinearViews<'b>> {
+    let mut v = operands(lora, l, x16, idx, bias);
+    let Some(d) = lora.dora_of(&l.name, idx) else { return Ok(v) };
+    if !d.w_sumsq_ready.load(std::sync::atomic::Ordering::Relaxed) {
+        g.lora.row_sumsq(l.weight(), l.d_out, l.d_in, (&d.w_sumsq).into())?;
+        d.w_sumsq_ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    v.col_scale = Some((&d.g).into());
+    for (j, &i) in idx.iter().enumerate() {
+        if let Some(mag) = &lora.terms[i].magnitude {
+            g.lora.dora_norms(s, &v, j, (&d.w_sumsq).into(), mag.into(), (&d.g).into(), (&d.norm).into())?;
+        }
+    }
+    Ok(v)
+}
+
 /// The operands of `l` with input `x16` and the adapters `idx` of `lora` (the bias only with
 /// `bias`: the backward has none).
 fn operands<'b>(
@@ -854,5 +930,6 @@ fn operands<'b>(
         bias: if bias { l.bias.as_ref().map(View::from) } else { None },
         a: idx.iter().map(|&i| View::from(&lora.terms[i].a16)).collect(),
         b: idx.iter().map(|&i| View::from(&lora.terms[i].b16)).collect(),
+        col_scale: None,
     }
 }

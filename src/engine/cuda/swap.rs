@@ -41,9 +41,9 @@ impl HostTensor {
 }
 
 /// One swapped block in pinned host memory: its tensors in `SwapBlock::tensors` order, and its
-/// linears' names, input widths and 8-bit codes.
+/// linears' names, (input, output) widths and 8-bit codes.
 struct HostBlock {
-    linears: Vec<(String, usize, Option<i32>)>,
+    linears: Vec<(String, (usize, usize), Option<i32>)>,
     tensors: Vec<HostTensor>,
 }
 
@@ -70,7 +70,7 @@ impl HostBlock {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let linears = blk.linears().into_iter().map(|l| (l.name.clone(), l.d_in, l.code())).collect();
+        let linears = blk.linears().into_iter().map(|l| (l.name.clone(), (l.d_in, l.d_out), l.code())).collect();
         Ok(HostBlock { linears, tensors })
     }
 
@@ -228,8 +228,8 @@ impl BlockSwap {
         d + s
     }
 
-    /// Input width of a swapped block's linear `name`.
-    pub fn d_in_of(&self, name: &str) -> Option<usize> {
+    /// (input, output) widths of a swapped block's linear `name`.
+    pub fn dims_of(&self, name: &str) -> Option<(usize, usize)> {
         self.host.iter().flat_map(|h| &h.linears).find(|l| l.0 == name).map(|l| l.1)
     }
 

@@ -431,10 +431,10 @@ impl DevWeights {
         }
     }
 
-    /// Input width of the linear `name`, resident or swapped.
-    pub fn d_in_of(&self, name: &str) -> Option<usize> {
-        let resident = self.linears().into_iter().find(|l| l.name == name).map(|l| l.d_in);
-        resident.or_else(|| self.swap.as_ref().and_then(|s| s.d_in_of(name)))
+    /// (input, output) widths of the linear `name`, resident or swapped.
+    pub fn dims_of(&self, name: &str) -> Option<(usize, usize)> {
+        let resident = self.linears().into_iter().find(|l| l.name == name).map(|l| (l.d_in, l.d_out));
+        resident.or_else(|| self.swap.as_ref().and_then(|s| s.dims_of(name)))
     }
 
     /// Device bytes of the frozen weights: the resident linears and, with block swap, the slots.
