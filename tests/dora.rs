@@ -380,3 +380,43 @@ fn kohya_dora_gradients_match_peft_autograd() {
     println!("{n} kohya DoRA gradients vs PEFT autograd: worst rel L2 {worst:.2e}");
     assert_eq!(n, 3 * 22);
 }
+
+#[test]
+fn grad_writes_per_column_dora_scale_gradients_in_their_shape() {
+    // A kohya file with one module's dora_scale in the per-input-column form [1, in] (LyCORIS
+    // wd_on_out = false): `grad` writes that gradient as [1, in], and it matches central finite
+    // differences of the loss `grad` itself reports (the norm is a constant only for A and B).
+    let dir = tmpdir("dora-columns-grad");
+    let rows = dir.join("rows.safetensors");
+    assert_eq!(kohya_dora(&rows, |m| m == "transformer_blocks.1.attn.to_out.0"), 1);
+    let key = "lora_unet_transformer_blocks_1_attn_to_out_0.dora_scale";
+    let m0 = read_all(&rows).0.into_iter().find(|t| t.0 == key).unwrap().3;
+    let k = m0.len();
+    let with = |name: &str, m: &[f32]| {
+        let p = dir.join(name);
+        rewrite(&rows, &p, |t| {
+            let e = t.iter_mut().find(|e| e.0 == key).unwrap();
+            (e.1, e.3) = (vec![1, k], m.to_vec());
+        });
+        p
+    };
+    let out = dir.join("grad.safetensors");
+    tiny_grad(&with("cols.safetensors", &m0), &out).unwrap();
+    let st = SafeTensors::open(&out).unwrap();
+    assert_eq!(st.info(key).unwrap().shape, vec![1, k], "the gradient keeps the file's [1, in] shape");
+    let g = st.read_f32(key).unwrap().1;
+    let (mut fd, mut an) = (Vec::new(), Vec::new());
+    for j in [0, k / 3, k - 1] {
+        let eps = 1e-2 * m0[j].abs().max(1e-2);
+        let loss = |sign: f32| {
+            let mut m = m0.clone();
+            m[j] += sign * eps;
+            tiny_grad(&with("fd.safetensors", &m), &dir.join("fd-grad.safetensors")).unwrap()
+        };
+        fd.push(((loss(1.0) - loss(-1.0)) / (2.0 * eps as f64)) as f32);
+        an.push(g[j]);
+    }
+    let e = rel_l2(&an, &fd);
+    println!("per-column dora_scale gradient vs finite differences: rel L2 {e:.2e} ({an:?} vs {fd:?})");
+    assert!(e < 2e-2, "rel L2 {e:e}: {an:?} vs {fd:?}");
+}
