@@ -33,11 +33,8 @@ pub struct DevTerm {
     pub d_in: usize,
     pub a16: CudaSlice<bf16>,
     pub b16: CudaSlice<bf16>,
-    /// The samples of a per-sample batch (`DevLora::per_sample`) that see this term; None: every
-    /// row of every call (one set for the whole batch).
-    pub samples: Option<Vec<usize>>,
-    /// Which of a per-sample batch's distinct sets it came from (0 for one set): a linear's DoRA
-    /// state is its set's (`DevLora::dora_of`).
+    /// Which of a per-sample batch's distinct sets it came from (0 for one set): the samples of
+    /// that group see it (`DevLora::calls`), and a linear's DoRA state is its set's (`dora_of`).
     pub group: usize,
     /// DoRA: the magnitude [rows] f32 (the kernels' copy; training refreshes it from the master).
     pub magnitude: Option<CudaSlice<f32>>,
@@ -74,8 +71,8 @@ pub struct DevLora {
     /// Dropout probability and this step's seed (training).
     pub dropout: Option<(f32, u64)>,
     pub train: Option<DevTrain>,
-    /// The batch size when each sample has its own set (`per_sample`; inference only).
-    pub batch: Option<usize>,
+    /// With one set per sample (`per_sample`; inference only): the group of each sample's set.
+    pub sample_groups: Option<Vec<usize>>,
 }
 
 impl DevLora {
@@ -174,7 +171,6 @@ impl DevLora {
                 d_in,
                 a16: st.clone_htod(&to16(t.a()))?,
                 b16: st.clone_htod(&to16(t.b()))?,
-                samples: None,
                 group: 0,
                 magnitude: if dora { Some(st.clone_htod(t.magnitude())?) } else { None },
                 param0,
@@ -195,33 +191,35 @@ impl DevLora {
         dims_of: &dyn Fn(&str) -> Option<(usize, usize)>,
     ) -> Result<DevLora> {
         ensure!(!sets.is_empty(), "per-sample adapters for an empty batch");
-        let mut out = DevLora { batch: Some(sets.len()), ..DevLora::default() };
-        // (the set, the indices of its terms in `out`), one per distinct set.
-        let mut uploaded: Vec<(&AdapterSet, Vec<usize>)> = Vec::new();
+        let mut out = DevLora::default();
+        let mut distinct: Vec<&AdapterSet> = Vec::new();
+        let mut groups = Vec::with_capacity(sets.len());
         for (i, set) in sets.iter().enumerate() {
-            if let Some((_, idx)) = uploaded.iter().find(|(s, _)| same_set(s, set)) {
-                for &t in idx {
-                    out.terms[t].samples.as_mut().expect("per-sample term").push(i);
-                }
+            if let Some(group) = distinct.iter().position(|s| same_set(s, set)) {
+                groups.push(group);
                 continue;
             }
             let one = DevLora::from_set(g, set, dims_of, false)
                 .with_context(|| format!("the adapters of sample {i} of the batch"))?;
             // Each distinct set keeps its own DoRA state (g, the norms): calls of different
             // samples on one linear must not read another set's rescale.
-            let group = uploaded.len();
+            let group = distinct.len();
             out.dora.extend(one.dora.into_iter().map(|((m, _), d)| ((m, group), d)));
-            let mut idx = Vec::new();
             for mut t in one.terms {
-                t.samples = Some(vec![i]);
                 t.group = group;
                 out.by_module.entry(t.module.clone()).or_default().push(out.terms.len());
-                idx.push(out.terms.len());
                 out.terms.push(t);
             }
-            uploaded.push((set, idx));
+            distinct.push(set);
+            groups.push(group);
         }
+        out.sample_groups = Some(groups);
         Ok(out)
+    }
+
+    /// The batch size the adapters were set for, when each sample has its own set.
+    pub fn batch(&self) -> Option<usize> {
+        self.sample_groups.as_ref().map(Vec::len)
     }
 
     /// The calls a linear named `name` with `m` input rows makes: row ranges with the indices of
@@ -230,13 +228,13 @@ impl DevLora {
     /// sample-major ([b · rows, k]), so sample i's rows are i·m/b .. (i+1)·m/b.
     pub fn calls(&self, name: &str, m: usize) -> Result<Vec<(Range<usize>, Vec<usize>)>> {
         let all = self.on(name);
-        let Some(b) = self.batch else { return Ok(vec![(0..m, all.to_vec())]) };
+        let Some(groups) = &self.sample_groups else { return Ok(vec![(0..m, all.to_vec())]) };
+        let b = groups.len();
         ensure!(m.is_multiple_of(b), "{name}: {m} rows do not split into the batch's {b} samples");
         let rows = m / b;
         let mut out: Vec<(Range<usize>, Vec<usize>)> = Vec::new();
-        for i in 0..b {
-            let sees = |t: &usize| self.terms[*t].samples.as_ref().is_none_or(|s| s.contains(&i));
-            let idx: Vec<usize> = all.iter().copied().filter(sees).collect();
+        for (i, &group) in groups.iter().enumerate() {
+            let idx: Vec<usize> = all.iter().copied().filter(|&t| self.terms[t].group == group).collect();
             match out.last_mut() {
                 Some((r, last)) if *last == idx => r.end += rows,
                 _ => out.push((i * rows..(i + 1) * rows, idx)),

@@ -321,7 +321,11 @@ impl Run<'_> {
         dy16: View<bf16>,
         dx: Option<&F32>,
     ) -> Result<()> {
-        ensure!(self.lora.batch.is_none(), "{}: per-sample adapter sets are for inference only (no backward)", l.name);
+        ensure!(
+            self.lora.batch().is_none(),
+            "{}: per-sample adapter sets are for inference only (no backward)",
+            l.name
+        );
         let idx = self.lora.on(&l.name).to_vec();
         let s = self.shape(l, m, false, &idx)?;
         if idx.is_empty() && dx.is_none() {

@@ -86,7 +86,7 @@ impl CudaEngine {
     }
 
     pub fn forward(&mut self, inp: &FluxInputs) -> Result<Vec<f32>> {
-        if let Some(b) = self.lora.batch {
+        if let Some(b) = self.lora.batch() {
             ensure!(inp.b == b, "a batch of {} samples given to per-sample adapters for {b}", inp.b);
         }
         self.lora.dropout = None;
@@ -95,7 +95,7 @@ impl CudaEngine {
     }
 
     pub fn forward_train(&mut self, inp: &FluxInputs, dropout: Option<(f32, u64)>) -> Result<CudaForward> {
-        ensure!(self.lora.batch.is_none(), "per-sample adapter sets are for inference only");
+        ensure!(self.lora.batch().is_none(), "per-sample adapter sets are for inference only");
         self.lora.dropout = dropout.filter(|d| d.0 > 0.0);
         let (pred, state) = self.m.forward_train(inp, &self.lora).map_err(oom_hint)?;
         Ok(CudaForward { pred, state })
